@@ -1,0 +1,292 @@
+//! The one place that starts stages, wires their channels and orders shutdown.
+//!
+//! Start: data dir → site log (migrations) → registry → keys → writer thread →
+//! bind sockets → stages on one `TaskTracker` → `READY=1`.
+//! Stop (token cancelled): listeners stop accepting, in-flight requests finish
+//! (their appends commit), stages end, the last `LogHandle` drops, the writer
+//! drains its queue and exits. Bounded by `shutdown_grace`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{self, Authenticator, Registry};
+use crate::config::Config;
+use crate::event::{InputLimits, now_us};
+use crate::http::{self, AppState};
+use crate::ingest::IngestHandle;
+use crate::limits::Limiter;
+use crate::log::{self, Readers, WriterConfig};
+use crate::metrics::Metrics;
+use crate::systemd;
+
+/// How often retention runs.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Rows deleted per prune transaction, so the writer is never held long.
+const PRUNE_CHUNK: usize = 5000;
+
+/// A started appliance.
+pub struct Running {
+    /// Where HTTP listens (the real port when configured with port 0).
+    pub http_addr: SocketAddr,
+    /// Cancel to stop the appliance.
+    pub shutdown: CancellationToken,
+    supervisor: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Waits until the appliance has stopped (after `shutdown` or a stage failure).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.supervisor
+            .await
+            .context("appliance supervisor panicked")?
+    }
+
+    /// Stops the appliance and waits for it.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+/// Runs the appliance until SIGTERM / SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let running = start(config).await?;
+    systemd::ready();
+    let shutdown = running.shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested; finishing in-flight requests");
+        systemd::stopping();
+        shutdown.cancel();
+    });
+    running.wait().await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; falling back to Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Starts every stage and returns once the sockets are bound.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let site_id = config.site_id();
+    let data_dir = config.site.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let log_path = config.log_path();
+    let conn = {
+        let p = log_path.clone();
+        tokio::task::spawn_blocking(move || log::open_and_migrate(&p))
+            .await
+            .context("migration task panicked")?
+            .with_context(|| format!("cannot open site log {}", log_path.display()))?
+    };
+    let readers = Readers::new(log_path.clone());
+    let registry = Arc::new(Registry::default());
+    {
+        let reg = registry.clone();
+        readers
+            .with(move |c| reg.refresh(c))
+            .await
+            .context("cannot load device registry")?;
+    }
+    let (authenticator, created) =
+        Authenticator::from_config(&config, registry.clone()).context("cannot load token keys")?;
+    if created {
+        tracing::info!(
+            secret = %config.secret_path().display(),
+            "first start: created the token signing secret. Register a device and get its token with: \
+             outpost device add --tenant <tenant> --id <device-id>   (admin token: outpost token issue --admin)"
+        );
+    }
+    let metrics = Arc::new(Metrics::new());
+    let (log, writer) = log::writer::spawn(
+        conn,
+        WriterConfig {
+            max_bytes: config.log.max_bytes,
+            commit_max_rows: config.log.commit_max_rows,
+            commit_max_bytes: config.log.commit_max_bytes,
+            queue_capacity: config.log.queue_capacity,
+        },
+        metrics.clone(),
+    )?;
+    let ingest = IngestHandle::new(
+        log.clone(),
+        Limiter::new(config.limits.clone()),
+        metrics.clone(),
+        site_id.clone(),
+        InputLimits {
+            max_payload_bytes: config.limits.max_payload_bytes,
+            max_payload_depth: config.limits.max_payload_depth,
+        },
+        config.limits.max_batch,
+    );
+    let http_listener = TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("cannot listen on http.listen = {}", config.http.listen))?;
+    let http_addr = http_listener.local_addr()?;
+    let state = AppState {
+        ingest,
+        auth: Arc::new(authenticator),
+        log: log.clone(),
+        readers: readers.clone(),
+        metrics,
+        site_id: site_id.clone().into(),
+        max_body: config.http.max_body_bytes,
+        started: Instant::now(),
+    };
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let failed = CancellationToken::new();
+    let spawn =
+        |name: &'static str,
+         fut: std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>| {
+            let shutdown = shutdown.clone();
+            let failed = failed.clone();
+            tracker.spawn(async move {
+                if let Err(e) = fut.await {
+                    tracing::error!(
+                        stage = name,
+                        error = format!("{e:#}"),
+                        "stage failed; shutting down"
+                    );
+                    failed.cancel();
+                    shutdown.cancel();
+                }
+            });
+        };
+    let router = http::router(state);
+    spawn(
+        "http",
+        Box::pin({
+            let s = shutdown.clone();
+            async move {
+                http::run(http_listener, router, s)
+                    .await
+                    .context("http server")
+            }
+        }),
+    );
+    spawn(
+        "registry",
+        Box::pin({
+            let (r, s) = (readers.clone(), shutdown.clone());
+            async move {
+                auth::run_registry_refresh(r, registry, s)
+                    .await
+                    .context("registry refresh")
+            }
+        }),
+    );
+    spawn(
+        "retention",
+        Box::pin(run_retention(
+            log.clone(),
+            config.log.retention,
+            shutdown.clone(),
+        )),
+    );
+    spawn(
+        "watchdog",
+        Box::pin({
+            let (l, s) = (log.clone(), shutdown.clone());
+            async move { systemd::run_watchdog(l, s).await.context("watchdog") }
+        }),
+    );
+    tracker.close();
+    drop(log);
+
+    tracing::info!(site_id, %http_addr, data_dir = %data_dir.display(), "outpost running; http listening on {http_addr}");
+
+    let grace = config.shutdown_grace;
+    let supervisor = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            let started = Instant::now();
+            if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+                bail!(
+                    "shutdown_grace ({grace:?}) passed with stages still running; committed events are safe"
+                );
+            }
+            // Every LogHandle is gone with its stage: the writer drains and stops.
+            let remaining = grace
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_millis(100));
+            let join = tokio::task::spawn_blocking(move || writer.join());
+            if tokio::time::timeout(remaining, join).await.is_err() {
+                bail!("site log writer did not stop within shutdown_grace");
+            }
+            if failed.is_cancelled() {
+                bail!("a stage failed; see the log above");
+            }
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "outpost stopped cleanly"
+            );
+            Ok(())
+        }
+    });
+    Ok(Running {
+        http_addr,
+        shutdown,
+        supervisor,
+    })
+}
+
+/// Retention: prunes forwarded rows older than `retention`, in chunks.
+async fn run_retention(
+    log: log::LogHandle,
+    retention: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(PRUNE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let cutoff = now_us() - i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
+        let mut total = 0;
+        loop {
+            match log.prune(cutoff, PRUNE_CHUNK).await {
+                Ok(n) => {
+                    total += n;
+                    if n < PRUNE_CHUNK || shutdown.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention prune failed; will retry");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(rows = total, "retention pruned forwarded events");
+        }
+    }
+}

@@ -1,0 +1,519 @@
+//! Device and admin tokens (JWT), checked the same way for HTTP, WebSocket and
+//! MQTT. The algorithm is pinned by config, never read from the token, so
+//! `alg: none` and algorithm-confusion tokens fail signature checks. A device
+//! token works only while its device is registered and not revoked; the
+//! registry is cached in memory and refreshed when any process changes it.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation, decode, encode};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Algorithm, AuthConfig, Config};
+use crate::log::{self, Readers, schema};
+
+/// A device permission carried in the token's `perms` claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Perm {
+    WriteEvents,
+    ReadEvents,
+    ReadConfig,
+}
+
+impl Perm {
+    /// The claim spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Perm::WriteEvents => "write_events",
+            Perm::ReadEvents => "read_events",
+            Perm::ReadConfig => "read_config",
+        }
+    }
+
+    /// Parses a claim spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "write_events" => Some(Perm::WriteEvents),
+            "read_events" => Some(Perm::ReadEvents),
+            "read_config" => Some(Perm::ReadConfig),
+            _ => None,
+        }
+    }
+
+    /// What a device gets when nothing else is asked for.
+    pub const DEFAULT: [Perm; 2] = [Perm::WriteEvents, Perm::ReadEvents];
+}
+
+/// Token claims.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub perms: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    pub exp: i64,
+    #[serde(default)]
+    pub iat: i64,
+    #[serde(default)]
+    pub jti: String,
+}
+
+/// Who a verified token speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    Device {
+        tenant: String,
+        device_id: String,
+        perms: Vec<Perm>,
+    },
+    Admin,
+}
+
+/// Why a token was refused, or keys could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("missing bearer token")]
+    Missing,
+    #[error("token expired")]
+    Expired,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    #[error("unknown device {0}")]
+    UnknownDevice(String),
+    #[error("device {0} is revoked")]
+    Revoked(String),
+    #[error("token is for tenant {token:?}, not {path:?}")]
+    WrongTenant { token: String, path: String },
+    #[error("token lacks permission {0}")]
+    MissingPermission(&'static str),
+    #[error("admin token required")]
+    AdminRequired,
+    #[error("this appliance cannot issue {0:?} tokens without auth.private_key_file")]
+    CannotIssue(Algorithm),
+    #[error("key file {path}: {message}")]
+    Key { path: String, message: String },
+}
+
+impl Error {
+    /// True for refusals that mean "who are you?" (401) rather than "not allowed" (403).
+    pub fn is_unauthenticated(&self) -> bool {
+        matches!(
+            self,
+            Error::Missing
+                | Error::Expired
+                | Error::Invalid(_)
+                | Error::UnknownDevice(_)
+                | Error::Revoked(_)
+        )
+    }
+}
+
+/// In-memory view of the device registry: tenant → device → revoked?
+#[derive(Default)]
+pub struct Registry {
+    devices: RwLock<HashMap<String, HashMap<String, bool>>>,
+    version: std::sync::atomic::AtomicI64,
+}
+
+impl Registry {
+    /// `Some(revoked)` for a registered device, `None` for an unknown one.
+    pub fn lookup(&self, tenant: &str, device_id: &str) -> Option<bool> {
+        let map = self
+            .devices
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(tenant).and_then(|t| t.get(device_id)).copied()
+    }
+
+    /// Records a change made through this process.
+    pub fn set(&self, tenant: &str, device_id: &str, revoked: bool) {
+        let mut map = self
+            .devices
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.entry(tenant.to_string())
+            .or_default()
+            .insert(device_id.to_string(), revoked);
+    }
+
+    /// Reloads everything from the log if any process changed the registry.
+    pub fn refresh(&self, conn: &rusqlite::Connection) -> Result<bool, log::Error> {
+        use std::sync::atomic::Ordering;
+        let version = schema::registry_version(conn)?;
+        if version == self.version.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let mut fresh: HashMap<String, HashMap<String, bool>> = HashMap::new();
+        for d in schema::devices(conn, None)? {
+            fresh
+                .entry(d.tenant)
+                .or_default()
+                .insert(d.device_id, d.revoked_at.is_some());
+        }
+        *self
+            .devices
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        self.version.store(version, Ordering::Release);
+        Ok(true)
+    }
+}
+
+/// How often a running appliance looks for registry changes made by the CLI.
+pub const REGISTRY_POLL: Duration = Duration::from_secs(1);
+
+/// Keeps the registry cache in step with changes from other processes
+/// (`outpost device revoke` while the appliance runs): within `REGISTRY_POLL`.
+pub async fn run_registry_refresh(
+    readers: Readers,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) -> Result<(), log::Error> {
+    let mut tick = tokio::time::interval(REGISTRY_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let reg = registry.clone();
+        match readers.with(move |conn| reg.refresh(conn)).await {
+            Ok(true) => tracing::info!("device registry changed; reloaded"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "device registry refresh failed"),
+        }
+    }
+}
+
+/// Verifies and issues tokens.
+pub struct Authenticator {
+    algorithm: Algorithm,
+    decoding: DecodingKey,
+    encoding: Option<EncodingKey>,
+    validation: Validation,
+    ttl: Duration,
+    registry: Arc<Registry>,
+}
+
+fn jwt_alg(a: Algorithm) -> jsonwebtoken::Algorithm {
+    match a {
+        Algorithm::HS256 => jsonwebtoken::Algorithm::HS256,
+        Algorithm::EdDSA => jsonwebtoken::Algorithm::EdDSA,
+        Algorithm::ES256 => jsonwebtoken::Algorithm::ES256,
+    }
+}
+
+fn key_err(path: &Path, message: impl Into<String>) -> Error {
+    Error::Key {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+/// Reads the HS256 secret, creating it (mode 0600) when absent.
+/// Returns the secret and whether it was just created.
+pub fn load_or_create_secret(path: &Path) -> Result<(Vec<u8>, bool), Error> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let secret = String::from_utf8_lossy(&bytes).trim().as_bytes().to_vec();
+            if secret.len() < 32 {
+                return Err(key_err(path, "secret is shorter than 32 bytes"));
+            }
+            if let Ok(meta) = std::fs::metadata(path)
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                tracing::warn!(path = %path.display(), "signing secret is readable by other users; chmod 600 it");
+            }
+            Ok((secret, false))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut raw = [0u8; 32];
+            getrandom::fill(&mut raw).map_err(|e| key_err(path, format!("no randomness: {e}")))?;
+            let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| key_err(path, e.to_string()))?;
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| key_err(path, e.to_string()))?;
+            f.write_all(hex.as_bytes())
+                .and_then(|()| f.write_all(b"\n"))
+                .and_then(|()| f.sync_all())
+                .map_err(|e| key_err(path, e.to_string()))?;
+            Ok((hex.into_bytes(), true))
+        }
+        Err(e) => Err(key_err(path, e.to_string())),
+    }
+}
+
+impl Authenticator {
+    /// Loads keys as configured (creating the HS256 secret on first start).
+    /// Returns whether a new secret was created.
+    pub fn from_config(config: &Config, registry: Arc<Registry>) -> Result<(Self, bool), Error> {
+        let a: &AuthConfig = &config.auth;
+        let read = |p: &Path| std::fs::read(p).map_err(|e| key_err(p, e.to_string()));
+        let (decoding, encoding, created) = match a.algorithm {
+            Algorithm::HS256 => {
+                let (secret, created) = load_or_create_secret(&config.secret_path())?;
+                (
+                    DecodingKey::from_secret(&secret),
+                    Some(EncodingKey::from_secret(&secret)),
+                    created,
+                )
+            }
+            Algorithm::EdDSA | Algorithm::ES256 => {
+                let pub_path = a
+                    .public_key_file
+                    .as_deref()
+                    .ok_or_else(|| key_err(Path::new("auth.public_key_file"), "not set"))?;
+                let pem = read(pub_path)?;
+                let decoding = match a.algorithm {
+                    Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem),
+                    _ => DecodingKey::from_ec_pem(&pem),
+                }
+                .map_err(|e| key_err(pub_path, e.to_string()))?;
+                let encoding = match &a.private_key_file {
+                    Some(p) => {
+                        let pem = read(p)?;
+                        Some(
+                            match a.algorithm {
+                                Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem),
+                                _ => EncodingKey::from_ec_pem(&pem),
+                            }
+                            .map_err(|e| key_err(p, e.to_string()))?,
+                        )
+                    }
+                    None => None,
+                };
+                (decoding, encoding, false)
+            }
+        };
+        let mut validation = Validation::new(jwt_alg(a.algorithm));
+        validation.leeway = a.leeway.as_secs();
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_aud = false;
+        Ok((
+            Self {
+                algorithm: a.algorithm,
+                decoding,
+                encoding,
+                validation,
+                ttl: a.token_ttl,
+                registry,
+            },
+            created,
+        ))
+    }
+
+    /// The registry this authenticator consults.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Checks signature, expiry and, for devices, registration.
+    pub fn verify(&self, token: &str) -> Result<Principal, Error> {
+        let data =
+            decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
+                match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => Error::Expired,
+                    jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                        Error::Invalid("bad signature".into())
+                    }
+                    jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => {
+                        Error::Invalid(format!("algorithm must be {:?}", self.algorithm))
+                    }
+                    jsonwebtoken::errors::ErrorKind::MissingRequiredClaim(c) => {
+                        Error::Invalid(format!("missing claim {c}"))
+                    }
+                    _ => Error::Invalid("malformed token".into()),
+                }
+            })?;
+        let c = data.claims;
+        if c.role.as_deref() == Some("admin") {
+            return Ok(Principal::Admin);
+        }
+        let tenant = c
+            .tenant
+            .ok_or_else(|| Error::Invalid("missing claim tenant".into()))?;
+        match self.registry.lookup(&tenant, &c.sub) {
+            None => return Err(Error::UnknownDevice(format!("{tenant}/{}", c.sub))),
+            Some(true) => return Err(Error::Revoked(format!("{tenant}/{}", c.sub))),
+            Some(false) => {}
+        }
+        let perms = c.perms.iter().filter_map(|p| Perm::parse(p)).collect();
+        Ok(Principal::Device {
+            tenant,
+            device_id: c.sub,
+            perms,
+        })
+    }
+
+    /// `verify`, then the tenant must match and the permission be held.
+    /// Admins pass every tenant and permission check.
+    pub fn authorize(
+        &self,
+        token: Option<&str>,
+        tenant: &str,
+        perm: Perm,
+    ) -> Result<Principal, Error> {
+        let p = self.verify(token.ok_or(Error::Missing)?)?;
+        if let Principal::Device {
+            tenant: t, perms, ..
+        } = &p
+        {
+            if t != tenant {
+                return Err(Error::WrongTenant {
+                    token: t.clone(),
+                    path: tenant.to_string(),
+                });
+            }
+            if !perms.contains(&perm) {
+                return Err(Error::MissingPermission(perm.as_str()));
+            }
+        }
+        Ok(p)
+    }
+
+    /// `verify`, then the token must be an admin's.
+    pub fn authorize_admin(&self, token: Option<&str>) -> Result<(), Error> {
+        match self.verify(token.ok_or(Error::Missing)?)? {
+            Principal::Admin => Ok(()),
+            Principal::Device { .. } => Err(Error::AdminRequired),
+        }
+    }
+
+    fn issue(&self, mut claims: Claims, ttl: Option<Duration>) -> Result<String, Error> {
+        let key = self
+            .encoding
+            .as_ref()
+            .ok_or(Error::CannotIssue(self.algorithm))?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let ttl = i64::try_from(ttl.unwrap_or(self.ttl).as_secs()).unwrap_or(i64::MAX / 2);
+        claims.iat = now;
+        claims.exp = now.saturating_add(ttl);
+        claims.jti = uuid::Uuid::new_v4().to_string();
+        encode(&Header::new(jwt_alg(self.algorithm)), &claims, key)
+            .map_err(|e| Error::Invalid(e.to_string()))
+    }
+
+    /// A device token.
+    pub fn issue_device(
+        &self,
+        tenant: &str,
+        device_id: &str,
+        perms: &[Perm],
+        ttl: Option<Duration>,
+    ) -> Result<String, Error> {
+        self.issue(
+            Claims {
+                sub: device_id.to_string(),
+                tenant: Some(tenant.to_string()),
+                perms: perms.iter().map(|p| p.as_str().to_string()).collect(),
+                role: None,
+                exp: 0,
+                iat: 0,
+                jti: String::new(),
+            },
+            ttl,
+        )
+    }
+
+    /// An admin token.
+    pub fn issue_admin(&self, ttl: Option<Duration>) -> Result<String, Error> {
+        self.issue(
+            Claims {
+                sub: "admin".into(),
+                tenant: None,
+                perms: Vec::new(),
+                role: Some("admin".into()),
+                exp: 0,
+                iat: 0,
+                jti: String::new(),
+            },
+            ttl,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(dir: &Path) -> Authenticator {
+        let mut c = Config::default();
+        c.site.data_dir = dir.to_path_buf();
+        let reg = Arc::new(Registry::default());
+        reg.set("acme", "d1", false);
+        reg.set("acme", "gone", true);
+        Authenticator::from_config(&c, reg).unwrap().0
+    }
+
+    #[test]
+    fn secret_is_created_once_with_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let (a, created) = load_or_create_secret(&p).unwrap();
+        assert!(created);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let (b, created) = load_or_create_secret(&p).unwrap();
+        assert!(!created);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn device_token_round_trips_and_checks_tenant_and_perm() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = auth(dir.path());
+        let t = a
+            .issue_device("acme", "d1", &[Perm::WriteEvents], None)
+            .unwrap();
+        assert!(a.authorize(Some(&t), "acme", Perm::WriteEvents).is_ok());
+        assert!(matches!(
+            a.authorize(Some(&t), "globex", Perm::WriteEvents),
+            Err(Error::WrongTenant { .. })
+        ));
+        assert!(matches!(
+            a.authorize(Some(&t), "acme", Perm::ReadEvents),
+            Err(Error::MissingPermission(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_and_revoked_devices_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = auth(dir.path());
+        let t = a
+            .issue_device("acme", "nobody", &Perm::DEFAULT, None)
+            .unwrap();
+        assert!(matches!(a.verify(&t), Err(Error::UnknownDevice(_))));
+        let t = a
+            .issue_device("acme", "gone", &Perm::DEFAULT, None)
+            .unwrap();
+        assert!(matches!(a.verify(&t), Err(Error::Revoked(_))));
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = auth(dir.path());
+        // {"alg":"none","typ":"JWT"} . {"sub":"d1","tenant":"acme","perms":["write_events"],"exp":9999999999}
+        let t = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJkMSIsInRlbmFudCI6ImFjbWUiLCJwZXJtcyI6WyJ3cml0ZV9ldmVudHMiXSwiZXhwIjo5OTk5OTk5OTk5fQ.";
+        assert!(matches!(a.verify(t), Err(Error::Invalid(_))));
+    }
+}

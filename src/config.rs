@@ -1,0 +1,614 @@
+//! Configuration: one TOML file (every key optional, see `config/outpost.toml`)
+//! overlaid by `OUTPOST_<SECTION>__<KEY>` environment variables. Unknown keys
+//! are errors; `validate()` lists every problem at once. Secrets never live
+//! here: only paths to files that hold them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The annotated default configuration, printed by `outpost config print-default`.
+pub const DEFAULT_TOML: &str = include_str!("../config/outpost.toml");
+
+/// Prefix of environment overrides: `OUTPOST_HTTP__LISTEN=127.0.0.1:9000`.
+pub const ENV_PREFIX: &str = "OUTPOST_";
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// The whole appliance configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub site: SiteConfig,
+    pub http: HttpConfig,
+    pub mqtt: MqttConfig,
+    pub central: CentralConfig,
+    pub log: LogConfig,
+    pub limits: LimitsConfig,
+    pub auth: AuthConfig,
+    /// How long a SIGTERM may take: stop accepting, commit what is queued,
+    /// answer in-flight requests.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// Identity of this site and where it keeps its state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SiteConfig {
+    /// Unique per site; stamped on every event this site originates.
+    /// Defaults to the host name.
+    pub id: Option<String>,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Request bodies above this are refused (413) before being read whole.
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CentralConfig {
+    /// libpq-style URL of the central PostgreSQL; unset = buffer only.
+    /// The password comes from `password_file` or `OUTPOST_CENTRAL_PASSWORD`.
+    pub url: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Byte budget of the site log; at the budget new events are refused (503).
+    pub max_bytes: u64,
+    /// Forwarded rows older than this are pruned. Pending rows never are.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Group commit caps: one transaction takes at most this many rows / bytes.
+    pub commit_max_rows: usize,
+    pub commit_max_bytes: usize,
+    /// Capacity of the writer's request queue (requests, not rows). When it is
+    /// full, ingest waits for room: the client sees a slower ack, never a drop.
+    pub queue_capacity: usize,
+}
+
+/// Per-device rate limits (all three windows enforced) and input limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub per_second: u32,
+    pub per_minute: u32,
+    pub per_hour: u32,
+    /// Most events in one batch request.
+    pub max_batch: usize,
+    /// Largest event payload (serialized JSON object).
+    pub max_payload_bytes: usize,
+    /// Deepest nesting of a payload.
+    pub max_payload_depth: usize,
+    /// Per-tenant overrides of the three windows.
+    pub tenants: BTreeMap<String, RateOverride>,
+    /// Per-device overrides, keyed `"<tenant>/<device_id>"`.
+    pub devices: BTreeMap<String, RateOverride>,
+}
+
+/// Overrides of some of the three rate windows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateOverride {
+    pub per_second: Option<u32>,
+    pub per_minute: Option<u32>,
+    pub per_hour: Option<u32>,
+}
+
+/// The three windows in force for one device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimits {
+    pub per_second: u32,
+    pub per_minute: u32,
+    pub per_hour: u32,
+}
+
+impl LimitsConfig {
+    /// Limits for a device: its own override, else its tenant's, else global.
+    pub fn rates_for(&self, tenant: &str, device_id: &str) -> RateLimits {
+        let mut r = RateLimits {
+            per_second: self.per_second,
+            per_minute: self.per_minute,
+            per_hour: self.per_hour,
+        };
+        let mut apply = |o: &RateOverride| {
+            r.per_second = o.per_second.unwrap_or(r.per_second);
+            r.per_minute = o.per_minute.unwrap_or(r.per_minute);
+            r.per_hour = o.per_hour.unwrap_or(r.per_hour);
+        };
+        if let Some(o) = self.tenants.get(tenant) {
+            apply(o);
+        }
+        if let Some(o) = self.devices.get(&format!("{tenant}/{device_id}")) {
+            apply(o);
+        }
+        r
+    }
+}
+
+/// Token verification: the algorithm is pinned, never taken from the token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub algorithm: Algorithm,
+    /// HS256 secret; generated (mode 0600) at first start when missing.
+    /// Default: `<data_dir>/jwt.secret`.
+    pub secret_file: Option<PathBuf>,
+    /// EdDSA / ES256: PEM public key used to verify tokens.
+    pub public_key_file: Option<PathBuf>,
+    /// EdDSA / ES256: PEM private key, needed only to issue tokens here.
+    pub private_key_file: Option<PathBuf>,
+    /// Lifetime of tokens issued without an explicit `--ttl`.
+    #[serde(with = "humantime_serde")]
+    pub token_ttl: Duration,
+    /// Clock skew tolerated on `exp`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+/// Supported token signature algorithms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Algorithm {
+    HS256,
+    EdDSA,
+    ES256,
+}
+
+impl Default for SiteConfig {
+    fn default() -> Self {
+        Self {
+            id: None,
+            data_dir: PathBuf::from("./data"),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            max_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 8 * 1024 * 1024 * 1024,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            commit_max_rows: 2000,
+            commit_max_bytes: 8 * 1024 * 1024,
+            queue_capacity: 4096,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            per_second: 10,
+            per_minute: 500,
+            per_hour: 10_000,
+            max_batch: 1000,
+            max_payload_bytes: 64 * 1024,
+            max_payload_depth: 32,
+            tenants: BTreeMap::new(),
+            devices: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            algorithm: Algorithm::HS256,
+            secret_file: None,
+            public_key_file: None,
+            private_key_file: None,
+            token_ttl: Duration::from_secs(30 * 24 * 3600),
+            leeway: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` (if any), applies `OUTPOST_*` overrides from `env`, validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, Error> {
+        let (text, name) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| Error::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "<defaults>".to_string()),
+        };
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| Error::Parse {
+            path: name.clone(),
+            message: e.to_string(),
+        })?;
+        apply_env(&mut table, env)?;
+        let config: Config =
+            Config::deserialize(toml::Value::Table(table)).map_err(|e| Error::Parse {
+                path: name,
+                message: e.to_string(),
+            })?;
+        config.validate().map_err(Error::Invalid)?;
+        Ok(config)
+    }
+
+    /// Lists every problem, not just the first.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if let Some(id) = &self.site.id
+            && !valid_site_id(id)
+        {
+            problems.push(format!(
+                "site.id {id:?}: must be 1-64 characters of [A-Za-z0-9_.-]"
+            ));
+        }
+        if self.site.data_dir.as_os_str().is_empty() {
+            problems.push("site.data_dir: must not be empty".into());
+        }
+        if self.http.max_body_bytes < 1024 {
+            problems.push(format!(
+                "http.max_body_bytes = {}: must be at least 1024",
+                self.http.max_body_bytes
+            ));
+        }
+        if self.log.max_bytes < 1024 * 1024 {
+            problems.push(format!(
+                "log.max_bytes = {}: must be at least 1048576 (1 MiB)",
+                self.log.max_bytes
+            ));
+        }
+        if self.log.commit_max_rows == 0 {
+            problems.push("log.commit_max_rows: must be at least 1".into());
+        }
+        if self.log.commit_max_bytes < 64 * 1024 {
+            problems.push("log.commit_max_bytes: must be at least 65536".into());
+        }
+        if self.log.queue_capacity == 0 {
+            problems.push("log.queue_capacity: must be at least 1".into());
+        }
+        let check_rates = |problems: &mut Vec<String>, at: &str, s: u32, m: u32, h: u32| {
+            for (k, v) in [("per_second", s), ("per_minute", m), ("per_hour", h)] {
+                if v == 0 {
+                    problems.push(format!("{at}.{k}: must be at least 1"));
+                }
+            }
+        };
+        let l = &self.limits;
+        check_rates(
+            &mut problems,
+            "limits",
+            l.per_second,
+            l.per_minute,
+            l.per_hour,
+        );
+        for (tenant, o) in &l.tenants {
+            if !crate::event::valid_tenant(tenant) {
+                problems.push(format!(
+                    "limits.tenants.{tenant}: not a valid tenant name (^[a-z][a-z0-9_]{{0,40}}$)"
+                ));
+            }
+            check_rates(
+                &mut problems,
+                &format!("limits.tenants.{tenant}"),
+                o.per_second.unwrap_or(1),
+                o.per_minute.unwrap_or(1),
+                o.per_hour.unwrap_or(1),
+            );
+        }
+        for (key, o) in &l.devices {
+            if !key
+                .split_once('/')
+                .is_some_and(|(t, d)| crate::event::valid_tenant(t) && !d.is_empty())
+            {
+                problems.push(format!(
+                    "limits.devices.\"{key}\": key must be \"<tenant>/<device_id>\""
+                ));
+            }
+            check_rates(
+                &mut problems,
+                &format!("limits.devices.\"{key}\""),
+                o.per_second.unwrap_or(1),
+                o.per_minute.unwrap_or(1),
+                o.per_hour.unwrap_or(1),
+            );
+        }
+        if l.max_batch == 0 || l.max_batch > 100_000 {
+            problems.push(format!(
+                "limits.max_batch = {}: must be 1..=100000",
+                l.max_batch
+            ));
+        }
+        if l.max_payload_bytes < 2 || l.max_payload_bytes > 16 * 1024 * 1024 {
+            problems.push(format!(
+                "limits.max_payload_bytes = {}: must be 2..=16777216",
+                l.max_payload_bytes
+            ));
+        }
+        if l.max_payload_bytes > self.http.max_body_bytes {
+            problems.push(format!(
+                "limits.max_payload_bytes = {} exceeds http.max_body_bytes = {}",
+                l.max_payload_bytes, self.http.max_body_bytes
+            ));
+        }
+        if l.max_payload_depth == 0 || l.max_payload_depth > 128 {
+            problems.push(format!(
+                "limits.max_payload_depth = {}: must be 1..=128",
+                l.max_payload_depth
+            ));
+        }
+        match self.auth.algorithm {
+            Algorithm::HS256 => {}
+            Algorithm::EdDSA | Algorithm::ES256 => {
+                if self.auth.public_key_file.is_none() {
+                    problems.push(format!(
+                        "auth.public_key_file: required when auth.algorithm = \"{:?}\"",
+                        self.auth.algorithm
+                    ));
+                }
+            }
+        }
+        if self.auth.token_ttl < Duration::from_secs(60) {
+            problems.push("auth.token_ttl: must be at least 1m".into());
+        }
+        if let Some(url) = &self.central.url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            problems.push("central.url: must start with postgres:// or postgresql://".into());
+        }
+        if self.shutdown_grace.is_zero() {
+            problems.push("shutdown_grace: must be greater than 0".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The site id in force: configured, else the host name.
+    pub fn site_id(&self) -> String {
+        if let Some(id) = &self.site.id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host: String = host
+            .trim()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+            .take(64)
+            .collect();
+        if host.is_empty() {
+            "outpost".into()
+        } else {
+            host
+        }
+    }
+
+    /// Path of the SQLite site log.
+    pub fn log_path(&self) -> PathBuf {
+        self.site.data_dir.join("site-log.sqlite")
+    }
+
+    /// Path of the HS256 secret.
+    pub fn secret_path(&self) -> PathBuf {
+        self.auth
+            .secret_file
+            .clone()
+            .unwrap_or_else(|| self.site.data_dir.join("jwt.secret"))
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            site: SiteConfig::default(),
+            http: HttpConfig::default(),
+            mqtt: MqttConfig::default(),
+            central: CentralConfig::default(),
+            log: LogConfig::default(),
+            limits: LimitsConfig::default(),
+            auth: AuthConfig::default(),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+fn valid_site_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// Overlays `OUTPOST_<SECTION>__<KEY>[__<KEY>…]` variables onto the TOML table.
+/// A value is read as a TOML value when it parses as one (`8080`, `true`),
+/// otherwise as a string (`127.0.0.1:9000`, `30d`). Variables without `__`
+/// (e.g. `OUTPOST_CENTRAL_PASSWORD`, `OUTPOST_LOG`) are not config keys.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), Error> {
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
+        .collect();
+    vars.sort();
+    for (var, raw) in vars {
+        let path: Vec<String> = var[ENV_PREFIX.len()..]
+            .split("__")
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
+        if path.iter().any(|p| p.is_empty()) {
+            return Err(Error::Env {
+                var,
+                message: "empty key segment".into(),
+            });
+        }
+        let value = parse_env_value(&raw);
+        let mut cursor = &mut *table;
+        for seg in &path[..path.len() - 1] {
+            let entry = cursor
+                .entry(seg.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cursor = match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(Error::Env {
+                        var,
+                        message: format!("`{seg}` is not a section"),
+                    });
+                }
+            };
+        }
+        if let Some(last) = path.last() {
+            cursor.insert(last.clone(), value);
+        }
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn annotated_default_file_parses_to_the_defaults() {
+        let parsed: Config = toml::from_str(DEFAULT_TOML).expect("default config parses");
+        assert_eq!(parsed, Config::default());
+        parsed.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn env_overrides_reach_nested_keys_with_typed_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::load(
+            None,
+            env(&[
+                ("OUTPOST_HTTP__LISTEN", "127.0.0.1:9000"),
+                ("OUTPOST_LIMITS__PER_SECOND", "99"),
+                ("OUTPOST_LOG__RETENTION", "2d"),
+                ("OUTPOST_SITE__DATA_DIR", dir.path().to_str().unwrap()),
+                ("OUTPOST_CENTRAL_PASSWORD", "not-a-key"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.http.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(cfg.limits.per_second, 99);
+        assert_eq!(cfg.log.retention, Duration::from_secs(2 * 86400));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_from_file_and_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "[http]\nlisten = \"0.0.0.0:1\"\nlistn = 3\n").unwrap();
+        let err = Config::load(Some(&f), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("listn"), "{err}");
+        let err = Config::load(None, env(&[("OUTPOST_HTTP__NOPE", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn validate_lists_every_problem() {
+        let mut c = Config::default();
+        c.limits.per_second = 0;
+        c.limits.max_batch = 0;
+        c.log.max_bytes = 10;
+        c.site.id = Some("bad id!".into());
+        let problems = c.validate().unwrap_err();
+        assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+
+    #[test]
+    fn rate_overrides_apply_device_over_tenant_over_global() {
+        let mut l = LimitsConfig::default();
+        l.tenants.insert(
+            "acme".into(),
+            RateOverride {
+                per_second: Some(50),
+                ..Default::default()
+            },
+        );
+        l.devices.insert(
+            "acme/d1".into(),
+            RateOverride {
+                per_minute: Some(7),
+                ..Default::default()
+            },
+        );
+        let r = l.rates_for("acme", "d1");
+        assert_eq!((r.per_second, r.per_minute, r.per_hour), (50, 7, 10_000));
+        let r = l.rates_for("globex", "d1");
+        assert_eq!((r.per_second, r.per_minute, r.per_hour), (10, 500, 10_000));
+    }
+}

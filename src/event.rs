@@ -1,0 +1,341 @@
+//! The `Event` every stage passes on, its wire form, and the validation that
+//! turns one into the other. Validation is pure: a rejected input names the
+//! field and the limit and has touched nothing.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
+
+/// Longest device id.
+pub const MAX_DEVICE_ID: usize = 255;
+/// Longest event type.
+pub const MAX_EVENT_TYPE: usize = 100;
+
+/// An accepted event, ready for the site log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub id: Uuid,
+    pub tenant: String,
+    pub device_id: String,
+    pub event_type: String,
+    /// The payload: a JSON object, as text.
+    pub payload: String,
+    /// Device timestamp (or ingest time when the device gave none), µs since epoch.
+    pub timestamp_us: i64,
+    /// When this site (or the origin site) accepted it, µs since epoch.
+    pub received_at_us: i64,
+    /// The site that accepted it from the device.
+    pub origin_site: String,
+}
+
+impl Event {
+    /// Approximate bytes the event occupies in the log; used for byte caps.
+    pub fn size_hint(&self) -> usize {
+        self.payload.len() + self.device_id.len() + self.event_type.len() + self.tenant.len() + 96
+    }
+}
+
+/// An event as a device sends it over HTTP or WebSocket.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventInput {
+    pub device_id: String,
+    pub event_type: String,
+    pub payload: Box<RawValue>,
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub timestamp: Option<String>,
+}
+
+/// An event as stored in the site log and returned by queries.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredEvent {
+    pub seq: i64,
+    pub id: Uuid,
+    pub tenant: String,
+    pub device_id: String,
+    pub event_type: String,
+    pub payload: Box<RawValue>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub timestamp: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub received_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub forwarded_at: Option<OffsetDateTime>,
+    pub origin_site: String,
+}
+
+/// A validation failure: which field, and what limit it broke.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> Invalid {
+    Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// Limits applied by [`validate`].
+#[derive(Debug, Clone, Copy)]
+pub struct InputLimits {
+    pub max_payload_bytes: usize,
+    pub max_payload_depth: usize,
+}
+
+/// Checks `input` against the limits and builds the event to store.
+/// `now_us` is the ingest time; ids the device left out become UUIDv7.
+pub fn validate(
+    input: EventInput,
+    tenant: &str,
+    origin_site: &str,
+    limits: InputLimits,
+    now_us: i64,
+) -> Result<Event, Invalid> {
+    if input.device_id.is_empty() {
+        return Err(invalid("device_id", "must not be empty"));
+    }
+    if input.device_id.chars().count() > MAX_DEVICE_ID {
+        return Err(invalid(
+            "device_id",
+            format!("longer than {MAX_DEVICE_ID} characters"),
+        ));
+    }
+    if input.device_id.chars().any(char::is_control) {
+        return Err(invalid("device_id", "must not contain control characters"));
+    }
+    validate_event_type(&input.event_type)?;
+    let payload = input.payload.get();
+    if payload.len() > limits.max_payload_bytes {
+        return Err(invalid(
+            "payload",
+            format!(
+                "{} bytes exceeds the limit of {} bytes",
+                payload.len(),
+                limits.max_payload_bytes
+            ),
+        ));
+    }
+    if !payload.starts_with('{') {
+        return Err(invalid("payload", "must be a JSON object"));
+    }
+    let depth = json_depth(payload);
+    if depth > limits.max_payload_depth {
+        return Err(invalid(
+            "payload",
+            format!(
+                "nesting depth {depth} exceeds the limit of {}",
+                limits.max_payload_depth
+            ),
+        ));
+    }
+    let id = match input.id.as_deref() {
+        Some(s) => Uuid::parse_str(s).map_err(|_| invalid("id", "must be a UUID"))?,
+        None => Uuid::now_v7(),
+    };
+    if id.is_nil() {
+        return Err(invalid("id", "must not be the nil UUID"));
+    }
+    let timestamp_us = match input.timestamp.as_deref() {
+        Some(s) => parse_rfc3339_us(s).ok_or_else(|| {
+            invalid(
+                "timestamp",
+                "must be an RFC 3339 date-time, e.g. 2026-01-31T12:00:00Z",
+            )
+        })?,
+        None => now_us,
+    };
+    Ok(Event {
+        id,
+        tenant: tenant.to_string(),
+        device_id: input.device_id,
+        event_type: input.event_type,
+        payload: payload.to_string(),
+        timestamp_us,
+        received_at_us: now_us,
+        origin_site: origin_site.to_string(),
+    })
+}
+
+/// `event_type`: 1..=100 characters of `[A-Za-z0-9_.-]`.
+pub fn validate_event_type(t: &str) -> Result<(), Invalid> {
+    if t.is_empty() {
+        return Err(invalid("event_type", "must not be empty"));
+    }
+    if t.len() > MAX_EVENT_TYPE {
+        return Err(invalid(
+            "event_type",
+            format!("longer than {MAX_EVENT_TYPE} characters"),
+        ));
+    }
+    if !t
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    {
+        return Err(invalid("event_type", "may contain only [A-Za-z0-9_.-]"));
+    }
+    Ok(())
+}
+
+/// Tenant names reach SQL identifiers later, so they are checked before
+/// anything else: `^[a-z][a-z0-9_]{0,40}$`.
+pub fn valid_tenant(t: &str) -> bool {
+    let b = t.as_bytes();
+    !b.is_empty()
+        && b.len() <= 41
+        && b[0].is_ascii_lowercase()
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+}
+
+/// Nesting depth of already-valid JSON text, counted without allocating.
+fn json_depth(text: &str) -> usize {
+    let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
+    for b in text.bytes() {
+        if in_str {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// Parses RFC 3339 into µs since the epoch.
+pub fn parse_rfc3339_us(s: &str) -> Option<i64> {
+    let t = OffsetDateTime::parse(s, &Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos() / 1000).ok()
+}
+
+/// µs since the epoch → UTC date-time (clamped to the representable range).
+pub fn from_us(us: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// Now, µs since the epoch.
+pub fn now_us() -> i64 {
+    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: InputLimits = InputLimits {
+        max_payload_bytes: 64,
+        max_payload_depth: 3,
+    };
+
+    fn input(json: &str) -> EventInput {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn check(json: &str) -> Result<Event, Invalid> {
+        validate(input(json), "acme", "site-a", LIMITS, 1_000)
+    }
+
+    #[test]
+    fn valid_event_gets_v7_id_and_ingest_time() {
+        let e = check(r#"{"device_id":"d1","event_type":"temp.read","payload":{"c":1}}"#).unwrap();
+        assert_eq!(e.id.get_version_num(), 7);
+        assert_eq!(e.timestamp_us, 1_000);
+        assert_eq!(e.payload, r#"{"c":1}"#);
+    }
+
+    #[test]
+    fn each_field_is_named_in_its_rejection() {
+        let long_dev = "d".repeat(256);
+        let cases = [
+            (
+                format!(r#"{{"device_id":"{long_dev}","event_type":"a","payload":{{}}}}"#),
+                "device_id",
+            ),
+            (
+                r#"{"device_id":"d","event_type":"a b","payload":{}}"#.into(),
+                "event_type",
+            ),
+            (
+                format!(
+                    r#"{{"device_id":"d","event_type":"{}","payload":{{}}}}"#,
+                    "e".repeat(101)
+                ),
+                "event_type",
+            ),
+            (
+                r#"{"device_id":"d","event_type":"a","payload":[1]}"#.into(),
+                "payload",
+            ),
+            (
+                r#"{"device_id":"d","event_type":"a","payload":{"a":{"b":{"c":{}}}}}"#.into(),
+                "payload",
+            ),
+            (
+                format!(
+                    r#"{{"device_id":"d","event_type":"a","payload":{{"x":"{}"}}}}"#,
+                    "x".repeat(64)
+                ),
+                "payload",
+            ),
+            (
+                r#"{"device_id":"d","event_type":"a","payload":{},"id":"nope"}"#.into(),
+                "id",
+            ),
+            (
+                r#"{"device_id":"d","event_type":"a","payload":{},"timestamp":"yesterday"}"#.into(),
+                "timestamp",
+            ),
+        ];
+        for (json, field) in cases {
+            let err = check(&json).unwrap_err();
+            assert_eq!(err.field, field, "{json} -> {err}");
+        }
+    }
+
+    #[test]
+    fn depth_ignores_brackets_inside_strings() {
+        assert_eq!(json_depth(r#"{"a":"{{{[[["}"#), 1);
+        assert_eq!(json_depth(r#"{"a":"\"{","b":[{}]}"#), 3);
+    }
+
+    #[test]
+    fn tenant_names_follow_the_pattern() {
+        assert!(valid_tenant("acme"));
+        assert!(valid_tenant("a1_b"));
+        assert!(!valid_tenant("Acme"));
+        assert!(!valid_tenant("1acme"));
+        assert!(!valid_tenant("acme;drop"));
+        assert!(!valid_tenant(&"a".repeat(42)));
+        assert!(valid_tenant(&"a".repeat(41)));
+    }
+
+    #[test]
+    fn timestamps_round_trip_through_microseconds() {
+        let us = parse_rfc3339_us("2026-01-31T12:00:00.123456+01:00").unwrap();
+        assert_eq!(
+            from_us(us).format(&Rfc3339).unwrap(),
+            "2026-01-31T11:00:00.123456Z"
+        );
+    }
+}

@@ -1,0 +1,142 @@
+//! Request helpers: a body read with a hard cap (413 before it is read whole),
+//! JSON parsing whose errors name the field, and the bearer token.
+
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode, header};
+use serde::de::DeserializeOwned;
+
+use super::ApiError;
+
+/// Reads at most `max` bytes of body; a declared or actual larger body is 413.
+pub async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    max: usize,
+) -> Result<axum::body::Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body exceeds {max} bytes"),
+        )
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > max as u64
+    {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, max).await.map_err(|e| {
+        let inner = e.into_inner();
+        if inner.is::<http_body_util::LengthLimitError>() {
+            too_large()
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "body_unreadable",
+                format!("cannot read request body: {inner}"),
+            )
+        }
+    })
+}
+
+/// Parses JSON; errors name the field (`device_id`, `[3].payload`) and say why.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.to_string();
+        let field = if path == "." || path.is_empty() {
+            field_in_message(&message)
+        } else {
+            Some(path)
+        };
+        let err = ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", message);
+        match field {
+            Some(f) => err.with_field(f),
+            None => err,
+        }
+    })
+}
+
+/// serde names missing and unknown fields in backticks: "missing field `id`".
+fn field_in_message(message: &str) -> Option<String> {
+    if !(message.starts_with("missing field") || message.starts_with("unknown field")) {
+        return None;
+    }
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(message[start..start + len].to_string())
+}
+
+/// Splits a batch path like `[3].payload` into `(Some(3), "payload")`.
+pub fn split_index(field: &str) -> (Option<usize>, String) {
+    if let Some(rest) = field.strip_prefix('[')
+        && let Some(end) = rest.find(']')
+        && let Ok(i) = rest[..end].parse()
+    {
+        let tail = rest[end + 1..].trim_start_matches('.');
+        return (
+            Some(i),
+            if tail.is_empty() {
+                "events".into()
+            } else {
+                tail.to_string()
+            },
+        );
+    }
+    (None, field.to_string())
+}
+
+/// The `Authorization: Bearer` token, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_paths_split_into_index_and_field() {
+        assert_eq!(split_index("[3].payload"), (Some(3), "payload".into()));
+        assert_eq!(split_index("[0]"), (Some(0), "events".into()));
+        assert_eq!(split_index("device_id"), (None, "device_id".into()));
+    }
+
+    #[test]
+    fn missing_and_unknown_fields_are_named() {
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct T {
+            a: u8,
+        }
+        assert_eq!(
+            parse_json::<T>(b"{}").unwrap_err().field.as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            parse_json::<T>(br#"{"a":1,"b":2}"#)
+                .unwrap_err()
+                .field
+                .as_deref(),
+            Some("b")
+        );
+        assert_eq!(
+            parse_json::<T>(br#"{"a":"x"}"#)
+                .unwrap_err()
+                .field
+                .as_deref(),
+            Some("a")
+        );
+    }
+}

@@ -1,0 +1,196 @@
+//! The one ingest path shared by HTTP, WebSocket and MQTT: validate every
+//! event, check the device may write it, charge the rate limiter, and append
+//! to the site log. Returns only after the commit, so the caller's ack means
+//! durable. A refusal at any step writes nothing.
+
+pub mod http;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::Principal;
+use crate::event::{EventInput, InputLimits, Invalid, now_us, validate};
+use crate::limits::{Limited, Limiter};
+use crate::log::{self, Appended, LogHandle};
+use crate::metrics::{Metrics, ProtocolLabel};
+
+/// What a client is told to wait when the log is full.
+pub const FULL_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// Why events were refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}{}", index.map(|i| format!("event {i}: ")).unwrap_or_default(), invalid)]
+    Invalid {
+        index: Option<usize>,
+        invalid: Invalid,
+    },
+    #[error("{}device_id {device_id:?} is not the token's device", index.map(|i| format!("event {i}: ")).unwrap_or_default())]
+    OtherDevice {
+        index: Option<usize>,
+        device_id: String,
+    },
+    #[error("batch of {got} events exceeds limits.max_batch = {max}")]
+    BatchTooLarge { got: usize, max: usize },
+    #[error("batch is empty")]
+    EmptyBatch,
+    #[error("rate limit {} = {} exceeded; retry in {:.1}s", .0.window.as_str(), .0.limit, .0.retry_after.as_secs_f64())]
+    RateLimited(Limited),
+    #[error("site log is full ({used} of {budget} bytes); retry later")]
+    Full { used: u64, budget: u64 },
+    #[error("{}id {id} is already used by another device", index.map(|i| format!("event {i}: ")).unwrap_or_default())]
+    IdConflict {
+        index: Option<usize>,
+        id: uuid::Uuid,
+    },
+    #[error("site log unavailable: {0}")]
+    Unavailable(log::Error),
+}
+
+impl Error {
+    /// Metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Invalid { .. } | Error::BatchTooLarge { .. } | Error::EmptyBatch => "invalid",
+            Error::OtherDevice { .. } => "forbidden",
+            Error::RateLimited(_) => "rate_limited",
+            Error::Full { .. } => "log_full",
+            Error::IdConflict { .. } => "id_conflict",
+            Error::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+/// Cheap, cloneable front door to the site log.
+#[derive(Clone)]
+pub struct IngestHandle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    log: LogHandle,
+    limiter: Limiter,
+    metrics: Arc<Metrics>,
+    site_id: String,
+    input_limits: InputLimits,
+    max_batch: usize,
+}
+
+impl IngestHandle {
+    /// Builds the ingest path over a running log writer.
+    pub fn new(
+        log: LogHandle,
+        limiter: Limiter,
+        metrics: Arc<Metrics>,
+        site_id: String,
+        input_limits: InputLimits,
+        max_batch: usize,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                log,
+                limiter,
+                metrics,
+                site_id,
+                input_limits,
+                max_batch,
+            }),
+        }
+    }
+
+    /// Most events accepted in one batch.
+    pub fn max_batch(&self) -> usize {
+        self.inner.max_batch
+    }
+
+    /// Validates, authorizes, rate-limits and durably appends `inputs` as one
+    /// all-or-nothing unit. `batch` says whether errors name an item index.
+    pub async fn submit(
+        &self,
+        principal: &Principal,
+        tenant: &str,
+        inputs: Vec<EventInput>,
+        batch: bool,
+        protocol: &'static str,
+    ) -> Result<Vec<Appended>, Error> {
+        let n = inputs.len();
+        let result = self.submit_inner(principal, tenant, inputs, batch).await;
+        let m = &self.inner.metrics;
+        match &result {
+            Ok(appended) => {
+                let dup = appended.iter().filter(|a| a.duplicate).count() as u64;
+                m.events_accepted
+                    .get_or_create(&ProtocolLabel { protocol })
+                    .inc_by(appended.len() as u64 - dup);
+                if dup > 0 {
+                    m.events_duplicate
+                        .get_or_create(&ProtocolLabel { protocol })
+                        .inc_by(dup);
+                }
+            }
+            Err(e) => m.reject(protocol, e.reason(), n.max(1) as u64),
+        }
+        result
+    }
+
+    async fn submit_inner(
+        &self,
+        principal: &Principal,
+        tenant: &str,
+        inputs: Vec<EventInput>,
+        batch: bool,
+    ) -> Result<Vec<Appended>, Error> {
+        let inner = &self.inner;
+        if inputs.is_empty() {
+            return Err(Error::EmptyBatch);
+        }
+        if inputs.len() > inner.max_batch {
+            return Err(Error::BatchTooLarge {
+                got: inputs.len(),
+                max: inner.max_batch,
+            });
+        }
+        let index = |i: usize| batch.then_some(i);
+        let now = now_us();
+        let mut events = Vec::with_capacity(inputs.len());
+        for (i, input) in inputs.into_iter().enumerate() {
+            if let Principal::Device { device_id, .. } = principal
+                && *device_id != input.device_id
+            {
+                return Err(Error::OtherDevice {
+                    index: index(i),
+                    device_id: input.device_id,
+                });
+            }
+            let e = validate(input, tenant, &inner.site_id, inner.input_limits, now).map_err(
+                |invalid| Error::Invalid {
+                    index: index(i),
+                    invalid,
+                },
+            )?;
+            events.push(e);
+        }
+        // Charge each device once for all its events in this unit.
+        let mut counts: Vec<(&str, u32)> = Vec::new();
+        for e in &events {
+            match counts.iter_mut().find(|(d, _)| *d == e.device_id) {
+                Some((_, c)) => *c += 1,
+                None => counts.push((&e.device_id, 1)),
+            }
+        }
+        for (device, count) in counts {
+            inner
+                .limiter
+                .check(tenant, device, count)
+                .map_err(Error::RateLimited)?;
+        }
+        inner.log.append(events).await.map_err(|e| match e {
+            log::Error::Full { used, budget } => Error::Full { used, budget },
+            log::Error::IdConflict { index: i, id } => Error::IdConflict {
+                index: index(i),
+                id,
+            },
+            other => Error::Unavailable(other),
+        })
+    }
+}

@@ -1,0 +1,17 @@
+//! outpost: durable event ingest for edge sites. See `shared/design.md` for
+//! the architecture; data flows ingest → site log → (forwarder, stream hub).
+#![deny(clippy::unwrap_used, clippy::await_holding_lock)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod app;
+pub mod auth;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod http;
+pub mod ingest;
+pub mod limits;
+pub mod log;
+pub mod metrics;
+pub mod systemd;

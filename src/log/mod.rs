@@ -1,0 +1,81 @@
+//! The SQLite site log: the durable heart of the appliance.
+//!
+//! Guarantees:
+//! - An append is answered only after its transaction committed with
+//!   `synchronous=FULL` in WAL mode: an `Ok` means the rows survive a power cut.
+//! - One writer thread owns the write connection and group-commits whatever is
+//!   queued (up to a row and byte cap) in one transaction; each request sits in
+//!   its own savepoint, so one refused request never takes others with it.
+//! - A batch request is all-or-nothing. A repeated event id from the same
+//!   device is answered with the original `seq` and writes nothing.
+//! - `seq` only grows and is never reused; rows leave only by retention, and
+//!   only once forwarded.
+//! - At the byte budget appends are refused (`Error::Full`), never dropped.
+
+pub mod reader;
+pub mod schema;
+pub mod writer;
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+pub use reader::Readers;
+pub use writer::{Appended, LogHandle, WriterConfig};
+
+/// Why a site-log operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("site log: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("site log migration: {0}")]
+    Migration(#[from] rusqlite_migration::Error),
+    #[error("site log is full: {used} of {budget} bytes used")]
+    Full { used: u64, budget: u64 },
+    #[error("event {index}: id {id} is already used by another device or tenant")]
+    IdConflict { index: usize, id: uuid::Uuid },
+    #[error("commit failed: {0}")]
+    Commit(String),
+    #[error("device {tenant}/{device_id} already exists")]
+    DeviceExists { tenant: String, device_id: String },
+    #[error("device {tenant}/{device_id} was revoked; its id cannot be reused")]
+    DeviceRevoked { tenant: String, device_id: String },
+    #[error("device {tenant}/{device_id} not found")]
+    DeviceNotFound { tenant: String, device_id: String },
+    #[error("site log writer has stopped")]
+    Closed,
+    #[error("site log reader task failed: {0}")]
+    Join(String),
+}
+
+/// Opens a connection with the pragmas every connection needs. The caller
+/// decides whether it is the writer (`synchronous=FULL` matters there).
+pub fn open(path: &Path, read_only: bool) -> Result<Connection, Error> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    if !read_only {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // Durable acks: fsync the WAL at every commit.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        // Keep the WAL file from growing without bound after bursts.
+        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+    }
+    conn.pragma_update(None, "cache_size", -8192)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+/// Opens the log for writing and brings its schema up to date.
+pub fn open_and_migrate(path: &Path) -> Result<Connection, Error> {
+    let mut conn = open(path, false)?;
+    schema::migrate(&mut conn)?;
+    Ok(conn)
+}

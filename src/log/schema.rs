@@ -1,0 +1,369 @@
+//! The site log's schema and every SQL statement run against it. Functions
+//! take a plain `&Connection` so the writer thread, the reader pool and the
+//! CLI (another process) share one definition of each operation.
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use rusqlite_migration::{M, Migrations};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use super::Error;
+use crate::event::{Event, StoredEvent, from_us};
+
+/// Applies pending migrations from `migrations/sqlite/` (tracked in
+/// `user_version`, so none is applied twice).
+pub fn migrate(conn: &mut Connection) -> Result<(), Error> {
+    let migrations = Migrations::new(vec![M::up(include_str!(
+        "../../migrations/sqlite/0001_site_log.sql"
+    ))]);
+    migrations.to_latest(conn)?;
+    Ok(())
+}
+
+/// Inserts one event; `None` when its id is already in the log.
+pub fn insert_event(
+    conn: &Connection,
+    e: &Event,
+    forwarded_at: Option<i64>,
+) -> Result<Option<i64>, Error> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO events (id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (id) DO NOTHING RETURNING seq",
+    )?;
+    let seq = stmt
+        .query_row(
+            params![
+                e.id.as_bytes(),
+                e.tenant,
+                e.device_id,
+                e.event_type,
+                e.payload,
+                e.timestamp_us,
+                e.received_at_us,
+                forwarded_at,
+                e.origin_site
+            ],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(seq)
+}
+
+/// Who owns an event id already in the log: `(seq, tenant, device_id)`.
+pub fn owner_of(conn: &Connection, id: &Uuid) -> Result<Option<(i64, String, String)>, Error> {
+    let mut stmt =
+        conn.prepare_cached("SELECT seq, tenant, device_id FROM events WHERE id = ?1")?;
+    Ok(stmt
+        .query_row([id.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?)
+}
+
+/// Bytes the database's pages hold, free pages excluded.
+pub fn used_bytes(conn: &Connection) -> Result<u64, Error> {
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    Ok(u64::try_from((pages - free).max(0) * size).unwrap_or(0))
+}
+
+/// Adds `count` events and a last-seen time to a device's counters.
+pub fn bump_device(
+    conn: &Connection,
+    tenant: &str,
+    device_id: &str,
+    count: i64,
+    seen_us: i64,
+) -> Result<(), Error> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE devices SET event_count = event_count + ?3, last_seen = max(coalesce(last_seen, 0), ?4)
+         WHERE tenant = ?1 AND device_id = ?2",
+    )?;
+    stmt.execute(params![tenant, device_id, count, seen_us])?;
+    Ok(())
+}
+
+/// Marks the given rows forwarded at `now_us`; returns how many changed.
+pub fn mark_forwarded(conn: &Connection, seqs: &[i64], now_us: i64) -> Result<usize, Error> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE events SET forwarded_at = ?2 WHERE seq = ?1 AND forwarded_at IS NULL",
+    )?;
+    let mut n = 0;
+    for seq in seqs {
+        n += stmt.execute(params![seq, now_us])?;
+    }
+    Ok(n)
+}
+
+/// Deletes up to `limit` forwarded rows received and forwarded before
+/// `cutoff_us`. Pending rows are never touched.
+pub fn prune(conn: &Connection, cutoff_us: i64, limit: usize) -> Result<usize, Error> {
+    let mut stmt = conn.prepare_cached(
+        "DELETE FROM events WHERE seq IN (
+            SELECT seq FROM events
+            WHERE forwarded_at IS NOT NULL AND forwarded_at < ?1 AND received_at < ?1
+            LIMIT ?2)",
+    )?;
+    Ok(stmt.execute(params![cutoff_us, i64::try_from(limit).unwrap_or(i64::MAX)])?)
+}
+
+const EVENT_COLUMNS: &str =
+    "seq, id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site";
+
+fn stored_event(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
+    let id: [u8; 16] = r.get(1)?;
+    let payload: String = r.get(5)?;
+    let payload = RawValue::from_string(payload).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, Box::new(e))
+    })?;
+    Ok(StoredEvent {
+        seq: r.get(0)?,
+        id: Uuid::from_bytes(id),
+        tenant: r.get(2)?,
+        device_id: r.get(3)?,
+        event_type: r.get(4)?,
+        payload,
+        timestamp: from_us(r.get(6)?),
+        received_at: from_us(r.get(7)?),
+        forwarded_at: r.get::<_, Option<i64>>(8)?.map(from_us),
+        origin_site: r.get(9)?,
+    })
+}
+
+/// Oldest pending rows, in `seq` order.
+pub fn pending(conn: &Connection, limit: usize) -> Result<Vec<StoredEvent>, Error> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE forwarded_at IS NULL ORDER BY seq LIMIT ?1"
+    ))?;
+    let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], stored_event)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Filters of an event query. Times are µs since the epoch, on the device timestamp.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    pub tenant: String,
+    pub device_id: Option<String>,
+    pub event_type: Option<String>,
+    pub start_us: Option<i64>,
+    pub end_us: Option<i64>,
+    pub after: i64,
+    pub limit: usize,
+}
+
+/// Events of a tenant after a cursor, in `seq` order.
+pub fn query(conn: &Connection, q: &Query) -> Result<Vec<StoredEvent>, Error> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM events
+         WHERE tenant = ?1 AND seq > ?2
+           AND (?3 IS NULL OR device_id = ?3)
+           AND (?4 IS NULL OR event_type = ?4)
+           AND (?5 IS NULL OR ts >= ?5)
+           AND (?6 IS NULL OR ts < ?6)
+         ORDER BY seq LIMIT ?7"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(
+        params![
+            q.tenant,
+            q.after,
+            q.device_id,
+            q.event_type,
+            q.start_us,
+            q.end_us,
+            i64::try_from(q.limit).unwrap_or(i64::MAX)
+        ],
+        stored_event,
+    )?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Every row of the log, in `seq` order (tests and tools).
+pub fn all_events(conn: &Connection) -> Result<Vec<StoredEvent>, Error> {
+    let mut stmt = conn.prepare(&format!("SELECT {EVENT_COLUMNS} FROM events ORDER BY seq"))?;
+    let rows = stmt.query_map([], stored_event)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A device registry row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Device {
+    pub tenant: String,
+    pub device_id: String,
+    pub name: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: time::OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<time::OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_seen: Option<time::OffsetDateTime>,
+    pub online: bool,
+    pub event_count: i64,
+}
+
+fn device(r: &Row<'_>) -> rusqlite::Result<Device> {
+    Ok(Device {
+        tenant: r.get(0)?,
+        device_id: r.get(1)?,
+        name: r.get(2)?,
+        created_at: from_us(r.get(3)?),
+        revoked_at: r.get::<_, Option<i64>>(4)?.map(from_us),
+        last_seen: r.get::<_, Option<i64>>(5)?.map(from_us),
+        online: r.get(6)?,
+        event_count: r.get(7)?,
+    })
+}
+
+/// Devices of one tenant, or of all tenants.
+pub fn devices(conn: &Connection, tenant: Option<&str>) -> Result<Vec<Device>, Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT tenant, device_id, name, created_at, revoked_at, last_seen, online, event_count
+         FROM devices WHERE ?1 IS NULL OR tenant = ?1 ORDER BY tenant, device_id",
+    )?;
+    let rows = stmt.query_map([tenant], device)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// One device, if registered.
+pub fn device_by_id(
+    conn: &Connection,
+    tenant: &str,
+    device_id: &str,
+) -> Result<Option<Device>, Error> {
+    Ok(devices_matching(conn, tenant, device_id)?
+        .into_iter()
+        .next())
+}
+
+fn devices_matching(
+    conn: &Connection,
+    tenant: &str,
+    device_id: &str,
+) -> Result<Vec<Device>, Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT tenant, device_id, name, created_at, revoked_at, last_seen, online, event_count
+         FROM devices WHERE tenant = ?1 AND device_id = ?2",
+    )?;
+    let rows = stmt.query_map([tenant, device_id], device)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Registers a device. A revoked id stays revoked.
+pub fn add_device(
+    conn: &Connection,
+    tenant: &str,
+    device_id: &str,
+    name: Option<&str>,
+    now_us: i64,
+) -> Result<Device, Error> {
+    if let Some(d) = device_by_id(conn, tenant, device_id)? {
+        return Err(if d.revoked_at.is_some() {
+            Error::DeviceRevoked {
+                tenant: tenant.into(),
+                device_id: device_id.into(),
+            }
+        } else {
+            Error::DeviceExists {
+                tenant: tenant.into(),
+                device_id: device_id.into(),
+            }
+        });
+    }
+    conn.execute(
+        "INSERT INTO devices (tenant, device_id, name, created_at) VALUES (?1, ?2, ?3, ?4)",
+        params![tenant, device_id, name, now_us],
+    )?;
+    bump_registry_version(conn)?;
+    device_by_id(conn, tenant, device_id)?.ok_or_else(|| Error::DeviceNotFound {
+        tenant: tenant.into(),
+        device_id: device_id.into(),
+    })
+}
+
+/// Revokes a device: every token it holds stops working.
+pub fn revoke_device(
+    conn: &Connection,
+    tenant: &str,
+    device_id: &str,
+    now_us: i64,
+) -> Result<Device, Error> {
+    let n = conn.execute(
+        "UPDATE devices SET revoked_at = coalesce(revoked_at, ?3), online = 0 WHERE tenant = ?1 AND device_id = ?2",
+        params![tenant, device_id, now_us],
+    )?;
+    if n == 0 {
+        return Err(Error::DeviceNotFound {
+            tenant: tenant.into(),
+            device_id: device_id.into(),
+        });
+    }
+    bump_registry_version(conn)?;
+    device_by_id(conn, tenant, device_id)?.ok_or_else(|| Error::DeviceNotFound {
+        tenant: tenant.into(),
+        device_id: device_id.into(),
+    })
+}
+
+fn bump_registry_version(conn: &Connection) -> Result<(), Error> {
+    conn.execute(
+        "UPDATE meta SET value = value + 1 WHERE key = 'registry_version'",
+        [],
+    )?;
+    Ok(())
+}
+
+/// Changes with every device change, from any process.
+pub fn registry_version(conn: &Connection) -> Result<i64, Error> {
+    Ok(conn.query_row(
+        "SELECT value FROM meta WHERE key = 'registry_version'",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+/// What `outpost status` and `/api/v1/status` report about the log.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LogStatus {
+    pub backlog_rows: i64,
+    pub oldest_pending_age_seconds: Option<f64>,
+    pub total_rows: i64,
+    pub last_seq: i64,
+    pub devices: i64,
+    pub devices_revoked: i64,
+    pub log_bytes: u64,
+}
+
+/// Backlog, oldest pending age, devices and size.
+pub fn status(conn: &Connection, now_us: i64) -> Result<LogStatus, Error> {
+    let backlog_rows: i64 = conn.query_row(
+        "SELECT count(*) FROM events WHERE forwarded_at IS NULL",
+        [],
+        |r| r.get(0),
+    )?;
+    let oldest: Option<i64> = conn
+        .query_row(
+            "SELECT received_at FROM events WHERE forwarded_at IS NULL ORDER BY seq LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let (total_rows, last_seq): (i64, Option<i64>) =
+        conn.query_row("SELECT count(*), max(seq) FROM events", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    let (devices, devices_revoked): (i64, i64) =
+        conn.query_row("SELECT count(*), count(revoked_at) FROM devices", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    Ok(LogStatus {
+        backlog_rows,
+        #[allow(clippy::cast_precision_loss)]
+        oldest_pending_age_seconds: oldest.map(|t| ((now_us - t).max(0)) as f64 / 1e6),
+        total_rows,
+        last_seq: last_seq.unwrap_or(0),
+        devices,
+        devices_revoked,
+        log_bytes: used_bytes(conn)?,
+    })
+}

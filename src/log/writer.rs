@@ -1,0 +1,361 @@
+//! The writer thread and its cheap, cloneable front-end, `LogHandle`.
+//!
+//! Group commit: the thread blocks for one request, then drains whatever else
+//! is queued (up to `commit_max_rows` / `commit_max_bytes`), runs all of it in
+//! one transaction (a savepoint per request), commits once, and only then
+//! answers every request. A failed commit answers every request with an error,
+//! so nothing is acked that is not on disk.
+//!
+//! When the queue is full, `LogHandle` callers wait for room (backpressure).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::{Error, schema};
+use crate::event::{Event, now_us};
+use crate::metrics::Metrics;
+
+/// Limits of the writer.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    pub max_bytes: u64,
+    pub commit_max_rows: usize,
+    pub commit_max_bytes: usize,
+    pub queue_capacity: usize,
+}
+
+/// The answer for one appended event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Appended {
+    pub id: Uuid,
+    pub seq: i64,
+    /// The id was already in the log: nothing was written, `seq` is the original.
+    pub duplicate: bool,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+enum Command {
+    Append {
+        events: Vec<Event>,
+        reply: Reply<Vec<Appended>>,
+    },
+    MarkForwarded {
+        seqs: Vec<i64>,
+        reply: Reply<usize>,
+    },
+    Prune {
+        cutoff_us: i64,
+        limit: usize,
+        reply: Reply<usize>,
+    },
+    AddDevice {
+        tenant: String,
+        device_id: String,
+        name: Option<String>,
+        reply: Reply<schema::Device>,
+    },
+    RevokeDevice {
+        tenant: String,
+        device_id: String,
+        reply: Reply<schema::Device>,
+    },
+    Ping {
+        reply: Reply<()>,
+    },
+}
+
+impl Command {
+    fn rows_and_bytes(&self) -> (usize, usize) {
+        match self {
+            Command::Append { events, .. } => {
+                (events.len(), events.iter().map(Event::size_hint).sum())
+            }
+            Command::MarkForwarded { seqs, .. } => (seqs.len(), seqs.len() * 16),
+            _ => (1, 0),
+        }
+    }
+}
+
+/// Cheap handle to the writer thread.
+#[derive(Clone)]
+pub struct LogHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+/// The running writer thread; `join` after every handle is dropped.
+pub struct WriterThread {
+    thread: JoinHandle<()>,
+}
+
+impl WriterThread {
+    /// Waits for the writer to drain its queue and stop. It stops once every
+    /// `LogHandle` is gone.
+    pub fn join(self) {
+        if self.thread.join().is_err() {
+            tracing::error!("site log writer thread panicked");
+        }
+    }
+}
+
+/// Starts the writer thread on an open, migrated connection.
+pub fn spawn(
+    conn: Connection,
+    config: WriterConfig,
+    metrics: Arc<Metrics>,
+) -> Result<(LogHandle, WriterThread), Error> {
+    let (tx, rx) = mpsc::channel(config.queue_capacity);
+    let thread = std::thread::Builder::new()
+        .name("site-log-writer".into())
+        .spawn(move || {
+            Writer {
+                conn,
+                config,
+                metrics,
+            }
+            .run(rx)
+        })
+        .map_err(|e| Error::Commit(format!("cannot start writer thread: {e}")))?;
+    Ok((LogHandle { tx }, WriterThread { thread }))
+}
+
+impl LogHandle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Appends events in one all-or-nothing unit; answers after the commit.
+    pub async fn append(&self, events: Vec<Event>) -> Result<Vec<Appended>, Error> {
+        self.call(|reply| Command::Append { events, reply }).await
+    }
+
+    /// Marks rows forwarded (after the central commit).
+    pub async fn mark_forwarded(&self, seqs: Vec<i64>) -> Result<usize, Error> {
+        self.call(|reply| Command::MarkForwarded { seqs, reply })
+            .await
+    }
+
+    /// Deletes up to `limit` forwarded rows older than `cutoff_us`.
+    pub async fn prune(&self, cutoff_us: i64, limit: usize) -> Result<usize, Error> {
+        self.call(|reply| Command::Prune {
+            cutoff_us,
+            limit,
+            reply,
+        })
+        .await
+    }
+
+    /// Registers a device.
+    pub async fn add_device(
+        &self,
+        tenant: String,
+        device_id: String,
+        name: Option<String>,
+    ) -> Result<schema::Device, Error> {
+        self.call(|reply| Command::AddDevice {
+            tenant,
+            device_id,
+            name,
+            reply,
+        })
+        .await
+    }
+
+    /// Revokes a device.
+    pub async fn revoke_device(
+        &self,
+        tenant: String,
+        device_id: String,
+    ) -> Result<schema::Device, Error> {
+        self.call(|reply| Command::RevokeDevice {
+            tenant,
+            device_id,
+            reply,
+        })
+        .await
+    }
+
+    /// Round trip through the writer: proves it is alive and the log writable.
+    pub async fn ping(&self) -> Result<(), Error> {
+        self.call(|reply| Command::Ping { reply }).await
+    }
+}
+
+struct Writer {
+    conn: Connection,
+    config: WriterConfig,
+    metrics: Arc<Metrics>,
+}
+
+/// A result computed inside the transaction, sent only after the commit.
+type Deliver = Box<dyn FnOnce(Option<&str>) + Send>;
+
+fn deliver<T: Send + 'static>(reply: Reply<T>, result: Result<T, Error>) -> Deliver {
+    Box::new(move |commit_error| {
+        let result = match commit_error {
+            Some(e) => Err(Error::Commit(e.to_string())),
+            None => result,
+        };
+        // The requester may have gone away (client hung up): nothing to do.
+        let _ = reply.send(result);
+    })
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(first) = rx.blocking_recv() {
+            let (mut rows, mut bytes) = first.rows_and_bytes();
+            let mut group = vec![first];
+            while rows < self.config.commit_max_rows && bytes < self.config.commit_max_bytes {
+                match rx.try_recv() {
+                    Ok(cmd) => {
+                        let (r, b) = cmd.rows_and_bytes();
+                        rows += r;
+                        bytes += b;
+                        group.push(cmd);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group);
+        }
+        tracing::debug!("site log writer: queue closed, stopping");
+    }
+
+    fn commit_group(&mut self, group: Vec<Command>) {
+        let started = Instant::now();
+        let mut delivers: Vec<Deliver> = Vec::with_capacity(group.len());
+        let mut appended_rows = 0usize;
+        let outcome = (|| -> Result<(), Error> {
+            let used = schema::used_bytes(&self.conn)?;
+            let mut tx = self.conn.transaction()?;
+            let mut projected = used;
+            for cmd in group {
+                match cmd {
+                    Command::Append { events, reply } => {
+                        let size: u64 = events.iter().map(|e| e.size_hint() as u64).sum();
+                        if projected + size > self.config.max_bytes {
+                            delivers.push(deliver(
+                                reply,
+                                Err(Error::Full {
+                                    used: projected,
+                                    budget: self.config.max_bytes,
+                                }),
+                            ));
+                            continue;
+                        }
+                        let mut sp = tx.savepoint()?;
+                        let result = append(&sp, &events);
+                        match &result {
+                            Ok(r) => {
+                                sp.commit()?;
+                                projected += size;
+                                appended_rows += r.iter().filter(|a| !a.duplicate).count();
+                            }
+                            Err(_) => sp.rollback()?,
+                        }
+                        delivers.push(deliver(reply, result));
+                    }
+                    Command::MarkForwarded { seqs, reply } => {
+                        let r = schema::mark_forwarded(&tx, &seqs, now_us());
+                        delivers.push(deliver(reply, r));
+                    }
+                    Command::Prune {
+                        cutoff_us,
+                        limit,
+                        reply,
+                    } => {
+                        let r = schema::prune(&tx, cutoff_us, limit);
+                        delivers.push(deliver(reply, r));
+                    }
+                    Command::AddDevice {
+                        tenant,
+                        device_id,
+                        name,
+                        reply,
+                    } => {
+                        let r =
+                            schema::add_device(&tx, &tenant, &device_id, name.as_deref(), now_us());
+                        delivers.push(deliver(reply, r));
+                    }
+                    Command::RevokeDevice {
+                        tenant,
+                        device_id,
+                        reply,
+                    } => {
+                        let r = schema::revoke_device(&tx, &tenant, &device_id, now_us());
+                        delivers.push(deliver(reply, r));
+                    }
+                    Command::Ping { reply } => delivers.push(deliver(reply, Ok(()))),
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })();
+        let commit_error = match &outcome {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "site log commit failed; requests in this group are refused");
+                Some(e.to_string())
+            }
+        };
+        if commit_error.is_none() {
+            self.metrics.commit_rows.observe(appended_rows as f64);
+            self.metrics
+                .commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        for d in delivers {
+            d(commit_error.as_deref());
+        }
+        if commit_error.is_some() {
+            // Don't spin on a persistent failure (disk gone, read-only fs).
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Appends one request's events inside its savepoint.
+fn append(conn: &Connection, events: &[Event]) -> Result<Vec<Appended>, Error> {
+    let mut out = Vec::with_capacity(events.len());
+    let mut per_device: HashMap<(&str, &str), (i64, i64)> = HashMap::new();
+    for (index, e) in events.iter().enumerate() {
+        match schema::insert_event(conn, e, None)? {
+            Some(seq) => {
+                out.push(Appended {
+                    id: e.id,
+                    seq,
+                    duplicate: false,
+                });
+                let c = per_device
+                    .entry((&e.tenant, &e.device_id))
+                    .or_insert((0, 0));
+                c.0 += 1;
+                c.1 = c.1.max(e.received_at_us);
+            }
+            None => match schema::owner_of(conn, &e.id)? {
+                Some((seq, tenant, device)) if tenant == e.tenant && device == e.device_id => {
+                    out.push(Appended {
+                        id: e.id,
+                        seq,
+                        duplicate: true,
+                    });
+                }
+                _ => return Err(Error::IdConflict { index, id: e.id }),
+            },
+        }
+    }
+    for ((tenant, device), (count, seen)) in per_device {
+        schema::bump_device(conn, tenant, device, count, seen)?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,125 @@
+//! Prometheus metrics, one registry per appliance (so tests can run several
+//! in one process). Rendered at `/metrics`.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Label of accepted events.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabel {
+    pub protocol: &'static str,
+}
+
+/// Labels of rejected events.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    pub protocol: &'static str,
+    pub reason: &'static str,
+}
+
+/// Every metric the appliance exports.
+pub struct Metrics {
+    registry: Registry,
+    pub events_accepted: Family<ProtocolLabel, Counter>,
+    pub events_duplicate: Family<ProtocolLabel, Counter>,
+    pub events_rejected: Family<RejectLabels, Counter>,
+    pub commit_rows: Histogram,
+    pub commit_seconds: Histogram,
+    pub backlog_rows: Gauge,
+    pub oldest_pending_seconds: Gauge<f64, AtomicU64>,
+    pub log_bytes: Gauge,
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("outpost");
+        let events_accepted = Family::<ProtocolLabel, Counter>::default();
+        let events_duplicate = Family::<ProtocolLabel, Counter>::default();
+        let events_rejected = Family::<RejectLabels, Counter>::default();
+        let commit_rows = Histogram::new([
+            1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0,
+        ]);
+        let commit_seconds = Histogram::new([
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
+        ]);
+        let backlog_rows = Gauge::default();
+        let oldest_pending_seconds = Gauge::<f64, AtomicU64>::default();
+        let log_bytes = Gauge::default();
+        registry.register(
+            "events_accepted",
+            "Events committed to the site log",
+            events_accepted.clone(),
+        );
+        registry.register(
+            "events_duplicate",
+            "Events whose id was already in the log (acked, not written again)",
+            events_duplicate.clone(),
+        );
+        registry.register(
+            "events_rejected",
+            "Events refused, by reason",
+            events_rejected.clone(),
+        );
+        registry.register(
+            "commit_batch_rows",
+            "Rows written per group commit",
+            commit_rows.clone(),
+        );
+        registry.register(
+            "commit_duration_seconds",
+            "Group commit latency",
+            commit_seconds.clone(),
+        );
+        registry.register(
+            "backlog_rows",
+            "Events not yet forwarded",
+            backlog_rows.clone(),
+        );
+        registry.register(
+            "oldest_pending_age_seconds",
+            "Age of the oldest event not yet forwarded",
+            oldest_pending_seconds.clone(),
+        );
+        registry.register("log_bytes", "Bytes used by the site log", log_bytes.clone());
+        Self {
+            registry,
+            events_accepted,
+            events_duplicate,
+            events_rejected,
+            commit_rows,
+            commit_seconds,
+            backlog_rows,
+            oldest_pending_seconds,
+            log_bytes,
+        }
+    }
+
+    /// Counts `n` rejected events.
+    pub fn reject(&self, protocol: &'static str, reason: &'static str, n: u64) {
+        self.events_rejected
+            .get_or_create(&RejectLabels { protocol, reason })
+            .inc_by(n);
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            tracing::warn!("metrics encoding failed");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
