@@ -1,0 +1,319 @@
+//! Test harness: starts the real appliance (in-process via `app::start`, or the
+//! real binary as a child process) on 127.0.0.1:0 with a temp data dir and
+//! real tokens. No mocks: real SQLite files, real HTTP.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost::auth::{Authenticator, Perm, Registry};
+use outpost::config::Config;
+use serde_json::{Value, json};
+
+/// Path of the built `outpost` binary.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_outpost"))
+}
+
+/// A config for tests: loopback ports, the given data dir, site id `site-a`.
+pub fn test_config(data_dir: &Path) -> Config {
+    let mut c = Config::default();
+    c.site.id = Some("site-a".into());
+    c.site.data_dir = data_dir.to_path_buf();
+    c.http.listen = "127.0.0.1:0".parse().unwrap();
+    c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    c.shutdown_grace = Duration::from_secs(10);
+    c
+}
+
+/// Mints tokens with the data dir's secret, the way the CLI does.
+pub fn issuer(config: &Config) -> Authenticator {
+    Authenticator::from_config(config, Arc::new(Registry::default()))
+        .unwrap()
+        .0
+}
+
+/// An in-process appliance.
+pub struct TestApp {
+    pub dir: tempfile::TempDir,
+    pub config: Config,
+    pub base: String,
+    pub client: reqwest::Client,
+    pub admin: String,
+    running: Option<outpost::app::Running>,
+}
+
+impl TestApp {
+    /// Starts an appliance with default test config.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts an appliance after `tweak` adjusts its config.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        tweak(&mut config);
+        config.validate().unwrap();
+        let running = outpost::app::start(config.clone()).await.unwrap();
+        let admin = issuer(&config).issue_admin(None).unwrap();
+        Self {
+            base: format!("http://{}", running.http_addr),
+            dir,
+            config,
+            client: reqwest::Client::new(),
+            admin,
+            running: Some(running),
+        }
+    }
+
+    /// Stops the appliance cleanly and starts it again on the same data dir.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let running = outpost::app::start(self.config.clone()).await.unwrap();
+        self.base = format!("http://{}", running.http_addr);
+        self.running = Some(running);
+    }
+
+    /// Stops the appliance cleanly.
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await.unwrap();
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Registers a device over the admin API; returns its token.
+    pub async fn register(&self, tenant: &str, device: &str, perms: &[&str]) -> String {
+        let r = self
+            .client
+            .post(self.url(&format!("/api/v1/realtime/{tenant}/device/register")))
+            .bearer_auth(&self.admin)
+            .json(&json!({"device_id": device, "perms": perms}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "register {tenant}/{device}");
+        let v: Value = r.json().await.unwrap();
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    /// Registers a device with write_events + read_events.
+    pub async fn device(&self, tenant: &str, device: &str) -> String {
+        self.register(tenant, device, &["write_events", "read_events"])
+            .await
+    }
+
+    /// POSTs a JSON body with a bearer token; returns status, headers and body.
+    pub async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> Resp {
+        let mut req = self.client.post(self.url(path)).json(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        Resp::from(req.send().await.unwrap()).await
+    }
+
+    /// GETs with a bearer token.
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Resp {
+        let mut req = self.client.get(self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        Resp::from(req.send().await.unwrap()).await
+    }
+
+    /// Posts one event for `device` and returns the response.
+    pub async fn post_event(
+        &self,
+        tenant: &str,
+        token: &str,
+        device: &str,
+        payload: Value,
+    ) -> Resp {
+        self.post(
+            &format!("/api/v1/realtime/{tenant}/event"),
+            Some(token),
+            &json!({"device_id": device, "event_type": "test.reading", "payload": payload}),
+        )
+        .await
+    }
+
+    /// Every event in the site log, read from the file (not through the API).
+    pub fn log_rows(&self) -> Vec<outpost::event::StoredEvent> {
+        log_rows(&self.config.log_path())
+    }
+}
+
+/// Every event in a site log file.
+pub fn log_rows(path: &Path) -> Vec<outpost::event::StoredEvent> {
+    let conn = outpost::log::open(path, true).unwrap();
+    outpost::log::schema::all_events(&conn).unwrap()
+}
+
+/// A response, read whole.
+pub struct Resp {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Resp {
+    pub async fn from(r: reqwest::Response) -> Self {
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let text = r.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Self {
+            status,
+            headers,
+            body,
+            text,
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts an error response: status, code and (optionally) field.
+    pub fn assert_error(&self, status: u16, code: &str, field: Option<&str>) {
+        assert_eq!(self.status, status, "{}", self.text);
+        assert_eq!(self.body["error"], code, "{}", self.text);
+        assert!(
+            self.body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{}",
+            self.text
+        );
+        if let Some(f) = field {
+            assert_eq!(self.body["field"], f, "{}", self.text);
+        }
+    }
+}
+
+/// The real binary running as a child process.
+pub struct Proc {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub stderr_tail: std::sync::mpsc::Receiver<String>,
+}
+
+/// Environment for a child appliance on `data_dir`.
+pub fn proc_env(data_dir: &Path) -> Vec<(String, String)> {
+    vec![
+        (
+            "OUTPOST_SITE__DATA_DIR".into(),
+            data_dir.display().to_string(),
+        ),
+        ("OUTPOST_SITE__ID".into(), "site-a".into()),
+        ("OUTPOST_HTTP__LISTEN".into(), "127.0.0.1:0".into()),
+        ("OUTPOST_MQTT__LISTEN".into(), "127.0.0.1:0".into()),
+        ("OUTPOST_LOG".into(), "info".into()),
+        ("NO_COLOR".into(), "1".into()),
+    ]
+}
+
+impl Proc {
+    /// Starts `outpost run` and waits for its "http listening on" line.
+    pub fn start(data_dir: &Path, extra_env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(bin());
+        cmd.arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env_remove("OUTPOST_CONFIG");
+        for (k, v) in proc_env(data_dir) {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("appliance did not report its http address in 30 s");
+            if let Some(i) = line.find("http listening on ") {
+                let addr = line[i + "http listening on ".len()..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap();
+                return Self {
+                    child,
+                    addr: addr.parse().unwrap(),
+                    stderr_tail: rx,
+                };
+            }
+        }
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+}
+
+/// Runs the CLI with `args` on `data_dir`; returns (success, stdout, stderr).
+pub fn cli(data_dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).env_remove("OUTPOST_CONFIG");
+    for (k, v) in proc_env(data_dir) {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Polls `f` until it is true or `timeout` passes (conditions, not sleeps).
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Device permissions used by tests.
+pub const RW: [Perm; 2] = Perm::DEFAULT;
