@@ -1,0 +1,217 @@
+//! Model-based property test of the site log: random sequences of append
+//! (some with duplicate or conflicting ids), mark-forwarded, prune and reopen
+//! run against the real writer and SQLite file, and against a `VecDeque`
+//! model. After every step: no acked event lost or duplicated, pending rows
+//! in ack order, `seq` strictly increasing, pruning never touches pending rows.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use outpost::event::{Event, now_us};
+use outpost::log::{self, LogHandle, WriterConfig, schema, writer};
+use outpost::metrics::Metrics;
+use proptest::prelude::*;
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Append `n` new events from `device`, optionally re-sending an earlier id.
+    Append {
+        device: u8,
+        n: usize,
+        resend: Option<usize>,
+    },
+    /// A batch whose middle item reuses an id owned by another device: refused whole.
+    Conflicting { n: usize },
+    /// Forward the oldest `n` pending rows.
+    Forward { n: usize },
+    /// Retention with a cutoff in the future: every forwarded row goes.
+    Prune,
+    /// Close the writer and open the file again.
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..3, 1usize..8, proptest::option::of(0usize..1000)).prop_map(|(device, n, resend)| Op::Append { device, n, resend }),
+        1 => (2usize..5).prop_map(|n| Op::Conflicting { n }),
+        2 => (0usize..10).prop_map(|n| Op::Forward { n }),
+        1 => Just(Op::Prune),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+struct Model {
+    /// Acked, not yet forwarded, in ack order.
+    pending: VecDeque<Uuid>,
+    /// Forwarded, not yet pruned.
+    forwarded: Vec<Uuid>,
+    /// Every id ever acked → its device (ids are never reused).
+    owners: HashMap<Uuid, String>,
+    acked_order: Vec<Uuid>,
+}
+
+impl Model {
+    fn in_log(&self) -> impl Iterator<Item = Uuid> + '_ {
+        self.forwarded.iter().chain(self.pending.iter()).copied()
+    }
+}
+
+fn event(device: &str, id: Uuid) -> Event {
+    Event {
+        id,
+        tenant: "acme".into(),
+        device_id: device.into(),
+        event_type: "model".into(),
+        payload: "{}".into(),
+        timestamp_us: now_us(),
+        received_at_us: now_us(),
+        origin_site: "site-a".into(),
+    }
+}
+
+fn start(path: &std::path::Path) -> (LogHandle, writer::WriterThread) {
+    let conn = log::open_and_migrate(path).unwrap();
+    let cfg = WriterConfig {
+        max_bytes: 1 << 30,
+        commit_max_rows: 1000,
+        commit_max_bytes: 1 << 20,
+        queue_capacity: 16,
+    };
+    writer::spawn(conn, cfg, Arc::new(Metrics::new())).unwrap()
+}
+
+async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.sqlite");
+    let (mut handle, mut thread) = start(&path);
+    let mut m = Model {
+        pending: VecDeque::new(),
+        forwarded: Vec::new(),
+        owners: HashMap::new(),
+        acked_order: Vec::new(),
+    };
+    for op in ops {
+        match op {
+            Op::Append { device, n, resend } => {
+                let dev = format!("d{device}");
+                let mut events: Vec<Event> = (0..n).map(|_| event(&dev, Uuid::now_v7())).collect();
+                // Re-send an id this device had acked and the log still holds: a
+                // duplicate, not a new row. (Once retention pruned an id, a resend
+                // is a new row; the central ON CONFLICT catches that one.)
+                let own: Vec<Uuid> = m.in_log().filter(|id| m.owners[id] == dev).collect();
+                let resent = resend
+                    .filter(|_| !own.is_empty())
+                    .map(|i| own[i % own.len()]);
+                if let Some(id) = resent {
+                    events.insert(n / 2, event(&dev, id));
+                }
+                let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+                let out = handle.append(events).await.unwrap();
+                prop_assert_eq!(out.len(), ids.len());
+                for (a, id) in out.iter().zip(&ids) {
+                    prop_assert_eq!(a.id, *id);
+                    prop_assert_eq!(a.duplicate, Some(*id) == resent);
+                    if !a.duplicate {
+                        m.pending.push_back(*id);
+                        m.owners.insert(*id, dev.clone());
+                        m.acked_order.push(*id);
+                    }
+                }
+            }
+            Op::Conflicting { n } => {
+                let Some(taken) = m.in_log().next() else {
+                    continue;
+                };
+                let thief = if m.owners[&taken] == "d9" { "d8" } else { "d9" };
+                let mut events: Vec<Event> = (0..n).map(|_| event(thief, Uuid::now_v7())).collect();
+                events[n / 2].id = taken;
+                let err = handle.append(events).await.unwrap_err();
+                prop_assert!(
+                    matches!(err, log::Error::IdConflict { index, .. } if index == n / 2),
+                    "{err}"
+                );
+            }
+            Op::Forward { n } => {
+                let readers = log::Readers::new(path.clone());
+                let batch = readers.with(move |c| schema::pending(c, n)).await.unwrap();
+                let seqs: Vec<i64> = batch.iter().map(|e| e.seq).collect();
+                let changed = handle.mark_forwarded(seqs).await.unwrap();
+                prop_assert_eq!(changed, batch.len());
+                for e in batch {
+                    prop_assert_eq!(Some(e.id), m.pending.pop_front(), "forwarded out of order");
+                    m.forwarded.push(e.id);
+                }
+            }
+            Op::Prune => {
+                let n = handle
+                    .prune(now_us() + 3_600_000_000, 1_000_000)
+                    .await
+                    .unwrap();
+                prop_assert_eq!(n, m.forwarded.len());
+                m.forwarded.clear();
+            }
+            Op::Reopen => {
+                drop(handle);
+                tokio::task::spawn_blocking(move || thread.join())
+                    .await
+                    .unwrap();
+                (handle, thread) = start(&path);
+            }
+        }
+        // Invariants against the file itself.
+        let conn = log::open(&path, true).unwrap();
+        let rows = schema::all_events(&conn).unwrap();
+        prop_assert!(
+            rows.windows(2).all(|w| w[0].seq < w[1].seq),
+            "seq not increasing"
+        );
+        let expected: Vec<Uuid> = m
+            .forwarded
+            .iter()
+            .chain(m.pending.iter())
+            .copied()
+            .collect();
+        let mut in_log: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let mut want = expected.clone();
+        in_log.sort();
+        want.sort();
+        prop_assert_eq!(in_log, want, "log rows differ from the model");
+        let pending: Vec<Uuid> = rows
+            .iter()
+            .filter(|r| r.forwarded_at.is_none())
+            .map(|r| r.id)
+            .collect();
+        prop_assert_eq!(
+            pending,
+            m.pending.iter().copied().collect::<Vec<_>>(),
+            "pending order"
+        );
+        prop_assert!(
+            rows.iter()
+                .filter(|r| r.forwarded_at.is_some())
+                .all(|r| m.forwarded.contains(&r.id))
+        );
+    }
+    drop(handle);
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .unwrap();
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 48,
+        failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::Direct(
+            "tests/proptest-regressions/site_log_model.txt",
+        ))),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn no_acked_event_is_lost_or_duplicated(ops in proptest::collection::vec(op(), 1..30)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(run(ops))?;
+    }
+}
