@@ -1,0 +1,101 @@
+# outpost — build, run, test.
+#   make run      run the appliance on its built-in defaults (data in ./data)
+#   make test     install what the tests need if missing, then run every test
+#   make aarch64  stripped release binary for aarch64 boxes
+#   make install  install binary, config and systemd unit on this machine
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+CARGO ?= cargo
+AARCH64 := aarch64-unknown-linux-gnu
+CROSS_TARGET_DIR := target/cross
+AARCH64_BIN := $(CROSS_TARGET_DIR)/$(AARCH64)/release/outpost
+PREFIX ?= /usr/local
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# Debian packages the tests use: PostgreSQL server binaries, MQTT client
+# tools, systemd-analyze, and the aarch64 cross toolchain + qemu for the smoke run.
+TEST_PKGS := postgresql mosquitto-clients systemd curl file
+CROSS_PKGS := rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static
+
+.PHONY: run build release test test-deps cross-deps unit-tests verify-unit aarch64 smoke-aarch64 install bench clean
+
+run:
+	$(CARGO) run --release -- run
+
+build:
+	$(CARGO) build
+
+release:
+	$(CARGO) build --release
+
+test: test-deps unit-tests verify-unit smoke-aarch64
+
+unit-tests:
+	$(CARGO) test --all-targets 2>&1
+
+# Installs only what is missing, so a prepared machine runs no apt at all.
+test-deps:
+	@missing=""; \
+	for p in $(TEST_PKGS); do dpkg -s "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing test dependencies:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@$(MAKE) --no-print-directory cross-deps
+
+cross-deps:
+	@if command -v cross >/dev/null && { docker info >/dev/null 2>&1 || podman info >/dev/null 2>&1; }; then exit 0; fi; \
+	missing=""; \
+	for p in $(CROSS_PKGS); do dpkg -s "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing the aarch64 cross toolchain:$$missing"; \
+	  dpkg --print-foreign-architectures | grep -qx arm64 || $(SUDO) dpkg --add-architecture arm64; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# The unit must pass systemd-analyze verify (with ExecStart pointed at a real binary).
+verify-unit: build
+	@tmp=$$(mktemp -d); \
+	sed "s|^ExecStart=/usr/local/bin/outpost|ExecStart=$$PWD/target/debug/outpost|" systemd/outpost.service > $$tmp/outpost.service; \
+	out=$$(systemd-analyze verify $$tmp/outpost.service 2>&1 | grep -v -e "^$$" -e "Failed to resolve user" -e "Cannot add dependency job" || true); \
+	rm -rf $$tmp; \
+	if [ -n "$$out" ]; then echo "$$out"; echo "systemd-analyze verify: FAILED"; exit 1; fi; \
+	echo "systemd-analyze verify systemd/outpost.service: ok"
+
+# With cross-rs where a container engine exists; otherwise Debian's arm64 std
+# and cross gcc (cross.toml stays the config for cross-rs users).
+aarch64:
+	@if command -v cross >/dev/null && { docker info >/dev/null 2>&1 || podman info >/dev/null 2>&1; }; then \
+	  cross build --release --target $(AARCH64) --target-dir $(CROSS_TARGET_DIR); \
+	else \
+	  $(MAKE) --no-print-directory cross-deps; \
+	  RUSTC=/usr/bin/rustc \
+	  CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+	  CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
+	  AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar \
+	  /usr/bin/cargo build --release --locked --target $(AARCH64) --target-dir $(CROSS_TARGET_DIR); \
+	fi
+	@aarch64-linux-gnu-strip $(AARCH64_BIN) 2>/dev/null || true
+	@file $(AARCH64_BIN) 2>/dev/null || true
+	@ls -l $(AARCH64_BIN)
+
+smoke-aarch64: aarch64
+	bash tests/aarch64_smoke.sh $(AARCH64_BIN)
+
+install: release
+	id outpost >/dev/null 2>&1 || $(SUDO) useradd --system --home-dir /var/lib/outpost --shell /usr/sbin/nologin outpost
+	$(SUDO) install -m 0755 target/release/outpost $(PREFIX)/bin/outpost
+	$(SUDO) install -d -m 0755 /etc/outpost
+	[ -e /etc/outpost/outpost.toml ] || sed 's|^data_dir = "./data"|data_dir = "/var/lib/outpost"|' config/outpost.toml | $(SUDO) tee /etc/outpost/outpost.toml >/dev/null
+	$(SUDO) install -m 0644 systemd/outpost.service /etc/systemd/system/outpost.service
+	$(SUDO) systemctl daemon-reload
+	@echo "installed; start with: sudo systemctl enable --now outpost"
+
+bench: release
+	@echo "start the appliance with raised limits, e.g.:"
+	@echo "  OUTPOST_LIMITS__PER_SECOND=1000000 OUTPOST_LIMITS__PER_MINUTE=100000000 OUTPOST_LIMITS__PER_HOUR=1000000000 target/release/outpost run"
+	@echo "then: target/release/outpost bench http --devices 64 --batch 100"
+
+clean:
+	$(CARGO) clean
