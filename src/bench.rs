@@ -118,6 +118,29 @@ pub async fn raw_commit_rate(
     .await?
 }
 
+/// Measures the raw limit at two transaction sizes and prints the ratio
+/// against the larger (the writer's group commits can exceed 100 rows, so
+/// 100-row transactions alone would flatter the appliance).
+pub async fn report_raw(
+    config: &Config,
+    payload_bytes: usize,
+    accepted_rate: f64,
+) -> anyhow::Result<()> {
+    let raw100 = raw_commit_rate(config, 100, payload_bytes, Duration::from_secs(3)).await?;
+    let raw1000 = raw_commit_rate(config, 1000, payload_bytes, Duration::from_secs(3)).await?;
+    println!(
+        "raw group commit, same disk, same run (site-log schema, synchronous=FULL): \
+         {raw100:.0} rows/s in 100-row transactions, {raw1000:.0} rows/s in 1000-row transactions"
+    );
+    let best = raw100.max(raw1000);
+    println!(
+        "ratio: {:.1}% of the best raw rate ({:.1}% of the 100-row rate)",
+        100.0 * accepted_rate / best,
+        100.0 * accepted_rate / raw100
+    );
+    Ok(())
+}
+
 fn payload(i: usize, bytes: usize) -> String {
     let base = json!({"i": i, "temp_c": 21.5, "ok": true}).to_string();
     let pad = bytes.saturating_sub(base.len() + 10);
@@ -277,11 +300,7 @@ async fn http(args: HttpArgs, config: Config) -> anyhow::Result<()> {
         all.latencies_us.len()
     );
     if !args.no_raw {
-        let raw = raw_commit_rate(&config, 100, args.payload_bytes, Duration::from_secs(3)).await?;
-        println!(
-            "raw group commit, same disk, same run: {raw:.0} rows/s (100-row transactions, synchronous=FULL)"
-        );
-        println!("ratio: {:.1}% of raw", 100.0 * accepted_rate / raw);
+        report_raw(&config, args.payload_bytes, accepted_rate).await?;
     }
     Ok(())
 }

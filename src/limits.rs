@@ -147,7 +147,7 @@ impl Limiter {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         state.checks += 1;
-        if state.checks % SWEEP_EVERY == 0 {
+        if state.checks.is_multiple_of(SWEEP_EVERY) {
             // Forget devices idle for over an hour: their counters are all zero.
             let idle = Window::Hour.length() * 2;
             state.devices.retain(|_, t| {

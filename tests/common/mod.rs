@@ -220,6 +220,14 @@ pub fn proc_env(data_dir: &Path) -> Vec<(String, String)> {
     ]
 }
 
+impl Drop for Proc {
+    /// A failing test must not leave an appliance running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Proc {
     /// Starts `outpost run` and waits for its "http listening on" line.
     pub fn start(data_dir: &Path, extra_env: &[(&str, &str)]) -> Self {
@@ -235,7 +243,11 @@ impl Proc {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
+        let Some(stderr) = child.stderr.take() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no stderr pipe");
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
