@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -19,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{self, Authenticator, Registry};
 use crate::config::Config;
 use crate::event::{InputLimits, now_us};
+use crate::forward::{self, ForwardStatus, Forwarder, Uplink};
 use crate::http::{self, AppState};
 use crate::ingest::IngestHandle;
 use crate::limits::Limiter;
@@ -43,9 +45,7 @@ pub struct Running {
 impl Running {
     /// Waits until the appliance has stopped (after `shutdown` or a stage failure).
     pub async fn wait(self) -> anyhow::Result<()> {
-        self.supervisor
-            .await
-            .context("appliance supervisor panicked")?
+        self.supervisor.await.context("appliance supervisor panicked")?
     }
 
     /// Stops the appliance and waits for it.
@@ -71,10 +71,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
@@ -92,8 +89,7 @@ async fn wait_for_signal() {
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let site_id = config.site_id();
     let data_dir = config.site.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let log_path = config.log_path();
     let conn = {
         let p = log_path.clone();
@@ -106,10 +102,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let registry = Arc::new(Registry::default());
     {
         let reg = registry.clone();
-        readers
-            .with(move |c| reg.refresh(c))
-            .await
-            .context("cannot load device registry")?;
+        readers.with(move |c| reg.refresh(c)).await.context("cannot load device registry")?;
     }
     let (authenticator, created) =
         Authenticator::from_config(&config, registry.clone()).context("cannot load token keys")?;
@@ -121,6 +114,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         );
     }
     let metrics = Arc::new(Metrics::new());
+    // Configuration errors of the uplink stop the start, with the reason.
+    let connector = match &config.central.url {
+        Some(_) => Some(forward::service::Connector::new(&config.central).context("central database settings")?),
+        None => None,
+    };
+    let forward_status =
+        Arc::new(ForwardStatus::new(if connector.is_some() { Uplink::Connecting } else { Uplink::Disabled }));
+    let committed = Arc::new(Notify::new());
     let (log, writer) = log::writer::spawn(
         conn,
         WriterConfig {
@@ -130,6 +131,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             queue_capacity: config.log.queue_capacity,
         },
         metrics.clone(),
+        committed.clone(),
     )?;
     let ingest = IngestHandle::new(
         log.clone(),
@@ -151,7 +153,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         auth: Arc::new(authenticator),
         log: log.clone(),
         readers: readers.clone(),
-        metrics,
+        metrics: metrics.clone(),
+        forward: forward_status.clone(),
         site_id: site_id.clone().into(),
         max_body: config.http.max_body_bytes,
         started: Instant::now(),
@@ -160,54 +163,48 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let failed = CancellationToken::new();
-    let spawn =
-        |name: &'static str,
-         fut: std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>| {
-            let shutdown = shutdown.clone();
-            let failed = failed.clone();
-            tracker.spawn(async move {
-                if let Err(e) = fut.await {
-                    tracing::error!(
-                        stage = name,
-                        error = format!("{e:#}"),
-                        "stage failed; shutting down"
-                    );
-                    failed.cancel();
-                    shutdown.cancel();
-                }
-            });
-        };
+    let spawn = |name: &'static str, fut: std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>| {
+        let shutdown = shutdown.clone();
+        let failed = failed.clone();
+        tracker.spawn(async move {
+            if let Err(e) = fut.await {
+                tracing::error!(stage = name, error = format!("{e:#}"), "stage failed; shutting down");
+                failed.cancel();
+                shutdown.cancel();
+            }
+        });
+    };
     let router = http::router(state);
     spawn(
         "http",
         Box::pin({
             let s = shutdown.clone();
-            async move {
-                http::run(http_listener, router, s)
-                    .await
-                    .context("http server")
-            }
+            async move { http::run(http_listener, router, s).await.context("http server") }
         }),
     );
     spawn(
         "registry",
         Box::pin({
             let (r, s) = (readers.clone(), shutdown.clone());
-            async move {
-                auth::run_registry_refresh(r, registry, s)
-                    .await
-                    .context("registry refresh")
-            }
+            async move { auth::run_registry_refresh(r, registry, s).await.context("registry refresh") }
         }),
     );
-    spawn(
-        "retention",
-        Box::pin(run_retention(
-            log.clone(),
-            config.log.retention,
-            shutdown.clone(),
-        )),
-    );
+    if let Some(connector) = connector {
+        let forwarder = Forwarder {
+            connector,
+            config: config.central.clone(),
+            log: log.clone(),
+            readers: readers.clone(),
+            status: forward_status,
+            metrics,
+            wake: committed,
+        };
+        let s = shutdown.clone();
+        spawn("forwarder", Box::pin(async move { forwarder.run(s).await.context("forwarder") }));
+    } else {
+        tracing::info!("central.url not set: buffering locally, nothing is forwarded");
+    }
+    spawn("retention", Box::pin(run_retention(log.clone(), config.log.retention, shutdown.clone())));
     spawn(
         "watchdog",
         Box::pin({
@@ -227,14 +224,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             shutdown.cancelled().await;
             let started = Instant::now();
             if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-                bail!(
-                    "shutdown_grace ({grace:?}) passed with stages still running; committed events are safe"
-                );
+                bail!("shutdown_grace ({grace:?}) passed with stages still running; committed events are safe");
             }
             // Every LogHandle is gone with its stage: the writer drains and stops.
-            let remaining = grace
-                .saturating_sub(started.elapsed())
-                .max(Duration::from_millis(100));
+            let remaining = grace.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
             let join = tokio::task::spawn_blocking(move || writer.join());
             if tokio::time::timeout(remaining, join).await.is_err() {
                 bail!("site log writer did not stop within shutdown_grace");
@@ -242,26 +235,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             if failed.is_cancelled() {
                 bail!("a stage failed; see the log above");
             }
-            tracing::info!(
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "outpost stopped cleanly"
-            );
+            tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "outpost stopped cleanly");
             Ok(())
         }
     });
-    Ok(Running {
-        http_addr,
-        shutdown,
-        supervisor,
-    })
+    Ok(Running { http_addr, shutdown, supervisor })
 }
 
 /// Retention: prunes forwarded rows older than `retention`, in chunks.
-async fn run_retention(
-    log: log::LogHandle,
-    retention: Duration,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+async fn run_retention(log: log::LogHandle, retention: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(PRUNE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -71,11 +71,7 @@ pub struct Claims {
 /// Who a verified token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
-    Device {
-        tenant: String,
-        device_id: String,
-        perms: Vec<Perm>,
-    },
+    Device { tenant: String, device_id: String, perms: Vec<Perm> },
     Admin,
 }
 
@@ -109,11 +105,7 @@ impl Error {
     pub fn is_unauthenticated(&self) -> bool {
         matches!(
             self,
-            Error::Missing
-                | Error::Expired
-                | Error::Invalid(_)
-                | Error::UnknownDevice(_)
-                | Error::Revoked(_)
+            Error::Missing | Error::Expired | Error::Invalid(_) | Error::UnknownDevice(_) | Error::Revoked(_)
         )
     }
 }
@@ -128,22 +120,14 @@ pub struct Registry {
 impl Registry {
     /// `Some(revoked)` for a registered device, `None` for an unknown one.
     pub fn lookup(&self, tenant: &str, device_id: &str) -> Option<bool> {
-        let map = self
-            .devices
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let map = self.devices.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         map.get(tenant).and_then(|t| t.get(device_id)).copied()
     }
 
     /// Records a change made through this process.
     pub fn set(&self, tenant: &str, device_id: &str, revoked: bool) {
-        let mut map = self
-            .devices
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.entry(tenant.to_string())
-            .or_default()
-            .insert(device_id.to_string(), revoked);
+        let mut map = self.devices.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.entry(tenant.to_string()).or_default().insert(device_id.to_string(), revoked);
     }
 
     /// Reloads everything from the log if any process changed the registry.
@@ -155,15 +139,9 @@ impl Registry {
         }
         let mut fresh: HashMap<String, HashMap<String, bool>> = HashMap::new();
         for d in schema::devices(conn, None)? {
-            fresh
-                .entry(d.tenant)
-                .or_default()
-                .insert(d.device_id, d.revoked_at.is_some());
+            fresh.entry(d.tenant).or_default().insert(d.device_id, d.revoked_at.is_some());
         }
-        *self
-            .devices
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        *self.devices.write().unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
         self.version.store(version, Ordering::Release);
         Ok(true)
     }
@@ -214,10 +192,7 @@ fn jwt_alg(a: Algorithm) -> jsonwebtoken::Algorithm {
 }
 
 fn key_err(path: &Path, message: impl Into<String>) -> Error {
-    Error::Key {
-        path: path.display().to_string(),
-        message: message.into(),
-    }
+    Error::Key { path: path.display().to_string(), message: message.into() }
 }
 
 /// Reads the HS256 secret, creating it (mode 0600) when absent.
@@ -268,11 +243,7 @@ impl Authenticator {
         let (decoding, encoding, created) = match a.algorithm {
             Algorithm::HS256 => {
                 let (secret, created) = load_or_create_secret(&config.secret_path())?;
-                (
-                    DecodingKey::from_secret(&secret),
-                    Some(EncodingKey::from_secret(&secret)),
-                    created,
-                )
+                (DecodingKey::from_secret(&secret), Some(EncodingKey::from_secret(&secret)), created)
             }
             Algorithm::EdDSA | Algorithm::ES256 => {
                 let pub_path = a
@@ -305,17 +276,7 @@ impl Authenticator {
         validation.leeway = a.leeway.as_secs();
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_aud = false;
-        Ok((
-            Self {
-                algorithm: a.algorithm,
-                decoding,
-                encoding,
-                validation,
-                ttl: a.token_ttl,
-                registry,
-            },
-            created,
-        ))
+        Ok((Self { algorithm: a.algorithm, decoding, encoding, validation, ttl: a.token_ttl, registry }, created))
     }
 
     /// The registry this authenticator consults.
@@ -325,60 +286,36 @@ impl Authenticator {
 
     /// Checks signature, expiry and, for devices, registration.
     pub fn verify(&self, token: &str) -> Result<Principal, Error> {
-        let data =
-            decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
-                match e.kind() {
-                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => Error::Expired,
-                    jsonwebtoken::errors::ErrorKind::InvalidSignature => {
-                        Error::Invalid("bad signature".into())
-                    }
-                    jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => {
-                        Error::Invalid(format!("algorithm must be {:?}", self.algorithm))
-                    }
-                    jsonwebtoken::errors::ErrorKind::MissingRequiredClaim(c) => {
-                        Error::Invalid(format!("missing claim {c}"))
-                    }
-                    _ => Error::Invalid("malformed token".into()),
-                }
-            })?;
+        let data = decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => Error::Expired,
+            jsonwebtoken::errors::ErrorKind::InvalidSignature => Error::Invalid("bad signature".into()),
+            jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => {
+                Error::Invalid(format!("algorithm must be {:?}", self.algorithm))
+            }
+            jsonwebtoken::errors::ErrorKind::MissingRequiredClaim(c) => Error::Invalid(format!("missing claim {c}")),
+            _ => Error::Invalid("malformed token".into()),
+        })?;
         let c = data.claims;
         if c.role.as_deref() == Some("admin") {
             return Ok(Principal::Admin);
         }
-        let tenant = c
-            .tenant
-            .ok_or_else(|| Error::Invalid("missing claim tenant".into()))?;
+        let tenant = c.tenant.ok_or_else(|| Error::Invalid("missing claim tenant".into()))?;
         match self.registry.lookup(&tenant, &c.sub) {
             None => return Err(Error::UnknownDevice(format!("{tenant}/{}", c.sub))),
             Some(true) => return Err(Error::Revoked(format!("{tenant}/{}", c.sub))),
             Some(false) => {}
         }
         let perms = c.perms.iter().filter_map(|p| Perm::parse(p)).collect();
-        Ok(Principal::Device {
-            tenant,
-            device_id: c.sub,
-            perms,
-        })
+        Ok(Principal::Device { tenant, device_id: c.sub, perms })
     }
 
     /// `verify`, then the tenant must match and the permission be held.
     /// Admins pass every tenant and permission check.
-    pub fn authorize(
-        &self,
-        token: Option<&str>,
-        tenant: &str,
-        perm: Perm,
-    ) -> Result<Principal, Error> {
+    pub fn authorize(&self, token: Option<&str>, tenant: &str, perm: Perm) -> Result<Principal, Error> {
         let p = self.verify(token.ok_or(Error::Missing)?)?;
-        if let Principal::Device {
-            tenant: t, perms, ..
-        } = &p
-        {
+        if let Principal::Device { tenant: t, perms, .. } = &p {
             if t != tenant {
-                return Err(Error::WrongTenant {
-                    token: t.clone(),
-                    path: tenant.to_string(),
-                });
+                return Err(Error::WrongTenant { token: t.clone(), path: tenant.to_string() });
             }
             if !perms.contains(&perm) {
                 return Err(Error::MissingPermission(perm.as_str()));
@@ -396,17 +333,13 @@ impl Authenticator {
     }
 
     fn issue(&self, mut claims: Claims, ttl: Option<Duration>) -> Result<String, Error> {
-        let key = self
-            .encoding
-            .as_ref()
-            .ok_or(Error::CannotIssue(self.algorithm))?;
+        let key = self.encoding.as_ref().ok_or(Error::CannotIssue(self.algorithm))?;
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let ttl = i64::try_from(ttl.unwrap_or(self.ttl).as_secs()).unwrap_or(i64::MAX / 2);
         claims.iat = now;
         claims.exp = now.saturating_add(ttl);
         claims.jti = uuid::Uuid::new_v4().to_string();
-        encode(&Header::new(jwt_alg(self.algorithm)), &claims, key)
-            .map_err(|e| Error::Invalid(e.to_string()))
+        encode(&Header::new(jwt_alg(self.algorithm)), &claims, key).map_err(|e| Error::Invalid(e.to_string()))
     }
 
     /// A device token.
@@ -467,10 +400,7 @@ mod tests {
         let p = dir.path().join("s");
         let (a, created) = load_or_create_secret(&p).unwrap();
         assert!(created);
-        assert_eq!(
-            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         let (b, created) = load_or_create_secret(&p).unwrap();
         assert!(!created);
         assert_eq!(a, b);
@@ -480,31 +410,19 @@ mod tests {
     fn device_token_round_trips_and_checks_tenant_and_perm() {
         let dir = tempfile::tempdir().unwrap();
         let a = auth(dir.path());
-        let t = a
-            .issue_device("acme", "d1", &[Perm::WriteEvents], None)
-            .unwrap();
+        let t = a.issue_device("acme", "d1", &[Perm::WriteEvents], None).unwrap();
         assert!(a.authorize(Some(&t), "acme", Perm::WriteEvents).is_ok());
-        assert!(matches!(
-            a.authorize(Some(&t), "globex", Perm::WriteEvents),
-            Err(Error::WrongTenant { .. })
-        ));
-        assert!(matches!(
-            a.authorize(Some(&t), "acme", Perm::ReadEvents),
-            Err(Error::MissingPermission(_))
-        ));
+        assert!(matches!(a.authorize(Some(&t), "globex", Perm::WriteEvents), Err(Error::WrongTenant { .. })));
+        assert!(matches!(a.authorize(Some(&t), "acme", Perm::ReadEvents), Err(Error::MissingPermission(_))));
     }
 
     #[test]
     fn unknown_and_revoked_devices_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let a = auth(dir.path());
-        let t = a
-            .issue_device("acme", "nobody", &Perm::DEFAULT, None)
-            .unwrap();
+        let t = a.issue_device("acme", "nobody", &Perm::DEFAULT, None).unwrap();
         assert!(matches!(a.verify(&t), Err(Error::UnknownDevice(_))));
-        let t = a
-            .issue_device("acme", "gone", &Perm::DEFAULT, None)
-            .unwrap();
+        let t = a.issue_device("acme", "gone", &Perm::DEFAULT, None).unwrap();
         assert!(matches!(a.verify(&t), Err(Error::Revoked(_))));
     }
 

@@ -121,11 +121,7 @@ pub async fn raw_commit_rate(
 /// Measures the raw limit at two transaction sizes and prints the ratio
 /// against the larger (the writer's group commits can exceed 100 rows, so
 /// 100-row transactions alone would flatter the appliance).
-pub async fn report_raw(
-    config: &Config,
-    payload_bytes: usize,
-    accepted_rate: f64,
-) -> anyhow::Result<()> {
+pub async fn report_raw(config: &Config, payload_bytes: usize, accepted_rate: f64) -> anyhow::Result<()> {
     let raw100 = raw_commit_rate(config, 100, payload_bytes, Duration::from_secs(3)).await?;
     let raw1000 = raw_commit_rate(config, 1000, payload_bytes, Duration::from_secs(3)).await?;
     println!(
@@ -161,12 +157,7 @@ async fn http(args: HttpArgs, config: Config) -> anyhow::Result<()> {
     }
     let rate: Option<f64> = match args.rate.as_str() {
         "max" => None,
-        r => Some(
-            r.parse::<f64>()
-                .ok()
-                .filter(|r| *r > 0.0)
-                .context("--rate: a positive number or \"max\"")?,
-        ),
+        r => Some(r.parse::<f64>().ok().filter(|r| *r > 0.0).context("--rate: a positive number or \"max\"")?),
     };
     let admin = match args.admin_token.clone() {
         Some(t) => t,
@@ -176,30 +167,21 @@ async fn http(args: HttpArgs, config: Config) -> anyhow::Result<()> {
             a.issue_admin(Some(Duration::from_secs(3600)))?
         }
     };
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.devices * 2)
-        .build()?;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(args.devices * 2).build()?;
     let base = args.url.trim_end_matches('/').to_string();
     let run_id = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let mut tokens = Vec::with_capacity(args.devices);
     for i in 0..args.devices {
         let id = format!("bench-{run_id}-{i}");
         let resp = client
-            .post(format!(
-                "{base}/api/v1/realtime/{}/device/register",
-                args.tenant
-            ))
+            .post(format!("{base}/api/v1/realtime/{}/device/register", args.tenant))
             .bearer_auth(&admin)
             .json(&json!({"device_id": id, "ttl": "2h"}))
             .send()
             .await
             .with_context(|| format!("cannot reach {base}"))?;
         if !resp.status().is_success() {
-            bail!(
-                "registering {id}: {} {}",
-                resp.status(),
-                resp.text().await.unwrap_or_default()
-            );
+            bail!("registering {id}: {} {}", resp.status(), resp.text().await.unwrap_or_default());
         }
         let v: serde_json::Value = resp.json().await?;
         tokens.push((id, v["token"].as_str().unwrap_or_default().to_string()));
@@ -222,8 +204,7 @@ async fn http(args: HttpArgs, config: Config) -> anyhow::Result<()> {
         } else {
             format!("{base}/api/v1/realtime/{}/events", args.tenant)
         };
-        let interval =
-            rate.map(|r| Duration::from_secs_f64(args.batch as f64 * args.devices as f64 / r));
+        let interval = rate.map(|r| Duration::from_secs_f64(args.batch as f64 * args.devices as f64 / r));
         let (batch, pbytes) = (args.batch, args.payload_bytes);
         tasks.push(tokio::spawn(async move {
             let mut t = Tally::default();

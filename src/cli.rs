@@ -32,8 +32,32 @@ pub struct Cli {
 pub enum Command {
     /// Run the appliance until SIGTERM / SIGINT.
     Run,
-    /// Create or upgrade the site log schema, then exit.
-    Migrate,
+    /// Create or upgrade the site log schema (and with --central, the tenant
+    /// schemas of the central database), then exit.
+    Migrate {
+        /// Also migrate the central database: every tenant of the registered
+        /// devices, plus central.tenants, plus --tenant.
+        #[arg(long)]
+        central: bool,
+        /// Extra tenant to migrate centrally (repeatable).
+        #[arg(long = "tenant", requires = "central")]
+        tenants: Vec<String>,
+    },
+    /// Mark forwarded events pending again so they are sent once more
+    /// (safe: central inserts are idempotent). Only this site's own events.
+    Replay {
+        /// Start: RFC 3339 time, or a duration ago ("2h").
+        #[arg(long)]
+        since: String,
+        /// End (exclusive): RFC 3339 time, or a duration ago. Default: now.
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Events the central database refused.
+    #[command(subcommand, name = "dead-letter")]
+    DeadLetter(DeadLetterCommand),
     /// Print or check configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -52,6 +76,31 @@ pub enum Command {
     /// Load generators for a running appliance (not tests: report numbers).
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeadLetterCommand {
+    /// List dead letters with the central error.
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Put dead letters back in the forwarding queue (same seq).
+    Retry {
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "seqs")]
+        all: bool,
+        /// Seqs to retry.
+        seqs: Vec<i64>,
+    },
+    /// Delete dead letters for good.
+    Purge {
+        #[arg(long, conflicts_with = "seqs")]
+        all: bool,
+        seqs: Vec<i64>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -123,9 +172,7 @@ pub enum TokenCommand {
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let load = |path: Option<&std::path::Path>| {
-        Config::load(path, std::env::vars()).map_err(anyhow::Error::from)
-    };
+    let load = |path: Option<&std::path::Path>| Config::load(path, std::env::vars()).map_err(anyhow::Error::from);
     match cli.command {
         Command::Config(ConfigCommand::PrintDefault) => {
             print!("{DEFAULT_TOML}");
@@ -144,34 +191,55 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run => crate::app::run(load(cli.config.as_deref())?).await,
         Command::Bench(b) => crate::bench::run(b, load(cli.config.as_deref())?).await,
-        Command::Migrate => {
+        Command::Migrate { central, tenants } => {
             let cfg = load(cli.config.as_deref())?;
-            std::fs::create_dir_all(&cfg.site.data_dir)
-                .with_context(|| format!("cannot create {}", cfg.site.data_dir.display()))?;
-            log::open_and_migrate(&cfg.log_path())?;
+            let conn = open_log(&cfg)?;
             println!("site log {} is up to date", cfg.log_path().display());
+            if central {
+                if cfg.central.url.is_none() {
+                    bail!("--central: central.url is not set");
+                }
+                let mut all = schema::device_tenants(&conn)?;
+                all.extend(cfg.central.tenants.iter().cloned());
+                all.extend(tenants);
+                all.sort();
+                all.dedup();
+                for t in &all {
+                    check_tenant_arg(t)?;
+                }
+                if all.is_empty() {
+                    println!("no tenants known yet (no devices, central.tenants empty): nothing to migrate centrally");
+                }
+                for (t, n) in crate::forward::migrate_central(&cfg.central, &all).await? {
+                    println!(
+                        "central tenant_{t}: {} (notify = {:?})",
+                        if n == 0 { "up to date".to_string() } else { format!("{n} migration(s) applied") },
+                        cfg.central.notify
+                    );
+                }
+            }
             Ok(())
         }
+        Command::Replay { since, until, tenant } => {
+            replay(&load(cli.config.as_deref())?, &since, until.as_deref(), tenant.as_deref())
+        }
+        Command::DeadLetter(cmd) => dead_letter(cmd, &load(cli.config.as_deref())?),
         Command::Device(cmd) => device(cmd, &load(cli.config.as_deref())?),
         Command::Token(cmd) => token(cmd, &load(cli.config.as_deref())?),
-        Command::Status { json } => status(&load(cli.config.as_deref())?, json),
+        Command::Status { json } => status(&load(cli.config.as_deref())?, json).await,
     }
 }
 
 fn open_log(cfg: &Config) -> anyhow::Result<rusqlite::Connection> {
     std::fs::create_dir_all(&cfg.site.data_dir)
         .with_context(|| format!("cannot create {}", cfg.site.data_dir.display()))?;
-    log::open_and_migrate(&cfg.log_path())
-        .with_context(|| format!("cannot open {}", cfg.log_path().display()))
+    log::open_and_migrate(&cfg.log_path()).with_context(|| format!("cannot open {}", cfg.log_path().display()))
 }
 
 fn authenticator(cfg: &Config) -> anyhow::Result<Authenticator> {
     let (a, created) = Authenticator::from_config(cfg, Arc::new(Registry::default()))?;
     if created {
-        eprintln!(
-            "created token signing secret {}",
-            cfg.secret_path().display()
-        );
+        eprintln!("created token signing secret {}", cfg.secret_path().display());
     }
     Ok(a)
 }
@@ -182,12 +250,7 @@ fn token_options(args: &TokenArgs) -> anyhow::Result<(Vec<Perm>, Option<Duration
     } else {
         parse_perms(&args.perms).map_err(|e| anyhow::anyhow!("--perm: {}", e.message))?
     };
-    let ttl = args
-        .ttl
-        .as_deref()
-        .map(parse_ttl)
-        .transpose()
-        .map_err(|m| anyhow::anyhow!("--ttl: {m}"))?;
+    let ttl = args.ttl.as_deref().map(parse_ttl).transpose().map_err(|m| anyhow::anyhow!("--ttl: {m}"))?;
     Ok((perms, ttl))
 }
 
@@ -201,34 +264,21 @@ fn check_tenant_arg(tenant: &str) -> anyhow::Result<()> {
 fn device(cmd: DeviceCommand, cfg: &Config) -> anyhow::Result<()> {
     let conn = open_log(cfg)?;
     match cmd {
-        DeviceCommand::Add {
-            tenant,
-            id,
-            name,
-            token,
-        } => {
+        DeviceCommand::Add { tenant, id, name, token } => {
             check_tenant_arg(&tenant)?;
-            let id = id.unwrap_or_else(|| {
-                format!("dev-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
-            });
+            let id = id.unwrap_or_else(|| format!("dev-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]));
             check_device_id(&id).map_err(|e| anyhow::anyhow!("--id {id:?}: {}", e.message))?;
             let (perms, ttl) = token_options(&token)?;
             let auth = authenticator(cfg)?;
             let d = schema::add_device(&conn, &tenant, &id, name.as_deref(), now_us())?;
             let t = auth.issue_device(&tenant, &id, &perms, ttl)?;
-            eprintln!(
-                "registered device {}/{} — its token (shown once):",
-                d.tenant, d.device_id
-            );
+            eprintln!("registered device {}/{} — its token (shown once):", d.tenant, d.device_id);
             println!("{t}");
             Ok(())
         }
         DeviceCommand::List { tenant } => {
             let devices = schema::devices(&conn, tenant.as_deref())?;
-            println!(
-                "{:<16} {:<32} {:<8} {:>10}  {:<25}  name",
-                "tenant", "device", "state", "events", "last seen"
-            );
+            println!("{:<16} {:<32} {:<8} {:>10}  {:<25}  name", "tenant", "device", "state", "events", "last seen");
             for d in &devices {
                 println!(
                     "{:<16} {:<32} {:<8} {:>10}  {:<25}  {}",
@@ -253,10 +303,8 @@ fn device(cmd: DeviceCommand, cfg: &Config) -> anyhow::Result<()> {
             let tenant = match tenant {
                 Some(t) => t,
                 None => {
-                    let matches: Vec<_> = schema::devices(&conn, None)?
-                        .into_iter()
-                        .filter(|d| d.device_id == id)
-                        .collect();
+                    let matches: Vec<_> =
+                        schema::devices(&conn, None)?.into_iter().filter(|d| d.device_id == id).collect();
                     match matches.as_slice() {
                         [one] => one.tenant.clone(),
                         [] => bail!("no device {id:?} in any tenant"),
@@ -265,22 +313,14 @@ fn device(cmd: DeviceCommand, cfg: &Config) -> anyhow::Result<()> {
                 }
             };
             let d = schema::revoke_device(&conn, &tenant, &id, now_us())?;
-            println!(
-                "revoked {}/{}; its tokens no longer work",
-                d.tenant, d.device_id
-            );
+            println!("revoked {}/{}; its tokens no longer work", d.tenant, d.device_id);
             Ok(())
         }
     }
 }
 
 fn token(cmd: TokenCommand, cfg: &Config) -> anyhow::Result<()> {
-    let TokenCommand::Issue {
-        tenant,
-        device,
-        admin,
-        token,
-    } = cmd;
+    let TokenCommand::Issue { tenant, device, admin, token } = cmd;
     let (perms, ttl) = token_options(&token)?;
     let auth = authenticator(cfg)?;
     if admin {
@@ -304,16 +344,98 @@ fn token(cmd: TokenCommand, cfg: &Config) -> anyhow::Result<()> {
 }
 
 fn fmt_time(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
-fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
+/// Parses an RFC 3339 time or a duration ago ("2h") into µs since the epoch.
+fn parse_when(arg: &str, s: &str) -> anyhow::Result<i64> {
+    if let Some(us) = crate::event::parse_rfc3339_us(s) {
+        return Ok(us);
+    }
+    let ago = humantime::parse_duration(s)
+        .map_err(|_| anyhow::anyhow!("{arg} {s:?}: not an RFC 3339 time nor a duration ago like 2h"))?;
+    Ok(now_us() - i64::try_from(ago.as_micros()).unwrap_or(i64::MAX))
+}
+
+fn replay(cfg: &Config, since: &str, until: Option<&str>, tenant: Option<&str>) -> anyhow::Result<()> {
+    let since_us = parse_when("--since", since)?;
+    let until_us = until.map(|u| parse_when("--until", u)).transpose()?.unwrap_or_else(now_us);
+    if until_us <= since_us {
+        bail!("--until must be after --since");
+    }
+    if let Some(t) = tenant {
+        check_tenant_arg(t)?;
+    }
+    let conn = open_log(cfg)?;
+    let site = cfg.site_id();
+    let mut total = 0;
+    loop {
+        let n = schema::replay_chunk(&conn, &site, since_us, until_us, tenant, 10_000)?;
+        total += n;
+        if n == 0 {
+            break;
+        }
+        eprintln!("replay: {total} events marked pending so far…");
+    }
+    println!(
+        "replay: {total} events of site {site} received {} – {} marked pending; the forwarder sends them again (duplicates are ignored centrally)",
+        fmt_time(crate::event::from_us(since_us)),
+        fmt_time(crate::event::from_us(until_us))
+    );
+    Ok(())
+}
+
+fn dead_letter(cmd: DeadLetterCommand, cfg: &Config) -> anyhow::Result<()> {
+    let conn = open_log(cfg)?;
+    let pick = |all: bool, seqs: &[i64]| -> anyhow::Result<Option<Vec<i64>>> {
+        match (all, seqs.is_empty()) {
+            (true, _) => Ok(None),
+            (false, false) => Ok(Some(seqs.to_vec())),
+            (false, true) => bail!("name the seqs to act on, or pass --all"),
+        }
+    };
+    match cmd {
+        DeadLetterCommand::List { tenant, limit } => {
+            let rows = schema::dead_letters(&conn, tenant.as_deref(), limit)?;
+            for d in &rows {
+                println!(
+                    "seq {} {} {}/{} {} at {}: {}",
+                    d.seq,
+                    d.id,
+                    d.tenant,
+                    d.device_id,
+                    d.event_type,
+                    fmt_time(d.failed_at),
+                    d.error
+                );
+            }
+            eprintln!("{} dead letter(s) shown", rows.len());
+        }
+        DeadLetterCommand::Retry { all, seqs } => {
+            let n = schema::retry_dead_letters(&conn, pick(all, &seqs)?.as_deref())?;
+            println!("{n} dead letter(s) back in the forwarding queue");
+        }
+        DeadLetterCommand::Purge { all, seqs } => {
+            let n = schema::purge_dead_letters(&conn, pick(all, &seqs)?.as_deref())?;
+            println!("{n} dead letter(s) purged");
+        }
+    }
+    Ok(())
+}
+
+/// The running appliance's `/api/v1/status`, if it answers within a second.
+async fn live_status(cfg: &Config) -> Option<serde_json::Value> {
+    let mut addr = cfg.http.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().ok()?;
+    client.get(format!("http://{addr}/api/v1/status")).send().await.ok()?.json().await.ok()
+}
+
+async fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
     if !cfg.log_path().exists() {
-        bail!(
-            "no site log at {} (has the appliance run with this config?)",
-            cfg.log_path().display()
-        );
+        bail!("no site log at {} (has the appliance run with this config?)", cfg.log_path().display());
     }
     let conn = log::open(&cfg.log_path(), true)?;
     let s = schema::status(&conn, now_us())?;
@@ -322,29 +444,36 @@ fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("site            {}", cfg.site_id());
-    println!(
-        "log             {} ({:.1} MiB)",
-        cfg.log_path().display(),
-        s.log_bytes as f64 / 1048576.0
-    );
+    println!("log             {} ({:.1} MiB)", cfg.log_path().display(), s.log_bytes as f64 / 1048576.0);
     println!("events          {} (last seq {})", s.total_rows, s.last_seq);
     println!("backlog         {} waiting to forward", s.backlog_rows);
-    println!(
-        "oldest pending  {}",
-        s.oldest_pending_age_seconds
-            .map_or("none".into(), |a| format!("{a:.0} s ago"))
-    );
-    println!(
-        "devices         {} ({} revoked)",
-        s.devices, s.devices_revoked
-    );
-    println!(
-        "central         {}",
-        cfg.central
-            .url
-            .as_deref()
-            .map_or("not configured (buffering only)".to_string(), redact_url)
-    );
+    println!("oldest pending  {}", s.oldest_pending_age_seconds.map_or("none".into(), |a| format!("{a:.0} s ago")));
+    println!("backlog bytes   {}", s.backlog_bytes);
+    println!("dead letters    {}", s.dead_letters);
+    println!("devices         {} ({} revoked)", s.devices, s.devices_revoked);
+    match &cfg.central.url {
+        None => println!("central         not configured (buffering only)"),
+        Some(url) => {
+            println!("central         {}", redact_url(url));
+            match live_status(cfg).await {
+                Some(v) => {
+                    let u = &v["uplink"];
+                    println!(
+                        "uplink          {} since {}{}",
+                        u["state"].as_str().unwrap_or("?"),
+                        u["since"].as_str().unwrap_or("?"),
+                        u["last_error"].as_str().map_or(String::new(), |e| format!(" (last error: {e})"))
+                    );
+                    println!(
+                        "drain           {:.0} rows/s{}",
+                        u["forwarded_rows_per_second"].as_f64().unwrap_or(0.0),
+                        v["drain_eta_seconds"].as_f64().map_or(String::new(), |e| format!(", ETA {e:.0} s"))
+                    );
+                }
+                None => println!("uplink          unknown: the appliance is not answering on {}", cfg.http.listen),
+            }
+        }
+    }
     Ok(())
 }
 

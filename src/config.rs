@@ -20,10 +20,7 @@ pub const ENV_PREFIX: &str = "OUTPOST_";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {message}")]
     Parse { path: String, message: String },
     #[error("environment variable {var}: {message}")]
@@ -73,13 +70,84 @@ pub struct MqttConfig {
     pub listen: SocketAddr,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// The central PostgreSQL the forwarder writes to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CentralConfig {
-    /// libpq-style URL of the central PostgreSQL; unset = buffer only.
-    /// The password comes from `password_file` or `OUTPOST_CENTRAL_PASSWORD`.
+    /// libpq-style URL of the central PostgreSQL, without a password; unset =
+    /// buffer only. The password comes from `password_file` or
+    /// `OUTPOST_CENTRAL_PASSWORD`.
     pub url: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// `disable`, `prefer` (TLS when the server offers it) or `require`.
+    /// When TLS is used the server certificate is always verified.
+    pub tls: TlsMode,
+    /// PEM file of the CA(s) to trust (default: the system's CA bundle).
+    pub ca_file: Option<PathBuf>,
+    /// Create / upgrade tenant schemas at startup and on first contact.
+    pub migrate: bool,
+    /// Tenants to migrate besides those of registered devices.
+    pub tenants: Vec<String>,
+    /// NOTIFY style installed by migrations: `per_batch` or `per_row`.
+    pub notify: NotifyMode,
+    /// Forward at most this many rows / bytes per transaction.
+    pub batch_rows: usize,
+    pub batch_bytes: usize,
+    /// Let a trickle coalesce this long before forwarding a small batch.
+    #[serde(with = "humantime_serde")]
+    pub batch_wait: Duration,
+    /// Cap of the exponential retry backoff (starts at 100 ms, with jitter).
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Server-side statement timeout; the client also gives up on a batch
+    /// after this plus 5 s, so a silent partition is noticed in seconds.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// TCP keepalive idle time (probes follow every second, 3 of them).
+    #[serde(with = "humantime_serde")]
+    pub keepalive_idle: Duration,
+}
+
+/// TLS towards the central database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    Disable,
+    Prefer,
+    Require,
+}
+
+/// Which NOTIFY trigger the central migrations install.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyMode {
+    /// One notification per inserted row: `{id, device_id, event_type, timestamp}`.
+    PerRow,
+    /// One notification per insert statement and site: `{site_id, first_seq, last_seq, count}`.
+    PerBatch,
+}
+
+impl Default for CentralConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            password_file: None,
+            tls: TlsMode::Prefer,
+            ca_file: None,
+            migrate: true,
+            tenants: Vec::new(),
+            notify: NotifyMode::PerBatch,
+            batch_rows: 5000,
+            batch_bytes: 8 * 1024 * 1024,
+            batch_wait: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+            statement_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            keepalive_idle: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,11 +205,7 @@ pub struct RateLimits {
 impl LimitsConfig {
     /// Limits for a device: its own override, else its tenant's, else global.
     pub fn rates_for(&self, tenant: &str, device_id: &str) -> RateLimits {
-        let mut r = RateLimits {
-            per_second: self.per_second,
-            per_minute: self.per_minute,
-            per_hour: self.per_hour,
-        };
+        let mut r = RateLimits { per_second: self.per_second, per_minute: self.per_minute, per_hour: self.per_hour };
         let mut apply = |o: &RateOverride| {
             r.per_second = o.per_second.unwrap_or(r.per_second);
             r.per_minute = o.per_minute.unwrap_or(r.per_minute);
@@ -187,27 +251,19 @@ pub enum Algorithm {
 
 impl Default for SiteConfig {
     fn default() -> Self {
-        Self {
-            id: None,
-            data_dir: PathBuf::from("./data"),
-        }
+        Self { id: None, data_dir: PathBuf::from("./data") }
     }
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            max_body_bytes: 4 * 1024 * 1024,
-        }
+        Self { listen: SocketAddr::from(([0, 0, 0, 0], 8080)), max_body_bytes: 4 * 1024 * 1024 }
     }
 }
 
 impl Default for MqttConfig {
     fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
-        }
+        Self { listen: SocketAddr::from(([0, 0, 0, 0], 1883)) }
     }
 }
 
@@ -253,30 +309,19 @@ impl Default for AuthConfig {
 
 impl Config {
     /// Reads `path` (if any), applies `OUTPOST_*` overrides from `env`, validates.
-    pub fn load(
-        path: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, Error> {
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, Error> {
         let (text, name) = match path {
             Some(p) => (
-                std::fs::read_to_string(p).map_err(|source| Error::Read {
-                    path: p.to_path_buf(),
-                    source,
-                })?,
+                std::fs::read_to_string(p).map_err(|source| Error::Read { path: p.to_path_buf(), source })?,
                 p.display().to_string(),
             ),
             None => (String::new(), "<defaults>".to_string()),
         };
-        let mut table: toml::Table = toml::from_str(&text).map_err(|e| Error::Parse {
-            path: name.clone(),
-            message: e.to_string(),
-        })?;
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|e| Error::Parse { path: name.clone(), message: e.to_string() })?;
         apply_env(&mut table, env)?;
-        let config: Config =
-            Config::deserialize(toml::Value::Table(table)).map_err(|e| Error::Parse {
-                path: name,
-                message: e.to_string(),
-            })?;
+        let config: Config = Config::deserialize(toml::Value::Table(table))
+            .map_err(|e| Error::Parse { path: name, message: e.to_string() })?;
         config.validate().map_err(Error::Invalid)?;
         Ok(config)
     }
@@ -287,24 +332,16 @@ impl Config {
         if let Some(id) = &self.site.id
             && !valid_site_id(id)
         {
-            problems.push(format!(
-                "site.id {id:?}: must be 1-64 characters of [A-Za-z0-9_.-]"
-            ));
+            problems.push(format!("site.id {id:?}: must be 1-64 characters of [A-Za-z0-9_.-]"));
         }
         if self.site.data_dir.as_os_str().is_empty() {
             problems.push("site.data_dir: must not be empty".into());
         }
         if self.http.max_body_bytes < 1024 {
-            problems.push(format!(
-                "http.max_body_bytes = {}: must be at least 1024",
-                self.http.max_body_bytes
-            ));
+            problems.push(format!("http.max_body_bytes = {}: must be at least 1024", self.http.max_body_bytes));
         }
         if self.log.max_bytes < 1024 * 1024 {
-            problems.push(format!(
-                "log.max_bytes = {}: must be at least 1048576 (1 MiB)",
-                self.log.max_bytes
-            ));
+            problems.push(format!("log.max_bytes = {}: must be at least 1048576 (1 MiB)", self.log.max_bytes));
         }
         if self.log.commit_max_rows == 0 {
             problems.push("log.commit_max_rows: must be at least 1".into());
@@ -323,18 +360,10 @@ impl Config {
             }
         };
         let l = &self.limits;
-        check_rates(
-            &mut problems,
-            "limits",
-            l.per_second,
-            l.per_minute,
-            l.per_hour,
-        );
+        check_rates(&mut problems, "limits", l.per_second, l.per_minute, l.per_hour);
         for (tenant, o) in &l.tenants {
             if !crate::event::valid_tenant(tenant) {
-                problems.push(format!(
-                    "limits.tenants.{tenant}: not a valid tenant name (^[a-z][a-z0-9_]{{0,40}}$)"
-                ));
+                problems.push(format!("limits.tenants.{tenant}: not a valid tenant name (^[a-z][a-z0-9_]{{0,40}}$)"));
             }
             check_rates(
                 &mut problems,
@@ -345,13 +374,8 @@ impl Config {
             );
         }
         for (key, o) in &l.devices {
-            if !key
-                .split_once('/')
-                .is_some_and(|(t, d)| crate::event::valid_tenant(t) && !d.is_empty())
-            {
-                problems.push(format!(
-                    "limits.devices.\"{key}\": key must be \"<tenant>/<device_id>\""
-                ));
+            if !key.split_once('/').is_some_and(|(t, d)| crate::event::valid_tenant(t) && !d.is_empty()) {
+                problems.push(format!("limits.devices.\"{key}\": key must be \"<tenant>/<device_id>\""));
             }
             check_rates(
                 &mut problems,
@@ -362,16 +386,10 @@ impl Config {
             );
         }
         if l.max_batch == 0 || l.max_batch > 100_000 {
-            problems.push(format!(
-                "limits.max_batch = {}: must be 1..=100000",
-                l.max_batch
-            ));
+            problems.push(format!("limits.max_batch = {}: must be 1..=100000", l.max_batch));
         }
         if l.max_payload_bytes < 2 || l.max_payload_bytes > 16 * 1024 * 1024 {
-            problems.push(format!(
-                "limits.max_payload_bytes = {}: must be 2..=16777216",
-                l.max_payload_bytes
-            ));
+            problems.push(format!("limits.max_payload_bytes = {}: must be 2..=16777216", l.max_payload_bytes));
         }
         if l.max_payload_bytes > self.http.max_body_bytes {
             problems.push(format!(
@@ -380,10 +398,7 @@ impl Config {
             ));
         }
         if l.max_payload_depth == 0 || l.max_payload_depth > 128 {
-            problems.push(format!(
-                "limits.max_payload_depth = {}: must be 1..=128",
-                l.max_payload_depth
-            ));
+            problems.push(format!("limits.max_payload_depth = {}: must be 1..=128", l.max_payload_depth));
         }
         match self.auth.algorithm {
             Algorithm::HS256 => {}
@@ -399,19 +414,44 @@ impl Config {
         if self.auth.token_ttl < Duration::from_secs(60) {
             problems.push("auth.token_ttl: must be at least 1m".into());
         }
-        if let Some(url) = &self.central.url
-            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
-        {
-            problems.push("central.url: must start with postgres:// or postgresql://".into());
+        let c = &self.central;
+        if let Some(url) = &c.url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                problems.push("central.url: must start with postgres:// or postgresql://".into());
+            } else if url_has_password(url) {
+                problems.push(
+                    "central.url: must not contain a password; use central.password_file or OUTPOST_CENTRAL_PASSWORD"
+                        .into(),
+                );
+            }
+        }
+        for t in &c.tenants {
+            if !crate::event::valid_tenant(t) {
+                problems.push(format!("central.tenants: {t:?} is not a valid tenant name (^[a-z][a-z0-9_]{{0,40}}$)"));
+            }
+        }
+        if c.batch_rows == 0 || c.batch_rows > 100_000 {
+            problems.push(format!("central.batch_rows = {}: must be 1..=100000", c.batch_rows));
+        }
+        if c.batch_bytes < 64 * 1024 {
+            problems.push(format!("central.batch_bytes = {}: must be at least 65536", c.batch_bytes));
+        }
+        if c.max_backoff < Duration::from_millis(100) {
+            problems.push("central.max_backoff: must be at least 100ms".into());
+        }
+        if c.statement_timeout < Duration::from_secs(1) {
+            problems.push("central.statement_timeout: must be at least 1s".into());
+        }
+        if c.connect_timeout < Duration::from_secs(1) {
+            problems.push("central.connect_timeout: must be at least 1s".into());
+        }
+        if c.keepalive_idle < Duration::from_secs(1) {
+            problems.push("central.keepalive_idle: must be at least 1s".into());
         }
         if self.shutdown_grace.is_zero() {
             problems.push("shutdown_grace: must be greater than 0".into());
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems)
-        }
+        if problems.is_empty() { Ok(()) } else { Err(problems) }
     }
 
     /// The site id in force: configured, else the host name.
@@ -426,11 +466,7 @@ impl Config {
             .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
             .take(64)
             .collect();
-        if host.is_empty() {
-            "outpost".into()
-        } else {
-            host
-        }
+        if host.is_empty() { "outpost".into() } else { host }
     }
 
     /// Path of the SQLite site log.
@@ -440,10 +476,7 @@ impl Config {
 
     /// Path of the HS256 secret.
     pub fn secret_path(&self) -> PathBuf {
-        self.auth
-            .secret_file
-            .clone()
-            .unwrap_or_else(|| self.site.data_dir.join("jwt.secret"))
+        self.auth.secret_file.clone().unwrap_or_else(|| self.site.data_dir.join("jwt.secret"))
     }
 }
 
@@ -462,51 +495,38 @@ impl Default for Config {
     }
 }
 
+/// True when a postgres URL carries `user:password@`.
+fn url_has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    authority.rsplit_once('@').is_some_and(|(creds, _)| creds.contains(':'))
+}
+
 fn valid_site_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 /// Overlays `OUTPOST_<SECTION>__<KEY>[__<KEY>…]` variables onto the TOML table.
 /// A value is read as a TOML value when it parses as one (`8080`, `true`),
 /// otherwise as a string (`127.0.0.1:9000`, `30d`). Variables without `__`
 /// (e.g. `OUTPOST_CENTRAL_PASSWORD`, `OUTPOST_LOG`) are not config keys.
-fn apply_env(
-    table: &mut toml::Table,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), Error> {
-    let mut vars: Vec<(String, String)> = env
-        .into_iter()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
-        .collect();
+fn apply_env(table: &mut toml::Table, env: impl IntoIterator<Item = (String, String)>) -> Result<(), Error> {
+    let mut vars: Vec<(String, String)> =
+        env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__")).collect();
     vars.sort();
     for (var, raw) in vars {
-        let path: Vec<String> = var[ENV_PREFIX.len()..]
-            .split("__")
-            .map(|s| s.to_ascii_lowercase())
-            .collect();
+        let path: Vec<String> = var[ENV_PREFIX.len()..].split("__").map(|s| s.to_ascii_lowercase()).collect();
         if path.iter().any(|p| p.is_empty()) {
-            return Err(Error::Env {
-                var,
-                message: "empty key segment".into(),
-            });
+            return Err(Error::Env { var, message: "empty key segment".into() });
         }
         let value = parse_env_value(&raw);
         let mut cursor = &mut *table;
         for seg in &path[..path.len() - 1] {
-            let entry = cursor
-                .entry(seg.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let entry = cursor.entry(seg.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
             cursor = match entry {
                 toml::Value::Table(t) => t,
                 _ => {
-                    return Err(Error::Env {
-                        var,
-                        message: format!("`{seg}` is not a section"),
-                    });
+                    return Err(Error::Env { var, message: format!("`{seg}` is not a section") });
                 }
             };
         }
@@ -520,9 +540,7 @@ fn apply_env(
 fn parse_env_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
     match toml::from_str::<toml::Table>(&doc) {
-        Ok(mut t) => t
-            .remove("v")
-            .unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.into()),
     }
 }
@@ -532,10 +550,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -572,9 +587,7 @@ mod tests {
         std::fs::write(&f, "[http]\nlisten = \"0.0.0.0:1\"\nlistn = 3\n").unwrap();
         let err = Config::load(Some(&f), env(&[])).unwrap_err().to_string();
         assert!(err.contains("listn"), "{err}");
-        let err = Config::load(None, env(&[("OUTPOST_HTTP__NOPE", "1")]))
-            .unwrap_err()
-            .to_string();
+        let err = Config::load(None, env(&[("OUTPOST_HTTP__NOPE", "1")])).unwrap_err().to_string();
         assert!(err.contains("nope"), "{err}");
     }
 
@@ -590,22 +603,21 @@ mod tests {
     }
 
     #[test]
+    fn central_url_with_a_password_is_refused() {
+        let mut c = Config::default();
+        c.central.url = Some("postgres://u:secret@db:5432/x".into());
+        let problems = c.validate().unwrap_err();
+        assert!(problems[0].contains("password"), "{problems:?}");
+        assert!(!problems[0].contains("secret"), "the secret itself is not echoed");
+        c.central.url = Some("postgres://u@db:5432/x?application_name=a:b".into());
+        c.validate().unwrap();
+    }
+
+    #[test]
     fn rate_overrides_apply_device_over_tenant_over_global() {
         let mut l = LimitsConfig::default();
-        l.tenants.insert(
-            "acme".into(),
-            RateOverride {
-                per_second: Some(50),
-                ..Default::default()
-            },
-        );
-        l.devices.insert(
-            "acme/d1".into(),
-            RateOverride {
-                per_minute: Some(7),
-                ..Default::default()
-            },
-        );
+        l.tenants.insert("acme".into(), RateOverride { per_second: Some(50), ..Default::default() });
+        l.devices.insert("acme/d1".into(), RateOverride { per_minute: Some(7), ..Default::default() });
         let r = l.rates_for("acme", "d1");
         assert_eq!((r.per_second, r.per_minute, r.per_hour), (50, 7, 10_000));
         let r = l.rates_for("globex", "d1");

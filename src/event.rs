@@ -77,10 +77,7 @@ pub struct Invalid {
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> Invalid {
-    Invalid {
-        field,
-        message: message.into(),
-    }
+    Invalid { field, message: message.into() }
 }
 
 /// Limits applied by [`validate`].
@@ -103,10 +100,7 @@ pub fn validate(
         return Err(invalid("device_id", "must not be empty"));
     }
     if input.device_id.chars().count() > MAX_DEVICE_ID {
-        return Err(invalid(
-            "device_id",
-            format!("longer than {MAX_DEVICE_ID} characters"),
-        ));
+        return Err(invalid("device_id", format!("longer than {MAX_DEVICE_ID} characters")));
     }
     if input.device_id.chars().any(char::is_control) {
         return Err(invalid("device_id", "must not contain control characters"));
@@ -116,11 +110,7 @@ pub fn validate(
     if payload.len() > limits.max_payload_bytes {
         return Err(invalid(
             "payload",
-            format!(
-                "{} bytes exceeds the limit of {} bytes",
-                payload.len(),
-                limits.max_payload_bytes
-            ),
+            format!("{} bytes exceeds the limit of {} bytes", payload.len(), limits.max_payload_bytes),
         ));
     }
     if !payload.starts_with('{') {
@@ -130,10 +120,7 @@ pub fn validate(
     if depth > limits.max_payload_depth {
         return Err(invalid(
             "payload",
-            format!(
-                "nesting depth {depth} exceeds the limit of {}",
-                limits.max_payload_depth
-            ),
+            format!("nesting depth {depth} exceeds the limit of {}", limits.max_payload_depth),
         ));
     }
     let id = match input.id.as_deref() {
@@ -144,12 +131,8 @@ pub fn validate(
         return Err(invalid("id", "must not be the nil UUID"));
     }
     let timestamp_us = match input.timestamp.as_deref() {
-        Some(s) => parse_rfc3339_us(s).ok_or_else(|| {
-            invalid(
-                "timestamp",
-                "must be an RFC 3339 date-time, e.g. 2026-01-31T12:00:00Z",
-            )
-        })?,
+        Some(s) => parse_rfc3339_us(s)
+            .ok_or_else(|| invalid("timestamp", "must be an RFC 3339 date-time, e.g. 2026-01-31T12:00:00Z"))?,
         None => now_us,
     };
     Ok(Event {
@@ -170,15 +153,9 @@ pub fn validate_event_type(t: &str) -> Result<(), Invalid> {
         return Err(invalid("event_type", "must not be empty"));
     }
     if t.len() > MAX_EVENT_TYPE {
-        return Err(invalid(
-            "event_type",
-            format!("longer than {MAX_EVENT_TYPE} characters"),
-        ));
+        return Err(invalid("event_type", format!("longer than {MAX_EVENT_TYPE} characters")));
     }
-    if !t
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-    {
+    if !t.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
         return Err(invalid("event_type", "may contain only [A-Za-z0-9_.-]"));
     }
     Ok(())
@@ -191,9 +168,7 @@ pub fn valid_tenant(t: &str) -> bool {
     !b.is_empty()
         && b.len() <= 41
         && b[0].is_ascii_lowercase()
-        && b[1..]
-            .iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+        && b[1..].iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
 }
 
 /// Nesting depth of already-valid JSON text, counted without allocating.
@@ -230,8 +205,7 @@ pub fn parse_rfc3339_us(s: &str) -> Option<i64> {
 
 /// µs since the epoch → UTC date-time (clamped to the representable range).
 pub fn from_us(us: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
 /// Now, µs since the epoch.
@@ -243,10 +217,7 @@ pub fn now_us() -> i64 {
 mod tests {
     use super::*;
 
-    const LIMITS: InputLimits = InputLimits {
-        max_payload_bytes: 64,
-        max_payload_depth: 3,
-    };
+    const LIMITS: InputLimits = InputLimits { max_payload_bytes: 64, max_payload_depth: 3 };
 
     fn input(json: &str) -> EventInput {
         serde_json::from_str(json).unwrap()
@@ -268,44 +239,14 @@ mod tests {
     fn each_field_is_named_in_its_rejection() {
         let long_dev = "d".repeat(256);
         let cases = [
-            (
-                format!(r#"{{"device_id":"{long_dev}","event_type":"a","payload":{{}}}}"#),
-                "device_id",
-            ),
-            (
-                r#"{"device_id":"d","event_type":"a b","payload":{}}"#.into(),
-                "event_type",
-            ),
-            (
-                format!(
-                    r#"{{"device_id":"d","event_type":"{}","payload":{{}}}}"#,
-                    "e".repeat(101)
-                ),
-                "event_type",
-            ),
-            (
-                r#"{"device_id":"d","event_type":"a","payload":[1]}"#.into(),
-                "payload",
-            ),
-            (
-                r#"{"device_id":"d","event_type":"a","payload":{"a":{"b":{"c":{}}}}}"#.into(),
-                "payload",
-            ),
-            (
-                format!(
-                    r#"{{"device_id":"d","event_type":"a","payload":{{"x":"{}"}}}}"#,
-                    "x".repeat(64)
-                ),
-                "payload",
-            ),
-            (
-                r#"{"device_id":"d","event_type":"a","payload":{},"id":"nope"}"#.into(),
-                "id",
-            ),
-            (
-                r#"{"device_id":"d","event_type":"a","payload":{},"timestamp":"yesterday"}"#.into(),
-                "timestamp",
-            ),
+            (format!(r#"{{"device_id":"{long_dev}","event_type":"a","payload":{{}}}}"#), "device_id"),
+            (r#"{"device_id":"d","event_type":"a b","payload":{}}"#.into(), "event_type"),
+            (format!(r#"{{"device_id":"d","event_type":"{}","payload":{{}}}}"#, "e".repeat(101)), "event_type"),
+            (r#"{"device_id":"d","event_type":"a","payload":[1]}"#.into(), "payload"),
+            (r#"{"device_id":"d","event_type":"a","payload":{"a":{"b":{"c":{}}}}}"#.into(), "payload"),
+            (format!(r#"{{"device_id":"d","event_type":"a","payload":{{"x":"{}"}}}}"#, "x".repeat(64)), "payload"),
+            (r#"{"device_id":"d","event_type":"a","payload":{},"id":"nope"}"#.into(), "id"),
+            (r#"{"device_id":"d","event_type":"a","payload":{},"timestamp":"yesterday"}"#.into(), "timestamp"),
         ];
         for (json, field) in cases {
             let err = check(&json).unwrap_err();
@@ -333,9 +274,6 @@ mod tests {
     #[test]
     fn timestamps_round_trip_through_microseconds() {
         let us = parse_rfc3339_us("2026-01-31T12:00:00.123456+01:00").unwrap();
-        assert_eq!(
-            from_us(us).format(&Rfc3339).unwrap(),
-            "2026-01-31T11:00:00.123456Z"
-        );
+        assert_eq!(from_us(us).format(&Rfc3339).unwrap(), "2026-01-31T11:00:00.123456Z");
     }
 }

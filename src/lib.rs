@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod forward;
 pub mod http;
 pub mod ingest;
 pub mod limits;

@@ -73,11 +73,7 @@ struct Counter {
 
 impl Counter {
     fn new(now: Instant) -> Self {
-        Self {
-            start: now,
-            slots: [0; SLOTS],
-            head: 0,
-        }
+        Self { start: now, slots: [0; SLOTS], head: 0 }
     }
 
     /// Advances the ring so the current slot contains `now`.
@@ -128,13 +124,7 @@ struct State {
 impl Limiter {
     /// A limiter applying `config`'s global, tenant and device limits.
     pub fn new(config: LimitsConfig) -> Self {
-        Self {
-            config,
-            state: Mutex::new(State {
-                devices: HashMap::new(),
-                checks: 0,
-            }),
-        }
+        Self { config, state: Mutex::new(State { devices: HashMap::new(), checks: 0 }) }
     }
 
     /// Admits `n` events from a device, or says which window refuses them.
@@ -142,10 +132,7 @@ impl Limiter {
         let rates = self.config.rates_for(tenant, device_id);
         let limits = [rates.per_second, rates.per_minute, rates.per_hour];
         let now = Instant::now();
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         state.checks += 1;
         if state.checks.is_multiple_of(SWEEP_EVERY) {
             // Forget devices idle for over an hour: their counters are all zero.
@@ -155,11 +142,7 @@ impl Limiter {
                 !t.is_empty()
             });
         }
-        let counters = match state
-            .devices
-            .get_mut(tenant)
-            .and_then(|t| t.get_mut(device_id))
-        {
+        let counters = match state.devices.get_mut(tenant).and_then(|t| t.get_mut(device_id)) {
             Some(c) => c,
             None => state
                 .devices
@@ -171,21 +154,13 @@ impl Limiter {
         for (i, window) in WINDOWS.iter().enumerate() {
             let (limit, length) = (limits[i], window.length());
             if n > limit {
-                return Err(Limited {
-                    window: *window,
-                    limit,
-                    retry_after: length,
-                });
+                return Err(Limited { window: *window, limit, retry_after: length });
             }
             let slot = length / SLOTS as u32;
             counters[i].roll(now, slot);
             let wait = counters[i].wait_for(now, slot, limit, n);
             if !wait.is_zero() {
-                return Err(Limited {
-                    window: *window,
-                    limit,
-                    retry_after: wait,
-                });
+                return Err(Limited { window: *window, limit, retry_after: wait });
             }
         }
         for c in counters.iter_mut() {
@@ -200,12 +175,7 @@ mod tests {
     use super::*;
 
     fn limiter(s: u32, m: u32, h: u32) -> Limiter {
-        Limiter::new(LimitsConfig {
-            per_second: s,
-            per_minute: m,
-            per_hour: h,
-            ..LimitsConfig::default()
-        })
+        Limiter::new(LimitsConfig { per_second: s, per_minute: m, per_hour: h, ..LimitsConfig::default() })
     }
 
     #[tokio::test(start_paused = true)]
@@ -263,10 +233,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(2)).await;
         // 10 more would break the minute window (15): refused, and the
         // second window must not have been charged for them.
-        assert_eq!(
-            l.check("acme", "d1", 10).unwrap_err().window,
-            Window::Minute
-        );
+        assert_eq!(l.check("acme", "d1", 10).unwrap_err().window, Window::Minute);
         l.check("acme", "d1", 5).unwrap();
     }
 
@@ -282,21 +249,12 @@ mod tests {
             tokio::time::advance(Duration::from_millis(97)).await;
         }
         for (i, t) in admitted.iter().enumerate() {
-            let in_span = admitted[i..]
-                .iter()
-                .take_while(|u| **u < *t + Duration::from_secs(60))
-                .count();
+            let in_span = admitted[i..].iter().take_while(|u| **u < *t + Duration::from_secs(60)).count();
             // Exact at slot granularity: any span of one window minus a slot.
             let _ = in_span;
-            let in_54s = admitted[i..]
-                .iter()
-                .take_while(|u| **u < *t + Duration::from_secs(54))
-                .count();
+            let in_54s = admitted[i..].iter().take_while(|u| **u < *t + Duration::from_secs(54)).count();
             assert!(in_54s <= 500, "{in_54s} events within 54 s from {t:?}");
-            assert!(
-                in_span <= 500 + 500 / SLOTS,
-                "{in_span} events within 60 s from {t:?}"
-            );
+            assert!(in_span <= 500 + 500 / SLOTS, "{in_span} events within 60 s from {t:?}");
         }
     }
 

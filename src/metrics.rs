@@ -34,6 +34,15 @@ pub struct Metrics {
     pub backlog_rows: Gauge,
     pub oldest_pending_seconds: Gauge<f64, AtomicU64>,
     pub log_bytes: Gauge,
+    pub backlog_bytes: Gauge,
+    pub dead_letter_rows: Gauge,
+    pub uplink_up: Gauge,
+    pub forward_rows: Counter,
+    pub forward_batches: Counter,
+    pub forward_retries: Counter,
+    pub dead_letters: Counter,
+    pub forward_rate: Gauge<f64, AtomicU64>,
+    pub drain_eta_seconds: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -43,53 +52,64 @@ impl Metrics {
         let events_accepted = Family::<ProtocolLabel, Counter>::default();
         let events_duplicate = Family::<ProtocolLabel, Counter>::default();
         let events_rejected = Family::<RejectLabels, Counter>::default();
-        let commit_rows = Histogram::new([
-            1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0,
-        ]);
-        let commit_seconds = Histogram::new([
-            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
-        ]);
+        let commit_rows = Histogram::new([1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0]);
+        let commit_seconds = Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0]);
         let backlog_rows = Gauge::default();
         let oldest_pending_seconds = Gauge::<f64, AtomicU64>::default();
         let log_bytes = Gauge::default();
-        registry.register(
-            "events_accepted",
-            "Events committed to the site log",
-            events_accepted.clone(),
-        );
+        registry.register("events_accepted", "Events committed to the site log", events_accepted.clone());
         registry.register(
             "events_duplicate",
             "Events whose id was already in the log (acked, not written again)",
             events_duplicate.clone(),
         );
-        registry.register(
-            "events_rejected",
-            "Events refused, by reason",
-            events_rejected.clone(),
-        );
-        registry.register(
-            "commit_batch_rows",
-            "Rows written per group commit",
-            commit_rows.clone(),
-        );
-        registry.register(
-            "commit_duration_seconds",
-            "Group commit latency",
-            commit_seconds.clone(),
-        );
-        registry.register(
-            "backlog_rows",
-            "Events not yet forwarded",
-            backlog_rows.clone(),
-        );
+        registry.register("events_rejected", "Events refused, by reason", events_rejected.clone());
+        registry.register("commit_batch_rows", "Rows written per group commit", commit_rows.clone());
+        registry.register("commit_duration_seconds", "Group commit latency", commit_seconds.clone());
+        registry.register("backlog_rows", "Events not yet forwarded", backlog_rows.clone());
         registry.register(
             "oldest_pending_age_seconds",
             "Age of the oldest event not yet forwarded",
             oldest_pending_seconds.clone(),
         );
         registry.register("log_bytes", "Bytes used by the site log", log_bytes.clone());
+        let backlog_bytes = Gauge::default();
+        let dead_letter_rows = Gauge::default();
+        let uplink_up = Gauge::default();
+        let forward_rows = Counter::default();
+        let forward_batches = Counter::default();
+        let forward_retries = Counter::default();
+        let dead_letters = Counter::default();
+        let forward_rate = Gauge::<f64, AtomicU64>::default();
+        let drain_eta_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register("backlog_bytes", "Bytes of events not yet forwarded", backlog_bytes.clone());
+        registry.register("dead_letter_rows", "Events in the dead-letter table", dead_letter_rows.clone());
+        registry.register("uplink_up", "1 while the central database accepts batches", uplink_up.clone());
+        registry.register("forwarded_rows", "Rows committed centrally", forward_rows.clone());
+        registry.register("forward_batches", "Central transactions committed", forward_batches.clone());
+        registry.register(
+            "forward_retries",
+            "Forwarding attempts that failed and were retried",
+            forward_retries.clone(),
+        );
+        registry.register("dead_letters", "Events moved to dead letters", dead_letters.clone());
+        registry.register("forward_rate_rows_per_second", "Drain rate over the last 10 s", forward_rate.clone());
+        registry.register(
+            "drain_eta_seconds",
+            "Backlog divided by the drain rate (0 when unknown)",
+            drain_eta_seconds.clone(),
+        );
         Self {
             registry,
+            backlog_bytes,
+            dead_letter_rows,
+            uplink_up,
+            forward_rows,
+            forward_batches,
+            forward_retries,
+            dead_letters,
+            forward_rate,
+            drain_eta_seconds,
             events_accepted,
             events_duplicate,
             events_rejected,
@@ -103,9 +123,7 @@ impl Metrics {
 
     /// Counts `n` rejected events.
     pub fn reject(&self, protocol: &'static str, reason: &'static str, n: u64) {
-        self.events_rejected
-            .get_or_create(&RejectLabels { protocol, reason })
-            .inc_by(n);
+        self.events_rejected.get_or_create(&RejectLabels { protocol, reason }).inc_by(n);
     }
 
     /// Prometheus text exposition.

@@ -27,19 +27,13 @@ fn notify(states: &[NotifyState<'_>]) {
 
 /// Pings the watchdog at half its interval, but only after a round trip
 /// through the site-log writer succeeds: a wedged writer gets us restarted.
-pub async fn run_watchdog(
-    log: LogHandle,
-    shutdown: CancellationToken,
-) -> Result<(), std::io::Error> {
+pub async fn run_watchdog(log: LogHandle, shutdown: CancellationToken) -> Result<(), std::io::Error> {
     let mut usec = 0u64;
     if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
         return Ok(());
     }
     let period = Duration::from_micros(usec / 2);
-    tracing::info!(
-        period_ms = period.as_millis() as u64,
-        "systemd watchdog enabled"
-    );
+    tracing::info!(period_ms = period.as_millis() as u64, "systemd watchdog enabled");
     let mut tick = tokio::time::interval(period);
     loop {
         tokio::select! {
@@ -51,9 +45,7 @@ pub async fn run_watchdog(
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "watchdog: site log writer failed; not feeding the watchdog")
             }
-            Err(_) => tracing::error!(
-                "watchdog: site log writer did not answer; not feeding the watchdog"
-            ),
+            Err(_) => tracing::error!("watchdog: site log writer did not answer; not feeding the watchdog"),
         }
     }
 }

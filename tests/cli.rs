@@ -25,11 +25,7 @@ fn print_default_is_the_annotated_file_and_check_accepts_it() {
 fn config_check_lists_every_problem_and_fails() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("bad.toml");
-    std::fs::write(
-        &f,
-        "[limits]\nper_second = 0\nmax_batch = 0\n[log]\nmax_bytes = 5\n",
-    )
-    .unwrap();
+    std::fs::write(&f, "[limits]\nper_second = 0\nmax_batch = 0\n[log]\nmax_bytes = 5\n").unwrap();
     let (ok, _, err) = cli(dir.path(), &["config", "check", f.to_str().unwrap()]);
     assert!(!ok);
     for needle in ["limits.per_second", "limits.max_batch", "log.max_bytes"] {
@@ -44,76 +40,33 @@ fn config_check_lists_every_problem_and_fails() {
 #[test]
 fn device_and_token_commands_manage_the_registry() {
     let dir = tempfile::tempdir().unwrap();
-    let (ok, token, err) = cli(
-        dir.path(),
-        &[
-            "device", "add", "--tenant", "acme", "--id", "pump-1", "--name", "Pump",
-        ],
-    );
+    let (ok, token, err) = cli(dir.path(), &["device", "add", "--tenant", "acme", "--id", "pump-1", "--name", "Pump"]);
     assert!(ok, "{err}");
-    assert_eq!(
-        token.trim().split('.').count(),
-        3,
-        "a JWT on stdout: {token}"
-    );
+    assert_eq!(token.trim().split('.').count(), 3, "a JWT on stdout: {token}");
     assert!(err.contains("shown once"));
-    let (ok, _, err) = cli(
-        dir.path(),
-        &["device", "add", "--tenant", "acme", "--id", "pump-1"],
-    );
+    let (ok, _, err) = cli(dir.path(), &["device", "add", "--tenant", "acme", "--id", "pump-1"]);
     assert!(!ok && err.contains("already exists"), "{err}");
-    let (ok, _, err) = cli(
-        dir.path(),
-        &["device", "add", "--tenant", "Bad", "--id", "x"],
-    );
+    let (ok, _, err) = cli(dir.path(), &["device", "add", "--tenant", "Bad", "--id", "x"]);
     assert!(!ok && err.contains("--tenant"), "{err}");
-    let (ok, _, err) = cli(
-        dir.path(),
-        &["device", "add", "--tenant", "acme", "--id", "a/b"],
-    );
+    let (ok, _, err) = cli(dir.path(), &["device", "add", "--tenant", "acme", "--id", "a/b"]);
     assert!(!ok && err.contains("--id"), "{err}");
     let (ok, out, _) = cli(dir.path(), &["device", "list"]);
-    assert!(
-        ok && out.contains("pump-1") && out.contains("Pump"),
-        "{out}"
-    );
-    let (ok, _, err) = cli(
-        dir.path(),
-        &["token", "issue", "--tenant", "acme", "--device", "nobody"],
-    );
+    assert!(ok && out.contains("pump-1") && out.contains("Pump"), "{out}");
+    let (ok, _, err) = cli(dir.path(), &["token", "issue", "--tenant", "acme", "--device", "nobody"]);
     assert!(!ok && err.contains("not registered"), "{err}");
     let (ok, t, err) = cli(
         dir.path(),
-        &[
-            "token",
-            "issue",
-            "--tenant",
-            "acme",
-            "--device",
-            "pump-1",
-            "--ttl",
-            "2h",
-            "--perm",
-            "read_events",
-        ],
+        &["token", "issue", "--tenant", "acme", "--device", "pump-1", "--ttl", "2h", "--perm", "read_events"],
     );
     assert!(ok, "{err}");
     assert_eq!(t.trim().split('.').count(), 3);
-    let (ok, _, err) = cli(
-        dir.path(),
-        &[
-            "token", "issue", "--tenant", "acme", "--device", "pump-1", "--perm", "fly",
-        ],
-    );
+    let (ok, _, err) = cli(dir.path(), &["token", "issue", "--tenant", "acme", "--device", "pump-1", "--perm", "fly"]);
     assert!(!ok && err.contains("--perm"), "{err}");
     let (ok, _, err) = cli(dir.path(), &["token", "issue", "--admin", "--ttl", "5s"]);
     assert!(!ok && err.contains("--ttl"), "{err}");
     let (ok, out, _) = cli(dir.path(), &["device", "revoke", "pump-1"]);
     assert!(ok && out.contains("revoked"), "{out}");
-    let (ok, _, err) = cli(
-        dir.path(),
-        &["token", "issue", "--tenant", "acme", "--device", "pump-1"],
-    );
+    let (ok, _, err) = cli(dir.path(), &["token", "issue", "--tenant", "acme", "--device", "pump-1"]);
     assert!(!ok && err.contains("revoked"), "{err}");
     let (ok, out, _) = cli(dir.path(), &["status"]);
     assert!(ok);
@@ -128,10 +81,7 @@ fn device_and_token_commands_manage_the_registry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_revoke_takes_effect_on_a_running_appliance() {
     let dir = tempfile::tempdir().unwrap();
-    let (ok, token, _) = cli(
-        dir.path(),
-        &["device", "add", "--tenant", "acme", "--id", "d1"],
-    );
+    let (ok, token, _) = cli(dir.path(), &["device", "add", "--tenant", "acme", "--id", "d1"]);
     assert!(ok);
     let token = token.trim().to_string();
     let proc = Proc::start(dir.path(), &[]);

@@ -87,11 +87,7 @@ async fn sigkill_under_load_loses_no_acked_event_and_duplicates_none() {
             async move { c.load(Ordering::Relaxed) >= kill_after }
         })
         .await;
-        assert!(
-            reached,
-            "round {round}: only {} acks",
-            count.load(Ordering::Relaxed)
-        );
+        assert!(reached, "round {round}: only {} acks", count.load(Ordering::Relaxed));
         proc.kill9();
         stop.store(true, Ordering::Relaxed);
         for (t, (dev, _)) in tasks.into_iter().zip(&devices) {
@@ -105,27 +101,13 @@ async fn sigkill_under_load_loses_no_acked_event_and_duplicates_none() {
         for r in &rows {
             *seen.entry(r.id.to_string()).or_default() += 1;
         }
-        assert!(
-            seen.values().all(|c| *c == 1),
-            "round {round}: duplicated rows"
-        );
-        let missing: Vec<_> = all_acked
-            .iter()
-            .filter(|(_, id, _)| !seen.contains_key(id))
-            .collect();
-        assert!(
-            missing.is_empty(),
-            "round {round}: {} acked events lost, e.g. {:?}",
-            missing.len(),
-            missing.first()
-        );
+        assert!(seen.values().all(|c| *c == 1), "round {round}: duplicated rows");
+        let missing: Vec<_> = all_acked.iter().filter(|(_, id, _)| !seen.contains_key(id)).collect();
+        assert!(missing.is_empty(), "round {round}: {} acked events lost, e.g. {:?}", missing.len(), missing.first());
         // Per device, acked events appear in the log in the order they were acked.
         for (dev, _) in &devices {
-            let acked_ids: Vec<&str> = all_acked
-                .iter()
-                .filter(|(d, _, _)| d == dev)
-                .map(|(_, id, _)| id.as_str())
-                .collect();
+            let acked_ids: Vec<&str> =
+                all_acked.iter().filter(|(d, _, _)| d == dev).map(|(_, id, _)| id.as_str()).collect();
             let acked_set: HashSet<&str> = acked_ids.iter().copied().collect();
             let log_order: Vec<String> = rows
                 .iter()
@@ -136,16 +118,10 @@ async fn sigkill_under_load_loses_no_acked_event_and_duplicates_none() {
             assert_eq!(log_order, acked_ids, "round {round}: order of {dev}");
         }
     }
-    assert!(
-        all_acked.len() >= 1300,
-        "{} acked in total",
-        all_acked.len()
-    );
+    assert!(all_acked.len() >= 1300, "{} acked in total", all_acked.len());
     // A clean start after all that: the log is consistent and serves.
     let proc = Proc::start(dir.path(), &env);
-    let r = reqwest::get(format!("{}/readyz", proc.base()))
-        .await
-        .unwrap();
+    let r = reqwest::get(format!("{}/readyz", proc.base())).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(proc.terminate().code(), Some(0));
 }
@@ -154,10 +130,7 @@ async fn sigkill_under_load_loses_no_acked_event_and_duplicates_none() {
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let devices = add_devices(dir.path(), 4);
-    let env = [
-        ("OUTPOST_LIMITS__PER_SECOND", "100000"),
-        ("OUTPOST_LIMITS__PER_MINUTE", "1000000"),
-    ];
+    let env = [("OUTPOST_LIMITS__PER_SECOND", "100000"), ("OUTPOST_LIMITS__PER_MINUTE", "1000000")];
     let proc = Proc::start(dir.path(), &env);
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicUsize::new(0));
@@ -170,9 +143,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         })
         .await
     );
-    let status = tokio::task::spawn_blocking(move || proc.terminate())
-        .await
-        .unwrap();
+    let status = tokio::task::spawn_blocking(move || proc.terminate()).await.unwrap();
     stop.store(true, Ordering::Relaxed);
     assert_eq!(status.code(), Some(0), "SIGTERM exit status");
     let mut acked = 0;

@@ -44,33 +44,20 @@ async fn post_event_is_stored_and_queryable_with_filters_and_cursor() {
     assert_eq!(events[0]["origin_site"], "site-a");
     assert_eq!(all.body["next"], 3);
 
-    let by_device = app
-        .get(&format!("{EVENTS}?device_id=pump-2"), Some(&t1))
-        .await;
+    let by_device = app.get(&format!("{EVENTS}?device_id=pump-2"), Some(&t1)).await;
     assert_eq!(by_device.body["events"].as_array().unwrap().len(), 1);
-    assert_eq!(
-        by_device.body["events"][0]["timestamp"],
-        "2026-01-01T00:00:00Z"
-    );
-    let by_type = app
-        .get(&format!("{EVENTS}?event_type=test.reading"), Some(&t1))
-        .await;
+    assert_eq!(by_device.body["events"][0]["timestamp"], "2026-01-01T00:00:00Z");
+    let by_type = app.get(&format!("{EVENTS}?event_type=test.reading"), Some(&t1)).await;
     assert_eq!(by_type.body["events"].as_array().unwrap().len(), 2);
-    let by_time = app
-        .get(
-            &format!("{EVENTS}?start_time=2025-12-31T00:00:00Z&end_time=2026-01-02T00:00:00Z"),
-            Some(&t1),
-        )
-        .await;
+    let by_time =
+        app.get(&format!("{EVENTS}?start_time=2025-12-31T00:00:00Z&end_time=2026-01-02T00:00:00Z"), Some(&t1)).await;
     assert_eq!(by_time.body["events"].as_array().unwrap().len(), 1);
 
     let page1 = app.get(&format!("{EVENTS}?limit=2"), Some(&t1)).await;
     assert_eq!(page1.body["events"].as_array().unwrap().len(), 2);
     assert_eq!(page1.body["has_more"], true);
     let next = page1.body["next"].as_i64().unwrap();
-    let page2 = app
-        .get(&format!("{EVENTS}?limit=2&after={next}"), Some(&t1))
-        .await;
+    let page2 = app.get(&format!("{EVENTS}?limit=2&after={next}"), Some(&t1)).await;
     assert_eq!(page2.body["events"].as_array().unwrap().len(), 1);
     assert_eq!(page2.body["events"][0]["seq"], 3);
     assert_eq!(page2.body["has_more"], false);
@@ -88,9 +75,7 @@ async fn query_parameters_are_validated_by_name() {
         ("event_type=a%20b", "event_type"),
         ("colour=red", "colour"),
     ] {
-        app.get(&format!("{EVENTS}?{q}"), Some(&t))
-            .await
-            .assert_error(400, "invalid", Some(field));
+        app.get(&format!("{EVENTS}?{q}"), Some(&t)).await.assert_error(400, "invalid", Some(field));
     }
 }
 
@@ -98,9 +83,8 @@ async fn query_parameters_are_validated_by_name() {
 async fn batch_accepts_json_array_and_ndjson_in_one_commit() {
     let app = TestApp::start_with(|c| c.limits.per_second = 100).await;
     let t = app.device("acme", "d1").await;
-    let batch: Vec<Value> = (0..20)
-        .map(|i| json!({"device_id": "d1", "event_type": "b", "payload": {"i": i}}))
-        .collect();
+    let batch: Vec<Value> =
+        (0..20).map(|i| json!({"device_id": "d1", "event_type": "b", "payload": {"i": i}})).collect();
     let r = app.post(EVENTS, Some(&t), &json!(batch)).await;
     assert_eq!(r.status, 201, "{}", r.text);
     assert_eq!(r.body["accepted"], 20);
@@ -108,14 +92,8 @@ async fn batch_accepts_json_array_and_ndjson_in_one_commit() {
     let seqs: Vec<i64> = results.iter().map(|x| x["seq"].as_i64().unwrap()).collect();
     assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
 
-    let nd: String = (0..5)
-        .map(|i| {
-            format!(
-                "{}\n",
-                json!({"device_id": "d1", "event_type": "n", "payload": {"i": i}})
-            )
-        })
-        .collect();
+    let nd: String =
+        (0..5).map(|i| format!("{}\n", json!({"device_id": "d1", "event_type": "n", "payload": {"i": i}}))).collect();
     let r = app
         .client
         .post(app.url(EVENTS))
@@ -131,19 +109,15 @@ async fn batch_accepts_json_array_and_ndjson_in_one_commit() {
     assert_eq!(app.log_rows().len(), 25);
     // The commit histogram saw one 20-row group.
     let m = app.get("/metrics", None).await.text;
-    assert!(
-        m.contains("outpost_commit_batch_rows_bucket{le=\"20.0\"}"),
-        "{m}"
-    );
+    assert!(m.contains("outpost_commit_batch_rows_bucket{le=\"20.0\"}"), "{m}");
 }
 
 #[tokio::test]
 async fn one_invalid_item_rejects_the_whole_batch_naming_its_index() {
     let app = TestApp::start_with(|c| c.limits.per_second = 100).await;
     let t = app.device("acme", "d1").await;
-    let mut batch: Vec<Value> = (0..5)
-        .map(|i| json!({"device_id": "d1", "event_type": "b", "payload": {"i": i}}))
-        .collect();
+    let mut batch: Vec<Value> =
+        (0..5).map(|i| json!({"device_id": "d1", "event_type": "b", "payload": {"i": i}})).collect();
     batch[3]["event_type"] = json!("bad type");
     let r = app.post(EVENTS, Some(&t), &json!(batch)).await;
     r.assert_error(400, "invalid", Some("event_type"));
@@ -166,12 +140,8 @@ async fn one_invalid_item_rejects_the_whole_batch_naming_its_index() {
     r.assert_error(409, "id_conflict", Some("id"));
     assert_eq!(r.body["index"], 2);
     // Not an array at all.
-    app.post(EVENTS, Some(&t), &json!({"device_id": "d1"}))
-        .await
-        .assert_error(400, "invalid", Some("events"));
-    app.post(EVENTS, Some(&t), &json!([]))
-        .await
-        .assert_error(400, "invalid", Some("events"));
+    app.post(EVENTS, Some(&t), &json!({"device_id": "d1"})).await.assert_error(400, "invalid", Some("events"));
+    app.post(EVENTS, Some(&t), &json!([])).await.assert_error(400, "invalid", Some("events"));
     assert_eq!(app.log_rows().len(), 1, "only d2's event is in the log");
 }
 
@@ -183,12 +153,8 @@ async fn oversized_batch_is_refused() {
     })
     .await;
     let t = app.device("acme", "d1").await;
-    let batch: Vec<Value> = (0..4)
-        .map(|_| json!({"device_id": "d1", "event_type": "b", "payload": {}}))
-        .collect();
-    app.post(EVENTS, Some(&t), &json!(batch))
-        .await
-        .assert_error(413, "batch_too_large", None);
+    let batch: Vec<Value> = (0..4).map(|_| json!({"device_id": "d1", "event_type": "b", "payload": {}})).collect();
+    app.post(EVENTS, Some(&t), &json!(batch)).await.assert_error(413, "batch_too_large", None);
     assert!(app.log_rows().is_empty());
 }
 
@@ -208,7 +174,8 @@ async fn repeated_id_returns_the_original_and_writes_nothing() {
     assert_eq!(app.log_rows().len(), 1);
     // The same id inside one batch: the second copy is the duplicate.
     let t2 = app.device("acme", "d2").await;
-    let item = json!({"device_id": "d2", "event_type": "x", "payload": {}, "id": "1b4e28ba-2fa1-11d2-883f-0016d3cca427"});
+    let item =
+        json!({"device_id": "d2", "event_type": "x", "payload": {}, "id": "1b4e28ba-2fa1-11d2-883f-0016d3cca427"});
     let r = app.post(EVENTS, Some(&t2), &json!([item, item])).await;
     assert_eq!(r.status, 201, "{}", r.text);
     assert_eq!(r.body["accepted"], 1);
@@ -229,18 +196,12 @@ async fn every_auth_refusal_has_its_status_and_code() {
     assert!(r.header("www-authenticate").unwrap().starts_with("Bearer"));
     // Bad signature: a token signed with another secret.
     let other_dir = tempfile::tempdir().unwrap();
-    let forged = issuer(&common::test_config(other_dir.path()))
-        .issue_device("acme", "d1", &common::RW, None)
-        .unwrap();
-    app.post(EVENT, Some(&forged), &body)
-        .await
-        .assert_error(401, "invalid_token", None);
+    let forged = issuer(&common::test_config(other_dir.path())).issue_device("acme", "d1", &common::RW, None).unwrap();
+    app.post(EVENT, Some(&forged), &body).await.assert_error(401, "invalid_token", None);
     // Tampered payload keeps the old signature.
     let mut parts: Vec<String> = good.split('.').map(String::from).collect();
     parts[1] = parts[1].chars().rev().collect();
-    app.post(EVENT, Some(&parts.join(".")), &body)
-        .await
-        .assert_error(401, "invalid_token", None);
+    app.post(EVENT, Some(&parts.join(".")), &body).await.assert_error(401, "invalid_token", None);
     // alg: none.
     use base64_url as b64;
     let none = format!(
@@ -248,13 +209,9 @@ async fn every_auth_refusal_has_its_status_and_code() {
         b64::encode(r#"{"alg":"none","typ":"JWT"}"#),
         b64::encode(r#"{"sub":"d1","tenant":"acme","perms":["write_events"],"exp":9999999999}"#)
     );
-    app.post(EVENT, Some(&none), &body)
-        .await
-        .assert_error(401, "invalid_token", None);
+    app.post(EVENT, Some(&none), &body).await.assert_error(401, "invalid_token", None);
     // Garbage.
-    app.post(EVENT, Some("not.a.jwt"), &body)
-        .await
-        .assert_error(401, "invalid_token", None);
+    app.post(EVENT, Some("not.a.jwt"), &body).await.assert_error(401, "invalid_token", None);
     // Expired (beyond the leeway).
     let claims = json!({"sub": "d1", "tenant": "acme", "perms": ["write_events"], "exp": 1_000_000_000, "jti": "x"});
     let secret = std::fs::read_to_string(app.config.secret_path()).unwrap();
@@ -264,64 +221,30 @@ async fn every_auth_refusal_has_its_status_and_code() {
         &jsonwebtoken::EncodingKey::from_secret(secret.trim().as_bytes()),
     )
     .unwrap();
-    app.post(EVENT, Some(&expired), &body)
-        .await
-        .assert_error(401, "token_expired", None);
+    app.post(EVENT, Some(&expired), &body).await.assert_error(401, "token_expired", None);
     // Other tenant: the token is acme's, the path globex's.
-    app.post("/api/v1/realtime/globex/event", Some(&good), &body)
-        .await
-        .assert_error(403, "wrong_tenant", None);
+    app.post("/api/v1/realtime/globex/event", Some(&good), &body).await.assert_error(403, "wrong_tenant", None);
     // Missing permission.
     let reader = app.register("acme", "ro", &["read_events"]).await;
     let ro_body = json!({"device_id": "ro", "event_type": "x", "payload": {}});
-    app.post(EVENT, Some(&reader), &ro_body)
-        .await
-        .assert_error(403, "missing_permission", None);
+    app.post(EVENT, Some(&reader), &ro_body).await.assert_error(403, "missing_permission", None);
     let writer = app.register("acme", "wo", &["write_events"]).await;
-    app.get(EVENTS, Some(&writer))
-        .await
-        .assert_error(403, "missing_permission", None);
+    app.get(EVENTS, Some(&writer)).await.assert_error(403, "missing_permission", None);
     // Another device's id.
-    let r = app
-        .post(
-            EVENT,
-            Some(&good),
-            &json!({"device_id": "d2", "event_type": "x", "payload": {}}),
-        )
-        .await;
+    let r = app.post(EVENT, Some(&good), &json!({"device_id": "d2", "event_type": "x", "payload": {}})).await;
     r.assert_error(403, "other_device", Some("device_id"));
     // Unknown device (valid signature, never registered).
-    let ghost = auth
-        .issue_device("acme", "ghost", &common::RW, None)
-        .unwrap();
-    app.post(EVENT, Some(&ghost), &body)
-        .await
-        .assert_error(401, "unknown_device", None);
+    let ghost = auth.issue_device("acme", "ghost", &common::RW, None).unwrap();
+    app.post(EVENT, Some(&ghost), &body).await.assert_error(401, "unknown_device", None);
     // Device tokens cannot administer.
-    app.get("/api/v1/realtime/acme/devices", Some(&good))
-        .await
-        .assert_error(403, "admin_required", None);
+    app.get("/api/v1/realtime/acme/devices", Some(&good)).await.assert_error(403, "admin_required", None);
     // Revoked: the same token that worked a moment ago.
     assert_eq!(app.post(EVENT, Some(&good), &body).await.status, 201);
-    let r = app
-        .client
-        .delete(app.url("/api/v1/realtime/acme/device/d1"))
-        .bearer_auth(&app.admin)
-        .send()
-        .await
-        .unwrap();
+    let r = app.client.delete(app.url("/api/v1/realtime/acme/device/d1")).bearer_auth(&app.admin).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    app.post(EVENT, Some(&good), &body)
-        .await
-        .assert_error(401, "device_revoked", None);
+    app.post(EVENT, Some(&good), &body).await.assert_error(401, "device_revoked", None);
     // A revoked id cannot be registered again (its old tokens would come back).
-    let r = app
-        .post(
-            "/api/v1/realtime/acme/device/register",
-            Some(&app.admin),
-            &json!({"device_id": "d1"}),
-        )
-        .await;
+    let r = app.post("/api/v1/realtime/acme/device/register", Some(&app.admin), &json!({"device_id": "d1"})).await;
     r.assert_error(409, "device_exists", Some("device_id"));
     assert_eq!(app.log_rows().len(), 1, "only the one accepted event");
 }
@@ -333,10 +256,7 @@ mod base64_url {
         let b = s.as_bytes();
         let mut out = String::new();
         for chunk in b.chunks(3) {
-            let n = chunk
-                .iter()
-                .enumerate()
-                .fold(0u32, |acc, (i, &x)| acc | (u32::from(x) << (16 - 8 * i)));
+            let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &x)| acc | (u32::from(x) << (16 - 8 * i)));
             for i in 0..=chunk.len() {
                 out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
             }
@@ -357,128 +277,41 @@ async fn every_validation_error_names_its_field_and_writes_nothing() {
     let deep = (0..40).fold(json!({}), |acc, _| json!({"a": acc}));
     let big = json!({"x": "y".repeat(70 * 1024)});
     let cases: Vec<(Value, u16, &str, &str)> = vec![
-        (
-            json!({"device_id": long_id, "event_type": "x", "payload": {}}),
-            403,
-            "other_device",
-            "device_id",
-        ),
-        (
-            json!({"device_id": "d1", "event_type": "", "payload": {}}),
-            400,
-            "invalid",
-            "event_type",
-        ),
-        (
-            json!({"device_id": "d1", "event_type": "e".repeat(101), "payload": {}}),
-            400,
-            "invalid",
-            "event_type",
-        ),
-        (
-            json!({"device_id": "d1", "event_type": "a/b", "payload": {}}),
-            400,
-            "invalid",
-            "event_type",
-        ),
-        (
-            json!({"device_id": "d1", "event_type": "x", "payload": [1, 2]}),
-            400,
-            "invalid",
-            "payload",
-        ),
-        (
-            json!({"device_id": "d1", "event_type": "x", "payload": "s"}),
-            400,
-            "invalid",
-            "payload",
-        ),
-        (
-            json!({"device_id": "d1", "event_type": "x", "payload": deep}),
-            400,
-            "invalid",
-            "payload",
-        ),
-        (
-            json!({"device_id": "d1", "event_type": "x", "payload": big}),
-            400,
-            "invalid",
-            "payload",
-        ),
-        (
-            json!({"device_id": "d1", "event_type": "x", "payload": {}, "id": "123"}),
-            400,
-            "invalid",
-            "id",
-        ),
+        (json!({"device_id": long_id, "event_type": "x", "payload": {}}), 403, "other_device", "device_id"),
+        (json!({"device_id": "d1", "event_type": "", "payload": {}}), 400, "invalid", "event_type"),
+        (json!({"device_id": "d1", "event_type": "e".repeat(101), "payload": {}}), 400, "invalid", "event_type"),
+        (json!({"device_id": "d1", "event_type": "a/b", "payload": {}}), 400, "invalid", "event_type"),
+        (json!({"device_id": "d1", "event_type": "x", "payload": [1, 2]}), 400, "invalid", "payload"),
+        (json!({"device_id": "d1", "event_type": "x", "payload": "s"}), 400, "invalid", "payload"),
+        (json!({"device_id": "d1", "event_type": "x", "payload": deep}), 400, "invalid", "payload"),
+        (json!({"device_id": "d1", "event_type": "x", "payload": big}), 400, "invalid", "payload"),
+        (json!({"device_id": "d1", "event_type": "x", "payload": {}, "id": "123"}), 400, "invalid", "id"),
         (
             json!({"device_id": "d1", "event_type": "x", "payload": {}, "timestamp": "noon"}),
             400,
             "invalid",
             "timestamp",
         ),
-        (
-            json!({"device_id": "d1", "event_type": "x"}),
-            400,
-            "invalid_json",
-            "payload",
-        ),
-        (
-            json!({"event_type": "x", "payload": {}}),
-            400,
-            "invalid_json",
-            "device_id",
-        ),
-        (
-            json!({"device_id": "d1", "event_type": "x", "payload": {}, "colour": 1}),
-            400,
-            "invalid_json",
-            "colour",
-        ),
-        (
-            json!({"device_id": 5, "event_type": "x", "payload": {}}),
-            400,
-            "invalid_json",
-            "device_id",
-        ),
+        (json!({"device_id": "d1", "event_type": "x"}), 400, "invalid_json", "payload"),
+        (json!({"event_type": "x", "payload": {}}), 400, "invalid_json", "device_id"),
+        (json!({"device_id": "d1", "event_type": "x", "payload": {}, "colour": 1}), 400, "invalid_json", "colour"),
+        (json!({"device_id": 5, "event_type": "x", "payload": {}}), 400, "invalid_json", "device_id"),
     ];
     for (body, status, code, field) in cases {
         let r = app.post(EVENT, Some(&t), &body).await;
         r.assert_error(status, code, Some(field));
     }
     // Not JSON at all.
-    let r = app
-        .client
-        .post(app.url(EVENT))
-        .bearer_auth(&t)
-        .body("{not json")
-        .send()
-        .await
-        .unwrap();
+    let r = app.client.post(app.url(EVENT)).bearer_auth(&t).body("{not json").send().await.unwrap();
     Resp::from(r).await.assert_error(400, "invalid_json", None);
     // The limit is named in the message.
-    let r = app
-        .post(
-            EVENT,
-            Some(&t),
-            &json!({"device_id": "d1", "event_type": "x", "payload": big}),
-        )
-        .await;
-    assert!(
-        r.body["message"].as_str().unwrap().contains("65536"),
-        "{}",
-        r.text
-    );
+    let r = app.post(EVENT, Some(&t), &json!({"device_id": "d1", "event_type": "x", "payload": big})).await;
+    assert!(r.body["message"].as_str().unwrap().contains("65536"), "{}", r.text);
     // A bad tenant in the path.
-    app.post("/api/v1/realtime/Acme!/event", Some(&t), &json!({}))
-        .await
-        .assert_error(400, "invalid", Some("tenant"));
+    app.post("/api/v1/realtime/Acme!/event", Some(&t), &json!({})).await.assert_error(400, "invalid", Some("tenant"));
     assert!(app.log_rows().is_empty());
     let m = app.get("/metrics", None).await.text;
-    assert!(
-        m.contains("outpost_events_rejected_total{protocol=\"http\",reason=\"invalid\"}"),
-        "{m}"
-    );
+    assert!(m.contains("outpost_events_rejected_total{protocol=\"http\",reason=\"invalid\"}"), "{m}");
 }
 
 #[tokio::test]
@@ -491,17 +324,12 @@ async fn bodies_over_the_cap_get_413_before_being_read() {
     let t = app.device("acme", "d1").await;
     // Declared length over the cap.
     let body = json!({"device_id": "d1", "event_type": "x", "payload": {"x": "y".repeat(10_000)}});
-    app.post(EVENT, Some(&t), &body)
-        .await
-        .assert_error(413, "body_too_large", None);
+    app.post(EVENT, Some(&t), &body).await.assert_error(413, "body_too_large", None);
     // Chunked (no Content-Length): cut off while streaming, without reading it all.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut sock = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    let head = format!(
-        "POST {EVENT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nTransfer-Encoding: chunked\r\n\r\n"
-    );
+    let mut sock = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://")).await.unwrap();
+    let head =
+        format!("POST {EVENT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nTransfer-Encoding: chunked\r\n\r\n");
     sock.write_all(head.as_bytes()).await.unwrap();
     let chunk = format!("400\r\n{}\r\n", " ".repeat(1024));
     let mut sent = 0;
@@ -513,8 +341,7 @@ async fn bodies_over_the_cap_get_413_before_being_read() {
         }
         sent += 1024;
         let mut buf = [0u8; 4096];
-        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), sock.read(&mut buf)).await
-        {
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), sock.read(&mut buf)).await {
             reply.extend_from_slice(&buf[..n]);
             if n > 0 {
                 break;
@@ -523,27 +350,17 @@ async fn bodies_over_the_cap_get_413_before_being_read() {
     }
     if reply.is_empty() {
         let mut buf = [0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await.unwrap().unwrap();
         reply.extend_from_slice(&buf[..n]);
     }
     let reply = String::from_utf8_lossy(&reply);
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
     assert!(reply.contains("body_too_large"), "{reply}");
-    assert!(
-        sent < 1024 * 1024,
-        "server read {sent} bytes before refusing"
-    );
+    assert!(sent < 1024 * 1024, "server read {sent} bytes before refusing");
     assert!(app.log_rows().is_empty());
 }
 
-async fn assert_window_refuses(
-    set: impl FnOnce(&mut outpost::config::Config),
-    window: &str,
-    limit: usize,
-) {
+async fn assert_window_refuses(set: impl FnOnce(&mut outpost::config::Config), window: &str, limit: usize) {
     let app = TestApp::start_with(|c| {
         c.limits.per_second = 1000;
         c.limits.per_minute = 1000;
@@ -560,17 +377,10 @@ async fn assert_window_refuses(
     r.assert_error(429, "rate_limited", Some(window));
     let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
     assert!(retry >= 1, "Retry-After {retry}");
-    assert!(
-        r.body["message"].as_str().unwrap().contains(window),
-        "{}",
-        r.text
-    );
+    assert!(r.body["message"].as_str().unwrap().contains(window), "{}", r.text);
     // Another device is not affected.
     let t2 = app.device("acme", "d2").await;
-    assert_eq!(
-        app.post_event("acme", &t2, "d2", json!({})).await.status,
-        201
-    );
+    assert_eq!(app.post_event("acme", &t2, "d2", json!({})).await.status, 201);
     assert_eq!(app.log_rows().len(), limit + 1);
 }
 
@@ -592,31 +402,19 @@ async fn per_hour_window_answers_429_with_retry_after() {
 #[tokio::test]
 async fn tenant_override_applies_to_its_devices_only() {
     let app = TestApp::start_with(|c| {
-        c.limits.tenants.insert(
-            "acme".into(),
-            outpost::config::RateOverride {
-                per_second: Some(2),
-                ..Default::default()
-            },
-        );
+        c.limits
+            .tenants
+            .insert("acme".into(), outpost::config::RateOverride { per_second: Some(2), ..Default::default() });
     })
     .await;
     let a = app.device("acme", "d1").await;
     let g = app.device("globex", "d1").await;
     for _ in 0..2 {
-        assert_eq!(
-            app.post_event("acme", &a, "d1", json!({})).await.status,
-            201
-        );
+        assert_eq!(app.post_event("acme", &a, "d1", json!({})).await.status, 201);
     }
-    app.post_event("acme", &a, "d1", json!({}))
-        .await
-        .assert_error(429, "rate_limited", Some("per_second"));
+    app.post_event("acme", &a, "d1", json!({})).await.assert_error(429, "rate_limited", Some("per_second"));
     for _ in 0..5 {
-        assert_eq!(
-            app.post_event("globex", &g, "d1", json!({})).await.status,
-            201
-        );
+        assert_eq!(app.post_event("globex", &g, "d1", json!({})).await.status, 201);
     }
 }
 
@@ -632,9 +430,7 @@ async fn full_log_refuses_with_503_and_loses_nothing_acked() {
     let t = app.device("acme", "d1").await;
     let mut acked = Vec::new();
     let refusal = loop {
-        let r = app
-            .post_event("acme", &t, "d1", json!({"pad": "p".repeat(8000)}))
-            .await;
+        let r = app.post_event("acme", &t, "d1", json!({"pad": "p".repeat(8000)})).await;
         match r.status {
             201 => acked.push(r.body["id"].as_str().unwrap().to_string()),
             _ => break r,
@@ -645,9 +441,7 @@ async fn full_log_refuses_with_503_and_loses_nothing_acked() {
     assert!(refusal.header("retry-after").is_some());
     assert!(acked.len() > 50, "{} acked before full", acked.len());
     // Still refused, still nothing dropped, and the rows survive a restart.
-    app.post_event("acme", &t, "d1", json!({"pad": "p".repeat(8000)}))
-        .await
-        .assert_error(503, "log_full", None);
+    app.post_event("acme", &t, "d1", json!({"pad": "p".repeat(8000)})).await.assert_error(503, "log_full", None);
     let m = app.get("/metrics", None).await.text;
     assert!(m.contains("reason=\"log_full\""), "{m}");
     app.restart().await;
@@ -669,12 +463,7 @@ async fn restart_keeps_every_event_and_device() {
     assert_eq!(r.status, 201, "{}", r.text);
     assert_eq!(r.body["seq"], 6, "seq continues after restart");
     let got = app.get(EVENTS, Some(&t)).await;
-    let got_ids: Vec<Value> = got.body["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["id"].clone())
-        .collect();
+    let got_ids: Vec<Value> = got.body["events"].as_array().unwrap().iter().map(|e| e["id"].clone()).collect();
     assert_eq!(&got_ids[..5], &ids[..]);
 }
 
@@ -692,19 +481,8 @@ async fn device_admin_endpoints_register_list_and_revoke() {
     assert_eq!(r.body["device"]["device_id"], "pump-7");
     let token = r.body["token"].as_str().unwrap().to_string();
     // Generated id when none is given.
-    let r = app
-        .post(
-            "/api/v1/realtime/acme/device/register",
-            Some(&app.admin),
-            &json!({}),
-        )
-        .await;
-    assert!(
-        r.body["device"]["device_id"]
-            .as_str()
-            .unwrap()
-            .starts_with("dev-")
-    );
+    let r = app.post("/api/v1/realtime/acme/device/register", Some(&app.admin), &json!({})).await;
+    assert!(r.body["device"]["device_id"].as_str().unwrap().starts_with("dev-"));
     // Bad inputs name their field.
     for (body, field) in [
         (json!({"device_id": "a/b"}), "device_id"),
@@ -712,73 +490,32 @@ async fn device_admin_endpoints_register_list_and_revoke() {
         (json!({"device_id": "y", "ttl": "soon"}), "ttl"),
         (json!({"device_id": "z", "colour": 1}), "colour"),
     ] {
-        app.post(
-            "/api/v1/realtime/acme/device/register",
-            Some(&app.admin),
-            &body,
-        )
-        .await
-        .assert_error(
+        app.post("/api/v1/realtime/acme/device/register", Some(&app.admin), &body).await.assert_error(
             400,
-            if field == "colour" {
-                "invalid_json"
-            } else {
-                "invalid"
-            },
+            if field == "colour" { "invalid_json" } else { "invalid" },
             Some(field),
         );
     }
-    app.post(
-        "/api/v1/realtime/acme/device/register",
-        Some(&app.admin),
-        &json!({"device_id": "pump-7"}),
-    )
-    .await
-    .assert_error(409, "device_exists", Some("device_id"));
+    app.post("/api/v1/realtime/acme/device/register", Some(&app.admin), &json!({"device_id": "pump-7"}))
+        .await
+        .assert_error(409, "device_exists", Some("device_id"));
     for _ in 0..3 {
-        assert_eq!(
-            app.post_event("acme", &token, "pump-7", json!({}))
-                .await
-                .status,
-            201
-        );
+        assert_eq!(app.post_event("acme", &token, "pump-7", json!({})).await.status, 201);
     }
-    let list = app
-        .get("/api/v1/realtime/acme/devices", Some(&app.admin))
-        .await;
+    let list = app.get("/api/v1/realtime/acme/devices", Some(&app.admin)).await;
     let devices = list.body["devices"].as_array().unwrap();
     let p7 = devices.iter().find(|d| d["device_id"] == "pump-7").unwrap();
     assert_eq!(p7["event_count"], 3);
     assert!(p7["last_seen"].is_string());
     assert_eq!(p7["name"], "Pump 7");
-    let r = app
-        .client
-        .delete(app.url("/api/v1/realtime/acme/device/nobody"))
-        .bearer_auth(&app.admin)
-        .send()
-        .await
-        .unwrap();
-    Resp::from(r)
-        .await
-        .assert_error(404, "device_not_found", None);
-    let r = app
-        .client
-        .delete(app.url("/api/v1/realtime/acme/device/pump-7"))
-        .bearer_auth(&app.admin)
-        .send()
-        .await
-        .unwrap();
+    let r =
+        app.client.delete(app.url("/api/v1/realtime/acme/device/nobody")).bearer_auth(&app.admin).send().await.unwrap();
+    Resp::from(r).await.assert_error(404, "device_not_found", None);
+    let r =
+        app.client.delete(app.url("/api/v1/realtime/acme/device/pump-7")).bearer_auth(&app.admin).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let list = app
-        .get("/api/v1/realtime/acme/devices", Some(&app.admin))
-        .await;
-    let p7 = list.body["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["device_id"] == "pump-7")
-        .unwrap()
-        .clone();
+    let list = app.get("/api/v1/realtime/acme/devices", Some(&app.admin)).await;
+    let p7 = list.body["devices"].as_array().unwrap().iter().find(|d| d["device_id"] == "pump-7").unwrap().clone();
     assert!(p7["revoked_at"].is_string());
 }
 
@@ -806,9 +543,7 @@ async fn health_readiness_metrics_status_and_page() {
     let page = app.get("/", None).await;
     assert_eq!(page.status, 200);
     assert!(page.text.contains("site-a") && page.text.contains("waiting to forward"));
-    app.get("/nope", None)
-        .await
-        .assert_error(404, "not_found", None);
+    app.get("/nope", None).await.assert_error(404, "not_found", None);
 }
 
 #[tokio::test]
@@ -852,11 +587,7 @@ async fn concurrent_posts_are_group_committed_and_all_acked() {
         let is: Vec<i64> = rows
             .iter()
             .filter(|e| e.device_id == dev)
-            .map(|e| {
-                serde_json::from_str::<Value>(e.payload.get()).unwrap()["i"]
-                    .as_i64()
-                    .unwrap()
-            })
+            .map(|e| serde_json::from_str::<Value>(e.payload.get()).unwrap()["i"].as_i64().unwrap())
             .collect();
         assert_eq!(is, (0..25).collect::<Vec<_>>());
     }

@@ -16,11 +16,7 @@ use uuid::Uuid;
 #[derive(Debug, Clone)]
 enum Op {
     /// Append `n` new events from `device`, optionally re-sending an earlier id.
-    Append {
-        device: u8,
-        n: usize,
-        resend: Option<usize>,
-    },
+    Append { device: u8, n: usize, resend: Option<usize> },
     /// A batch whose middle item reuses an id owned by another device: refused whole.
     Conflicting { n: usize },
     /// Forward the oldest `n` pending rows.
@@ -72,25 +68,16 @@ fn event(device: &str, id: Uuid) -> Event {
 
 fn start(path: &std::path::Path) -> (LogHandle, writer::WriterThread) {
     let conn = log::open_and_migrate(path).unwrap();
-    let cfg = WriterConfig {
-        max_bytes: 1 << 30,
-        commit_max_rows: 1000,
-        commit_max_bytes: 1 << 20,
-        queue_capacity: 16,
-    };
-    writer::spawn(conn, cfg, Arc::new(Metrics::new())).unwrap()
+    let cfg = WriterConfig { max_bytes: 1 << 30, commit_max_rows: 1000, commit_max_bytes: 1 << 20, queue_capacity: 16 };
+    writer::spawn(conn, cfg, Arc::new(Metrics::new()), Arc::new(tokio::sync::Notify::new())).unwrap()
 }
 
 async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log.sqlite");
     let (mut handle, mut thread) = start(&path);
-    let mut m = Model {
-        pending: VecDeque::new(),
-        forwarded: Vec::new(),
-        owners: HashMap::new(),
-        acked_order: Vec::new(),
-    };
+    let mut m =
+        Model { pending: VecDeque::new(), forwarded: Vec::new(), owners: HashMap::new(), acked_order: Vec::new() };
     for op in ops {
         match op {
             Op::Append { device, n, resend } => {
@@ -100,9 +87,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 // duplicate, not a new row. (Once retention pruned an id, a resend
                 // is a new row; the central ON CONFLICT catches that one.)
                 let own: Vec<Uuid> = m.in_log().filter(|id| m.owners[id] == dev).collect();
-                let resent = resend
-                    .filter(|_| !own.is_empty())
-                    .map(|i| own[i % own.len()]);
+                let resent = resend.filter(|_| !own.is_empty()).map(|i| own[i % own.len()]);
                 if let Some(id) = resent {
                     events.insert(n / 2, event(&dev, id));
                 }
@@ -127,10 +112,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let mut events: Vec<Event> = (0..n).map(|_| event(thief, Uuid::now_v7())).collect();
                 events[n / 2].id = taken;
                 let err = handle.append(events).await.unwrap_err();
-                prop_assert!(
-                    matches!(err, log::Error::IdConflict { index, .. } if index == n / 2),
-                    "{err}"
-                );
+                prop_assert!(matches!(err, log::Error::IdConflict { index, .. } if index == n / 2), "{err}");
             }
             Op::Forward { n } => {
                 let readers = log::Readers::new(path.clone());
@@ -144,59 +126,32 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
             }
             Op::Prune => {
-                let n = handle
-                    .prune(now_us() + 3_600_000_000, 1_000_000)
-                    .await
-                    .unwrap();
+                let n = handle.prune(now_us() + 3_600_000_000, 1_000_000).await.unwrap();
                 prop_assert_eq!(n, m.forwarded.len());
                 m.forwarded.clear();
             }
             Op::Reopen => {
                 drop(handle);
-                tokio::task::spawn_blocking(move || thread.join())
-                    .await
-                    .unwrap();
+                tokio::task::spawn_blocking(move || thread.join()).await.unwrap();
                 (handle, thread) = start(&path);
             }
         }
         // Invariants against the file itself.
         let conn = log::open(&path, true).unwrap();
         let rows = schema::all_events(&conn).unwrap();
-        prop_assert!(
-            rows.windows(2).all(|w| w[0].seq < w[1].seq),
-            "seq not increasing"
-        );
-        let expected: Vec<Uuid> = m
-            .forwarded
-            .iter()
-            .chain(m.pending.iter())
-            .copied()
-            .collect();
+        prop_assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq), "seq not increasing");
+        let expected: Vec<Uuid> = m.forwarded.iter().chain(m.pending.iter()).copied().collect();
         let mut in_log: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let mut want = expected.clone();
         in_log.sort();
         want.sort();
         prop_assert_eq!(in_log, want, "log rows differ from the model");
-        let pending: Vec<Uuid> = rows
-            .iter()
-            .filter(|r| r.forwarded_at.is_none())
-            .map(|r| r.id)
-            .collect();
-        prop_assert_eq!(
-            pending,
-            m.pending.iter().copied().collect::<Vec<_>>(),
-            "pending order"
-        );
-        prop_assert!(
-            rows.iter()
-                .filter(|r| r.forwarded_at.is_some())
-                .all(|r| m.forwarded.contains(&r.id))
-        );
+        let pending: Vec<Uuid> = rows.iter().filter(|r| r.forwarded_at.is_none()).map(|r| r.id).collect();
+        prop_assert_eq!(pending, m.pending.iter().copied().collect::<Vec<_>>(), "pending order");
+        prop_assert!(rows.iter().filter(|r| r.forwarded_at.is_some()).all(|r| m.forwarded.contains(&r.id)));
     }
     drop(handle);
-    tokio::task::spawn_blocking(move || thread.join())
-        .await
-        .unwrap();
+    tokio::task::spawn_blocking(move || thread.join()).await.unwrap();
     Ok(())
 }
 

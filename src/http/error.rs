@@ -38,14 +38,7 @@ struct Body<'a> {
 impl ApiError {
     /// An error with a status, a code and a message.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-            field: None,
-            index: None,
-            retry_after: None,
-        }
+        Self { status, code, message: message.into(), field: None, index: None, retry_after: None }
     }
 
     /// 400 naming the offending field.
@@ -68,11 +61,7 @@ impl ApiError {
     /// 500 for an unexpected failure: logged here, described generically.
     pub fn internal(context: &str, err: &dyn std::fmt::Display) -> Self {
         tracing::error!(error = %err, "{context}");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error; see the appliance log",
-        )
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the appliance log")
     }
 }
 
@@ -93,10 +82,7 @@ impl IntoResponse for ApiError {
         let mut resp = (self.status, Json(body)).into_response();
         let h = resp.headers_mut();
         if self.status == StatusCode::UNAUTHORIZED {
-            let v = format!(
-                "Bearer realm=\"outpost\", error=\"invalid_token\", error_description=\"{}\"",
-                self.code
-            );
+            let v = format!("Bearer realm=\"outpost\", error=\"invalid_token\", error_description=\"{}\"", self.code);
             if let Ok(v) = HeaderValue::from_str(&v) {
                 h.insert(header::WWW_AUTHENTICATE, v);
             }
@@ -131,13 +117,9 @@ impl From<ingest::Error> for ApiError {
     fn from(e: ingest::Error) -> Self {
         let message = e.to_string();
         match e {
-            ingest::Error::Invalid { index, invalid } => {
-                ApiError::bad_field(invalid.field, message).with_index(index)
-            }
+            ingest::Error::Invalid { index, invalid } => ApiError::bad_field(invalid.field, message).with_index(index),
             ingest::Error::OtherDevice { index, .. } => {
-                ApiError::new(StatusCode::FORBIDDEN, "other_device", message)
-                    .with_field("device_id")
-                    .with_index(index)
+                ApiError::new(StatusCode::FORBIDDEN, "other_device", message).with_field("device_id").with_index(index)
             }
             ingest::Error::BatchTooLarge { .. } => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large", message)
@@ -153,19 +135,13 @@ impl From<ingest::Error> for ApiError {
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "log_full", message)
             },
             ingest::Error::IdConflict { index, .. } => {
-                ApiError::new(StatusCode::CONFLICT, "id_conflict", message)
-                    .with_field("id")
-                    .with_index(index)
+                ApiError::new(StatusCode::CONFLICT, "id_conflict", message).with_field("id").with_index(index)
             }
             ingest::Error::Unavailable(inner) => {
                 tracing::error!(error = %inner, "ingest: site log unavailable");
                 ApiError {
                     retry_after: Some(Duration::from_secs(5)),
-                    ..ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "unavailable",
-                        "site log unavailable; retry",
-                    )
+                    ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "site log unavailable; retry")
                 }
             }
         }
@@ -176,8 +152,7 @@ impl From<log::Error> for ApiError {
     fn from(e: log::Error) -> Self {
         match &e {
             log::Error::DeviceExists { .. } | log::Error::DeviceRevoked { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "device_exists", e.to_string())
-                    .with_field("device_id")
+                ApiError::new(StatusCode::CONFLICT, "device_exists", e.to_string()).with_field("device_id")
             }
             log::Error::DeviceNotFound { .. } => {
                 ApiError::new(StatusCode::NOT_FOUND, "device_not_found", e.to_string())

@@ -8,22 +8,11 @@ use serde::de::DeserializeOwned;
 use super::ApiError;
 
 /// Reads at most `max` bytes of body; a declared or actual larger body is 413.
-pub async fn read_body(
-    headers: &HeaderMap,
-    body: Body,
-    max: usize,
-) -> Result<axum::body::Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("request body exceeds {max} bytes"),
-        )
-    };
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
+pub async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<axum::body::Bytes, ApiError> {
+    let too_large =
+        || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body exceeds {max} bytes"));
+    if let Some(len) =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
         && len > max as u64
     {
         return Err(too_large());
@@ -33,11 +22,7 @@ pub async fn read_body(
         if inner.is::<http_body_util::LengthLimitError>() {
             too_large()
         } else {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "body_unreadable",
-                format!("cannot read request body: {inner}"),
-            )
+            ApiError::new(StatusCode::BAD_REQUEST, "body_unreadable", format!("cannot read request body: {inner}"))
         }
     })
 }
@@ -49,11 +34,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let message = inner.to_string();
-        let field = if path == "." || path.is_empty() {
-            field_in_message(&message)
-        } else {
-            Some(path)
-        };
+        let field = if path == "." || path.is_empty() { field_in_message(&message) } else { Some(path) };
         let err = ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", message);
         match field {
             Some(f) => err.with_field(f),
@@ -79,14 +60,7 @@ pub fn split_index(field: &str) -> (Option<usize>, String) {
         && let Ok(i) = rest[..end].parse()
     {
         let tail = rest[end + 1..].trim_start_matches('.');
-        return (
-            Some(i),
-            if tail.is_empty() {
-                "events".into()
-            } else {
-                tail.to_string()
-            },
-        );
+        return (Some(i), if tail.is_empty() { "events".into() } else { tail.to_string() });
     }
     (None, field.to_string())
 }
@@ -95,10 +69,7 @@ pub fn split_index(field: &str) -> (Option<usize>, String) {
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
 #[cfg(test)]
@@ -120,23 +91,8 @@ mod tests {
         struct T {
             a: u8,
         }
-        assert_eq!(
-            parse_json::<T>(b"{}").unwrap_err().field.as_deref(),
-            Some("a")
-        );
-        assert_eq!(
-            parse_json::<T>(br#"{"a":1,"b":2}"#)
-                .unwrap_err()
-                .field
-                .as_deref(),
-            Some("b")
-        );
-        assert_eq!(
-            parse_json::<T>(br#"{"a":"x"}"#)
-                .unwrap_err()
-                .field
-                .as_deref(),
-            Some("a")
-        );
+        assert_eq!(parse_json::<T>(b"{}").unwrap_err().field.as_deref(), Some("a"));
+        assert_eq!(parse_json::<T>(br#"{"a":1,"b":2}"#).unwrap_err().field.as_deref(), Some("b"));
+        assert_eq!(parse_json::<T>(br#"{"a":"x"}"#).unwrap_err().field.as_deref(), Some("a"));
     }
 }

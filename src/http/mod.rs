@@ -18,6 +18,7 @@ pub use error::ApiError;
 
 use crate::auth::Authenticator;
 use crate::event::valid_tenant;
+use crate::forward::ForwardStatus;
 use crate::ingest::IngestHandle;
 use crate::log::{LogHandle, Readers};
 use crate::metrics::Metrics;
@@ -30,6 +31,7 @@ pub struct AppState {
     pub log: LogHandle,
     pub readers: Readers,
     pub metrics: Arc<Metrics>,
+    pub forward: Arc<ForwardStatus>,
     pub site_id: Arc<str>,
     pub max_body: usize,
     pub started: Instant,
@@ -40,10 +42,7 @@ pub fn check_tenant(tenant: &str) -> Result<(), ApiError> {
     if valid_tenant(tenant) {
         Ok(())
     } else {
-        Err(ApiError::bad_field(
-            "tenant",
-            "tenant must match ^[a-z][a-z0-9_]{0,40}$",
-        ))
+        Err(ApiError::bad_field("tenant", "tenant must match ^[a-z][a-z0-9_]{0,40}$"))
     }
 }
 
@@ -57,30 +56,15 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(api::metrics))
         .route("/api/v1/status", get(api::status))
         .route("/api/v1/realtime/{tenant}/event", post(ingest::post_event))
-        .route(
-            "/api/v1/realtime/{tenant}/events",
-            post(ingest::post_events).get(api::query_events),
-        )
-        .route(
-            "/api/v1/realtime/{tenant}/device/register",
-            post(api::register_device),
-        )
-        .route(
-            "/api/v1/realtime/{tenant}/device/{device_id}",
-            delete(api::revoke_device),
-        )
+        .route("/api/v1/realtime/{tenant}/events", post(ingest::post_events).get(api::query_events))
+        .route("/api/v1/realtime/{tenant}/device/register", post(api::register_device))
+        .route("/api/v1/realtime/{tenant}/device/{device_id}", delete(api::revoke_device))
         .route("/api/v1/realtime/{tenant}/devices", get(api::list_devices))
         .fallback(api::not_found)
         .with_state(state)
 }
 
 /// Serves `router` on `listener` until `shutdown`, then drains in-flight requests.
-pub async fn run(
-    listener: TcpListener,
-    router: Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+pub async fn run(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }

@@ -24,29 +24,13 @@ pub async fn post_event(
     body: Body,
 ) -> Result<(StatusCode, Json<Appended>), ApiError> {
     check_tenant(&tenant)?;
-    let principal = state
-        .auth
-        .authorize(bearer(&headers), &tenant, Perm::WriteEvents)
-        .inspect_err(|e| {
-            state.metrics.reject(
-                PROTOCOL,
-                if e.is_unauthenticated() {
-                    "unauthenticated"
-                } else {
-                    "forbidden"
-                },
-                1,
-            );
-        })?;
+    let principal = state.auth.authorize(bearer(&headers), &tenant, Perm::WriteEvents).inspect_err(|e| {
+        state.metrics.reject(PROTOCOL, if e.is_unauthenticated() { "unauthenticated" } else { "forbidden" }, 1);
+    })?;
     let bytes = read_body(&headers, body, state.max_body).await?;
     let input: EventInput = parse_json(&bytes)?;
-    let mut appended = state
-        .ingest
-        .submit(&principal, &tenant, vec![input], false, PROTOCOL)
-        .await?;
-    let first = appended
-        .pop()
-        .ok_or_else(|| ApiError::internal("append", &"empty result"))?;
+    let mut appended = state.ingest.submit(&principal, &tenant, vec![input], false, PROTOCOL).await?;
+    let first = appended.pop().ok_or_else(|| ApiError::internal("append", &"empty result"))?;
     Ok((StatusCode::CREATED, Json(first)))
 }
 
@@ -68,45 +52,18 @@ pub async fn post_events(
     body: Body,
 ) -> Result<(StatusCode, Json<BatchResult>), ApiError> {
     check_tenant(&tenant)?;
-    let principal = state
-        .auth
-        .authorize(bearer(&headers), &tenant, Perm::WriteEvents)
-        .inspect_err(|e| {
-            state.metrics.reject(
-                PROTOCOL,
-                if e.is_unauthenticated() {
-                    "unauthenticated"
-                } else {
-                    "forbidden"
-                },
-                1,
-            );
-        })?;
+    let principal = state.auth.authorize(bearer(&headers), &tenant, Perm::WriteEvents).inspect_err(|e| {
+        state.metrics.reject(PROTOCOL, if e.is_unauthenticated() { "unauthenticated" } else { "forbidden" }, 1);
+    })?;
     let bytes = read_body(&headers, body, state.max_body).await?;
     let ndjson = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            ct.starts_with("application/x-ndjson") || ct.starts_with("application/jsonl")
-        });
-    let inputs = if ndjson {
-        parse_ndjson(&bytes, state.ingest.max_batch())?
-    } else {
-        parse_array(&bytes)?
-    };
-    let results = state
-        .ingest
-        .submit(&principal, &tenant, inputs, true, PROTOCOL)
-        .await?;
+        .is_some_and(|ct| ct.starts_with("application/x-ndjson") || ct.starts_with("application/jsonl"));
+    let inputs = if ndjson { parse_ndjson(&bytes, state.ingest.max_batch())? } else { parse_array(&bytes)? };
+    let results = state.ingest.submit(&principal, &tenant, inputs, true, PROTOCOL).await?;
     let duplicates = results.iter().filter(|r| r.duplicate).count();
-    Ok((
-        StatusCode::CREATED,
-        Json(BatchResult {
-            accepted: results.len() - duplicates,
-            duplicates,
-            results,
-        }),
-    ))
+    Ok((StatusCode::CREATED, Json(BatchResult { accepted: results.len() - duplicates, duplicates, results })))
 }
 
 fn parse_array(bytes: &[u8]) -> Result<Vec<EventInput>, ApiError> {

@@ -21,15 +21,9 @@ pub const FULL_RETRY_AFTER: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{}{}", index.map(|i| format!("event {i}: ")).unwrap_or_default(), invalid)]
-    Invalid {
-        index: Option<usize>,
-        invalid: Invalid,
-    },
+    Invalid { index: Option<usize>, invalid: Invalid },
     #[error("{}device_id {device_id:?} is not the token's device", index.map(|i| format!("event {i}: ")).unwrap_or_default())]
-    OtherDevice {
-        index: Option<usize>,
-        device_id: String,
-    },
+    OtherDevice { index: Option<usize>, device_id: String },
     #[error("batch of {got} events exceeds limits.max_batch = {max}")]
     BatchTooLarge { got: usize, max: usize },
     #[error("batch is empty")]
@@ -39,10 +33,7 @@ pub enum Error {
     #[error("site log is full ({used} of {budget} bytes); retry later")]
     Full { used: u64, budget: u64 },
     #[error("{}id {id} is already used by another device", index.map(|i| format!("event {i}: ")).unwrap_or_default())]
-    IdConflict {
-        index: Option<usize>,
-        id: uuid::Uuid,
-    },
+    IdConflict { index: Option<usize>, id: uuid::Uuid },
     #[error("site log unavailable: {0}")]
     Unavailable(log::Error),
 }
@@ -86,16 +77,7 @@ impl IngestHandle {
         input_limits: InputLimits,
         max_batch: usize,
     ) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                log,
-                limiter,
-                metrics,
-                site_id,
-                input_limits,
-                max_batch,
-            }),
-        }
+        Self { inner: Arc::new(Inner { log, limiter, metrics, site_id, input_limits, max_batch }) }
     }
 
     /// Most events accepted in one batch.
@@ -119,13 +101,9 @@ impl IngestHandle {
         match &result {
             Ok(appended) => {
                 let dup = appended.iter().filter(|a| a.duplicate).count() as u64;
-                m.events_accepted
-                    .get_or_create(&ProtocolLabel { protocol })
-                    .inc_by(appended.len() as u64 - dup);
+                m.events_accepted.get_or_create(&ProtocolLabel { protocol }).inc_by(appended.len() as u64 - dup);
                 if dup > 0 {
-                    m.events_duplicate
-                        .get_or_create(&ProtocolLabel { protocol })
-                        .inc_by(dup);
+                    m.events_duplicate.get_or_create(&ProtocolLabel { protocol }).inc_by(dup);
                 }
             }
             Err(e) => m.reject(protocol, e.reason(), n.max(1) as u64),
@@ -145,10 +123,7 @@ impl IngestHandle {
             return Err(Error::EmptyBatch);
         }
         if inputs.len() > inner.max_batch {
-            return Err(Error::BatchTooLarge {
-                got: inputs.len(),
-                max: inner.max_batch,
-            });
+            return Err(Error::BatchTooLarge { got: inputs.len(), max: inner.max_batch });
         }
         let index = |i: usize| batch.then_some(i);
         let now = now_us();
@@ -157,17 +132,10 @@ impl IngestHandle {
             if let Principal::Device { device_id, .. } = principal
                 && *device_id != input.device_id
             {
-                return Err(Error::OtherDevice {
-                    index: index(i),
-                    device_id: input.device_id,
-                });
+                return Err(Error::OtherDevice { index: index(i), device_id: input.device_id });
             }
-            let e = validate(input, tenant, &inner.site_id, inner.input_limits, now).map_err(
-                |invalid| Error::Invalid {
-                    index: index(i),
-                    invalid,
-                },
-            )?;
+            let e = validate(input, tenant, &inner.site_id, inner.input_limits, now)
+                .map_err(|invalid| Error::Invalid { index: index(i), invalid })?;
             events.push(e);
         }
         // Charge each device once for all its events in this unit.
@@ -179,17 +147,11 @@ impl IngestHandle {
             }
         }
         for (device, count) in counts {
-            inner
-                .limiter
-                .check(tenant, device, count)
-                .map_err(Error::RateLimited)?;
+            inner.limiter.check(tenant, device, count).map_err(Error::RateLimited)?;
         }
         inner.log.append(events).await.map_err(|e| match e {
             log::Error::Full { used, budget } => Error::Full { used, budget },
-            log::Error::IdConflict { index: i, id } => Error::IdConflict {
-                index: index(i),
-                id,
-            },
+            log::Error::IdConflict { index: i, id } => Error::IdConflict { index: index(i), id },
             other => Error::Unavailable(other),
         })
     }

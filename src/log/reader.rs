@@ -21,10 +21,7 @@ pub struct Readers {
 impl Readers {
     /// Readers for the log at `path` (which must already exist).
     pub fn new(path: PathBuf) -> Self {
-        Self {
-            path: Arc::new(path),
-            idle: Arc::new(Mutex::new(Vec::new())),
-        }
+        Self { path: Arc::new(path), idle: Arc::new(Mutex::new(Vec::new())) }
     }
 
     /// Runs `f` on a reader connection on the blocking pool.
@@ -34,16 +31,11 @@ impl Readers {
         F: FnOnce(&Connection) -> Result<T, Error> + Send + 'static,
     {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.with_blocking(f))
-            .await
-            .map_err(|e| Error::Join(e.to_string()))?
+        tokio::task::spawn_blocking(move || this.with_blocking(f)).await.map_err(|e| Error::Join(e.to_string()))?
     }
 
     /// Runs `f` on a reader connection on this thread.
-    pub fn with_blocking<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, Error>,
-    ) -> Result<T, Error> {
+    pub fn with_blocking<T>(&self, f: impl FnOnce(&Connection) -> Result<T, Error>) -> Result<T, Error> {
         let conn = self.idle.lock().ok().and_then(|mut v| v.pop());
         let conn = match conn {
             Some(c) => c,

@@ -14,19 +14,16 @@ use crate::event::{Event, StoredEvent, from_us};
 /// Applies pending migrations from `migrations/sqlite/` (tracked in
 /// `user_version`, so none is applied twice).
 pub fn migrate(conn: &mut Connection) -> Result<(), Error> {
-    let migrations = Migrations::new(vec![M::up(include_str!(
-        "../../migrations/sqlite/0001_site_log.sql"
-    ))]);
+    let migrations = Migrations::new(vec![
+        M::up(include_str!("../../migrations/sqlite/0001_site_log.sql")),
+        M::up(include_str!("../../migrations/sqlite/0002_dead_letter.sql")),
+    ]);
     migrations.to_latest(conn)?;
     Ok(())
 }
 
 /// Inserts one event; `None` when its id is already in the log.
-pub fn insert_event(
-    conn: &Connection,
-    e: &Event,
-    forwarded_at: Option<i64>,
-) -> Result<Option<i64>, Error> {
+pub fn insert_event(conn: &Connection, e: &Event, forwarded_at: Option<i64>) -> Result<Option<i64>, Error> {
     let mut stmt = conn.prepare_cached(
         "INSERT INTO events (id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
@@ -53,11 +50,8 @@ pub fn insert_event(
 
 /// Who owns an event id already in the log: `(seq, tenant, device_id)`.
 pub fn owner_of(conn: &Connection, id: &Uuid) -> Result<Option<(i64, String, String)>, Error> {
-    let mut stmt =
-        conn.prepare_cached("SELECT seq, tenant, device_id FROM events WHERE id = ?1")?;
-    Ok(stmt
-        .query_row([id.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?)
+    let mut stmt = conn.prepare_cached("SELECT seq, tenant, device_id FROM events WHERE id = ?1")?;
+    Ok(stmt.query_row([id.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional()?)
 }
 
 /// Bytes the database's pages hold, free pages excluded.
@@ -69,13 +63,7 @@ pub fn used_bytes(conn: &Connection) -> Result<u64, Error> {
 }
 
 /// Adds `count` events and a last-seen time to a device's counters.
-pub fn bump_device(
-    conn: &Connection,
-    tenant: &str,
-    device_id: &str,
-    count: i64,
-    seen_us: i64,
-) -> Result<(), Error> {
+pub fn bump_device(conn: &Connection, tenant: &str, device_id: &str, count: i64, seen_us: i64) -> Result<(), Error> {
     let mut stmt = conn.prepare_cached(
         "UPDATE devices SET event_count = event_count + ?3, last_seen = max(coalesce(last_seen, 0), ?4)
          WHERE tenant = ?1 AND device_id = ?2",
@@ -86,9 +74,8 @@ pub fn bump_device(
 
 /// Marks the given rows forwarded at `now_us`; returns how many changed.
 pub fn mark_forwarded(conn: &Connection, seqs: &[i64], now_us: i64) -> Result<usize, Error> {
-    let mut stmt = conn.prepare_cached(
-        "UPDATE events SET forwarded_at = ?2 WHERE seq = ?1 AND forwarded_at IS NULL",
-    )?;
+    let mut stmt =
+        conn.prepare_cached("UPDATE events SET forwarded_at = ?2 WHERE seq = ?1 AND forwarded_at IS NULL")?;
     let mut n = 0;
     for seq in seqs {
         n += stmt.execute(params![seq, now_us])?;
@@ -114,9 +101,8 @@ const EVENT_COLUMNS: &str =
 fn stored_event(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
     let id: [u8; 16] = r.get(1)?;
     let payload: String = r.get(5)?;
-    let payload = RawValue::from_string(payload).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, Box::new(e))
-    })?;
+    let payload = RawValue::from_string(payload)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, Box::new(e)))?;
     Ok(StoredEvent {
         seq: r.get(0)?,
         id: Uuid::from_bytes(id),
@@ -137,6 +123,137 @@ pub fn pending(conn: &Connection, limit: usize) -> Result<Vec<StoredEvent>, Erro
         "SELECT {EVENT_COLUMNS} FROM events WHERE forwarded_at IS NULL ORDER BY seq LIMIT ?1"
     ))?;
     let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], stored_event)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Oldest pending rows in `seq` order, at most `max_rows` and about `max_bytes`
+/// (always at least one row when any is pending).
+pub fn pending_batch(conn: &Connection, max_rows: usize, max_bytes: usize) -> Result<Vec<StoredEvent>, Error> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE forwarded_at IS NULL ORDER BY seq LIMIT ?1"
+    ))?;
+    let mut rows = stmt.query([i64::try_from(max_rows).unwrap_or(i64::MAX)])?;
+    let (mut out, mut bytes) = (Vec::new(), 0usize);
+    while let Some(row) = rows.next()? {
+        let e = stored_event(row)?;
+        bytes += e.payload.get().len() + e.device_id.len() + e.event_type.len() + 64;
+        out.push(e);
+        if bytes >= max_bytes {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Moves one pending row to `dead_letter` with the central error text.
+pub fn dead_letter(conn: &Connection, seq: i64, error: &str, now_us: i64) -> Result<usize, Error> {
+    let n = conn.execute(
+        "INSERT INTO dead_letter (seq, id, tenant, device_id, event_type, payload, ts, received_at, origin_site, error, failed_at)
+         SELECT seq, id, tenant, device_id, event_type, payload, ts, received_at, origin_site, ?2, ?3
+         FROM events WHERE seq = ?1 AND forwarded_at IS NULL",
+        params![seq, error, now_us],
+    )?;
+    conn.execute("DELETE FROM events WHERE seq = ?1 AND forwarded_at IS NULL", [seq])?;
+    Ok(n)
+}
+
+/// A dead-lettered event and why the central database refused it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    pub seq: i64,
+    pub id: Uuid,
+    pub tenant: String,
+    pub device_id: String,
+    pub event_type: String,
+    pub payload: String,
+    pub error: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub failed_at: time::OffsetDateTime,
+}
+
+/// Dead letters, oldest first.
+pub fn dead_letters(conn: &Connection, tenant: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, id, tenant, device_id, event_type, payload, error, failed_at FROM dead_letter
+         WHERE ?1 IS NULL OR tenant = ?1 ORDER BY seq LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![tenant, i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+        let id: [u8; 16] = r.get(1)?;
+        Ok(DeadLetter {
+            seq: r.get(0)?,
+            id: Uuid::from_bytes(id),
+            tenant: r.get(2)?,
+            device_id: r.get(3)?,
+            event_type: r.get(4)?,
+            payload: r.get(5)?,
+            error: r.get(6)?,
+            failed_at: from_us(r.get(7)?),
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Puts dead letters back in the queue (same seq), all or the given ones.
+pub fn retry_dead_letters(conn: &Connection, seqs: Option<&[i64]>) -> Result<usize, Error> {
+    let select =
+        "SELECT seq, id, tenant, device_id, event_type, payload, ts, received_at, NULL, origin_site FROM dead_letter";
+    let mut n = 0;
+    match seqs {
+        None => {
+            n += conn.execute(&format!("INSERT INTO events (seq, id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site) {select}"), [])?;
+            conn.execute("DELETE FROM dead_letter", [])?;
+        }
+        Some(seqs) => {
+            for seq in seqs {
+                n += conn.execute(
+                    &format!("INSERT INTO events (seq, id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site) {select} WHERE seq = ?1"),
+                    [seq],
+                )?;
+                conn.execute("DELETE FROM dead_letter WHERE seq = ?1", [seq])?;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Deletes dead letters, all or the given ones.
+pub fn purge_dead_letters(conn: &Connection, seqs: Option<&[i64]>) -> Result<usize, Error> {
+    match seqs {
+        None => Ok(conn.execute("DELETE FROM dead_letter", [])?),
+        Some(seqs) => {
+            let mut n = 0;
+            for seq in seqs {
+                n += conn.execute("DELETE FROM dead_letter WHERE seq = ?1", [seq])?;
+            }
+            Ok(n)
+        }
+    }
+}
+
+/// Marks up to `chunk` forwarded rows of this site received in `[since, until)`
+/// pending again. Remote events (other origins) are never sent back up.
+pub fn replay_chunk(
+    conn: &Connection,
+    site: &str,
+    since_us: i64,
+    until_us: i64,
+    tenant: Option<&str>,
+    chunk: usize,
+) -> Result<usize, Error> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE events SET forwarded_at = NULL WHERE seq IN (
+            SELECT seq FROM events
+            WHERE forwarded_at IS NOT NULL AND origin_site = ?1
+              AND received_at >= ?2 AND received_at < ?3 AND (?4 IS NULL OR tenant = ?4)
+            LIMIT ?5)",
+    )?;
+    Ok(stmt.execute(params![site, since_us, until_us, tenant, i64::try_from(chunk).unwrap_or(i64::MAX)])?)
+}
+
+/// Tenants of registered devices.
+pub fn device_tenants(conn: &Connection) -> Result<Vec<String>, Error> {
+    let mut stmt = conn.prepare_cached("SELECT DISTINCT tenant FROM devices ORDER BY tenant")?;
+    let rows = stmt.query_map([], |r| r.get(0))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -226,21 +343,11 @@ pub fn devices(conn: &Connection, tenant: Option<&str>) -> Result<Vec<Device>, E
 }
 
 /// One device, if registered.
-pub fn device_by_id(
-    conn: &Connection,
-    tenant: &str,
-    device_id: &str,
-) -> Result<Option<Device>, Error> {
-    Ok(devices_matching(conn, tenant, device_id)?
-        .into_iter()
-        .next())
+pub fn device_by_id(conn: &Connection, tenant: &str, device_id: &str) -> Result<Option<Device>, Error> {
+    Ok(devices_matching(conn, tenant, device_id)?.into_iter().next())
 }
 
-fn devices_matching(
-    conn: &Connection,
-    tenant: &str,
-    device_id: &str,
-) -> Result<Vec<Device>, Error> {
+fn devices_matching(conn: &Connection, tenant: &str, device_id: &str) -> Result<Vec<Device>, Error> {
     let mut stmt = conn.prepare_cached(
         "SELECT tenant, device_id, name, created_at, revoked_at, last_seen, online, event_count
          FROM devices WHERE tenant = ?1 AND device_id = ?2",
@@ -259,15 +366,9 @@ pub fn add_device(
 ) -> Result<Device, Error> {
     if let Some(d) = device_by_id(conn, tenant, device_id)? {
         return Err(if d.revoked_at.is_some() {
-            Error::DeviceRevoked {
-                tenant: tenant.into(),
-                device_id: device_id.into(),
-            }
+            Error::DeviceRevoked { tenant: tenant.into(), device_id: device_id.into() }
         } else {
-            Error::DeviceExists {
-                tenant: tenant.into(),
-                device_id: device_id.into(),
-            }
+            Error::DeviceExists { tenant: tenant.into(), device_id: device_id.into() }
         });
     }
     conn.execute(
@@ -275,51 +376,32 @@ pub fn add_device(
         params![tenant, device_id, name, now_us],
     )?;
     bump_registry_version(conn)?;
-    device_by_id(conn, tenant, device_id)?.ok_or_else(|| Error::DeviceNotFound {
-        tenant: tenant.into(),
-        device_id: device_id.into(),
-    })
+    device_by_id(conn, tenant, device_id)?
+        .ok_or_else(|| Error::DeviceNotFound { tenant: tenant.into(), device_id: device_id.into() })
 }
 
 /// Revokes a device: every token it holds stops working.
-pub fn revoke_device(
-    conn: &Connection,
-    tenant: &str,
-    device_id: &str,
-    now_us: i64,
-) -> Result<Device, Error> {
+pub fn revoke_device(conn: &Connection, tenant: &str, device_id: &str, now_us: i64) -> Result<Device, Error> {
     let n = conn.execute(
         "UPDATE devices SET revoked_at = coalesce(revoked_at, ?3), online = 0 WHERE tenant = ?1 AND device_id = ?2",
         params![tenant, device_id, now_us],
     )?;
     if n == 0 {
-        return Err(Error::DeviceNotFound {
-            tenant: tenant.into(),
-            device_id: device_id.into(),
-        });
+        return Err(Error::DeviceNotFound { tenant: tenant.into(), device_id: device_id.into() });
     }
     bump_registry_version(conn)?;
-    device_by_id(conn, tenant, device_id)?.ok_or_else(|| Error::DeviceNotFound {
-        tenant: tenant.into(),
-        device_id: device_id.into(),
-    })
+    device_by_id(conn, tenant, device_id)?
+        .ok_or_else(|| Error::DeviceNotFound { tenant: tenant.into(), device_id: device_id.into() })
 }
 
 fn bump_registry_version(conn: &Connection) -> Result<(), Error> {
-    conn.execute(
-        "UPDATE meta SET value = value + 1 WHERE key = 'registry_version'",
-        [],
-    )?;
+    conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'registry_version'", [])?;
     Ok(())
 }
 
 /// Changes with every device change, from any process.
 pub fn registry_version(conn: &Connection) -> Result<i64, Error> {
-    Ok(conn.query_row(
-        "SELECT value FROM meta WHERE key = 'registry_version'",
-        [],
-        |r| r.get(0),
-    )?)
+    Ok(conn.query_row("SELECT value FROM meta WHERE key = 'registry_version'", [], |r| r.get(0))?)
 }
 
 /// What `outpost status` and `/api/v1/status` report about the log.
@@ -329,6 +411,8 @@ pub struct LogStatus {
     pub oldest_pending_age_seconds: Option<f64>,
     pub total_rows: i64,
     pub last_seq: i64,
+    pub backlog_bytes: i64,
+    pub dead_letters: i64,
     pub devices: i64,
     pub devices_revoked: i64,
     pub log_bytes: u64,
@@ -336,32 +420,30 @@ pub struct LogStatus {
 
 /// Backlog, oldest pending age, devices and size.
 pub fn status(conn: &Connection, now_us: i64) -> Result<LogStatus, Error> {
-    let backlog_rows: i64 = conn.query_row(
-        "SELECT count(*) FROM events WHERE forwarded_at IS NULL",
+    let backlog_rows: i64 =
+        conn.query_row("SELECT count(*) FROM events WHERE forwarded_at IS NULL", [], |r| r.get(0))?;
+    let oldest: Option<i64> = conn
+        .query_row("SELECT received_at FROM events WHERE forwarded_at IS NULL ORDER BY seq LIMIT 1", [], |r| r.get(0))
+        .optional()?;
+    let (total_rows, last_seq): (i64, Option<i64>) =
+        conn.query_row("SELECT count(*), max(seq) FROM events", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let backlog_bytes: i64 = conn.query_row(
+        "SELECT coalesce(sum(length(payload) + length(device_id) + length(event_type) + 64), 0)
+         FROM events WHERE forwarded_at IS NULL",
         [],
         |r| r.get(0),
     )?;
-    let oldest: Option<i64> = conn
-        .query_row(
-            "SELECT received_at FROM events WHERE forwarded_at IS NULL ORDER BY seq LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?;
-    let (total_rows, last_seq): (i64, Option<i64>) =
-        conn.query_row("SELECT count(*), max(seq) FROM events", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
+    let dead_letters: i64 = conn.query_row("SELECT count(*) FROM dead_letter", [], |r| r.get(0))?;
     let (devices, devices_revoked): (i64, i64) =
-        conn.query_row("SELECT count(*), count(revoked_at) FROM devices", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
+        conn.query_row("SELECT count(*), count(revoked_at) FROM devices", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(LogStatus {
         backlog_rows,
         #[allow(clippy::cast_precision_loss)]
         oldest_pending_age_seconds: oldest.map(|t| ((now_us - t).max(0)) as f64 / 1e6),
         total_rows,
         last_seq: last_seq.unwrap_or(0),
+        backlog_bytes,
+        dead_letters,
         devices,
         devices_revoked,
         log_bytes: used_bytes(conn)?,

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{Error, schema};
@@ -43,41 +43,19 @@ pub struct Appended {
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
 enum Command {
-    Append {
-        events: Vec<Event>,
-        reply: Reply<Vec<Appended>>,
-    },
-    MarkForwarded {
-        seqs: Vec<i64>,
-        reply: Reply<usize>,
-    },
-    Prune {
-        cutoff_us: i64,
-        limit: usize,
-        reply: Reply<usize>,
-    },
-    AddDevice {
-        tenant: String,
-        device_id: String,
-        name: Option<String>,
-        reply: Reply<schema::Device>,
-    },
-    RevokeDevice {
-        tenant: String,
-        device_id: String,
-        reply: Reply<schema::Device>,
-    },
-    Ping {
-        reply: Reply<()>,
-    },
+    Append { events: Vec<Event>, reply: Reply<Vec<Appended>> },
+    MarkForwarded { seqs: Vec<i64>, reply: Reply<usize> },
+    DeadLetter { seq: i64, error: String, reply: Reply<usize> },
+    Prune { cutoff_us: i64, limit: usize, reply: Reply<usize> },
+    AddDevice { tenant: String, device_id: String, name: Option<String>, reply: Reply<schema::Device> },
+    RevokeDevice { tenant: String, device_id: String, reply: Reply<schema::Device> },
+    Ping { reply: Reply<()> },
 }
 
 impl Command {
     fn rows_and_bytes(&self) -> (usize, usize) {
         match self {
-            Command::Append { events, .. } => {
-                (events.len(), events.iter().map(Event::size_hint).sum())
-            }
+            Command::Append { events, .. } => (events.len(), events.iter().map(Event::size_hint).sum()),
             Command::MarkForwarded { seqs, .. } => (seqs.len(), seqs.len() * 16),
             _ => (1, 0),
         }
@@ -106,22 +84,18 @@ impl WriterThread {
 }
 
 /// Starts the writer thread on an open, migrated connection.
+/// `committed` is signalled after every commit that appended rows (the
+/// forwarder waits on it instead of polling).
 pub fn spawn(
     conn: Connection,
     config: WriterConfig,
     metrics: Arc<Metrics>,
+    committed: Arc<Notify>,
 ) -> Result<(LogHandle, WriterThread), Error> {
     let (tx, rx) = mpsc::channel(config.queue_capacity);
     let thread = std::thread::Builder::new()
         .name("site-log-writer".into())
-        .spawn(move || {
-            Writer {
-                conn,
-                config,
-                metrics,
-            }
-            .run(rx)
-        })
+        .spawn(move || Writer { conn, config, metrics, committed }.run(rx))
         .map_err(|e| Error::Commit(format!("cannot start writer thread: {e}")))?;
     Ok((LogHandle { tx }, WriterThread { thread }))
 }
@@ -140,18 +114,17 @@ impl LogHandle {
 
     /// Marks rows forwarded (after the central commit).
     pub async fn mark_forwarded(&self, seqs: Vec<i64>) -> Result<usize, Error> {
-        self.call(|reply| Command::MarkForwarded { seqs, reply })
-            .await
+        self.call(|reply| Command::MarkForwarded { seqs, reply }).await
+    }
+
+    /// Moves a pending row the central database refused to `dead_letter`.
+    pub async fn dead_letter(&self, seq: i64, error: String) -> Result<usize, Error> {
+        self.call(|reply| Command::DeadLetter { seq, error, reply }).await
     }
 
     /// Deletes up to `limit` forwarded rows older than `cutoff_us`.
     pub async fn prune(&self, cutoff_us: i64, limit: usize) -> Result<usize, Error> {
-        self.call(|reply| Command::Prune {
-            cutoff_us,
-            limit,
-            reply,
-        })
-        .await
+        self.call(|reply| Command::Prune { cutoff_us, limit, reply }).await
     }
 
     /// Registers a device.
@@ -161,27 +134,12 @@ impl LogHandle {
         device_id: String,
         name: Option<String>,
     ) -> Result<schema::Device, Error> {
-        self.call(|reply| Command::AddDevice {
-            tenant,
-            device_id,
-            name,
-            reply,
-        })
-        .await
+        self.call(|reply| Command::AddDevice { tenant, device_id, name, reply }).await
     }
 
     /// Revokes a device.
-    pub async fn revoke_device(
-        &self,
-        tenant: String,
-        device_id: String,
-    ) -> Result<schema::Device, Error> {
-        self.call(|reply| Command::RevokeDevice {
-            tenant,
-            device_id,
-            reply,
-        })
-        .await
+    pub async fn revoke_device(&self, tenant: String, device_id: String) -> Result<schema::Device, Error> {
+        self.call(|reply| Command::RevokeDevice { tenant, device_id, reply }).await
     }
 
     /// Round trip through the writer: proves it is alive and the log writable.
@@ -194,6 +152,7 @@ struct Writer {
     conn: Connection,
     config: WriterConfig,
     metrics: Arc<Metrics>,
+    committed: Arc<Notify>,
 }
 
 /// A result computed inside the transaction, sent only after the commit.
@@ -246,10 +205,7 @@ impl Writer {
                         if projected + size > self.config.max_bytes {
                             delivers.push(deliver(
                                 reply,
-                                Err(Error::Full {
-                                    used: projected,
-                                    budget: self.config.max_bytes,
-                                }),
+                                Err(Error::Full { used: projected, budget: self.config.max_bytes }),
                             ));
                             continue;
                         }
@@ -269,29 +225,19 @@ impl Writer {
                         let r = schema::mark_forwarded(&tx, &seqs, now_us());
                         delivers.push(deliver(reply, r));
                     }
-                    Command::Prune {
-                        cutoff_us,
-                        limit,
-                        reply,
-                    } => {
+                    Command::DeadLetter { seq, error, reply } => {
+                        let r = schema::dead_letter(&tx, seq, &error, now_us());
+                        delivers.push(deliver(reply, r));
+                    }
+                    Command::Prune { cutoff_us, limit, reply } => {
                         let r = schema::prune(&tx, cutoff_us, limit);
                         delivers.push(deliver(reply, r));
                     }
-                    Command::AddDevice {
-                        tenant,
-                        device_id,
-                        name,
-                        reply,
-                    } => {
-                        let r =
-                            schema::add_device(&tx, &tenant, &device_id, name.as_deref(), now_us());
+                    Command::AddDevice { tenant, device_id, name, reply } => {
+                        let r = schema::add_device(&tx, &tenant, &device_id, name.as_deref(), now_us());
                         delivers.push(deliver(reply, r));
                     }
-                    Command::RevokeDevice {
-                        tenant,
-                        device_id,
-                        reply,
-                    } => {
+                    Command::RevokeDevice { tenant, device_id, reply } => {
                         let r = schema::revoke_device(&tx, &tenant, &device_id, now_us());
                         delivers.push(deliver(reply, r));
                     }
@@ -310,12 +256,13 @@ impl Writer {
         };
         if commit_error.is_none() {
             self.metrics.commit_rows.observe(appended_rows as f64);
-            self.metrics
-                .commit_seconds
-                .observe(started.elapsed().as_secs_f64());
+            self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
         }
         for d in delivers {
             d(commit_error.as_deref());
+        }
+        if commit_error.is_none() && appended_rows > 0 {
+            self.committed.notify_one();
         }
         if commit_error.is_some() {
             // Don't spin on a persistent failure (disk gone, read-only fs).
@@ -331,24 +278,14 @@ fn append(conn: &Connection, events: &[Event]) -> Result<Vec<Appended>, Error> {
     for (index, e) in events.iter().enumerate() {
         match schema::insert_event(conn, e, None)? {
             Some(seq) => {
-                out.push(Appended {
-                    id: e.id,
-                    seq,
-                    duplicate: false,
-                });
-                let c = per_device
-                    .entry((&e.tenant, &e.device_id))
-                    .or_insert((0, 0));
+                out.push(Appended { id: e.id, seq, duplicate: false });
+                let c = per_device.entry((&e.tenant, &e.device_id)).or_insert((0, 0));
                 c.0 += 1;
                 c.1 = c.1.max(e.received_at_us);
             }
             None => match schema::owner_of(conn, &e.id)? {
                 Some((seq, tenant, device)) if tenant == e.tenant && device == e.device_id => {
-                    out.push(Appended {
-                        id: e.id,
-                        seq,
-                        duplicate: true,
-                    });
+                    out.push(Appended { id: e.id, seq, duplicate: true });
                 }
                 _ => return Err(Error::IdConflict { index, id: e.id }),
             },

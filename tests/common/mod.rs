@@ -3,6 +3,9 @@
 //! real tokens. No mocks: real SQLite files, real HTTP.
 #![allow(dead_code)]
 
+pub mod pg;
+pub mod proxy;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -32,9 +35,7 @@ pub fn test_config(data_dir: &Path) -> Config {
 
 /// Mints tokens with the data dir's secret, the way the CLI does.
 pub fn issuer(config: &Config) -> Authenticator {
-    Authenticator::from_config(config, Arc::new(Registry::default()))
-        .unwrap()
-        .0
+    Authenticator::from_config(config, Arc::new(Registry::default())).unwrap().0
 }
 
 /// An in-process appliance.
@@ -107,8 +108,7 @@ impl TestApp {
 
     /// Registers a device with write_events + read_events.
     pub async fn device(&self, tenant: &str, device: &str) -> String {
-        self.register(tenant, device, &["write_events", "read_events"])
-            .await
+        self.register(tenant, device, &["write_events", "read_events"]).await
     }
 
     /// POSTs a JSON body with a bearer token; returns status, headers and body.
@@ -130,19 +130,19 @@ impl TestApp {
     }
 
     /// Posts one event for `device` and returns the response.
-    pub async fn post_event(
-        &self,
-        tenant: &str,
-        token: &str,
-        device: &str,
-        payload: Value,
-    ) -> Resp {
+    pub async fn post_event(&self, tenant: &str, token: &str, device: &str, payload: Value) -> Resp {
         self.post(
             &format!("/api/v1/realtime/{tenant}/event"),
             Some(token),
             &json!({"device_id": device, "event_type": "test.reading", "payload": payload}),
         )
         .await
+    }
+
+    /// Rows still waiting to be forwarded, read from the file.
+    pub fn pending(&self) -> i64 {
+        let conn = outpost::log::open(&self.config.log_path(), true).unwrap();
+        outpost::log::schema::status(&conn, 0).unwrap().backlog_rows
     }
 
     /// Every event in the site log, read from the file (not through the API).
@@ -171,12 +171,7 @@ impl Resp {
         let headers = r.headers().clone();
         let text = r.text().await.unwrap();
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Self {
-            status,
-            headers,
-            body,
-            text,
-        }
+        Self { status, headers, body, text }
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -187,11 +182,7 @@ impl Resp {
     pub fn assert_error(&self, status: u16, code: &str, field: Option<&str>) {
         assert_eq!(self.status, status, "{}", self.text);
         assert_eq!(self.body["error"], code, "{}", self.text);
-        assert!(
-            self.body["message"].as_str().is_some_and(|m| !m.is_empty()),
-            "{}",
-            self.text
-        );
+        assert!(self.body["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", self.text);
         if let Some(f) = field {
             assert_eq!(self.body["field"], f, "{}", self.text);
         }
@@ -208,10 +199,7 @@ pub struct Proc {
 /// Environment for a child appliance on `data_dir`.
 pub fn proc_env(data_dir: &Path) -> Vec<(String, String)> {
     vec![
-        (
-            "OUTPOST_SITE__DATA_DIR".into(),
-            data_dir.display().to_string(),
-        ),
+        ("OUTPOST_SITE__DATA_DIR".into(), data_dir.display().to_string()),
         ("OUTPOST_SITE__ID".into(), "site-a".into()),
         ("OUTPOST_HTTP__LISTEN".into(), "127.0.0.1:0".into()),
         ("OUTPOST_MQTT__LISTEN".into(), "127.0.0.1:0".into()),
@@ -232,10 +220,7 @@ impl Proc {
     /// Starts `outpost run` and waits for its "http listening on" line.
     pub fn start(data_dir: &Path, extra_env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(bin());
-        cmd.arg("run")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .env_remove("OUTPOST_CONFIG");
+        cmd.arg("run").stdout(Stdio::null()).stderr(Stdio::piped()).env_remove("OUTPOST_CONFIG");
         for (k, v) in proc_env(data_dir) {
             cmd.env(k, v);
         }
@@ -262,21 +247,26 @@ impl Proc {
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("appliance did not report its http address in 30 s");
             if let Some(i) = line.find("http listening on ") {
-                let addr = line[i + "http listening on ".len()..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap();
-                return Self {
-                    child,
-                    addr: addr.parse().unwrap(),
-                    stderr_tail: rx,
-                };
+                let addr = line[i + "http listening on ".len()..].split_whitespace().next().unwrap();
+                return Self { child, addr: addr.parse().unwrap(), stderr_tail: rx };
             }
         }
     }
 
     pub fn base(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// SIGKILL, no chance to clean up.
@@ -296,9 +286,17 @@ impl Proc {
 
 /// Runs the CLI with `args` on `data_dir`; returns (success, stdout, stderr).
 pub fn cli(data_dir: &Path, args: &[&str]) -> (bool, String, String) {
+    cli_env(data_dir, args, &[])
+}
+
+/// `cli` with extra environment.
+pub fn cli_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let mut cmd = Command::new(bin());
     cmd.args(args).env_remove("OUTPOST_CONFIG");
     for (k, v) in proc_env(data_dir) {
+        cmd.env(k, v);
+    }
+    for (k, v) in env {
         cmd.env(k, v);
     }
     let out = cmd.output().unwrap();

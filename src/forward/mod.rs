@@ -1,0 +1,446 @@
+//! The forwarder: site log → central PostgreSQL (`tenant_<t>.events`).
+//!
+//! Guarantees:
+//! - Rows leave in `seq` order; one tenant's part of a batch is one central
+//!   transaction; a row is marked forwarded only after that COMMIT succeeded.
+//! - Inserts are `ON CONFLICT (id) DO NOTHING`, so a crash between the central
+//!   COMMIT and the local mark (the row is sent again) never duplicates.
+//! - Connection, I/O, timeout and server-side transient errors back off
+//!   (100 ms doubling to `central.max_backoff`, jittered) and retry forever.
+//! - Data errors (SQLSTATE classes 22 and 23) bisect the batch until the
+//!   poison rows are isolated; those move to `dead_letter`, the rest go on.
+//! - No SQLite connection is held across an `.await` (reads run on the
+//!   blocking pool, writes go through the writer thread).
+
+pub mod retry;
+pub mod schema;
+pub mod service;
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::CentralConfig;
+use crate::event::{StoredEvent, now_us};
+use crate::log::{self, LogHandle, Readers};
+use crate::metrics::Metrics;
+use retry::Backoff;
+use service::{Central, Connector};
+
+/// Why forwarding a batch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("central database: {}", describe_pg(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("central database did not answer ({0}) in time")]
+    Timeout(&'static str),
+    #[error("central configuration: {0}")]
+    Config(String),
+    #[error("invalid tenant name {0:?}")]
+    BadTenant(String),
+    #[error(transparent)]
+    Log(#[from] log::Error),
+}
+
+/// "SQLSTATE 22P05: unsupported Unicode escape sequence (detail…)" for server
+/// errors; the driver's text otherwise.
+fn describe_pg(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("SQLSTATE {}: {}", db.code().code(), db.message());
+            if let Some(d) = db.detail() {
+                s.push_str(&format!(" ({d})"));
+            }
+            s
+        }
+        None => e.to_string(),
+    }
+}
+
+impl Error {
+    fn sqlstate(&self) -> Option<&str> {
+        match self {
+            Error::Postgres(e) => e.code().map(|c| c.code()),
+            _ => None,
+        }
+    }
+
+    /// The rows themselves are unacceptable to the central database (data
+    /// exception 22xxx, integrity violation 23xxx): bisect, dead-letter.
+    pub fn is_data_error(&self) -> bool {
+        matches!(self, Error::BadTenant(_))
+            || self.sqlstate().is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
+    }
+
+    /// Everything else is retried with backoff: connection and I/O errors,
+    /// timeouts, serialization failures (40xxx), admin shutdown (57Pxx),
+    /// resource errors (53xxx), missing schemas, and errors we cannot classify.
+    /// Retrying an unknown error is safe (inserts are idempotent);
+    /// dead-lettering it would not be.
+    pub fn is_retriable(&self) -> bool {
+        !self.is_data_error()
+    }
+
+    /// The tenant's schema or table is missing centrally (3F000, 42P01).
+    pub fn is_missing_schema(&self) -> bool {
+        matches!(self.sqlstate(), Some("3F000" | "42P01"))
+    }
+}
+
+/// Uplink state, as shown by status and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Uplink {
+    /// No `central.url`: buffering only.
+    Disabled,
+    Connecting,
+    Up,
+    Down,
+}
+
+/// Shared, cheap view of the forwarder for status pages and metrics.
+pub struct ForwardStatus {
+    inner: Mutex<StatusInner>,
+}
+
+struct StatusInner {
+    state: Uplink,
+    since: time::OffsetDateTime,
+    last_error: Option<String>,
+    /// (when, rows) of recent successful batches, for the drain rate.
+    recent: VecDeque<(Instant, usize)>,
+}
+
+/// Window of the drain-rate estimate.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// A point-in-time copy of the uplink status.
+#[derive(Debug, Clone, Serialize)]
+pub struct UplinkSnapshot {
+    pub state: Uplink,
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: time::OffsetDateTime,
+    pub last_error: Option<String>,
+    /// Rows forwarded per second over the last 10 s.
+    pub forwarded_rows_per_second: f64,
+}
+
+impl ForwardStatus {
+    /// Starts in `state`.
+    pub fn new(state: Uplink) -> Self {
+        Self {
+            inner: Mutex::new(StatusInner {
+                state,
+                since: time::OffsetDateTime::now_utc(),
+                last_error: None,
+                recent: VecDeque::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, StatusInner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set(&self, state: Uplink, error: Option<String>) {
+        let mut s = self.lock();
+        if s.state != state {
+            s.state = state;
+            s.since = time::OffsetDateTime::now_utc();
+        }
+        if error.is_some() || state == Uplink::Up {
+            s.last_error = error;
+        }
+    }
+
+    fn forwarded(&self, rows: usize) {
+        let mut s = self.lock();
+        let now = Instant::now();
+        s.recent.push_back((now, rows));
+        while s.recent.front().is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW) {
+            s.recent.pop_front();
+        }
+    }
+
+    /// Current state, error and drain rate.
+    pub fn snapshot(&self) -> UplinkSnapshot {
+        let s = self.lock();
+        let now = Instant::now();
+        let rows: usize = s.recent.iter().filter(|(t, _)| now.duration_since(*t) <= RATE_WINDOW).map(|(_, r)| r).sum();
+        UplinkSnapshot {
+            state: s.state,
+            since: s.since,
+            last_error: s.last_error.clone(),
+            forwarded_rows_per_second: rows as f64 / RATE_WINDOW.as_secs_f64(),
+        }
+    }
+}
+
+/// Everything the forwarder stage needs.
+pub struct Forwarder {
+    pub connector: Connector,
+    pub config: CentralConfig,
+    pub log: LogHandle,
+    pub readers: Readers,
+    pub status: Arc<ForwardStatus>,
+    pub metrics: Arc<Metrics>,
+    /// Signalled by the log writer after commits that appended rows.
+    pub wake: Arc<Notify>,
+}
+
+/// How often an idle forwarder looks for rows another process made pending
+/// (`outpost replay`, `outpost dead-letter retry`), which do not signal `wake`.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// Test hook: `OUTPOST_FAILPOINT=after_central_commit` SIGKILLs the process
+/// right after a central COMMIT, before the rows are marked forwarded.
+const FAILPOINT_ENV: &str = "OUTPOST_FAILPOINT";
+
+impl Forwarder {
+    /// Forwards until `shutdown`. Only configuration problems found at start
+    /// are fatal; everything later is retried.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), self.config.max_backoff);
+        let mut central: Option<Central> = None;
+        let mut migrated: HashSet<String> = HashSet::new();
+        let failpoint = std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == "after_central_commit");
+        tracing::info!(central = ?self.connector, "forwarder started");
+        loop {
+            // Connect (and migrate) eagerly, so schemas exist at startup and
+            // the uplink state is true even when nothing is flowing.
+            if central.as_ref().is_none_or(Central::is_closed) {
+                let connect = async {
+                    self.status.set(Uplink::Connecting, None);
+                    let mut c = self.connector.connect().await?;
+                    if self.config.migrate {
+                        self.migrate_known(&mut c, &mut migrated).await?;
+                    }
+                    Ok::<_, Error>(c)
+                };
+                let result = tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    r = connect => r,
+                };
+                match result {
+                    Ok(c) => {
+                        tracing::info!("central database connected");
+                        central = Some(c);
+                        self.up(&mut backoff);
+                    }
+                    Err(e) => {
+                        if self.failed(e, &mut backoff, &mut migrated, &shutdown).await {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = central.as_mut() else { continue };
+            let batch = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                b = self.next_batch() => b,
+            };
+            let batch = match batch {
+                Ok(Some(b)) => b,
+                // Idle: loop to re-check the connection.
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "forwarder: cannot read the site log; retrying");
+                    if sleep_or_stop(&shutdown, backoff.next_delay()).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            let result = tokio::select! {
+                // Shutdown mid-batch is safe: uncommitted rows stay pending.
+                _ = shutdown.cancelled() => return Ok(()),
+                r = self.forward(c, &batch, &mut migrated, failpoint) => r,
+            };
+            match result {
+                Ok(()) => self.up(&mut backoff),
+                Err(e) => {
+                    central = None;
+                    if self.failed(e, &mut backoff, &mut migrated, &shutdown).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    fn up(&self, backoff: &mut Backoff) {
+        backoff.reset();
+        self.status.set(Uplink::Up, None);
+        self.metrics.uplink_up.set(1);
+    }
+
+    /// Records a failure and sleeps the backoff; true when shutting down.
+    async fn failed(
+        &self,
+        e: Error,
+        backoff: &mut Backoff,
+        migrated: &mut HashSet<String>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        if e.is_missing_schema() {
+            migrated.clear();
+            if !self.config.migrate {
+                tracing::error!("central schema missing and central.migrate = false: run `outpost migrate --central`");
+            }
+        }
+        let delay = backoff.next_delay();
+        self.status.set(Uplink::Down, Some(e.to_string()));
+        self.metrics.uplink_up.set(0);
+        self.metrics.forward_retries.inc();
+        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, attempt = backoff.attempts(),
+            "forwarding failed; will retry");
+        sleep_or_stop(shutdown, delay).await
+    }
+
+    /// Waits for pending rows; lets a small trickle coalesce for `batch_wait`.
+    /// `None` after an idle wait (so the caller can re-check the connection).
+    async fn next_batch(&self) -> Result<Option<Vec<StoredEvent>>, Error> {
+        let (max_rows, max_bytes) = (self.config.batch_rows, self.config.batch_bytes);
+        loop {
+            let batch = self.readers.with(move |c| log::schema::pending_batch(c, max_rows, max_bytes)).await?;
+            let Some(first) = batch.first() else {
+                tokio::select! {
+                    _ = self.wake.notified() => continue,
+                    _ = tokio::time::sleep(IDLE_POLL) => return Ok(None),
+                }
+            };
+            let received_us = i64::try_from(first.received_at.unix_timestamp_nanos() / 1000).unwrap_or(0);
+            let age = Duration::from_micros(u64::try_from(now_us() - received_us).unwrap_or(0));
+            if batch.len() < max_rows && age < self.config.batch_wait {
+                tokio::time::sleep(self.config.batch_wait - age).await;
+                continue;
+            }
+            return Ok(Some(batch));
+        }
+    }
+
+    async fn migrate_known(&self, c: &mut Central, migrated: &mut HashSet<String>) -> Result<(), Error> {
+        let mut tenants = self.readers.with(|c| log::schema::device_tenants(c)).await?;
+        tenants.extend(self.config.tenants.iter().cloned());
+        for t in tenants {
+            if !migrated.contains(&t) {
+                let n = schema::migrate_tenant(c.client_mut(), &t, self.config.notify).await?;
+                if n > 0 {
+                    tracing::info!(tenant = t, migrations = n, "central schema migrated");
+                }
+                migrated.insert(t);
+            }
+        }
+        Ok(())
+    }
+
+    /// Forwards one batch, tenant by tenant (first appearance order).
+    async fn forward(
+        &self,
+        c: &mut Central,
+        batch: &[StoredEvent],
+        migrated: &mut HashSet<String>,
+        failpoint: bool,
+    ) -> Result<(), Error> {
+        let mut groups: Vec<(&str, Vec<&StoredEvent>)> = Vec::new();
+        for e in batch {
+            match groups.iter_mut().find(|(t, _)| *t == e.tenant) {
+                Some((_, rows)) => rows.push(e),
+                None => groups.push((&e.tenant, vec![e])),
+            }
+        }
+        for (tenant, rows) in groups {
+            if self.config.migrate && !migrated.contains(tenant) {
+                let n = schema::migrate_tenant(c.client_mut(), tenant, self.config.notify).await?;
+                if n > 0 {
+                    tracing::info!(tenant, migrations = n, "central schema migrated on first contact");
+                }
+                migrated.insert(tenant.to_string());
+            }
+            let schema = schema::schema_name(tenant)?;
+            self.write_bisecting(c, &schema, &rows, failpoint).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes `rows`; on a data error splits them until each poison row is
+    /// alone, dead-letters it, and forwards the rest in order.
+    async fn write_bisecting(
+        &self,
+        c: &mut Central,
+        schema: &str,
+        rows: &[&StoredEvent],
+        failpoint: bool,
+    ) -> Result<(), Error> {
+        let mut stack = vec![(0, rows.len())];
+        while let Some((a, b)) = stack.pop() {
+            let part = &rows[a..b];
+            let result = match tokio::time::timeout(self.connector.batch_timeout, c.write(schema, part)).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::Timeout("batch write")),
+            };
+            match result {
+                Ok(inserted) => {
+                    if failpoint {
+                        tracing::warn!("failpoint after_central_commit: killing the process");
+                        kill_self();
+                    }
+                    let seqs: Vec<i64> = part.iter().map(|r| r.seq).collect();
+                    self.log.mark_forwarded(seqs).await?;
+                    self.status.forwarded(part.len());
+                    self.metrics.forward_rows.inc_by(part.len() as u64);
+                    self.metrics.forward_batches.inc();
+                    if (inserted as usize) < part.len() {
+                        tracing::debug!(sent = part.len(), inserted, "some rows were already central (resend)");
+                    }
+                }
+                Err(e) if e.is_data_error() => {
+                    if let [row] = part {
+                        let reason = e.to_string();
+                        tracing::warn!(seq = row.seq, id = %row.id, tenant = row.tenant, device_id = row.device_id,
+                            error = reason, "central database refused an event; moved to dead letters");
+                        self.log.dead_letter(row.seq, reason).await?;
+                        self.metrics.dead_letters.inc();
+                    } else {
+                        let mid = a + (b - a) / 2;
+                        stack.push((mid, b));
+                        stack.push((a, mid));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sleeps unless shutdown comes first; true when stopping.
+async fn sleep_or_stop(shutdown: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}
+
+fn kill_self() {
+    // SAFETY: signalling our own process; SIGKILL cannot be caught.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+}
+
+/// Connects once and migrates the given tenants (`outpost migrate --central`).
+pub async fn migrate_central(config: &CentralConfig, tenants: &[String]) -> Result<Vec<(String, usize)>, Error> {
+    let connector = Connector::new(config)?;
+    let mut c = connector.connect().await?;
+    let mut out = Vec::new();
+    for t in tenants {
+        out.push((t.clone(), schema::migrate_tenant(c.client_mut(), t, config.notify).await?));
+    }
+    Ok(out)
+}

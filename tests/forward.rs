@@ -1,0 +1,432 @@
+//! Offline-to-online: the site keeps accepting while the central PostgreSQL
+//! is down, partitioned or crashing, and once it is back every acked event is
+//! there exactly once, in per-device order. Real PostgreSQL (initdb + pg_ctl),
+//! a real TCP fault proxy, the real appliance.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::pg::Pg;
+use common::proxy::{Mode, Proxy};
+use common::{Proc, TestApp, cli, cli_env, eventually};
+use outpost::config::{Config, NotifyMode, TlsMode};
+use serde_json::{Value, json};
+
+const DRAIN: Duration = Duration::from_secs(120);
+
+/// Points the appliance at `url` with test-friendly timings and raised limits.
+fn central(c: &mut Config, url: &str) {
+    c.central.url = Some(url.to_string());
+    c.central.tls = TlsMode::Disable;
+    c.central.batch_wait = Duration::from_millis(20);
+    c.central.max_backoff = Duration::from_millis(500);
+    c.central.statement_timeout = Duration::from_secs(2);
+    c.central.connect_timeout = Duration::from_secs(2);
+    c.central.keepalive_idle = Duration::from_secs(2);
+    c.limits.per_second = 1_000_000;
+    c.limits.per_minute = 10_000_000;
+    c.limits.per_hour = 100_000_000;
+}
+
+/// Posts `n` events for `device` in batches; returns the acked ids in order.
+async fn ingest(app: &TestApp, token: &str, device: &str, n: usize, batch: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    let mut i = 0;
+    while i < n {
+        let items: Vec<Value> = (i..(i + batch).min(n))
+            .map(|k| json!({"device_id": device, "event_type": "reading", "payload": {"k": k}}))
+            .collect();
+        let r = app.post("/api/v1/realtime/acme/events", Some(token), &json!(items)).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        ids.extend(r.body["results"].as_array().unwrap().iter().map(|x| x["id"].as_str().unwrap().to_string()));
+        i += batch;
+    }
+    ids
+}
+
+/// Central rows of tenant acme: (id, device, site, site_seq), by site and seq.
+async fn central_rows(pg: &Pg) -> Vec<(String, String, String, i64)> {
+    let c = pg.client().await;
+    let rows = c
+        .query("SELECT id::text, device_id, site_id, site_seq FROM tenant_acme.events ORDER BY site_id, site_seq", &[])
+        .await
+        .unwrap_or_default();
+    rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect()
+}
+
+async fn central_count(pg: &Pg) -> i64 {
+    let Ok((c, conn)) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await else { return -1 };
+    tokio::spawn(conn);
+    match c.query_one("SELECT count(*) FROM tenant_acme.events", &[]).await {
+        Ok(r) => r.get(0),
+        Err(_) => -1,
+    }
+}
+
+/// Waits until nothing is pending locally and the central count is `n`.
+async fn wait_drained(app: &TestApp, pg: &Pg, n: usize) {
+    let ok = eventually(DRAIN, || async { app.pending() == 0 && central_count(pg).await == n as i64 }).await;
+    assert!(ok, "not drained: {} pending locally, {} central, want {n}", app.pending(), central_count(pg).await);
+}
+
+/// Exactly the acked ids, each once; per device in ack order (by site_seq).
+fn assert_exactly_once(rows: &[(String, String, String, i64)], acked: &HashMap<String, Vec<String>>) {
+    let total: usize = acked.values().map(Vec::len).sum();
+    assert_eq!(rows.len(), total, "central row count");
+    let unique: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(unique.len(), rows.len(), "duplicate ids centrally");
+    for (device, ids) in acked {
+        let central: Vec<&str> = rows.iter().filter(|r| &r.1 == device).map(|r| r.0.as_str()).collect();
+        let want: Vec<&str> = ids.iter().map(String::as_str).collect();
+        assert_eq!(central, want, "order or content of {device}");
+    }
+}
+
+async fn uplink_state(app: &TestApp) -> String {
+    let s = app.get("/api/v1/status", None).await;
+    s.body["uplink"]["state"].as_str().unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_from_the_start_then_50000_events_arrive_exactly_once() {
+    let pg = Pg::init(); // not running yet
+    let app = TestApp::start_with(|c| central(c, &pg.url())).await;
+    let mut acked = HashMap::new();
+    for d in 0..4 {
+        let dev = format!("dev-{d}");
+        let token = app.device("acme", &dev).await;
+        acked.insert(dev.clone(), ingest(&app, &token, &dev, 12_500, 500).await);
+    }
+    assert_eq!(app.pending(), 50_000, "everything is buffered while central is down");
+    assert!(eventually(Duration::from_secs(10), || async { uplink_state(&app).await == "down" }).await);
+    let s = app.get("/api/v1/status", None).await;
+    assert!(s.body["uplink"]["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{}", s.text);
+    pg.up();
+    wait_drained(&app, &pg, 50_000).await;
+    assert_exactly_once(&central_rows(&pg).await, &acked);
+    assert_eq!(uplink_state(&app).await, "up");
+    let m = app.get("/metrics", None).await.text;
+    assert!(m.contains("outpost_forwarded_rows_total 50000"), "{m}");
+    assert!(m.contains("outpost_backlog_rows 0"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_killed_mid_stream_several_times_loses_and_duplicates_nothing() {
+    let pg = Pg::start();
+    let app = Arc::new(TestApp::start_with(|c| central(c, &pg.url())).await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for d in 0..3 {
+        let dev = format!("dev-{d}");
+        let token = app.device("acme", &dev).await;
+        let (app, stop) = (app.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                ids.extend(ingest(&app, &token, &dev, 50, 50).await);
+            }
+            (dev, ids)
+        }));
+    }
+    for round in 0..3 {
+        let before = central_count(&pg).await.max(0);
+        assert!(
+            eventually(Duration::from_secs(30), || async { central_count(&pg).await > before + 100 }).await,
+            "round {round}: central did not grow"
+        );
+        pg.kill();
+        // Ingest goes on while central is gone; the forwarder notices.
+        let pending_at_kill = app.pending();
+        assert!(eventually(Duration::from_secs(20), || async { uplink_state(&app).await == "down" }).await);
+        assert!(eventually(Duration::from_secs(20), || async { app.pending() > pending_at_kill + 100 }).await);
+        pg.up();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = HashMap::new();
+    for t in tasks {
+        let (dev, ids) = t.await.unwrap();
+        acked.insert(dev, ids);
+    }
+    let total: usize = acked.values().map(Vec::len).sum();
+    wait_drained(&app, &pg, total).await;
+    assert_exactly_once(&central_rows(&pg).await, &acked);
+    let m = app.get("/metrics", None).await.text;
+    assert!(!m.contains("outpost_forward_retries_total 0\n"), "retries were counted: {m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blackhole_reset_and_refused_partitions_recover_when_healed() {
+    let pg = Pg::start();
+    let proxy = Proxy::start(format!("127.0.0.1:{}", pg.port).parse().unwrap()).await;
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
+    let app = TestApp::start_with(|c| {
+        central(c, &url);
+        c.central.statement_timeout = Duration::from_secs(1);
+        c.central.keepalive_idle = Duration::from_secs(1);
+    })
+    .await;
+    let token = app.device("acme", "d1").await;
+    let mut ids = ingest(&app, &token, "d1", 500, 100).await;
+    wait_drained(&app, &pg, ids.len()).await;
+    for mode in [Mode::Blackhole, Mode::Reset, Mode::Refuse] {
+        proxy.set(mode);
+        ids.extend(ingest(&app, &token, "d1", 2000, 100).await);
+        // Noticed in seconds (timeouts, keepalives), not hours.
+        let noticed = eventually(Duration::from_secs(20), || async { uplink_state(&app).await == "down" }).await;
+        assert!(noticed, "{mode:?} not noticed: uplink {}", uplink_state(&app).await);
+        assert!(app.pending() > 0, "{mode:?}: rows stay pending while partitioned");
+        proxy.set(Mode::Pass);
+        wait_drained(&app, &pg, ids.len()).await;
+    }
+    assert_exactly_once(&central_rows(&pg).await, &HashMap::from([("d1".to_string(), ids)]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_after_central_commit_before_local_mark_resends_without_duplicates() {
+    let pg = Pg::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, token, err) = cli(dir.path(), &["device", "add", "--tenant", "acme", "--id", "d1"]);
+    assert!(ok, "{err}");
+    let token = token.trim().to_string();
+    let url = pg.url();
+    let env = [
+        ("OUTPOST_CENTRAL__URL", url.as_str()),
+        ("OUTPOST_CENTRAL__TLS", "disable"),
+        ("OUTPOST_CENTRAL__BATCH_WAIT", "500ms"),
+        ("OUTPOST_LIMITS__PER_SECOND", "100000"),
+        ("OUTPOST_LIMITS__PER_MINUTE", "1000000"),
+        ("OUTPOST_LIMITS__PER_HOUR", "10000000"),
+    ];
+    let mut with_failpoint = env.to_vec();
+    with_failpoint.push(("OUTPOST_FAILPOINT", "after_central_commit"));
+    let mut proc = Proc::start(dir.path(), &with_failpoint);
+    let client = reqwest::Client::new();
+    let items: Vec<Value> =
+        (0..1000).map(|k| json!({"device_id": "d1", "event_type": "reading", "payload": {"k": k}})).collect();
+    let r = client
+        .post(format!("{}/api/v1/realtime/acme/events", proc.base()))
+        .bearer_auth(&token)
+        .json(&items)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let body: Value = r.json().await.unwrap();
+    let acked: Vec<String> =
+        body["results"].as_array().unwrap().iter().map(|x| x["id"].as_str().unwrap().to_string()).collect();
+    let status = proc.wait_exit(Duration::from_secs(30)).expect("failpoint did not fire");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    // Central has the batch; the site log never learned it was forwarded.
+    assert_eq!(central_count(&pg).await, 1000);
+    let conn = outpost::log::open(&dir.path().join("site-log.sqlite"), true).unwrap();
+    assert_eq!(outpost::log::schema::status(&conn, 0).unwrap().backlog_rows, 1000);
+    drop(conn);
+    drop(proc);
+    // Restart: the batch is sent again and ignored centrally.
+    let proc = Proc::start(dir.path(), &env);
+    let drained = eventually(DRAIN, || async {
+        let conn = outpost::log::open(&dir.path().join("site-log.sqlite"), true).unwrap();
+        outpost::log::schema::status(&conn, 0).unwrap().backlog_rows == 0
+    })
+    .await;
+    assert!(drained);
+    assert_exactly_once(&central_rows(&pg).await, &HashMap::from([("d1".to_string(), acked)]));
+    assert_eq!(proc.terminate().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_rows_go_to_dead_letters_while_neighbours_arrive() {
+    let pg = Pg::start();
+    let app = TestApp::start_with(|c| central(c, &pg.url())).await;
+    let token = app.device("acme", "d1").await;
+    // jsonb refuses \u0000 (SQLSTATE 22P05) although it is valid JSON.
+    let items: Vec<Value> = (0..20)
+        .map(|k| {
+            let payload = if k == 7 { json!({"bad": "\u{0}"}) } else { json!({"k": k}) };
+            json!({"device_id": "d1", "event_type": "reading", "payload": payload})
+        })
+        .collect();
+    let r = app.post("/api/v1/realtime/acme/events", Some(&token), &json!(items)).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let ids: Vec<String> =
+        r.body["results"].as_array().unwrap().iter().map(|x| x["id"].as_str().unwrap().to_string()).collect();
+    wait_drained(&app, &pg, 19).await;
+    let mut good = ids.clone();
+    let poison = good.remove(7);
+    assert_exactly_once(&central_rows(&pg).await, &HashMap::from([("d1".to_string(), good.clone())]));
+    let (ok, out, _) = cli(app.dir.path(), &["dead-letter", "list"]);
+    assert!(ok);
+    assert!(out.contains(&poison) && out.contains("22P05"), "{out}");
+    // A column too narrow centrally (22001) is a data error too.
+    pg.exec("ALTER TABLE tenant_acme.events ALTER COLUMN event_type TYPE varchar(10)").await;
+    let r = app
+        .post(
+            "/api/v1/realtime/acme/events",
+            Some(&token),
+            &json!([{"device_id": "d1", "event_type": "short", "payload": {}},
+                    {"device_id": "d1", "event_type": "much.too.long.for.ten", "payload": {}},
+                    {"device_id": "d1", "event_type": "short", "payload": {}}]),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    wait_drained(&app, &pg, 21).await;
+    let s = app.get("/api/v1/status", None).await;
+    assert_eq!(s.body["log"]["dead_letters"], 2);
+    let m = app.get("/metrics", None).await.text;
+    assert!(m.contains("outpost_dead_letters_total 2"), "{m}");
+    // Retry puts them back; they fail again and return to dead letters.
+    let (ok, out, _) = cli(app.dir.path(), &["dead-letter", "retry", "--all"]);
+    assert!(ok && out.contains("2 dead letter(s) back"), "{out}");
+    assert!(eventually(Duration::from_secs(20), || async { app.pending() == 0 }).await);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            app.get("/api/v1/status", None).await.body["log"]["dead_letters"] == 2
+        })
+        .await
+    );
+    let (ok, out, _) = cli(app.dir.path(), &["dead-letter", "purge", "--all"]);
+    assert!(ok && out.contains("2 dead letter(s) purged"), "{out}");
+    let (ok, _, err) = cli(app.dir.path(), &["dead-letter", "purge"]);
+    assert!(!ok && err.contains("--all"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sites_into_one_tenant_plus_replay_stay_exactly_once() {
+    let pg = Pg::start();
+    let a = TestApp::start_with(|c| central(c, &pg.url())).await;
+    let b = TestApp::start_with(|c| {
+        central(c, &pg.url());
+        c.site.id = Some("site-b".into());
+    })
+    .await;
+    let ta = a.device("acme", "a1").await;
+    let tb = b.device("acme", "b1").await;
+    let (ia, ib) = tokio::join!(ingest(&a, &ta, "a1", 5000, 250), ingest(&b, &tb, "b1", 5000, 250));
+    assert!(eventually(DRAIN, || async { a.pending() == 0 && b.pending() == 0 }).await);
+    assert_eq!(central_count(&pg).await, 10_000);
+    // Replay the last hour of site A: everything is sent again, nothing doubles.
+    let (ok, out, err) = cli(a.dir.path(), &["replay", "--since", "1h"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("5000 events"), "{out}");
+    assert!(a.pending() > 0 || central_count(&pg).await == 10_000);
+    assert!(eventually(DRAIN, || async { a.pending() == 0 }).await);
+    let rows = central_rows(&pg).await;
+    assert_exactly_once(&rows, &HashMap::from([("a1".to_string(), ia), ("b1".to_string(), ib)]));
+    let sites: HashSet<&str> = rows.iter().map(|r| r.2.as_str()).collect();
+    assert_eq!(sites, HashSet::from(["site-a", "site-b"]));
+    let (ok, _, err) = cli(a.dir.path(), &["replay", "--since", "yesterday-ish"]);
+    assert!(!ok && err.contains("--since"), "{err}");
+}
+
+/// LISTENs on `channel`; notifications arrive on the receiver while the
+/// returned client lives.
+async fn listen(pg: &Pg, channel: &str) -> (tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let (client, mut conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(msg) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = msg {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {channel}")).await.unwrap();
+    (client, rx)
+}
+
+async fn notifications_in_mode(mode: NotifyMode) -> (Vec<Value>, Vec<String>) {
+    let pg = Pg::start();
+    let app = TestApp::start_with(|c| {
+        central(c, &pg.url());
+        c.central.notify = mode;
+    })
+    .await;
+    let token = app.device("acme", "d1").await;
+    // The schema exists once the forwarder has connected and migrated.
+    assert!(eventually(Duration::from_secs(20), || async { central_count(&pg).await == 0 }).await);
+    let (_listener, mut rx) = listen(&pg, "tenant_acme_events").await;
+    let ids = ingest(&app, &token, "d1", 10, 10).await;
+    wait_drained(&app, &pg, 10).await;
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Ok(Some(p)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        got.push(serde_json::from_str::<Value>(&p).unwrap());
+        let covered = match mode {
+            NotifyMode::PerRow => got.len() >= 10,
+            NotifyMode::PerBatch => got.iter().map(|v| v["count"].as_i64().unwrap_or(0)).sum::<i64>() >= 10,
+        };
+        if covered {
+            break;
+        }
+    }
+    (got, ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_row_trigger_notifies_each_forwarded_event() {
+    let (got, ids) = notifications_in_mode(NotifyMode::PerRow).await;
+    let ids_seen: Vec<&str> = got.iter().map(|v| v["id"].as_str().unwrap()).collect();
+    assert_eq!(ids_seen, ids.iter().map(String::as_str).collect::<Vec<_>>());
+    for v in &got {
+        assert_eq!(v["device_id"], "d1");
+        assert_eq!(v["event_type"], "reading");
+        assert!(v["timestamp"].is_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_batch_trigger_notifies_once_per_statement_with_the_seq_range() {
+    let (got, _) = notifications_in_mode(NotifyMode::PerBatch).await;
+    assert!(!got.is_empty());
+    assert!(got.len() <= 10);
+    let total: i64 = got.iter().map(|v| v["count"].as_i64().unwrap()).sum();
+    assert_eq!(total, 10);
+    for v in &got {
+        assert_eq!(v["site_id"], "site-a");
+        assert!(v["first_seq"].as_i64().unwrap() <= v["last_seq"].as_i64().unwrap());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_central_is_idempotent_and_safe_from_many_sites_at_once() {
+    let pg = Pg::start();
+    let url = pg.url();
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let handles: Vec<_> = dirs
+        .iter()
+        .map(|d| {
+            let (p, url) = (d.path().to_path_buf(), url.clone());
+            std::thread::spawn(move || {
+                cli_env(
+                    &p,
+                    &["migrate", "--central", "--tenant", "acme", "--tenant", "globex"],
+                    &[("OUTPOST_CENTRAL__URL", &url), ("OUTPOST_CENTRAL__TLS", "disable")],
+                )
+            })
+        })
+        .collect();
+    let mut applied = 0;
+    for h in handles {
+        let (ok, out, err) = h.join().unwrap();
+        assert!(ok, "{err}");
+        applied += out.matches("1 migration(s) applied").count();
+    }
+    assert_eq!(applied, 2, "each tenant migrated exactly once across 4 concurrent sites");
+    let c = pg.client().await;
+    for t in ["acme", "globex"] {
+        let n: i64 =
+            c.query_one(&format!("SELECT count(*) FROM tenant_{t}.outpost_migrations"), &[]).await.unwrap().get(0);
+        assert_eq!(n, 1);
+    }
+    let (ok, _, err) = cli_env(
+        dirs[0].path(),
+        &["migrate", "--central", "--tenant", "Bad-Name"],
+        &[("OUTPOST_CENTRAL__URL", &url), ("OUTPOST_CENTRAL__TLS", "disable")],
+    );
+    assert!(!ok && err.contains("Bad-Name"), "{err}");
+}
