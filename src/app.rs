@@ -158,6 +158,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         site_id: site_id.clone().into(),
         max_body: config.http.max_body_bytes,
         started: Instant::now(),
+        status_cache: Default::default(),
     };
 
     let shutdown = CancellationToken::new();

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::CentralConfig;
@@ -192,6 +193,48 @@ pub struct Forwarder {
     pub wake: Arc<Notify>,
 }
 
+/// Marks (site-log commits) allowed in flight behind central commits.
+const MAX_MARKS_IN_FLIGHT: usize = 4;
+
+/// Overlaps the three steps of forwarding: while Postgres commits batch N, the
+/// site log is marking batch N-1 and reading batch N+1. `cursor` is the last
+/// seq handed to a central write; reads continue after it, and it returns to
+/// 0 after an error or when nothing follows it (rows made pending again by
+/// `replay` or `dead-letter retry` sit before it).
+#[derive(Default)]
+struct Pipeline {
+    cursor: i64,
+    marks: VecDeque<JoinHandle<Result<usize, log::Error>>>,
+    prefetch: Option<JoinHandle<Result<Vec<StoredEvent>, log::Error>>>,
+}
+
+impl Pipeline {
+    /// Waits for every mark in flight. A failed mark leaves its rows
+    /// pending: they are sent again and ignored centrally.
+    async fn settle_marks(&mut self) {
+        while let Some(m) = self.marks.pop_front() {
+            settle(m).await;
+        }
+    }
+
+    /// Forget reads and position: start again from the first pending row.
+    async fn rewind(&mut self) {
+        if let Some(p) = self.prefetch.take() {
+            p.abort();
+        }
+        self.settle_marks().await;
+        self.cursor = 0;
+    }
+}
+
+async fn settle(mark: JoinHandle<Result<usize, log::Error>>) {
+    match mark.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "marking rows forwarded failed; they will be sent again"),
+        Err(e) => tracing::warn!(error = %e, "mark task failed; rows will be sent again"),
+    }
+}
+
 /// How often an idle forwarder looks for rows another process made pending
 /// (`outpost replay`, `outpost dead-letter retry`), which do not signal `wake`.
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -204,6 +247,13 @@ impl Forwarder {
     /// Forwards until `shutdown`. Only configuration problems found at start
     /// are fatal; everything later is retried.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let mut pipeline = Pipeline::default();
+        let result = self.run_pipeline(&mut pipeline, shutdown).await;
+        pipeline.rewind().await;
+        result
+    }
+
+    async fn run_pipeline(&self, p: &mut Pipeline, shutdown: CancellationToken) -> Result<(), Error> {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.config.max_backoff);
         let mut central: Option<Central> = None;
         let mut migrated: HashSet<String> = HashSet::new();
@@ -242,7 +292,7 @@ impl Forwarder {
             let Some(c) = central.as_mut() else { continue };
             let batch = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                b = self.next_batch() => b,
+                b = self.next_batch(p) => b,
             };
             let batch = match batch {
                 Ok(Some(b)) => b,
@@ -259,12 +309,16 @@ impl Forwarder {
             let result = tokio::select! {
                 // Shutdown mid-batch is safe: uncommitted rows stay pending.
                 _ = shutdown.cancelled() => return Ok(()),
-                r = self.forward(c, &batch, &mut migrated, failpoint) => r,
+                r = self.forward(c, p, &batch, &mut migrated, failpoint) => r,
             };
             match result {
-                Ok(()) => self.up(&mut backoff),
+                Ok(()) => {
+                    p.cursor = batch.last().map_or(p.cursor, |e| e.seq);
+                    self.up(&mut backoff);
+                }
                 Err(e) => {
                     central = None;
+                    p.rewind().await;
                     if self.failed(e, &mut backoff, &mut migrated, &shutdown).await {
                         return Ok(());
                     }
@@ -302,13 +356,24 @@ impl Forwarder {
         sleep_or_stop(shutdown, delay).await
     }
 
-    /// Waits for pending rows; lets a small trickle coalesce for `batch_wait`.
-    /// `None` after an idle wait (so the caller can re-check the connection).
-    async fn next_batch(&self) -> Result<Option<Vec<StoredEvent>>, Error> {
+    /// The next rows after the cursor: the prefetched ones if any, else read
+    /// (waiting for pending rows, letting a small trickle coalesce for
+    /// `batch_wait`). `None` after an idle wait, so the caller can re-check
+    /// the connection. A full batch starts the read of the one after it.
+    async fn next_batch(&self, p: &mut Pipeline) -> Result<Option<Vec<StoredEvent>>, Error> {
         let (max_rows, max_bytes) = (self.config.batch_rows, self.config.batch_bytes);
-        loop {
-            let batch = self.readers.with(move |c| log::schema::pending_batch(c, max_rows, max_bytes)).await?;
+        let mut batch = match p.prefetch.take() {
+            Some(h) => h.await.map_err(|e| log::Error::Join(e.to_string()))??,
+            None => Vec::new(),
+        };
+        while batch.is_empty() {
+            let after = p.cursor;
+            batch = self.readers.with(move |c| log::schema::pending_batch(c, after, max_rows, max_bytes)).await?;
             let Some(first) = batch.first() else {
+                if p.cursor != 0 {
+                    p.rewind().await;
+                    continue;
+                }
                 tokio::select! {
                     _ = self.wake.notified() => continue,
                     _ = tokio::time::sleep(IDLE_POLL) => return Ok(None),
@@ -318,14 +383,22 @@ impl Forwarder {
             let age = Duration::from_micros(u64::try_from(now_us() - received_us).unwrap_or(0));
             if batch.len() < max_rows && age < self.config.batch_wait {
                 tokio::time::sleep(self.config.batch_wait - age).await;
-                continue;
+                batch.clear();
             }
-            return Ok(Some(batch));
         }
+        if batch.len() >= max_rows
+            && let Some(last) = batch.last()
+        {
+            let (readers, after) = (self.readers.clone(), last.seq);
+            p.prefetch = Some(tokio::spawn(async move {
+                readers.with(move |c| log::schema::pending_batch(c, after, max_rows, max_bytes)).await
+            }));
+        }
+        Ok(Some(batch))
     }
 
     async fn migrate_known(&self, c: &mut Central, migrated: &mut HashSet<String>) -> Result<(), Error> {
-        let mut tenants = self.readers.with(|c| log::schema::device_tenants(c)).await?;
+        let mut tenants = self.readers.with(log::schema::device_tenants).await?;
         tenants.extend(self.config.tenants.iter().cloned());
         for t in tenants {
             if !migrated.contains(&t) {
@@ -343,6 +416,7 @@ impl Forwarder {
     async fn forward(
         &self,
         c: &mut Central,
+        p: &mut Pipeline,
         batch: &[StoredEvent],
         migrated: &mut HashSet<String>,
         failpoint: bool,
@@ -363,7 +437,7 @@ impl Forwarder {
                 migrated.insert(tenant.to_string());
             }
             let schema = schema::schema_name(tenant)?;
-            self.write_bisecting(c, &schema, &rows, failpoint).await?;
+            self.write_bisecting(c, p, &schema, &rows, failpoint).await?;
         }
         Ok(())
     }
@@ -373,6 +447,7 @@ impl Forwarder {
     async fn write_bisecting(
         &self,
         c: &mut Central,
+        p: &mut Pipeline,
         schema: &str,
         rows: &[&StoredEvent],
         failpoint: bool,
@@ -390,8 +465,13 @@ impl Forwarder {
                         tracing::warn!("failpoint after_central_commit: killing the process");
                         kill_self();
                     }
-                    let seqs: Vec<i64> = part.iter().map(|r| r.seq).collect();
-                    self.log.mark_forwarded(seqs).await?;
+                    let (log, seqs) = (self.log.clone(), part.iter().map(|r| r.seq).collect());
+                    p.marks.push_back(tokio::spawn(async move { log.mark_forwarded(seqs).await }));
+                    while p.marks.len() > MAX_MARKS_IN_FLIGHT {
+                        if let Some(m) = p.marks.pop_front() {
+                            settle(m).await;
+                        }
+                    }
                     self.status.forwarded(part.len());
                     self.metrics.forward_rows.inc_by(part.len() as u64);
                     self.metrics.forward_batches.inc();

@@ -227,8 +227,26 @@ pub struct Status {
     pub drain_eta_seconds: Option<f64>,
 }
 
+/// How long a computed log status is reused: its counts scan the log, and
+/// scrapes, status pages and CLI calls must not steal the cores ingest needs.
+const STATUS_TTL: Duration = Duration::from_secs(2);
+
 async fn current_status(state: &AppState) -> Result<Status, ApiError> {
-    let log = state.readers.with(|c| schema::status(c, now_us())).await?;
+    let cached = state
+        .status_cache
+        .lock()
+        .ok()
+        .and_then(|c| c.as_ref().filter(|(t, _)| t.elapsed() < STATUS_TTL).map(|(_, s)| s.clone()));
+    let log = match cached {
+        Some(s) => s,
+        None => {
+            let s = state.readers.with(|c| schema::status(c, now_us())).await?;
+            if let Ok(mut c) = state.status_cache.lock() {
+                *c = Some((std::time::Instant::now(), s.clone()));
+            }
+            s
+        }
+    };
     state.metrics.backlog_rows.set(log.backlog_rows);
     state.metrics.oldest_pending_seconds.set(log.oldest_pending_age_seconds.unwrap_or(0.0));
     state.metrics.log_bytes.set(i64::try_from(log.log_bytes).unwrap_or(i64::MAX));

@@ -35,6 +35,8 @@ pub struct AppState {
     pub site_id: Arc<str>,
     pub max_body: usize,
     pub started: Instant,
+    /// Last computed log status and when (see `api::STATUS_TTL`).
+    pub status_cache: Arc<std::sync::Mutex<Option<(Instant, crate::log::schema::LogStatus)>>>,
 }
 
 /// 400 unless the path's tenant is a valid tenant name.

@@ -126,13 +126,18 @@ pub fn pending(conn: &Connection, limit: usize) -> Result<Vec<StoredEvent>, Erro
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// Oldest pending rows in `seq` order, at most `max_rows` and about `max_bytes`
-/// (always at least one row when any is pending).
-pub fn pending_batch(conn: &Connection, max_rows: usize, max_bytes: usize) -> Result<Vec<StoredEvent>, Error> {
+/// Oldest pending rows after `after` in `seq` order, at most `max_rows` and
+/// about `max_bytes` (always at least one row when any is pending).
+pub fn pending_batch(
+    conn: &Connection,
+    after: i64,
+    max_rows: usize,
+    max_bytes: usize,
+) -> Result<Vec<StoredEvent>, Error> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {EVENT_COLUMNS} FROM events WHERE forwarded_at IS NULL ORDER BY seq LIMIT ?1"
+        "SELECT {EVENT_COLUMNS} FROM events WHERE forwarded_at IS NULL AND seq > ?1 ORDER BY seq LIMIT ?2"
     ))?;
-    let mut rows = stmt.query([i64::try_from(max_rows).unwrap_or(i64::MAX)])?;
+    let mut rows = stmt.query(params![after, i64::try_from(max_rows).unwrap_or(i64::MAX)])?;
     let (mut out, mut bytes) = (Vec::new(), 0usize);
     while let Some(row) = rows.next()? {
         let e = stored_event(row)?;
@@ -143,6 +148,11 @@ pub fn pending_batch(conn: &Connection, max_rows: usize, max_bytes: usize) -> Re
         }
     }
     Ok(out)
+}
+
+/// True while any row is pending (cheap: one index probe).
+pub fn has_pending(conn: &Connection) -> Result<bool, Error> {
+    Ok(conn.query_row("SELECT EXISTS (SELECT 1 FROM events WHERE forwarded_at IS NULL)", [], |r| r.get(0))?)
 }
 
 /// Moves one pending row to `dead_letter` with the central error text.
