@@ -109,9 +109,13 @@ async fn postgres_down_from_the_start_then_50000_events_arrive_exactly_once() {
     wait_drained(&app, &pg, 50_000).await;
     assert_exactly_once(&central_rows(&pg).await, &acked);
     assert_eq!(uplink_state(&app).await, "up");
-    let m = app.get("/metrics", None).await.text;
-    assert!(m.contains("outpost_forwarded_rows_total 50000"), "{m}");
-    assert!(m.contains("outpost_backlog_rows 0"), "{m}");
+    // Log gauges are computed at most every 2 s (status cache).
+    let settled = eventually(Duration::from_secs(5), || async {
+        let m = app.get("/metrics", None).await.text;
+        m.contains("outpost_forwarded_rows_total 50000") && m.contains("outpost_backlog_rows 0")
+    })
+    .await;
+    assert!(settled, "{}", app.get("/metrics", None).await.text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,8 +279,12 @@ async fn poison_rows_go_to_dead_letters_while_neighbours_arrive() {
         .await;
     assert_eq!(r.status, 201);
     wait_drained(&app, &pg, 21).await;
-    let s = app.get("/api/v1/status", None).await;
-    assert_eq!(s.body["log"]["dead_letters"], 2);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            app.get("/api/v1/status", None).await.body["log"]["dead_letters"] == 2
+        })
+        .await
+    );
     let m = app.get("/metrics", None).await.text;
     assert!(m.contains("outpost_dead_letters_total 2"), "{m}");
     // Retry puts them back; they fail again and return to dead letters.
@@ -429,4 +437,62 @@ async fn migrate_central_is_idempotent_and_safe_from_many_sites_at_once() {
         &[("OUTPOST_CENTRAL__URL", &url), ("OUTPOST_CENTRAL__TLS", "disable")],
     );
     assert!(!ok && err.contains("Bad-Name"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_central_verifies_the_server_certificate() {
+    let (pg, ca) = Pg::start_tls();
+    // Trusting the server's CA: forwarded over TLS.
+    let app = TestApp::start_with(|c| {
+        central(c, &pg.url());
+        c.central.tls = TlsMode::Require;
+        c.central.ca_file = Some(ca.clone());
+    })
+    .await;
+    let token = app.device("acme", "d1").await;
+    let ids = ingest(&app, &token, "d1", 100, 100).await;
+    if !eventually(Duration::from_secs(10), || async { app.pending() == 0 }).await {
+        panic!("TLS forwarding failed: {}", app.get("/api/v1/status", None).await.body["uplink"]);
+    }
+    wait_drained(&app, &pg, 100).await;
+    assert_exactly_once(&central_rows(&pg).await, &HashMap::from([("d1".to_string(), ids)]));
+    let c = pg.client().await;
+    let ssl: i64 = c
+        .query_one("SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'outpost' AND s.ssl", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl >= 1, "the appliance's connection is not encrypted");
+    drop(app);
+    // An untrusted certificate is refused: nothing is sent, the reason is shown.
+    let other_dir = tempfile::tempdir().unwrap();
+    let wrong_ca = other_dir.path().join("other.pem");
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=other", "-keyout"])
+        .arg(other_dir.path().join("k"))
+        .arg("-out")
+        .arg(&wrong_ca)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let app = TestApp::start_with(|c| {
+        central(c, &pg.url());
+        c.central.tls = TlsMode::Require;
+        c.central.ca_file = Some(wrong_ca.clone());
+    })
+    .await;
+    let token = app.device("acme", "d2").await;
+    ingest(&app, &token, "d2", 10, 10).await;
+    assert!(eventually(Duration::from_secs(20), || async { uplink_state(&app).await == "down" }).await);
+    let s = app.get("/api/v1/status", None).await;
+    let err = s.body["uplink"]["last_error"].as_str().unwrap_or_default().to_lowercase();
+    assert!(err.contains("certificate") || err.contains("tls") || err.contains("ssl"), "{err}");
+    assert_eq!(app.pending(), 10);
+    assert_eq!(central_count(&pg).await, 100);
+    // A missing CA file is a configuration error at start, not a silent downgrade.
+    let mut cfg = common::test_config(other_dir.path());
+    central(&mut cfg, &pg.url());
+    cfg.central.ca_file = Some(other_dir.path().join("missing.pem"));
+    let err = outpost::app::start(cfg).await.err().expect("must refuse to start");
+    assert!(format!("{err:#}").contains("missing.pem"), "{err:#}");
 }

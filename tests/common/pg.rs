@@ -85,10 +85,86 @@ impl Pg {
         }
     }
 
+    /// initdb + a self-signed certificate for 127.0.0.1 + start with ssl=on.
+    /// Returns the server and the certificate's path (the CA to trust).
+    pub fn start_tls() -> (Self, PathBuf) {
+        let pg = Self::init();
+        let (cert, key) = (pg.data().join("server.crt"), pg.data().join("server.key"));
+        let work = pg.dir.path();
+        let (ca_key, ca_cert, csr, ext) =
+            (work.join("ca.key"), work.join("ca.pem"), work.join("server.csr"), work.join("ext.cnf"));
+        std::fs::write(&ext, "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+        let openssl = |args: Vec<std::ffi::OsString>| {
+            let out = Command::new("openssl").args(args).output().unwrap();
+            assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let os = |v: &[&dyn AsRef<std::ffi::OsStr>]| v.iter().map(|a| a.as_ref().to_os_string()).collect::<Vec<_>>();
+        // A CA, then a server certificate it signs (webpki refuses a CA as end entity).
+        openssl(os(&[
+            &"req",
+            &"-x509",
+            &"-newkey",
+            &"rsa:2048",
+            &"-nodes",
+            &"-days",
+            &"2",
+            &"-subj",
+            &"/CN=outpost test CA",
+            &"-keyout",
+            &ca_key,
+            &"-out",
+            &ca_cert,
+        ]));
+        openssl(os(&[
+            &"req",
+            &"-newkey",
+            &"rsa:2048",
+            &"-nodes",
+            &"-subj",
+            &"/CN=localhost",
+            &"-keyout",
+            &key,
+            &"-out",
+            &csr,
+        ]));
+        openssl(os(&[
+            &"x509",
+            &"-req",
+            &"-in",
+            &csr,
+            &"-CA",
+            &ca_cert,
+            &"-CAkey",
+            &ca_key,
+            &"-CAcreateserial",
+            &"-days",
+            &"2",
+            &"-extfile",
+            &ext,
+            &"-out",
+            &cert,
+        ]));
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        if is_root() {
+            let st = Command::new("chown").arg("postgres:postgres").arg(&cert).arg(&key).status().unwrap();
+            assert!(st.success());
+        }
+        let public = ca_cert;
+        pg.up_with("-c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key");
+        (pg, public)
+    }
+
     /// Starts the server (again) on the same port; waits until it accepts.
     pub fn up(&self) {
+        self.up_with("");
+    }
+
+    fn up_with(&self, extra: &str) {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=50",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=50 {extra}",
             self.port,
             self.dir.path().display()
         );
