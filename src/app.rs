@@ -23,6 +23,7 @@ use crate::event::{InputLimits, now_us};
 use crate::forward::{self, ForwardStatus, Forwarder, Uplink};
 use crate::http::{self, AppState};
 use crate::ingest::IngestHandle;
+use crate::ingest::mqtt::{self, MqttDeps};
 use crate::limits::Limiter;
 use crate::log::{self, Readers, WriterConfig};
 use crate::metrics::Metrics;
@@ -37,6 +38,8 @@ const PRUNE_CHUNK: usize = 5000;
 pub struct Running {
     /// Where HTTP listens (the real port when configured with port 0).
     pub http_addr: SocketAddr,
+    /// Where MQTT listens, when enabled.
+    pub mqtt_addr: Option<SocketAddr>,
     /// Cancel to stop the appliance.
     pub shutdown: CancellationToken,
     supervisor: JoinHandle<anyhow::Result<()>>,
@@ -144,13 +147,34 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         },
         config.limits.max_batch,
     );
+    let mqtt_listener = if config.mqtt.enabled {
+        Some(
+            TcpListener::bind(config.mqtt.listen)
+                .await
+                .with_context(|| format!("cannot listen on mqtt.listen = {}", config.mqtt.listen))?,
+        )
+    } else {
+        None
+    };
+    let mqtt_addr = mqtt_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let http_listener = TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("cannot listen on http.listen = {}", config.http.listen))?;
     let http_addr = http_listener.local_addr()?;
+    let auth = Arc::new(authenticator);
+    let mqtt_deps = mqtt_listener.map(|l| {
+        let deps = MqttDeps {
+            ingest: ingest.clone(),
+            auth: auth.clone(),
+            links: mqtt::start_router(config.mqtt.max_connections),
+            metrics: metrics.clone(),
+            config: config.mqtt.clone(),
+        };
+        (l, deps)
+    });
     let state = AppState {
         ingest,
-        auth: Arc::new(authenticator),
+        auth,
         log: log.clone(),
         readers: readers.clone(),
         metrics: metrics.clone(),
@@ -190,6 +214,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             async move { auth::run_registry_refresh(r, registry, s).await.context("registry refresh") }
         }),
     );
+    if let Some((listener, deps)) = mqtt_deps {
+        let (t, s) = (tracker.clone(), shutdown.clone());
+        spawn("mqtt", Box::pin(async move { mqtt::run(listener, deps, t, s).await.context("mqtt") }));
+    }
     if let Some(connector) = connector {
         let forwarder = Forwarder {
             connector,
@@ -216,7 +244,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     tracker.close();
     drop(log);
 
-    tracing::info!(site_id, %http_addr, data_dir = %data_dir.display(), "outpost running; http listening on {http_addr}");
+    tracing::info!(site_id, %http_addr, data_dir = %data_dir.display(), "outpost running; http listening on {http_addr}{}", mqtt_addr.map_or(String::new(), |a| format!(", mqtt listening on {a}")));
 
     let grace = config.shutdown_grace;
     let supervisor = tokio::spawn({
@@ -240,7 +268,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             Ok(())
         }
     });
-    Ok(Running { http_addr, shutdown, supervisor })
+    Ok(Running { http_addr, mqtt_addr, shutdown, supervisor })
 }
 
 /// Retention: prunes forwarded rows older than `retention`, in chunks.

@@ -123,6 +123,7 @@ pub async fn raw_commit_rate(
                         timestamp_us: now_us(),
                         received_at_us: now_us(),
                         origin_site: "bench".into(),
+                        redelivery: None,
                     };
                     schema::insert_event(&tx, &e, None)?;
                     total += 1;
@@ -318,6 +319,7 @@ fn synthetic(tenant: &str, i: usize, payload: &str) -> Event {
         timestamp_us: now,
         received_at_us: now,
         origin_site: "bench-site".into(),
+        redelivery: None,
     }
 }
 

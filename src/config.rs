@@ -64,10 +64,23 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
 }
 
+/// The MQTT 3.1.1 listener for devices.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
+    /// Set `enabled = false` to run without MQTT.
+    pub enabled: bool,
     pub listen: SocketAddr,
+    /// Connections beyond this are closed at once.
+    pub max_connections: usize,
+    /// Largest packet accepted; a larger one closes that connection.
+    pub max_packet_size: usize,
+    /// Time a new connection has to send its CONNECT.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Publishes of one connection awaiting their commit; at the limit the
+    /// connection is not read until one commits.
+    pub max_inflight: usize,
 }
 
 /// The central PostgreSQL the forwarder writes to.
@@ -263,7 +276,14 @@ impl Default for HttpConfig {
 
 impl Default for MqttConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([0, 0, 0, 0], 1883)) }
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            max_connections: 1000,
+            max_packet_size: 128 * 1024,
+            connect_timeout: Duration::from_secs(10),
+            max_inflight: 256,
+        }
     }
 }
 
@@ -339,6 +359,19 @@ impl Config {
         }
         if self.http.max_body_bytes < 1024 {
             problems.push(format!("http.max_body_bytes = {}: must be at least 1024", self.http.max_body_bytes));
+        }
+        let m = &self.mqtt;
+        if m.max_connections == 0 {
+            problems.push("mqtt.max_connections: must be at least 1".into());
+        }
+        if m.max_packet_size < 1024 || m.max_packet_size > 256 * 1024 * 1024 {
+            problems.push(format!("mqtt.max_packet_size = {}: must be 1024..=268435456", m.max_packet_size));
+        }
+        if m.max_inflight == 0 || m.max_inflight > 65_535 {
+            problems.push(format!("mqtt.max_inflight = {}: must be 1..=65535", m.max_inflight));
+        }
+        if m.connect_timeout < Duration::from_millis(100) {
+            problems.push("mqtt.connect_timeout: must be at least 100ms".into());
         }
         if self.log.max_bytes < 1024 * 1024 {
             problems.push(format!("log.max_bytes = {}: must be at least 1048576 (1 MiB)", self.log.max_bytes));

@@ -28,6 +28,28 @@ pub struct Event {
     pub received_at_us: i64,
     /// The site that accepted it from the device.
     pub origin_site: String,
+    /// MQTT QoS 1 packet id and payload digest, for redelivery detection.
+    pub redelivery: Option<Redelivery>,
+}
+
+/// What identifies an MQTT QoS 1 publish for redelivery detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Redelivery {
+    pub pkid: u16,
+    /// FNV-1a 64 of the payload (stable across versions: it is stored).
+    pub digest: i64,
+    /// DUP=1: look for an earlier copy before writing.
+    pub check: bool,
+}
+
+/// FNV-1a, 64 bit.
+pub fn fnv1a64(bytes: &[u8]) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h as i64
 }
 
 impl Event {
@@ -48,6 +70,9 @@ pub struct EventInput {
     pub id: Option<String>,
     #[serde(default)]
     pub timestamp: Option<String>,
+    /// Set by the MQTT front-end, never read from JSON.
+    #[serde(skip)]
+    pub redelivery: Option<Redelivery>,
 }
 
 /// An event as stored in the site log and returned by queries.
@@ -144,6 +169,7 @@ pub fn validate(
         timestamp_us,
         received_at_us: now_us,
         origin_site: origin_site.to_string(),
+        redelivery: input.redelivery,
     })
 }
 

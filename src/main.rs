@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     let cli = outpost::cli::Cli::parse();
     let filter = EnvFilter::try_from_env("OUTPOST_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -43,6 +43,9 @@ pub struct Metrics {
     pub dead_letters: Counter,
     pub forward_rate: Gauge<f64, AtomicU64>,
     pub drain_eta_seconds: Gauge<f64, AtomicU64>,
+    pub mqtt_connections: Gauge,
+    pub mqtt_commit_wait: Histogram,
+    pub mqtt_throttled: Counter,
 }
 
 impl Metrics {
@@ -99,8 +102,25 @@ impl Metrics {
             "Backlog divided by the drain rate (0 when unknown)",
             drain_eta_seconds.clone(),
         );
+        let mqtt_connections = Gauge::default();
+        let mqtt_commit_wait = Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0]);
+        let mqtt_throttled = Counter::default();
+        registry.register("mqtt_connections", "Open MQTT connections", mqtt_connections.clone());
+        registry.register(
+            "mqtt_commit_wait_seconds",
+            "From reading a PUBLISH to its commit (the PUBACK follows)",
+            mqtt_commit_wait.clone(),
+        );
+        registry.register(
+            "mqtt_throttled",
+            "Times a connection stopped being read because of a rate limit",
+            mqtt_throttled.clone(),
+        );
         Self {
             registry,
+            mqtt_connections,
+            mqtt_commit_wait,
+            mqtt_throttled,
             backlog_bytes,
             dead_letter_rows,
             uplink_up,

@@ -4,6 +4,7 @@
 //! durable. A refusal at any step writes nothing.
 
 pub mod http;
+pub mod mqtt;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,6 +86,22 @@ impl IngestHandle {
         self.inner.max_batch
     }
 
+    /// Charges the rate limiter for `n` events without submitting them (MQTT
+    /// checks first and, when limited, stops reading instead of refusing).
+    pub fn check_rate(&self, tenant: &str, device_id: &str, n: u32) -> Result<(), Limited> {
+        self.inner.limiter.check(tenant, device_id, n)
+    }
+
+    /// The site log, for presence updates and its full flag.
+    pub fn log(&self) -> &LogHandle {
+        &self.inner.log
+    }
+
+    /// Counts a refusal decided outside `submit` (e.g. an MQTT ACL).
+    pub fn count_rejected(&self, protocol: &'static str, reason: &'static str) {
+        self.inner.metrics.reject(protocol, reason, 1);
+    }
+
     /// Validates, authorizes, rate-limits and durably appends `inputs` as one
     /// all-or-nothing unit. `batch` says whether errors name an item index.
     pub async fn submit(
@@ -95,8 +112,22 @@ impl IngestHandle {
         batch: bool,
         protocol: &'static str,
     ) -> Result<Vec<Appended>, Error> {
+        self.submit_with(principal, tenant, inputs, batch, protocol, true).await
+    }
+
+    /// `submit`, with the rate limiter charged here or (`charge_rate =
+    /// false`) already by the caller through `check_rate`.
+    pub async fn submit_with(
+        &self,
+        principal: &Principal,
+        tenant: &str,
+        inputs: Vec<EventInput>,
+        batch: bool,
+        protocol: &'static str,
+        charge_rate: bool,
+    ) -> Result<Vec<Appended>, Error> {
         let n = inputs.len();
-        let result = self.submit_inner(principal, tenant, inputs, batch).await;
+        let result = self.submit_inner(principal, tenant, inputs, batch, charge_rate).await;
         let m = &self.inner.metrics;
         match &result {
             Ok(appended) => {
@@ -117,6 +148,7 @@ impl IngestHandle {
         tenant: &str,
         inputs: Vec<EventInput>,
         batch: bool,
+        charge_rate: bool,
     ) -> Result<Vec<Appended>, Error> {
         let inner = &self.inner;
         if inputs.is_empty() {
@@ -146,8 +178,10 @@ impl IngestHandle {
                 None => counts.push((&e.device_id, 1)),
             }
         }
-        for (device, count) in counts {
-            inner.limiter.check(tenant, device, count).map_err(Error::RateLimited)?;
+        if charge_rate {
+            for (device, count) in counts {
+                inner.limiter.check(tenant, device, count).map_err(Error::RateLimited)?;
+            }
         }
         inner.log.append(events).await.map_err(|e| match e {
             log::Error::Full { used, budget } => Error::Full { used, budget },

@@ -17,6 +17,7 @@ pub fn migrate(conn: &mut Connection) -> Result<(), Error> {
     let migrations = Migrations::new(vec![
         M::up(include_str!("../../migrations/sqlite/0001_site_log.sql")),
         M::up(include_str!("../../migrations/sqlite/0002_dead_letter.sql")),
+        M::up(include_str!("../../migrations/sqlite/0003_mqtt_redelivery.sql")),
     ]);
     migrations.to_latest(conn)?;
     Ok(())
@@ -25,8 +26,9 @@ pub fn migrate(conn: &mut Connection) -> Result<(), Error> {
 /// Inserts one event; `None` when its id is already in the log.
 pub fn insert_event(conn: &Connection, e: &Event, forwarded_at: Option<i64>) -> Result<Option<i64>, Error> {
     let mut stmt = conn.prepare_cached(
-        "INSERT INTO events (id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+        "INSERT INTO events (id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site,
+                             mqtt_pkid, mqtt_digest)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
          ON CONFLICT (id) DO NOTHING RETURNING seq",
     )?;
     let seq = stmt
@@ -40,12 +42,65 @@ pub fn insert_event(conn: &Connection, e: &Event, forwarded_at: Option<i64>) -> 
                 e.timestamp_us,
                 e.received_at_us,
                 forwarded_at,
-                e.origin_site
+                e.origin_site,
+                e.redelivery.map(|r| r.pkid),
+                e.redelivery.map(|r| r.digest)
             ],
             |r| r.get(0),
         )
         .optional()?;
     Ok(seq)
+}
+
+/// How far back a DUP=1 publish is compared: the device's last this many
+/// events, received within `REDELIVERY_WINDOW_US`.
+pub const REDELIVERY_EVENTS: i64 = 1000;
+/// Ten minutes.
+pub const REDELIVERY_WINDOW_US: i64 = 600_000_000;
+
+/// An earlier copy of a redelivered MQTT publish: `(seq, id)`.
+pub fn find_redelivered(
+    conn: &Connection,
+    e: &Event,
+    r: &crate::event::Redelivery,
+) -> Result<Option<(i64, Uuid)>, Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, id FROM (
+            SELECT seq, id, mqtt_pkid, mqtt_digest, received_at FROM events
+            WHERE tenant = ?1 AND device_id = ?2 ORDER BY seq DESC LIMIT ?5)
+         WHERE mqtt_pkid = ?3 AND mqtt_digest = ?4 AND received_at >= ?6 LIMIT 1",
+    )?;
+    let found = stmt
+        .query_row(
+            params![
+                e.tenant,
+                e.device_id,
+                r.pkid,
+                r.digest,
+                REDELIVERY_EVENTS,
+                e.received_at_us - REDELIVERY_WINDOW_US
+            ],
+            |row| {
+                let id: [u8; 16] = row.get(1)?;
+                Ok((row.get(0)?, Uuid::from_bytes(id)))
+            },
+        )
+        .optional()?;
+    Ok(found)
+}
+
+/// Marks a device online or offline and refreshes its last-seen time.
+pub fn set_presence(
+    conn: &Connection,
+    tenant: &str,
+    device_id: &str,
+    online: bool,
+    now_us: i64,
+) -> Result<usize, Error> {
+    Ok(conn.execute(
+        "UPDATE devices SET online = ?3, last_seen = max(coalesce(last_seen, 0), ?4) WHERE tenant = ?1 AND device_id = ?2",
+        params![tenant, device_id, online, now_us],
+    )?)
 }
 
 /// Who owns an event id already in the log: `(seq, tenant, device_id)`.

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,7 @@ enum Command {
     Append { events: Vec<Event>, reply: Reply<Vec<Appended>> },
     MarkForwarded { seqs: Vec<i64>, reply: Reply<usize> },
     DeadLetter { seq: i64, error: String, reply: Reply<usize> },
+    Presence { tenant: String, device_id: String, online: bool, reply: Reply<usize> },
     Prune { cutoff_us: i64, limit: usize, reply: Reply<usize> },
     AddDevice { tenant: String, device_id: String, name: Option<String>, reply: Reply<schema::Device> },
     RevokeDevice { tenant: String, device_id: String, reply: Reply<schema::Device> },
@@ -66,6 +68,7 @@ impl Command {
 #[derive(Clone)]
 pub struct LogHandle {
     tx: mpsc::Sender<Command>,
+    full: Arc<AtomicBool>,
 }
 
 /// The running writer thread; `join` after every handle is dropped.
@@ -93,11 +96,13 @@ pub fn spawn(
     committed: Arc<Notify>,
 ) -> Result<(LogHandle, WriterThread), Error> {
     let (tx, rx) = mpsc::channel(config.queue_capacity);
+    let full = Arc::new(AtomicBool::new(false));
+    let writer_full = full.clone();
     let thread = std::thread::Builder::new()
         .name("site-log-writer".into())
-        .spawn(move || Writer { conn, config, metrics, committed }.run(rx))
+        .spawn(move || Writer { conn, config, metrics, committed, full: writer_full }.run(rx))
         .map_err(|e| Error::Commit(format!("cannot start writer thread: {e}")))?;
-    Ok((LogHandle { tx }, WriterThread { thread }))
+    Ok((LogHandle { tx, full }, WriterThread { thread }))
 }
 
 impl LogHandle {
@@ -120,6 +125,16 @@ impl LogHandle {
     /// Moves a pending row the central database refused to `dead_letter`.
     pub async fn dead_letter(&self, seq: i64, error: String) -> Result<usize, Error> {
         self.call(|reply| Command::DeadLetter { seq, error, reply }).await
+    }
+
+    /// Records a device connecting or dropping (MQTT presence).
+    pub async fn presence(&self, tenant: String, device_id: String, online: bool) -> Result<usize, Error> {
+        self.call(|reply| Command::Presence { tenant, device_id, online, reply }).await
+    }
+
+    /// True while the log is at its byte budget (appends would be refused).
+    pub fn is_full(&self) -> bool {
+        self.full.load(Ordering::Relaxed)
     }
 
     /// Deletes up to `limit` forwarded rows older than `cutoff_us`.
@@ -153,6 +168,8 @@ struct Writer {
     config: WriterConfig,
     metrics: Arc<Metrics>,
     committed: Arc<Notify>,
+    /// Set while the log is within 64 KiB of its budget, so MQTT stops reading.
+    full: Arc<AtomicBool>,
 }
 
 /// A result computed inside the transaction, sent only after the commit.
@@ -225,6 +242,10 @@ impl Writer {
                         let r = schema::mark_forwarded(&tx, &seqs, now_us());
                         delivers.push(deliver(reply, r));
                     }
+                    Command::Presence { tenant, device_id, online, reply } => {
+                        let r = schema::set_presence(&tx, &tenant, &device_id, online, now_us());
+                        delivers.push(deliver(reply, r));
+                    }
                     Command::DeadLetter { seq, error, reply } => {
                         let r = schema::dead_letter(&tx, seq, &error, now_us());
                         delivers.push(deliver(reply, r));
@@ -245,6 +266,7 @@ impl Writer {
                 }
             }
             tx.commit()?;
+            self.full.store(projected + 64 * 1024 > self.config.max_bytes, Ordering::Relaxed);
             Ok(())
         })();
         let commit_error = match &outcome {
@@ -276,6 +298,12 @@ fn append(conn: &Connection, events: &[Event]) -> Result<Vec<Appended>, Error> {
     let mut out = Vec::with_capacity(events.len());
     let mut per_device: HashMap<(&str, &str), (i64, i64)> = HashMap::new();
     for (index, e) in events.iter().enumerate() {
+        if let Some(r) = e.redelivery.as_ref().filter(|r| r.check)
+            && let Some((seq, id)) = schema::find_redelivered(conn, e, r)?
+        {
+            out.push(Appended { id, seq, duplicate: true });
+            continue;
+        }
         match schema::insert_event(conn, e, None)? {
             Some(seq) => {
                 out.push(Appended { id: e.id, seq, duplicate: false });

@@ -193,6 +193,7 @@ impl Resp {
 pub struct Proc {
     pub child: Child,
     pub addr: SocketAddr,
+    pub mqtt: Option<SocketAddr>,
     pub stderr_tail: std::sync::mpsc::Receiver<String>,
 }
 

@@ -1,0 +1,700 @@
+//! MQTT 3.1.1 front-end over the embedded rumqttd router.
+//!
+//! rumqttd acks QoS 1 publishes from memory before anything could persist
+//! them, so devices never talk to rumqttd's listener. This front-end decodes
+//! packets with rumqttd's v4 codec, authenticates CONNECT (username = device
+//! id, password = device JWT, same checks as HTTP), applies the topic ACL and
+//! rate limits, and appends each PUBLISH to the site log. Only after its
+//! commit is a publish handed to the device's rumqttd local link, under the
+//! stream topic `<tenant>/events/<device_id>/<event_type>`; the router then
+//! fans it out and emits the PUBACK. Publishes awaiting their commit form a
+//! FIFO per connection, so acks keep publish order and one connection is not
+//! limited to one fsync per message.
+//!
+//! Decisions:
+//! - Client id: the device id, or a string starting with it (so a device can
+//!   hold several sessions, e.g. `pump-1` and `pump-1-diag`).
+//! - QoS 2 is refused: the connection is closed with a logged reason, nothing
+//!   is acked. (QoS 1 with redelivery detection gives the same effect.)
+//! - Redelivery: a QoS 1 publish with DUP=1 whose packet id and payload
+//!   digest match one of the device's last 1000 events received in the past
+//!   10 minutes is acked without a second row. The check runs in the log
+//!   writer's transaction, so it also holds across an appliance restart.
+//! - Over a rate limit the connection is not read until the window allows
+//!   the publish (TCP backpressure); nothing is dropped or refused. At the
+//!   log's byte budget reading stops likewise.
+//! - A forbidden or invalid publish is not acked; the connection is closed
+//!   with a logged reason. A forbidden subscribe gets SUBACK 0x80.
+//! - Wills are the front-end's: the router never sees them (a local link can
+//!   only be closed cleanly). On an unclean drop the will, which must be an
+//!   event of the device's own, is stored like any event and then published.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::{
+    ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Packet, PingResp, Protocol, Publish,
+    SubAck, Subscribe, SubscribeReasonCode,
+};
+use rumqttd::{Notification, Router, RouterConfig};
+use serde_json::value::RawValue;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Error as IngestError, IngestHandle};
+use crate::auth::{Authenticator, Perm, Principal};
+use crate::config::MqttConfig;
+use crate::event::{EventInput, Redelivery, fnv1a64, validate_event_type};
+use crate::log::Appended;
+use crate::metrics::Metrics;
+
+const PROTOCOL: &str = "mqtt";
+
+/// Why the MQTT stage failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("mqtt listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens rumqttd local links. The router's sender type is private to
+/// rumqttd, so it lives inside this closure.
+type LinkFactory = Arc<dyn Fn(String, bool) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync>;
+
+/// Starts the rumqttd router (its own OS thread, no listeners of its own).
+pub fn start_router(max_connections: usize) -> LinkFactory {
+    let config = RouterConfig {
+        max_connections: max_connections + 16,
+        max_outgoing_packet_count: 200,
+        max_segment_size: 16 * 1024 * 1024,
+        max_segment_count: 4,
+        custom_segment: None,
+        initialized_filters: None,
+        shared_subscriptions_strategy: Default::default(),
+    };
+    let router_tx = Router::new(0, config).spawn();
+    Arc::new(move |client_id: String, clean: bool| {
+        LinkBuilder::new(&client_id, router_tx.clone()).clean_session(clean).build()
+    })
+}
+
+/// What the MQTT stage needs.
+#[derive(Clone)]
+pub struct MqttDeps {
+    pub ingest: IngestHandle,
+    pub auth: Arc<Authenticator>,
+    pub links: LinkFactory,
+    pub metrics: Arc<Metrics>,
+    pub config: MqttConfig,
+}
+
+/// Accepts connections until `shutdown`; each runs on `tracker`.
+pub async fn run(
+    listener: TcpListener,
+    deps: MqttDeps,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let open = Arc::new(AtomicUsize::new(0));
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause, don't die.
+                    tracing::warn!(error = %e, "mqtt accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        if open.load(Ordering::Relaxed) >= deps.config.max_connections {
+            tracing::warn!(%peer, max = deps.config.max_connections, "mqtt.max_connections reached; closing new connection");
+            deps.ingest.count_rejected(PROTOCOL, "max_connections");
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        open.fetch_add(1, Ordering::Relaxed);
+        deps.metrics.mqtt_connections.inc();
+        let (deps, open, shutdown) = (deps.clone(), open.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            Session::serve(stream, peer, &deps, shutdown).await;
+            open.fetch_sub(1, Ordering::Relaxed);
+            deps.metrics.mqtt_connections.dec();
+        });
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum End {
+    /// DISCONNECT from the device: no will.
+    Clean,
+    /// Appliance shutdown: no will.
+    Shutdown,
+    /// Socket closed, keep-alive expired, protocol error, refused publish…: will fires.
+    Unclean(String),
+}
+
+/// A publish waiting for its commit.
+type Pending = Pin<Box<dyn Future<Output = (Publish, Instant, Result<Vec<Appended>, IngestError>)> + Send>>;
+
+struct Session<'a> {
+    deps: &'a MqttDeps,
+    peer: SocketAddr,
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    codec: V4,
+    tenant: String,
+    device_id: String,
+    principal: Principal,
+    keep_alive: Option<Duration>,
+}
+
+/// QoS, DUP and packet id of the PUBLISH at the head of `buf`, which rumqttd
+/// keeps private. Only meaningful once the codec decoded that packet.
+fn publish_header(buf: &[u8]) -> Option<(u8, bool, u16)> {
+    let first = *buf.first()?;
+    if first >> 4 != 3 {
+        return None;
+    }
+    let (qos, dup) = ((first >> 1) & 0b11, first & 0b1000 != 0);
+    let mut i = 1;
+    while *buf.get(i)? & 0x80 != 0 {
+        i += 1;
+        if i > 4 {
+            return None;
+        }
+    }
+    let topic_at = i + 1;
+    let topic_len = usize::from(u16::from_be_bytes([*buf.get(topic_at)?, *buf.get(topic_at + 1)?]));
+    let pkid_at = topic_at + 2 + topic_len;
+    let pkid = if qos > 0 { u16::from_be_bytes([*buf.get(pkid_at)?, *buf.get(pkid_at + 1)?]) } else { 0 };
+    Some((qos, dup, pkid))
+}
+
+/// The event type of `<tenant>/devices/<device_id>/events/<event_type>`, if
+/// `topic` is exactly that for this device.
+fn event_topic<'t>(topic: &'t str, tenant: &str, device_id: &str) -> Option<&'t str> {
+    let rest =
+        topic.strip_prefix(tenant)?.strip_prefix("/devices/")?.strip_prefix(device_id)?.strip_prefix("/events/")?;
+    validate_event_type(rest).ok().map(|()| rest)
+}
+
+/// Filters a device with `read_events` may subscribe to: the tenant's event
+/// stream (`<tenant>/events/…`) and its own subtree (`<tenant>/devices/<id>/…`).
+fn subscribe_allowed(filter: &str, tenant: &str, device_id: &str) -> bool {
+    let under = |root: String| filter == format!("{root}/#") || filter.starts_with(&format!("{root}/"));
+    (under(format!("{tenant}/events")) || under(format!("{tenant}/devices/{device_id}")))
+        && !filter.contains("/#/")
+        && filter.matches('#').count() <= 1
+}
+
+fn refuse_code(e: &crate::auth::Error) -> ConnectReturnCode {
+    if e.is_unauthenticated() { ConnectReturnCode::BadUserNamePassword } else { ConnectReturnCode::NotAuthorized }
+}
+
+impl<'a> Session<'a> {
+    async fn serve(stream: TcpStream, peer: SocketAddr, deps: &'a MqttDeps, shutdown: CancellationToken) {
+        let (reader, writer) = stream.into_split();
+        let mut s = Session {
+            deps,
+            peer,
+            reader,
+            writer,
+            read_buf: BytesMut::with_capacity(8 * 1024),
+            write_buf: BytesMut::with_capacity(8 * 1024),
+            codec: V4,
+            tenant: String::new(),
+            device_id: String::new(),
+            principal: Principal::Admin,
+            keep_alive: None,
+        };
+        let connect = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = tokio::time::timeout(deps.config.connect_timeout, s.read_packet()) => r,
+        };
+        let packet = match connect {
+            Ok(Ok(Some(p))) => p,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::info!(%peer, reason = e, "mqtt: bad first packet; closing");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%peer, timeout = ?deps.config.connect_timeout, "mqtt: no CONNECT in time; closing");
+                return;
+            }
+        };
+        let Packet::Connect(connect, _props, will, _will_props, login) = packet else {
+            tracing::info!(%peer, "mqtt: first packet is not CONNECT; closing");
+            return;
+        };
+        let will = match s.authenticate(&connect.client_id, login.as_ref().map(|l| (&l.username, &l.password)), will) {
+            Ok(will) => will,
+            Err((code, reason)) => {
+                tracing::info!(%peer, client_id = connect.client_id, reason, "mqtt CONNECT refused");
+                deps.ingest.count_rejected(PROTOCOL, "connect_refused");
+                let _ = s.write(Packet::ConnAck(ConnAck { session_present: false, code }, None)).await;
+                let _ = s.flush().await;
+                return;
+            }
+        };
+        s.keep_alive =
+            (connect.keep_alive > 0).then(|| Duration::from_secs(u64::from(connect.keep_alive)).mul_f32(1.5));
+        let links = deps.links.clone();
+        let (client_id, clean) = (connect.client_id.clone(), connect.clean_session);
+        let built = tokio::task::spawn_blocking(move || links(client_id, clean)).await;
+        let (mut link_tx, mut link_rx, connack) = match built {
+            Ok(Ok(l)) => l,
+            other => {
+                tracing::error!(%peer, device_id = s.device_id, result = ?other.err(), "mqtt: router refused the link");
+                let code = ConnectReturnCode::ServiceUnavailable;
+                let _ = s.write(Packet::ConnAck(ConnAck { session_present: false, code }, None)).await;
+                let _ = s.flush().await;
+                return;
+            }
+        };
+        let connack: Option<Packet> = connack.into();
+        if let Some(p) = connack {
+            if s.write(p).await.is_err() || s.flush().await.is_err() {
+                return;
+            }
+        }
+        tracing::info!(%peer, tenant = s.tenant, device_id = s.device_id, client_id = connect.client_id, "mqtt device connected");
+        s.presence(true).await;
+        let end = s.session(&mut link_tx, &mut link_rx, &shutdown).await;
+        match &end {
+            End::Unclean(reason) => {
+                tracing::info!(%peer, device_id = s.device_id, reason, "mqtt device dropped");
+                if let Some(will) = will {
+                    s.publish_will(&mut link_tx, will).await;
+                }
+            }
+            End::Clean => tracing::info!(%peer, device_id = s.device_id, "mqtt device disconnected"),
+            End::Shutdown => {}
+        }
+        // A clean close of the local link (the router drops its state; wills are ours).
+        let disconnect = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
+        let _ = link_tx.send(Packet::Disconnect(disconnect, None)).await;
+        s.presence(false).await;
+    }
+
+    /// CONNECT checks; returns the validated will, or the CONNACK refusal.
+    fn authenticate(
+        &mut self,
+        client_id: &str,
+        login: Option<(&String, &String)>,
+        will: Option<LastWill>,
+    ) -> Result<Option<LastWill>, (ConnectReturnCode, String)> {
+        let bad = |r: &str| (ConnectReturnCode::BadUserNamePassword, r.to_string());
+        let (username, password) = login.ok_or_else(|| bad("no username/password"))?;
+        let principal = self.deps.auth.verify(password).map_err(|e| (refuse_code(&e), e.to_string()))?;
+        let Principal::Device { tenant, device_id, perms } = &principal else {
+            return Err((ConnectReturnCode::NotAuthorized, "admin tokens cannot connect as devices".into()));
+        };
+        if username != device_id {
+            return Err(bad("username must be the token's device id"));
+        }
+        if !client_id.starts_with(device_id.as_str()) {
+            return Err((
+                ConnectReturnCode::ClientIdentifierNotValid,
+                format!("client id {client_id:?} must be or start with the device id {device_id:?}"),
+            ));
+        }
+        if !perms.contains(&Perm::WriteEvents) && !perms.contains(&Perm::ReadEvents) {
+            return Err((ConnectReturnCode::NotAuthorized, "token has neither write_events nor read_events".into()));
+        }
+        if let Some(w) = &will {
+            let topic = std::str::from_utf8(&w.topic).unwrap_or("");
+            if !perms.contains(&Perm::WriteEvents) || event_topic(topic, tenant, device_id).is_none() {
+                return Err((
+                    ConnectReturnCode::NotAuthorized,
+                    format!("will topic {topic:?} is not this device's event topic"),
+                ));
+            }
+            if !w.message.trim_ascii_start().starts_with(b"{") {
+                return Err((ConnectReturnCode::NotAuthorized, "will payload must be a JSON object".into()));
+            }
+        }
+        self.tenant = tenant.clone();
+        self.device_id = device_id.clone();
+        self.principal = principal.clone();
+        Ok(will)
+    }
+
+    fn can(&self, perm: Perm) -> bool {
+        matches!(&self.principal, Principal::Device { perms, .. } if perms.contains(&perm))
+    }
+
+    async fn presence(&self, online: bool) {
+        let log = self.deps.ingest.log();
+        if let Err(e) = log.presence(self.tenant.clone(), self.device_id.clone(), online).await {
+            tracing::warn!(error = %e, device_id = self.device_id, "presence update failed");
+        }
+    }
+
+    /// Reads one packet; `None` on a clean EOF between packets.
+    async fn read_packet(&mut self) -> Result<Option<Packet>, String> {
+        loop {
+            match self.codec.read_mut(&mut self.read_buf, self.deps.config.max_packet_size) {
+                Ok(p) => return Ok(Some(p)),
+                Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {}
+                Err(e) => return Err(format!("malformed packet: {e}")),
+            }
+            match self.reader.read_buf(&mut self.read_buf).await {
+                Ok(0) if self.read_buf.is_empty() => return Ok(None),
+                Ok(0) => return Err("connection closed mid-packet".into()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+    }
+
+    async fn write(&mut self, packet: Packet) -> Result<(), String> {
+        self.codec.write(packet, &mut self.write_buf).map_err(|e| format!("encode: {e}"))?;
+        if self.write_buf.len() > 64 * 1024 {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), String> {
+        if !self.write_buf.is_empty() {
+            self.writer.write_all(&self.write_buf).await.map_err(|e| format!("write: {e}"))?;
+            self.write_buf.clear();
+        }
+        Ok(())
+    }
+
+    /// The connected session: returns how it ended.
+    async fn session(&mut self, link_tx: &mut LinkTx, link_rx: &mut LinkRx, shutdown: &CancellationToken) -> End {
+        let mut fifo: FuturesOrdered<Pending> = FuturesOrdered::new();
+        // A publish held back by a rate limit or a full log, and when to retry it.
+        let mut held: Option<(Publish, Option<Redelivery>, Instant)> = None;
+        let mut resume_at = tokio::time::Instant::now();
+        // Router SUBACKs to merge with our own refusals: pkid → refused positions.
+        let mut suback_merge: HashMap<u16, Vec<bool>> = HashMap::new();
+        let mut deadline = self.keep_alive.map(|k| tokio::time::Instant::now() + k);
+        let mut packets: VecDeque<(Packet, Option<(u8, bool, u16)>)> = VecDeque::new();
+        loop {
+            // Admit held and already-read publishes while the limits allow.
+            if let Err(end) =
+                self.admit(&mut packets, &mut held, &mut resume_at, &mut fifo, link_tx, &mut suback_merge).await
+            {
+                return end;
+            }
+            if let Err(e) = self.flush().await {
+                return End::Unclean(e);
+            }
+            let can_read = held.is_none() && packets.is_empty() && fifo.len() < self.deps.config.max_inflight;
+            let ka = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return End::Shutdown,
+                _ = ka => return End::Unclean("keep-alive expired (no packet within 1.5 × keep-alive)".into()),
+                _ = tokio::time::sleep_until(resume_at), if held.is_some() => {}
+                r = self.reader.read_buf(&mut self.read_buf), if can_read => match r {
+                    Ok(0) => return End::Unclean("connection closed by the device".into()),
+                    Err(e) => return End::Unclean(format!("read: {e}")),
+                    Ok(_) => {
+                        deadline = self.keep_alive.map(|k| tokio::time::Instant::now() + k);
+                        loop {
+                            let header = publish_header(&self.read_buf);
+                            match self.codec.read_mut(&mut self.read_buf, self.deps.config.max_packet_size) {
+                                Ok(p) => packets.push_back((p, header)),
+                                Err(rumqttd::protocol::Error::InsufficientBytes(_)) => break,
+                                Err(e) => {
+                                    self.deps.ingest.count_rejected(PROTOCOL, "malformed");
+                                    return End::Unclean(format!("malformed packet: {e}"));
+                                }
+                            }
+                        }
+                    }
+                },
+                Some((publish, read_at, result)) = fifo.next() => {
+                    self.deps.metrics.mqtt_commit_wait.observe(read_at.elapsed().as_secs_f64());
+                    match result {
+                        // Durable: now the router may fan it out and PUBACK it.
+                        Ok(_) => if let Err(e) = link_tx.send(Packet::Publish(publish, None)).await {
+                            return End::Unclean(format!("router link: {e}"));
+                        },
+                        Err(e) => {
+                            return End::Unclean(format!("publish refused, not acked: {e}"));
+                        }
+                    }
+                }
+                n = link_rx.next() => match n {
+                    Ok(Some(notification)) => if let Err(end) = self.deliver(notification, link_rx, &mut suback_merge).await {
+                        return end;
+                    },
+                    Ok(None) => {}
+                    Err(e) => return End::Unclean(format!("router link closed: {e}")),
+                },
+            }
+        }
+    }
+
+    /// Handles decoded packets in order; stops at a publish the rate limit or
+    /// the log's budget holds back.
+    async fn admit(
+        &mut self,
+        packets: &mut VecDeque<(Packet, Option<(u8, bool, u16)>)>,
+        held: &mut Option<(Publish, Option<Redelivery>, Instant)>,
+        resume_at: &mut tokio::time::Instant,
+        fifo: &mut FuturesOrdered<Pending>,
+        link_tx: &mut LinkTx,
+        suback_merge: &mut HashMap<u16, Vec<bool>>,
+    ) -> Result<(), End> {
+        loop {
+            if let Some((publish, redelivery, read_at)) = held.take() {
+                if self.deps.ingest.log().is_full() {
+                    *held = Some((publish, redelivery, read_at));
+                    *resume_at = tokio::time::Instant::now() + Duration::from_millis(500);
+                    return Ok(());
+                }
+                if let Err(l) = self.deps.ingest.check_rate(&self.tenant, &self.device_id, 1) {
+                    *held = Some((publish, redelivery, read_at));
+                    *resume_at = tokio::time::Instant::now() + l.retry_after;
+                    self.deps.metrics.mqtt_throttled.inc();
+                    return Ok(());
+                }
+                self.submit(publish, redelivery, read_at, fifo)?;
+                continue;
+            }
+            if fifo.len() >= self.deps.config.max_inflight {
+                return Ok(());
+            }
+            let Some((packet, header)) = packets.pop_front() else { return Ok(()) };
+            match packet {
+                Packet::Publish(publish, _) => {
+                    let (qos, dup, pkid) = header.unwrap_or((0, false, 0));
+                    let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+                    if qos == 2 {
+                        self.deps.ingest.count_rejected(PROTOCOL, "qos2");
+                        return Err(End::Unclean(format!(
+                            "QoS 2 publish to {topic:?} refused (not supported; use QoS 1)"
+                        )));
+                    }
+                    if !self.can(Perm::WriteEvents) || event_topic(&topic, &self.tenant, &self.device_id).is_none() {
+                        self.deps.ingest.count_rejected(PROTOCOL, "forbidden_topic");
+                        return Err(End::Unclean(format!(
+                            "publish to {topic:?} refused: devices publish to {}/devices/{}/events/<event_type>",
+                            self.tenant, self.device_id
+                        )));
+                    }
+                    let redelivery =
+                        (qos == 1).then(|| Redelivery { pkid, digest: fnv1a64(&publish.payload), check: dup });
+                    *held = Some((publish, redelivery, Instant::now()));
+                }
+                Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)).await.map_err(End::Unclean)?,
+                Packet::Subscribe(sub, props) => self.subscribe(sub, props, link_tx, suback_merge).await?,
+                Packet::Disconnect(..) => return Err(End::Clean),
+                p @ (Packet::Unsubscribe(..) | Packet::PubAck(..)) => {
+                    link_tx.send(p).await.map_err(|e| End::Unclean(format!("router link: {e}")))?;
+                }
+                other => {
+                    self.deps.ingest.count_rejected(PROTOCOL, "protocol");
+                    return Err(End::Unclean(format!("unexpected packet {other:?} (QoS 2 flows are not supported)")));
+                }
+            }
+        }
+    }
+
+    /// Starts the append of one admitted publish; its future joins the FIFO.
+    fn submit(
+        &self,
+        mut publish: Publish,
+        redelivery: Option<Redelivery>,
+        read_at: Instant,
+        fifo: &mut FuturesOrdered<Pending>,
+    ) -> Result<(), End> {
+        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+        let event_type = event_topic(&topic, &self.tenant, &self.device_id).unwrap_or_default().to_string();
+        let payload = std::str::from_utf8(&publish.payload)
+            .ok()
+            .and_then(|s| RawValue::from_string(s.to_string()).ok())
+            .ok_or_else(|| {
+                self.deps.ingest.count_rejected(PROTOCOL, "invalid");
+                End::Unclean(format!("publish to {topic:?} refused: payload is not JSON"))
+            })?;
+        publish.topic = Bytes::from(format!("{}/events/{}/{}", self.tenant, self.device_id, event_type));
+        let input = EventInput {
+            device_id: self.device_id.clone(),
+            event_type,
+            payload,
+            id: None,
+            timestamp: None,
+            redelivery,
+        };
+        let (ingest, principal, tenant) = (self.deps.ingest.clone(), self.principal.clone(), self.tenant.clone());
+        fifo.push_back(Box::pin(async move {
+            let r = ingest.submit_with(&principal, &tenant, vec![input], false, PROTOCOL, false).await;
+            (publish, read_at, r)
+        }));
+        Ok(())
+    }
+
+    async fn subscribe(
+        &mut self,
+        sub: Subscribe,
+        props: Option<rumqttd::protocol::SubscribeProperties>,
+        link_tx: &mut LinkTx,
+        suback_merge: &mut HashMap<u16, Vec<bool>>,
+    ) -> Result<(), End> {
+        let readable = self.can(Perm::ReadEvents);
+        let refused: Vec<bool> = sub
+            .filters
+            .iter()
+            .map(|f| !(readable && subscribe_allowed(&f.path, &self.tenant, &self.device_id)))
+            .collect();
+        for (f, r) in sub.filters.iter().zip(&refused) {
+            if *r {
+                tracing::info!(peer = %self.peer, device_id = self.device_id, filter = f.path, "mqtt subscribe refused (0x80)");
+                self.deps.ingest.count_rejected(PROTOCOL, "forbidden_subscribe");
+            }
+        }
+        if refused.iter().all(|r| *r) {
+            let codes = vec![SubscribeReasonCode::Failure; refused.len()];
+            return self
+                .write(Packet::SubAck(SubAck { pkid: sub.pkid, return_codes: codes }, None))
+                .await
+                .map_err(End::Unclean);
+        }
+        let pkid = sub.pkid;
+        let allowed = Subscribe {
+            pkid,
+            filters: sub.filters.into_iter().zip(&refused).filter(|(_, r)| !**r).map(|(f, _)| f).collect(),
+        };
+        if refused.iter().any(|r| *r) {
+            suback_merge.insert(pkid, refused);
+        }
+        link_tx.send(Packet::Subscribe(allowed, props)).await.map_err(|e| End::Unclean(format!("router link: {e}")))?;
+        Ok(())
+    }
+
+    /// Writes what the router sends this device.
+    async fn deliver(
+        &mut self,
+        notification: Notification,
+        link_rx: &mut LinkRx,
+        suback_merge: &mut HashMap<u16, Vec<bool>>,
+    ) -> Result<(), End> {
+        if matches!(notification, Notification::Unschedule) {
+            // The router paused this link (its buffer filled): resume it.
+            return link_rx.wake().await.map_err(|e| End::Unclean(format!("router link: {e}")));
+        }
+        let packet: Option<Packet> = notification.into();
+        let Some(mut packet) = packet else { return Ok(()) };
+        if let Packet::SubAck(ack, _) = &mut packet
+            && let Some(refused) = suback_merge.remove(&ack.pkid)
+        {
+            let mut granted = std::mem::take(&mut ack.return_codes).into_iter();
+            ack.return_codes = refused
+                .iter()
+                .map(|r| {
+                    if *r {
+                        SubscribeReasonCode::Failure
+                    } else {
+                        granted.next().unwrap_or(SubscribeReasonCode::Failure)
+                    }
+                })
+                .collect();
+        }
+        if let Packet::Disconnect(..) = packet {
+            let _ = self.write(packet).await;
+            let _ = self.flush().await;
+            return Err(End::Unclean("router disconnected the link".into()));
+        }
+        self.write(packet).await.map_err(End::Unclean)
+    }
+
+    /// Stores the will as an event, then publishes it to subscribers.
+    async fn publish_will(&self, link_tx: &mut LinkTx, will: LastWill) {
+        let topic = String::from_utf8_lossy(&will.topic).into_owned();
+        let Some(event_type) = event_topic(&topic, &self.tenant, &self.device_id).map(str::to_string) else { return };
+        let payload =
+            match std::str::from_utf8(&will.message).ok().and_then(|s| RawValue::from_string(s.to_string()).ok()) {
+                Some(p) => p,
+                None => {
+                    tracing::warn!(device_id = self.device_id, "will payload is not JSON; not published");
+                    return;
+                }
+            };
+        let input = EventInput {
+            device_id: self.device_id.clone(),
+            event_type: event_type.clone(),
+            payload,
+            id: None,
+            timestamp: None,
+            redelivery: None,
+        };
+        match self.deps.ingest.submit_with(&self.principal, &self.tenant, vec![input], false, PROTOCOL, false).await {
+            Ok(_) => {
+                let stream_topic = format!("{}/events/{}/{}", self.tenant, self.device_id, event_type);
+                let publish = Publish::new(Bytes::from(stream_topic), will.message.clone(), will.retain);
+                if let Err(e) = link_tx.send(Packet::Publish(publish, None)).await {
+                    tracing::warn!(error = %e, device_id = self.device_id, "will stored but not published");
+                } else {
+                    tracing::info!(device_id = self.device_id, topic, "will stored and published");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, device_id = self.device_id, "will refused"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_topics_are_the_devices_own_only() {
+        assert_eq!(event_topic("acme/devices/d1/events/temp.read", "acme", "d1"), Some("temp.read"));
+        assert_eq!(event_topic("acme/devices/d2/events/temp", "acme", "d1"), None);
+        assert_eq!(event_topic("globex/devices/d1/events/temp", "acme", "d1"), None);
+        assert_eq!(event_topic("acme/devices/d1/events/a/b", "acme", "d1"), None);
+        assert_eq!(event_topic("acme/devices/d1/events/", "acme", "d1"), None);
+        assert_eq!(event_topic("acme/devices/d1x/events/t", "acme", "d1"), None);
+    }
+
+    #[test]
+    fn subscriptions_stay_inside_the_tenant_stream_and_own_subtree() {
+        assert!(subscribe_allowed("acme/events/#", "acme", "d1"));
+        assert!(subscribe_allowed("acme/events/d2/+", "acme", "d1"));
+        assert!(subscribe_allowed("acme/devices/d1/#", "acme", "d1"));
+        assert!(!subscribe_allowed("acme/devices/d2/#", "acme", "d1"));
+        assert!(!subscribe_allowed("#", "acme", "d1"));
+        assert!(!subscribe_allowed("globex/events/#", "acme", "d1"));
+        assert!(!subscribe_allowed("acme/eventsx/#", "acme", "d1"));
+        assert!(!subscribe_allowed("+/events/#", "acme", "d1"));
+    }
+
+    #[test]
+    fn publish_header_reads_qos_dup_and_pkid() {
+        // PUBLISH, DUP=1, QoS 1, topic "a/b", pkid 0x1234, payload "{}".
+        let frame = [0x3a, 9, 0, 3, b'a', b'/', b'b', 0x12, 0x34, b'{', b'}'];
+        assert_eq!(publish_header(&frame), Some((1, true, 0x1234)));
+        let qos0 = [0x30, 7, 0, 3, b'a', b'/', b'b', b'{', b'}'];
+        assert_eq!(publish_header(&qos0), Some((0, false, 0)));
+        assert_eq!(publish_header(&[0xc0, 0]), None);
+    }
+}
