@@ -157,3 +157,130 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     }
     assert!(acked >= 200);
 }
+
+/// One MQTT device across appliance restarts: publishes QoS 1 with up to 8 in
+/// flight; what was in flight when the appliance died is resent with DUP=1
+/// (same packet id) after the restart, as a real client does.
+struct MqttDevice {
+    id: String,
+    token: String,
+    next_n: u64,
+    inflight: std::collections::BTreeMap<u16, u64>,
+    acked: Vec<u64>,
+}
+
+fn pkid_of(n: u64) -> u16 {
+    u16::try_from(n % 60_000).unwrap() + 1
+}
+
+async fn run_mqtt_device(
+    mut d: MqttDevice,
+    addr: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicUsize>,
+) -> MqttDevice {
+    use common::mqtt_raw::Raw;
+    let (mut c, code) = Raw::connect(addr, &d.id, &d.id, &d.token, 60, None).await;
+    assert_eq!(code, 0);
+    let topic = format!("acme/devices/{}/events/crash", d.id);
+    // Redeliver what the previous run never acked, in order, DUP=1.
+    for (pkid, n) in d.inflight.iter().map(|(p, n)| (*p, *n)).collect::<Vec<_>>() {
+        c.publish(&topic, format!("{{\"n\":{n}}}").as_bytes(), 1, pkid, true, false).await;
+    }
+    loop {
+        while d.inflight.len() < 8 && !stop.load(Ordering::Relaxed) {
+            let n = d.next_n;
+            d.next_n += 1;
+            d.inflight.insert(pkid_of(n), n);
+            c.publish(&topic, format!("{{\"n\":{n}}}").as_bytes(), 1, pkid_of(n), false, false).await;
+        }
+        if stop.load(Ordering::Relaxed) && d.inflight.is_empty() {
+            return d;
+        }
+        match c.read(Duration::from_secs(5)).await {
+            Some(f) if f.kind == 4 => {
+                if let Some(n) = d.inflight.remove(&f.pkid()) {
+                    d.acked.push(n);
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Some(_) => {}
+            // The appliance died: what is in flight stays unacked.
+            None => return d,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_sigkill_at_random_moments_loses_no_puback_and_dup_resends_make_no_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let env = [
+        ("OUTPOST_MQTT__LISTEN", listen.as_str()),
+        ("OUTPOST_LIMITS__PER_SECOND", "100000"),
+        ("OUTPOST_LIMITS__PER_MINUTE", "1000000"),
+        ("OUTPOST_LIMITS__PER_HOUR", "10000000"),
+    ];
+    let mut devices: Vec<MqttDevice> = add_devices(dir.path(), 4)
+        .into_iter()
+        .map(|(id, token)| MqttDevice { id, token, next_n: 1, inflight: Default::default(), acked: Vec::new() })
+        .collect();
+    // Pseudo-random kill points (fixed seed: reproducible).
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    for round in 0..5 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let kill_after = 20 + (seed % 800) as usize;
+        let proc = Proc::start(dir.path(), &env);
+        let addr = proc.mqtt.expect("mqtt address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> =
+            devices.drain(..).map(|d| tokio::spawn(run_mqtt_device(d, addr, stop.clone(), count.clone()))).collect();
+        let c2 = count.clone();
+        assert!(
+            common::eventually(Duration::from_secs(60), || {
+                let c = c2.clone();
+                async move { c.load(Ordering::Relaxed) >= kill_after }
+            })
+            .await,
+            "round {round}: too few PUBACKs"
+        );
+        proc.kill9();
+        for t in tasks {
+            devices.push(t.await.unwrap());
+        }
+        let rows = log_rows(&dir.path().join("site-log.sqlite"));
+        for d in &devices {
+            let ns: Vec<u64> = rows
+                .iter()
+                .filter(|r| r.device_id == d.id)
+                .map(|r| serde_json::from_str::<serde_json::Value>(r.payload.get()).unwrap()["n"].as_u64().unwrap())
+                .collect();
+            // Exactly once and in order: strictly increasing n.
+            assert!(ns.windows(2).all(|w| w[0] < w[1]), "round {round}: {} has duplicates or disorder", d.id);
+            let stored: HashSet<u64> = ns.iter().copied().collect();
+            let lost: Vec<&u64> = d.acked.iter().filter(|n| !stored.contains(n)).collect();
+            assert!(lost.is_empty(), "round {round}: {} lost acked {lost:?}", d.id);
+        }
+    }
+    // A last clean run redelivers the stragglers and stops.
+    let proc = Proc::start(dir.path(), &env);
+    let addr = proc.mqtt.unwrap();
+    let stop = Arc::new(AtomicBool::new(true));
+    let count = Arc::new(AtomicUsize::new(0));
+    for d in devices.drain(..) {
+        let d = run_mqtt_device(d, addr, stop.clone(), count.clone()).await;
+        assert!(d.inflight.is_empty(), "{} still has unacked publishes", d.id);
+        let rows = log_rows(&dir.path().join("site-log.sqlite"));
+        let ns: Vec<u64> = rows
+            .iter()
+            .filter(|r| r.device_id == d.id)
+            .map(|r| serde_json::from_str::<serde_json::Value>(r.payload.get()).unwrap()["n"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ns, (1..d.next_n).collect::<Vec<_>>(), "{}: every publish exactly once, in order", d.id);
+    }
+    assert_eq!(proc.terminate().code(), Some(0));
+}

@@ -3,6 +3,7 @@
 //! real tokens. No mocks: real SQLite files, real HTTP.
 #![allow(dead_code)]
 
+pub mod mqtt_raw;
 pub mod pg;
 pub mod proxy;
 
@@ -43,6 +44,7 @@ pub struct TestApp {
     pub dir: tempfile::TempDir,
     pub config: Config,
     pub base: String,
+    pub mqtt: SocketAddr,
     pub client: reqwest::Client,
     pub admin: String,
     running: Option<outpost::app::Running>,
@@ -64,6 +66,7 @@ impl TestApp {
         let admin = issuer(&config).issue_admin(None).unwrap();
         Self {
             base: format!("http://{}", running.http_addr),
+            mqtt: running.mqtt_addr.unwrap_or_else(|| "127.0.0.1:9".parse().unwrap()),
             dir,
             config,
             client: reqwest::Client::new(),
@@ -77,6 +80,7 @@ impl TestApp {
         self.stop().await;
         let running = outpost::app::start(self.config.clone()).await.unwrap();
         self.base = format!("http://{}", running.http_addr);
+        self.mqtt = running.mqtt_addr.unwrap_or(self.mqtt);
         self.running = Some(running);
     }
 
@@ -244,12 +248,26 @@ impl Proc {
         });
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("appliance did not report its http address in 30 s");
+            let line = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => line,
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("appliance did not report its http address in 30 s");
+                }
+            };
             if let Some(i) = line.find("http listening on ") {
-                let addr = line[i + "http listening on ".len()..].split_whitespace().next().unwrap();
-                return Self { child, addr: addr.parse().unwrap(), stderr_tail: rx };
+                let after = |marker: &str| -> Option<SocketAddr> {
+                    let j = line.find(marker)? + marker.len();
+                    line[j..].split_whitespace().next()?.trim_end_matches([',', ';']).parse().ok()
+                };
+                let Some(addr) = after("http listening on ") else {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("bad address in {:?}", &line[i..]);
+                };
+                let mqtt = after("mqtt listening on ");
+                return Self { child, addr, mqtt, stderr_tail: rx };
             }
         }
     }

@@ -1,0 +1,197 @@
+//! A deliberately small MQTT 3.1.1 client for tests that need control no
+//! library gives: chosen packet ids and DUP flags, malformed bytes, abrupt
+//! drops. Library clients (rumqttc, mosquitto, paho) cover the normal paths.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub struct Raw {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// A decoded server packet: type nibble, flags, body.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub kind: u8,
+    pub flags: u8,
+    pub body: Vec<u8>,
+}
+
+impl Frame {
+    /// Packet id of PUBACK / SUBACK / UNSUBACK.
+    pub fn pkid(&self) -> u16 {
+        u16::from_be_bytes([self.body[0], self.body[1]])
+    }
+}
+
+fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+fn string(s: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+fn frame(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    remaining_length(body.len(), &mut out);
+    out.extend_from_slice(body);
+    out
+}
+
+/// A will: topic, payload, retain.
+pub struct Will<'a>(pub &'a str, pub &'a [u8], pub bool);
+
+impl Raw {
+    pub async fn connect_tcp(addr: SocketAddr) -> Self {
+        Self { stream: TcpStream::connect(addr).await.unwrap(), buf: Vec::new() }
+    }
+
+    /// CONNECT and read CONNACK; returns its return code.
+    pub async fn connect(
+        addr: SocketAddr,
+        client_id: &str,
+        user: &str,
+        pass: &str,
+        keep_alive: u16,
+        will: Option<Will<'_>>,
+    ) -> (Self, u8) {
+        let mut c = Self::connect_tcp(addr).await;
+        let mut body = Vec::new();
+        string(b"MQTT", &mut body);
+        body.push(4);
+        let mut flags = 0b1100_0000; // username + password
+        if let Some(Will(_, _, retain)) = &will {
+            flags |= 0b0000_0100 | (1 << 3); // will, will QoS 1
+            if *retain {
+                flags |= 0b0010_0000;
+            }
+        }
+        flags |= 0b10; // clean session
+        body.push(flags);
+        body.extend_from_slice(&keep_alive.to_be_bytes());
+        string(client_id.as_bytes(), &mut body);
+        if let Some(Will(topic, payload, _)) = &will {
+            string(topic.as_bytes(), &mut body);
+            string(payload, &mut body);
+        }
+        string(user.as_bytes(), &mut body);
+        string(pass.as_bytes(), &mut body);
+        c.send(&frame(0x10, &body)).await;
+        let ack = c.read(Duration::from_secs(10)).await.expect("no CONNACK");
+        assert_eq!(ack.kind, 2, "expected CONNACK, got {ack:?}");
+        let code = ack.body[1];
+        (c, code)
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// PUBLISH with full control of QoS, packet id, DUP and retain.
+    pub async fn publish(&mut self, topic: &str, payload: &[u8], qos: u8, pkid: u16, dup: bool, retain: bool) {
+        let mut body = Vec::new();
+        string(topic.as_bytes(), &mut body);
+        if qos > 0 {
+            body.extend_from_slice(&pkid.to_be_bytes());
+        }
+        body.extend_from_slice(payload);
+        let first = 0x30 | (u8::from(dup) << 3) | (qos << 1) | u8::from(retain);
+        let f = frame(first, &body);
+        // A write may fail if the server already closed: the caller checks reads.
+        let _ = self.stream.write_all(&f).await;
+    }
+
+    /// SUBSCRIBE (QoS 1 each); the caller reads the SUBACK.
+    pub async fn subscribe(&mut self, pkid: u16, filters: &[&str]) {
+        let mut body = pkid.to_be_bytes().to_vec();
+        for f in filters {
+            string(f.as_bytes(), &mut body);
+            body.push(1);
+        }
+        self.send(&frame(0x82, &body)).await;
+    }
+
+    pub async fn puback(&mut self, pkid: u16) {
+        self.send(&frame(0x40, &pkid.to_be_bytes())).await;
+    }
+
+    pub async fn disconnect(&mut self) {
+        self.send(&[0xe0, 0]).await;
+    }
+
+    /// Next frame, or `None` on EOF / reset / timeout.
+    pub async fn read(&mut self, timeout: Duration) -> Option<Frame> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(f) = self.parse() {
+                return Some(f);
+            }
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Reads until a frame of `kind` arrives (others are skipped).
+    pub async fn read_kind(&mut self, kind: u8, timeout: Duration) -> Option<Frame> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let f = self.read(left).await?;
+            if f.kind == kind {
+                return Some(f);
+            }
+        }
+    }
+
+    /// True once the server has closed the connection.
+    pub async fn closed(&mut self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn parse(&mut self) -> Option<Frame> {
+        let first = *self.buf.first()?;
+        let (mut len, mut mult, mut i) = (0usize, 1usize, 1usize);
+        loop {
+            let b = *self.buf.get(i)?;
+            len += usize::from(b & 0x7f) * mult;
+            mult *= 128;
+            i += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        if self.buf.len() < i + len {
+            return None;
+        }
+        let body = self.buf[i..i + len].to_vec();
+        self.buf.drain(..i + len);
+        Some(Frame { kind: first >> 4, flags: first & 0x0f, body })
+    }
+}
