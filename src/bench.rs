@@ -19,6 +19,8 @@ use crate::log::{self, schema};
 pub enum BenchCommand {
     /// Drive HTTP ingest: devices post single events or batches.
     Http(HttpArgs),
+    /// Drive MQTT ingest: devices publish QoS 1 (rumqttc); PUBACK latency.
+    Mqtt(MqttArgs),
     /// Drain a synthetic backlog into a central PostgreSQL, next to raw
     /// COPY BINARY + INSERT … ON CONFLICT of the same rows, and the cost of
     /// the two NOTIFY trigger styles. Drops and recreates the schemas
@@ -32,6 +34,41 @@ pub enum BenchCommand {
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         duration: Duration,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct MqttArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 1883)]
+    port: u16,
+    #[arg(long, default_value = "bench")]
+    tenant: String,
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Total publishes per second across devices, or "max".
+    #[arg(long, default_value = "max")]
+    rate: String,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// 0 or 1.
+    #[arg(long, default_value_t = 1)]
+    qos: u8,
+    /// Publishes in flight per device (rumqttc inflight window).
+    #[arg(long, default_value_t = 32)]
+    inflight: u16,
+    #[arg(long, default_value_t = 128)]
+    payload_bytes: usize,
+    /// Another broker (e.g. mosquitto): no registration, no credentials.
+    #[arg(long)]
+    plain: bool,
+    /// HTTP API of the appliance, to register the bench devices.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    #[arg(long, env = "OUTPOST_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+    #[arg(long)]
+    no_raw: bool,
 }
 
 #[derive(Args, Debug)]
@@ -91,6 +128,7 @@ pub async fn run(cmd: BenchCommand, config: Config) -> anyhow::Result<()> {
         }
         BenchCommand::Http(args) => http(args, config).await,
         BenchCommand::Forward(args) => forward(args, config).await,
+        BenchCommand::Mqtt(args) => mqtt(args, config).await,
     }
 }
 
@@ -181,23 +219,36 @@ async fn http(args: HttpArgs, config: Config) -> anyhow::Result<()> {
         "max" => None,
         r => Some(r.parse::<f64>().ok().filter(|r| *r > 0.0).context("--rate: a positive number or \"max\"")?),
     };
-    let admin = match args.admin_token.clone() {
-        Some(t) => t,
-        None => {
-            let (a, _) = Authenticator::from_config(&config, Arc::new(Registry::default()))
-                .context("minting an admin token from the config's signing secret (or pass --admin-token)")?;
-            a.issue_admin(Some(Duration::from_secs(3600)))?
-        }
-    };
+    let admin = admin_token(args.admin_token.clone(), &config)?;
     let client = reqwest::Client::builder().pool_max_idle_per_host(args.devices * 2).build()?;
     let base = args.url.trim_end_matches('/').to_string();
+    let tokens = register_devices(&client, &base, &args.tenant, &admin, args.devices).await?;
+    println!(
+        "bench http: {} devices, rate {}, batch {}, payload ~{} B, {:?} against {base}",
+        args.devices,
+        rate.map_or("max".into(), |r| format!("{r}/s")),
+        args.batch,
+        args.payload_bytes,
+        args.duration
+    );
+    http_load(args, rate, client, base, tokens, config).await
+}
+
+/// Registers `n` bench devices through the admin API: (device id, token).
+async fn register_devices(
+    client: &reqwest::Client,
+    base: &str,
+    tenant: &str,
+    admin: &str,
+    n: usize,
+) -> anyhow::Result<Vec<(String, String)>> {
     let run_id = &uuid::Uuid::new_v4().simple().to_string()[..8];
-    let mut tokens = Vec::with_capacity(args.devices);
-    for i in 0..args.devices {
+    let mut tokens = Vec::with_capacity(n);
+    for i in 0..n {
         let id = format!("bench-{run_id}-{i}");
         let resp = client
-            .post(format!("{base}/api/v1/realtime/{}/device/register", args.tenant))
-            .bearer_auth(&admin)
+            .post(format!("{base}/api/v1/realtime/{tenant}/device/register"))
+            .bearer_auth(admin)
             .json(&json!({"device_id": id, "ttl": "2h"}))
             .send()
             .await
@@ -208,14 +259,40 @@ async fn http(args: HttpArgs, config: Config) -> anyhow::Result<()> {
         let v: serde_json::Value = resp.json().await?;
         tokens.push((id, v["token"].as_str().unwrap_or_default().to_string()));
     }
-    println!(
-        "bench http: {} devices, rate {}, batch {}, payload ~{} B, {:?} against {base}",
-        args.devices,
-        rate.map_or("max".into(), |r| format!("{r}/s")),
-        args.batch,
-        args.payload_bytes,
-        args.duration
-    );
+    Ok(tokens)
+}
+
+fn admin_token(given: Option<String>, config: &Config) -> anyhow::Result<String> {
+    match given {
+        Some(t) => Ok(t),
+        None => {
+            let (a, _) = Authenticator::from_config(config, Arc::new(Registry::default()))
+                .context("minting an admin token from the config's signing secret (or pass --admin-token)")?;
+            Ok(a.issue_admin(Some(Duration::from_secs(3600)))?)
+        }
+    }
+}
+
+fn percentiles(mut v: Vec<u32>) -> (f64, f64, f64, usize) {
+    v.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if v.is_empty() {
+            return 0.0;
+        }
+        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(v[i]) / 1000.0
+    };
+    (pct(0.5), pct(0.99), pct(1.0), v.len())
+}
+
+async fn http_load(
+    args: HttpArgs,
+    rate: Option<f64>,
+    client: reqwest::Client,
+    base: String,
+    tokens: Vec<(String, String)>,
+    config: Config,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let deadline = started + args.duration;
     let mut tasks = Vec::new();
@@ -485,5 +562,125 @@ async fn forward(args: ForwardArgs, config: Config) -> anyhow::Result<()> {
         admin.client_mut().batch_execute(&format!("DROP SCHEMA IF EXISTS tenant_{t} CASCADE")).await?;
     }
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+async fn mqtt(args: MqttArgs, config: Config) -> anyhow::Result<()> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+    if args.devices == 0 || args.qos > 1 {
+        bail!("--devices must be at least 1 and --qos 0 or 1");
+    }
+    let rate: Option<f64> = match args.rate.as_str() {
+        "max" => None,
+        r => Some(r.parse::<f64>().ok().filter(|r| *r > 0.0).context("--rate: a positive number or \"max\"")?),
+    };
+    let devices: Vec<(String, Option<String>)> = if args.plain {
+        (0..args.devices).map(|i| (format!("bench-{i}"), None)).collect()
+    } else {
+        let admin = admin_token(args.admin_token.clone(), &config)?;
+        let client = reqwest::Client::new();
+        register_devices(&client, args.url.trim_end_matches('/'), &args.tenant, &admin, args.devices)
+            .await?
+            .into_iter()
+            .map(|(id, t)| (id, Some(t)))
+            .collect()
+    };
+    println!(
+        "bench mqtt: {} devices, rate {}, QoS {}, inflight {}, payload ~{} B, {:?} against {}:{}{}",
+        args.devices,
+        rate.map_or("max".into(), |r| format!("{r}/s")),
+        args.qos,
+        args.inflight,
+        args.payload_bytes,
+        args.duration,
+        args.host,
+        args.port,
+        if args.plain { " (plain broker)" } else { "" }
+    );
+    let qos = if args.qos == 1 { QoS::AtLeastOnce } else { QoS::AtMostOnce };
+    let started = Instant::now();
+    let deadline = started + args.duration;
+    let mut tasks = Vec::new();
+    for (id, token) in devices {
+        let mut o = MqttOptions::new(id.clone(), args.host.clone(), args.port);
+        if let Some(t) = &token {
+            o.set_credentials(id.clone(), t.clone());
+        }
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_inflight(args.inflight);
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut el) = AsyncClient::new(o, usize::from(args.inflight) * 2);
+        let topic = format!("{}/devices/{id}/events/bench.reading", args.tenant);
+        let interval = rate.map(|r| Duration::from_secs_f64(args.devices as f64 / r));
+        let body = payload(0, args.payload_bytes);
+        let publisher = tokio::spawn(async move {
+            let mut tick = interval.map(|i| {
+                let mut it = tokio::time::interval(i);
+                it.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                it
+            });
+            while Instant::now() < deadline {
+                if let Some(t) = tick.as_mut() {
+                    t.tick().await;
+                }
+                if client.publish(topic.clone(), qos, false, body.clone()).await.is_err() {
+                    break;
+                }
+            }
+            let _ = client.disconnect().await;
+        });
+        tasks.push(tokio::spawn(async move {
+            let mut sent: std::collections::HashMap<u16, Instant> = std::collections::HashMap::new();
+            let (mut lat, mut acked, mut errors) = (Vec::new(), 0u64, 0u64);
+            let stop = deadline + Duration::from_secs(5);
+            while Instant::now() < stop {
+                match tokio::time::timeout(Duration::from_secs(1), el.poll()).await {
+                    Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                        if qos == QoS::AtMostOnce {
+                            acked += 1;
+                        } else {
+                            sent.insert(pkid, Instant::now());
+                        }
+                    }
+                    Ok(Ok(Event::Incoming(Packet::PubAck(a)))) => {
+                        if let Some(t) = sent.remove(&a.pkid) {
+                            lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                            acked += 1;
+                        }
+                    }
+                    Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) => break,
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) => {
+                        errors += 1;
+                        if Instant::now() > deadline {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(_) if Instant::now() > deadline => break,
+                    Err(_) => {}
+                }
+            }
+            let _ = publisher.await;
+            (lat, acked, errors)
+        }));
+    }
+    let (mut all, mut acked, mut errors) = (Vec::new(), 0u64, 0u64);
+    for t in tasks {
+        let (l, a, e) = t.await?;
+        all.extend(l);
+        acked += a;
+        errors += e;
+    }
+    let elapsed = args.duration.as_secs_f64();
+    let rate_done = acked as f64 / elapsed;
+    let (p50, p99, max, n) = percentiles(all);
+    println!("acked {acked} publishes in {elapsed:.1}s = {rate_done:.0} events/s; connection errors {errors}");
+    if args.qos == 1 {
+        println!("PUBACK latency: p50 {p50:.2} ms  p99 {p99:.2} ms  max {max:.2} ms  ({n} acks)");
+    }
+    if !args.no_raw {
+        report_raw(&config, args.payload_bytes, rate_done).await?;
+    }
     Ok(())
 }

@@ -215,6 +215,7 @@ impl Writer {
             let used = schema::used_bytes(&self.conn)?;
             let mut tx = self.conn.transaction()?;
             let mut projected = used;
+            let mut seen = DeviceCounts::new();
             for cmd in group {
                 match cmd {
                     Command::Append { events, reply } => {
@@ -226,15 +227,26 @@ impl Writer {
                             ));
                             continue;
                         }
-                        let mut sp = tx.savepoint()?;
-                        let result = append(&sp, &events);
-                        match &result {
-                            Ok(r) => {
-                                sp.commit()?;
-                                projected += size;
-                                appended_rows += r.iter().filter(|a| !a.duplicate).count();
+                        // A single event needs no savepoint: its only refusal
+                        // (an id owned by another device) writes nothing.
+                        let result = if events.len() == 1 {
+                            append(&tx, &events, &mut seen)
+                        } else {
+                            let mut sp = tx.savepoint()?;
+                            let mut sp_seen = DeviceCounts::new();
+                            let r = append(&sp, &events, &mut sp_seen);
+                            match &r {
+                                Ok(_) => {
+                                    sp.commit()?;
+                                    merge_counts(&mut seen, sp_seen);
+                                }
+                                Err(_) => sp.rollback()?,
                             }
-                            Err(_) => sp.rollback()?,
+                            r
+                        };
+                        if let Ok(r) = &result {
+                            projected += size;
+                            appended_rows += r.iter().filter(|a| !a.duplicate).count();
                         }
                         delivers.push(deliver(reply, result));
                     }
@@ -265,6 +277,10 @@ impl Writer {
                     Command::Ping { reply } => delivers.push(deliver(reply, Ok(()))),
                 }
             }
+            // Device counters once per group, not once per request.
+            for ((tenant, device), (count, last)) in &seen {
+                schema::bump_device(&tx, tenant, device, *count, *last)?;
+            }
             tx.commit()?;
             self.full.store(projected + 64 * 1024 > self.config.max_bytes, Ordering::Relaxed);
             Ok(())
@@ -294,9 +310,21 @@ impl Writer {
 }
 
 /// Appends one request's events inside its savepoint.
-fn append(conn: &Connection, events: &[Event]) -> Result<Vec<Appended>, Error> {
+/// New rows and newest receive time per (tenant, device) in a group.
+type DeviceCounts = HashMap<(String, String), (i64, i64)>;
+
+fn merge_counts(into: &mut DeviceCounts, from: DeviceCounts) {
+    for (k, (n, last)) in from {
+        let c = into.entry(k).or_insert((0, 0));
+        c.0 += n;
+        c.1 = c.1.max(last);
+    }
+}
+
+/// Appends one request's events; counts new rows per device into `seen`.
+fn append(conn: &Connection, events: &[Event], seen: &mut DeviceCounts) -> Result<Vec<Appended>, Error> {
     let mut out = Vec::with_capacity(events.len());
-    let mut per_device: HashMap<(&str, &str), (i64, i64)> = HashMap::new();
+    let mut per_device = DeviceCounts::new();
     for (index, e) in events.iter().enumerate() {
         if let Some(r) = e.redelivery.as_ref().filter(|r| r.check)
             && let Some((seq, id)) = schema::find_redelivered(conn, e, r)?
@@ -307,7 +335,7 @@ fn append(conn: &Connection, events: &[Event]) -> Result<Vec<Appended>, Error> {
         match schema::insert_event(conn, e, None)? {
             Some(seq) => {
                 out.push(Appended { id: e.id, seq, duplicate: false });
-                let c = per_device.entry((&e.tenant, &e.device_id)).or_insert((0, 0));
+                let c = per_device.entry((e.tenant.clone(), e.device_id.clone())).or_insert((0, 0));
                 c.0 += 1;
                 c.1 = c.1.max(e.received_at_us);
             }
@@ -319,8 +347,6 @@ fn append(conn: &Connection, events: &[Event]) -> Result<Vec<Appended>, Error> {
             },
         }
     }
-    for ((tenant, device), (count, seen)) in per_device {
-        schema::bump_device(conn, tenant, device, count, seen)?;
-    }
+    merge_counts(seen, per_device);
     Ok(out)
 }
