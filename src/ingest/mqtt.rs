@@ -70,7 +70,7 @@ pub enum Error {
 
 /// Opens rumqttd local links. The router's sender type is private to
 /// rumqttd, so it lives inside this closure.
-type LinkFactory = Arc<dyn Fn(String, bool) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync>;
+type LinkFactory = Arc<dyn Fn(String, bool) -> Result<(LinkTx, LinkRx, Notification), String> + Send + Sync>;
 
 /// Starts the rumqttd router (its own OS thread, no listeners of its own).
 pub fn start_router(max_connections: usize) -> LinkFactory {
@@ -85,7 +85,10 @@ pub fn start_router(max_connections: usize) -> LinkFactory {
     };
     let router_tx = Router::new(0, config).spawn();
     Arc::new(move |client_id: String, clean: bool| {
-        LinkBuilder::new(&client_id, router_tx.clone()).clean_session(clean).build()
+        LinkBuilder::new(&client_id, router_tx.clone())
+            .clean_session(clean)
+            .build()
+            .map_err(|e: LinkError| e.to_string())
     })
 }
 
@@ -147,6 +150,9 @@ enum End {
     /// Socket closed, keep-alive expired, protocol error, refused publish…: will fires.
     Unclean(String),
 }
+
+/// A decoded packet and, for a PUBLISH, its (QoS, DUP, packet id).
+type Decoded = (Packet, Option<(u8, bool, u16)>);
 
 /// A publish waiting for its commit.
 type Pending = Pin<Box<dyn Future<Output = (Publish, Instant, Result<Vec<Appended>, IngestError>)> + Send>>;
@@ -270,10 +276,10 @@ impl<'a> Session<'a> {
             }
         };
         let connack: Option<Packet> = connack.into();
-        if let Some(p) = connack {
-            if s.write(p).await.is_err() || s.flush().await.is_err() {
-                return;
-            }
+        if let Some(p) = connack
+            && (s.write(p).await.is_err() || s.flush().await.is_err())
+        {
+            return;
         }
         tracing::info!(%peer, tenant = s.tenant, device_id = s.device_id, client_id = connect.client_id, "mqtt device connected");
         s.presence(true).await;
@@ -390,7 +396,7 @@ impl<'a> Session<'a> {
         // Router SUBACKs to merge with our own refusals: pkid → refused positions.
         let mut suback_merge: HashMap<u16, Vec<bool>> = HashMap::new();
         let mut deadline = self.keep_alive.map(|k| tokio::time::Instant::now() + k);
-        let mut packets: VecDeque<(Packet, Option<(u8, bool, u16)>)> = VecDeque::new();
+        let mut packets: VecDeque<Decoded> = VecDeque::new();
         loop {
             // Admit held and already-read publishes while the limits allow.
             if let Err(end) =
@@ -457,7 +463,7 @@ impl<'a> Session<'a> {
     /// the log's budget holds back.
     async fn admit(
         &mut self,
-        packets: &mut VecDeque<(Packet, Option<(u8, bool, u16)>)>,
+        packets: &mut VecDeque<Decoded>,
         held: &mut Option<(Publish, Option<Redelivery>, Instant)>,
         resume_at: &mut tokio::time::Instant,
         fifo: &mut FuturesOrdered<Pending>,
