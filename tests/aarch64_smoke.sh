@@ -34,6 +34,12 @@ for _ in $(seq 1 100); do   # the running appliance picks up the new device with
 done
 [ "$code" = 201 ] || fail "POST event answered $code: $(cat "$work/post.json")"
 curl -s "http://$addr/api/v1/realtime/acme/events" -H "Authorization: Bearer $token" | grep -q '"smoke-1"' || fail "event not readable"
+mqtt=$(grep -o 'mqtt listening on [0-9.:]*' "$work/run.log" | awk '{print $4}' || true)
+[ -n "$mqtt" ] || fail "no mqtt listening line"
+mosquitto_pub -h "${mqtt%:*}" -p "${mqtt##*:}" -i smoke-1 -u smoke-1 -P "$token" -q 1 \
+  -t acme/devices/smoke-1/events/mqtt.smoke -m '{"via":"mqtt"}' || fail "MQTT QoS 1 publish not acked"
+curl -s "http://$addr/api/v1/realtime/acme/events?event_type=mqtt.smoke" -H "Authorization: Bearer $token" \
+  | grep -q '"via":"mqtt"' || fail "MQTT event not stored"
 kill -TERM "$pid"
 wait "$pid" && status=0 || status=$?
 pid=
