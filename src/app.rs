@@ -27,6 +27,8 @@ use crate::ingest::mqtt::{self, MqttDeps};
 use crate::limits::Limiter;
 use crate::log::{self, Readers, WriterConfig};
 use crate::metrics::Metrics;
+use crate::stream::Hub;
+use crate::stream::listen::Listener;
 use crate::systemd;
 
 /// How often retention runs.
@@ -125,7 +127,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let forward_status =
         Arc::new(ForwardStatus::new(if connector.is_some() { Uplink::Connecting } else { Uplink::Disabled }));
     let committed = Arc::new(Notify::new());
-    let (log, writer) = log::writer::spawn(
+    let hub = Hub::new(site_id.clone(), config.stream.queue, config.stream.max_subscribers, metrics.clone());
+    let (log, writer) = log::writer::spawn_observed(
         conn,
         WriterConfig {
             max_bytes: config.log.max_bytes,
@@ -135,6 +138,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         },
         metrics.clone(),
         committed.clone(),
+        Some(hub.clone() as Arc<dyn log::CommitObserver>),
     )?;
     let ingest = IngestHandle::new(
         log.clone(),
@@ -162,16 +166,32 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .with_context(|| format!("cannot listen on http.listen = {}", config.http.listen))?;
     let http_addr = http_listener.local_addr()?;
     let auth = Arc::new(authenticator);
-    let mqtt_deps = mqtt_listener.map(|l| {
-        let deps = MqttDeps {
-            ingest: ingest.clone(),
-            auth: auth.clone(),
-            links: mqtt::start_router(config.mqtt.max_connections),
-            metrics: metrics.clone(),
-            config: config.mqtt.clone(),
-        };
-        (l, deps)
-    });
+    let mqtt_deps = match mqtt_listener {
+        Some(l) => {
+            let links = mqtt::start_router(config.mqtt.max_connections);
+            // Remote events reach MQTT subscribers through a link of the hub's own.
+            let (tx, rx, _) = links("outpost-hub".into(), true).map_err(|e| anyhow::anyhow!("mqtt router: {e}"))?;
+            let link = std::sync::Mutex::new((tx, rx));
+            hub.set_mqtt(Box::new(move |topic, payload| {
+                if let Ok(mut l) = link.lock()
+                    && let Err(e) = l.0.try_publish(topic, payload)
+                {
+                    tracing::debug!(error = %e, "remote event not published to MQTT (router busy)");
+                }
+            }));
+            let deps = MqttDeps {
+                ingest: ingest.clone(),
+                auth: auth.clone(),
+                links,
+                metrics: metrics.clone(),
+                config: config.mqtt.clone(),
+                hub: hub.clone(),
+            };
+            Some((l, deps))
+        }
+        None => None,
+    };
+    let shutdown = CancellationToken::new();
     let state = AppState {
         ingest,
         auth,
@@ -183,9 +203,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         max_body: config.http.max_body_bytes,
         started: Instant::now(),
         status_cache: Default::default(),
+        hub: hub.clone(),
+        stream: config.stream.clone(),
+        shutdown: shutdown.clone(),
     };
 
-    let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let failed = CancellationToken::new();
     let spawn = |name: &'static str, fut: std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>| {
@@ -219,6 +241,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         spawn("mqtt", Box::pin(async move { mqtt::run(listener, deps, t, s).await.context("mqtt") }));
     }
     if let Some(connector) = connector {
+        let listener = Listener {
+            connector: connector.clone(),
+            config: config.central.clone(),
+            site_id: site_id.clone(),
+            log: log.clone(),
+            readers: readers.clone(),
+            metrics: metrics.clone(),
+        };
+        let s = shutdown.clone();
+        spawn("listen", Box::pin(async move { listener.run(s).await.context("central listen") }));
         let forwarder = Forwarder {
             connector,
             config: config.central.clone(),

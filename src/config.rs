@@ -40,6 +40,7 @@ pub struct Config {
     pub log: LogConfig,
     pub limits: LimitsConfig,
     pub auth: AuthConfig,
+    pub stream: StreamConfig,
     /// How long a SIGTERM may take: stop accepting, commit what is queued,
     /// answer in-flight requests.
     #[serde(with = "humantime_serde")]
@@ -234,6 +235,37 @@ impl LimitsConfig {
     }
 }
 
+/// Live subscribers (WebSocket, SSE, long-poll).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    /// Undelivered events a subscriber may hold; beyond it the subscriber is
+    /// closed with its last seq (it resumes from there). Ingest never waits.
+    pub queue: usize,
+    /// Subscribers beyond this are refused (503).
+    pub max_subscribers: usize,
+    /// Idle WebSockets are pinged this often; silent for two of these: closed.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// SSE heartbeat comment interval.
+    #[serde(with = "humantime_serde")]
+    pub sse_heartbeat: Duration,
+    /// `Access-Control-Allow-Origin` for SSE and long-poll (unset: none).
+    pub cors_origin: Option<String>,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            queue: 1024,
+            max_subscribers: 1000,
+            ping_interval: Duration::from_secs(30),
+            sse_heartbeat: Duration::from_secs(15),
+            cors_origin: None,
+        }
+    }
+}
+
 /// Token verification: the algorithm is pinned, never taken from the token.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -372,6 +404,16 @@ impl Config {
         }
         if m.connect_timeout < Duration::from_millis(100) {
             problems.push("mqtt.connect_timeout: must be at least 100ms".into());
+        }
+        let st = &self.stream;
+        if st.queue < 16 || st.queue > 1 << 20 {
+            problems.push(format!("stream.queue = {}: must be 16..=1048576", st.queue));
+        }
+        if st.max_subscribers == 0 {
+            problems.push("stream.max_subscribers: must be at least 1".into());
+        }
+        if st.ping_interval < Duration::from_secs(1) || st.sse_heartbeat < Duration::from_secs(1) {
+            problems.push("stream.ping_interval and stream.sse_heartbeat: must be at least 1s".into());
         }
         if self.log.max_bytes < 1024 * 1024 {
             problems.push(format!("log.max_bytes = {}: must be at least 1048576 (1 MiB)", self.log.max_bytes));
@@ -523,6 +565,7 @@ impl Default for Config {
             log: LogConfig::default(),
             limits: LimitsConfig::default(),
             auth: AuthConfig::default(),
+            stream: StreamConfig::default(),
             shutdown_grace: Duration::from_secs(10),
         }
     }

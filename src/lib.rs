@@ -15,4 +15,5 @@ pub mod ingest;
 pub mod limits;
 pub mod log;
 pub mod metrics;
+pub mod stream;
 pub mod systemd;

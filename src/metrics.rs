@@ -16,6 +16,12 @@ pub struct ProtocolLabel {
     pub protocol: &'static str,
 }
 
+/// Label of stream subscribers.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
 /// Labels of rejected events.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectLabels {
@@ -46,6 +52,13 @@ pub struct Metrics {
     pub mqtt_connections: Gauge,
     pub mqtt_commit_wait: Histogram,
     pub mqtt_throttled: Counter,
+    pub stream_subscribers: Family<KindLabel, Gauge>,
+    pub stream_delivered: Counter,
+    pub stream_lagged: Counter,
+    pub stream_latency: Histogram,
+    pub listen_up: Gauge,
+    pub remote_catchup_rows: Counter,
+    pub remote_events: Counter,
 }
 
 impl Metrics {
@@ -116,8 +129,37 @@ impl Metrics {
             "Times a connection stopped being read because of a rate limit",
             mqtt_throttled.clone(),
         );
+        let stream_subscribers = Family::<KindLabel, Gauge>::default();
+        let stream_delivered = Counter::default();
+        let stream_lagged = Counter::default();
+        let stream_latency = Histogram::new([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]);
+        let listen_up = Gauge::default();
+        let remote_catchup_rows = Counter::default();
+        let remote_events = Counter::default();
+        registry.register("stream_subscribers", "Open stream subscribers by kind", stream_subscribers.clone());
+        registry.register("stream_delivered", "Events delivered to stream subscribers", stream_delivered.clone());
+        registry.register("stream_lagged_disconnects", "Subscribers closed for falling behind", stream_lagged.clone());
+        registry.register(
+            "stream_latency_seconds",
+            "From an event's receipt (at its origin site) to its delivery",
+            stream_latency.clone(),
+        );
+        registry.register("listen_up", "1 while the central LISTEN connection is up", listen_up.clone());
+        registry.register(
+            "remote_catchup_rows",
+            "Remote events copied by catch-up after (re)connects",
+            remote_catchup_rows.clone(),
+        );
+        registry.register("remote_events", "Remote events stored from the central database", remote_events.clone());
         Self {
             registry,
+            stream_subscribers,
+            stream_delivered,
+            stream_lagged,
+            stream_latency,
+            listen_up,
+            remote_catchup_rows,
+            remote_events,
             mqtt_connections,
             mqtt_commit_wait,
             mqtt_throttled,

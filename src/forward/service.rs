@@ -21,6 +21,12 @@ use super::Error;
 use crate::config::{CentralConfig, TlsMode};
 use crate::event::StoredEvent;
 
+/// The connection half of a raw client (it must be polled for notifications).
+pub type RawConnection = tokio_postgres::Connection<
+    tokio_postgres::Socket,
+    <tokio_postgres_rustls::MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>>::Stream,
+>;
+
 /// What the forwarder needs to open connections, built once at start.
 #[derive(Clone)]
 pub struct Connector {
@@ -67,6 +73,16 @@ impl Connector {
             });
         let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(config)?);
         Ok(Self { pg, tls, batch_timeout: config.statement_timeout + Duration::from_secs(5) })
+    }
+
+    /// A plain connection with its `Connection` half, for LISTEN.
+    pub async fn connect_raw(&self, application_name: &str) -> Result<(Client, RawConnection), Error> {
+        let mut pg = self.pg.clone();
+        pg.application_name(application_name);
+        let timeout = pg.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10)) + Duration::from_secs(1);
+        Ok(tokio::time::timeout(timeout, pg.connect(self.tls.clone()))
+            .await
+            .map_err(|_| Error::Timeout("connect"))??)
     }
 
     /// Opens a connection and its staging table.

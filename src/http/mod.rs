@@ -35,6 +35,10 @@ pub struct AppState {
     pub site_id: Arc<str>,
     pub max_body: usize,
     pub started: Instant,
+    pub hub: Arc<crate::stream::Hub>,
+    pub stream: crate::config::StreamConfig,
+    /// Long-lived handlers (WS, SSE, long-poll) end when this fires.
+    pub shutdown: CancellationToken,
     /// Last computed log status and when (see `api::STATUS_TTL`).
     pub status_cache: Arc<std::sync::Mutex<Option<(Instant, crate::log::schema::LogStatus)>>>,
 }
@@ -62,6 +66,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/realtime/{tenant}/device/register", post(api::register_device))
         .route("/api/v1/realtime/{tenant}/device/{device_id}", delete(api::revoke_device))
         .route("/api/v1/realtime/{tenant}/devices", get(api::list_devices))
+        .route("/api/v1/realtime/{tenant}/stream", get(crate::stream::http::ws))
+        .route("/api/v1/realtime/{tenant}/sse", get(crate::stream::http::sse))
+        .route("/api/v1/realtime/{tenant}/poll", get(crate::stream::http::poll))
+        .route("/api/v1/realtime/{tenant}/presence", get(crate::stream::http::presence))
         .fallback(api::not_found)
         .with_state(state)
 }

@@ -100,6 +100,7 @@ pub struct MqttDeps {
     pub links: LinkFactory,
     pub metrics: Arc<Metrics>,
     pub config: MqttConfig,
+    pub hub: Arc<crate::stream::Hub>,
 }
 
 /// Accepts connections until `shutdown`; each runs on `tracker`.
@@ -348,6 +349,7 @@ impl<'a> Session<'a> {
     }
 
     async fn presence(&self, online: bool) {
+        self.deps.hub.presence(&self.tenant, &self.device_id, online);
         let log = self.deps.ingest.log();
         if let Err(e) = log.presence(self.tenant.clone(), self.device_id.clone(), online).await {
             tracing::warn!(error = %e, device_id = self.device_id, "presence update failed");

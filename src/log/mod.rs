@@ -22,6 +22,20 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 
 pub use reader::Readers;
+
+/// Told about every event right after the transaction that added it committed
+/// (local appends and remote events), in commit order. Called on the writer
+/// thread: it must not block.
+pub trait CommitObserver: Send + Sync {
+    fn committed(&self, events: &[(i64, crate::event::Event)]);
+}
+
+/// A remote event and the (tenant, site, site_seq) it advances.
+#[derive(Debug, Clone)]
+pub struct RemoteEvent {
+    pub event: crate::event::Event,
+    pub site_seq: i64,
+}
 pub use writer::{Appended, LogHandle, WriterConfig};
 
 /// Why a site-log operation failed.

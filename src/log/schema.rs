@@ -18,6 +18,7 @@ pub fn migrate(conn: &mut Connection) -> Result<(), Error> {
         M::up(include_str!("../../migrations/sqlite/0001_site_log.sql")),
         M::up(include_str!("../../migrations/sqlite/0002_dead_letter.sql")),
         M::up(include_str!("../../migrations/sqlite/0003_mqtt_redelivery.sql")),
+        M::up(include_str!("../../migrations/sqlite/0004_remote_cursor.sql")),
     ]);
     migrations.to_latest(conn)?;
     Ok(())
@@ -313,6 +314,28 @@ pub fn replay_chunk(
             LIMIT ?5)",
     )?;
     Ok(stmt.execute(params![site, since_us, until_us, tenant, i64::try_from(chunk).unwrap_or(i64::MAX)])?)
+}
+
+/// Advances the catch-up cursor of (tenant, site) to at least `seq`.
+pub fn advance_remote_cursor(conn: &Connection, tenant: &str, site: &str, seq: i64) -> Result<(), Error> {
+    conn.execute(
+        "INSERT INTO remote_cursor (tenant, site_id, last_seq) VALUES (?1, ?2, ?3)
+         ON CONFLICT (tenant, site_id) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
+        params![tenant, site, seq],
+    )?;
+    Ok(())
+}
+
+/// Catch-up cursors of a tenant: site → last copied site_seq.
+pub fn remote_cursors(conn: &Connection, tenant: &str) -> Result<std::collections::HashMap<String, i64>, Error> {
+    let mut stmt = conn.prepare_cached("SELECT site_id, last_seq FROM remote_cursor WHERE tenant = ?1")?;
+    let rows = stmt.query_map([tenant], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Devices online now, with last seen.
+pub fn online_devices(conn: &Connection, tenant: &str) -> Result<Vec<Device>, Error> {
+    Ok(devices(conn, Some(tenant))?.into_iter().filter(|d| d.online).collect())
 }
 
 /// Tenants of registered devices.

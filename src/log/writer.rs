@@ -48,6 +48,7 @@ enum Command {
     MarkForwarded { seqs: Vec<i64>, reply: Reply<usize> },
     DeadLetter { seq: i64, error: String, reply: Reply<usize> },
     Presence { tenant: String, device_id: String, online: bool, reply: Reply<usize> },
+    AppendRemote { events: Vec<super::RemoteEvent>, reply: Reply<usize> },
     Prune { cutoff_us: i64, limit: usize, reply: Reply<usize> },
     AddDevice { tenant: String, device_id: String, name: Option<String>, reply: Reply<schema::Device> },
     RevokeDevice { tenant: String, device_id: String, reply: Reply<schema::Device> },
@@ -95,12 +96,23 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     committed: Arc<Notify>,
 ) -> Result<(LogHandle, WriterThread), Error> {
+    spawn_observed(conn, config, metrics, committed, None)
+}
+
+/// `spawn`, with `observer` told about every committed event.
+pub fn spawn_observed(
+    conn: Connection,
+    config: WriterConfig,
+    metrics: Arc<Metrics>,
+    committed: Arc<Notify>,
+    observer: Option<Arc<dyn super::CommitObserver>>,
+) -> Result<(LogHandle, WriterThread), Error> {
     let (tx, rx) = mpsc::channel(config.queue_capacity);
     let full = Arc::new(AtomicBool::new(false));
     let writer_full = full.clone();
     let thread = std::thread::Builder::new()
         .name("site-log-writer".into())
-        .spawn(move || Writer { conn, config, metrics, committed, full: writer_full }.run(rx))
+        .spawn(move || Writer { conn, config, metrics, committed, full: writer_full, observer }.run(rx))
         .map_err(|e| Error::Commit(format!("cannot start writer thread: {e}")))?;
     Ok((LogHandle { tx, full }, WriterThread { thread }))
 }
@@ -130,6 +142,13 @@ impl LogHandle {
     /// Records a device connecting or dropping (MQTT presence).
     pub async fn presence(&self, tenant: String, device_id: String, online: bool) -> Result<usize, Error> {
         self.call(|reply| Command::Presence { tenant, device_id, online, reply }).await
+    }
+
+    /// Stores events of other sites (already central, so never forwarded) and
+    /// advances their catch-up cursors; duplicates by id are skipped.
+    /// Returns how many were new.
+    pub async fn append_remote(&self, events: Vec<super::RemoteEvent>) -> Result<usize, Error> {
+        self.call(|reply| Command::AppendRemote { events, reply }).await
     }
 
     /// True while the log is at its byte budget (appends would be refused).
@@ -170,6 +189,7 @@ struct Writer {
     committed: Arc<Notify>,
     /// Set while the log is within 64 KiB of its budget, so MQTT stops reading.
     full: Arc<AtomicBool>,
+    observer: Option<Arc<dyn super::CommitObserver>>,
 }
 
 /// A result computed inside the transaction, sent only after the commit.
@@ -211,11 +231,12 @@ impl Writer {
         let started = Instant::now();
         let mut delivers: Vec<Deliver> = Vec::with_capacity(group.len());
         let mut appended_rows = 0usize;
-        let outcome = (|| -> Result<(), Error> {
+        let outcome = (|| -> Result<Vec<(i64, Event)>, Error> {
             let used = schema::used_bytes(&self.conn)?;
             let mut tx = self.conn.transaction()?;
             let mut projected = used;
             let mut seen = DeviceCounts::new();
+            let mut new_events: Vec<(i64, Event)> = Vec::new();
             for cmd in group {
                 match cmd {
                     Command::Append { events, reply } => {
@@ -247,12 +268,41 @@ impl Writer {
                         if let Ok(r) = &result {
                             projected += size;
                             appended_rows += r.iter().filter(|a| !a.duplicate).count();
+                            if self.observer.is_some() {
+                                new_events.extend(
+                                    r.iter().zip(events).filter(|(a, _)| !a.duplicate).map(|(a, e)| (a.seq, e)),
+                                );
+                            }
                         }
                         delivers.push(deliver(reply, result));
                     }
                     Command::MarkForwarded { seqs, reply } => {
                         let r = schema::mark_forwarded(&tx, &seqs, now_us());
                         delivers.push(deliver(reply, r));
+                    }
+                    Command::AppendRemote { events, reply } => {
+                        let now = now_us();
+                        let mut added = 0;
+                        let mut result = Ok(());
+                        for r in events {
+                            match schema::insert_event(&tx, &r.event, Some(now)).and_then(|seq| {
+                                schema::advance_remote_cursor(&tx, &r.event.tenant, &r.event.origin_site, r.site_seq)?;
+                                Ok(seq)
+                            }) {
+                                Ok(Some(seq)) => {
+                                    added += 1;
+                                    new_events.push((seq, r.event));
+                                }
+                                Ok(None) => {}
+                                Err(e) => {
+                                    result = Err(e);
+                                    break;
+                                }
+                            }
+                        }
+                        // An error here fails the whole group: nothing half-stored.
+                        result?;
+                        delivers.push(deliver(reply, Ok(added)));
                     }
                     Command::Presence { tenant, device_id, online, reply } => {
                         let r = schema::set_presence(&tx, &tenant, &device_id, online, now_us());
@@ -283,10 +333,10 @@ impl Writer {
             }
             tx.commit()?;
             self.full.store(projected + 64 * 1024 > self.config.max_bytes, Ordering::Relaxed);
-            Ok(())
+            Ok(new_events)
         })();
         let commit_error = match &outcome {
-            Ok(()) => None,
+            Ok(_) => None,
             Err(e) => {
                 tracing::error!(error = %e, "site log commit failed; requests in this group are refused");
                 Some(e.to_string())
@@ -301,6 +351,11 @@ impl Writer {
         }
         if commit_error.is_none() && appended_rows > 0 {
             self.committed.notify_one();
+        }
+        if let (Ok(events), Some(observer)) = (&outcome, &self.observer)
+            && !events.is_empty()
+        {
+            observer.committed(events);
         }
         if commit_error.is_some() {
             // Don't spin on a persistent failure (disk gone, read-only fs).

@@ -1,0 +1,259 @@
+//! The central LISTEN connection: other sites' events of this site's tenants.
+//!
+//! On a notification it fetches the new rows (by site id + seq range for
+//! `per_batch`, by id for `per_row`), skips this site's own, and stores the
+//! rest in the site log as remote events (already forwarded, so never sent
+//! back up; duplicates by id are skipped). The writer then hands them to the
+//! hub, and the hub to MQTT subscribers. Each (tenant, site) has a cursor in
+//! the log; after every (re)connect the listener first LISTENs, then catches
+//! up from the cursors, so nothing is missed in between (what arrives twice is
+//! deduplicated by id). Notifications carry ranges or ids, never payloads, so
+//! nothing large goes through NOTIFY.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::CentralConfig;
+use crate::event::Event;
+use crate::forward::retry::Backoff;
+use crate::forward::service::Connector;
+use crate::forward::{Error, schema as central};
+use crate::log::{self, LogHandle, Readers, RemoteEvent};
+use crate::metrics::Metrics;
+
+/// Rows fetched per catch-up query.
+const CATCHUP_PAGE: i64 = 5000;
+/// A (tenant, site) never seen before is caught up only this far back.
+const FIRST_CATCHUP: Duration = Duration::from_secs(3600);
+/// How often the listener looks for tenants registered since it started.
+const TENANT_POLL: Duration = Duration::from_secs(5);
+
+/// The LISTEN stage.
+pub struct Listener {
+    pub connector: Connector,
+    pub config: CentralConfig,
+    pub site_id: String,
+    pub log: LogHandle,
+    pub readers: Readers,
+    pub metrics: Arc<Metrics>,
+}
+
+const COLUMNS: &str =
+    "id, device_id, event_type, payload::text, \"timestamp\", site_id, site_seq, coalesce(received_at, \"timestamp\")";
+
+fn remote(tenant: &str, row: &tokio_postgres::Row) -> RemoteEvent {
+    let us = |t: time::OffsetDateTime| i64::try_from(t.unix_timestamp_nanos() / 1000).unwrap_or(0);
+    let ts: Option<time::OffsetDateTime> = row.get(4);
+    let received: Option<time::OffsetDateTime> = row.get(7);
+    let site: Option<String> = row.get(5);
+    RemoteEvent {
+        event: Event {
+            id: row.get(0),
+            tenant: tenant.to_string(),
+            device_id: row.get(1),
+            event_type: row.get(2),
+            payload: row.get(3),
+            timestamp_us: ts.map_or(0, us),
+            received_at_us: received.map_or(0, us),
+            origin_site: site.unwrap_or_default(),
+            redelivery: None,
+        },
+        site_seq: row.get::<_, Option<i64>>(6).unwrap_or(0),
+    }
+}
+
+impl Listener {
+    /// Listens until `shutdown`, reconnecting with backoff.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), self.config.max_backoff);
+        loop {
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = self.session(&mut backoff) => r,
+            };
+            self.metrics.listen_up.set(0);
+            let delay = backoff.next_delay();
+            match result {
+                Ok(()) => tracing::warn!(
+                    retry_in_ms = delay.as_millis() as u64,
+                    "central LISTEN connection closed; reconnecting"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "central LISTEN failed; reconnecting")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn tenants(&self) -> Result<Vec<String>, Error> {
+        let mut t = self.readers.with(log::schema::device_tenants).await?;
+        t.extend(self.config.tenants.iter().cloned());
+        t.sort();
+        t.dedup();
+        Ok(t)
+    }
+
+    /// One connection's life; returns when it closes.
+    async fn session(&self, backoff: &mut Backoff) -> Result<(), Error> {
+        let (client, mut notes) = self.connect().await?;
+        let mut listening: HashSet<String> = HashSet::new();
+        let mut tick = tokio::time::interval(TENANT_POLL);
+        loop {
+            let new: Vec<String> = self.tenants().await?.into_iter().filter(|t| !listening.contains(t)).collect();
+            for t in &new {
+                client.batch_execute(&format!("LISTEN {}", central::channel_name(t)?)).await?;
+            }
+            // Catch up after LISTEN: the window between is covered by both.
+            for t in new {
+                let n = self.catch_up(&client, &t).await?;
+                if n > 0 {
+                    tracing::info!(tenant = t, rows = n, "caught up remote events");
+                }
+                listening.insert(t);
+            }
+            self.metrics.listen_up.set(1);
+            backoff.reset();
+            tokio::select! {
+                n = notes.recv() => match n {
+                    Some((channel, payload)) => self.on_notification(&client, &channel, &payload).await?,
+                    None => return Ok(()),
+                },
+                _ = tick.tick() => {}
+            }
+            // Drain what queued up while we worked.
+            while let Ok((channel, payload)) = notes.try_recv() {
+                self.on_notification(&client, &channel, &payload).await?;
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<(tokio_postgres::Client, mpsc::UnboundedReceiver<(String, String)>), Error> {
+        let (client, mut connection) = self.connector.connect_raw("outpost-listen").await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(msg) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                match msg {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        if tx.send((n.channel().to_string(), n.payload().to_string())).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "LISTEN connection ended");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok((client, rx))
+    }
+
+    async fn on_notification(
+        &self,
+        client: &tokio_postgres::Client,
+        channel: &str,
+        payload: &str,
+    ) -> Result<(), Error> {
+        let Some(tenant) = channel.strip_prefix("tenant_").and_then(|c| c.strip_suffix("_events")) else {
+            return Ok(());
+        };
+        let schema = central::schema_name(tenant)?;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(payload) else {
+            tracing::warn!(channel, "unreadable notification ignored");
+            return Ok(());
+        };
+        let rows = if let Some(site) = v["site_id"].as_str() {
+            if site == self.site_id {
+                return Ok(());
+            }
+            let (first, last) = (v["first_seq"].as_i64().unwrap_or(0), v["last_seq"].as_i64().unwrap_or(0));
+            client
+                .query(
+                    &format!("SELECT {COLUMNS} FROM {schema}.events WHERE site_id = $1 AND site_seq BETWEEN $2 AND $3 ORDER BY site_seq"),
+                    &[&site, &first, &last],
+                )
+                .await?
+        } else if let Some(id) = v["id"].as_str().and_then(|s| uuid::Uuid::parse_str(s).ok()) {
+            client
+                .query(
+                    &format!("SELECT {COLUMNS} FROM {schema}.events WHERE id = $1 AND site_id IS DISTINCT FROM $2"),
+                    &[&id, &self.site_id],
+                )
+                .await?
+        } else {
+            return Ok(());
+        };
+        let events: Vec<RemoteEvent> =
+            rows.iter().map(|r| remote(tenant, r)).filter(|r| r.event.origin_site != self.site_id).collect();
+        if !events.is_empty() {
+            let n = self.log.append_remote(events).await?;
+            self.metrics.remote_events.inc_by(n as u64);
+        }
+        Ok(())
+    }
+
+    /// Copies what other sites committed after our cursors.
+    async fn catch_up(&self, client: &tokio_postgres::Client, tenant: &str) -> Result<usize, Error> {
+        let schema = central::schema_name(tenant)?;
+        let sites = match client
+            .query(
+                &format!("SELECT DISTINCT site_id FROM {schema}.events WHERE site_id IS DISTINCT FROM $1"),
+                &[&self.site_id],
+            )
+            .await
+        {
+            Ok(rows) => rows,
+            // The tenant's schema does not exist yet: nothing to catch up.
+            Err(e) if matches!(e.code().map(|c| c.code()), Some("42P01" | "3F000")) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        let t = tenant.to_string();
+        let cursors = self.readers.with(move |c| log::schema::remote_cursors(c, &t)).await?;
+        let mut total = 0;
+        for row in sites {
+            let Some(site): Option<String> = row.get(0) else { continue };
+            let mut after = cursors.get(&site).copied();
+            loop {
+                let rows = match after {
+                    Some(seq) => {
+                        client
+                            .query(
+                                &format!("SELECT {COLUMNS} FROM {schema}.events WHERE site_id = $1 AND site_seq > $2 ORDER BY site_seq LIMIT $3"),
+                                &[&site, &seq, &CATCHUP_PAGE],
+                            )
+                            .await?
+                    }
+                    None => {
+                        let since = time::OffsetDateTime::now_utc() - FIRST_CATCHUP;
+                        client
+                            .query(
+                                &format!("SELECT {COLUMNS} FROM {schema}.events WHERE site_id = $1 AND received_at > $2 ORDER BY site_seq LIMIT $3"),
+                                &[&site, &since, &CATCHUP_PAGE],
+                            )
+                            .await?
+                    }
+                };
+                let Some(last) = rows.last() else { break };
+                after = Some(last.get::<_, Option<i64>>(6).unwrap_or(0));
+                let full = rows.len() as i64 == CATCHUP_PAGE;
+                let events: Vec<RemoteEvent> = rows.iter().map(|r| remote(tenant, r)).collect();
+                let n = self.log.append_remote(events).await?;
+                total += n;
+                self.metrics.remote_catchup_rows.inc_by(n as u64);
+                if !full {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+}

@@ -1,0 +1,375 @@
+//! The stream hub: one fan-out per tenant, fed by the site-log writer right
+//! after each commit (local events at once, even with the uplink down, and
+//! remote events once the central LISTEN connection stored them).
+//!
+//! Guarantees:
+//! - Publishing never waits: each subscriber has a bounded queue (a
+//!   `broadcast` ring); one that falls behind is told its last delivered seq
+//!   and closed, and resumes from that cursor.
+//! - The site-log `seq` is the one cursor. A subscriber subscribes first, then
+//!   replays the log after its cursor, then goes live skipping seq ≤ the last
+//!   one replayed: no gap and no duplicate at the seam.
+//! - Tenants never share a channel.
+
+pub mod http;
+pub mod listen;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::sync::broadcast;
+
+use crate::event::{Event, StoredEvent, from_us};
+use crate::log::{CommitObserver, Readers, schema};
+use crate::metrics::Metrics;
+
+/// What subscribers receive.
+#[derive(Debug, Clone)]
+pub enum Item {
+    Event(Arc<EventItem>),
+    Presence { device_id: String, online: bool },
+}
+
+/// A committed event, serialized once for every subscriber.
+#[derive(Debug)]
+pub struct EventItem {
+    pub seq: i64,
+    pub device_id: String,
+    pub event_type: String,
+    pub received_at_us: i64,
+    /// `{"id":…,"device_id":…,…}`: the `event` of a stream frame.
+    pub json: String,
+}
+
+/// The JSON shape of an event in stream frames.
+#[derive(Serialize)]
+struct EventView<'a> {
+    id: uuid::Uuid,
+    device_id: &'a str,
+    event_type: &'a str,
+    payload: &'a RawValue,
+    #[serde(with = "time::serde::rfc3339")]
+    timestamp: time::OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    received_at: time::OffsetDateTime,
+    origin_site: &'a str,
+}
+
+impl EventItem {
+    /// From a committed `Event` (writer path).
+    pub fn from_event(seq: i64, e: &Event) -> Option<Self> {
+        let payload = RawValue::from_string(e.payload.clone()).ok()?;
+        let json = serde_json::to_string(&EventView {
+            id: e.id,
+            device_id: &e.device_id,
+            event_type: &e.event_type,
+            payload: &payload,
+            timestamp: from_us(e.timestamp_us),
+            received_at: from_us(e.received_at_us),
+            origin_site: &e.origin_site,
+        })
+        .ok()?;
+        Some(Self {
+            seq,
+            device_id: e.device_id.clone(),
+            event_type: e.event_type.clone(),
+            received_at_us: e.received_at_us,
+            json,
+        })
+    }
+
+    /// From a row of the log (replay path): the same shape.
+    pub fn from_stored(e: &StoredEvent) -> Option<Self> {
+        let json = serde_json::to_string(&EventView {
+            id: e.id,
+            device_id: &e.device_id,
+            event_type: &e.event_type,
+            payload: &e.payload,
+            timestamp: e.timestamp,
+            received_at: e.received_at,
+            origin_site: &e.origin_site,
+        })
+        .ok()?;
+        let received_at_us = i64::try_from(e.received_at.unix_timestamp_nanos() / 1000).unwrap_or(0);
+        Some(Self {
+            seq: e.seq,
+            device_id: e.device_id.clone(),
+            event_type: e.event_type.clone(),
+            received_at_us,
+            json,
+        })
+    }
+
+    /// `{"type":"event","seq":…,"event":{…}}`
+    pub fn frame(&self) -> String {
+        format!(r#"{{"type":"event","seq":{},"event":{}}}"#, self.seq, self.json)
+    }
+}
+
+/// Subscriber filters: a device id, and event types with `*` standing for
+/// one dot-separated segment (`alarm.*` matches `alarm.high`, not `alarm`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub device_id: Option<String>,
+    pub event_types: Vec<String>,
+}
+
+/// `pattern` with `*` segments against a dot-separated `value`.
+pub fn type_matches(pattern: &str, value: &str) -> bool {
+    let (mut p, mut v) = (pattern.split('.'), value.split('.'));
+    loop {
+        match (p.next(), v.next()) {
+            (None, None) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            _ => return false,
+        }
+    }
+}
+
+impl Filter {
+    /// Parses `device_id` and a comma-separated `event_types` list.
+    pub fn parse(device_id: Option<&str>, event_types: Option<&str>) -> Result<Self, String> {
+        let mut types = Vec::new();
+        for t in event_types.unwrap_or("").split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let plain = t.replace('*', "x");
+            crate::event::validate_event_type(&plain).map_err(|e| format!("event_types {t:?}: {}", e.message))?;
+            if t.split('.').any(|seg| seg.contains('*') && seg != "*") {
+                return Err(format!("event_types {t:?}: `*` must be a whole segment, e.g. alarm.*"));
+            }
+            types.push(t.to_string());
+        }
+        if types.len() > 64 {
+            return Err("event_types: at most 64 patterns".into());
+        }
+        Ok(Self { device_id: device_id.filter(|d| !d.is_empty()).map(str::to_string), event_types: types })
+    }
+
+    pub fn matches_event(&self, device_id: &str, event_type: &str) -> bool {
+        self.device_id.as_deref().is_none_or(|d| d == device_id)
+            && (self.event_types.is_empty() || self.event_types.iter().any(|p| type_matches(p, event_type)))
+    }
+
+    pub fn matches(&self, item: &Item) -> bool {
+        match item {
+            Item::Event(e) => self.matches_event(&e.device_id, &e.event_type),
+            Item::Presence { device_id, .. } => self.device_id.as_deref().is_none_or(|d| d == device_id),
+        }
+    }
+}
+
+/// Publishes remote events into the embedded MQTT broker.
+pub type MqttPublish = Box<dyn Fn(String, Bytes) + Send + Sync>;
+
+/// Per-tenant fan-out.
+pub struct Hub {
+    site_id: String,
+    capacity: usize,
+    tenants: RwLock<HashMap<String, broadcast::Sender<Item>>>,
+    mqtt: Mutex<Option<MqttPublish>>,
+    subscribers: AtomicUsize,
+    max_subscribers: usize,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Why a subscription ended early.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Closed {
+    /// The subscriber fell more than its queue behind.
+    Lagged { last_seq: i64 },
+    /// The hub is gone (shutdown).
+    Gone,
+}
+
+/// Counts one open subscriber; released on drop.
+pub struct Slot {
+    hub: Arc<Hub>,
+    kind: &'static str,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.hub.subscribers.fetch_sub(1, Ordering::Relaxed);
+        self.hub.metrics.stream_subscribers.get_or_create(&crate::metrics::KindLabel { kind: self.kind }).dec();
+    }
+}
+
+impl Hub {
+    /// A hub whose subscribers each hold up to `capacity` undelivered items.
+    pub fn new(site_id: String, capacity: usize, max_subscribers: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            site_id,
+            capacity,
+            tenants: RwLock::new(HashMap::new()),
+            mqtt: Mutex::new(None),
+            subscribers: AtomicUsize::new(0),
+            max_subscribers,
+            metrics,
+        })
+    }
+
+    /// Remote events are also published to MQTT subscribers through `f`.
+    pub fn set_mqtt(&self, f: MqttPublish) {
+        if let Ok(mut m) = self.mqtt.lock() {
+            *m = Some(f);
+        }
+    }
+
+    fn sender(&self, tenant: &str) -> broadcast::Sender<Item> {
+        if let Some(tx) = self.tenants.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(tenant) {
+            return tx.clone();
+        }
+        let mut map = self.tenants.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.entry(tenant.to_string()).or_insert_with(|| broadcast::channel(self.capacity).0).clone()
+    }
+
+    /// Takes a subscriber slot (`None` beyond `stream.max_subscribers`).
+    pub fn slot(self: &Arc<Self>, kind: &'static str) -> Option<Slot> {
+        let n = self.subscribers.fetch_add(1, Ordering::Relaxed);
+        if n >= self.max_subscribers {
+            self.subscribers.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        self.metrics.stream_subscribers.get_or_create(&crate::metrics::KindLabel { kind }).inc();
+        Some(Slot { hub: self.clone(), kind })
+    }
+
+    /// A live receiver for a tenant.
+    pub fn receiver(&self, tenant: &str) -> broadcast::Receiver<Item> {
+        self.sender(tenant).subscribe()
+    }
+
+    /// A device connected or dropped.
+    pub fn presence(&self, tenant: &str, device_id: &str, online: bool) {
+        let _ = self.sender(tenant).send(Item::Presence { device_id: device_id.to_string(), online });
+    }
+}
+
+impl CommitObserver for Hub {
+    fn committed(&self, events: &[(i64, Event)]) {
+        for (seq, e) in events {
+            let Some(item) = EventItem::from_event(*seq, e) else { continue };
+            if e.origin_site != self.site_id
+                && let Ok(m) = self.mqtt.lock()
+                && let Some(publish) = m.as_ref()
+            {
+                publish(
+                    format!("{}/events/{}/{}", e.tenant, e.device_id, e.event_type),
+                    Bytes::from(e.payload.clone()),
+                );
+            }
+            // No receiver is fine: nobody is listening to this tenant.
+            let _ = self.sender(&e.tenant).send(Item::Event(Arc::new(item)));
+        }
+    }
+}
+
+/// One subscriber: replay after a cursor, then live, filtered.
+pub struct Subscription {
+    rx: broadcast::Receiver<Item>,
+    pub filter: Filter,
+    /// Seq of the last event delivered: the cursor a client resumes from.
+    pub last_seq: i64,
+    /// Everything up to here was handled by the replay (delivered or filtered).
+    replayed_to: i64,
+    backlog: std::collections::VecDeque<Arc<EventItem>>,
+    tenant: String,
+    readers: Readers,
+    replaying: bool,
+    _slot: Slot,
+}
+
+/// Rows read per replay page.
+const REPLAY_PAGE: usize = 500;
+
+impl Subscription {
+    /// Subscribes live first, so nothing committed from now on is missed,
+    /// then replays the log after `after`.
+    pub fn new(hub: &Arc<Hub>, slot: Slot, readers: Readers, tenant: &str, filter: Filter, after: i64) -> Self {
+        Self {
+            rx: hub.receiver(tenant),
+            filter,
+            last_seq: after,
+            replayed_to: after,
+            backlog: Default::default(),
+            tenant: tenant.to_string(),
+            readers,
+            replaying: true,
+            _slot: slot,
+        }
+    }
+
+    /// The next item for this subscriber.
+    pub async fn next(&mut self) -> Result<Item, Closed> {
+        loop {
+            if let Some(e) = self.backlog.pop_front() {
+                self.last_seq = e.seq;
+                return Ok(Item::Event(e));
+            }
+            if self.replaying {
+                let (tenant, after) = (self.tenant.clone(), self.replayed_to);
+                let q = schema::Query { tenant, after, limit: REPLAY_PAGE, ..Default::default() };
+                let rows = self.readers.with(move |c| schema::query(c, &q)).await.map_err(|_| Closed::Gone)?;
+                self.replaying = rows.len() == REPLAY_PAGE;
+                if let Some(last) = rows.last() {
+                    self.replayed_to = last.seq;
+                }
+                self.backlog.extend(
+                    rows.iter()
+                        .filter(|r| self.filter.matches_event(&r.device_id, &r.event_type))
+                        .filter_map(EventItem::from_stored)
+                        .map(Arc::new),
+                );
+                continue;
+            }
+            match self.rx.recv().await {
+                Ok(Item::Event(e)) if e.seq <= self.replayed_to => {} // the replay had it
+                Ok(item) if self.filter.matches(&item) => {
+                    if let Item::Event(e) = &item {
+                        self.last_seq = e.seq;
+                    }
+                    return Ok(item);
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => return Err(Closed::Lagged { last_seq: self.last_seq }),
+                Err(broadcast::error::RecvError::Closed) => return Err(Closed::Gone),
+            }
+        }
+    }
+
+    /// Replaces the filters (WS `subscribe` frame); the cursor stays.
+    pub fn set_filter(&mut self, filter: Filter) {
+        self.filter = filter;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn star_matches_exactly_one_segment() {
+        assert!(type_matches("alarm.*", "alarm.high"));
+        assert!(!type_matches("alarm.*", "alarm"));
+        assert!(!type_matches("alarm.*", "alarm.high.x"));
+        assert!(type_matches("*.high", "alarm.high"));
+        assert!(type_matches("temp", "temp"));
+        assert!(!type_matches("temp", "temp.read"));
+    }
+
+    #[test]
+    fn filters_parse_and_refuse_partial_wildcards() {
+        let f = Filter::parse(Some("d1"), Some("alarm.*, temp")).unwrap();
+        assert!(f.matches_event("d1", "alarm.low"));
+        assert!(f.matches_event("d1", "temp"));
+        assert!(!f.matches_event("d2", "temp"));
+        assert!(!f.matches_event("d1", "humidity"));
+        assert!(Filter::parse(None, Some("al*rm")).is_err());
+        assert!(Filter::parse(None, Some("a b")).is_err());
+        assert!(Filter::parse(None, None).unwrap().matches_event("x", "y"));
+    }
+}
