@@ -15,7 +15,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Debian packages the tests use: PostgreSQL server binaries, MQTT client
 # tools, systemd-analyze, and the aarch64 cross toolchain + qemu for the smoke run.
-TEST_PKGS := postgresql mosquitto-clients python3-paho-mqtt systemd curl file openssl
+TEST_PKGS := postgresql mosquitto-clients python3-paho-mqtt python3-websockets systemd curl file openssl
 CROSS_PKGS := rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static
 
 .PHONY: run build release test test-deps cross-deps unit-tests verify-unit aarch64 smoke-aarch64 install bench clean

@@ -16,6 +16,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
+use serde_json::value::RawValue;
 
 use super::{Closed, Filter, Item, Subscription};
 use crate::auth::{Perm, Principal};
@@ -104,21 +105,20 @@ pub async fn ws(
     Ok(resp)
 }
 
-/// A client frame.
+/// A client frame: `{"type": "subscribe" | "unsubscribe" | "ping" | "event", …}`.
+/// A flat struct rather than a tagged enum: serde cannot buffer the event's
+/// raw JSON payload through an internally tagged enum.
 #[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-enum ClientFrame {
-    Subscribe {
-        #[serde(default)]
-        device_id: Option<String>,
-        #[serde(default)]
-        event_types: Option<EventTypes>,
-    },
-    Unsubscribe,
-    Ping,
-    Event {
-        event: EventInput,
-    },
+#[serde(deny_unknown_fields)]
+struct ClientFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(default)]
+    device_id: Option<String>,
+    #[serde(default)]
+    event_types: Option<EventTypes>,
+    #[serde(default, borrow)]
+    event: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -136,6 +136,24 @@ fn error_frame(code: &str, message: &str, field: Option<&str>) -> String {
     v.to_string()
 }
 
+/// The WebSocket closing handshake: send Close, then wait (up to 5 s) for the
+/// peer's Close or EOF. Dropping the socket at once can turn the peer's reply
+/// into a TCP reset that discards frames it has not read yet (the error frame).
+async fn close(mut socket: WebSocket, code: u16, reason: &str) {
+    let frame = axum::extract::ws::CloseFrame { code, reason: reason.to_string().into() };
+    if socket.send(Message::Close(Some(frame))).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 async fn ws_session(mut socket: WebSocket, state: AppState, tenant: String, opened: Opened) {
     let Opened { principal, mut sub } = opened;
     let interval = state.stream.ping_interval;
@@ -147,10 +165,7 @@ async fn ws_session(mut socket: WebSocket, state: AppState, tenant: String, open
     let shutdown = state.shutdown.clone();
     loop {
         let out: Option<String> = tokio::select! {
-            _ = shutdown.cancelled() => {
-                let _ = socket.send(Message::Close(None)).await;
-                return;
-            }
+            _ = shutdown.cancelled() => return close(socket, 1001, "server shutting down").await,
             item = sub.next() => match item {
                 Ok(Item::Event(e)) if !paused => {
                     observe(&state, e.received_at_us);
@@ -162,8 +177,9 @@ async fn ws_session(mut socket: WebSocket, state: AppState, tenant: String, open
                     state.metrics.stream_lagged.inc();
                     let v = json!({"type": "error", "code": "lagged", "last_seq": last_seq,
                         "message": format!("subscriber fell behind; resume with after={last_seq}")});
-                    let _ = socket.send(Message::Text(v.to_string().into())).await;
-                    let _ = socket.send(Message::Close(None)).await;
+                    if socket.send(Message::Text(v.to_string().into())).await.is_ok() {
+                        close(socket, 1013, "lagged; resume from last_seq").await;
+                    }
                     return;
                 }
                 Err(Closed::Gone) => return,
@@ -180,8 +196,7 @@ async fn ws_session(mut socket: WebSocket, state: AppState, tenant: String, open
             _ = ping.tick() => {
                 if last_heard.elapsed() > interval * 2 {
                     tracing::info!(tenant, "websocket subscriber silent for 2 ping intervals; closing");
-                    let _ = socket.send(Message::Close(None)).await;
-                    return;
+                    return close(socket, 1001, "no pong").await;
                 }
                 if socket.send(Message::Ping(Default::default())).await.is_err() {
                     return;
@@ -205,29 +220,24 @@ async fn client_frame(
     paused: &mut bool,
     text: &str,
 ) -> Option<String> {
+    eprintln!("DBG client_frame {text}");
     let frame: ClientFrame = match serde_json::from_str(text) {
         Ok(f) => f,
-        Err(e) => {
-            return Some(error_frame(
-                "bad_frame",
-                &format!("{e}; expected subscribe, unsubscribe, ping or event"),
-                None,
-            ));
-        }
+        Err(e) => return Some(error_frame("bad_frame", &format!("{e}; expected a JSON object with a type"), None)),
     };
-    match frame {
-        ClientFrame::Ping => Some(json!({"type": "pong"}).to_string()),
-        ClientFrame::Unsubscribe => {
+    match frame.kind {
+        "ping" => Some(json!({"type": "pong"}).to_string()),
+        "unsubscribe" => {
             *paused = true;
             None
         }
-        ClientFrame::Subscribe { device_id, event_types } => {
-            let types = match event_types {
+        "subscribe" => {
+            let types = match frame.event_types {
                 Some(EventTypes::List(v)) => Some(v.join(",")),
                 Some(EventTypes::Csv(s)) => Some(s),
                 None => None,
             };
-            match Filter::parse(device_id.as_deref(), types.as_deref()) {
+            match Filter::parse(frame.device_id.as_deref(), types.as_deref()) {
                 Ok(f) => {
                     sub.set_filter(f);
                     *paused = false;
@@ -236,13 +246,20 @@ async fn client_frame(
                 Err(m) => Some(error_frame("invalid", &m, Some("event_types"))),
             }
         }
-        ClientFrame::Event { event } => {
+        "event" => {
             if let Principal::Device { perms, .. } = principal
                 && !perms.contains(&Perm::WriteEvents)
             {
                 return Some(error_frame("missing_permission", "token lacks permission write_events", None));
             }
-            match state.ingest.submit(principal, tenant, vec![event], false, "ws").await {
+            let Some(raw) = frame.event else {
+                return Some(error_frame("invalid", "an event frame needs an `event` object", Some("event")));
+            };
+            let input: EventInput = match crate::http::extract::parse_json(raw.get().as_bytes()) {
+                Ok(i) => i,
+                Err(e) => return Some(error_frame(e.code, &e.message, e.field.as_deref())),
+            };
+            match state.ingest.submit(principal, tenant, vec![input], false, "ws").await {
                 Ok(mut a) => a
                     .pop()
                     .map(|a| json!({"type": "ack", "id": a.id, "seq": a.seq, "duplicate": a.duplicate}).to_string()),
@@ -252,6 +269,11 @@ async fn client_frame(
                 }
             }
         }
+        other => Some(error_frame(
+            "bad_frame",
+            &format!("unknown frame type {other:?}; expected subscribe, unsubscribe, ping or event"),
+            Some("type"),
+        )),
     }
 }
 
@@ -368,4 +390,16 @@ pub async fn presence(
     let online = state.readers.with(move |c| schema::online_devices(c, &t)).await?;
     let list: Vec<_> = online.iter().map(|d| json!({"device_id": d.device_id, "last_seen": d.last_seen})).collect();
     Ok(Json(json!({"tenant": tenant, "online": list})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_frames_parse() {
+        let t = r#"{"event":{"device_id":"d1","event_type":"ws.in","payload":{"v":1}},"type":"event"}"#;
+        let r = serde_json::from_str::<ClientFrame>(t);
+        assert!(r.is_ok(), "{:?}", r.err());
+    }
 }
