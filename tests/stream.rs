@@ -183,12 +183,12 @@ async fn filters_wildcards_tenant_isolation_and_auth() {
     post(&app, "globex", &g1, "d1", "alarm.high", 4).await;
     post(&app, "acme", &a1, "d1", "alarm", 5).await; // `alarm.*` needs a second segment
     post(&app, "acme", &a2, "d2", "alarm.low", 6).await;
-    let got: Vec<i64> = vec![next_event(&mut alarms).await, next_event(&mut alarms).await]
+    let got: Vec<i64> = [next_event(&mut alarms).await, next_event(&mut alarms).await]
         .iter()
         .map(|f| f["event"]["payload"]["k"].as_i64().unwrap())
         .collect();
     assert_eq!(got, vec![2, 6]);
-    let got: Vec<i64> = vec![next_event(&mut dev2).await, next_event(&mut dev2).await]
+    let got: Vec<i64> = [next_event(&mut dev2).await, next_event(&mut dev2).await]
         .iter()
         .map(|f| f["event"]["payload"]["k"].as_i64().unwrap())
         .collect();

@@ -220,7 +220,6 @@ async fn client_frame(
     paused: &mut bool,
     text: &str,
 ) -> Option<String> {
-    eprintln!("DBG client_frame {text}");
     let frame: ClientFrame = match serde_json::from_str(text) {
         Ok(f) => f,
         Err(e) => return Some(error_frame("bad_frame", &format!("{e}; expected a JSON object with a type"), None)),
