@@ -436,29 +436,21 @@ impl Config {
         };
         let l = &self.limits;
         check_rates(&mut problems, "limits", l.per_second, l.per_minute, l.per_hour);
+        // An override names only the windows it changes; each must be ≥ 1.
+        let check_override = |problems: &mut Vec<String>, at: &str, o: &RateOverride| {
+            check_rates(problems, at, o.per_second.unwrap_or(1), o.per_minute.unwrap_or(1), o.per_hour.unwrap_or(1));
+        };
         for (tenant, o) in &l.tenants {
             if !crate::event::valid_tenant(tenant) {
                 problems.push(format!("limits.tenants.{tenant}: not a valid tenant name (^[a-z][a-z0-9_]{{0,40}}$)"));
             }
-            check_rates(
-                &mut problems,
-                &format!("limits.tenants.{tenant}"),
-                o.per_second.unwrap_or(1),
-                o.per_minute.unwrap_or(1),
-                o.per_hour.unwrap_or(1),
-            );
+            check_override(&mut problems, &format!("limits.tenants.{tenant}"), o);
         }
         for (key, o) in &l.devices {
             if !key.split_once('/').is_some_and(|(t, d)| crate::event::valid_tenant(t) && !d.is_empty()) {
                 problems.push(format!("limits.devices.\"{key}\": key must be \"<tenant>/<device_id>\""));
             }
-            check_rates(
-                &mut problems,
-                &format!("limits.devices.\"{key}\""),
-                o.per_second.unwrap_or(1),
-                o.per_minute.unwrap_or(1),
-                o.per_hour.unwrap_or(1),
-            );
+            check_override(&mut problems, &format!("limits.devices.\"{key}\""), o);
         }
         if l.max_batch == 0 || l.max_batch > 100_000 {
             problems.push(format!("limits.max_batch = {}: must be 1..=100000", l.max_batch));

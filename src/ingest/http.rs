@@ -8,13 +8,20 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use serde::Serialize;
 
-use crate::auth::Perm;
+use crate::auth::{Perm, Principal};
 use crate::event::EventInput;
 use crate::http::extract::{bearer, parse_json, read_body, split_index};
 use crate::http::{ApiError, AppState, check_tenant};
 use crate::log::Appended;
 
 const PROTOCOL: &str = "http";
+
+/// The token must allow writing to `tenant`; refusals are counted.
+fn authorize_write(state: &AppState, headers: &HeaderMap, tenant: &str) -> Result<Principal, ApiError> {
+    Ok(state.auth.authorize(bearer(headers), tenant, Perm::WriteEvents).inspect_err(|e| {
+        state.metrics.reject(PROTOCOL, if e.is_unauthenticated() { "unauthenticated" } else { "forbidden" }, 1);
+    })?)
+}
 
 /// `POST …/event`: one event; `201 {id, seq, duplicate}` after commit.
 pub async fn post_event(
@@ -24,9 +31,7 @@ pub async fn post_event(
     body: Body,
 ) -> Result<(StatusCode, Json<Appended>), ApiError> {
     check_tenant(&tenant)?;
-    let principal = state.auth.authorize(bearer(&headers), &tenant, Perm::WriteEvents).inspect_err(|e| {
-        state.metrics.reject(PROTOCOL, if e.is_unauthenticated() { "unauthenticated" } else { "forbidden" }, 1);
-    })?;
+    let principal = authorize_write(&state, &headers, &tenant)?;
     let bytes = read_body(&headers, body, state.max_body).await?;
     let input: EventInput = parse_json(&bytes)?;
     let mut appended = state.ingest.submit(&principal, &tenant, vec![input], false, PROTOCOL).await?;
@@ -52,9 +57,7 @@ pub async fn post_events(
     body: Body,
 ) -> Result<(StatusCode, Json<BatchResult>), ApiError> {
     check_tenant(&tenant)?;
-    let principal = state.auth.authorize(bearer(&headers), &tenant, Perm::WriteEvents).inspect_err(|e| {
-        state.metrics.reject(PROTOCOL, if e.is_unauthenticated() { "unauthenticated" } else { "forbidden" }, 1);
-    })?;
+    let principal = authorize_write(&state, &headers, &tenant)?;
     let bytes = read_body(&headers, body, state.max_body).await?;
     let ndjson = headers
         .get(header::CONTENT_TYPE)

@@ -30,6 +30,12 @@ pub const MAX_POLL: Duration = Duration::from_secs(60);
 
 type Params = HashMap<String, String>;
 
+/// The bearer token, or `?access_token=` (browsers cannot set headers on
+/// WebSocket or EventSource).
+fn token_of<'a>(headers: &'a HeaderMap, params: &'a Params) -> Option<&'a str> {
+    bearer(headers).or(params.get("access_token").map(String::as_str))
+}
+
 struct Opened {
     principal: Principal,
     sub: Subscription,
@@ -45,7 +51,7 @@ async fn open(
     kind: &'static str,
 ) -> Result<Opened, ApiError> {
     check_tenant(tenant)?;
-    let token = bearer(headers).or(params.get("access_token").map(String::as_str));
+    let token = token_of(headers, params);
     let principal = state.auth.authorize(token, tenant, Perm::ReadEvents)?;
     let filter =
         Filter::parse(params.get("device_id").map(String::as_str), params.get("event_types").map(String::as_str))
@@ -383,7 +389,7 @@ pub async fn presence(
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     check_tenant(&tenant)?;
-    let token = bearer(&headers).or(params.get("access_token").map(String::as_str));
+    let token = token_of(&headers, &params);
     state.auth.authorize(token, &tenant, Perm::ReadEvents)?;
     let t = tenant.clone();
     let online = state.readers.with(move |c| schema::online_devices(c, &t)).await?;
