@@ -127,7 +127,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let forward_status =
         Arc::new(ForwardStatus::new(if connector.is_some() { Uplink::Connecting } else { Uplink::Disabled }));
     let committed = Arc::new(Notify::new());
-    let hub = Hub::new(site_id.clone(), config.stream.queue, config.stream.max_subscribers, metrics.clone());
+    let hub = Hub::new(config.stream.queue, config.stream.max_subscribers, metrics.clone());
     let (log, writer) = log::writer::spawn_observed(
         conn,
         WriterConfig {

@@ -197,6 +197,7 @@ pub async fn raw_commit_rate(
                         received_at_us: now_us(),
                         origin_site: "bench".into(),
                         redelivery: None,
+                        protocol: "bench",
                     };
                     schema::insert_event(&tx, &e, None)?;
                     total += 1;
@@ -432,6 +433,7 @@ fn synthetic(tenant: &str, i: usize, payload: &str) -> Event {
         received_at_us: now,
         origin_site: "bench-site".into(),
         redelivery: None,
+        protocol: "bench",
     }
 }
 

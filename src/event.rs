@@ -30,6 +30,9 @@ pub struct Event {
     pub origin_site: String,
     /// MQTT QoS 1 packet id and payload digest, for redelivery detection.
     pub redelivery: Option<Redelivery>,
+    /// How it arrived: "http", "ws", "mqtt", "remote" (not stored). The hub
+    /// republishes to MQTT subscribers what did not come in over MQTT.
+    pub protocol: &'static str,
 }
 
 /// What identifies an MQTT QoS 1 publish for redelivery detection.
@@ -170,6 +173,7 @@ pub fn validate(
         received_at_us: now_us,
         origin_site: origin_site.to_string(),
         redelivery: input.redelivery,
+        protocol: "",
     })
 }
 

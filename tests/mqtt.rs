@@ -243,6 +243,28 @@ async fn keep_alive_expiry_drops_the_device_and_fires_its_will() {
 }
 
 #[tokio::test]
+async fn events_ingested_over_http_reach_local_mqtt_subscribers() {
+    let app = TestApp::start().await;
+    let t1 = app.device("acme", "d1").await;
+    let t2 = app.device("acme", "d2").await;
+    let (mut sub, _) = Raw::connect(app.mqtt, "d2", "d2", &t2, 30, None).await;
+    sub.subscribe(1, &["acme/events/#"]).await;
+    sub.read_kind(9, T).await.unwrap();
+    app.post_event("acme", &t1, "d1", json!({"via": "http"})).await;
+    let p = sub.read_kind(3, T).await.expect("HTTP event on MQTT");
+    let topic_len = usize::from(u16::from_be_bytes([p.body[0], p.body[1]]));
+    assert_eq!(&p.body[2..2 + topic_len], b"acme/events/d1/test.reading");
+    assert!(p.body.ends_with(br#"{"via":"http"}"#));
+    // MQTT-origin events are not delivered twice.
+    let (mut dev, _) = Raw::connect(app.mqtt, "d1", "d1", &t1, 30, None).await;
+    dev.publish("acme/devices/d1/events/x", b"{\"via\":\"mqtt\"}", 1, 1, false, false).await;
+    dev.read_kind(4, T).await.unwrap();
+    let p = sub.read_kind(3, T).await.unwrap();
+    assert!(p.body.ends_with(br#"{"via":"mqtt"}"#));
+    assert!(sub.read_kind(3, Duration::from_millis(500)).await.is_none(), "one copy only");
+}
+
+#[tokio::test]
 async fn retained_event_reaches_later_subscribers() {
     let app = TestApp::start().await;
     let t1 = app.device("acme", "d1").await;

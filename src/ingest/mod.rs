@@ -127,7 +127,7 @@ impl IngestHandle {
         charge_rate: bool,
     ) -> Result<Vec<Appended>, Error> {
         let n = inputs.len();
-        let result = self.submit_inner(principal, tenant, inputs, batch, charge_rate).await;
+        let result = self.submit_inner(principal, tenant, inputs, batch, charge_rate, protocol).await;
         let m = &self.inner.metrics;
         match &result {
             Ok(appended) => {
@@ -149,6 +149,7 @@ impl IngestHandle {
         inputs: Vec<EventInput>,
         batch: bool,
         charge_rate: bool,
+        protocol: &'static str,
     ) -> Result<Vec<Appended>, Error> {
         let inner = &self.inner;
         if inputs.is_empty() {
@@ -166,8 +167,9 @@ impl IngestHandle {
             {
                 return Err(Error::OtherDevice { index: index(i), device_id: input.device_id });
             }
-            let e = validate(input, tenant, &inner.site_id, inner.input_limits, now)
+            let mut e = validate(input, tenant, &inner.site_id, inner.input_limits, now)
                 .map_err(|invalid| Error::Invalid { index: index(i), invalid })?;
+            e.protocol = protocol;
             events.push(e);
         }
         // Charge each device once for all its events in this unit.

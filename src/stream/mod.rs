@@ -162,12 +162,12 @@ impl Filter {
     }
 }
 
-/// Publishes remote events into the embedded MQTT broker.
+/// Publishes events that did not arrive over MQTT (HTTP, WS, other sites)
+/// into the embedded MQTT broker.
 pub type MqttPublish = Box<dyn Fn(String, Bytes) + Send + Sync>;
 
 /// Per-tenant fan-out.
 pub struct Hub {
-    site_id: String,
     capacity: usize,
     tenants: RwLock<HashMap<String, broadcast::Sender<Item>>>,
     mqtt: Mutex<Option<MqttPublish>>,
@@ -200,9 +200,8 @@ impl Drop for Slot {
 
 impl Hub {
     /// A hub whose subscribers each hold up to `capacity` undelivered items.
-    pub fn new(site_id: String, capacity: usize, max_subscribers: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(capacity: usize, max_subscribers: usize, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
-            site_id,
             capacity,
             tenants: RwLock::new(HashMap::new()),
             mqtt: Mutex::new(None),
@@ -253,7 +252,8 @@ impl CommitObserver for Hub {
     fn committed(&self, events: &[(i64, Event)]) {
         for (seq, e) in events {
             let Some(item) = EventItem::from_event(*seq, e) else { continue };
-            if e.origin_site != self.site_id
+            // MQTT-origin events were fanned out by the front-end already.
+            if e.protocol != "mqtt"
                 && let Ok(m) = self.mqtt.lock()
                 && let Some(publish) = m.as_ref()
             {
