@@ -170,6 +170,8 @@ struct Session<'a> {
     device_id: String,
     principal: Principal,
     keep_alive: Option<Duration>,
+    /// Counted in the hub's MQTT subscriber count.
+    subscribed: bool,
 }
 
 /// QoS, DUP and packet id of the PUBLISH at the head of `buf`, which rumqttd
@@ -230,6 +232,7 @@ impl<'a> Session<'a> {
             device_id: String::new(),
             principal: Principal::Admin,
             keep_alive: None,
+            subscribed: false,
         };
         let connect = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -298,6 +301,9 @@ impl<'a> Session<'a> {
         // A clean close of the local link (the router drops its state; wills are ours).
         let disconnect = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
         let _ = link_tx.send(Packet::Disconnect(disconnect, None)).await;
+        if s.subscribed {
+            deps.hub.mqtt_subscriber(&s.tenant, false);
+        }
         s.presence(false).await;
     }
 
@@ -594,6 +600,10 @@ impl<'a> Session<'a> {
         };
         if refused.iter().any(|r| *r) {
             suback_merge.insert(pkid, refused);
+        }
+        if !self.subscribed {
+            self.subscribed = true;
+            self.deps.hub.mqtt_subscriber(&self.tenant, true);
         }
         link_tx.send(Packet::Subscribe(allowed, props)).await.map_err(|e| End::Unclean(format!("router link: {e}")))?;
         Ok(())

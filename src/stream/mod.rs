@@ -171,6 +171,9 @@ pub struct Hub {
     capacity: usize,
     tenants: RwLock<HashMap<String, broadcast::Sender<Item>>>,
     mqtt: Mutex<Option<MqttPublish>>,
+    /// MQTT sessions holding a subscription, per tenant: without any, nothing
+    /// is republished to the broker.
+    mqtt_subscribed: RwLock<HashMap<String, usize>>,
     subscribers: AtomicUsize,
     max_subscribers: usize,
     pub metrics: Arc<Metrics>,
@@ -205,6 +208,7 @@ impl Hub {
             capacity,
             tenants: RwLock::new(HashMap::new()),
             mqtt: Mutex::new(None),
+            mqtt_subscribed: RwLock::new(HashMap::new()),
             subscribers: AtomicUsize::new(0),
             max_subscribers,
             metrics,
@@ -242,6 +246,19 @@ impl Hub {
         self.sender(tenant).subscribe()
     }
 
+    /// An MQTT session of `tenant` gained (`true`) or dropped (`false`) its
+    /// subscriptions.
+    pub fn mqtt_subscriber(&self, tenant: &str, subscribed: bool) {
+        let mut m = self.mqtt_subscribed.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = m.entry(tenant.to_string()).or_insert(0);
+        *n = if subscribed { *n + 1 } else { n.saturating_sub(1) };
+    }
+
+    fn has_mqtt_subscribers(&self, tenant: &str) -> bool {
+        let m = self.mqtt_subscribed.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.get(tenant).is_some_and(|n| *n > 0)
+    }
+
     /// A device connected or dropped.
     pub fn presence(&self, tenant: &str, device_id: &str, online: bool) {
         let _ = self.sender(tenant).send(Item::Presence { device_id: device_id.to_string(), online });
@@ -250,10 +267,20 @@ impl Hub {
 
 impl CommitObserver for Hub {
     fn committed(&self, events: &[(i64, Event)]) {
+        // Runs on the writer thread: do work only for tenants someone watches.
+        let mut watched: Vec<(&str, broadcast::Sender<Item>, bool)> = Vec::new();
         for (seq, e) in events {
-            let Some(item) = EventItem::from_event(*seq, e) else { continue };
+            let i = match watched.iter().position(|(t, ..)| *t == e.tenant) {
+                Some(i) => i,
+                None => {
+                    watched.push((&e.tenant, self.sender(&e.tenant), self.has_mqtt_subscribers(&e.tenant)));
+                    watched.len() - 1
+                }
+            };
+            let (_, tx, mqtt) = &watched[i];
             // MQTT-origin events were fanned out by the front-end already.
-            if e.protocol != "mqtt"
+            if *mqtt
+                && e.protocol != "mqtt"
                 && let Ok(m) = self.mqtt.lock()
                 && let Some(publish) = m.as_ref()
             {
@@ -262,8 +289,11 @@ impl CommitObserver for Hub {
                     Bytes::from(e.payload.clone()),
                 );
             }
-            // No receiver is fine: nobody is listening to this tenant.
-            let _ = self.sender(&e.tenant).send(Item::Event(Arc::new(item)));
+            if tx.receiver_count() > 0
+                && let Some(item) = EventItem::from_event(*seq, e)
+            {
+                let _ = tx.send(Item::Event(Arc::new(item)));
+            }
         }
     }
 }
