@@ -60,6 +60,7 @@ impl Command {
         match self {
             Command::Append { events, .. } => (events.len(), events.iter().map(Event::size_hint).sum()),
             Command::MarkForwarded { seqs, .. } => (seqs.len(), seqs.len() * 16),
+            Command::AppendRemote { events, .. } => (events.len(), events.iter().map(|r| r.event.size_hint()).sum()),
             _ => (1, 0),
         }
     }
