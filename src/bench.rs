@@ -251,10 +251,7 @@ async fn http(args: HttpArgs, config: Config) -> anyhow::Result<()> {
     if args.devices == 0 || args.batch == 0 {
         bail!("--devices and --batch must be at least 1");
     }
-    let rate: Option<f64> = match args.rate.as_str() {
-        "max" => None,
-        r => Some(r.parse::<f64>().ok().filter(|r| *r > 0.0).context("--rate: a positive number or \"max\"")?),
-    };
+    let rate = parse_rate(&args.rate)?;
     let admin = admin_token(args.admin_token.clone(), &config)?;
     let client = reqwest::Client::builder().pool_max_idle_per_host(args.devices * 2).build()?;
     let base = args.url.trim_end_matches('/').to_string();
@@ -309,6 +306,15 @@ fn admin_token(given: Option<String>, config: &Config) -> anyhow::Result<String>
     }
 }
 
+/// `--rate`: events per second, or "max" (`None`).
+fn parse_rate(s: &str) -> anyhow::Result<Option<f64>> {
+    match s {
+        "max" => Ok(None),
+        r => Ok(Some(r.parse::<f64>().ok().filter(|r| *r > 0.0).context("--rate: a positive number or \"max\"")?)),
+    }
+}
+
+/// p50, p99 and max in ms of µs samples, and the sample count.
 fn percentiles(mut v: Vec<u32>) -> (f64, f64, f64, usize) {
     v.sort_unstable();
     let pct = |p: f64| -> f64 {
@@ -393,14 +399,7 @@ async fn http_load(
     }
     let elapsed = started.elapsed().as_secs_f64();
     let accepted_rate = all.accepted as f64 / elapsed;
-    all.latencies_us.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if all.latencies_us.is_empty() {
-            return 0.0;
-        }
-        let i = ((all.latencies_us.len() as f64 - 1.0) * p).round() as usize;
-        f64::from(all.latencies_us[i]) / 1000.0
-    };
+    let (p50, p99, max, requests) = percentiles(all.latencies_us);
     println!(
         "accepted {} events in {elapsed:.1}s = {accepted_rate:.0} events/s; refused {}",
         all.accepted, all.rejected
@@ -408,13 +407,7 @@ async fn http_load(
     for e in all.errors.iter().take(3) {
         println!("  e.g. refused: {e}");
     }
-    println!(
-        "ack latency (per request): p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} requests)",
-        pct(0.5),
-        pct(0.99),
-        pct(1.0),
-        all.latencies_us.len()
-    );
+    println!("ack latency (per request): p50 {p50:.2} ms  p99 {p99:.2} ms  max {max:.2} ms  ({requests} requests)");
     if !args.no_raw {
         report_raw(&config, args.payload_bytes, accepted_rate).await?;
     }
@@ -607,10 +600,7 @@ async fn mqtt(args: MqttArgs, config: Config) -> anyhow::Result<()> {
     if args.devices == 0 || args.qos > 1 {
         bail!("--devices must be at least 1 and --qos 0 or 1");
     }
-    let rate: Option<f64> = match args.rate.as_str() {
-        "max" => None,
-        r => Some(r.parse::<f64>().ok().filter(|r| *r > 0.0).context("--rate: a positive number or \"max\"")?),
-    };
+    let rate = parse_rate(&args.rate)?;
     let devices: Vec<(String, Option<String>)> = if args.plain {
         (0..args.devices).map(|i| (format!("bench-{i}"), None)).collect()
     } else {

@@ -12,25 +12,11 @@ use std::time::Duration;
 
 use common::pg::Pg;
 use common::proxy::{Mode, Proxy};
-use common::{Proc, TestApp, cli, cli_env, eventually};
-use outpost::config::{Config, NotifyMode, TlsMode};
+use common::{Proc, TestApp, central, cli, cli_env, eventually};
+use outpost::config::{NotifyMode, TlsMode};
 use serde_json::{Value, json};
 
 const DRAIN: Duration = Duration::from_secs(120);
-
-/// Points the appliance at `url` with test-friendly timings and raised limits.
-fn central(c: &mut Config, url: &str) {
-    c.central.url = Some(url.to_string());
-    c.central.tls = TlsMode::Disable;
-    c.central.batch_wait = Duration::from_millis(20);
-    c.central.max_backoff = Duration::from_millis(500);
-    c.central.statement_timeout = Duration::from_secs(2);
-    c.central.connect_timeout = Duration::from_secs(2);
-    c.central.keepalive_idle = Duration::from_secs(2);
-    c.limits.per_second = 1_000_000;
-    c.limits.per_minute = 10_000_000;
-    c.limits.per_hour = 100_000_000;
-}
 
 /// Posts `n` events for `device` in batches; returns the acked ids in order.
 async fn ingest(app: &TestApp, token: &str, device: &str, n: usize, batch: usize) -> Vec<String> {

@@ -13,7 +13,7 @@ use common::mqtt_raw::Raw;
 use common::pg::Pg;
 use common::{TestApp, eventually};
 use futures_util::{SinkExt, StreamExt};
-use outpost::config::{Config, TlsMode};
+use outpost::config::Config;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -22,15 +22,8 @@ const T: Duration = Duration::from_secs(15);
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 fn central(c: &mut Config, url: &str, site: &str) {
+    common::central(c, url);
     c.site.id = Some(site.to_string());
-    c.central.url = Some(url.to_string());
-    c.central.tls = TlsMode::Disable;
-    c.central.batch_wait = Duration::from_millis(10);
-    c.central.max_backoff = Duration::from_millis(300);
-    c.central.connect_timeout = Duration::from_secs(2);
-    c.limits.per_second = 100_000;
-    c.limits.per_minute = 1_000_000;
-    c.limits.per_hour = 10_000_000;
 }
 
 async fn ws(app: &TestApp, tenant: &str, query: &str, token: &str) -> Ws {

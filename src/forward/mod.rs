@@ -410,13 +410,25 @@ impl Forwarder {
         let mut tenants = self.readers.with(log::schema::device_tenants).await?;
         tenants.extend(self.config.tenants.iter().cloned());
         for t in tenants {
-            if !migrated.contains(&t) {
-                let n = schema::migrate_tenant(c.client_mut(), &t, self.config.notify).await?;
-                if n > 0 {
-                    tracing::info!(tenant = t, migrations = n, "central schema migrated");
-                }
-                migrated.insert(t);
+            self.ensure_migrated(c, &t, migrated).await?;
+        }
+        Ok(())
+    }
+
+    /// Migrates `tenant`'s central schema once per forwarder (again after a
+    /// missing-schema error clears `migrated`).
+    async fn ensure_migrated(
+        &self,
+        c: &mut Central,
+        tenant: &str,
+        migrated: &mut HashSet<String>,
+    ) -> Result<(), Error> {
+        if !migrated.contains(tenant) {
+            let n = schema::migrate_tenant(c.client_mut(), tenant, self.config.notify).await?;
+            if n > 0 {
+                tracing::info!(tenant, migrations = n, "central schema migrated");
             }
+            migrated.insert(tenant.to_string());
         }
         Ok(())
     }
@@ -438,12 +450,8 @@ impl Forwarder {
             }
         }
         for (tenant, rows) in groups {
-            if self.config.migrate && !migrated.contains(tenant) {
-                let n = schema::migrate_tenant(c.client_mut(), tenant, self.config.notify).await?;
-                if n > 0 {
-                    tracing::info!(tenant, migrations = n, "central schema migrated on first contact");
-                }
-                migrated.insert(tenant.to_string());
+            if self.config.migrate {
+                self.ensure_migrated(c, tenant, migrated).await?;
             }
             let schema = schema::schema_name(tenant)?;
             self.write_bisecting(c, p, &schema, &rows, failpoint).await?;

@@ -533,24 +533,19 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Starts the append of one admitted publish; its future joins the FIFO.
-    fn submit(
+    /// The event a publish (or will) on this device's event topic carries, and
+    /// the stream topic it is fanned out on; `None` unless the topic is the
+    /// device's own and the payload is JSON.
+    fn event_input(
         &self,
-        mut publish: Publish,
+        topic: &[u8],
+        payload: &[u8],
         redelivery: Option<Redelivery>,
-        read_at: Instant,
-        fifo: &mut FuturesOrdered<Pending>,
-    ) -> Result<(), End> {
-        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-        let event_type = event_topic(&topic, &self.tenant, &self.device_id).unwrap_or_default().to_string();
-        let payload = std::str::from_utf8(&publish.payload)
-            .ok()
-            .and_then(|s| RawValue::from_string(s.to_string()).ok())
-            .ok_or_else(|| {
-                self.deps.ingest.count_rejected(PROTOCOL, "invalid");
-                End::Unclean(format!("publish to {topic:?} refused: payload is not JSON"))
-            })?;
-        publish.topic = Bytes::from(format!("{}/events/{}/{}", self.tenant, self.device_id, event_type));
+    ) -> Option<(EventInput, String)> {
+        let topic = std::str::from_utf8(topic).ok()?;
+        let event_type = event_topic(topic, &self.tenant, &self.device_id)?.to_string();
+        let payload = RawValue::from_string(std::str::from_utf8(payload).ok()?.to_string()).ok()?;
+        let stream_topic = format!("{}/events/{}/{}", self.tenant, self.device_id, event_type);
         let input = EventInput {
             device_id: self.device_id.clone(),
             event_type,
@@ -559,6 +554,26 @@ impl<'a> Session<'a> {
             timestamp: None,
             redelivery,
         };
+        Some((input, stream_topic))
+    }
+
+    /// Starts the append of one admitted publish; its future joins the FIFO.
+    fn submit(
+        &self,
+        mut publish: Publish,
+        redelivery: Option<Redelivery>,
+        read_at: Instant,
+        fifo: &mut FuturesOrdered<Pending>,
+    ) -> Result<(), End> {
+        let (input, stream_topic) =
+            self.event_input(&publish.topic, &publish.payload, redelivery).ok_or_else(|| {
+                self.deps.ingest.count_rejected(PROTOCOL, "invalid");
+                End::Unclean(format!(
+                    "publish to {:?} refused: payload is not JSON",
+                    String::from_utf8_lossy(&publish.topic)
+                ))
+            })?;
+        publish.topic = Bytes::from(stream_topic);
         let (ingest, principal, tenant) = (self.deps.ingest.clone(), self.principal.clone(), self.tenant.clone());
         fifo.push_back(Box::pin(async move {
             let r = ingest.submit_with(&principal, &tenant, vec![input], false, PROTOCOL, false).await;
@@ -648,26 +663,12 @@ impl<'a> Session<'a> {
     /// Stores the will as an event, then publishes it to subscribers.
     async fn publish_will(&self, link_tx: &mut LinkTx, will: LastWill) {
         let topic = String::from_utf8_lossy(&will.topic).into_owned();
-        let Some(event_type) = event_topic(&topic, &self.tenant, &self.device_id).map(str::to_string) else { return };
-        let payload =
-            match std::str::from_utf8(&will.message).ok().and_then(|s| RawValue::from_string(s.to_string()).ok()) {
-                Some(p) => p,
-                None => {
-                    tracing::warn!(device_id = self.device_id, "will payload is not JSON; not published");
-                    return;
-                }
-            };
-        let input = EventInput {
-            device_id: self.device_id.clone(),
-            event_type: event_type.clone(),
-            payload,
-            id: None,
-            timestamp: None,
-            redelivery: None,
+        let Some((input, stream_topic)) = self.event_input(&will.topic, &will.message, None) else {
+            tracing::warn!(device_id = self.device_id, topic, "will is not a JSON event of this device; not published");
+            return;
         };
         match self.deps.ingest.submit_with(&self.principal, &self.tenant, vec![input], false, PROTOCOL, false).await {
             Ok(_) => {
-                let stream_topic = format!("{}/events/{}/{}", self.tenant, self.device_id, event_type);
                 let publish = Publish::new(Bytes::from(stream_topic), will.message.clone(), will.retain);
                 if let Err(e) = link_tx.send(Packet::Publish(publish, None)).await {
                     tracing::warn!(error = %e, device_id = self.device_id, "will stored but not published");

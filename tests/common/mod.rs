@@ -34,6 +34,20 @@ pub fn test_config(data_dir: &Path) -> Config {
     c
 }
 
+/// Points the appliance at `url` with test-friendly timings and raised limits.
+pub fn central(c: &mut Config, url: &str) {
+    c.central.url = Some(url.to_string());
+    c.central.tls = outpost::config::TlsMode::Disable;
+    c.central.batch_wait = Duration::from_millis(20);
+    c.central.max_backoff = Duration::from_millis(500);
+    c.central.statement_timeout = Duration::from_secs(2);
+    c.central.connect_timeout = Duration::from_secs(2);
+    c.central.keepalive_idle = Duration::from_secs(2);
+    c.limits.per_second = 1_000_000;
+    c.limits.per_minute = 10_000_000;
+    c.limits.per_hour = 100_000_000;
+}
+
 /// Mints tokens with the data dir's secret, the way the CLI does.
 pub fn issuer(config: &Config) -> Authenticator {
     Authenticator::from_config(config, Arc::new(Registry::default())).unwrap().0
