@@ -1,11 +1,16 @@
 //! The one place that starts stages, wires their channels and orders shutdown.
 //!
-//! Start: data dir → site log (migrations) → registry → keys → writer thread →
-//! bind sockets → stages on one `TaskTracker` → `READY=1`.
+//! Start: data dir → site log (migrations) → registry → keys → MQTT router →
+//! writer thread (observed by the stream hub and the MQTT bridge) → bind
+//! sockets → stages on one `TaskTracker` → `READY=1`.
 //! Stop (token cancelled): listeners stop accepting, in-flight requests finish
-//! (their appends commit), stages end, the last `LogHandle` drops, the writer
-//! drains its queue and exits. Bounded by `shutdown_grace`.
+//! (their appends commit), WebSocket/SSE sessions close, stages end, the last
+//! `LogHandle` drops, the writer drains its queue and exits. Bounded by
+//! `shutdown_grace`. A stage that fails or panics stops everything the same
+//! way, and the process exits non-zero so systemd restarts it: nothing runs
+//! on half its stages.
 
+use std::any::Any;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,24 +22,23 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::{self, ApiState};
 use crate::auth::{self, Authenticator, Registry};
+use crate::central::Connector;
 use crate::config::Config;
-use crate::event::{InputLimits, now_us};
-use crate::forward::{self, ForwardStatus, Forwarder, Uplink};
-use crate::http::{self, AppState};
+use crate::event::InputLimits;
+use crate::forward::{ForwardStatus, Forwarder, Uplink};
+use crate::http::{self, BodyLimit};
 use crate::ingest::IngestHandle;
-use crate::ingest::mqtt::{self, MqttDeps};
+use crate::ingest::http::IngestState;
 use crate::limits::Limiter;
-use crate::log::{self, Readers, WriterConfig};
+use crate::log::{self, CommitObserver, LogHandle, Readers, WriterConfig};
 use crate::metrics::Metrics;
+use crate::mqtt::{self, Bridge, MqttDeps};
 use crate::stream::Hub;
+use crate::stream::http::StreamState;
 use crate::stream::listen::Listener;
 use crate::systemd;
-
-/// How often retention runs.
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
-/// Rows deleted per prune transaction, so the writer is never held long.
-const PRUNE_CHUNK: usize = 5000;
 
 /// A started appliance.
 pub struct Running {
@@ -92,9 +96,103 @@ async fn wait_for_signal() {
 
 /// Starts every stage and returns once the sockets are bound.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
-    let site_id = config.site_id();
-    let data_dir = config.site.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let site = open_site(&config).await?;
+    let metrics = Arc::new(Metrics::new());
+    // Configuration errors of the uplink stop the start, with the reason.
+    let connector = config
+        .central
+        .url
+        .as_ref()
+        .map(|_| Connector::new(&config.central).context("central database settings"))
+        .transpose()?;
+    let uplink = Arc::new(ForwardStatus::new(if connector.is_some() { Uplink::Connecting } else { Uplink::Disabled }));
+    let hub = Hub::new(config.stream.queue, config.stream.max_subscribers, metrics.clone());
+    let broker = config.mqtt.enabled.then(|| start_broker(&config)).transpose()?;
+    let mut observers: Vec<Arc<dyn CommitObserver>> = vec![hub.clone()];
+    if let Some((_, bridge)) = &broker {
+        observers.push(bridge.clone());
+    }
+    let committed = Arc::new(Notify::new());
+    let (log, writer) =
+        log::writer::spawn(site.conn, writer_config(&config), metrics.clone(), committed.clone(), observers)?;
+    let ingest = IngestHandle::new(
+        log.clone(),
+        Limiter::new(config.limits.clone()),
+        metrics.clone(),
+        config.site_id(),
+        InputLimits {
+            max_payload_bytes: config.limits.max_payload_bytes,
+            max_payload_depth: config.limits.max_payload_depth,
+        },
+        config.limits.max_batch,
+    );
+    let (http_listener, mqtt_listener) = bind(&config).await?;
+    let http_addr = http_listener.local_addr()?;
+    let mqtt_addr = mqtt_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+
+    let stages = Stages::new();
+    let router = routes(&config, &site.auth, &ingest, &hub, &log, &site.readers, &metrics, &uplink, &stages);
+    let s = stages.shutdown.clone();
+    stages.spawn("http", http::serve(http_listener, router, s));
+    let (r, s) = (site.readers.clone(), stages.shutdown.clone());
+    stages.spawn("registry", auth::run_registry_refresh(r, site.registry, s));
+    if let (Some(listener), Some((links, bridge))) = (mqtt_listener, broker) {
+        let deps =
+            MqttDeps { ingest, auth: site.auth, links, metrics: metrics.clone(), config: config.mqtt.clone(), bridge };
+        let (t, s) = (stages.tracker.clone(), stages.shutdown.clone());
+        stages.spawn("mqtt", async move {
+            mqtt::run(listener, deps, t, s).await;
+            Ok::<_, std::convert::Infallible>(())
+        });
+    }
+    match connector {
+        Some(connector) => {
+            let listener = Listener {
+                connector: connector.clone(),
+                config: config.central.clone(),
+                site_id: config.site_id(),
+                log: log.clone(),
+                readers: site.readers.clone(),
+                metrics: metrics.clone(),
+            };
+            stages.spawn("listen", listener.run(stages.shutdown.clone()));
+            let forwarder = Forwarder {
+                connector,
+                config: config.central.clone(),
+                log: log.clone(),
+                readers: site.readers.clone(),
+                status: uplink,
+                metrics,
+                wake: committed,
+            };
+            stages.spawn("forwarder", forwarder.run(stages.shutdown.clone()));
+        }
+        None => tracing::info!("central.url not set: buffering locally, nothing is forwarded"),
+    }
+    stages.spawn("retention", log::retention::run(log.clone(), config.log.retention, stages.shutdown.clone()));
+    stages.spawn("watchdog", systemd::run_watchdog(log.clone(), stages.shutdown.clone()));
+    stages.spawn("site-log", watch_writer(log, stages.shutdown.clone()));
+    stages.tracker.close();
+
+    tracing::info!(site_id = config.site_id(), %http_addr, data_dir = %config.site.data_dir.display(),
+        "outpost running; http listening on {http_addr}{}", mqtt_addr.map_or(String::new(), |a| format!(", mqtt listening on {a}")));
+    let shutdown = stages.shutdown.clone();
+    let supervisor = tokio::spawn(stages.supervise(writer, config.shutdown_grace));
+    Ok(Running { http_addr, mqtt_addr, shutdown, supervisor })
+}
+
+/// What the site's own files give: the migrated log, readers, the device
+/// registry and the token keys.
+struct Site {
+    conn: rusqlite::Connection,
+    readers: Readers,
+    registry: Arc<Registry>,
+    auth: Arc<Authenticator>,
+}
+
+async fn open_site(config: &Config) -> anyhow::Result<Site> {
+    let data_dir = &config.site.data_dir;
+    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let log_path = config.log_path();
     let conn = {
         let p = log_path.clone();
@@ -103,14 +201,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .context("migration task panicked")?
             .with_context(|| format!("cannot open site log {}", log_path.display()))?
     };
-    let readers = Readers::new(log_path.clone());
+    let readers = Readers::new(log_path);
     let registry = Arc::new(Registry::default());
-    {
-        let reg = registry.clone();
-        readers.with(move |c| reg.refresh(c)).await.context("cannot load device registry")?;
-    }
-    let (authenticator, created) =
-        Authenticator::from_config(&config, registry.clone()).context("cannot load token keys")?;
+    let reg = registry.clone();
+    readers.with(move |c| reg.refresh(c)).await.context("cannot load device registry")?;
+    let (auth, created) = Authenticator::from_config(config, registry.clone()).context("cannot load token keys")?;
     if created {
         tracing::info!(
             secret = %config.secret_path().display(),
@@ -118,218 +213,152 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
              outpost device add --tenant <tenant> --id <device-id>   (admin token: outpost token issue --admin)"
         );
     }
-    let metrics = Arc::new(Metrics::new());
-    // Configuration errors of the uplink stop the start, with the reason.
-    let connector = match &config.central.url {
-        Some(_) => Some(forward::service::Connector::new(&config.central).context("central database settings")?),
-        None => None,
-    };
-    let forward_status =
-        Arc::new(ForwardStatus::new(if connector.is_some() { Uplink::Connecting } else { Uplink::Disabled }));
-    let committed = Arc::new(Notify::new());
-    let hub = Hub::new(config.stream.queue, config.stream.max_subscribers, metrics.clone());
-    let (log, writer) = log::writer::spawn_observed(
-        conn,
-        WriterConfig {
-            max_bytes: config.log.max_bytes,
-            commit_max_rows: config.log.commit_max_rows,
-            commit_max_bytes: config.log.commit_max_bytes,
-            queue_capacity: config.log.queue_capacity,
-        },
-        metrics.clone(),
-        committed.clone(),
-        Some(hub.clone() as Arc<dyn log::CommitObserver>),
-    )?;
-    let ingest = IngestHandle::new(
-        log.clone(),
-        Limiter::new(config.limits.clone()),
-        metrics.clone(),
-        site_id.clone(),
-        InputLimits {
-            max_payload_bytes: config.limits.max_payload_bytes,
-            max_payload_depth: config.limits.max_payload_depth,
-        },
-        config.limits.max_batch,
-    );
-    let mqtt_listener = if config.mqtt.enabled {
-        Some(
+    Ok(Site { conn, readers, registry, auth: Arc::new(auth) })
+}
+
+fn writer_config(config: &Config) -> WriterConfig {
+    WriterConfig {
+        max_bytes: config.log.max_bytes,
+        commit_max_rows: config.log.commit_max_rows,
+        commit_max_bytes: config.log.commit_max_bytes,
+        queue_capacity: config.log.queue_capacity,
+    }
+}
+
+/// The embedded MQTT router and the bridge that feeds it committed
+/// non-MQTT events.
+fn start_broker(config: &Config) -> anyhow::Result<(mqtt::LinkFactory, Arc<Bridge>)> {
+    let links = mqtt::start_router(config.mqtt.max_connections);
+    let bridge = Bridge::open(&links).map_err(|e| anyhow::anyhow!("mqtt router: {e}"))?;
+    Ok((links, bridge))
+}
+
+async fn bind(config: &Config) -> anyhow::Result<(TcpListener, Option<TcpListener>)> {
+    let mqtt = match config.mqtt.enabled {
+        true => Some(
             TcpListener::bind(config.mqtt.listen)
                 .await
                 .with_context(|| format!("cannot listen on mqtt.listen = {}", config.mqtt.listen))?,
-        )
-    } else {
-        None
+        ),
+        false => None,
     };
-    let mqtt_addr = mqtt_listener.as_ref().map(TcpListener::local_addr).transpose()?;
-    let http_listener = TcpListener::bind(config.http.listen)
+    let http = TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("cannot listen on http.listen = {}", config.http.listen))?;
-    let http_addr = http_listener.local_addr()?;
-    let auth = Arc::new(authenticator);
-    let mqtt_deps = match mqtt_listener {
-        Some(l) => {
-            let links = mqtt::start_router(config.mqtt.max_connections);
-            // Remote events reach MQTT subscribers through a link of the hub's own.
-            let (tx, rx, _) = links("outpost-hub".into(), true).map_err(|e| anyhow::anyhow!("mqtt router: {e}"))?;
-            let link = std::sync::Mutex::new((tx, rx));
-            hub.set_mqtt(Box::new(move |topic, payload| {
-                if let Ok(mut l) = link.lock()
-                    && let Err(e) = l.0.try_publish(topic, payload)
-                {
-                    tracing::debug!(error = %e, "remote event not published to MQTT (router busy)");
-                }
-            }));
-            let deps = MqttDeps {
-                ingest: ingest.clone(),
-                auth: auth.clone(),
-                links,
-                metrics: metrics.clone(),
-                config: config.mqtt.clone(),
-                hub: hub.clone(),
-            };
-            Some((l, deps))
-        }
-        None => None,
-    };
-    let shutdown = CancellationToken::new();
-    let state = AppState {
-        ingest,
-        auth,
+    Ok((http, mqtt))
+}
+
+/// Every stage's routes, merged, with the JSON fallbacks and CORS.
+#[allow(clippy::too_many_arguments)]
+fn routes(
+    config: &Config,
+    auth: &Arc<Authenticator>,
+    ingest: &IngestHandle,
+    hub: &Arc<Hub>,
+    log: &LogHandle,
+    readers: &Readers,
+    metrics: &Arc<Metrics>,
+    uplink: &Arc<ForwardStatus>,
+    stages: &Stages,
+) -> axum::Router {
+    let ingest_routes = crate::ingest::http::routes(IngestState {
+        ingest: ingest.clone(),
+        auth: auth.clone(),
+        max_body: BodyLimit(config.http.max_body_bytes),
+    });
+    let stream_routes = crate::stream::http::routes(StreamState {
+        hub: hub.clone(),
+        auth: auth.clone(),
+        readers: readers.clone(),
+        metrics: metrics.clone(),
+        config: config.stream.clone(),
+        events: Arc::new(ingest.clone()),
+        shutdown: stages.shutdown.clone(),
+        tracker: stages.tracker.clone(),
+    });
+    let api_routes = api::routes(ApiState {
+        auth: auth.clone(),
         log: log.clone(),
         readers: readers.clone(),
         metrics: metrics.clone(),
-        forward: forward_status.clone(),
-        site_id: site_id.clone().into(),
+        uplink: uplink.clone(),
+        limits: Arc::new(config.limits.clone()),
+        site_id: config.site_id().into(),
         max_body: config.http.max_body_bytes,
         started: Instant::now(),
         status_cache: Default::default(),
-        hub: hub.clone(),
-        stream: config.stream.clone(),
-        shutdown: shutdown.clone(),
-    };
-
-    let tracker = TaskTracker::new();
-    let failed = CancellationToken::new();
-    let spawn = |name: &'static str, fut: std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>| {
-        let shutdown = shutdown.clone();
-        let failed = failed.clone();
-        tracker.spawn(async move {
-            if let Err(e) = fut.await {
-                tracing::error!(stage = name, error = format!("{e:#}"), "stage failed; shutting down");
-                failed.cancel();
-                shutdown.cancel();
-            }
-        });
-    };
-    let router = http::router(state);
-    spawn(
-        "http",
-        Box::pin({
-            let s = shutdown.clone();
-            async move { http::run(http_listener, router, s).await.context("http server") }
-        }),
-    );
-    spawn(
-        "registry",
-        Box::pin({
-            let (r, s) = (readers.clone(), shutdown.clone());
-            async move { auth::run_registry_refresh(r, registry, s).await.context("registry refresh") }
-        }),
-    );
-    if let Some((listener, deps)) = mqtt_deps {
-        let (t, s) = (tracker.clone(), shutdown.clone());
-        spawn("mqtt", Box::pin(async move { mqtt::run(listener, deps, t, s).await.context("mqtt") }));
-    }
-    if let Some(connector) = connector {
-        let listener = Listener {
-            connector: connector.clone(),
-            config: config.central.clone(),
-            site_id: site_id.clone(),
-            log: log.clone(),
-            readers: readers.clone(),
-            metrics: metrics.clone(),
-        };
-        let s = shutdown.clone();
-        spawn("listen", Box::pin(async move { listener.run(s).await.context("central listen") }));
-        let forwarder = Forwarder {
-            connector,
-            config: config.central.clone(),
-            log: log.clone(),
-            readers: readers.clone(),
-            status: forward_status,
-            metrics,
-            wake: committed,
-        };
-        let s = shutdown.clone();
-        spawn("forwarder", Box::pin(async move { forwarder.run(s).await.context("forwarder") }));
-    } else {
-        tracing::info!("central.url not set: buffering locally, nothing is forwarded");
-    }
-    spawn("retention", Box::pin(run_retention(log.clone(), config.log.retention, shutdown.clone())));
-    spawn(
-        "watchdog",
-        Box::pin({
-            let (l, s) = (log.clone(), shutdown.clone());
-            async move { systemd::run_watchdog(l, s).await.context("watchdog") }
-        }),
-    );
-    tracker.close();
-    drop(log);
-
-    tracing::info!(site_id, %http_addr, data_dir = %data_dir.display(), "outpost running; http listening on {http_addr}{}", mqtt_addr.map_or(String::new(), |a| format!(", mqtt listening on {a}")));
-
-    let grace = config.shutdown_grace;
-    let supervisor = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown.cancelled().await;
-            let started = Instant::now();
-            if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-                bail!("shutdown_grace ({grace:?}) passed with stages still running; committed events are safe");
-            }
-            // Every LogHandle is gone with its stage: the writer drains and stops.
-            let remaining = grace.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
-            let join = tokio::task::spawn_blocking(move || writer.join());
-            if tokio::time::timeout(remaining, join).await.is_err() {
-                bail!("site log writer did not stop within shutdown_grace");
-            }
-            if failed.is_cancelled() {
-                bail!("a stage failed; see the log above");
-            }
-            tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "outpost stopped cleanly");
-            Ok(())
-        }
     });
-    Ok(Running { http_addr, mqtt_addr, shutdown, supervisor })
+    http::finish(ingest_routes.merge(stream_routes).merge(api_routes), config.stream.cors_origin.as_deref())
 }
 
-/// Retention: prunes forwarded rows older than `retention`, in chunks.
-async fn run_retention(log: log::LogHandle, retention: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut tick = tokio::time::interval(PRUNE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tick.tick() => {}
-        }
-        let cutoff = now_us() - i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
-        let mut total = 0;
-        loop {
-            match log.prune(cutoff, PRUNE_CHUNK).await {
-                Ok(n) => {
-                    total += n;
-                    if n < PRUNE_CHUNK || shutdown.is_cancelled() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "retention prune failed; will retry");
-                    break;
-                }
-            }
-        }
-        if total > 0 {
-            tracing::info!(rows = total, "retention pruned forwarded events");
-        }
+/// Fails when the writer thread is gone while the appliance is not stopping
+/// (it panicked): nothing could be acked any more.
+async fn watch_writer(log: LogHandle, shutdown: CancellationToken) -> anyhow::Result<()> {
+    tokio::select! {
+        _ = shutdown.cancelled() => Ok(()),
+        _ = log.closed() => bail!("the site log writer stopped"),
     }
+}
+
+/// The stages of one appliance: spawned on one tracker, stopped by one token.
+struct Stages {
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    failed: CancellationToken,
+}
+
+impl Stages {
+    fn new() -> Self {
+        Self { tracker: TaskTracker::new(), shutdown: CancellationToken::new(), failed: CancellationToken::new() }
+    }
+
+    /// Runs a stage. Its error or panic is logged and stops the appliance in
+    /// order; the exit status then says a stage failed.
+    fn spawn<F, E>(&self, name: &'static str, stage: F)
+    where
+        F: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<anyhow::Error> + Send + 'static,
+    {
+        let task = tokio::spawn(stage);
+        let (shutdown, failed) = (self.shutdown.clone(), self.failed.clone());
+        self.tracker.spawn(async move {
+            let why = match task.await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => format!("{:#}", e.into()),
+                Err(e) if e.is_panic() => format!("panicked: {}", panic_message(e.into_panic())),
+                Err(e) => format!("aborted: {e}"),
+            };
+            tracing::error!(stage = name, error = why, "stage failed; shutting down");
+            failed.cancel();
+            shutdown.cancel();
+        });
+    }
+
+    /// After shutdown (asked for, or a stage failed): waits for the stages,
+    /// then for the writer to drain, all within `grace`.
+    async fn supervise(self, writer: log::writer::WriterThread, grace: Duration) -> anyhow::Result<()> {
+        self.shutdown.cancelled().await;
+        let started = Instant::now();
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            bail!("shutdown_grace ({grace:?}) passed with stages still running; committed events are safe");
+        }
+        // Every LogHandle is gone with its stage: the writer drains and stops.
+        let remaining = grace.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
+        let join = tokio::task::spawn_blocking(move || writer.join());
+        if tokio::time::timeout(remaining, join).await.is_err() {
+            bail!("site log writer did not stop within shutdown_grace");
+        }
+        if self.failed.is_cancelled() {
+            bail!("a stage failed; see the log above");
+        }
+        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "outpost stopped cleanly");
+        Ok(())
+    }
+}
+
+fn panic_message(p: Box<dyn Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }

@@ -51,6 +51,26 @@ impl Perm {
     pub const DEFAULT: [Perm; 2] = [Perm::WriteEvents, Perm::ReadEvents];
 }
 
+/// Parses permission names, naming the first unknown one.
+pub fn parse_perms(perms: &[String]) -> Result<Vec<Perm>, String> {
+    perms
+        .iter()
+        .map(|p| {
+            Perm::parse(p)
+                .ok_or_else(|| format!("unknown permission {p:?}; known: write_events, read_events, read_config"))
+        })
+        .collect()
+}
+
+/// Parses a token lifetime like "30d" or "12h" (at least one minute).
+pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30d or 12h: {e}"))?;
+    if d < Duration::from_secs(60) {
+        return Err(format!("{s:?} is shorter than 1m"));
+    }
+    Ok(d)
+}
+
 /// Token claims.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
@@ -164,6 +184,7 @@ pub async fn run_registry_refresh(
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
+        crate::failpoint::fire("registry_refresh");
         let reg = registry.clone();
         match readers.with(move |conn| reg.refresh(conn)).await {
             Ok(true) => tracing::info!("device registry changed; reloaded"),

@@ -1,5 +1,6 @@
-//! Command line: run, migrate, config, device, token, status, bench.
-//! Commands other than `run` and `bench` work on the site log file directly,
+//! Command line: run, migrate, config, device, token, status, replay,
+//! dead-letter (the load generators are `outpost-bench`, a separate binary).
+//! Commands other than `run` work on the site log file directly,
 //! so they also work while the appliance is stopped; a running appliance
 //! picks up device changes within a second.
 
@@ -11,9 +12,9 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::auth::{Authenticator, Perm, Registry};
+use crate::auth::{parse_perms, parse_ttl};
 use crate::config::{Config, DEFAULT_TOML};
-use crate::event::{now_us, valid_tenant};
-use crate::http::api::{check_device_id, parse_perms, parse_ttl};
+use crate::event::{Tenant, now_us, validate_device_id};
 use crate::log::{self, schema};
 
 /// outpost: durable event ingest for edge sites.
@@ -73,9 +74,6 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Load generators for a running appliance (not tests: report numbers).
-    #[command(subcommand)]
-    Bench(crate::bench::BenchCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -190,7 +188,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run => crate::app::run(load(cli.config.as_deref())?).await,
-        Command::Bench(b) => crate::bench::run(b, load(cli.config.as_deref())?).await,
         Command::Migrate { central, tenants } => {
             let cfg = load(cli.config.as_deref())?;
             let conn = open_log(&cfg)?;
@@ -199,11 +196,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 if cfg.central.url.is_none() {
                     bail!("--central: central.url is not set");
                 }
-                let mut all = schema::device_tenants(&conn)?;
-                all.extend(cfg.central.tenants.iter().cloned());
-                all.extend(tenants);
-                all.sort();
-                all.dedup();
+                let mut configured = cfg.central.tenants.clone();
+                configured.extend(tenants);
+                let all = schema::known_tenants(&conn, &configured)?;
                 for t in &all {
                     check_tenant_arg(t)?;
                 }
@@ -248,16 +243,14 @@ fn token_options(args: &TokenArgs) -> anyhow::Result<(Vec<Perm>, Option<Duration
     let perms = if args.perms.is_empty() {
         Perm::DEFAULT.to_vec()
     } else {
-        parse_perms(&args.perms).map_err(|e| anyhow::anyhow!("--perm: {}", e.message))?
+        parse_perms(&args.perms).map_err(|m| anyhow::anyhow!("--perm: {m}"))?
     };
     let ttl = args.ttl.as_deref().map(parse_ttl).transpose().map_err(|m| anyhow::anyhow!("--ttl: {m}"))?;
     Ok((perms, ttl))
 }
 
 fn check_tenant_arg(tenant: &str) -> anyhow::Result<()> {
-    if !valid_tenant(tenant) {
-        bail!("--tenant {tenant:?}: must match ^[a-z][a-z0-9_]{{0,40}}$");
-    }
+    Tenant::parse(tenant).map_err(|e| anyhow::anyhow!("--tenant {tenant:?}: {}", e.message))?;
     Ok(())
 }
 
@@ -266,8 +259,8 @@ fn device(cmd: DeviceCommand, cfg: &Config) -> anyhow::Result<()> {
     match cmd {
         DeviceCommand::Add { tenant, id, name, token } => {
             check_tenant_arg(&tenant)?;
-            let id = id.unwrap_or_else(|| format!("dev-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]));
-            check_device_id(&id).map_err(|e| anyhow::anyhow!("--id {id:?}: {}", e.message))?;
+            let id = id.unwrap_or_else(crate::event::new_device_id);
+            validate_device_id(&id).map_err(|e| anyhow::anyhow!("--id {id:?}: {}", e.message))?;
             let (perms, ttl) = token_options(&token)?;
             let auth = authenticator(cfg)?;
             let d = schema::add_device(&conn, &tenant, &id, name.as_deref(), now_us())?;
@@ -424,13 +417,23 @@ fn dead_letter(cmd: DeadLetterCommand, cfg: &Config) -> anyhow::Result<()> {
 }
 
 /// The running appliance's `/api/v1/status`, if it answers within a second.
+/// A plain HTTP/1.0 GET: the product links no HTTP client.
 async fn live_status(cfg: &Config) -> Option<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut addr = cfg.http.listen;
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().ok()?;
-    client.get(format!("http://{addr}/api/v1/status")).send().await.ok()?.json().await.ok()
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(format!("GET /api/v1/status HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.ok()?;
+        let mut buf = Vec::new();
+        s.take(1 << 20).read_to_end(&mut buf).await.ok()?;
+        let at = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+        (buf.starts_with(b"HTTP/1.") && buf.get(9..12) == Some(b"200"))
+            .then(|| serde_json::from_slice(&buf[at + 4..]).ok())?
+    };
+    tokio::time::timeout(Duration::from_secs(1), fetch).await.ok()?
 }
 
 async fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
@@ -479,14 +482,8 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
 
 /// A URL with any password replaced, for printing.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{}:***{}", &url[..s + 3], user, &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
+    match crate::config::url_password(url) {
+        Some(r) => format!("{}***{}", &url[..r.start], &url[r.end..]),
+        None => url.to_string(),
     }
 }

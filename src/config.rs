@@ -441,13 +441,13 @@ impl Config {
             check_rates(problems, at, o.per_second.unwrap_or(1), o.per_minute.unwrap_or(1), o.per_hour.unwrap_or(1));
         };
         for (tenant, o) in &l.tenants {
-            if !crate::event::valid_tenant(tenant) {
+            if crate::event::Tenant::parse(tenant).is_err() {
                 problems.push(format!("limits.tenants.{tenant}: not a valid tenant name (^[a-z][a-z0-9_]{{0,40}}$)"));
             }
             check_override(&mut problems, &format!("limits.tenants.{tenant}"), o);
         }
         for (key, o) in &l.devices {
-            if !key.split_once('/').is_some_and(|(t, d)| crate::event::valid_tenant(t) && !d.is_empty()) {
+            if !key.split_once('/').is_some_and(|(t, d)| crate::event::Tenant::parse(t).is_ok() && !d.is_empty()) {
                 problems.push(format!("limits.devices.\"{key}\": key must be \"<tenant>/<device_id>\""));
             }
             check_override(&mut problems, &format!("limits.devices.\"{key}\""), o);
@@ -493,7 +493,7 @@ impl Config {
             }
         }
         for t in &c.tenants {
-            if !crate::event::valid_tenant(t) {
+            if crate::event::Tenant::parse(t).is_err() {
                 problems.push(format!("central.tenants: {t:?} is not a valid tenant name (^[a-z][a-z0-9_]{{0,40}}$)"));
             }
         }
@@ -563,11 +563,19 @@ impl Default for Config {
     }
 }
 
+/// Where the password of a `scheme://user:password@host/…` URL sits, as a
+/// byte range of `url`; `None` when it carries none.
+pub fn url_password(url: &str) -> Option<std::ops::Range<usize>> {
+    let start = url.find("://")? + 3;
+    let authority_len = url[start..].find(['/', '?']).unwrap_or(url.len() - start);
+    let creds_len = url[start..start + authority_len].rfind('@')?;
+    let colon = url[start..start + creds_len].find(':')?;
+    Some(start + colon + 1..start + creds_len)
+}
+
 /// True when a postgres URL carries `user:password@`.
 fn url_has_password(url: &str) -> bool {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split(['/', '?']).next().unwrap_or("");
-    authority.rsplit_once('@').is_some_and(|(creds, _)| creds.contains(':'))
+    url_password(url).is_some()
 }
 
 fn valid_site_id(id: &str) -> bool {

@@ -55,10 +55,20 @@ pub fn fnv1a64(bytes: &[u8]) -> i64 {
     h as i64
 }
 
+/// Bytes a row costs in the log beyond its text columns (ids, seq,
+/// timestamps, index entries): the one row-size formula, used by the
+/// writer's byte caps, the forwarder's batches and the backlog gauge.
+pub const ROW_OVERHEAD: usize = 96;
+
+/// Approximate bytes of a log row with these text columns.
+pub fn row_bytes(tenant: &str, device_id: &str, event_type: &str, payload: &str) -> usize {
+    tenant.len() + device_id.len() + event_type.len() + payload.len() + ROW_OVERHEAD
+}
+
 impl Event {
     /// Approximate bytes the event occupies in the log; used for byte caps.
     pub fn size_hint(&self) -> usize {
-        self.payload.len() + self.device_id.len() + self.event_type.len() + self.tenant.len() + 96
+        row_bytes(&self.tenant, &self.device_id, &self.event_type, &self.payload)
     }
 }
 
@@ -124,15 +134,7 @@ pub fn validate(
     limits: InputLimits,
     now_us: i64,
 ) -> Result<Event, Invalid> {
-    if input.device_id.is_empty() {
-        return Err(invalid("device_id", "must not be empty"));
-    }
-    if input.device_id.chars().count() > MAX_DEVICE_ID {
-        return Err(invalid("device_id", format!("longer than {MAX_DEVICE_ID} characters")));
-    }
-    if input.device_id.chars().any(char::is_control) {
-        return Err(invalid("device_id", "must not contain control characters"));
-    }
+    validate_device_id(&input.device_id)?;
     validate_event_type(&input.event_type)?;
     let payload = input.payload.get();
     if payload.len() > limits.max_payload_bytes {
@@ -191,14 +193,63 @@ pub fn validate_event_type(t: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// Tenant names reach SQL identifiers later, so they are checked before
-/// anything else: `^[a-z][a-z0-9_]{0,40}$`.
-pub fn valid_tenant(t: &str) -> bool {
-    let b = t.as_bytes();
-    !b.is_empty()
-        && b.len() <= 41
-        && b[0].is_ascii_lowercase()
-        && b[1..].iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+/// Device ids appear in MQTT topics and client ids, so they are 1–255
+/// characters of `[A-Za-z0-9_.:-]` (no `/`, `+`, `#` or spaces). The one
+/// device-id rule: ingest, registration and the CLI all use it.
+pub fn validate_device_id(id: &str) -> Result<(), Invalid> {
+    if id.is_empty() || id.len() > MAX_DEVICE_ID {
+        return Err(invalid("device_id", format!("must be 1-{MAX_DEVICE_ID} characters")));
+    }
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':')) {
+        return Err(invalid("device_id", "may contain only [A-Za-z0-9_.:-]"));
+    }
+    Ok(())
+}
+
+/// A device id for a device registered without one: `dev-` and 12 hex digits.
+pub fn new_device_id() -> String {
+    format!("dev-{}", &Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// A tenant name, validated once: `^[a-z][a-z0-9_]{0,40}$`. Tenant names
+/// become SQL identifiers (`tenant_<t>`) and topic prefixes, so nothing
+/// reaches those without passing through [`Tenant::parse`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tenant(String);
+
+impl Tenant {
+    /// Checks `t` against the pattern.
+    pub fn parse(t: &str) -> Result<Self, Invalid> {
+        let b = t.as_bytes();
+        let ok = !b.is_empty()
+            && b.len() <= 41
+            && b[0].is_ascii_lowercase()
+            && b[1..].iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_');
+        if ok { Ok(Self(t.to_string())) } else { Err(invalid("tenant", "tenant must match ^[a-z][a-z0-9_]{0,40}$")) }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Tenant {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Tenant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A stream or query cursor (`after=`, `Last-Event-ID`): a seq ≥ 0.
+pub fn parse_cursor(v: &str) -> Result<i64, Invalid> {
+    v.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| invalid("after", "must be a seq (an integer ≥ 0)"))
 }
 
 /// Nesting depth of already-valid JSON text, counted without allocating.
@@ -229,8 +280,12 @@ fn json_depth(text: &str) -> usize {
 
 /// Parses RFC 3339 into µs since the epoch.
 pub fn parse_rfc3339_us(s: &str) -> Option<i64> {
-    let t = OffsetDateTime::parse(s, &Rfc3339).ok()?;
-    i64::try_from(t.unix_timestamp_nanos() / 1000).ok()
+    OffsetDateTime::parse(s, &Rfc3339).ok().map(to_us)
+}
+
+/// A date-time → µs since the epoch (saturating): the one conversion.
+pub fn to_us(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1000).unwrap_or(if t.year() < 1970 { i64::MIN } else { i64::MAX })
 }
 
 /// µs since the epoch → UTC date-time (clamped to the representable range).
@@ -240,7 +295,7 @@ pub fn from_us(us: i64) -> OffsetDateTime {
 
 /// Now, µs since the epoch.
 pub fn now_us() -> i64 {
-    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
+    to_us(OffsetDateTime::now_utc())
 }
 
 #[cfg(test)]
@@ -292,13 +347,30 @@ mod tests {
 
     #[test]
     fn tenant_names_follow_the_pattern() {
-        assert!(valid_tenant("acme"));
-        assert!(valid_tenant("a1_b"));
-        assert!(!valid_tenant("Acme"));
-        assert!(!valid_tenant("1acme"));
-        assert!(!valid_tenant("acme;drop"));
-        assert!(!valid_tenant(&"a".repeat(42)));
-        assert!(valid_tenant(&"a".repeat(41)));
+        let valid = |t: &str| Tenant::parse(t).is_ok();
+        assert!(valid("acme"));
+        assert!(valid("a1_b"));
+        assert!(!valid("Acme"));
+        assert!(!valid("1acme"));
+        assert!(!valid("acme;drop"));
+        assert!(!valid(&"a".repeat(42)));
+        assert!(valid(&"a".repeat(41)));
+    }
+
+    #[test]
+    fn device_ids_are_topic_safe() {
+        assert!(validate_device_id("pump-1.a:b_c").is_ok());
+        for bad in ["", "a b", "a/b", "a+b", "a#b", "é", &"d".repeat(256)] {
+            assert_eq!(validate_device_id(bad).unwrap_err().field, "device_id", "{bad:?}");
+        }
+        assert!(validate_device_id(&new_device_id()).is_ok());
+    }
+
+    #[test]
+    fn cursors_are_non_negative_integers() {
+        assert_eq!(parse_cursor("42"), Ok(42));
+        assert!(parse_cursor("-1").is_err());
+        assert!(parse_cursor("x").is_err());
     }
 
     #[test]

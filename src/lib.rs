@@ -3,17 +3,20 @@
 #![deny(clippy::unwrap_used, clippy::await_holding_lock)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod api;
 pub mod app;
 pub mod auth;
-pub mod bench;
+pub mod central;
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod failpoint;
 pub mod forward;
 pub mod http;
 pub mod ingest;
 pub mod limits;
 pub mod log;
 pub mod metrics;
+pub mod mqtt;
 pub mod stream;
 pub mod systemd;

@@ -71,7 +71,7 @@ fn event(device: &str, id: Uuid) -> Event {
 fn start(path: &std::path::Path) -> (LogHandle, writer::WriterThread) {
     let conn = log::open_and_migrate(path).unwrap();
     let cfg = WriterConfig { max_bytes: 1 << 30, commit_max_rows: 1000, commit_max_bytes: 1 << 20, queue_capacity: 16 };
-    writer::spawn(conn, cfg, Arc::new(Metrics::new()), Arc::new(tokio::sync::Notify::new())).unwrap()
+    writer::spawn(conn, cfg, Arc::new(Metrics::new()), Arc::new(tokio::sync::Notify::new()), Vec::new()).unwrap()
 }
 
 async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
@@ -160,8 +160,9 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: 48,
-        failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::Direct(
-            "tests/proptest-regressions/site_log_model.txt",
+        // Where proptest writes shrunk failures for this file, so they re-run first.
+        failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::SourceParallel(
+            "proptest-regressions",
         ))),
         ..ProptestConfig::default()
     })]

@@ -12,8 +12,6 @@
 //! - No SQLite connection is held across an `.await` (reads run on the
 //!   blocking pool, writes go through the writer thread).
 
-pub mod retry;
-pub mod schema;
 pub mod service;
 
 use std::collections::{HashSet, VecDeque};
@@ -25,79 +23,41 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::central::{self, Backoff, Connector, schema};
 use crate::config::CentralConfig;
 use crate::event::{StoredEvent, now_us};
 use crate::log::{self, LogHandle, Readers};
 use crate::metrics::Metrics;
-use retry::Backoff;
-use service::{Central, Connector};
+use service::Central;
 
 /// Why forwarding a batch failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("central database: {}", describe_pg(.0))]
-    Postgres(#[from] tokio_postgres::Error),
-    #[error("central database did not answer ({0}) in time")]
-    Timeout(&'static str),
-    #[error("central configuration: {0}")]
-    Config(String),
-    #[error("invalid tenant name {0:?}")]
-    BadTenant(String),
+    #[error(transparent)]
+    Central(#[from] central::Error),
     #[error(transparent)]
     Log(#[from] log::Error),
 }
 
-/// "SQLSTATE 22P05: unsupported Unicode escape sequence (detail…)" for server
-/// errors; the driver's text otherwise.
-fn describe_pg(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => {
-            let mut s = format!("SQLSTATE {}: {}", db.code().code(), db.message());
-            if let Some(d) = db.detail() {
-                s.push_str(&format!(" ({d})"));
-            }
-            s
-        }
-        None => {
-            // "error performing TLS handshake: invalid peer certificate: …"
-            let mut s = e.to_string();
-            let mut source = std::error::Error::source(e);
-            while let Some(inner) = source {
-                s.push_str(&format!(": {inner}"));
-                source = inner.source();
-            }
-            s
-        }
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Error::Central(e.into())
     }
 }
 
 impl Error {
-    fn sqlstate(&self) -> Option<&str> {
-        match self {
-            Error::Postgres(e) => e.code().map(|c| c.code()),
-            _ => None,
-        }
-    }
-
-    /// The rows themselves are unacceptable to the central database (data
-    /// exception 22xxx, integrity violation 23xxx): bisect, dead-letter.
+    /// The rows themselves are unacceptable to the central database: bisect,
+    /// dead-letter. Everything else (connection and I/O errors, timeouts,
+    /// serialization failures, missing schemas, errors we cannot classify)
+    /// is retried with backoff: inserts are idempotent, so a retry is always
+    /// safe, and dead-lettering an unknown error would not be.
     pub fn is_data_error(&self) -> bool {
-        matches!(self, Error::BadTenant(_))
-            || self.sqlstate().is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
+        matches!(self, Error::Central(c) if c.is_data_error())
     }
 
-    /// Everything else is retried with backoff: connection and I/O errors,
-    /// timeouts, serialization failures (40xxx), admin shutdown (57Pxx),
-    /// resource errors (53xxx), missing schemas, and errors we cannot classify.
-    /// Retrying an unknown error is safe (inserts are idempotent);
-    /// dead-lettering it would not be.
-    pub fn is_retriable(&self) -> bool {
-        !self.is_data_error()
-    }
-
-    /// The tenant's schema or table is missing centrally (3F000, 42P01).
+    /// The tenant's schema or table is missing centrally.
     pub fn is_missing_schema(&self) -> bool {
-        matches!(self.sqlstate(), Some("3F000" | "42P01"))
+        matches!(self, Error::Central(c) if c.is_missing_schema())
     }
 }
 
@@ -248,10 +208,6 @@ async fn settle(mark: JoinHandle<Result<usize, log::Error>>) {
 /// (`outpost replay`, `outpost dead-letter retry`), which do not signal `wake`.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
-/// Test hook: `OUTPOST_FAILPOINT=after_central_commit` SIGKILLs the process
-/// right after a central COMMIT, before the rows are marked forwarded.
-const FAILPOINT_ENV: &str = "OUTPOST_FAILPOINT";
-
 impl Forwarder {
     /// Forwards until `shutdown`. Only configuration problems found at start
     /// are fatal; everything later is retried.
@@ -266,7 +222,6 @@ impl Forwarder {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.config.max_backoff);
         let mut central: Option<Central> = None;
         let mut migrated: HashSet<String> = HashSet::new();
-        let failpoint = std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == "after_central_commit");
         tracing::info!(central = ?self.connector, "forwarder started");
         loop {
             // Connect (and migrate) eagerly, so schemas exist at startup and
@@ -274,7 +229,7 @@ impl Forwarder {
             if central.as_ref().is_none_or(Central::is_closed) {
                 let connect = async {
                     self.status.set(Uplink::Connecting, None);
-                    let mut c = self.connector.connect().await?;
+                    let mut c = Central::open(&self.connector).await?;
                     if self.config.migrate {
                         self.migrate_known(&mut c, &mut migrated).await?;
                     }
@@ -318,7 +273,7 @@ impl Forwarder {
             let result = tokio::select! {
                 // Shutdown mid-batch is safe: uncommitted rows stay pending.
                 _ = shutdown.cancelled() => return Ok(()),
-                r = self.forward(c, p, &batch, &mut migrated, failpoint) => r,
+                r = self.forward(c, p, &batch, &mut migrated) => r,
             };
             match result {
                 Ok(()) => {
@@ -388,7 +343,7 @@ impl Forwarder {
                     _ = tokio::time::sleep(IDLE_POLL) => return Ok(None),
                 }
             };
-            let received_us = i64::try_from(first.received_at.unix_timestamp_nanos() / 1000).unwrap_or(0);
+            let received_us = crate::event::to_us(first.received_at);
             let age = Duration::from_micros(u64::try_from(now_us() - received_us).unwrap_or(0));
             if batch.len() < max_rows && age < self.config.batch_wait {
                 tokio::time::sleep(self.config.batch_wait - age).await;
@@ -407,9 +362,8 @@ impl Forwarder {
     }
 
     async fn migrate_known(&self, c: &mut Central, migrated: &mut HashSet<String>) -> Result<(), Error> {
-        let mut tenants = self.readers.with(log::schema::device_tenants).await?;
-        tenants.extend(self.config.tenants.iter().cloned());
-        for t in tenants {
+        let configured = self.config.tenants.clone();
+        for t in self.readers.with(move |c| log::schema::known_tenants(c, &configured)).await? {
             self.ensure_migrated(c, &t, migrated).await?;
         }
         Ok(())
@@ -440,7 +394,6 @@ impl Forwarder {
         p: &mut Pipeline,
         batch: &[StoredEvent],
         migrated: &mut HashSet<String>,
-        failpoint: bool,
     ) -> Result<(), Error> {
         let mut groups: Vec<(&str, Vec<&StoredEvent>)> = Vec::new();
         for e in batch {
@@ -454,7 +407,7 @@ impl Forwarder {
                 self.ensure_migrated(c, tenant, migrated).await?;
             }
             let schema = schema::schema_name(tenant)?;
-            self.write_bisecting(c, p, &schema, &rows, failpoint).await?;
+            self.write_bisecting(c, p, &schema, &rows).await?;
         }
         Ok(())
     }
@@ -467,21 +420,18 @@ impl Forwarder {
         p: &mut Pipeline,
         schema: &str,
         rows: &[&StoredEvent],
-        failpoint: bool,
     ) -> Result<(), Error> {
         let mut stack = vec![(0, rows.len())];
         while let Some((a, b)) = stack.pop() {
             let part = &rows[a..b];
             let result = match tokio::time::timeout(self.connector.batch_timeout, c.write(schema, part)).await {
                 Ok(r) => r,
-                Err(_) => Err(Error::Timeout("batch write")),
+                Err(_) => Err(central::Error::Timeout("batch write").into()),
             };
             match result {
                 Ok(inserted) => {
-                    if failpoint {
-                        tracing::warn!("failpoint after_central_commit: killing the process");
-                        kill_self();
-                    }
+                    // Central has the rows; the site log does not know yet.
+                    crate::failpoint::fire("after_central_commit");
                     let (log, seqs) = (self.log.clone(), part.iter().map(|r| r.seq).collect());
                     p.marks.push_back(tokio::spawn(async move { log.mark_forwarded(seqs).await }));
                     while p.marks.len() > MAX_MARKS_IN_FLIGHT {
@@ -524,17 +474,10 @@ async fn sleep_or_stop(shutdown: &CancellationToken, d: Duration) -> bool {
     }
 }
 
-fn kill_self() {
-    // SAFETY: signalling our own process; SIGKILL cannot be caught.
-    unsafe {
-        libc::kill(libc::getpid(), libc::SIGKILL);
-    }
-}
-
 /// Connects once and migrates the given tenants (`outpost migrate --central`).
 pub async fn migrate_central(config: &CentralConfig, tenants: &[String]) -> Result<Vec<(String, usize)>, Error> {
     let connector = Connector::new(config)?;
-    let mut c = connector.connect().await?;
+    let mut c = Central::open(&connector).await?;
     let mut out = Vec::new();
     for t in tenants {
         out.push((t.clone(), schema::migrate_tenant(c.client_mut(), t, config.notify).await?));

@@ -10,7 +10,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::{auth, ingest, log};
+use crate::{auth, log};
 
 /// An HTTP error response.
 #[derive(Debug)]
@@ -56,6 +56,11 @@ impl ApiError {
     pub fn with_index(mut self, index: Option<usize>) -> Self {
         self.index = index;
         self
+    }
+
+    /// 503 with `Retry-After`.
+    pub fn unavailable(code: &'static str, message: impl Into<String>, retry_after: Duration) -> Self {
+        Self { retry_after: Some(retry_after), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message) }
     }
 
     /// 500 for an unexpected failure: logged here, described generically.
@@ -110,41 +115,6 @@ impl From<auth::Error> for ApiError {
             }
         };
         ApiError::new(status, code, e.to_string())
-    }
-}
-
-impl From<ingest::Error> for ApiError {
-    fn from(e: ingest::Error) -> Self {
-        let message = e.to_string();
-        match e {
-            ingest::Error::Invalid { index, invalid } => ApiError::bad_field(invalid.field, message).with_index(index),
-            ingest::Error::OtherDevice { index, .. } => {
-                ApiError::new(StatusCode::FORBIDDEN, "other_device", message).with_field("device_id").with_index(index)
-            }
-            ingest::Error::BatchTooLarge { .. } => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large", message)
-            }
-            ingest::Error::EmptyBatch => ApiError::bad_field("events", message),
-            ingest::Error::RateLimited(l) => ApiError {
-                retry_after: Some(l.retry_after),
-                field: Some(l.window.as_str().to_string()),
-                ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
-            },
-            ingest::Error::Full { .. } => ApiError {
-                retry_after: Some(ingest::FULL_RETRY_AFTER),
-                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "log_full", message)
-            },
-            ingest::Error::IdConflict { index, .. } => {
-                ApiError::new(StatusCode::CONFLICT, "id_conflict", message).with_field("id").with_index(index)
-            }
-            ingest::Error::Unavailable(inner) => {
-                tracing::error!(error = %inner, "ingest: site log unavailable");
-                ApiError {
-                    retry_after: Some(Duration::from_secs(5)),
-                    ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "site log unavailable; retry")
-                }
-            }
-        }
     }
 }
 

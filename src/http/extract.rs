@@ -1,11 +1,37 @@
 //! Request helpers: a body read with a hard cap (413 before it is read whole),
-//! JSON parsing whose errors name the field, and the bearer token.
+//! JSON parsing whose errors name the field, the `Json` extractor built from
+//! both, and the bearer token.
 
 use axum::body::Body;
+use axum::extract::{FromRef, FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode, header};
 use serde::de::DeserializeOwned;
 
 use super::ApiError;
+
+/// The largest request body a stage accepts (`http.max_body_bytes`).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+/// A JSON body, read up to the state's [`BodyLimit`] (413 beyond it) and
+/// parsed with errors that name the field: the one way bad JSON is refused.
+pub struct Json<T>(pub T);
+
+impl<S, T> FromRequest<S> for Json<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+    BodyLimit: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let BodyLimit(max) = BodyLimit::from_ref(state);
+        let (parts, body) = req.into_parts();
+        let bytes = read_body(&parts.headers, body, max).await?;
+        Ok(Json(parse_json(&bytes)?))
+    }
+}
 
 /// Reads at most `max` bytes of body; a declared or actual larger body is 413.
 pub async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<axum::body::Bytes, ApiError> {

@@ -1,80 +1,85 @@
-//! Router assembly and the state every handler shares. The HTTP server is a
-//! stage: `run` serves until the shutdown token fires, then stops accepting
-//! and lets in-flight requests finish (their appends still commit).
+//! Leaf glue shared by every stage's routes: the one error type
+//! ([`ApiError`]), the JSON body and auth extractors, the fallbacks that keep
+//! 404 and 405 in the same JSON shape, CORS, and serving. It imports no
+//! stage: each stage exports its own `routes()` and `app.rs` merges them.
 
-pub mod api;
+pub mod auth;
 pub mod error;
 pub mod extract;
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 use axum::Router;
-use axum::routing::{delete, get, post};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
+pub use auth::{AdminAccess, TenantAccess};
 pub use error::ApiError;
+pub use extract::{BodyLimit, Json};
 
-use crate::auth::Authenticator;
-use crate::event::valid_tenant;
-use crate::forward::ForwardStatus;
-use crate::ingest::IngestHandle;
-use crate::log::{LogHandle, Readers};
-use crate::metrics::Metrics;
-
-/// What every handler can reach.
-#[derive(Clone)]
-pub struct AppState {
-    pub ingest: IngestHandle,
-    pub auth: Arc<Authenticator>,
-    pub log: LogHandle,
-    pub readers: Readers,
-    pub metrics: Arc<Metrics>,
-    pub forward: Arc<ForwardStatus>,
-    pub site_id: Arc<str>,
-    pub max_body: usize,
-    pub started: Instant,
-    pub hub: Arc<crate::stream::Hub>,
-    pub stream: crate::config::StreamConfig,
-    /// Long-lived handlers (WS, SSE, long-poll) end when this fires.
-    pub shutdown: CancellationToken,
-    /// Last computed log status and when (see `api::STATUS_TTL`).
-    pub status_cache: Arc<std::sync::Mutex<Option<(Instant, crate::log::schema::LogStatus)>>>,
+/// Unknown paths get the same JSON error shape.
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
 
-/// 400 unless the path's tenant is a valid tenant name.
-pub fn check_tenant(tenant: &str) -> Result<(), ApiError> {
-    if valid_tenant(tenant) {
-        Ok(())
-    } else {
-        Err(ApiError::bad_field("tenant", "tenant must match ^[a-z][a-z0-9_]{0,40}$"))
-    }
+/// A known path with another method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this endpoint does not take that method")
 }
 
-/// Every route.
-pub fn router(state: AppState) -> Router {
-    use crate::ingest::http as ingest;
-    Router::new()
-        .route("/", get(api::index))
-        .route("/healthz", get(api::healthz))
-        .route("/readyz", get(api::readyz))
-        .route("/metrics", get(api::metrics))
-        .route("/api/v1/status", get(api::status))
-        .route("/api/v1/realtime/{tenant}/event", post(ingest::post_event))
-        .route("/api/v1/realtime/{tenant}/events", post(ingest::post_events).get(api::query_events))
-        .route("/api/v1/realtime/{tenant}/device/register", post(api::register_device))
-        .route("/api/v1/realtime/{tenant}/device/{device_id}", delete(api::revoke_device))
-        .route("/api/v1/realtime/{tenant}/devices", get(api::list_devices))
-        .route("/api/v1/realtime/{tenant}/stream", get(crate::stream::http::ws))
-        .route("/api/v1/realtime/{tenant}/sse", get(crate::stream::http::sse))
-        .route("/api/v1/realtime/{tenant}/poll", get(crate::stream::http::poll))
-        .route("/api/v1/realtime/{tenant}/presence", get(crate::stream::http::presence))
-        .fallback(api::not_found)
-        .with_state(state)
+/// CORS for browser dashboards on another origin (`stream.cors_origin`, or
+/// `*` for any): answers preflights (OPTIONS) for requests that carry
+/// `Authorization`, and sends `Vary: Origin`. Without an origin configured
+/// no cross-origin access is granted.
+pub fn cors(origin: Option<&str>) -> CorsLayer {
+    let allow = match origin {
+        Some("*") => AllowOrigin::any(),
+        Some(o) => match HeaderValue::from_str(o) {
+            Ok(v) => AllowOrigin::exact(v),
+            Err(_) => AllowOrigin::list([]),
+        },
+        None => AllowOrigin::list([]),
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, HeaderName::from_static("last-event-id")])
+        .expose_headers([header::RETRY_AFTER, header::WWW_AUTHENTICATE])
+        .max_age(Duration::from_secs(600))
+        .vary([header::ORIGIN])
+}
+
+/// The merged routes of every stage, with the JSON fallbacks and CORS.
+pub fn finish(router: Router, cors_origin: Option<&str>) -> Router {
+    router.fallback(not_found).method_not_allowed_fallback(method_not_allowed).layer(cors(cors_origin))
 }
 
 /// Serves `router` on `listener` until `shutdown`, then drains in-flight requests.
-pub async fn run(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
     axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+/// What a WebSocket `event` frame turns into: the ingest stage submits it and
+/// answers the `ack` (or `error`) frame. The stream stage owns the socket and
+/// hands event frames here, so neither stage imports the other.
+pub trait EventFrames: Send + Sync {
+    /// The reply frame for one `event` frame, sent only after the commit.
+    fn event_frame<'a>(
+        &'a self,
+        principal: &'a crate::auth::Principal,
+        tenant: &'a crate::event::Tenant,
+        event: &'a serde_json::value::RawValue,
+    ) -> futures_util::future::BoxFuture<'a, String>;
+}
+
+/// `{"type":"error","code":…,"message":…,"field":…}`: the WebSocket form of
+/// an [`ApiError`].
+pub fn error_frame(code: &str, message: &str, field: Option<&str>) -> String {
+    let mut v = serde_json::json!({"type": "error", "code": code, "message": message});
+    if let Some(f) = field {
+        v["field"] = serde_json::json!(f);
+    }
+    v.to_string()
 }

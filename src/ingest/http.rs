@@ -2,39 +2,62 @@
 //! `POST /api/v1/realtime/{tenant}/events` (a JSON array or NDJSON batch,
 //! all-or-nothing). Both answer 201 only after the site-log commit.
 
-use axum::Json;
+use std::sync::Arc;
+use std::time::Duration;
+
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{FromRef, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::routing::post;
+use axum::{Json, Router};
 use serde::Serialize;
 
-use crate::auth::{Perm, Principal};
+use super::{Error, FULL_RETRY_AFTER, IngestHandle};
+use crate::auth::Authenticator;
 use crate::event::EventInput;
-use crate::http::extract::{bearer, parse_json, read_body, split_index};
-use crate::http::{ApiError, AppState, check_tenant};
+use crate::http::auth::Write;
+use crate::http::extract::{BodyLimit, parse_json, read_body, split_index};
+use crate::http::{ApiError, TenantAccess};
 use crate::log::Appended;
 
 const PROTOCOL: &str = "http";
 
-/// The token must allow writing to `tenant`; refusals are counted.
-fn authorize_write(state: &AppState, headers: &HeaderMap, tenant: &str) -> Result<Principal, ApiError> {
-    Ok(state.auth.authorize(bearer(headers), tenant, Perm::WriteEvents).inspect_err(|e| {
-        state.metrics.reject(PROTOCOL, if e.is_unauthenticated() { "unauthenticated" } else { "forbidden" }, 1);
-    })?)
+/// What the ingest routes need.
+#[derive(Clone, FromRef)]
+pub struct IngestState {
+    pub ingest: IngestHandle,
+    pub auth: Arc<Authenticator>,
+    pub max_body: BodyLimit,
+}
+
+/// `POST …/event` and `POST …/events`.
+pub fn routes(state: IngestState) -> Router {
+    Router::new()
+        .route("/api/v1/realtime/{tenant}/event", post(post_event))
+        .route("/api/v1/realtime/{tenant}/events", post(post_events))
+        .with_state(state)
+}
+
+/// The token must allow writing to the path's tenant; refusals are counted.
+fn writer(state: &IngestState, access: Result<TenantAccess<Write>, ApiError>) -> Result<TenantAccess<Write>, ApiError> {
+    access.inspect_err(|e| match e.status {
+        StatusCode::UNAUTHORIZED => state.ingest.count_rejected(PROTOCOL, "unauthenticated"),
+        StatusCode::FORBIDDEN => state.ingest.count_rejected(PROTOCOL, "forbidden"),
+        _ => {}
+    })
 }
 
 /// `POST …/event`: one event; `201 {id, seq, duplicate}` after commit.
-pub async fn post_event(
-    State(state): State<AppState>,
-    Path(tenant): Path<String>,
+async fn post_event(
+    State(state): State<IngestState>,
+    access: Result<TenantAccess<Write>, ApiError>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Appended>), ApiError> {
-    check_tenant(&tenant)?;
-    let principal = authorize_write(&state, &headers, &tenant)?;
-    let bytes = read_body(&headers, body, state.max_body).await?;
+    let access = writer(&state, access)?;
+    let bytes = read_body(&headers, body, state.max_body.0).await?;
     let input: EventInput = parse_json(&bytes)?;
-    let mut appended = state.ingest.submit(&principal, &tenant, vec![input], false, PROTOCOL).await?;
+    let mut appended = state.ingest.submit(&access.principal, &access.tenant, vec![input], false, PROTOCOL).await?;
     let first = appended.pop().ok_or_else(|| ApiError::internal("append", &"empty result"))?;
     Ok((StatusCode::CREATED, Json(first)))
 }
@@ -50,26 +73,26 @@ pub struct BatchResult {
 /// `POST …/events`: a JSON array, or NDJSON (`Content-Type:
 /// application/x-ndjson`, one event per line). One invalid item refuses the
 /// whole batch, naming its index; nothing is written.
-pub async fn post_events(
-    State(state): State<AppState>,
-    Path(tenant): Path<String>,
+async fn post_events(
+    State(state): State<IngestState>,
+    access: Result<TenantAccess<Write>, ApiError>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<BatchResult>), ApiError> {
-    check_tenant(&tenant)?;
-    let principal = authorize_write(&state, &headers, &tenant)?;
-    let bytes = read_body(&headers, body, state.max_body).await?;
+    let access = writer(&state, access)?;
+    let bytes = read_body(&headers, body, state.max_body.0).await?;
     let ndjson = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/x-ndjson") || ct.starts_with("application/jsonl"));
     let inputs = if ndjson { parse_ndjson(&bytes, state.ingest.max_batch())? } else { parse_array(&bytes)? };
-    let results = state.ingest.submit(&principal, &tenant, inputs, true, PROTOCOL).await?;
+    let results = state.ingest.submit(&access.principal, &access.tenant, inputs, true, PROTOCOL).await?;
     let duplicates = results.iter().filter(|r| r.duplicate).count();
     Ok((StatusCode::CREATED, Json(BatchResult { accepted: results.len() - duplicates, duplicates, results })))
 }
 
-fn parse_array(bytes: &[u8]) -> Result<Vec<EventInput>, ApiError> {
+/// A JSON array of events; errors name the item (`index`) and its field.
+pub fn parse_array(bytes: &[u8]) -> Result<Vec<EventInput>, ApiError> {
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'[') {
         return Err(ApiError::bad_field(
@@ -87,7 +110,8 @@ fn parse_array(bytes: &[u8]) -> Result<Vec<EventInput>, ApiError> {
     })
 }
 
-fn parse_ndjson(bytes: &[u8], max_batch: usize) -> Result<Vec<EventInput>, ApiError> {
+/// NDJSON, one event per line (blank lines skipped), at most `max_batch`.
+pub fn parse_ndjson(bytes: &[u8], max_batch: usize) -> Result<Vec<EventInput>, ApiError> {
     let mut out = Vec::new();
     for line in bytes.split(|b| *b == b'\n') {
         if line.iter().all(u8::is_ascii_whitespace) {
@@ -104,4 +128,31 @@ fn parse_ndjson(bytes: &[u8], max_batch: usize) -> Result<Vec<EventInput>, ApiEr
         out.push(parse_json::<EventInput>(line).map_err(|e| e.with_index(Some(index)))?);
     }
     Ok(out)
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let message = e.to_string();
+        match e {
+            Error::Invalid { index, invalid } => ApiError::bad_field(invalid.field, message).with_index(index),
+            Error::OtherDevice { index, .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "other_device", message).with_field("device_id").with_index(index)
+            }
+            Error::BatchTooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large", message),
+            Error::EmptyBatch => ApiError::bad_field("events", message),
+            Error::RateLimited(l) => ApiError {
+                retry_after: Some(l.retry_after),
+                field: Some(l.window.as_str().to_string()),
+                ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+            },
+            Error::Full { .. } => ApiError::unavailable("log_full", message, FULL_RETRY_AFTER),
+            Error::IdConflict { index, .. } => {
+                ApiError::new(StatusCode::CONFLICT, "id_conflict", message).with_field("id").with_index(index)
+            }
+            Error::Unavailable(inner) => {
+                tracing::error!(error = %inner, "ingest: site log unavailable");
+                ApiError::unavailable("unavailable", "site log unavailable; retry", Duration::from_secs(5))
+            }
+        }
+    }
 }

@@ -4,7 +4,7 @@
 //! durable. A refusal at any step writes nothing.
 
 pub mod http;
-pub mod mqtt;
+pub mod ws;
 
 use std::sync::Arc;
 use std::time::Duration;

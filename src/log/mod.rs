@@ -13,6 +13,7 @@
 //! - At the byte budget appends are refused (`Error::Full`), never dropped.
 
 pub mod reader;
+pub mod retention;
 pub mod schema;
 pub mod writer;
 
@@ -24,10 +25,13 @@ use rusqlite::{Connection, OpenFlags};
 pub use reader::Readers;
 
 /// Told about every event right after the transaction that added it committed
-/// (local appends and remote events), in commit order. Called on the writer
-/// thread: it must not block.
+/// (local appends and remote events), in commit order, and about devices
+/// going online or offline once that is recorded. Called on the writer
+/// thread: it must not block. The stream hub and the MQTT bridge are fed
+/// this way, so nothing downstream sees an event before it is durable.
 pub trait CommitObserver: Send + Sync {
     fn committed(&self, events: &[(i64, crate::event::Event)]);
+    fn presence(&self, _tenant: &str, _device_id: &str, _online: bool) {}
 }
 
 /// A remote event and the (tenant, site, site_seq) it advances.

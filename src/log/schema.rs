@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::Error;
-use crate::event::{Event, StoredEvent, from_us};
+use crate::event::{Event, ROW_OVERHEAD, StoredEvent, from_us, row_bytes};
 
 /// Applies pending migrations from `migrations/sqlite/` (tracked in
 /// `user_version`, so none is applied twice).
@@ -174,6 +174,7 @@ fn stored_event(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
 }
 
 /// Oldest pending rows, in `seq` order.
+#[cfg(any(test, feature = "test-util"))]
 pub fn pending(conn: &Connection, limit: usize) -> Result<Vec<StoredEvent>, Error> {
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {EVENT_COLUMNS} FROM events WHERE forwarded_at IS NULL ORDER BY seq LIMIT ?1"
@@ -197,18 +198,13 @@ pub fn pending_batch(
     let (mut out, mut bytes) = (Vec::new(), 0usize);
     while let Some(row) = rows.next()? {
         let e = stored_event(row)?;
-        bytes += e.payload.get().len() + e.device_id.len() + e.event_type.len() + 64;
+        bytes += row_bytes(&e.tenant, &e.device_id, &e.event_type, e.payload.get());
         out.push(e);
         if bytes >= max_bytes {
             break;
         }
     }
     Ok(out)
-}
-
-/// True while any row is pending (cheap: one index probe).
-pub fn has_pending(conn: &Connection) -> Result<bool, Error> {
-    Ok(conn.query_row("SELECT EXISTS (SELECT 1 FROM events WHERE forwarded_at IS NULL)", [], |r| r.get(0))?)
 }
 
 /// Moves one pending row to `dead_letter` with the central error text.
@@ -338,11 +334,16 @@ pub fn online_devices(conn: &Connection, tenant: &str) -> Result<Vec<Device>, Er
     Ok(devices(conn, Some(tenant))?.into_iter().filter(|d| d.online).collect())
 }
 
-/// Tenants of registered devices.
-pub fn device_tenants(conn: &Connection) -> Result<Vec<String>, Error> {
-    let mut stmt = conn.prepare_cached("SELECT DISTINCT tenant FROM devices ORDER BY tenant")?;
+/// The tenants this site knows: those of registered devices plus
+/// `configured` (`central.tenants`), sorted, each once.
+pub fn known_tenants(conn: &Connection, configured: &[String]) -> Result<Vec<String>, Error> {
+    let mut stmt = conn.prepare_cached("SELECT DISTINCT tenant FROM devices")?;
     let rows = stmt.query_map([], |r| r.get(0))?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let mut all: Vec<String> = rows.collect::<Result<_, _>>()?;
+    all.extend(configured.iter().cloned());
+    all.sort();
+    all.dedup();
+    Ok(all)
 }
 
 /// Filters of an event query. Times are µs since the epoch, on the device timestamp.
@@ -384,7 +385,8 @@ pub fn query(conn: &Connection, q: &Query) -> Result<Vec<StoredEvent>, Error> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// Every row of the log, in `seq` order (tests and tools).
+/// Every row of the log, in `seq` order (tests).
+#[cfg(any(test, feature = "test-util"))]
 pub fn all_events(conn: &Connection) -> Result<Vec<StoredEvent>, Error> {
     let mut stmt = conn.prepare(&format!("SELECT {EVENT_COLUMNS} FROM events ORDER BY seq"))?;
     let rows = stmt.query_map([], stored_event)?;
@@ -492,6 +494,12 @@ pub fn registry_version(conn: &Connection) -> Result<i64, Error> {
     Ok(conn.query_row("SELECT value FROM meta WHERE key = 'registry_version'", [], |r| r.get(0))?)
 }
 
+/// The newest seq (0 for an empty log): one probe of the primary key, where a
+/// stream starts when it asks for no cursor.
+pub fn last_seq(conn: &Connection) -> Result<i64, Error> {
+    Ok(conn.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))?)
+}
+
 /// What `outpost status` and `/api/v1/status` report about the log.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LogStatus {
@@ -516,8 +524,10 @@ pub fn status(conn: &Connection, now_us: i64) -> Result<LogStatus, Error> {
     let (total_rows, last_seq): (i64, Option<i64>) =
         conn.query_row("SELECT count(*), max(seq) FROM events", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
     let backlog_bytes: i64 = conn.query_row(
-        "SELECT coalesce(sum(length(payload) + length(device_id) + length(event_type) + 64), 0)
-         FROM events WHERE forwarded_at IS NULL",
+        &format!(
+            "SELECT coalesce(sum(length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD}), 0)
+             FROM events WHERE forwarded_at IS NULL"
+        ),
         [],
         |r| r.get(0),
     )?;

@@ -90,30 +90,21 @@ impl WriterThread {
 
 /// Starts the writer thread on an open, migrated connection.
 /// `committed` is signalled after every commit that appended rows (the
-/// forwarder waits on it instead of polling).
+/// forwarder waits on it instead of polling); `observers` are told about
+/// every committed event and presence change.
 pub fn spawn(
     conn: Connection,
     config: WriterConfig,
     metrics: Arc<Metrics>,
     committed: Arc<Notify>,
-) -> Result<(LogHandle, WriterThread), Error> {
-    spawn_observed(conn, config, metrics, committed, None)
-}
-
-/// `spawn`, with `observer` told about every committed event.
-pub fn spawn_observed(
-    conn: Connection,
-    config: WriterConfig,
-    metrics: Arc<Metrics>,
-    committed: Arc<Notify>,
-    observer: Option<Arc<dyn super::CommitObserver>>,
+    observers: Vec<Arc<dyn super::CommitObserver>>,
 ) -> Result<(LogHandle, WriterThread), Error> {
     let (tx, rx) = mpsc::channel(config.queue_capacity);
     let full = Arc::new(AtomicBool::new(false));
     let writer_full = full.clone();
     let thread = std::thread::Builder::new()
         .name("site-log-writer".into())
-        .spawn(move || Writer { conn, config, metrics, committed, full: writer_full, observer }.run(rx))
+        .spawn(move || Writer { conn, config, metrics, committed, full: writer_full, observers }.run(rx))
         .map_err(|e| Error::Commit(format!("cannot start writer thread: {e}")))?;
     Ok((LogHandle { tx, full }, WriterThread { thread }))
 }
@@ -177,6 +168,11 @@ impl LogHandle {
         self.call(|reply| Command::RevokeDevice { tenant, device_id, reply }).await
     }
 
+    /// Resolves once the writer thread is gone (stopped or panicked).
+    pub async fn closed(&self) {
+        self.tx.closed().await;
+    }
+
     /// Round trip through the writer: proves it is alive and the log writable.
     pub async fn ping(&self) -> Result<(), Error> {
         self.call(|reply| Command::Ping { reply }).await
@@ -190,7 +186,7 @@ struct Writer {
     committed: Arc<Notify>,
     /// Set while the log is within 64 KiB of its budget, so MQTT stops reading.
     full: Arc<AtomicBool>,
-    observer: Option<Arc<dyn super::CommitObserver>>,
+    observers: Vec<Arc<dyn super::CommitObserver>>,
 }
 
 /// A result computed inside the transaction, sent only after the commit.
@@ -232,6 +228,7 @@ impl Writer {
         let started = Instant::now();
         let mut delivers: Vec<Deliver> = Vec::with_capacity(group.len());
         let mut appended_rows = 0usize;
+        let mut presence: Vec<(String, String, bool)> = Vec::new();
         let outcome = (|| -> Result<Vec<(i64, Event)>, Error> {
             let used = schema::used_bytes(&self.conn)?;
             let mut tx = self.conn.transaction()?;
@@ -269,7 +266,7 @@ impl Writer {
                         if let Ok(r) = &result {
                             projected += size;
                             appended_rows += r.iter().filter(|a| !a.duplicate).count();
-                            if self.observer.is_some() {
+                            if !self.observers.is_empty() {
                                 new_events.extend(
                                     r.iter().zip(events).filter(|(a, _)| !a.duplicate).map(|(a, e)| (a.seq, e)),
                                 );
@@ -307,6 +304,9 @@ impl Writer {
                     }
                     Command::Presence { tenant, device_id, online, reply } => {
                         let r = schema::set_presence(&tx, &tenant, &device_id, online, now_us());
+                        if r.is_ok() {
+                            presence.push((tenant, device_id, online));
+                        }
                         delivers.push(deliver(reply, r));
                     }
                     Command::DeadLetter { seq, error, reply } => {
@@ -353,10 +353,15 @@ impl Writer {
         if commit_error.is_none() && appended_rows > 0 {
             self.committed.notify_one();
         }
-        if let (Ok(events), Some(observer)) = (&outcome, &self.observer)
-            && !events.is_empty()
-        {
-            observer.committed(events);
+        if let Ok(events) = &outcome {
+            for o in &self.observers {
+                if !events.is_empty() {
+                    o.committed(events);
+                }
+                for (tenant, device_id, online) in &presence {
+                    o.presence(tenant, device_id, *online);
+                }
+            }
         }
         if commit_error.is_some() {
             // Don't spin on a persistent failure (disk gone, read-only fs).

@@ -17,11 +17,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::central::{self, Backoff, Connector, schema as central_schema};
 use crate::config::CentralConfig;
 use crate::event::Event;
-use crate::forward::retry::Backoff;
-use crate::forward::service::Connector;
-use crate::forward::{Error, schema as central};
 use crate::log::{self, LogHandle, Readers, RemoteEvent};
 use crate::metrics::Metrics;
 
@@ -31,6 +29,21 @@ const CATCHUP_PAGE: i64 = 5000;
 const FIRST_CATCHUP: Duration = Duration::from_secs(3600);
 /// How often the listener looks for tenants registered since it started.
 const TENANT_POLL: Duration = Duration::from_secs(5);
+
+/// Why the LISTEN connection failed (it reconnects with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Central(#[from] central::Error),
+    #[error(transparent)]
+    Log(#[from] log::Error),
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Error::Central(e.into())
+    }
+}
 
 /// The LISTEN stage.
 pub struct Listener {
@@ -46,7 +59,7 @@ const COLUMNS: &str =
     "id, device_id, event_type, payload::text, \"timestamp\", site_id, site_seq, coalesce(received_at, \"timestamp\")";
 
 fn remote(tenant: &str, row: &tokio_postgres::Row) -> RemoteEvent {
-    let us = |t: time::OffsetDateTime| i64::try_from(t.unix_timestamp_nanos() / 1000).unwrap_or(0);
+    let us = crate::event::to_us;
     let ts: Option<time::OffsetDateTime> = row.get(4);
     let received: Option<time::OffsetDateTime> = row.get(7);
     let site: Option<String> = row.get(5);
@@ -95,11 +108,8 @@ impl Listener {
     }
 
     async fn tenants(&self) -> Result<Vec<String>, Error> {
-        let mut t = self.readers.with(log::schema::device_tenants).await?;
-        t.extend(self.config.tenants.iter().cloned());
-        t.sort();
-        t.dedup();
-        Ok(t)
+        let configured = self.config.tenants.clone();
+        Ok(self.readers.with(move |c| log::schema::known_tenants(c, &configured)).await?)
     }
 
     /// One connection's life; returns when it closes.
@@ -110,7 +120,7 @@ impl Listener {
         loop {
             let new: Vec<String> = self.tenants().await?.into_iter().filter(|t| !listening.contains(t)).collect();
             for t in &new {
-                client.batch_execute(&format!("LISTEN {}", central::channel_name(t)?)).await?;
+                client.batch_execute(&format!("LISTEN {}", central_schema::channel_name(t)?)).await?;
             }
             // Catch up after LISTEN: the window between is covered by both.
             for t in new {
@@ -167,7 +177,7 @@ impl Listener {
         let Some(tenant) = channel.strip_prefix("tenant_").and_then(|c| c.strip_suffix("_events")) else {
             return Ok(());
         };
-        let schema = central::schema_name(tenant)?;
+        let schema = central_schema::schema_name(tenant)?;
         let Ok(v) = serde_json::from_str::<serde_json::Value>(payload) else {
             tracing::warn!(channel, "unreadable notification ignored");
             return Ok(());
@@ -204,7 +214,7 @@ impl Listener {
 
     /// Copies what other sites committed after our cursors.
     async fn catch_up(&self, client: &tokio_postgres::Client, tenant: &str) -> Result<usize, Error> {
-        let schema = central::schema_name(tenant)?;
+        let schema = central_schema::schema_name(tenant)?;
         let sites = match client
             .query(
                 &format!("SELECT DISTINCT site_id FROM {schema}.events WHERE site_id IS DISTINCT FROM $1"),

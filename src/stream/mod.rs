@@ -13,12 +13,12 @@
 
 pub mod http;
 pub mod listen;
+pub mod ws;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
-use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::broadcast;
@@ -94,7 +94,7 @@ impl EventItem {
             origin_site: &e.origin_site,
         })
         .ok()?;
-        let received_at_us = i64::try_from(e.received_at.unix_timestamp_nanos() / 1000).unwrap_or(0);
+        let received_at_us = crate::event::to_us(e.received_at);
         Some(Self {
             seq: e.seq,
             device_id: e.device_id.clone(),
@@ -162,18 +162,10 @@ impl Filter {
     }
 }
 
-/// Publishes events that did not arrive over MQTT (HTTP, WS, other sites)
-/// into the embedded MQTT broker.
-pub type MqttPublish = Box<dyn Fn(String, Bytes) + Send + Sync>;
-
 /// Per-tenant fan-out.
 pub struct Hub {
     capacity: usize,
     tenants: RwLock<HashMap<String, broadcast::Sender<Item>>>,
-    mqtt: Mutex<Option<MqttPublish>>,
-    /// MQTT sessions holding a subscription, per tenant: without any, nothing
-    /// is republished to the broker.
-    mqtt_subscribed: RwLock<HashMap<String, usize>>,
     subscribers: AtomicUsize,
     max_subscribers: usize,
     pub metrics: Arc<Metrics>,
@@ -207,19 +199,10 @@ impl Hub {
         Arc::new(Self {
             capacity,
             tenants: RwLock::new(HashMap::new()),
-            mqtt: Mutex::new(None),
-            mqtt_subscribed: RwLock::new(HashMap::new()),
             subscribers: AtomicUsize::new(0),
             max_subscribers,
             metrics,
         })
-    }
-
-    /// Remote events are also published to MQTT subscribers through `f`.
-    pub fn set_mqtt(&self, f: MqttPublish) {
-        if let Ok(mut m) = self.mqtt.lock() {
-            *m = Some(f);
-        }
     }
 
     fn sender(&self, tenant: &str) -> broadcast::Sender<Item> {
@@ -245,56 +228,31 @@ impl Hub {
     pub fn receiver(&self, tenant: &str) -> broadcast::Receiver<Item> {
         self.sender(tenant).subscribe()
     }
-
-    /// An MQTT session of `tenant` gained (`true`) or dropped (`false`) its
-    /// subscriptions.
-    pub fn mqtt_subscriber(&self, tenant: &str, subscribed: bool) {
-        let mut m = self.mqtt_subscribed.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = m.entry(tenant.to_string()).or_insert(0);
-        *n = if subscribed { *n + 1 } else { n.saturating_sub(1) };
-    }
-
-    fn has_mqtt_subscribers(&self, tenant: &str) -> bool {
-        let m = self.mqtt_subscribed.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        m.get(tenant).is_some_and(|n| *n > 0)
-    }
-
-    /// A device connected or dropped.
-    pub fn presence(&self, tenant: &str, device_id: &str, online: bool) {
-        let _ = self.sender(tenant).send(Item::Presence { device_id: device_id.to_string(), online });
-    }
 }
 
 impl CommitObserver for Hub {
     fn committed(&self, events: &[(i64, Event)]) {
-        // Runs on the writer thread: do work only for tenants someone watches.
-        let mut watched: Vec<(&str, broadcast::Sender<Item>, bool)> = Vec::new();
+        // Runs on the writer thread: frames are built only for tenants
+        // someone watches.
+        let mut senders: Vec<(&str, broadcast::Sender<Item>)> = Vec::new();
         for (seq, e) in events {
-            let i = match watched.iter().position(|(t, ..)| *t == e.tenant) {
-                Some(i) => i,
+            let tx = match senders.iter().find(|(t, _)| *t == e.tenant) {
+                Some((_, tx)) => tx,
                 None => {
-                    watched.push((&e.tenant, self.sender(&e.tenant), self.has_mqtt_subscribers(&e.tenant)));
-                    watched.len() - 1
+                    senders.push((&e.tenant, self.sender(&e.tenant)));
+                    &senders[senders.len() - 1].1
                 }
             };
-            let (_, tx, mqtt) = &watched[i];
-            // MQTT-origin events were fanned out by the front-end already.
-            if *mqtt
-                && e.protocol != "mqtt"
-                && let Ok(m) = self.mqtt.lock()
-                && let Some(publish) = m.as_ref()
-            {
-                publish(
-                    format!("{}/events/{}/{}", e.tenant, e.device_id, e.event_type),
-                    Bytes::from(e.payload.clone()),
-                );
-            }
             if tx.receiver_count() > 0
                 && let Some(item) = EventItem::from_event(*seq, e)
             {
                 let _ = tx.send(Item::Event(Arc::new(item)));
             }
         }
+    }
+
+    fn presence(&self, tenant: &str, device_id: &str, online: bool) {
+        let _ = self.sender(tenant).send(Item::Presence { device_id: device_id.to_string(), online });
     }
 }
 

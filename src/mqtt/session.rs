@@ -1,145 +1,32 @@
-//! MQTT 3.1.1 front-end over the embedded rumqttd router.
-//!
-//! rumqttd acks QoS 1 publishes from memory before anything could persist
-//! them, so devices never talk to rumqttd's listener. This front-end decodes
-//! packets with rumqttd's v4 codec, authenticates CONNECT (username = device
-//! id, password = device JWT, same checks as HTTP), applies the topic ACL and
-//! rate limits, and appends each PUBLISH to the site log. Only after its
-//! commit is a publish handed to the device's rumqttd local link, under the
-//! stream topic `<tenant>/events/<device_id>/<event_type>`; the router then
-//! fans it out and emits the PUBACK. Publishes awaiting their commit form a
-//! FIFO per connection, so acks keep publish order and one connection is not
-//! limited to one fsync per message.
-//!
-//! Decisions:
-//! - Client id: the device id, or a string starting with it (so a device can
-//!   hold several sessions, e.g. `pump-1` and `pump-1-diag`).
-//! - QoS 2 is refused: the connection is closed with a logged reason, nothing
-//!   is acked. (QoS 1 with redelivery detection gives the same effect.)
-//! - Redelivery: a QoS 1 publish with DUP=1 whose packet id and payload
-//!   digest match one of the device's last 1000 events received in the past
-//!   10 minutes is acked without a second row. The check runs in the log
-//!   writer's transaction, so it also holds across an appliance restart.
-//! - Over a rate limit the connection is not read until the window allows
-//!   the publish (TCP backpressure); nothing is dropped or refused. At the
-//!   log's byte budget reading stops likewise.
-//! - A forbidden or invalid publish is not acked; the connection is closed
-//!   with a logged reason. A forbidden subscribe gets SUBACK 0x80.
-//! - Wills are the front-end's: the router never sees them (a local link can
-//!   only be closed cleanly). On an unclean drop the will, which must be an
-//!   event of the device's own, is stored like any event and then published.
+//! One device connection: CONNECT checks, the durable-before-ack publish
+//! FIFO, subscriptions, deliveries and the will.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::Notification;
+use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{
     ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Packet, PingResp, Protocol, Publish,
     SubAck, Subscribe, SubscribeReasonCode,
 };
-use rumqttd::{Notification, Router, RouterConfig};
 use serde_json::value::RawValue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use super::{Error as IngestError, IngestHandle};
-use crate::auth::{Authenticator, Perm, Principal};
-use crate::config::MqttConfig;
-use crate::event::{EventInput, Redelivery, fnv1a64, validate_event_type};
+use super::acl::{event_topic, subscribe_allowed};
+use super::{MqttDeps, PROTOCOL};
+use crate::auth::{Perm, Principal};
+use crate::event::{EventInput, Redelivery, fnv1a64};
+use crate::ingest::Error as IngestError;
 use crate::log::Appended;
-use crate::metrics::Metrics;
-
-const PROTOCOL: &str = "mqtt";
-
-/// Why the MQTT stage failed.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("mqtt listener: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-/// Opens rumqttd local links. The router's sender type is private to
-/// rumqttd, so it lives inside this closure.
-type LinkFactory = Arc<dyn Fn(String, bool) -> Result<(LinkTx, LinkRx, Notification), String> + Send + Sync>;
-
-/// Starts the rumqttd router (its own OS thread, no listeners of its own).
-pub fn start_router(max_connections: usize) -> LinkFactory {
-    let config = RouterConfig {
-        max_connections: max_connections + 16,
-        max_outgoing_packet_count: 200,
-        max_segment_size: 16 * 1024 * 1024,
-        max_segment_count: 4,
-        custom_segment: None,
-        initialized_filters: None,
-        shared_subscriptions_strategy: Default::default(),
-    };
-    let router_tx = Router::new(0, config).spawn();
-    Arc::new(move |client_id: String, clean: bool| {
-        LinkBuilder::new(&client_id, router_tx.clone())
-            .clean_session(clean)
-            .build()
-            .map_err(|e: LinkError| e.to_string())
-    })
-}
-
-/// What the MQTT stage needs.
-#[derive(Clone)]
-pub struct MqttDeps {
-    pub ingest: IngestHandle,
-    pub auth: Arc<Authenticator>,
-    pub links: LinkFactory,
-    pub metrics: Arc<Metrics>,
-    pub config: MqttConfig,
-    pub hub: Arc<crate::stream::Hub>,
-}
-
-/// Accepts connections until `shutdown`; each runs on `tracker`.
-pub async fn run(
-    listener: TcpListener,
-    deps: MqttDeps,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    let open = Arc::new(AtomicUsize::new(0));
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: pause, don't die.
-                    tracing::warn!(error = %e, "mqtt accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        if open.load(Ordering::Relaxed) >= deps.config.max_connections {
-            tracing::warn!(%peer, max = deps.config.max_connections, "mqtt.max_connections reached; closing new connection");
-            deps.ingest.count_rejected(PROTOCOL, "max_connections");
-            continue;
-        }
-        let _ = stream.set_nodelay(true);
-        open.fetch_add(1, Ordering::Relaxed);
-        deps.metrics.mqtt_connections.inc();
-        let (deps, open, shutdown) = (deps.clone(), open.clone(), shutdown.clone());
-        tracker.spawn(async move {
-            Session::serve(stream, peer, &deps, shutdown).await;
-            open.fetch_sub(1, Ordering::Relaxed);
-            deps.metrics.mqtt_connections.dec();
-        });
-    }
-}
 
 /// Why a session ended.
 #[derive(Debug)]
@@ -158,7 +45,7 @@ type Decoded = (Packet, Option<(u8, bool, u16)>);
 /// A publish waiting for its commit.
 type Pending = Pin<Box<dyn Future<Output = (Publish, Instant, Result<Vec<Appended>, IngestError>)> + Send>>;
 
-struct Session<'a> {
+pub(super) struct Session<'a> {
     deps: &'a MqttDeps,
     peer: SocketAddr,
     reader: OwnedReadHalf,
@@ -196,29 +83,12 @@ fn publish_header(buf: &[u8]) -> Option<(u8, bool, u16)> {
     Some((qos, dup, pkid))
 }
 
-/// The event type of `<tenant>/devices/<device_id>/events/<event_type>`, if
-/// `topic` is exactly that for this device.
-fn event_topic<'t>(topic: &'t str, tenant: &str, device_id: &str) -> Option<&'t str> {
-    let rest =
-        topic.strip_prefix(tenant)?.strip_prefix("/devices/")?.strip_prefix(device_id)?.strip_prefix("/events/")?;
-    validate_event_type(rest).ok().map(|()| rest)
-}
-
-/// Filters a device with `read_events` may subscribe to: the tenant's event
-/// stream (`<tenant>/events/…`) and its own subtree (`<tenant>/devices/<id>/…`).
-fn subscribe_allowed(filter: &str, tenant: &str, device_id: &str) -> bool {
-    let under = |root: String| filter == format!("{root}/#") || filter.starts_with(&format!("{root}/"));
-    (under(format!("{tenant}/events")) || under(format!("{tenant}/devices/{device_id}")))
-        && !filter.contains("/#/")
-        && filter.matches('#').count() <= 1
-}
-
 fn refuse_code(e: &crate::auth::Error) -> ConnectReturnCode {
     if e.is_unauthenticated() { ConnectReturnCode::BadUserNamePassword } else { ConnectReturnCode::NotAuthorized }
 }
 
 impl<'a> Session<'a> {
-    async fn serve(stream: TcpStream, peer: SocketAddr, deps: &'a MqttDeps, shutdown: CancellationToken) {
+    pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, deps: &'a MqttDeps, shutdown: CancellationToken) {
         let (reader, writer) = stream.into_split();
         let mut s = Session {
             deps,
@@ -302,7 +172,7 @@ impl<'a> Session<'a> {
         let disconnect = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
         let _ = link_tx.send(Packet::Disconnect(disconnect, None)).await;
         if s.subscribed {
-            deps.hub.mqtt_subscriber(&s.tenant, false);
+            deps.bridge.subscriber(&s.tenant, false);
         }
         s.presence(false).await;
     }
@@ -355,7 +225,6 @@ impl<'a> Session<'a> {
     }
 
     async fn presence(&self, online: bool) {
-        self.deps.hub.presence(&self.tenant, &self.device_id, online);
         let log = self.deps.ingest.log();
         if let Err(e) = log.presence(self.tenant.clone(), self.device_id.clone(), online).await {
             tracing::warn!(error = %e, device_id = self.device_id, "presence update failed");
@@ -618,7 +487,7 @@ impl<'a> Session<'a> {
         }
         if !self.subscribed {
             self.subscribed = true;
-            self.deps.hub.mqtt_subscriber(&self.tenant, true);
+            self.deps.bridge.subscriber(&self.tenant, true);
         }
         link_tx.send(Packet::Subscribe(allowed, props)).await.map_err(|e| End::Unclean(format!("router link: {e}")))?;
         Ok(())
@@ -684,28 +553,6 @@ impl<'a> Session<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn event_topics_are_the_devices_own_only() {
-        assert_eq!(event_topic("acme/devices/d1/events/temp.read", "acme", "d1"), Some("temp.read"));
-        assert_eq!(event_topic("acme/devices/d2/events/temp", "acme", "d1"), None);
-        assert_eq!(event_topic("globex/devices/d1/events/temp", "acme", "d1"), None);
-        assert_eq!(event_topic("acme/devices/d1/events/a/b", "acme", "d1"), None);
-        assert_eq!(event_topic("acme/devices/d1/events/", "acme", "d1"), None);
-        assert_eq!(event_topic("acme/devices/d1x/events/t", "acme", "d1"), None);
-    }
-
-    #[test]
-    fn subscriptions_stay_inside_the_tenant_stream_and_own_subtree() {
-        assert!(subscribe_allowed("acme/events/#", "acme", "d1"));
-        assert!(subscribe_allowed("acme/events/d2/+", "acme", "d1"));
-        assert!(subscribe_allowed("acme/devices/d1/#", "acme", "d1"));
-        assert!(!subscribe_allowed("acme/devices/d2/#", "acme", "d1"));
-        assert!(!subscribe_allowed("#", "acme", "d1"));
-        assert!(!subscribe_allowed("globex/events/#", "acme", "d1"));
-        assert!(!subscribe_allowed("acme/eventsx/#", "acme", "d1"));
-        assert!(!subscribe_allowed("+/events/#", "acme", "d1"));
-    }
 
     #[test]
     fn publish_header_reads_qos_dup_and_pkid() {

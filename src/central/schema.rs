@@ -7,16 +7,14 @@ use tokio_postgres::Client;
 
 use super::Error;
 use crate::config::NotifyMode;
-use crate::event::valid_tenant;
+use crate::event::Tenant;
 
 /// Versioned migrations, applied in order.
 const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/postgres/0001_tenant_events.sql"))];
 
 /// `tenant_<t>`, after checking `t`.
 pub fn schema_name(tenant: &str) -> Result<String, Error> {
-    if !valid_tenant(tenant) {
-        return Err(Error::BadTenant(tenant.to_string()));
-    }
+    let tenant = Tenant::parse(tenant).map_err(|_| Error::BadTenant(tenant.to_string()))?;
     Ok(format!("tenant_{tenant}"))
 }
 

@@ -1,0 +1,364 @@
+//! `outpost-bench`: load generators that drive a running appliance and put
+//! the result next to the raw limit of the same machine, measured in the same
+//! run (SQLite group commits of the same schema, on the same disk). Numbers
+//! for notes, never assertions in tests. Built only with the `bench`
+//! feature (`make bench`), so the product binary carries none of it.
+
+mod forward;
+mod http;
+mod mqtt;
+mod stream;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use outpost::auth::{Authenticator, Registry};
+use outpost::config::Config;
+use outpost::event::{Event, now_us};
+use outpost::log::{self, schema};
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(name = "outpost-bench", version, about = "Load generators for outpost (numbers for notes, never for tests)")]
+struct Cli {
+    /// Config file (TOML) of the appliance under test: its data dir holds the
+    /// raw-limit scratch database and its signing secret issues admin tokens.
+    #[arg(long, short, global = true, env = "OUTPOST_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Drive HTTP ingest: devices post single events or batches.
+    Http(HttpArgs),
+    /// Drive MQTT ingest: devices publish QoS 1 (rumqttc); PUBACK latency.
+    Mqtt(MqttArgs),
+    /// Ingest → WebSocket subscriber latency (same site, or another site
+    /// through the central database), and how many subscribers one appliance
+    /// serves before p99 passes 100 ms.
+    Stream(StreamArgs),
+    /// Drain a synthetic backlog into a central PostgreSQL, next to raw
+    /// COPY BINARY + INSERT … ON CONFLICT of the same rows, and the cost of
+    /// the two NOTIFY trigger styles. Drops and recreates the schemas
+    /// tenant_benchraw, tenant_benchfwd and tenant_benchtrig_* on that server.
+    Forward(ForwardArgs),
+    /// Only measure the raw group-commit rate of the data dir's disk.
+    Raw {
+        /// Rows per transaction.
+        #[arg(long, default_value_t = 100)]
+        rows: usize,
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct MqttArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 1883)]
+    port: u16,
+    #[arg(long, default_value = "bench")]
+    tenant: String,
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Total publishes per second across devices, or "max".
+    #[arg(long, default_value = "max")]
+    rate: String,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// 0 or 1.
+    #[arg(long, default_value_t = 1)]
+    qos: u8,
+    /// Publishes in flight per device (rumqttc inflight window).
+    #[arg(long, default_value_t = 32)]
+    inflight: u16,
+    #[arg(long, default_value_t = 128)]
+    payload_bytes: usize,
+    /// Another broker (e.g. mosquitto): no registration, no credentials.
+    #[arg(long)]
+    plain: bool,
+    /// HTTP API of the appliance, to register the bench devices.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    #[arg(long, env = "OUTPOST_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+    #[arg(long)]
+    no_raw: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StreamArgs {
+    /// Appliance that ingests.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Appliance whose WebSocket subscribers listen (default: --url).
+    #[arg(long)]
+    sub_url: Option<String>,
+    #[arg(long, default_value = "bench")]
+    tenant: String,
+    /// Events per second.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Concurrent WebSocket subscribers.
+    #[arg(long, default_value_t = 1)]
+    subscribers: usize,
+    /// Instead: step through 1, 10, 50, 100, 200, 400, 800, 1600 subscribers
+    /// (each for --duration) until p99 passes 100 ms.
+    #[arg(long)]
+    sweep: bool,
+    /// Admin token of --url (default: minted from this config).
+    #[arg(long, env = "OUTPOST_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+    /// Admin token of --sub-url (default: --admin-token).
+    #[arg(long)]
+    sub_admin_token: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ForwardArgs {
+    /// Central PostgreSQL (password from OUTPOST_CENTRAL_PASSWORD).
+    #[arg(long)]
+    url: String,
+    /// Backlog size.
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: usize,
+    /// Rows per trigger-cost run.
+    #[arg(long, default_value_t = 200_000)]
+    trigger_rows: usize,
+    #[arg(long, default_value_t = 128)]
+    payload_bytes: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct HttpArgs {
+    /// Base URL of the appliance.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Tenant to register the bench devices in.
+    #[arg(long, default_value = "bench")]
+    tenant: String,
+    /// Concurrent devices (one client loop each).
+    #[arg(long, default_value_t = 64)]
+    devices: usize,
+    /// Total events per second across devices, or "max".
+    #[arg(long, default_value = "max")]
+    rate: String,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Events per request: 1 posts to /event, more to /events.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Approximate payload size in bytes.
+    #[arg(long, default_value_t = 128)]
+    payload_bytes: usize,
+    /// Admin token (default: minted from this config's signing secret).
+    #[arg(long, env = "OUTPOST_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+    /// Skip the raw SQLite measurement.
+    #[arg(long)]
+    no_raw: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outpost-bench: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = Config::load(cli.config.as_deref(), std::env::vars())
+        .map_err(anyhow::Error::from)
+        .and_then(|config| runtime.block_on(run(cli.command, config)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outpost-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a bench command.
+async fn run(cmd: BenchCommand, config: Config) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Raw { rows, duration } => {
+            let rate = raw_commit_rate(&config, rows, 128, duration).await?;
+            println!(
+                "raw group commit: {rate:.0} rows/s ({rows}-row transactions, synchronous=FULL, WAL, site-log schema)"
+            );
+            Ok(())
+        }
+        BenchCommand::Http(args) => http::run(args, config).await,
+        BenchCommand::Forward(args) => forward::run(args, config).await,
+        BenchCommand::Mqtt(args) => mqtt::run(args, config).await,
+        BenchCommand::Stream(args) => stream::run(args, config).await,
+    }
+}
+
+/// Commits `rows`-row transactions of site-log rows into a scratch database in
+/// the data dir for `duration`; rows per second.
+pub async fn raw_commit_rate(
+    config: &Config,
+    rows: usize,
+    payload_bytes: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let dir = config.site.data_dir.clone();
+    std::fs::create_dir_all(&dir)?;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+        let path = dir.join(format!("bench-raw-{}.sqlite", std::process::id()));
+        let result = (|| -> anyhow::Result<f64> {
+            let mut conn = log::open_and_migrate(&path)?;
+            let payload = payload(0, payload_bytes);
+            let started = Instant::now();
+            let mut total = 0usize;
+            while started.elapsed() < duration {
+                let tx = conn.transaction()?;
+                for _ in 0..rows {
+                    let e = Event {
+                        id: uuid::Uuid::now_v7(),
+                        tenant: "bench".into(),
+                        device_id: format!("raw-{}", total % 100),
+                        event_type: "bench.raw".into(),
+                        payload: payload.clone(),
+                        timestamp_us: now_us(),
+                        received_at_us: now_us(),
+                        origin_site: "bench".into(),
+                        redelivery: None,
+                        protocol: "bench",
+                    };
+                    schema::insert_event(&tx, &e, None)?;
+                    total += 1;
+                }
+                tx.commit()?;
+            }
+            Ok(total as f64 / started.elapsed().as_secs_f64())
+        })();
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+        result
+    })
+    .await?
+}
+
+/// Measures the raw limit at two transaction sizes and prints the ratio
+/// against the larger (the writer's group commits can exceed 100 rows, so
+/// 100-row transactions alone would flatter the appliance).
+pub async fn report_raw(config: &Config, payload_bytes: usize, accepted_rate: f64) -> anyhow::Result<()> {
+    let raw100 = raw_commit_rate(config, 100, payload_bytes, Duration::from_secs(3)).await?;
+    let raw1000 = raw_commit_rate(config, 1000, payload_bytes, Duration::from_secs(3)).await?;
+    println!(
+        "raw group commit, same disk, same run (site-log schema, synchronous=FULL): \
+         {raw100:.0} rows/s in 100-row transactions, {raw1000:.0} rows/s in 1000-row transactions"
+    );
+    let best = raw100.max(raw1000);
+    println!(
+        "ratio: {:.1}% of the best raw rate ({:.1}% of the 100-row rate)",
+        100.0 * accepted_rate / best,
+        100.0 * accepted_rate / raw100
+    );
+    Ok(())
+}
+
+fn payload(i: usize, bytes: usize) -> String {
+    let base = json!({"i": i, "temp_c": 21.5, "ok": true}).to_string();
+    let pad = bytes.saturating_sub(base.len() + 10);
+    json!({"i": i, "temp_c": 21.5, "ok": true, "pad": "x".repeat(pad)}).to_string()
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u32>,
+    accepted: u64,
+    rejected: u64,
+    errors: Vec<String>,
+}
+
+/// Registers `n` bench devices through the admin API: (device id, token).
+async fn register_devices(
+    client: &reqwest::Client,
+    base: &str,
+    tenant: &str,
+    admin: &str,
+    n: usize,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let run_id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let mut tokens = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("bench-{run_id}-{i}");
+        let resp = client
+            .post(format!("{base}/api/v1/realtime/{tenant}/device/register"))
+            .bearer_auth(admin)
+            .json(&json!({"device_id": id, "ttl": "2h"}))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {base}"))?;
+        if !resp.status().is_success() {
+            bail!("registering {id}: {} {}", resp.status(), resp.text().await.unwrap_or_default());
+        }
+        let v: serde_json::Value = resp.json().await?;
+        tokens.push((id, v["token"].as_str().unwrap_or_default().to_string()));
+    }
+    Ok(tokens)
+}
+
+fn admin_token(given: Option<String>, config: &Config) -> anyhow::Result<String> {
+    match given {
+        Some(t) => Ok(t),
+        None => {
+            let (a, _) = Authenticator::from_config(config, Arc::new(Registry::default()))
+                .context("minting an admin token from the config's signing secret (or pass --admin-token)")?;
+            Ok(a.issue_admin(Some(Duration::from_secs(3600)))?)
+        }
+    }
+}
+
+/// `--rate`: events per second, or "max" (`None`).
+fn parse_rate(s: &str) -> anyhow::Result<Option<f64>> {
+    match s {
+        "max" => Ok(None),
+        r => Ok(Some(r.parse::<f64>().ok().filter(|r| *r > 0.0).context("--rate: a positive number or \"max\"")?)),
+    }
+}
+
+/// p50, p99 and max in ms of µs samples, and the sample count.
+fn percentiles(mut v: Vec<u32>) -> (f64, f64, f64, usize) {
+    v.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if v.is_empty() {
+            return 0.0;
+        }
+        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(v[i]) / 1000.0
+    };
+    (pct(0.5), pct(0.99), pct(1.0), v.len())
+}
+
+fn synthetic(tenant: &str, i: usize, payload: &str) -> Event {
+    let now = now_us();
+    Event {
+        id: uuid::Uuid::now_v7(),
+        tenant: tenant.into(),
+        device_id: format!("dev-{}", i % 100),
+        event_type: "bench.reading".into(),
+        payload: payload.to_string(),
+        timestamp_us: now,
+        received_at_us: now,
+        origin_site: "bench-site".into(),
+        redelivery: None,
+        protocol: "bench",
+    }
+}

@@ -1,0 +1,50 @@
+//! Who may publish and subscribe where. Devices publish only to their own
+//! event topics, `<tenant>/devices/<device_id>/events/<event_type>`, and
+//! subscribe only inside their tenant's stream (`<tenant>/events/…`) and
+//! their own subtree (`<tenant>/devices/<device_id>/…`).
+
+use crate::event::validate_event_type;
+
+/// The event type of `<tenant>/devices/<device_id>/events/<event_type>`, if
+/// `topic` is exactly that for this device.
+pub fn event_topic<'t>(topic: &'t str, tenant: &str, device_id: &str) -> Option<&'t str> {
+    let rest =
+        topic.strip_prefix(tenant)?.strip_prefix("/devices/")?.strip_prefix(device_id)?.strip_prefix("/events/")?;
+    validate_event_type(rest).ok().map(|()| rest)
+}
+
+/// Filters a device with `read_events` may subscribe to: the tenant's event
+/// stream (`<tenant>/events/…`) and its own subtree (`<tenant>/devices/<id>/…`).
+pub fn subscribe_allowed(filter: &str, tenant: &str, device_id: &str) -> bool {
+    let under = |root: String| filter == format!("{root}/#") || filter.starts_with(&format!("{root}/"));
+    (under(format!("{tenant}/events")) || under(format!("{tenant}/devices/{device_id}")))
+        && !filter.contains("/#/")
+        && filter.matches('#').count() <= 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_topics_are_the_devices_own_only() {
+        assert_eq!(event_topic("acme/devices/d1/events/temp.read", "acme", "d1"), Some("temp.read"));
+        assert_eq!(event_topic("acme/devices/d2/events/temp", "acme", "d1"), None);
+        assert_eq!(event_topic("globex/devices/d1/events/temp", "acme", "d1"), None);
+        assert_eq!(event_topic("acme/devices/d1/events/a/b", "acme", "d1"), None);
+        assert_eq!(event_topic("acme/devices/d1/events/", "acme", "d1"), None);
+        assert_eq!(event_topic("acme/devices/d1x/events/t", "acme", "d1"), None);
+    }
+
+    #[test]
+    fn subscriptions_stay_inside_the_tenant_stream_and_own_subtree() {
+        assert!(subscribe_allowed("acme/events/#", "acme", "d1"));
+        assert!(subscribe_allowed("acme/events/d2/+", "acme", "d1"));
+        assert!(subscribe_allowed("acme/devices/d1/#", "acme", "d1"));
+        assert!(!subscribe_allowed("acme/devices/d2/#", "acme", "d1"));
+        assert!(!subscribe_allowed("#", "acme", "d1"));
+        assert!(!subscribe_allowed("globex/events/#", "acme", "d1"));
+        assert!(!subscribe_allowed("acme/eventsx/#", "acme", "d1"));
+        assert!(!subscribe_allowed("+/events/#", "acme", "d1"));
+    }
+}

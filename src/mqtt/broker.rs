@@ -1,0 +1,94 @@
+//! The embedded rumqttd router and the links into it.
+//!
+//! The router runs on its own OS thread with no listener of its own: every
+//! device reaches it through a local link opened by the front-end after the
+//! CONNECT was checked. One more link, the bridge, publishes into the router
+//! what did not arrive over MQTT (HTTP, WebSocket and other sites' events),
+//! right after their commit, for tenants where an MQTT session subscribes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::{Notification, Router, RouterConfig};
+
+use crate::event::Event;
+use crate::log::CommitObserver;
+
+/// Opens rumqttd local links. The router's sender type is private to
+/// rumqttd, so it lives inside this closure.
+pub type LinkFactory = Arc<dyn Fn(String, bool) -> Result<(LinkTx, LinkRx, Notification), String> + Send + Sync>;
+
+/// Starts the rumqttd router (its own OS thread, no listeners of its own).
+pub fn start_router(max_connections: usize) -> LinkFactory {
+    let config = RouterConfig {
+        max_connections: max_connections + 16,
+        max_outgoing_packet_count: 200,
+        max_segment_size: 16 * 1024 * 1024,
+        max_segment_count: 4,
+        custom_segment: None,
+        initialized_filters: None,
+        shared_subscriptions_strategy: Default::default(),
+    };
+    let router_tx = Router::new(0, config).spawn();
+    Arc::new(move |client_id: String, clean: bool| {
+        LinkBuilder::new(&client_id, router_tx.clone())
+            .clean_session(clean)
+            .build()
+            .map_err(|e: LinkError| e.to_string())
+    })
+}
+
+/// Publishes committed non-MQTT events into the router (QoS 0, never
+/// waiting: a full router queue skips the event for MQTT subscribers; the
+/// durable copy stays in the log and on the WS/SSE/poll streams).
+pub struct Bridge {
+    link: Mutex<(LinkTx, LinkRx)>,
+    /// MQTT sessions holding a subscription, per tenant: without any,
+    /// nothing is published into the router.
+    subscribed: RwLock<HashMap<String, usize>>,
+}
+
+/// The bridge's router client id. Device client ids are namespaced
+/// (`<tenant>/<device>/…`, see the session), so no device can reach it.
+const BRIDGE_CLIENT_ID: &str = "$outpost/bridge";
+
+impl Bridge {
+    /// Opens the bridge's link.
+    pub fn open(links: &LinkFactory) -> Result<Arc<Self>, String> {
+        let (tx, rx, _) = links(BRIDGE_CLIENT_ID.to_string(), true)?;
+        Ok(Arc::new(Self { link: Mutex::new((tx, rx)), subscribed: RwLock::new(HashMap::new()) }))
+    }
+
+    /// An MQTT session of `tenant` gained (`true`) or dropped (`false`) its
+    /// subscriptions.
+    pub fn subscriber(&self, tenant: &str, subscribed: bool) {
+        let mut m = self.subscribed.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = m.entry(tenant.to_string()).or_insert(0);
+        *n = if subscribed { *n + 1 } else { n.saturating_sub(1) };
+    }
+
+    fn has_subscribers(&self, tenant: &str) -> bool {
+        let m = self.subscribed.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.get(tenant).is_some_and(|n| *n > 0)
+    }
+}
+
+impl CommitObserver for Bridge {
+    fn committed(&self, events: &[(i64, Event)]) {
+        // Runs on the writer thread: MQTT-origin events were fanned out by
+        // the front-end already, and tenants without subscribers cost nothing.
+        for (_, e) in events {
+            if e.protocol == "mqtt" || !self.has_subscribers(&e.tenant) {
+                continue;
+            }
+            let topic = format!("{}/events/{}/{}", e.tenant, e.device_id, e.event_type);
+            if let Ok(mut link) = self.link.lock()
+                && let Err(err) = link.0.try_publish(topic, Bytes::from(e.payload.clone()))
+            {
+                tracing::debug!(error = %err, "event not published to MQTT (router busy)");
+            }
+        }
+    }
+}
