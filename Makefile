@@ -2,6 +2,7 @@
 #   make run      run the appliance on its built-in defaults (data in ./data)
 #   make test     install what the tests need if missing, then run every test
 #   make aarch64  stripped release binary for aarch64 boxes
+#   make bench    the outpost-bench load generators (target/release/outpost-bench)
 #   make install  install binary, config and systemd unit on this machine
 
 SHELL := /bin/bash
@@ -92,10 +93,12 @@ install: release
 	$(SUDO) systemctl daemon-reload
 	@echo "installed; start with: sudo systemctl enable --now outpost"
 
+# The load generators are their own binary (feature `bench`), never in the product.
 bench: release
+	$(CARGO) build --release --features bench --bin outpost-bench
 	@echo "start the appliance with raised limits, e.g.:"
 	@echo "  OUTPOST_LIMITS__PER_SECOND=1000000 OUTPOST_LIMITS__PER_MINUTE=100000000 OUTPOST_LIMITS__PER_HOUR=1000000000 target/release/outpost run"
-	@echo "then: target/release/outpost bench http --devices 64 --batch 100"
+	@echo "then: target/release/outpost-bench http --devices 64 --batch 100"
 
 clean:
 	$(CARGO) clean

@@ -50,9 +50,10 @@ pub struct Bridge {
     subscribed: RwLock<HashMap<String, usize>>,
 }
 
-/// The bridge's router client id. Device client ids are namespaced
-/// (`<tenant>/<device>/…`, see the session), so no device can reach it.
-const BRIDGE_CLIENT_ID: &str = "$outpost/bridge";
+/// The bridge's router client id. rumqttd refuses `+$#/` in client ids, so
+/// it starts with `!`, which no tenant name (the prefix of every device's
+/// router client id) can.
+const BRIDGE_CLIENT_ID: &str = "!outpost-bridge";
 
 impl Bridge {
     /// Opens the bridge's link.

@@ -4,6 +4,8 @@
 //! token works only while its device is registered and not revoked; the
 //! registry is cached in memory and refreshed when any process changes it.
 
+mod crypto;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -259,6 +261,7 @@ impl Authenticator {
     /// Loads keys as configured (creating the HS256 secret on first start).
     /// Returns whether a new secret was created.
     pub fn from_config(config: &Config, registry: Arc<Registry>) -> Result<(Self, bool), Error> {
+        crypto::install();
         let a: &AuthConfig = &config.auth;
         let read = |p: &Path| std::fs::read(p).map_err(|e| key_err(p, e.to_string()));
         let (decoding, encoding, created) = match a.algorithm {
