@@ -284,3 +284,51 @@ async fn mqtt_sigkill_at_random_moments_loses_no_puback_and_dup_resends_make_no_
     }
     assert_eq!(proc.terminate().code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_stage_stops_the_appliance_non_zero_within_shutdown_grace_keeping_acked_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let devices = add_devices(dir.path(), 4);
+    let trigger = dir.path().join("panic-now");
+    let failpoint = format!("registry_refresh:panic:{}", trigger.display());
+    let env = [
+        ("OUTPOST_LIMITS__PER_SECOND", "100000"),
+        ("OUTPOST_LIMITS__PER_MINUTE", "1000000"),
+        ("OUTPOST_FAILPOINT", failpoint.as_str()),
+    ];
+    let mut proc = Proc::start(dir.path(), &env);
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicUsize::new(0));
+    let tasks = spawn_clients(proc.base(), &devices, stop.clone(), count.clone());
+    let c2 = count.clone();
+    assert!(
+        common::eventually(Duration::from_secs(30), || {
+            let c = c2.clone();
+            async move { c.load(Ordering::Relaxed) >= 200 }
+        })
+        .await
+    );
+    // The registry stage panics at its next tick (within 1 s), under load.
+    std::fs::write(&trigger, b"").unwrap();
+    let started = std::time::Instant::now();
+    let status = tokio::task::block_in_place(|| proc.wait_exit(Duration::from_secs(20))).expect("did not exit");
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(status.code(), Some(1), "exit status {status:?}");
+    // Default shutdown_grace is 10 s; the tick adds at most 1 s.
+    assert!(elapsed < Duration::from_secs(11), "took {elapsed:?}");
+    let lines: Vec<String> = proc.stderr_tail.try_iter().collect();
+    assert!(
+        lines.iter().any(|l| l.contains("stage failed") && l.contains("registry") && l.contains("panicked")),
+        "no stage failure logged: {lines:?}"
+    );
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap().into_iter().map(|(id, _)| id));
+    }
+    assert!(acked.len() >= 200);
+    let stored: HashSet<String> =
+        log_rows(&dir.path().join("site-log.sqlite")).iter().map(|r| r.id.to_string()).collect();
+    let lost: Vec<_> = acked.iter().filter(|id| !stored.contains(*id)).collect();
+    assert!(lost.is_empty(), "{} acked events missing after the stage panic", lost.len());
+}

@@ -593,3 +593,58 @@ async fn concurrent_posts_are_group_committed_and_all_acked() {
     }
     let _ = Duration::ZERO;
 }
+
+#[tokio::test]
+async fn browser_cors_preflight_with_authorization_succeeds_for_the_configured_origin() {
+    const ORIGIN: &str = "https://dashboard.example";
+    let app = TestApp::start_with(|c| c.stream.cors_origin = Some(ORIGIN.into())).await;
+    let token = app.device("acme", "d1").await;
+    // What a browser sends before `fetch(url, {method: "POST", headers: {Authorization, Content-Type}})`.
+    let preflight = app
+        .client
+        .request(reqwest::Method::OPTIONS, app.url("/api/v1/realtime/acme/event"))
+        .header("origin", ORIGIN)
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "authorization,content-type")
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success(), "preflight answered {}", preflight.status());
+    let h = preflight.headers();
+    assert_eq!(h.get("access-control-allow-origin").unwrap(), ORIGIN);
+    let allowed = h.get("access-control-allow-headers").unwrap().to_str().unwrap().to_ascii_lowercase();
+    assert!(allowed.contains("authorization") && allowed.contains("content-type"), "{allowed}");
+    assert!(h.get("access-control-allow-methods").unwrap().to_str().unwrap().contains("POST"));
+    assert!(h.get_all("vary").iter().any(|v| v.to_str().unwrap().to_ascii_lowercase().contains("origin")));
+    // The request itself carries the origin back, and Vary: Origin.
+    let r = app
+        .client
+        .post(app.url("/api/v1/realtime/acme/event"))
+        .header("origin", ORIGIN)
+        .bearer_auth(&token)
+        .json(&json!({"device_id": "d1", "event_type": "cors", "payload": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers().get("access-control-allow-origin").unwrap(), ORIGIN);
+    assert!(r.headers().get_all("vary").iter().any(|v| v.to_str().unwrap().to_ascii_lowercase().contains("origin")));
+    // Another origin is not let in.
+    let other = app
+        .client
+        .request(reqwest::Method::OPTIONS, app.url("/api/v1/realtime/acme/event"))
+        .header("origin", "https://evil.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods_get_the_json_error_body() {
+    let app = TestApp::start().await;
+    app.get("/no/such/thing", None).await.assert_error(404, "not_found", None);
+    let r = app.client.delete(app.url("/api/v1/realtime/acme/events")).send().await.unwrap();
+    Resp::from(r).await.assert_error(405, "method_not_allowed", None);
+}

@@ -37,7 +37,7 @@ pub fn cors(origin: Option<&str>) -> CorsLayer {
     let allow = match origin {
         Some("*") => AllowOrigin::any(),
         Some(o) => match HeaderValue::from_str(o) {
-            Ok(v) => AllowOrigin::exact(v),
+            Ok(v) => AllowOrigin::list([v]),
             Err(_) => AllowOrigin::list([]),
         },
         None => AllowOrigin::list([]),

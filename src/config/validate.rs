@@ -1,0 +1,177 @@
+//! `Config::validate`: every problem at once, each naming its key and the
+//! allowed range.
+
+use std::time::Duration;
+
+use super::{Algorithm, Config, RateOverride, url_has_password, valid_site_id};
+use crate::event::Tenant;
+
+impl Config {
+    /// Lists every problem, not just the first.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        self.check_site_and_listeners(&mut problems);
+        self.check_log(&mut problems);
+        self.check_limits(&mut problems);
+        self.check_auth(&mut problems);
+        self.check_central(&mut problems);
+        if self.shutdown_grace.is_zero() {
+            problems.push("shutdown_grace: must be greater than 0".into());
+        }
+        if problems.is_empty() { Ok(()) } else { Err(problems) }
+    }
+
+    /// `site`, `http`, `mqtt` and `stream`.
+    fn check_site_and_listeners(&self, problems: &mut Vec<String>) {
+        if let Some(id) = &self.site.id
+            && !valid_site_id(id)
+        {
+            problems.push(format!("site.id {id:?}: must be 1-64 characters of [A-Za-z0-9_.-]"));
+        }
+        if self.site.data_dir.as_os_str().is_empty() {
+            problems.push("site.data_dir: must not be empty".into());
+        }
+        if self.http.max_body_bytes < 1024 {
+            problems.push(format!("http.max_body_bytes = {}: must be at least 1024", self.http.max_body_bytes));
+        }
+        let m = &self.mqtt;
+        if m.max_connections == 0 {
+            problems.push("mqtt.max_connections: must be at least 1".into());
+        }
+        if m.max_packet_size < 1024 || m.max_packet_size > 256 * 1024 * 1024 {
+            problems.push(format!("mqtt.max_packet_size = {}: must be 1024..=268435456", m.max_packet_size));
+        }
+        if m.max_inflight == 0 || m.max_inflight > 65_535 {
+            problems.push(format!("mqtt.max_inflight = {}: must be 1..=65535", m.max_inflight));
+        }
+        if m.connect_timeout < Duration::from_millis(100) {
+            problems.push("mqtt.connect_timeout: must be at least 100ms".into());
+        }
+        let st = &self.stream;
+        if st.queue < 16 || st.queue > 1 << 20 {
+            problems.push(format!("stream.queue = {}: must be 16..=1048576", st.queue));
+        }
+        if st.max_subscribers == 0 {
+            problems.push("stream.max_subscribers: must be at least 1".into());
+        }
+        if st.ping_interval < Duration::from_secs(1) || st.sse_heartbeat < Duration::from_secs(1) {
+            problems.push("stream.ping_interval and stream.sse_heartbeat: must be at least 1s".into());
+        }
+    }
+
+    /// `log`.
+    fn check_log(&self, problems: &mut Vec<String>) {
+        if self.log.max_bytes < 1024 * 1024 {
+            problems.push(format!("log.max_bytes = {}: must be at least 1048576 (1 MiB)", self.log.max_bytes));
+        }
+        if self.log.commit_max_rows == 0 {
+            problems.push("log.commit_max_rows: must be at least 1".into());
+        }
+        if self.log.commit_max_bytes < 64 * 1024 {
+            problems.push("log.commit_max_bytes: must be at least 65536".into());
+        }
+        if self.log.queue_capacity == 0 {
+            problems.push("log.queue_capacity: must be at least 1".into());
+        }
+    }
+
+    /// `limits`, with its per-tenant and per-device overrides.
+    fn check_limits(&self, problems: &mut Vec<String>) {
+        let check_rates = |problems: &mut Vec<String>, at: &str, s: u32, m: u32, h: u32| {
+            for (k, v) in [("per_second", s), ("per_minute", m), ("per_hour", h)] {
+                if v == 0 {
+                    problems.push(format!("{at}.{k}: must be at least 1"));
+                }
+            }
+        };
+        let l = &self.limits;
+        check_rates(problems, "limits", l.per_second, l.per_minute, l.per_hour);
+        // An override names only the windows it changes; each must be ≥ 1.
+        let check_override = |problems: &mut Vec<String>, at: &str, o: &RateOverride| {
+            check_rates(problems, at, o.per_second.unwrap_or(1), o.per_minute.unwrap_or(1), o.per_hour.unwrap_or(1));
+        };
+        for (tenant, o) in &l.tenants {
+            if Tenant::parse(tenant).is_err() {
+                problems.push(format!("limits.tenants.{tenant}: not a valid tenant name (^[a-z][a-z0-9_]{{0,40}}$)"));
+            }
+            check_override(problems, &format!("limits.tenants.{tenant}"), o);
+        }
+        for (key, o) in &l.devices {
+            if !key.split_once('/').is_some_and(|(t, d)| Tenant::parse(t).is_ok() && !d.is_empty()) {
+                problems.push(format!("limits.devices.\"{key}\": key must be \"<tenant>/<device_id>\""));
+            }
+            check_override(problems, &format!("limits.devices.\"{key}\""), o);
+        }
+        if l.max_batch == 0 || l.max_batch > 100_000 {
+            problems.push(format!("limits.max_batch = {}: must be 1..=100000", l.max_batch));
+        }
+        if l.max_payload_bytes < 2 || l.max_payload_bytes > 16 * 1024 * 1024 {
+            problems.push(format!("limits.max_payload_bytes = {}: must be 2..=16777216", l.max_payload_bytes));
+        }
+        if l.max_payload_bytes > self.http.max_body_bytes {
+            problems.push(format!(
+                "limits.max_payload_bytes = {} exceeds http.max_body_bytes = {}",
+                l.max_payload_bytes, self.http.max_body_bytes
+            ));
+        }
+        if l.max_payload_depth == 0 || l.max_payload_depth > 128 {
+            problems.push(format!("limits.max_payload_depth = {}: must be 1..=128", l.max_payload_depth));
+        }
+    }
+
+    /// `auth`.
+    fn check_auth(&self, problems: &mut Vec<String>) {
+        match self.auth.algorithm {
+            Algorithm::HS256 => {}
+            Algorithm::EdDSA | Algorithm::ES256 => {
+                if self.auth.public_key_file.is_none() {
+                    problems.push(format!(
+                        "auth.public_key_file: required when auth.algorithm = \"{:?}\"",
+                        self.auth.algorithm
+                    ));
+                }
+            }
+        }
+        if self.auth.token_ttl < Duration::from_secs(60) {
+            problems.push("auth.token_ttl: must be at least 1m".into());
+        }
+    }
+
+    /// `central`.
+    fn check_central(&self, problems: &mut Vec<String>) {
+        let c = &self.central;
+        if let Some(url) = &c.url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                problems.push("central.url: must start with postgres:// or postgresql://".into());
+            } else if url_has_password(url) {
+                problems.push(
+                    "central.url: must not contain a password; use central.password_file or OUTPOST_CENTRAL_PASSWORD"
+                        .into(),
+                );
+            }
+        }
+        for t in &c.tenants {
+            if Tenant::parse(t).is_err() {
+                problems.push(format!("central.tenants: {t:?} is not a valid tenant name (^[a-z][a-z0-9_]{{0,40}}$)"));
+            }
+        }
+        if c.batch_rows == 0 || c.batch_rows > 100_000 {
+            problems.push(format!("central.batch_rows = {}: must be 1..=100000", c.batch_rows));
+        }
+        if c.batch_bytes < 64 * 1024 {
+            problems.push(format!("central.batch_bytes = {}: must be at least 65536", c.batch_bytes));
+        }
+        if c.max_backoff < Duration::from_millis(100) {
+            problems.push("central.max_backoff: must be at least 100ms".into());
+        }
+        if c.statement_timeout < Duration::from_secs(1) {
+            problems.push("central.statement_timeout: must be at least 1s".into());
+        }
+        if c.connect_timeout < Duration::from_secs(1) {
+            problems.push("central.connect_timeout: must be at least 1s".into());
+        }
+        if c.keepalive_idle < Duration::from_secs(1) {
+            problems.push("central.keepalive_idle: must be at least 1s".into());
+        }
+    }
+}
