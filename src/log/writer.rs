@@ -226,148 +226,158 @@ impl Writer {
 
     fn commit_group(&mut self, group: Vec<Command>) {
         let started = Instant::now();
-        let mut delivers: Vec<Deliver> = Vec::with_capacity(group.len());
-        let mut appended_rows = 0usize;
-        let mut presence: Vec<(String, String, bool)> = Vec::new();
-        let outcome = (|| -> Result<Vec<(i64, Event)>, Error> {
-            let used = schema::used_bytes(&self.conn)?;
-            let mut tx = self.conn.transaction()?;
-            let mut projected = used;
-            let mut seen = DeviceCounts::new();
-            let mut new_events: Vec<(i64, Event)> = Vec::new();
-            for cmd in group {
-                match cmd {
-                    Command::Append { events, reply } => {
-                        let size: u64 = events.iter().map(|e| e.size_hint() as u64).sum();
-                        if projected + size > self.config.max_bytes {
-                            delivers.push(deliver(
-                                reply,
-                                Err(Error::Full { used: projected, budget: self.config.max_bytes }),
-                            ));
-                            continue;
-                        }
-                        // A single event needs no savepoint: its only refusal
-                        // (an id owned by another device) writes nothing.
-                        let result = if events.len() == 1 {
-                            append(&tx, &events, &mut seen)
-                        } else {
-                            let mut sp = tx.savepoint()?;
-                            let mut sp_seen = DeviceCounts::new();
-                            let r = append(&sp, &events, &mut sp_seen);
-                            match &r {
-                                Ok(_) => {
-                                    sp.commit()?;
-                                    merge_counts(&mut seen, sp_seen);
-                                }
-                                Err(_) => sp.rollback()?,
-                            }
-                            r
-                        };
-                        if let Ok(r) = &result {
-                            projected += size;
-                            appended_rows += r.iter().filter(|a| !a.duplicate).count();
-                            if !self.observers.is_empty() {
-                                new_events.extend(
-                                    r.iter().zip(events).filter(|(a, _)| !a.duplicate).map(|(a, e)| (a.seq, e)),
-                                );
-                            }
-                        }
-                        delivers.push(deliver(reply, result));
-                    }
-                    Command::MarkForwarded { seqs, reply } => {
-                        let r = schema::mark_forwarded(&tx, &seqs, now_us());
-                        delivers.push(deliver(reply, r));
-                    }
-                    Command::AppendRemote { events, reply } => {
-                        let now = now_us();
-                        let mut added = 0;
-                        let mut result = Ok(());
-                        for r in events {
-                            match schema::insert_event(&tx, &r.event, Some(now)).and_then(|seq| {
-                                schema::advance_remote_cursor(&tx, &r.event.tenant, &r.event.origin_site, r.site_seq)?;
-                                Ok(seq)
-                            }) {
-                                Ok(Some(seq)) => {
-                                    added += 1;
-                                    new_events.push((seq, r.event));
-                                }
-                                Ok(None) => {}
-                                Err(e) => {
-                                    result = Err(e);
-                                    break;
-                                }
-                            }
-                        }
-                        // An error here fails the whole group: nothing half-stored.
-                        result?;
-                        delivers.push(deliver(reply, Ok(added)));
-                    }
-                    Command::Presence { tenant, device_id, online, reply } => {
-                        let r = schema::set_presence(&tx, &tenant, &device_id, online, now_us());
-                        if r.is_ok() {
-                            presence.push((tenant, device_id, online));
-                        }
-                        delivers.push(deliver(reply, r));
-                    }
-                    Command::DeadLetter { seq, error, reply } => {
-                        let r = schema::dead_letter(&tx, seq, &error, now_us());
-                        delivers.push(deliver(reply, r));
-                    }
-                    Command::Prune { cutoff_us, limit, reply } => {
-                        let r = schema::prune(&tx, cutoff_us, limit);
-                        delivers.push(deliver(reply, r));
-                    }
-                    Command::AddDevice { tenant, device_id, name, reply } => {
-                        let r = schema::add_device(&tx, &tenant, &device_id, name.as_deref(), now_us());
-                        delivers.push(deliver(reply, r));
-                    }
-                    Command::RevokeDevice { tenant, device_id, reply } => {
-                        let r = schema::revoke_device(&tx, &tenant, &device_id, now_us());
-                        delivers.push(deliver(reply, r));
-                    }
-                    Command::Ping { reply } => delivers.push(deliver(reply, Ok(()))),
-                }
-            }
-            // Device counters once per group, not once per request.
-            for ((tenant, device), (count, last)) in &seen {
-                schema::bump_device(&tx, tenant, device, *count, *last)?;
-            }
-            tx.commit()?;
-            self.full.store(projected + 64 * 1024 > self.config.max_bytes, Ordering::Relaxed);
-            Ok(new_events)
-        })();
+        let mut g = Group::default();
+        let outcome = self.write_group(group, &mut g);
         let commit_error = match &outcome {
-            Ok(_) => None,
+            Ok(()) => None,
             Err(e) => {
                 tracing::error!(error = %e, "site log commit failed; requests in this group are refused");
                 Some(e.to_string())
             }
         };
         if commit_error.is_none() {
-            self.metrics.commit_rows.observe(appended_rows as f64);
+            self.metrics.commit_rows.observe(g.appended_rows as f64);
             self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
         }
-        for d in delivers {
+        for d in g.delivers {
             d(commit_error.as_deref());
-        }
-        if commit_error.is_none() && appended_rows > 0 {
-            self.committed.notify_one();
-        }
-        if let Ok(events) = &outcome {
-            for o in &self.observers {
-                if !events.is_empty() {
-                    o.committed(events);
-                }
-                for (tenant, device_id, online) in &presence {
-                    o.presence(tenant, device_id, *online);
-                }
-            }
         }
         if commit_error.is_some() {
             // Don't spin on a persistent failure (disk gone, read-only fs).
             std::thread::sleep(Duration::from_millis(100));
+            return;
+        }
+        if g.appended_rows > 0 {
+            self.committed.notify_one();
+        }
+        for o in &self.observers {
+            if !g.new_events.is_empty() {
+                o.committed(&g.new_events);
+            }
+            for (tenant, device_id, online) in &g.presence {
+                o.presence(tenant, device_id, *online);
+            }
         }
     }
+
+    /// Runs every command of the group in one transaction and commits it.
+    fn write_group(&mut self, group: Vec<Command>, g: &mut Group) -> Result<(), Error> {
+        let mut projected = schema::used_bytes(&self.conn)?;
+        let (max_bytes, observed) = (self.config.max_bytes, !self.observers.is_empty());
+        let tx = self.conn.transaction()?;
+        let mut seen = DeviceCounts::new();
+        for cmd in group {
+            match cmd {
+                Command::Append { events, reply } => {
+                    let size: u64 = events.iter().map(|e| e.size_hint() as u64).sum();
+                    if projected + size > max_bytes {
+                        g.delivers.push(deliver(reply, Err(Error::Full { used: projected, budget: max_bytes })));
+                        continue;
+                    }
+                    let result = append_request(&tx, &events, &mut seen)?;
+                    if let Ok(r) = &result {
+                        projected += size;
+                        g.appended_rows += r.iter().filter(|a| !a.duplicate).count();
+                        if observed {
+                            g.new_events
+                                .extend(r.iter().zip(events).filter(|(a, _)| !a.duplicate).map(|(a, e)| (a.seq, e)));
+                        }
+                    }
+                    g.delivers.push(deliver(reply, result));
+                }
+                Command::AppendRemote { events, reply } => {
+                    // An error here fails the whole group: nothing half-stored.
+                    let added = append_remote(&tx, events, &mut g.new_events)?;
+                    g.delivers.push(deliver(reply, Ok(added)));
+                }
+                Command::Presence { tenant, device_id, online, reply } => {
+                    let r = schema::set_presence(&tx, &tenant, &device_id, online, now_us());
+                    if r.is_ok() {
+                        g.presence.push((tenant, device_id, online));
+                    }
+                    g.delivers.push(deliver(reply, r));
+                }
+                Command::MarkForwarded { seqs, reply } => {
+                    g.delivers.push(deliver(reply, schema::mark_forwarded(&tx, &seqs, now_us())));
+                }
+                Command::DeadLetter { seq, error, reply } => {
+                    g.delivers.push(deliver(reply, schema::dead_letter(&tx, seq, &error, now_us())));
+                }
+                Command::Prune { cutoff_us, limit, reply } => {
+                    g.delivers.push(deliver(reply, schema::prune(&tx, cutoff_us, limit)));
+                }
+                Command::AddDevice { tenant, device_id, name, reply } => {
+                    let r = schema::add_device(&tx, &tenant, &device_id, name.as_deref(), now_us());
+                    g.delivers.push(deliver(reply, r));
+                }
+                Command::RevokeDevice { tenant, device_id, reply } => {
+                    g.delivers.push(deliver(reply, schema::revoke_device(&tx, &tenant, &device_id, now_us())));
+                }
+                Command::Ping { reply } => g.delivers.push(deliver(reply, Ok(()))),
+            }
+        }
+        // Device counters once per group, not once per request.
+        for ((tenant, device), (count, last)) in &seen {
+            schema::bump_device(&tx, tenant, device, *count, *last)?;
+        }
+        tx.commit()?;
+        self.full.store(projected + 64 * 1024 > max_bytes, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// What one group commit produced, handed out only after the commit.
+#[derive(Default)]
+struct Group {
+    delivers: Vec<Deliver>,
+    appended_rows: usize,
+    new_events: Vec<(i64, Event)>,
+    presence: Vec<(String, String, bool)>,
+}
+
+/// One append request inside the group's transaction. The outer `Result`
+/// fails the group (SQLite error); the inner one is this request's answer.
+/// A single event needs no savepoint: its only refusal (an id owned by
+/// another device) writes nothing. A batch is all-or-nothing.
+fn append_request(
+    tx: &Connection,
+    events: &[Event],
+    seen: &mut DeviceCounts,
+) -> Result<Result<Vec<Appended>, Error>, Error> {
+    if events.len() == 1 {
+        return Ok(append(tx, events, seen));
+    }
+    tx.execute_batch("SAVEPOINT request")?;
+    let mut sp_seen = DeviceCounts::new();
+    let r = append(tx, events, &mut sp_seen);
+    match &r {
+        Ok(_) => {
+            tx.execute_batch("RELEASE request")?;
+            merge_counts(seen, sp_seen);
+        }
+        Err(_) => tx.execute_batch("ROLLBACK TO request; RELEASE request")?,
+    }
+    Ok(r)
+}
+
+/// Stores other sites' events (already forwarded) and advances their
+/// catch-up cursors; duplicates by id are skipped. Returns how many were new.
+fn append_remote(
+    tx: &Connection,
+    events: Vec<super::RemoteEvent>,
+    new_events: &mut Vec<(i64, Event)>,
+) -> Result<usize, Error> {
+    let now = now_us();
+    let mut added = 0;
+    for r in events {
+        let seq = schema::insert_event(tx, &r.event, Some(now))?;
+        schema::advance_remote_cursor(tx, &r.event.tenant, &r.event.origin_site, r.site_seq)?;
+        if let Some(seq) = seq {
+            added += 1;
+            new_events.push((seq, r.event));
+        }
+    }
+    Ok(added)
 }
 
 /// Appends one request's events inside its savepoint.

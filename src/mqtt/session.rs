@@ -104,58 +104,7 @@ impl<'a> Session<'a> {
             keep_alive: None,
             subscribed: false,
         };
-        let connect = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = tokio::time::timeout(deps.config.connect_timeout, s.read_packet()) => r,
-        };
-        let packet = match connect {
-            Ok(Ok(Some(p))) => p,
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => {
-                tracing::info!(%peer, reason = e, "mqtt: bad first packet; closing");
-                return;
-            }
-            Err(_) => {
-                tracing::info!(%peer, timeout = ?deps.config.connect_timeout, "mqtt: no CONNECT in time; closing");
-                return;
-            }
-        };
-        let Packet::Connect(connect, _props, will, _will_props, login) = packet else {
-            tracing::info!(%peer, "mqtt: first packet is not CONNECT; closing");
-            return;
-        };
-        let will = match s.authenticate(&connect.client_id, login.as_ref().map(|l| (&l.username, &l.password)), will) {
-            Ok(will) => will,
-            Err((code, reason)) => {
-                tracing::info!(%peer, client_id = connect.client_id, reason, "mqtt CONNECT refused");
-                deps.ingest.count_rejected(PROTOCOL, "connect_refused");
-                let _ = s.write(Packet::ConnAck(ConnAck { session_present: false, code }, None)).await;
-                let _ = s.flush().await;
-                return;
-            }
-        };
-        s.keep_alive =
-            (connect.keep_alive > 0).then(|| Duration::from_secs(u64::from(connect.keep_alive)).mul_f32(1.5));
-        let links = deps.links.clone();
-        let (client_id, clean) = (connect.client_id.clone(), connect.clean_session);
-        let built = tokio::task::spawn_blocking(move || links(client_id, clean)).await;
-        let (mut link_tx, mut link_rx, connack) = match built {
-            Ok(Ok(l)) => l,
-            other => {
-                tracing::error!(%peer, device_id = s.device_id, result = ?other.err(), "mqtt: router refused the link");
-                let code = ConnectReturnCode::ServiceUnavailable;
-                let _ = s.write(Packet::ConnAck(ConnAck { session_present: false, code }, None)).await;
-                let _ = s.flush().await;
-                return;
-            }
-        };
-        let connack: Option<Packet> = connack.into();
-        if let Some(p) = connack
-            && (s.write(p).await.is_err() || s.flush().await.is_err())
-        {
-            return;
-        }
-        tracing::info!(%peer, tenant = s.tenant, device_id = s.device_id, client_id = connect.client_id, "mqtt device connected");
+        let Some((mut link_tx, mut link_rx, will)) = s.handshake(&shutdown).await else { return };
         s.presence(true).await;
         let end = s.session(&mut link_tx, &mut link_rx, &shutdown).await;
         match &end {
@@ -175,6 +124,65 @@ impl<'a> Session<'a> {
             deps.bridge.subscriber(&s.tenant, false);
         }
         s.presence(false).await;
+    }
+
+    /// Reads and checks the CONNECT, opens the router link and answers the
+    /// CONNACK. `None` when the connection ends here (refused, timed out).
+    async fn handshake(&mut self, shutdown: &CancellationToken) -> Option<(LinkTx, LinkRx, Option<LastWill>)> {
+        let connect = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            r = tokio::time::timeout(self.deps.config.connect_timeout, self.read_packet()) => r,
+        };
+        let packet = match connect {
+            Ok(Ok(Some(p))) => p,
+            Ok(Ok(None)) => return None,
+            Ok(Err(e)) => {
+                tracing::info!(peer = %self.peer, reason = e, "mqtt: bad first packet; closing");
+                return None;
+            }
+            Err(_) => {
+                tracing::info!(peer = %self.peer, timeout = ?self.deps.config.connect_timeout, "mqtt: no CONNECT in time; closing");
+                return None;
+            }
+        };
+        let Packet::Connect(connect, _props, will, _will_props, login) = packet else {
+            tracing::info!(peer = %self.peer, "mqtt: first packet is not CONNECT; closing");
+            return None;
+        };
+        let will = match self.authenticate(&connect.client_id, login.as_ref().map(|l| (&l.username, &l.password)), will)
+        {
+            Ok(will) => will,
+            Err((code, reason)) => {
+                tracing::info!(peer = %self.peer, client_id = connect.client_id, reason, "mqtt CONNECT refused");
+                self.deps.ingest.count_rejected(PROTOCOL, "connect_refused");
+                let _ = self.write(Packet::ConnAck(ConnAck { session_present: false, code }, None)).await;
+                let _ = self.flush().await;
+                return None;
+            }
+        };
+        self.keep_alive =
+            (connect.keep_alive > 0).then(|| Duration::from_secs(u64::from(connect.keep_alive)).mul_f32(1.5));
+        let links = self.deps.links.clone();
+        let (client_id, clean) = (connect.client_id.clone(), connect.clean_session);
+        let built = tokio::task::spawn_blocking(move || links(client_id, clean)).await;
+        let (link_tx, link_rx, connack) = match built {
+            Ok(Ok(l)) => l,
+            other => {
+                tracing::error!(peer = %self.peer, device_id = self.device_id, result = ?other.err(), "mqtt: router refused the link");
+                let code = ConnectReturnCode::ServiceUnavailable;
+                let _ = self.write(Packet::ConnAck(ConnAck { session_present: false, code }, None)).await;
+                let _ = self.flush().await;
+                return None;
+            }
+        };
+        let connack: Option<Packet> = connack.into();
+        if let Some(p) = connack
+            && (self.write(p).await.is_err() || self.flush().await.is_err())
+        {
+            return None;
+        }
+        tracing::info!(peer = %self.peer, tenant = self.tenant, device_id = self.device_id, client_id = connect.client_id, "mqtt device connected");
+        Some((link_tx, link_rx, will))
     }
 
     /// CONNECT checks; returns the validated will, or the CONNACK refusal.
