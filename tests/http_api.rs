@@ -648,3 +648,22 @@ async fn unknown_paths_and_methods_get_the_json_error_body() {
     let r = app.client.delete(app.url("/api/v1/realtime/acme/events")).send().await.unwrap();
     Resp::from(r).await.assert_error(405, "method_not_allowed", None);
 }
+
+#[tokio::test]
+async fn a_device_with_read_config_reads_the_limits_that_apply_to_it() {
+    let app = TestApp::start_with(|c| {
+        c.limits
+            .tenants
+            .insert("acme".into(), outpost::config::RateOverride { per_second: Some(3), ..Default::default() });
+    })
+    .await;
+    let reader = app.register("acme", "cfg-1", &["write_events", "read_config"]).await;
+    let r = app.get("/api/v1/realtime/acme/config", Some(&reader)).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["device_id"], "cfg-1");
+    assert_eq!(r.body["rate_limits"]["per_second"], 3);
+    assert_eq!(r.body["max_payload_bytes"], app.config.limits.max_payload_bytes);
+    // Without the permission: 403, naming it.
+    let writer = app.register("acme", "cfg-2", &["write_events"]).await;
+    app.get("/api/v1/realtime/acme/config", Some(&writer)).await.assert_error(403, "missing_permission", None);
+}

@@ -105,9 +105,6 @@ async fn device_config(State(state): State<ApiState>, access: TenantAccess<ReadC
     }))
 }
 
-/// Keeps `Perm` in use where it is checked.
-const _: Perm = Perm::ReadConfig;
-
 /// Device administration and `…/config`.
 pub(super) fn routes() -> axum::Router<ApiState> {
     use axum::routing::{delete, get, post};

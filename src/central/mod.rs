@@ -68,3 +68,35 @@ impl Error {
         matches!(self.sqlstate(), Some("3F000" | "42P01"))
     }
 }
+
+/// The error of a stage that moves rows between the site log and the central
+/// database (the forwarder, the LISTEN connection).
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error(transparent)]
+    Central(#[from] Error),
+    #[error(transparent)]
+    Log(#[from] crate::log::Error),
+}
+
+impl From<tokio_postgres::Error> for StageError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        StageError::Central(e.into())
+    }
+}
+
+impl StageError {
+    /// The rows themselves are unacceptable to the central database: bisect,
+    /// dead-letter. Everything else (connection and I/O errors, timeouts,
+    /// serialization failures, missing schemas, errors we cannot classify)
+    /// is retried with backoff: inserts are idempotent, so a retry is always
+    /// safe, and dead-lettering an unknown error would not be.
+    pub fn is_data_error(&self) -> bool {
+        matches!(self, StageError::Central(c) if c.is_data_error())
+    }
+
+    /// The tenant's schema or table is missing centrally.
+    pub fn is_missing_schema(&self) -> bool {
+        matches!(self, StageError::Central(c) if c.is_missing_schema())
+    }
+}

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 mod validate;
 
@@ -32,7 +32,7 @@ pub enum Error {
 }
 
 /// The whole appliance configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub site: SiteConfig,
@@ -50,7 +50,7 @@ pub struct Config {
 }
 
 /// Identity of this site and where it keeps its state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SiteConfig {
     /// Unique per site; stamped on every event this site originates.
@@ -59,7 +59,7 @@ pub struct SiteConfig {
     pub data_dir: PathBuf,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
@@ -68,7 +68,7 @@ pub struct HttpConfig {
 }
 
 /// The MQTT 3.1.1 listener for devices.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
     /// Set `enabled = false` to run without MQTT.
@@ -87,7 +87,7 @@ pub struct MqttConfig {
 }
 
 /// The central PostgreSQL the forwarder writes to.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CentralConfig {
     /// libpq-style URL of the central PostgreSQL, without a password; unset =
@@ -127,7 +127,7 @@ pub struct CentralConfig {
 }
 
 /// TLS towards the central database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TlsMode {
     Disable,
@@ -136,7 +136,7 @@ pub enum TlsMode {
 }
 
 /// Which NOTIFY trigger the central migrations install.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NotifyMode {
     /// One notification per inserted row: `{id, device_id, event_type, timestamp}`.
@@ -166,7 +166,7 @@ impl Default for CentralConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// Byte budget of the site log; at the budget new events are refused (503).
@@ -183,7 +183,7 @@ pub struct LogConfig {
 }
 
 /// Per-device rate limits (all three windows enforced) and input limits.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub per_second: u32,
@@ -202,7 +202,7 @@ pub struct LimitsConfig {
 }
 
 /// Overrides of some of the three rate windows.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateOverride {
     pub per_second: Option<u32>,
@@ -238,7 +238,7 @@ impl LimitsConfig {
 }
 
 /// Live subscribers (WebSocket, SSE, long-poll).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StreamConfig {
     /// Undelivered events a subscriber may hold; beyond it the subscriber is
@@ -252,7 +252,7 @@ pub struct StreamConfig {
     /// SSE heartbeat comment interval.
     #[serde(with = "humantime_serde")]
     pub sse_heartbeat: Duration,
-    /// `Access-Control-Allow-Origin` for SSE and long-poll (unset: none).
+    /// The browser origin (or `*`) allowed to call the API cross-origin (unset: none).
     pub cors_origin: Option<String>,
 }
 
@@ -269,7 +269,7 @@ impl Default for StreamConfig {
 }
 
 /// Token verification: the algorithm is pinned, never taken from the token.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub algorithm: Algorithm,
@@ -289,7 +289,7 @@ pub struct AuthConfig {
 }
 
 /// Supported token signature algorithms.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum Algorithm {
     HS256,
     EdDSA,

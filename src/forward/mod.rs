@@ -30,36 +30,8 @@ use crate::log::{self, LogHandle, Readers};
 use crate::metrics::Metrics;
 use service::Central;
 
-/// Why forwarding a batch failed.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Central(#[from] central::Error),
-    #[error(transparent)]
-    Log(#[from] log::Error),
-}
-
-impl From<tokio_postgres::Error> for Error {
-    fn from(e: tokio_postgres::Error) -> Self {
-        Error::Central(e.into())
-    }
-}
-
-impl Error {
-    /// The rows themselves are unacceptable to the central database: bisect,
-    /// dead-letter. Everything else (connection and I/O errors, timeouts,
-    /// serialization failures, missing schemas, errors we cannot classify)
-    /// is retried with backoff: inserts are idempotent, so a retry is always
-    /// safe, and dead-lettering an unknown error would not be.
-    pub fn is_data_error(&self) -> bool {
-        matches!(self, Error::Central(c) if c.is_data_error())
-    }
-
-    /// The tenant's schema or table is missing centrally.
-    pub fn is_missing_schema(&self) -> bool {
-        matches!(self, Error::Central(c) if c.is_missing_schema())
-    }
-}
+/// Why forwarding a batch failed: the central database or the site log.
+pub use crate::central::StageError as Error;
 
 /// Uplink state, as shown by status and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

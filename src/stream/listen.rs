@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::central::{self, Backoff, Connector, schema as central_schema};
+use crate::central::{Backoff, Connector, schema as central_schema};
 use crate::config::CentralConfig;
 use crate::event::Event;
 use crate::log::{self, LogHandle, Readers, RemoteEvent};
@@ -31,19 +31,7 @@ const FIRST_CATCHUP: Duration = Duration::from_secs(3600);
 const TENANT_POLL: Duration = Duration::from_secs(5);
 
 /// Why the LISTEN connection failed (it reconnects with backoff).
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Central(#[from] central::Error),
-    #[error(transparent)]
-    Log(#[from] log::Error),
-}
-
-impl From<tokio_postgres::Error> for Error {
-    fn from(e: tokio_postgres::Error) -> Self {
-        Error::Central(e.into())
-    }
-}
+pub use crate::central::StageError as Error;
 
 /// The LISTEN stage.
 pub struct Listener {
