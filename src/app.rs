@@ -137,8 +137,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let (r, s) = (site.readers.clone(), stages.shutdown.clone());
     stages.spawn("registry", auth::run_registry_refresh(r, site.registry, s));
     if let (Some(listener), Some((links, bridge))) = (mqtt_listener, broker) {
-        let deps =
-            MqttDeps { ingest, auth: site.auth, links, metrics: metrics.clone(), config: config.mqtt.clone(), bridge };
+        let sessions = Arc::new(mqtt::state::Sessions::new(&config.mqtt));
+        let deps = MqttDeps {
+            ingest,
+            auth: site.auth,
+            links,
+            metrics: metrics.clone(),
+            config: config.mqtt.clone(),
+            bridge,
+            sessions,
+        };
         let (t, s) = (stages.tracker.clone(), stages.shutdown.clone());
         stages.spawn("mqtt", async move {
             mqtt::run(listener, deps, t, s).await;
@@ -201,8 +209,8 @@ async fn open_site(config: &Config) -> anyhow::Result<Site> {
             .context("migration task panicked")?
             .with_context(|| format!("cannot open site log {}", log_path.display()))?
     };
-    let readers = Readers::new(log_path);
-    let registry = Arc::new(Registry::default());
+    let readers = Readers::new(log_path.clone());
+    let registry = Arc::new(Registry::for_log(log_path));
     let reg = registry.clone();
     readers.with(move |c| reg.refresh(c)).await.context("cannot load device registry")?;
     let (auth, created) = Authenticator::from_config(config, registry.clone()).context("cannot load token keys")?;

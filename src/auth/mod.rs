@@ -5,20 +5,20 @@
 //! registry is cached in memory and refreshed when any process changes it.
 
 mod crypto;
+mod registry;
 
-use std::collections::HashMap;
+pub use registry::{REGISTRY_POLL, Registry, run_registry_refresh};
+
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation, decode, encode};
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{Algorithm, AuthConfig, Config};
-use crate::log::{self, Readers, schema};
 
 /// A device permission carried in the token's `perms` claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,66 +132,21 @@ impl Error {
     }
 }
 
-/// In-memory view of the device registry: tenant → device → revoked?
-#[derive(Default)]
-pub struct Registry {
-    devices: RwLock<HashMap<String, HashMap<String, bool>>>,
-    version: std::sync::atomic::AtomicI64,
+/// Why an open session had to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The device was revoked (or is no longer registered).
+    Revoked,
+    /// The token's `exp` passed.
+    Expired,
 }
 
-impl Registry {
-    /// `Some(revoked)` for a registered device, `None` for an unknown one.
-    pub fn lookup(&self, tenant: &str, device_id: &str) -> Option<bool> {
-        let map = self.devices.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.get(tenant).and_then(|t| t.get(device_id)).copied()
-    }
-
-    /// Records a change made through this process.
-    pub fn set(&self, tenant: &str, device_id: &str, revoked: bool) {
-        let mut map = self.devices.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.entry(tenant.to_string()).or_default().insert(device_id.to_string(), revoked);
-    }
-
-    /// Reloads everything from the log if any process changed the registry.
-    pub fn refresh(&self, conn: &rusqlite::Connection) -> Result<bool, log::Error> {
-        use std::sync::atomic::Ordering;
-        let version = schema::registry_version(conn)?;
-        if version == self.version.load(Ordering::Acquire) {
-            return Ok(false);
-        }
-        let mut fresh: HashMap<String, HashMap<String, bool>> = HashMap::new();
-        for d in schema::devices(conn, None)? {
-            fresh.entry(d.tenant).or_default().insert(d.device_id, d.revoked_at.is_some());
-        }
-        *self.devices.write().unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
-        self.version.store(version, Ordering::Release);
-        Ok(true)
-    }
-}
-
-/// How often a running appliance looks for registry changes made by the CLI.
-pub const REGISTRY_POLL: Duration = Duration::from_secs(1);
-
-/// Keeps the registry cache in step with changes from other processes
-/// (`outpost device revoke` while the appliance runs): within `REGISTRY_POLL`.
-pub async fn run_registry_refresh(
-    readers: Readers,
-    registry: Arc<Registry>,
-    shutdown: CancellationToken,
-) -> Result<(), log::Error> {
-    let mut tick = tokio::time::interval(REGISTRY_POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tick.tick() => {}
-        }
-        crate::failpoint::fire("registry_refresh");
-        let reg = registry.clone();
-        match readers.with(move |conn| reg.refresh(conn)).await {
-            Ok(true) => tracing::info!("device registry changed; reloaded"),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "device registry refresh failed"),
+impl SessionEnd {
+    /// `revoked` / `token_expired`: the code in error frames.
+    pub fn code(self) -> &'static str {
+        match self {
+            SessionEnd::Revoked => "revoked",
+            SessionEnd::Expired => "token_expired",
         }
     }
 }
@@ -310,6 +265,12 @@ impl Authenticator {
 
     /// Checks signature, expiry and, for devices, registration.
     pub fn verify(&self, token: &str) -> Result<Principal, Error> {
+        self.verify_expiring(token).map(|(p, _)| p)
+    }
+
+    /// `verify`, also returning the token's `exp` (unix seconds): a session
+    /// opened with it ends then (see [`Authenticator::session_end`]).
+    pub fn verify_expiring(&self, token: &str) -> Result<(Principal, i64), Error> {
         let data = decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
             jsonwebtoken::errors::ErrorKind::ExpiredSignature => Error::Expired,
             jsonwebtoken::errors::ErrorKind::InvalidSignature => Error::Invalid("bad signature".into()),
@@ -321,7 +282,7 @@ impl Authenticator {
         })?;
         let c = data.claims;
         if c.role.as_deref() == Some("admin") {
-            return Ok(Principal::Admin);
+            return Ok((Principal::Admin, c.exp));
         }
         let tenant = c.tenant.ok_or_else(|| Error::Invalid("missing claim tenant".into()))?;
         match self.registry.lookup(&tenant, &c.sub) {
@@ -330,13 +291,18 @@ impl Authenticator {
             Some(false) => {}
         }
         let perms = c.perms.iter().filter_map(|p| Perm::parse(p)).collect();
-        Ok(Principal::Device { tenant, device_id: c.sub, perms })
+        Ok((Principal::Device { tenant, device_id: c.sub, perms }, c.exp))
     }
 
     /// `verify`, then the tenant must match and the permission be held.
     /// Admins pass every tenant and permission check.
     pub fn authorize(&self, token: Option<&str>, tenant: &str, perm: Perm) -> Result<Principal, Error> {
-        let p = self.verify(token.ok_or(Error::Missing)?)?;
+        self.authorize_expiring(token, tenant, perm).map(|(p, _)| p)
+    }
+
+    /// `authorize`, also returning the token's `exp`.
+    pub fn authorize_expiring(&self, token: Option<&str>, tenant: &str, perm: Perm) -> Result<(Principal, i64), Error> {
+        let (p, exp) = self.verify_expiring(token.ok_or(Error::Missing)?)?;
         if let Principal::Device { tenant: t, perms, .. } = &p {
             if t != tenant {
                 return Err(Error::WrongTenant { token: t.clone(), path: tenant.to_string() });
@@ -345,7 +311,34 @@ impl Authenticator {
                 return Err(Error::MissingPermission(perm.as_str()));
             }
         }
-        Ok(p)
+        Ok((p, exp))
+    }
+
+    /// Resolves when a session opened by `principal` with a token expiring
+    /// at `exp` (unix seconds) must end: the device was revoked (through
+    /// this process at once, through the CLI within `REGISTRY_POLL`) or the
+    /// token expired. Says which.
+    pub async fn session_end(&self, principal: &Principal, exp: i64) -> SessionEnd {
+        let mut changes = self.registry.changes();
+        loop {
+            if let Principal::Device { tenant, device_id, .. } = principal
+                && self.registry.lookup(tenant, device_id) != Some(false)
+            {
+                return SessionEnd::Revoked;
+            }
+            let left = exp.saturating_sub(time::OffsetDateTime::now_utc().unix_timestamp());
+            if left <= 0 {
+                return SessionEnd::Expired;
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() {
+                    // The registry is gone (shutdown): only expiry remains.
+                    tokio::time::sleep(Duration::from_secs(left.unsigned_abs())).await;
+                    return SessionEnd::Expired;
+                },
+                _ = tokio::time::sleep(Duration::from_secs(left.unsigned_abs())) => return SessionEnd::Expired,
+            }
+        }
     }
 
     /// `verify`, then the token must be an admin's.

@@ -84,6 +84,16 @@ pub struct MqttConfig {
     /// Publishes of one connection awaiting their commit; at the limit the
     /// connection is not read until one commits.
     pub max_inflight: usize,
+    /// Persistent sessions (clean_session = 0) the router keeps per device;
+    /// one more evicts the device's oldest.
+    pub max_sessions_per_device: usize,
+    /// Subscription filters one connection may hold; more get SUBACK 0x80.
+    pub max_filters: usize,
+    /// Retained messages per tenant; beyond this a retained publish is
+    /// stored and delivered but not retained.
+    pub max_retained_per_tenant: usize,
+    /// Bytes of retained payloads per tenant, likewise.
+    pub max_retained_bytes_per_tenant: usize,
 }
 
 /// The central PostgreSQL the forwarder writes to.
@@ -317,6 +327,10 @@ impl Default for MqttConfig {
             max_packet_size: 128 * 1024,
             connect_timeout: Duration::from_secs(10),
             max_inflight: 256,
+            max_sessions_per_device: 4,
+            max_filters: 32,
+            max_retained_per_tenant: 1000,
+            max_retained_bytes_per_tenant: 4 * 1024 * 1024,
         }
     }
 }

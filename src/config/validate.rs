@@ -44,6 +44,16 @@ impl Config {
         if m.max_inflight == 0 || m.max_inflight > 65_535 {
             problems.push(format!("mqtt.max_inflight = {}: must be 1..=65535", m.max_inflight));
         }
+        for (k, v) in [
+            ("max_sessions_per_device", m.max_sessions_per_device),
+            ("max_filters", m.max_filters),
+            ("max_retained_per_tenant", m.max_retained_per_tenant),
+            ("max_retained_bytes_per_tenant", m.max_retained_bytes_per_tenant),
+        ] {
+            if v == 0 {
+                problems.push(format!("mqtt.{k}: must be at least 1"));
+            }
+        }
         if m.connect_timeout < Duration::from_millis(100) {
             problems.push("mqtt.connect_timeout: must be at least 100ms".into());
         }

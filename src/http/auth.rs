@@ -53,6 +53,8 @@ impl Access for ReadConfig {
 pub struct TenantAccess<A> {
     pub tenant: Tenant,
     pub principal: Principal,
+    /// The token's `exp` (unix seconds): long-lived sessions end then.
+    pub expires_at: i64,
     _access: PhantomData<A>,
 }
 
@@ -91,8 +93,9 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let tenant = path_tenant(parts, state).await?;
         let auth = Arc::<Authenticator>::from_ref(state);
-        let principal = auth.authorize(token(parts, A::QUERY_TOKEN).as_deref(), &tenant, A::PERM)?;
-        Ok(Self { tenant, principal, _access: PhantomData })
+        let (principal, expires_at) =
+            auth.authorize_expiring(token(parts, A::QUERY_TOKEN).as_deref(), &tenant, A::PERM)?;
+        Ok(Self { tenant, principal, expires_at, _access: PhantomData })
     }
 }
 

@@ -60,34 +60,50 @@ pub const REDELIVERY_EVENTS: i64 = 1000;
 pub const REDELIVERY_WINDOW_US: i64 = 600_000_000;
 
 /// An earlier copy of a redelivered MQTT publish: `(seq, id)`.
+///
+/// The rule: a DUP=1 publish is the earlier copy of the device's most recent
+/// event that carried the same packet id (among its last
+/// `REDELIVERY_EVENTS`, received within `REDELIVERY_WINDOW_US`) when that
+/// event has the same topic (its event type: tenant and device are the
+/// device's own) and the same payload digest. Anything else is stored.
+///
+/// Why no genuinely new publish matches: DUP=1 says the client is resending
+/// a publish it sent before and saw no PUBACK for. If that first attempt
+/// reached us, it was stored before anything else could be (acks follow the
+/// commit), and the client cannot have used the packet id again since it
+/// still awaits that PUBACK: so the most recent event with the id *is* the
+/// first attempt, and topic and payload agree. A new publish that merely
+/// reuses an old packet id with another topic or payload never matches
+/// (the near misses are tested). The one case left is a first attempt lost
+/// with a dead connection, whose resend is byte-identical in topic and
+/// payload to the device's previous publish under the same packet id within
+/// the window: devices that send identical events back to back should give
+/// them distinct content (a counter or timestamp).
 pub fn find_redelivered(
     conn: &Connection,
     e: &Event,
     r: &crate::event::Redelivery,
 ) -> Result<Option<(i64, Uuid)>, Error> {
     let mut stmt = conn.prepare_cached(
-        "SELECT seq, id FROM (
-            SELECT seq, id, mqtt_pkid, mqtt_digest, received_at FROM events
-            WHERE tenant = ?1 AND device_id = ?2 ORDER BY seq DESC LIMIT ?5)
-         WHERE mqtt_pkid = ?3 AND mqtt_digest = ?4 AND received_at >= ?6 LIMIT 1",
+        "SELECT seq, id, event_type, mqtt_digest, received_at FROM (
+            SELECT seq, id, event_type, mqtt_pkid, mqtt_digest, received_at FROM events
+            WHERE tenant = ?1 AND device_id = ?2 ORDER BY seq DESC LIMIT ?4)
+         WHERE mqtt_pkid = ?3 ORDER BY seq DESC LIMIT 1",
     )?;
-    let found = stmt
-        .query_row(
-            params![
-                e.tenant,
-                e.device_id,
-                r.pkid,
-                r.digest,
-                REDELIVERY_EVENTS,
-                e.received_at_us - REDELIVERY_WINDOW_US
-            ],
-            |row| {
-                let id: [u8; 16] = row.get(1)?;
-                Ok((row.get(0)?, Uuid::from_bytes(id)))
-            },
-        )
+    let latest = stmt
+        .query_row(params![e.tenant, e.device_id, r.pkid, REDELIVERY_EVENTS], |row| {
+            let id: [u8; 16] = row.get(1)?;
+            let (event_type, digest, received): (String, Option<i64>, i64) = (row.get(2)?, row.get(3)?, row.get(4)?);
+            Ok((row.get::<_, i64>(0)?, Uuid::from_bytes(id), event_type, digest, received))
+        })
         .optional()?;
-    Ok(found)
+    Ok(latest
+        .filter(|(_, _, event_type, digest, received)| {
+            *event_type == e.event_type
+                && *digest == Some(r.digest)
+                && *received >= e.received_at_us - REDELIVERY_WINDOW_US
+        })
+        .map(|(seq, id, ..)| (seq, id)))
 }
 
 /// Marks a device online or offline and refreshes its last-seen time.

@@ -22,9 +22,49 @@ pub fn subscribe_allowed(filter: &str, tenant: &str, device_id: &str) -> bool {
         && filter.matches('#').count() <= 1
 }
 
+/// The client-id rule: the device id, or `<device id>-<suffix>`, at most
+/// 128 bytes. (Router client ids are then namespaced by tenant.)
+pub fn client_id_allowed(client_id: &str, device_id: &str) -> bool {
+    client_id.len() <= MAX_CLIENT_ID
+        && (client_id == device_id
+            || client_id.strip_prefix(device_id).is_some_and(|rest| rest.len() > 1 && rest.starts_with('-')))
+}
+
+/// Longest client id accepted.
+pub const MAX_CLIENT_ID: usize = 128;
+
+/// Topics a connection may be sent: its tenant's stream and its own
+/// subtree (what [`subscribe_allowed`] lets it subscribe to).
+pub fn delivery_allowed(topic: &str, tenant: &str, device_id: &str) -> bool {
+    let Some(rest) = topic.strip_prefix(tenant) else { return false };
+    rest.starts_with("/events/")
+        || rest.strip_prefix("/devices/").and_then(|r| r.strip_prefix(device_id)).is_some_and(|r| r.starts_with('/'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_ids_are_the_device_id_or_it_with_a_dash_suffix() {
+        assert!(client_id_allowed("sensor-1", "sensor-1"));
+        assert!(client_id_allowed("sensor-1-diag", "sensor-1"));
+        assert!(!client_id_allowed("sensor-10", "sensor-1"), "a longer device id is another device");
+        assert!(!client_id_allowed("sensor-1-", "sensor-1"));
+        assert!(!client_id_allowed("sensor", "sensor-1"));
+        assert!(!client_id_allowed("", "sensor-1"));
+        assert!(!client_id_allowed(&format!("d-{}", "x".repeat(127)), "d"));
+        assert!(client_id_allowed(&format!("d-{}", "x".repeat(126)), "d"));
+    }
+
+    #[test]
+    fn deliveries_stay_inside_the_tenant_stream_and_own_subtree() {
+        assert!(delivery_allowed("acme/events/d2/t", "acme", "d1"));
+        assert!(delivery_allowed("acme/devices/d1/x", "acme", "d1"));
+        assert!(!delivery_allowed("acme/devices/d10/x", "acme", "d1"));
+        assert!(!delivery_allowed("globex/events/d1/t", "acme", "d1"));
+        assert!(!delivery_allowed("acmex/events/d1/t", "acme", "d1"));
+    }
 
     #[test]
     fn event_topics_are_the_devices_own_only() {

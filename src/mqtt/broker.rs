@@ -40,6 +40,26 @@ pub fn start_router(max_connections: usize) -> LinkFactory {
     })
 }
 
+/// Drops a persistent session the router keeps under `router_id` (the
+/// device's oldest beyond `mqtt.max_sessions_per_device`): a clean connect
+/// under that id replaces it, and the clean disconnect then removes it.
+/// Blocking: call it from the blocking pool.
+pub fn drop_session(links: &LinkFactory, router_id: String) {
+    use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet};
+    match links(router_id.clone(), true) {
+        Ok((mut tx, _rx, _)) => {
+            let d = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
+            let sent = tokio::runtime::Handle::current().block_on(tx.send(Packet::Disconnect(d, None)));
+            if let Err(e) = sent {
+                tracing::warn!(router_id, error = %e, "could not drop an evicted MQTT session");
+            } else {
+                tracing::info!(router_id, "evicted the oldest persistent MQTT session of its device");
+            }
+        }
+        Err(e) => tracing::warn!(router_id, error = %e, "could not drop an evicted MQTT session"),
+    }
+}
+
 /// Publishes committed non-MQTT events into the router (QoS 0, never
 /// waiting: a full router queue skips the event for MQTT subscribers; the
 /// durable copy stays in the log and on the WS/SSE/poll streams).

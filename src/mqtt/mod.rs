@@ -31,7 +31,9 @@
 
 pub mod acl;
 pub mod broker;
+pub mod framing;
 pub mod session;
+pub mod state;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -58,6 +60,8 @@ pub struct MqttDeps {
     pub metrics: Arc<Metrics>,
     pub config: MqttConfig,
     pub bridge: Arc<Bridge>,
+    /// Live, persistent and retained state across connections.
+    pub sessions: Arc<state::Sessions>,
 }
 
 /// Accepts connections until `shutdown`; each runs on `tracker`.

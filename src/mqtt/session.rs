@@ -1,7 +1,7 @@
 //! One device connection: CONNECT checks, the durable-before-ack publish
 //! FIFO, subscriptions, deliveries and the will.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -21,9 +21,10 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::CancellationToken;
 
-use super::acl::{event_topic, subscribe_allowed};
+use super::acl::{client_id_allowed, delivery_allowed, event_topic, subscribe_allowed};
+use super::framing::{self, publish_header};
 use super::{MqttDeps, PROTOCOL};
-use crate::auth::{Perm, Principal};
+use crate::auth::{Perm, Principal, SessionEnd};
 use crate::event::{EventInput, Redelivery, fnv1a64};
 use crate::ingest::Error as IngestError;
 use crate::log::Appended;
@@ -37,7 +38,12 @@ enum End {
     Shutdown,
     /// Socket closed, keep-alive expired, protocol error, refused publish…: will fires.
     Unclean(String),
+    /// The device was revoked or its token expired: no will, no more acks.
+    Ended(SessionEnd),
 }
+
+/// Longest a will waits for the device's rate limit to allow it.
+const WILL_WAIT: Duration = Duration::from_secs(60);
 
 /// A decoded packet and, for a PUBLISH, its (QoS, DUP, packet id).
 type Decoded = (Packet, Option<(u8, bool, u16)>);
@@ -57,30 +63,14 @@ pub(super) struct Session<'a> {
     device_id: String,
     principal: Principal,
     keep_alive: Option<Duration>,
-    /// Counted in the hub's MQTT subscriber count.
+    /// The token's `exp` (unix seconds): the session ends then.
+    expires_at: i64,
+    /// The router's client id for this connection: `<tenant>|<client id>`.
+    router_id: String,
+    /// Filters this connection holds (bounded by `mqtt.max_filters`).
+    filters: HashSet<String>,
+    /// Counted in the bridge's MQTT subscriber count.
     subscribed: bool,
-}
-
-/// QoS, DUP and packet id of the PUBLISH at the head of `buf`, which rumqttd
-/// keeps private. Only meaningful once the codec decoded that packet.
-fn publish_header(buf: &[u8]) -> Option<(u8, bool, u16)> {
-    let first = *buf.first()?;
-    if first >> 4 != 3 {
-        return None;
-    }
-    let (qos, dup) = ((first >> 1) & 0b11, first & 0b1000 != 0);
-    let mut i = 1;
-    while *buf.get(i)? & 0x80 != 0 {
-        i += 1;
-        if i > 4 {
-            return None;
-        }
-    }
-    let topic_at = i + 1;
-    let topic_len = usize::from(u16::from_be_bytes([*buf.get(topic_at)?, *buf.get(topic_at + 1)?]));
-    let pkid_at = topic_at + 2 + topic_len;
-    let pkid = if qos > 0 { u16::from_be_bytes([*buf.get(pkid_at)?, *buf.get(pkid_at + 1)?]) } else { 0 };
-    Some((qos, dup, pkid))
 }
 
 fn refuse_code(e: &crate::auth::Error) -> ConnectReturnCode {
@@ -102,10 +92,15 @@ impl<'a> Session<'a> {
             device_id: String::new(),
             principal: Principal::Admin,
             keep_alive: None,
+            expires_at: 0,
+            router_id: String::new(),
+            filters: HashSet::new(),
             subscribed: false,
         };
         let Some((mut link_tx, mut link_rx, will)) = s.handshake(&shutdown).await else { return };
-        s.presence(true).await;
+        if deps.sessions.connected(&s.tenant, &s.device_id) {
+            s.presence(true).await;
+        }
         let end = s.session(&mut link_tx, &mut link_rx, &shutdown).await;
         match &end {
             End::Unclean(reason) => {
@@ -115,6 +110,9 @@ impl<'a> Session<'a> {
                 }
             }
             End::Clean => tracing::info!(%peer, device_id = s.device_id, "mqtt device disconnected"),
+            End::Ended(why) => {
+                tracing::info!(%peer, device_id = s.device_id, reason = why.code(), "mqtt session ended: device revoked or token expired")
+            }
             End::Shutdown => {}
         }
         // A clean close of the local link (the router drops its state; wills are ours).
@@ -123,7 +121,10 @@ impl<'a> Session<'a> {
         if s.subscribed {
             deps.bridge.subscriber(&s.tenant, false);
         }
-        s.presence(false).await;
+        // Online until the device's last session ends.
+        if deps.sessions.disconnected(&s.tenant, &s.device_id) {
+            s.presence(false).await;
+        }
     }
 
     /// Reads and checks the CONNECT, opens the router link and answers the
@@ -162,9 +163,19 @@ impl<'a> Session<'a> {
         };
         self.keep_alive =
             (connect.keep_alive > 0).then(|| Duration::from_secs(u64::from(connect.keep_alive)).mul_f32(1.5));
+        // The router's session namespace is global: ids are namespaced by
+        // tenant (`|` is in no tenant name; rumqttd refuses `+$#/`).
+        self.router_id = format!("{}|{}", self.tenant, connect.client_id);
+        let evict = self.deps.sessions.session(&self.tenant, &self.device_id, &self.router_id, !connect.clean_session);
         let links = self.deps.links.clone();
-        let (client_id, clean) = (connect.client_id.clone(), connect.clean_session);
-        let built = tokio::task::spawn_blocking(move || links(client_id, clean)).await;
+        let (router_id, clean) = (self.router_id.clone(), connect.clean_session);
+        let built = tokio::task::spawn_blocking(move || {
+            for old in evict {
+                super::broker::drop_session(&links, old);
+            }
+            links(router_id, clean)
+        })
+        .await;
         let (link_tx, link_rx, connack) = match built {
             Ok(Ok(l)) => l,
             other => {
@@ -194,17 +205,18 @@ impl<'a> Session<'a> {
     ) -> Result<Option<LastWill>, (ConnectReturnCode, String)> {
         let bad = |r: &str| (ConnectReturnCode::BadUserNamePassword, r.to_string());
         let (username, password) = login.ok_or_else(|| bad("no username/password"))?;
-        let principal = self.deps.auth.verify(password).map_err(|e| (refuse_code(&e), e.to_string()))?;
+        let (principal, expires_at) =
+            self.deps.auth.verify_expiring(password).map_err(|e| (refuse_code(&e), e.to_string()))?;
         let Principal::Device { tenant, device_id, perms } = &principal else {
             return Err((ConnectReturnCode::NotAuthorized, "admin tokens cannot connect as devices".into()));
         };
         if username != device_id {
             return Err(bad("username must be the token's device id"));
         }
-        if !client_id.starts_with(device_id.as_str()) {
+        if !client_id_allowed(client_id, device_id) {
             return Err((
                 ConnectReturnCode::ClientIdentifierNotValid,
-                format!("client id {client_id:?} must be or start with the device id {device_id:?}"),
+                format!("client id {client_id:?} must be {device_id:?} or \"{device_id}-<suffix>\", at most 128 bytes"),
             ));
         }
         if !perms.contains(&Perm::WriteEvents) && !perms.contains(&Perm::ReadEvents) {
@@ -225,6 +237,7 @@ impl<'a> Session<'a> {
         self.tenant = tenant.clone();
         self.device_id = device_id.clone();
         self.principal = principal.clone();
+        self.expires_at = expires_at;
         Ok(will)
     }
 
@@ -242,6 +255,7 @@ impl<'a> Session<'a> {
     /// Reads one packet; `None` on a clean EOF between packets.
     async fn read_packet(&mut self) -> Result<Option<Packet>, String> {
         loop {
+            framing::check(&self.read_buf)?;
             match self.codec.read_mut(&mut self.read_buf, self.deps.config.max_packet_size) {
                 Ok(p) => return Ok(Some(p)),
                 Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {}
@@ -282,17 +296,36 @@ impl<'a> Session<'a> {
         let mut suback_merge: HashMap<u16, Vec<bool>> = HashMap::new();
         let mut deadline = self.keep_alive.map(|k| tokio::time::Instant::now() + k);
         let mut packets: VecDeque<Decoded> = VecDeque::new();
-        loop {
+        // The device closed its side: finish what it sent, then end.
+        let mut eof = false;
+        let (auth, principal) = (self.deps.auth.clone(), self.principal.clone());
+        let ended = auth.session_end(&principal, self.expires_at);
+        tokio::pin!(ended);
+        let end = loop {
+            // Bytes already buffered (they may have come with the CONNECT, or
+            // several packets in one segment) are decoded before any new read.
+            if let Err(end) = self.decode(&mut packets) {
+                break end;
+            }
             // Admit held and already-read publishes while the limits allow.
             if let Err(end) =
                 self.admit(&mut packets, &mut held, &mut resume_at, &mut fifo, link_tx, &mut suback_merge).await
             {
-                return end;
+                break end;
             }
             if let Err(e) = self.flush().await {
-                return End::Unclean(e);
+                break End::Unclean(e);
             }
-            let can_read = held.is_none() && packets.is_empty() && fifo.len() < self.deps.config.max_inflight;
+            if eof && packets.is_empty() && held.is_none() {
+                break End::Unclean("connection closed by the device".into());
+            }
+            let can_read = !eof && held.is_none() && packets.is_empty() && fifo.len() < self.deps.config.max_inflight;
+            if !can_read {
+                // Keep-alive counts only while the device is read: time the
+                // appliance holds the read (rate limit, full log, commits in
+                // flight) never expires it, so throttling fires no will.
+                deadline = self.keep_alive.map(|k| tokio::time::Instant::now() + k);
+            }
             let ka = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -300,46 +333,62 @@ impl<'a> Session<'a> {
                 }
             };
             tokio::select! {
-                _ = shutdown.cancelled() => return End::Shutdown,
-                _ = ka => return End::Unclean("keep-alive expired (no packet within 1.5 × keep-alive)".into()),
+                _ = shutdown.cancelled() => break End::Shutdown,
+                // Revoked or expired: what is not committed yet is never acked.
+                why = &mut ended => return End::Ended(why),
+                _ = ka, if can_read => break End::Unclean("keep-alive expired (no packet within 1.5 × keep-alive)".into()),
                 _ = tokio::time::sleep_until(resume_at), if held.is_some() => {}
                 r = self.reader.read_buf(&mut self.read_buf), if can_read => match r {
-                    Ok(0) => return End::Unclean("connection closed by the device".into()),
-                    Err(e) => return End::Unclean(format!("read: {e}")),
-                    Ok(_) => {
-                        deadline = self.keep_alive.map(|k| tokio::time::Instant::now() + k);
-                        loop {
-                            let header = publish_header(&self.read_buf);
-                            match self.codec.read_mut(&mut self.read_buf, self.deps.config.max_packet_size) {
-                                Ok(p) => packets.push_back((p, header)),
-                                Err(rumqttd::protocol::Error::InsufficientBytes(_)) => break,
-                                Err(e) => {
-                                    self.deps.ingest.count_rejected(PROTOCOL, "malformed");
-                                    return End::Unclean(format!("malformed packet: {e}"));
-                                }
-                            }
-                        }
-                    }
+                    Ok(0) => eof = true,
+                    Err(e) => break End::Unclean(format!("read: {e}")),
+                    Ok(_) => deadline = self.keep_alive.map(|k| tokio::time::Instant::now() + k),
                 },
                 Some((publish, read_at, result)) = fifo.next() => {
                     self.deps.metrics.mqtt_commit_wait.observe(read_at.elapsed().as_secs_f64());
                     match result {
                         // Durable: now the router may fan it out and PUBACK it.
                         Ok(_) => if let Err(e) = link_tx.send(Packet::Publish(publish, None)).await {
-                            return End::Unclean(format!("router link: {e}"));
+                            break End::Unclean(format!("router link: {e}"));
                         },
-                        Err(e) => {
-                            return End::Unclean(format!("publish refused, not acked: {e}"));
-                        }
+                        Err(e) => break End::Unclean(format!("publish refused, not acked: {e}")),
                     }
                 }
                 n = link_rx.next() => match n {
                     Ok(Some(notification)) => if let Err(end) = self.deliver(notification, link_rx, &mut suback_merge).await {
-                        return end;
+                        break end;
                     },
                     Ok(None) => {}
-                    Err(e) => return End::Unclean(format!("router link closed: {e}")),
+                    Err(e) => break End::Unclean(format!("router link closed: {e}")),
                 },
+            }
+        };
+        // Every publish read before the end is committed and handed to the
+        // router, whatever the segmentation: a QoS 0 publish followed by
+        // DISCONNECT in one write is stored like any other.
+        while let Some((publish, _, result)) = fifo.next().await {
+            if result.is_ok() {
+                let _ = link_tx.send(Packet::Publish(publish, None)).await;
+            }
+        }
+        end
+    }
+
+    /// Decodes every complete packet in the read buffer, after checking the
+    /// bytes rumqttd's codec does not.
+    fn decode(&mut self, packets: &mut VecDeque<Decoded>) -> Result<(), End> {
+        loop {
+            let malformed = |s: &Self, why: String| {
+                s.deps.ingest.count_rejected(PROTOCOL, "malformed");
+                End::Unclean(format!("malformed packet: {why}"))
+            };
+            if let Err(why) = framing::check(&self.read_buf) {
+                return Err(malformed(self, why));
+            }
+            let header = publish_header(&self.read_buf);
+            match self.codec.read_mut(&mut self.read_buf, self.deps.config.max_packet_size) {
+                Ok(p) => packets.push_back((p, header)),
+                Err(rumqttd::protocol::Error::InsufficientBytes(_)) => return Ok(()),
+                Err(e) => return Err(malformed(self, e.to_string())),
             }
         }
     }
@@ -399,12 +448,25 @@ impl<'a> Session<'a> {
                 Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)).await.map_err(End::Unclean)?,
                 Packet::Subscribe(sub, props) => self.subscribe(sub, props, link_tx, suback_merge).await?,
                 Packet::Disconnect(..) => return Err(End::Clean),
-                p @ (Packet::Unsubscribe(..) | Packet::PubAck(..)) => {
+                Packet::Unsubscribe(u, props) => {
+                    for f in &u.filters {
+                        self.filters.remove(f);
+                    }
+                    link_tx
+                        .send(Packet::Unsubscribe(u, props))
+                        .await
+                        .map_err(|e| End::Unclean(format!("router link: {e}")))?;
+                }
+                p @ Packet::PubAck(..) => {
                     link_tx.send(p).await.map_err(|e| End::Unclean(format!("router link: {e}")))?;
                 }
                 other => {
+                    // Named by kind only: a packet's Debug output can carry credentials.
                     self.deps.ingest.count_rejected(PROTOCOL, "protocol");
-                    return Err(End::Unclean(format!("unexpected packet {other:?} (QoS 2 flows are not supported)")));
+                    return Err(End::Unclean(format!(
+                        "unexpected {} packet (QoS 2 flows are not supported)",
+                        framing::name(&other)
+                    )));
                 }
             }
         }
@@ -450,6 +512,14 @@ impl<'a> Session<'a> {
                     String::from_utf8_lossy(&publish.topic)
                 ))
             })?;
+        if publish.retain && !self.deps.sessions.retain(&self.tenant, &stream_topic, publish.payload.len()) {
+            tracing::warn!(
+                device_id = self.device_id,
+                topic = stream_topic,
+                "retained-message bound of the tenant reached: stored and delivered, not retained"
+            );
+            publish.retain = false;
+        }
         publish.topic = Bytes::from(stream_topic);
         let (ingest, principal, tenant) = (self.deps.ingest.clone(), self.principal.clone(), self.tenant.clone());
         fifo.push_back(Box::pin(async move {
@@ -467,16 +537,22 @@ impl<'a> Session<'a> {
         suback_merge: &mut HashMap<u16, Vec<bool>>,
     ) -> Result<(), End> {
         let readable = self.can(Perm::ReadEvents);
-        let refused: Vec<bool> = sub
-            .filters
-            .iter()
-            .map(|f| !(readable && subscribe_allowed(&f.path, &self.tenant, &self.device_id)))
-            .collect();
-        for (f, r) in sub.filters.iter().zip(&refused) {
-            if *r {
-                tracing::info!(peer = %self.peer, device_id = self.device_id, filter = f.path, "mqtt subscribe refused (0x80)");
-                self.deps.ingest.count_rejected(PROTOCOL, "forbidden_subscribe");
+        let max = self.deps.config.max_filters;
+        let mut refused = Vec::with_capacity(sub.filters.len());
+        for f in &sub.filters {
+            let why = if !(readable && subscribe_allowed(&f.path, &self.tenant, &self.device_id)) {
+                Some("forbidden_subscribe")
+            } else if !self.filters.contains(&f.path) && self.filters.len() >= max {
+                Some("max_filters")
+            } else {
+                self.filters.insert(f.path.clone());
+                None
+            };
+            if let Some(reason) = why {
+                tracing::info!(peer = %self.peer, device_id = self.device_id, filter = f.path, reason, max_filters = max, "mqtt subscribe refused (0x80)");
+                self.deps.ingest.count_rejected(PROTOCOL, reason);
             }
+            refused.push(why.is_some());
         }
         if refused.iter().all(|r| *r) {
             let codes = vec![SubscribeReasonCode::Failure; refused.len()];
@@ -534,6 +610,15 @@ impl<'a> Session<'a> {
             let _ = self.flush().await;
             return Err(End::Unclean("router disconnected the link".into()));
         }
+        // Defence in depth: whatever the router routes, a connection only
+        // ever receives what its own ACL lets it subscribe to.
+        if let Packet::Publish(p, _) = &packet
+            && !delivery_allowed(&String::from_utf8_lossy(&p.topic), &self.tenant, &self.device_id)
+        {
+            tracing::warn!(peer = %self.peer, device_id = self.device_id, topic = %String::from_utf8_lossy(&p.topic),
+                "router delivered outside this connection's ACL; dropped");
+            return Ok(());
+        }
         self.write(packet).await.map_err(End::Unclean)
     }
 
@@ -544,9 +629,26 @@ impl<'a> Session<'a> {
             tracing::warn!(device_id = self.device_id, topic, "will is not a JSON event of this device; not published");
             return;
         };
+        // Wills count against the device's rate limits like any publish: over
+        // a limit the will waits (at most WILL_WAIT) for the window to allow it.
+        let waited = Instant::now();
+        while let Err(l) = self.deps.ingest.check_rate(&self.tenant, &self.device_id, 1) {
+            if waited.elapsed() + l.retry_after > WILL_WAIT {
+                tracing::warn!(
+                    device_id = self.device_id,
+                    topic,
+                    window = l.window.as_str(),
+                    "will dropped: over the rate limit"
+                );
+                self.deps.ingest.count_rejected(PROTOCOL, "rate_limited");
+                return;
+            }
+            tokio::time::sleep(l.retry_after).await;
+        }
         match self.deps.ingest.submit_with(&self.principal, &self.tenant, vec![input], false, PROTOCOL, false).await {
             Ok(_) => {
-                let publish = Publish::new(Bytes::from(stream_topic), will.message.clone(), will.retain);
+                let retain = will.retain && self.deps.sessions.retain(&self.tenant, &stream_topic, will.message.len());
+                let publish = Publish::new(Bytes::from(stream_topic), will.message.clone(), retain);
                 if let Err(e) = link_tx.send(Packet::Publish(publish, None)).await {
                     tracing::warn!(error = %e, device_id = self.device_id, "will stored but not published");
                 } else {
@@ -555,20 +657,5 @@ impl<'a> Session<'a> {
             }
             Err(e) => tracing::warn!(error = %e, device_id = self.device_id, "will refused"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn publish_header_reads_qos_dup_and_pkid() {
-        // PUBLISH, DUP=1, QoS 1, topic "a/b", pkid 0x1234, payload "{}".
-        let frame = [0x3a, 9, 0, 3, b'a', b'/', b'b', 0x12, 0x34, b'{', b'}'];
-        assert_eq!(publish_header(&frame), Some((1, true, 0x1234)));
-        let qos0 = [0x30, 7, 0, 3, b'a', b'/', b'b', b'{', b'}'];
-        assert_eq!(publish_header(&qos0), Some((0, false, 0)));
-        assert_eq!(publish_header(&[0xc0, 0]), None);
     }
 }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{Closed, Filter, Hub, Item, Subscription};
-use crate::auth::{Authenticator, Principal};
+use crate::auth::{Authenticator, Principal, SessionEnd};
 use crate::config::StreamConfig;
 use crate::event::{Tenant, now_us, parse_cursor};
 use crate::http::auth::Subscribe;
@@ -63,7 +63,12 @@ pub(super) struct Opened {
     pub tenant: Tenant,
     pub principal: Principal,
     pub sub: Subscription,
+    /// Resolves when the device is revoked or the token expires.
+    pub ended: SessionEnded,
 }
+
+/// A session's end: revocation or token expiry (see `Authenticator::session_end`).
+pub(super) type SessionEnded = std::pin::Pin<Box<dyn Future<Output = SessionEnd> + Send>>;
 
 /// Auth, filters, cursor and a subscriber slot; `after` from the query, else
 /// `Last-Event-ID`, else "from now".
@@ -74,7 +79,7 @@ pub(super) async fn open(
     headers: &HeaderMap,
     kind: &'static str,
 ) -> Result<Opened, ApiError> {
-    let TenantAccess { tenant, principal, .. } = access;
+    let TenantAccess { tenant, principal, expires_at, .. } = access;
     let filter =
         Filter::parse(params.get("device_id").map(String::as_str), params.get("event_types").map(String::as_str))
             .map_err(|m| ApiError::bad_field("event_types", m))?;
@@ -93,7 +98,9 @@ pub(super) async fn open(
         ApiError::unavailable("too_many_subscribers", "stream.max_subscribers reached", Duration::from_secs(5))
     })?;
     let sub = Subscription::new(&state.hub, slot, state.readers.clone(), &tenant, filter, after);
-    Ok(Opened { tenant, principal, sub })
+    let (auth, p) = (state.auth.clone(), principal.clone());
+    let ended = Box::pin(async move { auth.session_end(&p, expires_at).await });
+    Ok(Opened { tenant, principal, sub, ended })
 }
 
 pub(super) fn presence_frame(device_id: &str, online: bool) -> String {
@@ -112,18 +119,23 @@ async fn sse(
     Query(params): Query<Params>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Opened { sub, .. } = open(&state, access, &params, &headers, "sse").await?;
+    let Opened { sub, ended, .. } = open(&state, access, &params, &headers, "sse").await?;
     let shutdown = state.shutdown.clone();
     let st = state.clone();
     // Tracked while the stream lives, so shutdown waits for it to end.
     let tracked = state.tracker.token();
     // State: the subscription, or None once closed.
-    let stream = futures_util::stream::unfold(Some((sub, tracked)), move |sub| {
+    let stream = futures_util::stream::unfold(Some((sub, tracked, ended)), move |sub| {
         let (shutdown, st) = (shutdown.clone(), st.clone());
         async move {
-            let (mut sub, tracked) = sub?;
+            let (mut sub, tracked, mut ended) = sub?;
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return None,
+                why = &mut ended => {
+                    // Revoked or expired: one last error event, then the stream ends.
+                    let v = json!({"type": "error", "code": why.code(), "message": "session ended; the device was revoked or its token expired"});
+                    return Some((Ok(SseEvent::default().event("error").data(v.to_string())), None));
+                }
                 n = sub.next() => n,
             };
             let (ev, keep) = match next {
@@ -142,7 +154,7 @@ async fn sse(
                 }
                 Err(Closed::Gone) => return None,
             };
-            Some((Ok::<_, Infallible>(ev), keep.then_some((sub, tracked))))
+            Some((Ok::<_, Infallible>(ev), keep.then_some((sub, tracked, ended))))
         }
     });
     let mut resp = Sse::new(stream)
@@ -170,7 +182,7 @@ async fn poll(
     };
     let mut params = params;
     params.entry("after".into()).or_insert_with(|| "0".into());
-    let Opened { mut sub, .. } = open(&state, access, &params, &headers, "poll").await?;
+    let Opened { mut sub, mut ended, .. } = open(&state, access, &params, &headers, "poll").await?;
     let mut events = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -179,6 +191,7 @@ async fn poll(
             if events.is_empty() { deadline } else { tokio::time::Instant::now() + Duration::from_millis(5) };
         let next = tokio::select! {
             _ = state.shutdown.cancelled() => break,
+            _ = &mut ended => break,
             _ = tokio::time::sleep_until(wait_until) => break,
             n = sub.next() => n,
         };

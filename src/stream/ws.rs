@@ -77,7 +77,7 @@ async fn close(mut socket: WebSocket, code: u16, reason: &str) {
 }
 
 async fn ws_session(mut socket: WebSocket, state: StreamState, opened: Opened) {
-    let Opened { tenant, principal, mut sub } = opened;
+    let Opened { tenant, principal, mut sub, mut ended } = opened;
     let interval = state.config.ping_interval;
     let mut ping = tokio::time::interval(interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -88,6 +88,13 @@ async fn ws_session(mut socket: WebSocket, state: StreamState, opened: Opened) {
     loop {
         let out: Option<String> = tokio::select! {
             _ = shutdown.cancelled() => return close(socket, 1001, "server shutting down").await,
+            why = &mut ended => {
+                let text = error_frame(why.code(), "session ended: the device was revoked or its token expired", None);
+                if socket.send(Message::Text(text.into())).await.is_ok() {
+                    close(socket, 1008, why.code()).await;
+                }
+                return;
+            }
             item = sub.next() => match item {
                 Ok(Item::Event(e)) if !paused => {
                     observe(&state, e.received_at_us);

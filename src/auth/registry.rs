@@ -1,0 +1,127 @@
+//! The device registry as the authenticator sees it: tenant → device →
+//! revoked?, cached in memory.
+//!
+//! - A change made through this process (API register or revoke) applies at
+//!   once; one made by another process (the CLI) within `REGISTRY_POLL`.
+//! - A device the cache does not know is looked up in the site log before a
+//!   token is refused, so `outpost device add` works the moment it returns.
+//!   Only tokens whose signature verified get that far, so the look-up
+//!   cannot be driven by strangers.
+//! - Every change is announced (`changes`), so open sessions of a revoked
+//!   device end without polling.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::log::{self, Readers, schema};
+
+/// How often a running appliance looks for registry changes made by the CLI.
+pub const REGISTRY_POLL: Duration = Duration::from_millis(250);
+
+/// In-memory view of the device registry.
+pub struct Registry {
+    devices: RwLock<HashMap<String, HashMap<String, bool>>>,
+    version: AtomicI64,
+    /// Bumped on every change.
+    changed: watch::Sender<u64>,
+    /// The site log, for devices the cache does not know yet.
+    log: Option<(PathBuf, Mutex<Option<Connection>>)>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self { devices: RwLock::default(), version: AtomicI64::new(0), changed: watch::Sender::new(0), log: None }
+    }
+}
+
+impl Registry {
+    /// A registry that falls back to the site log at `path` on a miss.
+    pub fn for_log(path: PathBuf) -> Self {
+        Self { log: Some((path, Mutex::new(None))), ..Self::default() }
+    }
+
+    /// `Some(revoked)` for a registered device, `None` for an unknown one.
+    pub fn lookup(&self, tenant: &str, device_id: &str) -> Option<bool> {
+        let cached = {
+            let map = self.devices.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            map.get(tenant).and_then(|t| t.get(device_id)).copied()
+        };
+        cached.or_else(|| self.read_through(tenant, device_id))
+    }
+
+    /// A device registered by another process since the last refresh.
+    fn read_through(&self, tenant: &str, device_id: &str) -> Option<bool> {
+        let (path, conn) = self.log.as_ref()?;
+        let mut conn = conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if conn.is_none() {
+            *conn = log::open(path, true).ok();
+        }
+        let device = schema::device_by_id(conn.as_ref()?, tenant, device_id).ok()??;
+        let revoked = device.revoked_at.is_some();
+        drop(conn);
+        self.set(tenant, device_id, revoked);
+        Some(revoked)
+    }
+
+    /// Records a change made through this process.
+    pub fn set(&self, tenant: &str, device_id: &str, revoked: bool) {
+        let mut map = self.devices.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let old = map.entry(tenant.to_string()).or_default().insert(device_id.to_string(), revoked);
+        drop(map);
+        if old != Some(revoked) {
+            self.changed.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Reloads everything from the log if any process changed the registry.
+    pub fn refresh(&self, conn: &Connection) -> Result<bool, log::Error> {
+        let version = schema::registry_version(conn)?;
+        if version == self.version.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let mut fresh: HashMap<String, HashMap<String, bool>> = HashMap::new();
+        for d in schema::devices(conn, None)? {
+            fresh.entry(d.tenant).or_default().insert(d.device_id, d.revoked_at.is_some());
+        }
+        *self.devices.write().unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        self.version.store(version, Ordering::Release);
+        self.changed.send_modify(|v| *v += 1);
+        Ok(true)
+    }
+
+    /// Fires after every change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+/// Keeps the registry cache in step with changes from other processes
+/// (`outpost device revoke` while the appliance runs): within `REGISTRY_POLL`.
+pub async fn run_registry_refresh(
+    readers: Readers,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) -> Result<(), log::Error> {
+    let mut tick = tokio::time::interval(REGISTRY_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        crate::failpoint::fire("registry_refresh");
+        let reg = registry.clone();
+        match readers.with(move |conn| reg.refresh(conn)).await {
+            Ok(true) => tracing::info!("device registry changed; reloaded"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "device registry refresh failed"),
+        }
+    }
+}
