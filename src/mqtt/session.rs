@@ -65,7 +65,7 @@ pub(super) struct Session<'a> {
     keep_alive: Option<Duration>,
     /// The token's `exp` (unix seconds): the session ends then.
     expires_at: i64,
-    /// The router's client id for this connection: `<tenant>|<client id>`.
+    /// The router's client id for this connection: `<tenant>|<device>|<client id>`.
     router_id: String,
     /// Filters this connection holds (bounded by `mqtt.max_filters`).
     filters: HashSet<String>,
@@ -164,8 +164,9 @@ impl<'a> Session<'a> {
         self.keep_alive =
             (connect.keep_alive > 0).then(|| Duration::from_secs(u64::from(connect.keep_alive)).mul_f32(1.5));
         // The router's session namespace is global: ids are namespaced by
-        // tenant (`|` is in no tenant name; rumqttd refuses `+$#/`).
-        self.router_id = format!("{}|{}", self.tenant, connect.client_id);
+        // tenant and device (`|` is in no tenant name or device id; rumqttd
+        // refuses `+$#/`), so `sensor`'s "sensor-1" is not device sensor-1's.
+        self.router_id = format!("{}|{}|{}", self.tenant, self.device_id, connect.client_id);
         let evict = self.deps.sessions.session(&self.tenant, &self.device_id, &self.router_id, !connect.clean_session);
         let links = self.deps.links.clone();
         let (router_id, clean) = (self.router_id.clone(), connect.clean_session);

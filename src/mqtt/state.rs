@@ -132,12 +132,12 @@ mod tests {
     #[test]
     fn persistent_sessions_per_device_are_bounded_oldest_first() {
         let s = sessions();
-        assert!(s.session("acme", "d1", "acme|d1-a", true).is_empty());
-        assert!(s.session("acme", "d1", "acme|d1-b", true).is_empty());
-        assert!(s.session("acme", "d1", "acme|d1-a", true).is_empty(), "a resumed session is not a new one");
-        assert_eq!(s.session("acme", "d1", "acme|d1-c", true), vec!["acme|d1-b".to_string()]);
-        assert!(s.session("acme", "d1", "acme|d1-a", false).is_empty(), "clean replaces persistent");
-        assert!(s.session("acme", "d1", "acme|d1-d", true).is_empty());
+        assert!(s.session("acme", "d1", "acme|d1|d1-a", true).is_empty());
+        assert!(s.session("acme", "d1", "acme|d1|d1-b", true).is_empty());
+        assert!(s.session("acme", "d1", "acme|d1|d1-a", true).is_empty(), "a resumed session is not a new one");
+        assert_eq!(s.session("acme", "d1", "acme|d1|d1-c", true), vec!["acme|d1|d1-b".to_string()]);
+        assert!(s.session("acme", "d1", "acme|d1|d1-a", false).is_empty(), "clean replaces persistent");
+        assert!(s.session("acme", "d1", "acme|d1|d1-d", true).is_empty());
     }
 
     #[test]

@@ -18,9 +18,11 @@ use outpost::auth::{Authenticator, Perm, Registry};
 use outpost::config::Config;
 use serde_json::{Value, json};
 
-/// Path of the built `outpost` binary.
+/// Path of the built `outpost` binary (`OUTPOST_TEST_BIN` runs the
+/// black-box tests against another build, e.g. an older release, to show
+/// that a test fails there).
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_outpost"))
+    std::env::var_os("OUTPOST_TEST_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_outpost")), PathBuf::from)
 }
 
 /// A config for tests: loopback ports, the given data dir, site id `site-a`.
@@ -306,6 +308,14 @@ impl Proc {
     pub fn kill9(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then wait for the exit status (the log stays readable).
+    pub fn terminate_in_place(&mut self) -> std::process::ExitStatus {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        self.child.wait().unwrap()
     }
 
     /// SIGTERM, then wait for the exit status.

@@ -71,7 +71,38 @@ impl Raw {
         keep_alive: u16,
         will: Option<Will<'_>>,
     ) -> (Self, u8) {
+        let (c, code, _) = Self::connect_session(addr, client_id, user, pass, keep_alive, will, true).await;
+        (c, code)
+    }
+
+    /// CONNECT with a chosen clean-session flag; (client, return code, session present).
+    pub async fn connect_session(
+        addr: SocketAddr,
+        client_id: &str,
+        user: &str,
+        pass: &str,
+        keep_alive: u16,
+        will: Option<Will<'_>>,
+        clean: bool,
+    ) -> (Self, u8, bool) {
         let mut c = Self::connect_tcp(addr).await;
+        c.send(&connect_packet(client_id, user, pass, keep_alive, will, clean)).await;
+        let ack = c.read(Duration::from_secs(10)).await.expect("no CONNACK");
+        assert_eq!(ack.kind, 2, "expected CONNACK, got {ack:?}");
+        (c, ack.body[1], ack.body[0] & 1 == 1)
+    }
+}
+
+/// The bytes of a CONNECT (username + password, optional will, clean flag).
+pub fn connect_packet(
+    client_id: &str,
+    user: &str,
+    pass: &str,
+    keep_alive: u16,
+    will: Option<Will<'_>>,
+    clean: bool,
+) -> Vec<u8> {
+    {
         let mut body = Vec::new();
         string(b"MQTT", &mut body);
         body.push(4);
@@ -82,7 +113,9 @@ impl Raw {
                 flags |= 0b0010_0000;
             }
         }
-        flags |= 0b10; // clean session
+        if clean {
+            flags |= 0b10;
+        }
         body.push(flags);
         body.extend_from_slice(&keep_alive.to_be_bytes());
         string(client_id.as_bytes(), &mut body);
@@ -92,27 +125,29 @@ impl Raw {
         }
         string(user.as_bytes(), &mut body);
         string(pass.as_bytes(), &mut body);
-        c.send(&frame(0x10, &body)).await;
-        let ack = c.read(Duration::from_secs(10)).await.expect("no CONNACK");
-        assert_eq!(ack.kind, 2, "expected CONNACK, got {ack:?}");
-        let code = ack.body[1];
-        (c, code)
+        frame(0x10, &body)
     }
+}
 
+/// The bytes of a PUBLISH.
+pub fn publish_packet(topic: &str, payload: &[u8], qos: u8, pkid: u16, dup: bool, retain: bool) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(topic.as_bytes(), &mut body);
+    if qos > 0 {
+        body.extend_from_slice(&pkid.to_be_bytes());
+    }
+    body.extend_from_slice(payload);
+    frame(0x30 | (u8::from(dup) << 3) | (qos << 1) | u8::from(retain), &body)
+}
+
+impl Raw {
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
     }
 
     /// PUBLISH with full control of QoS, packet id, DUP and retain.
     pub async fn publish(&mut self, topic: &str, payload: &[u8], qos: u8, pkid: u16, dup: bool, retain: bool) {
-        let mut body = Vec::new();
-        string(topic.as_bytes(), &mut body);
-        if qos > 0 {
-            body.extend_from_slice(&pkid.to_be_bytes());
-        }
-        body.extend_from_slice(payload);
-        let first = 0x30 | (u8::from(dup) << 3) | (qos << 1) | u8::from(retain);
-        let f = frame(first, &body);
+        let f = publish_packet(topic, payload, qos, pkid, dup, retain);
         // A write may fail if the server already closed: the caller checks reads.
         let _ = self.stream.write_all(&f).await;
     }
