@@ -66,11 +66,18 @@ impl Running {
 
 /// Runs the appliance until SIGTERM / SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM right after the "listening" line must drain,
+    // not kill.
+    let signals = signals().context("cannot install signal handlers")?;
     let running = start(config).await?;
     systemd::ready();
     let shutdown = running.shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        let (mut term, mut int) = signals;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
         tracing::info!("shutdown requested; finishing in-flight requests");
         systemd::stopping();
         shutdown.cancel();
@@ -78,20 +85,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     running.wait().await
 }
 
-async fn wait_for_signal() {
+fn signals() -> std::io::Result<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; falling back to Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    Ok((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
 }
 
 /// Starts every stage and returns once the sockets are bound.
@@ -155,25 +151,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     match connector {
         Some(connector) => {
-            let listener = Listener {
-                connector: connector.clone(),
-                config: config.central.clone(),
-                site_id: config.site_id(),
-                log: log.clone(),
-                readers: site.readers.clone(),
-                metrics: metrics.clone(),
-            };
-            stages.spawn("listen", listener.run(stages.shutdown.clone()));
-            let forwarder = Forwarder {
-                connector,
-                config: config.central.clone(),
-                log: log.clone(),
-                readers: site.readers.clone(),
-                status: uplink,
-                metrics,
-                wake: committed,
-            };
-            stages.spawn("forwarder", forwarder.run(stages.shutdown.clone()));
+            let central = Central { connector, uplink, committed, log: log.clone(), readers: site.readers.clone() };
+            spawn_central(&stages, &config, central, metrics);
         }
         None => tracing::info!("central.url not set: buffering locally, nothing is forwarded"),
     }
@@ -187,6 +166,38 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let shutdown = stages.shutdown.clone();
     let supervisor = tokio::spawn(stages.supervise(writer, config.shutdown_grace));
     Ok(Running { http_addr, mqtt_addr, shutdown, supervisor })
+}
+
+/// What the stages that talk to the central database share.
+struct Central {
+    connector: Connector,
+    uplink: Arc<ForwardStatus>,
+    committed: Arc<Notify>,
+    log: LogHandle,
+    readers: Readers,
+}
+
+/// The LISTEN connection (other sites' events) and the forwarder.
+fn spawn_central(stages: &Stages, config: &Config, c: Central, metrics: Arc<Metrics>) {
+    let listener = Listener {
+        connector: c.connector.clone(),
+        config: config.central.clone(),
+        site_id: config.site_id(),
+        log: c.log.clone(),
+        readers: c.readers.clone(),
+        metrics: metrics.clone(),
+    };
+    stages.spawn("listen", listener.run(stages.shutdown.clone()));
+    let forwarder = Forwarder {
+        connector: c.connector,
+        config: config.central.clone(),
+        log: c.log,
+        readers: c.readers,
+        status: c.uplink,
+        metrics,
+        wake: c.committed,
+    };
+    stages.spawn("forwarder", forwarder.run(stages.shutdown.clone()));
 }
 
 /// What the site's own files give: the migrated log, readers, the device

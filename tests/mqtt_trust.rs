@@ -448,7 +448,7 @@ async fn presence_stays_online_until_the_last_session_ends() {
     };
     let (mut a, _) = Raw::connect(p.mqtt.unwrap(), "pr-1", "pr-1", &token, 30, None).await;
     let (mut b, _) = Raw::connect(p.mqtt.unwrap(), "pr-1-b", "pr-1", &token, 30, None).await;
-    assert!(eventually(T, || online()).await);
+    assert!(eventually(T, &online).await);
     a.disconnect().await;
     assert!(a.closed(T).await);
     // Give a wrong "offline" every chance to land, then check it did not.

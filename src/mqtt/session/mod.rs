@@ -1,5 +1,8 @@
-//! One device connection: CONNECT checks, the durable-before-ack publish
-//! FIFO, subscriptions, deliveries and the will.
+//! One device connection: CONNECT checks (`connect`), the durable-before-ack
+//! publish FIFO (here), subscriptions, deliveries and the will (`outbound`).
+
+mod connect;
+mod outbound;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -8,20 +11,16 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::{
-    ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Packet, PingResp, Protocol, Publish,
-    SubAck, Subscribe, SubscribeReasonCode,
-};
+use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet, PingResp, Protocol, Publish};
 use serde_json::value::RawValue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::CancellationToken;
 
-use super::acl::{client_id_allowed, delivery_allowed, event_topic, subscribe_allowed};
+use super::acl::event_topic;
 use super::framing::{self, publish_header};
 use super::{MqttDeps, PROTOCOL};
 use crate::auth::{Perm, Principal, SessionEnd};
@@ -73,10 +72,6 @@ pub(super) struct Session<'a> {
     subscribed: bool,
 }
 
-fn refuse_code(e: &crate::auth::Error) -> ConnectReturnCode {
-    if e.is_unauthenticated() { ConnectReturnCode::BadUserNamePassword } else { ConnectReturnCode::NotAuthorized }
-}
-
 impl<'a> Session<'a> {
     pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, deps: &'a MqttDeps, shutdown: CancellationToken) {
         let (reader, writer) = stream.into_split();
@@ -125,121 +120,6 @@ impl<'a> Session<'a> {
         if deps.sessions.disconnected(&s.tenant, &s.device_id) {
             s.presence(false).await;
         }
-    }
-
-    /// Reads and checks the CONNECT, opens the router link and answers the
-    /// CONNACK. `None` when the connection ends here (refused, timed out).
-    async fn handshake(&mut self, shutdown: &CancellationToken) -> Option<(LinkTx, LinkRx, Option<LastWill>)> {
-        let connect = tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            r = tokio::time::timeout(self.deps.config.connect_timeout, self.read_packet()) => r,
-        };
-        let packet = match connect {
-            Ok(Ok(Some(p))) => p,
-            Ok(Ok(None)) => return None,
-            Ok(Err(e)) => {
-                tracing::info!(peer = %self.peer, reason = e, "mqtt: bad first packet; closing");
-                return None;
-            }
-            Err(_) => {
-                tracing::info!(peer = %self.peer, timeout = ?self.deps.config.connect_timeout, "mqtt: no CONNECT in time; closing");
-                return None;
-            }
-        };
-        let Packet::Connect(connect, _props, will, _will_props, login) = packet else {
-            tracing::info!(peer = %self.peer, "mqtt: first packet is not CONNECT; closing");
-            return None;
-        };
-        let will = match self.authenticate(&connect.client_id, login.as_ref().map(|l| (&l.username, &l.password)), will)
-        {
-            Ok(will) => will,
-            Err((code, reason)) => {
-                tracing::info!(peer = %self.peer, client_id = connect.client_id, reason, "mqtt CONNECT refused");
-                self.deps.ingest.count_rejected(PROTOCOL, "connect_refused");
-                let _ = self.write(Packet::ConnAck(ConnAck { session_present: false, code }, None)).await;
-                let _ = self.flush().await;
-                return None;
-            }
-        };
-        self.keep_alive =
-            (connect.keep_alive > 0).then(|| Duration::from_secs(u64::from(connect.keep_alive)).mul_f32(1.5));
-        // The router's session namespace is global: ids are namespaced by
-        // tenant and device (`|` is in no tenant name or device id; rumqttd
-        // refuses `+$#/`), so `sensor`'s "sensor-1" is not device sensor-1's.
-        self.router_id = format!("{}|{}|{}", self.tenant, self.device_id, connect.client_id);
-        let evict = self.deps.sessions.session(&self.tenant, &self.device_id, &self.router_id, !connect.clean_session);
-        let links = self.deps.links.clone();
-        let (router_id, clean) = (self.router_id.clone(), connect.clean_session);
-        let built = tokio::task::spawn_blocking(move || {
-            for old in evict {
-                super::broker::drop_session(&links, old);
-            }
-            links(router_id, clean)
-        })
-        .await;
-        let (link_tx, link_rx, connack) = match built {
-            Ok(Ok(l)) => l,
-            other => {
-                tracing::error!(peer = %self.peer, device_id = self.device_id, result = ?other.err(), "mqtt: router refused the link");
-                let code = ConnectReturnCode::ServiceUnavailable;
-                let _ = self.write(Packet::ConnAck(ConnAck { session_present: false, code }, None)).await;
-                let _ = self.flush().await;
-                return None;
-            }
-        };
-        let connack: Option<Packet> = connack.into();
-        if let Some(p) = connack
-            && (self.write(p).await.is_err() || self.flush().await.is_err())
-        {
-            return None;
-        }
-        tracing::info!(peer = %self.peer, tenant = self.tenant, device_id = self.device_id, client_id = connect.client_id, "mqtt device connected");
-        Some((link_tx, link_rx, will))
-    }
-
-    /// CONNECT checks; returns the validated will, or the CONNACK refusal.
-    fn authenticate(
-        &mut self,
-        client_id: &str,
-        login: Option<(&String, &String)>,
-        will: Option<LastWill>,
-    ) -> Result<Option<LastWill>, (ConnectReturnCode, String)> {
-        let bad = |r: &str| (ConnectReturnCode::BadUserNamePassword, r.to_string());
-        let (username, password) = login.ok_or_else(|| bad("no username/password"))?;
-        let (principal, expires_at) =
-            self.deps.auth.verify_expiring(password).map_err(|e| (refuse_code(&e), e.to_string()))?;
-        let Principal::Device { tenant, device_id, perms } = &principal else {
-            return Err((ConnectReturnCode::NotAuthorized, "admin tokens cannot connect as devices".into()));
-        };
-        if username != device_id {
-            return Err(bad("username must be the token's device id"));
-        }
-        if !client_id_allowed(client_id, device_id) {
-            return Err((
-                ConnectReturnCode::ClientIdentifierNotValid,
-                format!("client id {client_id:?} must be {device_id:?} or \"{device_id}-<suffix>\", at most 128 bytes"),
-            ));
-        }
-        if !perms.contains(&Perm::WriteEvents) && !perms.contains(&Perm::ReadEvents) {
-            return Err((ConnectReturnCode::NotAuthorized, "token has neither write_events nor read_events".into()));
-        }
-        if let Some(w) = &will {
-            let topic = std::str::from_utf8(&w.topic).unwrap_or("");
-            if !perms.contains(&Perm::WriteEvents) || event_topic(topic, tenant, device_id).is_none() {
-                return Err((
-                    ConnectReturnCode::NotAuthorized,
-                    format!("will topic {topic:?} is not this device's event topic"),
-                ));
-            }
-            if !w.message.trim_ascii_start().starts_with(b"{") {
-                return Err((ConnectReturnCode::NotAuthorized, "will payload must be a JSON object".into()));
-            }
-        }
-        self.tenant = tenant.clone();
-        self.device_id = device_id.clone();
-        self.principal = principal.clone();
-        self.expires_at = expires_at;
-        Ok(will)
     }
 
     fn can(&self, perm: Perm) -> bool {
@@ -528,135 +408,5 @@ impl<'a> Session<'a> {
             (publish, read_at, r)
         }));
         Ok(())
-    }
-
-    async fn subscribe(
-        &mut self,
-        sub: Subscribe,
-        props: Option<rumqttd::protocol::SubscribeProperties>,
-        link_tx: &mut LinkTx,
-        suback_merge: &mut HashMap<u16, Vec<bool>>,
-    ) -> Result<(), End> {
-        let readable = self.can(Perm::ReadEvents);
-        let max = self.deps.config.max_filters;
-        let mut refused = Vec::with_capacity(sub.filters.len());
-        for f in &sub.filters {
-            let why = if !(readable && subscribe_allowed(&f.path, &self.tenant, &self.device_id)) {
-                Some("forbidden_subscribe")
-            } else if !self.filters.contains(&f.path) && self.filters.len() >= max {
-                Some("max_filters")
-            } else {
-                self.filters.insert(f.path.clone());
-                None
-            };
-            if let Some(reason) = why {
-                tracing::info!(peer = %self.peer, device_id = self.device_id, filter = f.path, reason, max_filters = max, "mqtt subscribe refused (0x80)");
-                self.deps.ingest.count_rejected(PROTOCOL, reason);
-            }
-            refused.push(why.is_some());
-        }
-        if refused.iter().all(|r| *r) {
-            let codes = vec![SubscribeReasonCode::Failure; refused.len()];
-            return self
-                .write(Packet::SubAck(SubAck { pkid: sub.pkid, return_codes: codes }, None))
-                .await
-                .map_err(End::Unclean);
-        }
-        let pkid = sub.pkid;
-        let allowed = Subscribe {
-            pkid,
-            filters: sub.filters.into_iter().zip(&refused).filter(|(_, r)| !**r).map(|(f, _)| f).collect(),
-        };
-        if refused.iter().any(|r| *r) {
-            suback_merge.insert(pkid, refused);
-        }
-        if !self.subscribed {
-            self.subscribed = true;
-            self.deps.bridge.subscriber(&self.tenant, true);
-        }
-        link_tx.send(Packet::Subscribe(allowed, props)).await.map_err(|e| End::Unclean(format!("router link: {e}")))?;
-        Ok(())
-    }
-
-    /// Writes what the router sends this device.
-    async fn deliver(
-        &mut self,
-        notification: Notification,
-        link_rx: &mut LinkRx,
-        suback_merge: &mut HashMap<u16, Vec<bool>>,
-    ) -> Result<(), End> {
-        if matches!(notification, Notification::Unschedule) {
-            // The router paused this link (its buffer filled): resume it.
-            return link_rx.wake().await.map_err(|e| End::Unclean(format!("router link: {e}")));
-        }
-        let packet: Option<Packet> = notification.into();
-        let Some(mut packet) = packet else { return Ok(()) };
-        if let Packet::SubAck(ack, _) = &mut packet
-            && let Some(refused) = suback_merge.remove(&ack.pkid)
-        {
-            let mut granted = std::mem::take(&mut ack.return_codes).into_iter();
-            ack.return_codes = refused
-                .iter()
-                .map(|r| {
-                    if *r {
-                        SubscribeReasonCode::Failure
-                    } else {
-                        granted.next().unwrap_or(SubscribeReasonCode::Failure)
-                    }
-                })
-                .collect();
-        }
-        if let Packet::Disconnect(..) = packet {
-            let _ = self.write(packet).await;
-            let _ = self.flush().await;
-            return Err(End::Unclean("router disconnected the link".into()));
-        }
-        // Defence in depth: whatever the router routes, a connection only
-        // ever receives what its own ACL lets it subscribe to.
-        if let Packet::Publish(p, _) = &packet
-            && !delivery_allowed(&String::from_utf8_lossy(&p.topic), &self.tenant, &self.device_id)
-        {
-            tracing::warn!(peer = %self.peer, device_id = self.device_id, topic = %String::from_utf8_lossy(&p.topic),
-                "router delivered outside this connection's ACL; dropped");
-            return Ok(());
-        }
-        self.write(packet).await.map_err(End::Unclean)
-    }
-
-    /// Stores the will as an event, then publishes it to subscribers.
-    async fn publish_will(&self, link_tx: &mut LinkTx, will: LastWill) {
-        let topic = String::from_utf8_lossy(&will.topic).into_owned();
-        let Some((input, stream_topic)) = self.event_input(&will.topic, &will.message, None) else {
-            tracing::warn!(device_id = self.device_id, topic, "will is not a JSON event of this device; not published");
-            return;
-        };
-        // Wills count against the device's rate limits like any publish: over
-        // a limit the will waits (at most WILL_WAIT) for the window to allow it.
-        let waited = Instant::now();
-        while let Err(l) = self.deps.ingest.check_rate(&self.tenant, &self.device_id, 1) {
-            if waited.elapsed() + l.retry_after > WILL_WAIT {
-                tracing::warn!(
-                    device_id = self.device_id,
-                    topic,
-                    window = l.window.as_str(),
-                    "will dropped: over the rate limit"
-                );
-                self.deps.ingest.count_rejected(PROTOCOL, "rate_limited");
-                return;
-            }
-            tokio::time::sleep(l.retry_after).await;
-        }
-        match self.deps.ingest.submit_with(&self.principal, &self.tenant, vec![input], false, PROTOCOL, false).await {
-            Ok(_) => {
-                let retain = will.retain && self.deps.sessions.retain(&self.tenant, &stream_topic, will.message.len());
-                let publish = Publish::new(Bytes::from(stream_topic), will.message.clone(), retain);
-                if let Err(e) = link_tx.send(Packet::Publish(publish, None)).await {
-                    tracing::warn!(error = %e, device_id = self.device_id, "will stored but not published");
-                } else {
-                    tracing::info!(device_id = self.device_id, topic, "will stored and published");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, device_id = self.device_id, "will refused"),
-        }
     }
 }
