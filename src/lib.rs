@@ -14,6 +14,7 @@ pub mod http;
 pub mod ingest;
 pub mod limits;
 pub mod log;
+pub mod logging;
 pub mod metrics;
 pub mod stream;
 pub mod systemd;
