@@ -76,6 +76,9 @@ pub enum Command {
     /// Load generators for a running appliance (not tests: report numbers).
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+    /// Check the installation (config, data dir, disk, clock, ports,
+    /// central) and print the fix for each problem; exit 1 if any check fails.
+    Doctor,
 }
 
 #[derive(Subcommand, Debug)]
@@ -227,6 +230,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Device(cmd) => device(cmd, &load(cli.config.as_deref())?),
         Command::Token(cmd) => token(cmd, &load(cli.config.as_deref())?),
         Command::Status { json } => status(&load(cli.config.as_deref())?, json).await,
+        Command::Doctor => crate::doctor::run(cli.config.as_deref()).await,
     }
 }
 

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod event;
 pub mod forward;
 pub mod http;
