@@ -153,6 +153,13 @@ token=$(cd / && runuser -u outpost -- /usr/bin/outpost --config /etc/outpost/out
   fail "device add as user outpost: $(cat "$work/add.log")"
 [ "$(echo "$token" | tr -cd . | wc -c)" = 2 ] || fail "device add printed no token: $token"
 ok "device add as the README says (token issued)"
+# The doctor, as the README says; its data dir and secret checks must pass
+# (ports may be taken by other programs on a test machine: not asserted).
+(cd / && runuser -u outpost -- /usr/bin/outpost --config /etc/outpost/outpost.toml doctor > "$work/doctor.log" 2>&1) || true
+for check in 'data dir' 'secret' 'config'; do
+  grep -q "^ok    $check " "$work/doctor.log" || { cat "$work/doctor.log" >&2; fail "outpost doctor: '$check' is not ok"; }
+done
+ok "outpost doctor as user outpost: config, data dir and secret ok"
 if [ -n "$pid" ]; then
   kill -TERM "$pid"
   wait "$pid" || fail "outpost run exited non-zero after SIGTERM"
