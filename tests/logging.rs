@@ -164,4 +164,18 @@ fn json_format_gives_one_parseable_object_per_line_from_env_or_file() {
     std::fs::write(&config, "[log]\nformat = \"json\"\n").unwrap();
     let log = dir.path().join("file.log");
     check(&run_appliance(dir.path(), &log, &["--config", config.to_str().unwrap()], &[]));
+
+    // In the journal, each JSON line carries its priority (journald strips it).
+    let log = dir.path().join("journal.json.log");
+    std::fs::File::create(&log).unwrap();
+    let stream = journal_stream(&log);
+    let text = run_appliance(dir.path(), &log, &[], &[("OUTPOST_LOG__FORMAT", "json"), ("JOURNAL_STREAM", &stream)]);
+    let stripped: String = text
+        .lines()
+        .map(|l| {
+            let json = l.strip_prefix("<6>").unwrap_or_else(|| panic!("info JSON line without <6>: {l:?}"));
+            format!("{json}\n")
+        })
+        .collect();
+    check(&stripped);
 }
