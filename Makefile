@@ -4,6 +4,8 @@
 #   make aarch64  stripped release binary for aarch64 boxes
 #   make bench    the outpost-bench load generators (target/release/outpost-bench)
 #   make install  install binary, config and systemd unit on this machine
+#   make deb      target/debian/outpost_<version>_{amd64,arm64}.deb
+#   make test-deb check both packages (lintian, install/remove/purge; needs root)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -20,6 +22,7 @@ TEST_PKGS := postgresql mosquitto-clients python3-paho-mqtt python3-websockets s
 CROSS_PKGS := rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static
 
 .PHONY: run build release test test-deps cross-deps unit-tests verify-unit aarch64 smoke-aarch64 install bench clean
+.PHONY: deb deb-deps test-deb
 
 run:
 	$(CARGO) run --release -- run
@@ -92,6 +95,26 @@ install: release
 	$(SUDO) install -m 0644 systemd/outpost.service /etc/systemd/system/outpost.service
 	$(SUDO) systemctl daemon-reload
 	@echo "installed; start with: sudo systemctl enable --now outpost"
+
+# Debian packages, built with dpkg-deb from a staged tree (pkg/deb/build-deb.sh).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -n1)
+DEB_DIR := target/debian
+DEB_PKGS := dpkg-dev help2man binutils lintian qemu-user-static systemd util-linux
+
+deb-deps:
+	@missing=""; \
+	for p in $(DEB_PKGS); do dpkg -s "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing packaging tools:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+deb: deb-deps release aarch64
+	bash pkg/deb/build-deb.sh amd64 target/release/outpost $(DEB_DIR)
+	HELP_BIN=target/release/outpost bash pkg/deb/build-deb.sh arm64 $(AARCH64_BIN) $(DEB_DIR)
+
+test-deb: deb
+	$(SUDO) bash tests/deb/test_deb.sh $(DEB_DIR) $(VERSION)
 
 # The load generators are their own binary (feature `bench`), never in the product.
 bench: release

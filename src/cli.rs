@@ -74,6 +74,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check the installation (config, data dir, disk, clock, ports,
+    /// central) and print the fix for each problem; exit 1 if any check fails.
+    Doctor,
 }
 
 #[derive(Subcommand, Debug)]
@@ -222,6 +225,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Device(cmd) => device(cmd, &load(cli.config.as_deref())?),
         Command::Token(cmd) => token(cmd, &load(cli.config.as_deref())?),
         Command::Status { json } => status(&load(cli.config.as_deref())?, json).await,
+        Command::Doctor => crate::doctor::run(cli.config.as_deref()).await,
     }
 }
 
@@ -416,11 +420,11 @@ fn dead_letter(cmd: DeadLetterCommand, cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The running appliance's `/api/v1/status`, if it answers within a second.
-/// A plain HTTP/1.0 GET: the product links no HTTP client.
-async fn live_status(cfg: &Config) -> Option<serde_json::Value> {
+/// The `/api/v1/status` of an appliance listening on `addr` (`0.0.0.0`
+/// means this machine), if it answers within a second. A plain HTTP/1.0
+/// GET: the product links no HTTP client.
+pub async fn live_status(mut addr: std::net::SocketAddr) -> Option<serde_json::Value> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut addr = cfg.http.listen;
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
@@ -458,7 +462,7 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
         None => println!("central         not configured (buffering only)"),
         Some(url) => {
             println!("central         {}", redact_url(url));
-            match live_status(cfg).await {
+            match live_status(cfg.http.listen).await {
                 Some(v) => {
                     let u = &v["uplink"];
                     println!(

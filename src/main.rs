@@ -3,14 +3,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = outpost::cli::Cli::parse();
-    let filter = EnvFilter::try_from_env("OUTPOST_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    outpost::logging::init(cli.config.as_deref());
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -21,7 +17,7 @@ fn main() -> ExitCode {
     match runtime.block_on(outpost::cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("outpost: {e:#}");
+            eprintln!("{}outpost: {e:#}", outpost::logging::error_prefix());
             ExitCode::FAILURE
         }
     }

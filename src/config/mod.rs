@@ -190,6 +190,19 @@ pub struct LogConfig {
     /// Capacity of the writer's request queue (requests, not rows). When it is
     /// full, ingest waits for room: the client sees a slower ack, never a drop.
     pub queue_capacity: usize,
+    /// Diagnostic output on stderr: `text` lines or `json` objects.
+    pub format: LogFormat,
+}
+
+/// How diagnostics are written to stderr (see `logging`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message`, fields.
+    Json,
 }
 
 /// Per-device rate limits (all three windows enforced) and input limits.
@@ -343,6 +356,7 @@ impl Default for LogConfig {
             commit_max_rows: 2000,
             commit_max_bytes: 8 * 1024 * 1024,
             queue_capacity: 4096,
+            format: LogFormat::Text,
         }
     }
 }
@@ -527,6 +541,10 @@ mod tests {
         assert_eq!(cfg.http.listen, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(cfg.limits.per_second, 99);
         assert_eq!(cfg.log.retention, Duration::from_secs(2 * 86400));
+        let cfg = Config::load(None, env(&[("OUTPOST_LOG__FORMAT", "json")])).unwrap();
+        assert_eq!(cfg.log.format, LogFormat::Json);
+        let err = Config::load(None, env(&[("OUTPOST_LOG__FORMAT", "xml")])).unwrap_err().to_string();
+        assert!(err.contains("xml"), "{err}");
     }
 
     #[test]

@@ -50,21 +50,22 @@ def main():
     ap.add_argument("--device", required=True)
     ap.add_argument("--token", required=True)
     ap.add_argument("-n", type=int, default=10000)
+    ap.add_argument("--round", default="a", help="prefix of client ids and topics, to run again on the same process")
     a = ap.parse_args()
     # Warm-up, so allocator pools and the router's first segments exist.
     for i in range(200):
-        connect(a.port, f"{a.device}-warm{i}", a.device, a.token, False).close()
+        connect(a.port, f"{a.device}-{a.round}warm{i}", a.device, a.token, False).close()
     time.sleep(1)
     before = rss_kb(a.pid)
     t0 = time.time()
     for i in range(a.n):
-        c = connect(a.port, f"{a.device}-c{i}", a.device, a.token, False)
+        c = connect(a.port, f"{a.device}-{a.round}c{i}", a.device, a.token, False)
         c.sendall(b"\xe0\x00")
         c.close()
     after_sessions = rss_kb(a.pid)
     c = connect(a.port, f"{a.device}-retain", a.device, a.token, True)
     for i in range(a.n):
-        topic = f"{a.tenant}/devices/{a.device}/events/r{i}".encode()
+        topic = f"{a.tenant}/devices/{a.device}/events/{a.round}r{i}".encode()
         c.sendall(frame(0x33, s(topic) + struct.pack(">H", i % 65535 + 1) + b'{"r":1}'))
         c.recv(4)  # PUBACK
     c.sendall(b"\xe0\x00")
