@@ -40,9 +40,9 @@ pub fn start_router(max_connections: usize) -> LinkFactory {
     })
 }
 
-/// Drops a persistent session the router keeps under `router_id` (the
-/// device's oldest beyond `mqtt.max_sessions_per_device`): a clean connect
-/// under that id replaces it, and the clean disconnect then removes it.
+/// Drops the persistent session the router keeps under `router_id` (a slot
+/// recycled for another client id, see `state`): a clean connect under that
+/// id replaces it, and the clean disconnect leaves no session behind.
 /// Blocking: call it from the blocking pool.
 pub fn drop_session(links: &LinkFactory, router_id: String) {
     use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet};

@@ -18,12 +18,45 @@ pub struct Sessions {
 
 #[derive(Default)]
 struct Inner {
-    /// Live connections per (tenant, device): presence is online while > 0.
-    live: HashMap<(String, String), usize>,
-    /// Router client ids of persistent sessions per device, oldest first.
-    persistent: HashMap<(String, String), VecDeque<String>>,
+    devices: HashMap<(String, String), Device>,
     /// Retained stream topics per tenant with their payload sizes, and the total.
     retained: HashMap<String, (HashMap<String, usize>, usize)>,
+    /// Tells a connection's lease from a later one with the same client id.
+    generation: u64,
+}
+
+/// One device's connections and the router client ids they use.
+///
+/// rumqttd keeps an entry per client id it ever saw (clean sessions leave
+/// their metrics behind), so devices' client ids never reach it: each
+/// connection is given a slot id, `<tenant>|<device>|p<n>` for a persistent
+/// session (at most `max_sessions_per_device`, recycled oldest first) or
+/// `<tenant>|<device>|c<n>` for a clean one (recycled as connections end).
+/// The router's state is then bounded by slots, not by client ids ever
+/// seen, and a client id already connected maps to its slot again, so
+/// take-over still works.
+#[derive(Default)]
+struct Device {
+    live: usize,
+    /// Persistent sessions, oldest first: (client id, slot).
+    persistent: VecDeque<(String, usize)>,
+    /// Live clean sessions: client id → (slot, generation).
+    clean: HashMap<String, (usize, u64)>,
+    clean_free: Vec<usize>,
+    clean_next: usize,
+}
+
+/// The router client id a connection uses, and what to do before using it.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    /// `<tenant>|<device>|p<n>` or `…|c<n>`.
+    pub router_id: String,
+    /// The slot held another client's persistent session: drop it first.
+    pub wipe: bool,
+    tenant: String,
+    device_id: String,
+    client_id: String,
+    generation: u64,
 }
 
 impl Sessions {
@@ -44,43 +77,87 @@ impl Sessions {
     /// Counts a live connection; true when it is the device's first.
     pub fn connected(&self, tenant: &str, device_id: &str) -> bool {
         let mut g = self.lock();
-        let n = g.live.entry((tenant.to_string(), device_id.to_string())).or_insert(0);
-        *n += 1;
-        *n == 1
+        let d = g.devices.entry((tenant.to_string(), device_id.to_string())).or_default();
+        d.live += 1;
+        d.live == 1
     }
 
     /// Uncounts a live connection; true when it was the device's last.
     pub fn disconnected(&self, tenant: &str, device_id: &str) -> bool {
         let mut g = self.lock();
         let key = (tenant.to_string(), device_id.to_string());
-        let Some(n) = g.live.get_mut(&key) else { return true };
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            g.live.remove(&key);
-            return true;
+        let Some(d) = g.devices.get_mut(&key) else { return true };
+        d.live = d.live.saturating_sub(1);
+        let last = d.live == 0;
+        if last && d.persistent.is_empty() && d.clean.is_empty() {
+            g.devices.remove(&key);
         }
-        false
+        last
     }
 
-    /// Records the session `router_id` of a device: persistent or not. Returns
-    /// the persistent sessions to drop from the router (oldest beyond the bound).
-    pub fn session(&self, tenant: &str, device_id: &str, router_id: &str, persistent: bool) -> Vec<String> {
+    /// The router client id for a connection of `client_id`.
+    pub fn lease(&self, tenant: &str, device_id: &str, client_id: &str, persistent: bool) -> Lease {
         let mut g = self.lock();
-        let key = (tenant.to_string(), device_id.to_string());
-        let list = g.persistent.entry(key.clone()).or_default();
-        // A clean session replaces whatever the router kept under that id.
-        list.retain(|id| id != router_id);
-        if persistent {
-            list.push_back(router_id.to_string());
+        g.generation += 1;
+        let generation = g.generation;
+        let max = self.max_persistent;
+        let d = g.devices.entry((tenant.to_string(), device_id.to_string())).or_default();
+        let known = d.persistent.iter().position(|(c, _)| c == client_id);
+        let (slot, wipe) = if persistent {
+            match known {
+                // Resumes its own session.
+                Some(i) => {
+                    let entry = d.persistent.remove(i).unwrap_or_default();
+                    d.persistent.push_back(entry.clone());
+                    (format!("p{}", entry.1), false)
+                }
+                None => {
+                    let used: Vec<usize> = d.persistent.iter().map(|(_, s)| *s).collect();
+                    let slot = match (0..max).find(|s| !used.contains(s)) {
+                        Some(s) => s,
+                        // Full: the oldest session is dropped, its slot reused.
+                        None => d.persistent.pop_front().map_or(0, |(_, s)| s),
+                    };
+                    d.persistent.push_back((client_id.to_string(), slot));
+                    (format!("p{slot}"), true)
+                }
+            }
+        } else {
+            // A clean session discards a persistent one of that client id.
+            if let Some(i) = known {
+                d.persistent.remove(i);
+            }
+            let slot = match d.clean.get(client_id) {
+                Some((slot, _)) => *slot, // take-over: the same router id
+                None => d.clean_free.pop().unwrap_or_else(|| {
+                    d.clean_next += 1;
+                    d.clean_next - 1
+                }),
+            };
+            d.clean.insert(client_id.to_string(), (slot, generation));
+            (format!("c{slot}"), false)
+        };
+        Lease {
+            router_id: format!("{tenant}|{device_id}|{slot}"),
+            wipe,
+            tenant: tenant.to_string(),
+            device_id: device_id.to_string(),
+            client_id: client_id.to_string(),
+            generation,
         }
-        let mut evict = Vec::new();
-        while list.len() > self.max_persistent {
-            evict.extend(list.pop_front());
+    }
+
+    /// A connection ended: a clean session's slot is free again, unless a
+    /// newer connection of the same client id took it over.
+    pub fn release(&self, lease: &Lease) {
+        let mut g = self.lock();
+        let Some(d) = g.devices.get_mut(&(lease.tenant.clone(), lease.device_id.clone())) else { return };
+        if let Some((slot, generation)) = d.clean.get(&lease.client_id).copied()
+            && generation == lease.generation
+        {
+            d.clean.remove(&lease.client_id);
+            d.clean_free.push(slot);
         }
-        if list.is_empty() {
-            g.persistent.remove(&key);
-        }
-        evict
     }
 
     /// A retained publish of `bytes` on `topic` (0 clears it). False when the
@@ -132,12 +209,35 @@ mod tests {
     #[test]
     fn persistent_sessions_per_device_are_bounded_oldest_first() {
         let s = sessions();
-        assert!(s.session("acme", "d1", "acme|d1|d1-a", true).is_empty());
-        assert!(s.session("acme", "d1", "acme|d1|d1-b", true).is_empty());
-        assert!(s.session("acme", "d1", "acme|d1|d1-a", true).is_empty(), "a resumed session is not a new one");
-        assert_eq!(s.session("acme", "d1", "acme|d1|d1-c", true), vec!["acme|d1|d1-b".to_string()]);
-        assert!(s.session("acme", "d1", "acme|d1|d1-a", false).is_empty(), "clean replaces persistent");
-        assert!(s.session("acme", "d1", "acme|d1|d1-d", true).is_empty());
+        let a = s.lease("acme", "d1", "d1-a", true);
+        let b = s.lease("acme", "d1", "d1-b", true);
+        assert_eq!((a.router_id.as_str(), a.wipe), ("acme|d1|p0", true));
+        assert_eq!(b.router_id, "acme|d1|p1");
+        let again = s.lease("acme", "d1", "d1-a", true);
+        assert_eq!((again.router_id.as_str(), again.wipe), ("acme|d1|p0", false), "resumes its own session");
+        let c = s.lease("acme", "d1", "d1-c", true);
+        assert_eq!((c.router_id.as_str(), c.wipe), ("acme|d1|p1", true), "the oldest (d1-b) is dropped");
+        assert_eq!(s.lease("globex", "d1", "d1-a", true).router_id, "globex|d1|p0", "tenants apart");
+    }
+
+    #[test]
+    fn clean_sessions_recycle_slots_and_keep_take_over() {
+        let s = sessions();
+        let a = s.lease("acme", "d1", "d1", false);
+        let b = s.lease("acme", "d1", "d1-x", false);
+        assert_eq!((a.router_id.as_str(), b.router_id.as_str()), ("acme|d1|c0", "acme|d1|c1"));
+        let a2 = s.lease("acme", "d1", "d1", false);
+        assert_eq!(a2.router_id, "acme|d1|c0", "same client id: same router id, so the router takes over");
+        s.release(&a); // the old connection ends after the take-over: its slot stays with a2
+        assert_eq!(s.lease("acme", "d1", "d1-y", false).router_id, "acme|d1|c2");
+        s.release(&a2);
+        s.release(&b);
+        // Thousands of distinct client ids, one at a time: two slots in all.
+        for i in 0..1000 {
+            let l = s.lease("acme", "d1", &format!("d1-{i}"), false);
+            assert!(l.router_id == "acme|d1|c0" || l.router_id == "acme|d1|c1", "{}", l.router_id);
+            s.release(&l);
+        }
     }
 
     #[test]

@@ -56,15 +56,19 @@ impl Session<'_> {
         };
         self.keep_alive =
             (connect.keep_alive > 0).then(|| Duration::from_secs(u64::from(connect.keep_alive)).mul_f32(1.5));
-        // The router's session namespace is global: ids are namespaced by
-        // tenant and device (`|` is in no tenant name or device id; rumqttd
-        // refuses `+$#/`), so `sensor`'s "sensor-1" is not device sensor-1's.
-        self.router_id = format!("{}|{}|{}", self.tenant, self.device_id, connect.client_id);
-        let evict = self.deps.sessions.session(&self.tenant, &self.device_id, &self.router_id, !connect.clean_session);
+        // The router's session namespace is global, and it never forgets a
+        // client id: connections get bounded slot ids, namespaced by tenant
+        // and device (`|` is in no tenant name or device id; rumqttd refuses
+        // `+$#/`). See `state::Device`.
+        let lease = self.deps.sessions.lease(&self.tenant, &self.device_id, &connect.client_id, !connect.clean_session);
+        self.router_id = lease.router_id.clone();
         let links = self.deps.links.clone();
-        let (router_id, clean) = (self.router_id.clone(), connect.clean_session);
+        let clean = connect.clean_session;
+        let wipe = lease.wipe.then(|| lease.router_id.clone());
+        self.lease = Some(lease);
+        let router_id = self.router_id.clone();
         let built = tokio::task::spawn_blocking(move || {
-            for old in evict {
+            if let Some(old) = wipe {
                 crate::mqtt::broker::drop_session(&links, old);
             }
             links(router_id, clean)

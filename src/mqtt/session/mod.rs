@@ -64,8 +64,9 @@ pub(super) struct Session<'a> {
     keep_alive: Option<Duration>,
     /// The token's `exp` (unix seconds): the session ends then.
     expires_at: i64,
-    /// The router's client id for this connection: `<tenant>|<device>|<client id>`.
+    /// The router's client id for this connection (a slot, see `state`).
     router_id: String,
+    lease: Option<super::state::Lease>,
     /// Filters this connection holds (bounded by `mqtt.max_filters`).
     filters: HashSet<String>,
     /// Counted in the bridge's MQTT subscriber count.
@@ -89,10 +90,16 @@ impl<'a> Session<'a> {
             keep_alive: None,
             expires_at: 0,
             router_id: String::new(),
+            lease: None,
             filters: HashSet::new(),
             subscribed: false,
         };
-        let Some((mut link_tx, mut link_rx, will)) = s.handshake(&shutdown).await else { return };
+        let Some((mut link_tx, mut link_rx, will)) = s.handshake(&shutdown).await else {
+            if let Some(lease) = &s.lease {
+                deps.sessions.release(lease);
+            }
+            return;
+        };
         if deps.sessions.connected(&s.tenant, &s.device_id) {
             s.presence(true).await;
         }
@@ -115,6 +122,9 @@ impl<'a> Session<'a> {
         let _ = link_tx.send(Packet::Disconnect(disconnect, None)).await;
         if s.subscribed {
             deps.bridge.subscriber(&s.tenant, false);
+        }
+        if let Some(lease) = &s.lease {
+            deps.sessions.release(lease);
         }
         // Online until the device's last session ends.
         if deps.sessions.disconnected(&s.tenant, &s.device_id) {
