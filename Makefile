@@ -73,12 +73,12 @@ powercut-deps chaos-deps:
 # that loses unflushed writes. Self-test first. CUTS=K sets the count.
 # Needs root (runs qemu, nbdkit, debugfs on images it builds in target/powercut/).
 test-powercut: release powercut-deps
-	python3 tests/powercut/powercut.py
+	/usr/bin/python3 tests/powercut/powercut.py
 
 # SIGKILL loop of the appliance + central PostgreSQL crashes under mixed
 # MQTT/HTTP/WebSocket load. KILLS=, EVENTS=, PG_RESTARTS= override.
 test-chaos: release chaos-deps
-	python3 tests/chaos/chaos.py
+	/usr/bin/python3 tests/chaos/chaos.py
 
 # The unit must pass systemd-analyze verify (with ExecStart pointed at a real binary).
 verify-unit: build

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """The kill loop (`make test-chaos`).
 
 A real PostgreSQL (initdb + pg_ctl in a temp dir, free port) is the central
@@ -186,6 +186,7 @@ class Devices:
         self.dup_acks = 0        # acks the appliance marked duplicate
         self.lock = threading.Lock()
         self.threads = []
+        self.where = {}          # device -> what it is doing (for a stall report)
 
     def count(self, sent=0, resent=0, dup=0):
         with self.lock:
@@ -197,7 +198,7 @@ class Devices:
         for dev, (kind, quota) in self.quotas.items():
             target = {"http": self.http_device, "batch": self.batch_device, "mqtt": self.mqtt_device,
                       "ws": self.ws_device}[kind]
-            t = threading.Thread(target=self.guard, args=(target, dev, quota), daemon=True)
+            t = threading.Thread(target=self.guard, args=(target, dev, quota), name=dev, daemon=True)
             t.start()
             self.threads.append(t)
 
@@ -206,6 +207,9 @@ class Devices:
             target(dev, quota)
         except Exception as e:  # a bug in the harness or a protocol surprise: fail loudly
             self.errors.append(f"{dev}: {type(e).__name__}: {e}")
+
+    def stalled_report(self):
+        return ", ".join(f"{t.name}: {self.where.get(t.name)}" for t in self.alive())
 
     def alive(self):
         return [t for t in self.threads if t.is_alive()]
@@ -228,8 +232,10 @@ class Devices:
                 if conn is None:
                     conn = http.client.HTTPConnection("127.0.0.1", self.app.http_port, timeout=10)
                 self.count(sent=1, resent=int(failed))
+                self.where[dev] = f"k={k} POST (resend={failed})"
                 status, body = self.post(conn, f"/api/v1/realtime/{TENANT}/event", ev, dev)
-            except (OSError, http.client.HTTPException):
+            except (OSError, http.client.HTTPException) as e:
+                self.where[dev] = f"k={k} retrying after {type(e).__name__}: {e}"
                 conn, failed = None, True  # the box is down: resend the same event (same id)
                 time.sleep(0.02)
                 continue
@@ -253,8 +259,10 @@ class Devices:
                 if conn is None:
                     conn = http.client.HTTPConnection("127.0.0.1", self.app.http_port, timeout=10)
                 self.count(sent=len(batch), resent=len(batch) * int(failed))
+                self.where[dev] = f"k={k}+{len(batch)} POST (resend={failed})"
                 status, body = self.post(conn, f"/api/v1/realtime/{TENANT}/events", batch, dev)
-            except (OSError, http.client.HTTPException):
+            except (OSError, http.client.HTTPException) as e:
+                self.where[dev] = f"k={k} retrying after {type(e).__name__}: {e}"
                 conn, failed = None, True
                 time.sleep(0.02)
                 continue
@@ -275,7 +283,7 @@ class Devices:
         import paho.mqtt.client as mqtt
         lock = threading.Lock()
         window = threading.Semaphore(32)
-        mids = {}
+        mids, early = {}, set()
         done = threading.Event()
         acked = [0]
         c = mqtt.Client(client_id=dev, clean_session=True)
@@ -285,10 +293,13 @@ class Devices:
         c.reconnect_delay_set(0.02, 0.2)
 
         def on_publish(_c, _u, mid):
+            # paho calls this holding its own message lock, so publish() must
+            # not be called under `lock`: an ack may overtake the mapping.
             with lock:
                 k = mids.pop(mid, None)
-            if k is None:
-                return
+                if k is None:
+                    early.add(mid)
+                    return
             self.ledger.ack(dev, k)
             acked[0] += 1
             if acked[0] == quota:
@@ -307,11 +318,17 @@ class Devices:
         c.loop_start()
         topic = f"{TENANT}/devices/{dev}/events/chaos.mqtt"
         for k in range(1, quota + 1):
+            self.where[dev] = f"k={k} window full; connected={c.is_connected()}; unacked={len(mids)}"
             window.acquire()
+            info = c.publish(topic, json.dumps({"k": k}), qos=1)
             with lock:
-                info = c.publish(topic, json.dumps({"k": k}), qos=1)
                 mids[info.mid] = k
+                overtaken = info.mid in early
+                early.discard(info.mid)
+            if overtaken:
+                on_publish(c, None, info.mid)
             self.count(sent=1)
+        self.where[dev] = f"all published; waiting for acks; connected={c.is_connected()}; unacked={len(mids)}"
         if not done.wait(600):
             raise RuntimeError(f"{quota - acked[0]} publishes never acked")
         c.disconnect()
@@ -333,6 +350,7 @@ class Devices:
                         if ev is None:
                             ev = self.event(dev, k, "ws")
                         self.count(sent=1, resent=int(failed))
+                        self.where[dev] = f"k={k} sent, awaiting ack (resend={failed})"
                         await ws.send(json.dumps({"type": "event", "event": ev}))
                         while True:
                             frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
@@ -345,12 +363,28 @@ class Devices:
                         self.count(dup=int(frame["duplicate"]))
                         self.ledger.ack(dev, k, ev["id"])
                         k, ev, failed = k + 1, None, False
-            except (OSError, asyncio.TimeoutError, websockets.exceptions.WebSocketException):
+            except (OSError, asyncio.TimeoutError, websockets.exceptions.WebSocketException) as e:
+                self.where[dev] = f"k={k} reconnecting after {type(e).__name__}: {e}"
                 failed = True
                 await asyncio.sleep(0.02)
 
 
 # ---------------------------------------------------------------- main
+
+STALL = 60
+
+
+def progress_wait(cond, ledger, devices, app, what):
+    """Waits for cond; fails if no event was acked for STALL seconds (a hang is a finding)."""
+    last, since = len(ledger), time.monotonic()
+    while not cond():
+        n = len(ledger)
+        if n != last:
+            last, since = n, time.monotonic()
+        elif time.monotonic() - since > STALL:
+            die(f"no ack for {STALL}s while waiting for {what} (acked {n}); appliance running: "
+                f"{app.p.poll() is None}, /healthz: {app.healthy()}; devices: {devices.stalled_report()}")
+        time.sleep(0.02)
 
 def main():
     kills = int(os.environ.get("KILLS", "100"))
@@ -362,6 +396,7 @@ def main():
         die(f"{BIN} missing: run `cargo build --release`")
     t0 = time.monotonic()
     work = tempfile.mkdtemp(prefix="outpost-chaos-")
+    os.chmod(work, 0o755)  # the postgres user must reach its data dir
     log(f"chaos: {kills} kills, {pg_restarts} central crashes, {events} events, seed {seed}, work dir {work}")
     pg = app = None
     try:
@@ -395,7 +430,7 @@ def main():
         def pg_chaos():
             try:
                 for at in pg_at:
-                    wait_for(lambda: len(ledger) >= at or not devices.alive(), 900, "progress")
+                    wait_for(lambda: len(ledger) >= at or not devices.alive(), 3600, "progress")
                     pg.crash()
                     time.sleep(rnd.uniform(0.2, 3.0))  # a random outage length
                     pg.up()
@@ -407,7 +442,8 @@ def main():
 
         done_kills = 0
         for at in kill_at:
-            wait_for(lambda: len(ledger) >= at or not devices.alive() or devices.errors, 900, "progress")
+            progress_wait(lambda: len(ledger) >= at or not devices.alive() or devices.errors, ledger, devices, app,
+                          f"{at:.0f} acks")
             if devices.errors or not devices.alive():
                 break
             time.sleep(rnd.uniform(0, 0.3))
@@ -419,7 +455,7 @@ def main():
             if done_kills % 10 == 0:
                 log(f"kill {done_kills}/{kills}: acked {len(ledger)}/{events}, "
                     f"central crashes so far {pg_done[0]}")
-        wait_for(lambda: not devices.alive(), 900, "the devices to finish")
+        progress_wait(lambda: not devices.alive(), ledger, devices, app, "the devices to finish")
         pg_thread.join(120)
         if devices.errors:
             die("; ".join(devices.errors))

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Power cuts of a VM running the appliance (`make test-powercut`).
 
 The site log lives on a virtual disk served by nbdkit's cache filter in
@@ -190,8 +190,8 @@ def probe_accel():
 class VM:
     """qemu + nbdkit (cache=writeback) over one disk image; cut() is the power cut."""
 
-    def __init__(self, work, disk, accel):
-        self.work, self.disk, self.accel = work, disk, accel
+    def __init__(self, work, disk, accel, name):
+        self.work, self.disk, self.accel, self.name = work, disk, accel, name
         self.http_port, self.mqtt_port = free_port(), free_port()
         self.q = self.n = None
         self.boots = 0
@@ -201,7 +201,7 @@ class VM:
         self.sock = os.path.join(self.work, "nbd.sock")
         if os.path.exists(self.sock):
             os.unlink(self.sock)
-        self.serial = os.path.join(self.work, f"serial-{self.boots:03d}-{mode}.log")
+        self.serial = os.path.join(self.work, f"serial-{self.name}-{self.boots:03d}-{mode}.log")
         self.nlog = open(os.path.join(self.work, "nbdkit.log"), "ab")
         self.n = subprocess.Popen(["nbdkit", "-f", "--unix", self.sock, "--filter=cache", "file", self.disk,
                                    "cache=writeback"], stdout=self.nlog, stderr=self.nlog)
@@ -274,7 +274,7 @@ def selftest(work, accel):
     """The harness can fail: an unflushed write must be lost, an fsync'ed one kept."""
     disk = os.path.join(work, "selftest.img")
     shutil.copy(os.path.join(CACHE, "selftest-template.img"), disk)
-    vm = VM(work, disk, accel)
+    vm = VM(work, disk, accel, "selftest")
     nonce = uuid.uuid4().hex[:12]
     vm.start("selftest", nonce)
     vm.wait_serial("OUTPOST-SELFTEST-WRITTEN", 120)
@@ -312,16 +312,19 @@ class Load:
 
     def start(self):
         for d in HTTP_DEVS:
-            self.threads.append(threading.Thread(target=self.http_device, args=(d,), daemon=True))
+            self.threads.append(threading.Thread(target=self.http_device, args=(d,), name=d, daemon=True))
         for d in MQTT_DEVS:
-            self.threads.append(threading.Thread(target=self.mqtt_device, args=(d,), daemon=True))
+            self.threads.append(threading.Thread(target=self.mqtt_device, args=(d,), name=d, daemon=True))
         for t in self.threads:
             t.start()
 
     def stop(self):
         self.stopping.set()
         for t in self.threads:
+            t0 = time.monotonic()
             t.join(30)
+            if t.is_alive() or time.monotonic() - t0 > 2:
+                log(f"load thread {t.name} took {time.monotonic() - t0:.1f}s to stop")
 
     def next_k(self, dev):
         k = self.counters[dev]
@@ -364,18 +367,23 @@ class Load:
         import paho.mqtt.client as mqtt
         lock = threading.Lock()
         window = threading.Semaphore(16)
-        mids = {}
+        mids, early = {}, set()
         c = mqtt.Client(client_id=dev, clean_session=True)
         c.username_pw_set(dev, self.tokens[dev])
         c.max_inflight_messages_set(16)
         c.max_queued_messages_set(0)
+        c.reconnect_delay_set(0.05, 0.2)
 
         def on_publish(_c, _u, mid):
+            # paho calls this holding its own message lock, so publish() must
+            # not be called under `lock`: an ack may overtake the mapping.
             with lock:
                 k = mids.pop(mid, None)
-            if k is not None:
-                self.ledger.ack(dev, k)
-                window.release()
+                if k is None:
+                    early.add(mid)
+                    return
+            self.ledger.ack(dev, k)
+            window.release()
         c.on_publish = on_publish
         try:
             c.connect("127.0.0.1", self.vm.mqtt_port, keepalive=30)
@@ -385,22 +393,23 @@ class Load:
         try:
             wait_for(lambda: c.is_connected() or self.stopping.is_set(), 20, f"{dev} CONNACK")
         except TimeoutError:
-            c.loop_stop()
-            return
+            self.errors.append(f"{dev}: no CONNACK within 20 s")
         topic = f"{TENANT}/devices/{dev}/events/pc.mqtt"
         while not self.stopping.is_set() and c.is_connected():
             if not window.acquire(timeout=0.2):
                 continue
             k = self.next_k(dev)
+            info = c.publish(topic, json.dumps({"k": k}), qos=1)
             with lock:
-                info = c.publish(topic, json.dumps({"k": k}), qos=1)
                 mids[info.mid] = k
+                overtaken = info.mid in early
+                early.discard(info.mid)
+            if overtaken:
+                on_publish(c, None, info.mid)
             self.sent += 1
+        # The box is gone (or the cut is done): stop, without reconnecting.
+        c.disconnect()
         c.loop_stop()
-        try:
-            c.disconnect()
-        except Exception:
-            pass
 
 
 # ---------------------------------------------------------------- checks
@@ -463,7 +472,7 @@ def main():
         selftest(work, accel)
         disk = os.path.join(work, "disk.img")
         shutil.copy(os.path.join(CACHE, "disk-template.img"), disk)
-        vm = VM(work, disk, accel)
+        vm = VM(work, disk, accel, "site")
         ledger = Ledger()
         counters = {d: 1 for d in HTTP_DEVS + MQTT_DEVS}
         pending = {}
@@ -510,12 +519,9 @@ def main():
         out = os.path.join(work, "extracted")
         os.makedirs(out)
         subprocess.run(["debugfs", "-R", f"rdump /data {out}", disk], capture_output=True, check=True)
-        db = os.path.join(out, "data", "outpost.db")
+        db = os.path.join(out, "data", "site-log.sqlite")
         if not os.path.exists(db):
-            dbs = glob.glob(os.path.join(out, "data", "*.db"))
-            if len(dbs) != 1:
-                die(f"site log not found in the image: {os.listdir(os.path.join(out, 'data'))}")
-            db = dbs[0]
+            die(f"site log not found in the image: {os.listdir(os.path.join(out, 'data'))}")
         integrity, rows = rows_via_sqlite(db)
         v = report_check("site log file after the last cut", ledger, rows)
         log(f"final: e2fsck clean, PRAGMA integrity_check {integrity}, {v.stored} events in the log, "
