@@ -177,6 +177,10 @@ class Appliance:
 
 # ---------------------------------------------------------------- devices
 
+class LaggedClose(Exception):
+    pass
+
+
 class Devices:
     def __init__(self, app, tokens, quotas, ledger):
         self.app, self.tokens, self.quotas, self.ledger = app, tokens, quotas, ledger
@@ -184,12 +188,14 @@ class Devices:
         self.sent = 0            # send attempts (events), resends included
         self.resent = 0          # events sent again after a failure
         self.dup_acks = 0        # acks the appliance marked duplicate
+        self.lagged = 0          # WS ingest sockets closed as "lagged" subscribers
         self.lock = threading.Lock()
         self.threads = []
         self.where = {}          # device -> what it is doing (for a stall report)
 
-    def count(self, sent=0, resent=0, dup=0):
+    def count(self, sent=0, resent=0, dup=0, lagged=0):
         with self.lock:
+            self.lagged += lagged
             self.sent += sent
             self.resent += resent
             self.dup_acks += dup
@@ -356,6 +362,12 @@ class Devices:
                             frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
                             if frame.get("type") == "ack":
                                 break
+                            if frame.get("type") == "error" and frame.get("code") == "lagged":
+                                # The socket's stream side fell behind the tenant's
+                                # fan-out (even with a filter that matches nothing) and
+                                # is closed: reconnect and resend, as a device would.
+                                self.count(lagged=1)
+                                raise LaggedClose()
                             if frame.get("type") == "error":
                                 raise RuntimeError(f"error frame: {frame}")
                         if frame["id"] != ev["id"]:
@@ -363,7 +375,7 @@ class Devices:
                         self.count(dup=int(frame["duplicate"]))
                         self.ledger.ack(dev, k, ev["id"])
                         k, ev, failed = k + 1, None, False
-            except (OSError, asyncio.TimeoutError, websockets.exceptions.WebSocketException) as e:
+            except (OSError, asyncio.TimeoutError, websockets.exceptions.WebSocketException, LaggedClose) as e:
                 self.where[dev] = f"k={k} reconnecting after {type(e).__name__}: {e}"
                 failed = True
                 await asyncio.sleep(0.02)
@@ -463,7 +475,8 @@ def main():
             die(f"central restart failed: {pg_errors}")
         load_s = time.monotonic() - t0
         log(f"load done in {load_s:.0f}s: acked {len(ledger)}, send attempts {devices.sent}, "
-            f"resent {devices.resent}, acks marked duplicate {devices.dup_acks}")
+            f"resent {devices.resent}, acks marked duplicate {devices.dup_acks}, "
+            f"WS sockets closed as lagged {devices.lagged}")
 
         # Drain: the backlog must reach 0 with the central database up.
         def drained():
