@@ -62,11 +62,15 @@ impl Running {
 
 /// Runs the appliance until SIGTERM / SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Handlers before the first stage starts: /healthz answers (and the log
+    // is open) before `start` returns, and a SIGTERM in that window must stop
+    // the appliance in order, not kill it with the default disposition.
+    let signal = shutdown_signal();
     let running = start(config).await?;
     systemd::ready();
     let shutdown = running.shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signal.await;
         tracing::info!("shutdown requested; finishing in-flight requests");
         systemd::stopping();
         shutdown.cancel();
@@ -74,18 +78,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     running.wait().await
 }
 
-async fn wait_for_signal() {
+/// Installs the SIGTERM / SIGINT handlers now; the future resolves at the
+/// first of them (also one that arrived before it is polled).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        match handlers {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; falling back to Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                tracing::error!("cannot install signal handlers; falling back to Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
