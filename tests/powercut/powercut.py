@@ -485,14 +485,15 @@ def main():
             if 0 < i < cuts and rnd.random() < 0.2:
                 # About one cut in five lands while the box boots: mounting
                 # (journal replay), opening the log (WAL recovery), migrating.
-                delay = rnd.uniform(0.5, 6.0)
+                vm.wait_serial("OUTPOST-MOUNTED", 90)
+                delay = rnd.uniform(0.0, 2.0)
                 time.sleep(delay)  # the random moment of the cut
                 up = vm.healthz()
                 vm.cut()
                 boot_cuts += 1
                 i += 1
-                log(f"cut {i}/{cuts} during boot, {delay:.2f}s after power-on "
-                    f"({'already serving' if up else 'not yet serving'})")
+                log(f"cut {i}/{cuts} during boot, {delay:.2f}s after the disk was mounted "
+                    f"(appliance {'already serving' if up else 'starting'})")
                 continue
             try:
                 wait_for(lambda: vm.healthz() or (vm.q.poll() is not None) or "OUTPOST-EXIT" in vm.serial_text(),
