@@ -12,7 +12,9 @@ power at a random moment. Finally boot once more, stop cleanly, and check
 the SQLite file itself (integrity_check + the same ledger) and the ext4
 image (e2fsck).
 
-Env: CUTS (default 20), SEED, KEEP=1 (keep the work dir), VERBOSE=1.
+Env: CUTS (default 20), SEED, KEEP=1 (keep the work dir), VERBOSE=1,
+NEGATIVE_CONTROL=1 (serve the site disk with flushes ignored: the run must
+then FAIL with lost acked events, showing the ledger check can fail).
 """
 
 import glob
@@ -203,8 +205,11 @@ class VM:
             os.unlink(self.sock)
         self.serial = os.path.join(self.work, f"serial-{self.name}-{self.boots:03d}-{mode}.log")
         self.nlog = open(os.path.join(self.work, "nbdkit.log"), "ab")
+        # NEGATIVE_CONTROL=1: a disk that ignores flushes (cache=unsafe) for
+        # the site disk; the proof must then report lost acked events.
+        cache_mode = "unsafe" if os.environ.get("NEGATIVE_CONTROL") == "1" and self.name == "site" else "writeback"
         self.n = subprocess.Popen(["nbdkit", "-f", "--unix", self.sock, "--filter=cache", "file", self.disk,
-                                   "cache=writeback"], stdout=self.nlog, stderr=self.nlog)
+                                   f"cache={cache_mode}"], stdout=self.nlog, stderr=self.nlog)
         wait_for(lambda: os.path.exists(self.sock) or self.n.poll() is not None, 10, "nbdkit's socket")
         if self.n.poll() is not None:
             die("nbdkit exited at start (see nbdkit.log)")
