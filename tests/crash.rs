@@ -332,3 +332,35 @@ async fn a_panicking_stage_stops_the_appliance_non_zero_within_shutdown_grace_ke
     let lost: Vec<_> = acked.iter().filter(|id| !stored.contains(*id)).collect();
     assert!(lost.is_empty(), "{} acked events missing after the stage panic", lost.len());
 }
+
+/// Found by the power-cut proof (a slow VM): the handlers were installed only
+/// after every stage had started, so a SIGTERM while the appliance started
+/// (its log open, /healthz possibly answering) killed it instead of stopping
+/// it in order. Now it is recorded and honoured once the start completes.
+#[test]
+fn sigterm_while_starting_stops_in_order() {
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        add_devices(dir.path(), 1);
+        let wal = dir.path().join("site-log.sqlite-wal");
+        assert!(!wal.exists(), "the CLI left a WAL file behind");
+        let mut cmd = std::process::Command::new(common::bin());
+        cmd.arg("run").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        cmd.env_remove("OUTPOST_CONFIG");
+        for (k, v) in common::proc_env(dir.path()) {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        // The site log gets its WAL file early in the start, well before the
+        // listeners are bound: signal the moment it appears.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !wal.exists() {
+            assert!(std::time::Instant::now() < deadline, "no WAL file after 30 s");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "round {round}: SIGTERM during start ended it with {status:?}");
+    }
+}
