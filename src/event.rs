@@ -110,12 +110,13 @@ pub struct StoredEvent {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
 pub struct Invalid {
-    pub field: &'static str,
+    /// The field, or the JSON path inside the payload (`payload.a[2]`).
+    pub field: std::borrow::Cow<'static, str>,
     pub message: String,
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> Invalid {
-    Invalid { field, message: message.into() }
+    Invalid { field: field.into(), message: message.into() }
 }
 
 /// Limits applied by [`validate`].
@@ -152,6 +153,9 @@ pub fn validate(
             "payload",
             format!("nesting depth {depth} exceeds the limit of {}", limits.max_payload_depth),
         ));
+    }
+    if let Some((path, why)) = jsonb_refusal(payload) {
+        return Err(Invalid { field: path.into(), message: why.into() });
     }
     let id = match input.id.as_deref() {
         Some(s) => Uuid::parse_str(s).map_err(|_| invalid("id", "must be a UUID"))?,
@@ -252,6 +256,155 @@ pub fn parse_cursor(v: &str) -> Result<i64, Invalid> {
     v.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| invalid("after", "must be a seq (an integer ≥ 0)"))
 }
 
+/// Largest decimal exponent of a number PostgreSQL's `numeric` (and so
+/// `jsonb`) stores: up to 131072 digits before the point…
+const JSONB_MAX_EXP: i64 = 131_071;
+/// …and 16383 after it.
+const JSONB_MIN_EXP: i64 = -16_383;
+
+/// The first thing in already-valid JSON text that the central `jsonb`
+/// column would refuse, as (JSON path, why): `\u0000` in a string or key, a
+/// lone UTF-16 surrogate escape, a number outside `numeric`'s range. An ack
+/// means the event will reach central, so these are refused at ingest.
+pub fn jsonb_refusal(text: &str) -> Option<(String, &'static str)> {
+    enum Frame<'a> {
+        Obj(Option<&'a str>),
+        Arr(usize),
+    }
+    let path = |stack: &[Frame<'_>]| {
+        let mut p = String::from("payload");
+        for f in stack {
+            match f {
+                Frame::Obj(Some(k)) => {
+                    p.push('.');
+                    p.push_str(k);
+                }
+                Frame::Obj(None) => {}
+                Frame::Arr(i) => p.push_str(&format!("[{i}]")),
+            }
+        }
+        p
+    };
+    let b = text.as_bytes();
+    let mut stack: Vec<Frame<'_>> = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'{' => stack.push(Frame::Obj(None)),
+            b'[' => stack.push(Frame::Arr(0)),
+            b'}' | b']' => {
+                stack.pop();
+            }
+            b',' => match stack.last_mut() {
+                Some(Frame::Arr(n)) => *n += 1,
+                Some(Frame::Obj(k)) => *k = None,
+                None => {}
+            },
+            b'"' => {
+                let end = string_end(b, i);
+                let is_key = matches!(stack.last(), Some(Frame::Obj(None)));
+                if let Some(Frame::Obj(k)) = stack.last_mut()
+                    && is_key
+                {
+                    *k = Some(&text[i + 1..end]);
+                }
+                if let Some(why) = bad_escape(&b[i + 1..end]) {
+                    return Some((path(&stack), why));
+                }
+                i = end;
+            }
+            b'-' | b'0'..=b'9' => {
+                let end = i + b[i..]
+                    .iter()
+                    .take_while(|c| matches!(c, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'))
+                    .count();
+                if !number_in_range(&text[i..end]) {
+                    return Some((path(&stack), "number outside the range the central database stores"));
+                }
+                i = end - 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Index of the closing quote of the string opening at `start`.
+fn string_end(b: &[u8], start: usize) -> usize {
+    let mut i = start + 1;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 2,
+            b'"' => return i,
+            _ => i += 1,
+        }
+    }
+    b.len()
+}
+
+/// `\u0000` or a lone surrogate among a string's escapes.
+fn bad_escape(s: &[u8]) -> Option<&'static str> {
+    let hex = |at: usize| -> Option<u32> {
+        let h = s.get(at..at + 4)?;
+        u32::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()
+    };
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        if s.get(i + 1) != Some(&b'u') {
+            i += 2;
+            continue;
+        }
+        let code = hex(i + 2)?;
+        match code {
+            0 => return Some("\\u0000 is not allowed in strings (the central database refuses it)"),
+            0xD800..=0xDBFF => {
+                let low = (s.get(i + 6..i + 8) == Some(b"\\u")).then(|| hex(i + 8)).flatten();
+                if !low.is_some_and(|l| (0xDC00..=0xDFFF).contains(&l)) {
+                    return Some("lone UTF-16 surrogate escape (the central database refuses it)");
+                }
+                i += 12;
+            }
+            0xDC00..=0xDFFF => return Some("lone UTF-16 surrogate escape (the central database refuses it)"),
+            _ => i += 6,
+        }
+    }
+    None
+}
+
+/// Whether a JSON number fits PostgreSQL's `numeric`.
+fn number_in_range(n: &str) -> bool {
+    let n = n.strip_prefix('-').unwrap_or(n);
+    let (mantissa, exp) = match n.find(['e', 'E']) {
+        Some(at) => {
+            let digits = &n[at + 1..];
+            let (neg, digits) = match digits.as_bytes().first() {
+                Some(b'-') => (true, &digits[1..]),
+                Some(b'+') => (false, &digits[1..]),
+                _ => (false, digits),
+            };
+            // Saturating: the exponent itself may have thousands of digits.
+            let e = digits.bytes().fold(0i64, |e, d| e.saturating_mul(10).saturating_add(i64::from(d - b'0')));
+            (&n[..at], if neg { -e } else { e })
+        }
+        None => (n, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let int_sig = int.trim_start_matches('0');
+    let frac_lead = frac.len() - frac.trim_start_matches('0').len();
+    if int_sig.is_empty() && frac_lead == frac.len() {
+        return true; // zero
+    }
+    // Exponent of the most and least significant digits.
+    let top = if int_sig.is_empty() { -(frac_lead as i64) - 1 } else { int_sig.len() as i64 - 1 };
+    let bottom = -(frac.len() as i64);
+    top.saturating_add(exp) <= JSONB_MAX_EXP && bottom.saturating_add(exp) >= JSONB_MIN_EXP
+}
+
 /// Nesting depth of already-valid JSON text, counted without allocating.
 fn json_depth(text: &str) -> usize {
     let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
@@ -336,6 +489,26 @@ mod tests {
         for (json, field) in cases {
             let err = check(&json).unwrap_err();
             assert_eq!(err.field, field, "{json} -> {err}");
+        }
+    }
+
+    #[test]
+    fn what_central_jsonb_refuses_is_refused_naming_its_path() {
+        let refused = |p: &str| jsonb_refusal(p).map(|(path, _)| path);
+        assert_eq!(refused(r#"{"a":"x\u0000y"}"#).as_deref(), Some("payload.a"));
+        assert_eq!(refused(r#"{"a":{"b":["ok","\ud800"]}}"#).as_deref(), Some("payload.a.b[1]"));
+        assert_eq!(refused(r#"{"a":"\udc00"}"#).as_deref(), Some("payload.a"));
+        assert_eq!(refused(r#"{"n":1e400000}"#).as_deref(), Some("payload.n"));
+        assert_eq!(refused(r#"{"n":-1e400000}"#).as_deref(), Some("payload.n"));
+        assert_eq!(refused(r#"{"n":1e-400000}"#).as_deref(), Some("payload.n"));
+        assert_eq!(refused(r#"{"n":1e99999999999999999999999}"#).as_deref(), Some("payload.n"));
+        assert_eq!(refused(r#"{"k\u0000":1}"#).as_deref(), Some("payload.k\\u0000"), "keys too");
+        for ok in [
+            r#"{"a":"\ud83d\ude00","b":"\u00e9","c":"\\u0000"}"#,
+            r#"{"n":[0,-0.0,1e131071,1.5e-16382,0e999999999,123456789.125,-7]}"#,
+            r#"{"s":"1e400000","t":"[{\"x\":1}]"}"#,
+        ] {
+            assert_eq!(refused(ok), None, "{ok}");
         }
     }
 

@@ -1,0 +1,87 @@
+//! Hostile input against the real binary: what the central `jsonb` column
+//! would refuse is refused at ingest on every protocol, naming the JSON path,
+//! and writes nothing (an ack means the event will reach central).
+
+mod common;
+
+use std::time::Duration;
+
+use common::mqtt_raw::Raw;
+use common::{Proc, cli, log_rows};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+
+const T: Duration = Duration::from_secs(10);
+
+/// Payloads central refuses, as raw JSON text, and the path each names.
+const REFUSED: [(&str, &str); 3] = [
+    (r#"{"a":"x\u0000y"}"#, "payload.a"),
+    (r#"{"a":{"b":["ok","\ud800"]}}"#, "payload.a.b[1]"),
+    (r#"{"n":1e400000}"#, "payload.n"),
+];
+
+fn event(payload: &str) -> String {
+    format!(r#"{{"device_id":"d1","event_type":"t","payload":{payload}}}"#)
+}
+
+async fn post(p: &Proc, token: &str, path: &str, body: String, ndjson: bool) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/v1/realtime/acme/{path}", p.base()))
+        .bearer_auth(token)
+        .header("content-type", if ndjson { "application/x-ndjson" } else { "application/json" })
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_central_jsonb_refuses_are_refused_on_every_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::start(dir.path(), &[]);
+    let (ok, token, err) = cli(dir.path(), &["device", "add", "--tenant", "acme", "--id", "d1"]);
+    assert!(ok, "{err}");
+    let token = token.trim().to_string();
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/api/v1/realtime/acme/stream?access_token={token}", p.addr))
+            .await
+            .unwrap();
+    for (payload, path) in REFUSED {
+        // HTTP, one event.
+        let (status, body) = post(&p, &token, "event", event(payload), false).await;
+        assert_eq!((status, body["field"].as_str()), (400, Some(path)), "HTTP {payload}: {body}");
+        // HTTP batch (array) and NDJSON: the item is named by index.
+        let ok_one = event(r#"{"fine":true}"#);
+        let (status, body) = post(&p, &token, "events", format!("[{ok_one},{}]", event(payload)), false).await;
+        assert_eq!((status, body["field"].as_str(), body["index"].as_u64()), (400, Some(path), Some(1)), "{body}");
+        let (status, body) = post(&p, &token, "events", format!("{ok_one}\n{}\n", event(payload)), true).await;
+        assert_eq!((status, body["field"].as_str(), body["index"].as_u64()), (400, Some(path), Some(1)), "{body}");
+        // WebSocket event frame: an error frame naming the path.
+        let frame = format!(r#"{{"type":"event","event":{}}}"#, event(payload));
+        ws.send(Message::Text(frame.into())).await.unwrap();
+        let reply = loop {
+            let Message::Text(t) = tokio::time::timeout(T, ws.next()).await.unwrap().unwrap().unwrap() else {
+                continue;
+            };
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == "error" || v["type"] == "ack" {
+                break v;
+            }
+        };
+        assert_eq!((reply["type"].as_str(), reply["field"].as_str()), (Some("error"), Some(path)), "WS {reply}");
+        // MQTT: not acked, the connection is closed (3.1.1 has no negative ack).
+        let (mut c, code) = Raw::connect(p.mqtt.unwrap(), "d1", "d1", &token, 30, None).await;
+        assert_eq!(code, 0);
+        c.publish("acme/devices/d1/events/t", payload.as_bytes(), 1, 1, false, false).await;
+        assert!(c.read_kind(4, Duration::from_secs(2)).await.is_none(), "MQTT acked {payload}");
+        assert!(c.closed(T).await);
+    }
+    // Nothing of it was written.
+    let rows = log_rows(&dir.path().join("site-log.sqlite"));
+    assert!(rows.is_empty(), "{} rows written: {:?}", rows.len(), rows.first().map(|r| r.payload.get()));
+    // A payload that only looks alike is accepted.
+    let (status, body) = post(&p, &token, "event", event(r#"{"a":"\\u0000 as text","n":1e300}"#), false).await;
+    assert_eq!(status, 201, "{body}");
+}
