@@ -85,3 +85,44 @@ async fn payloads_central_jsonb_refuses_are_refused_on_every_protocol() {
     let (status, body) = post(&p, &token, "event", event(r#"{"a":"\\u0000 as text","n":1e300}"#), false).await;
     assert_eq!(status, 201, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn form_and_text_bodies_get_415_and_every_4xx_has_the_json_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::start(dir.path(), &[]);
+    let (ok, token, err) = cli(dir.path(), &["device", "add", "--tenant", "acme", "--id", "d1"]);
+    assert!(ok, "{err}");
+    let token = token.trim().to_string();
+    let client = reqwest::Client::new();
+    for (path, ct) in [
+        ("event", "text/plain"),
+        ("event", "application/x-www-form-urlencoded"),
+        ("events", "text/plain; charset=utf-8"),
+        ("events", "multipart/form-data; boundary=x"),
+    ] {
+        let r = client
+            .post(format!("{}/api/v1/realtime/acme/{path}", p.base()))
+            .bearer_auth(&token)
+            .header("content-type", ct)
+            .body(event(r#"{"a":1}"#))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 415, "{path} as {ct}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!((body["error"].as_str(), body["field"].as_str()), (Some("unsupported_media_type"), Some("content-type")));
+    }
+    assert!(log_rows(&dir.path().join("site-log.sqlite")).is_empty());
+    // axum's own rejections (a plain GET on the WebSocket endpoint, a bad
+    // query string) carry the same body as ours.
+    for url in [
+        format!("{}/api/v1/realtime/acme/stream?access_token={token}", p.base()),
+        format!("{}/api/v1/realtime/acme/events?limit=%zz", p.base()),
+    ] {
+        let r = client.get(&url).bearer_auth(&token).send().await.unwrap();
+        let status = r.status();
+        assert!(status.is_client_error(), "{url}: {status}");
+        let body: Value = r.json().await.unwrap_or_else(|e| panic!("{url}: {status} without a JSON body: {e}"));
+        assert!(body["error"].is_string() && body["message"].is_string(), "{url}: {body}");
+    }
+}

@@ -11,7 +11,7 @@ use super::ApiState;
 use crate::auth::{Perm, Principal, parse_perms, parse_ttl};
 use crate::event::{new_device_id, validate_device_id};
 use crate::http::auth::ReadConfig;
-use crate::http::extract::{parse_json, read_body};
+use crate::http::extract::{parse_json, read_body, require_json};
 use crate::http::{AdminAccess, ApiError, TenantAccess};
 use crate::log::schema::{self, Device};
 
@@ -44,6 +44,7 @@ async fn register_device(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Registered>), ApiError> {
+    require_json(&headers, false)?;
     let bytes = read_body(&headers, body, 64 * 1024).await?;
     let req: RegisterRequest =
         if bytes.iter().all(u8::is_ascii_whitespace) { parse_json(b"{}")? } else { parse_json(&bytes)? };

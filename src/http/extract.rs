@@ -28,9 +28,30 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let BodyLimit(max) = BodyLimit::from_ref(state);
         let (parts, body) = req.into_parts();
+        require_json(&parts.headers, false)?;
         let bytes = read_body(&parts.headers, body, max).await?;
         Ok(Json(parse_json(&bytes)?))
     }
+}
+
+/// 415 unless the body is declared JSON (`application/json`, `…+json`) or,
+/// where `ndjson` allows it, NDJSON; no `Content-Type` is taken as JSON.
+/// Form and plain-text bodies are refused before they are read.
+pub fn require_json(headers: &HeaderMap, ndjson: bool) -> Result<(), ApiError> {
+    let Some(ct) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
+    let ct = ct.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let json = ct == "application/json" || ct.ends_with("+json");
+    let nd = ct == "application/x-ndjson" || ct == "application/jsonl";
+    if json || (ndjson && nd) {
+        return Ok(());
+    }
+    let accepted = if ndjson { "application/json or application/x-ndjson" } else { "application/json" };
+    Err(ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        format!("Content-Type {ct:?} is not accepted; send {accepted}"),
+    )
+    .with_field("content-type"))
 }
 
 /// Reads at most `max` bytes of body; a declared or actual larger body is 413.

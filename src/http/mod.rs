@@ -53,7 +53,45 @@ pub fn cors(origin: Option<&str>) -> CorsLayer {
 
 /// The merged routes of every stage, with the JSON fallbacks and CORS.
 pub fn finish(router: Router, cors_origin: Option<&str>) -> Router {
-    router.fallback(not_found).method_not_allowed_fallback(method_not_allowed).layer(cors(cors_origin))
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(json_errors))
+        .layer(cors(cors_origin))
+}
+
+/// Rejections axum's own extractors answer (a malformed query string, a
+/// plain GET on a WebSocket endpoint) get the same JSON error body as ours.
+async fn json_errors(resp: axum::response::Response) -> axum::response::Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json") || v.starts_with("text/event-stream"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let message = String::from_utf8_lossy(&text).trim().to_string();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UPGRADE_REQUIRED => "upgrade_required",
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        _ if status.is_client_error() => "client_error",
+        _ => "internal",
+    };
+    let mut out = axum::response::IntoResponse::into_response(ApiError::new(
+        status,
+        code,
+        if message.is_empty() { status.canonical_reason().unwrap_or("error").to_string() } else { message },
+    ));
+    for (k, v) in parts.headers.iter().filter(|(k, _)| *k != header::CONTENT_TYPE && *k != header::CONTENT_LENGTH) {
+        out.headers_mut().insert(k.clone(), v.clone());
+    }
+    out
 }
 
 /// Serves `router` on `listener` until `shutdown`, then drains in-flight requests.

@@ -16,7 +16,7 @@ use super::{Error, FULL_RETRY_AFTER, IngestHandle};
 use crate::auth::Authenticator;
 use crate::event::EventInput;
 use crate::http::auth::Write;
-use crate::http::extract::{BodyLimit, parse_json, read_body, split_index};
+use crate::http::extract::{BodyLimit, parse_json, read_body, require_json, split_index};
 use crate::http::{ApiError, TenantAccess};
 use crate::log::Appended;
 
@@ -55,6 +55,7 @@ async fn post_event(
     body: Body,
 ) -> Result<(StatusCode, Json<Appended>), ApiError> {
     let access = writer(&state, access)?;
+    require_json(&headers, false)?;
     let bytes = read_body(&headers, body, state.max_body.0).await?;
     let input: EventInput = parse_json(&bytes)?;
     let mut appended = state.ingest.submit(&access.principal, &access.tenant, vec![input], false, PROTOCOL).await?;
@@ -80,6 +81,7 @@ async fn post_events(
     body: Body,
 ) -> Result<(StatusCode, Json<BatchResult>), ApiError> {
     let access = writer(&state, access)?;
+    require_json(&headers, true)?;
     let bytes = read_body(&headers, body, state.max_body.0).await?;
     let ndjson = headers
         .get(header::CONTENT_TYPE)
