@@ -234,10 +234,16 @@ async fn poison_rows_go_to_dead_letters_while_neighbours_arrive() {
     let pg = Pg::start();
     let app = TestApp::start_with(|c| central(c, &pg.url())).await;
     let token = app.device("acme", "d1").await;
-    // jsonb refuses \u0000 (SQLSTATE 22P05) although it is valid JSON.
+    // What only the server knows: ingest refuses whatever jsonb would (\u0000
+    // and the like), so the poison here is a central CHECK constraint (23514).
+    let warm_up = json!({"device_id": "d1", "event_type": "reading", "payload": {"k": -1}});
+    let first = app.post("/api/v1/realtime/acme/event", Some(&token), &warm_up).await;
+    assert_eq!(first.status, 201);
+    wait_drained(&app, &pg, 1).await;
+    pg.exec("ALTER TABLE tenant_acme.events ADD CONSTRAINT only_the_server_knows CHECK (NOT payload ? 'bad')").await;
     let items: Vec<Value> = (0..20)
         .map(|k| {
-            let payload = if k == 7 { json!({"bad": "\u{0}"}) } else { json!({"k": k}) };
+            let payload = if k == 7 { json!({"bad": "poison"}) } else { json!({"k": k}) };
             json!({"device_id": "d1", "event_type": "reading", "payload": payload})
         })
         .collect();
@@ -245,13 +251,14 @@ async fn poison_rows_go_to_dead_letters_while_neighbours_arrive() {
     assert_eq!(r.status, 201, "{}", r.text);
     let ids: Vec<String> =
         r.body["results"].as_array().unwrap().iter().map(|x| x["id"].as_str().unwrap().to_string()).collect();
-    wait_drained(&app, &pg, 19).await;
+    wait_drained(&app, &pg, 20).await;
     let mut good = ids.clone();
     let poison = good.remove(7);
+    good.insert(0, first.body["id"].as_str().unwrap().to_string());
     assert_exactly_once(&central_rows(&pg).await, &HashMap::from([("d1".to_string(), good.clone())]));
     let (ok, out, _) = cli(app.dir.path(), &["dead-letter", "list"]);
     assert!(ok);
-    assert!(out.contains(&poison) && out.contains("22P05"), "{out}");
+    assert!(out.contains(&poison) && out.contains("23514"), "{out}");
     // A column too narrow centrally (22001) is a data error too.
     pg.exec("ALTER TABLE tenant_acme.events ALTER COLUMN event_type TYPE varchar(10)").await;
     let r = app
@@ -264,7 +271,7 @@ async fn poison_rows_go_to_dead_letters_while_neighbours_arrive() {
         )
         .await;
     assert_eq!(r.status, 201);
-    wait_drained(&app, &pg, 21).await;
+    wait_drained(&app, &pg, 22).await;
     assert!(
         eventually(Duration::from_secs(5), || async {
             app.get("/api/v1/status", None).await.body["log"]["dead_letters"] == 2

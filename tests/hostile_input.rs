@@ -110,7 +110,10 @@ async fn form_and_text_bodies_get_415_and_every_4xx_has_the_json_body() {
             .unwrap();
         assert_eq!(r.status(), 415, "{path} as {ct}");
         let body: Value = r.json().await.unwrap();
-        assert_eq!((body["error"].as_str(), body["field"].as_str()), (Some("unsupported_media_type"), Some("content-type")));
+        assert_eq!(
+            (body["error"].as_str(), body["field"].as_str()),
+            (Some("unsupported_media_type"), Some("content-type"))
+        );
     }
     assert!(log_rows(&dir.path().join("site-log.sqlite")).is_empty());
     // axum's own rejections (a plain GET on the WebSocket endpoint, a bad
