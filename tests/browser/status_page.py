@@ -84,13 +84,16 @@ class Cdp:
         return r["result"].get("value")
 
     async def until(self, what, expr, timeout=10.0):
-        deadline = time.monotonic() + timeout
+        deadline, last = time.monotonic() + timeout, None
         while time.monotonic() < deadline:
-            v = await self.eval(expr)
+            try:
+                v = await self.eval(expr)
+            except AssertionError as e:  # e.g. the page is still loading
+                v, last = None, e
             if v:
                 return v
             await asyncio.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}: {expr}")
+        raise AssertionError(f"timed out waiting for {what}: {expr} (last error: {last})")
 
     async def viewport(self, width, height, mobile):
         await self.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
@@ -123,8 +126,12 @@ READ_PAGE = """(() => {
 })()"""
 
 
-def mib(n):
-    return f"{n / 1048576:.1f} MiB"
+def human(n):
+    """The page's byte format (page.js bytes())."""
+    units, i = ["B", "KiB", "MiB", "GiB", "TiB"], 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.1f} {units[i]}" if i else f"{n} B"
 
 
 def check_against_status(page, s):
@@ -132,7 +139,7 @@ def check_against_status(page, s):
     assert s["uplink"]["state"] == "disabled" and page["uplink"] == "not configured", page
     assert page["backlog"] == "buffering only: no central database set", page
     assert page["dead"] == str(s["log"]["dead_letters"]), page
-    assert mib(s["disk"]["log_max_bytes"]) in page["diskLog"], (page["diskLog"], s["disk"])
+    assert f' of {human(s["disk"]["log_max_bytes"])} (' in page["diskLog"], (page["diskLog"], s["disk"])
     assert page["diskFree"] != "n/a" and " of " in page["diskFree"], page
     w = s["disk"]["write_bytes_per_day"]
     assert page["diskWrite"] == "n/a" if w is None else page["diskWrite"].endswith("GB/day"), page
@@ -187,6 +194,9 @@ async def drive(base, ws_url, mqtt_port, token):
         await cdp.screenshot(os.path.join(OUT, "status-360.png"), 360, True)
         overflow = await cdp.eval("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"horizontal scroll at 360 px: {overflow} px"
+        narrow = await cdp.eval("[...document.querySelectorAll('#tail li .type, #tail li .device, #devices td')]"
+                                ".filter(e => e.getBoundingClientRect().width < 40).length")
+        assert narrow == 0, f"{narrow} tail/device cells squeezed below 40 px at 360 px"
         print("c) no horizontal scroll at 360 px")
 
 

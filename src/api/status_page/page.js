@@ -50,7 +50,7 @@
   function renderBacklog(s) {
     var l = s.log;
     if (s.buffering_only) {
-      set('backlog-rows', 'buffering only: no central database set', 'dim');
+      set('backlog-rows', 'buffering only: no central database set', 'dim long');
       set('backlog-oldest', l.total_rows.toLocaleString('en') + ' events kept in the log');
       $('backlog-oldest').previousElementSibling.textContent = 'kept';
       set('backlog-eta', '—');
