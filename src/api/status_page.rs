@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -18,7 +19,8 @@ use axum::response::{Html, IntoResponse, Response};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::ApiState;
-use super::status::current_status;
+use super::status::{Status, current_status};
+use crate::forward::Uplink;
 use crate::http::ApiError;
 use crate::stream::tail::TailItem;
 
@@ -30,19 +32,78 @@ fn esc(v: &str) -> String {
     v.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-/// `GET /`: the page, with the current status embedded for the first paint.
+/// `template` with each `{{KEY}}` of `values` replaced in one pass, so a
+/// value (an error text, say) is never itself searched for placeholders.
+fn fill(template: &str, values: &[(&str, String)]) -> String {
+    let mut out = String::with_capacity(template.len() + values.iter().map(|(_, v)| v.len()).sum::<usize>());
+    let mut rest = template;
+    while let Some(at) = rest.find("{{") {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        match values.iter().find(|(k, _)| rest.starts_with(k)) {
+            Some((k, v)) => {
+                out.push_str(v);
+                rest = &rest[k.len()..];
+            }
+            None => {
+                out.push_str("{{");
+                rest = &rest[2..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The figures the HTML carries as rendered (the JS takes over at once and
+/// formats them the same way; without JS these are what the page shows).
+fn first_paint(s: &Status) -> [(&'static str, String); 6] {
+    let u = &s.uplink;
+    let state = match u.state {
+        Uplink::Up => "up",
+        Uplink::Connecting => "connecting",
+        Uplink::Down => "DOWN",
+        Uplink::Disabled => "not configured",
+    };
+    let reason = match (&u.last_error, u.state) {
+        (Some(e), _) => e.clone(),
+        (None, Uplink::Disabled) => "no central.url set".into(),
+        (None, _) => "—".into(),
+    };
+    let backlog = if s.buffering_only {
+        "buffering only: no central database set".to_string()
+    } else {
+        format!("{} waiting to forward", s.log.backlog_rows)
+    };
+    let mib = |b: u64| b as f64 / 1_048_576.0;
+    let since = u.since.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+    [
+        ("{{UPLINK}}", state.to_string()),
+        ("{{UPLINK_SINCE}}", since),
+        ("{{UPLINK_REASON}}", reason),
+        ("{{BACKLOG}}", backlog),
+        ("{{DEAD}}", s.log.dead_letters.to_string()),
+        ("{{DISK_LOG}}", format!("log {:.1} MiB of {:.1} MiB", mib(s.disk.log_bytes), mib(s.disk.log_max_bytes))),
+    ]
+}
+
+/// `GET /`: the page, its figures rendered, and the status embedded as JSON
+/// for the script.
 async fn index(State(state): State<ApiState>) -> Result<Response, ApiError> {
     let s = current_status(&state).await?;
     // Inside <script>, `<` is the only character that could end it early.
     let json = serde_json::to_string(&s)
         .map_err(|e| ApiError::internal("status encoding failed", &e))?
         .replace('<', "\\u003c");
-    let page = HTML
-        .replace("{{CSS}}", CSS)
-        .replace("{{JS}}", &JS.replace("</", "<\\/"))
-        .replace("{{SITE}}", &esc(&s.site_id))
-        .replace("{{VERSION}}", &esc(s.version))
-        .replace("{{STATUS}}", &json);
+    let mut values: Vec<(&str, String)> = first_paint(&s).into_iter().map(|(k, v)| (k, esc(&v))).collect();
+    values.extend([
+        ("{{CSS}}", CSS.to_string()),
+        ("{{JS}}", JS.replace("</", "<\\/")),
+        ("{{SITE}}", esc(&s.site_id)),
+        ("{{VERSION}}", esc(s.version)),
+        ("{{STATUS}}", json),
+    ]);
+    let page = fill(HTML, &values);
     let mut resp = Html(page).into_response();
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
@@ -51,16 +112,21 @@ async fn index(State(state): State<ApiState>) -> Result<Response, ApiError> {
 /// `GET /api/v1/status/events`: the newest events of the whole site as
 /// `event` frames `{seq, tenant, device_id, event_type, received_at}` —
 /// the recent ones first, then live. Never a payload.
-async fn feed(State(state): State<ApiState>) -> Response {
+async fn feed(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    // Counted with the other subscribers, so open pages are bounded by
+    // `stream.max_subscribers` too.
+    let slot = state.hub.slot("status").ok_or_else(|| {
+        ApiError::unavailable("too_many_subscribers", "stream.max_subscribers reached", Duration::from_secs(5))
+    })?;
     let (recent, rx) = state.hub.tail.subscribe();
     let last = recent.last().map_or(0, |i| i.seq);
     let shutdown = state.shutdown.clone();
     let frame = |i: &TailItem| SseEvent::default().id(i.seq.to_string()).event("event").data(i.json.clone());
     let first = futures_util::stream::iter(recent.into_iter().map(move |i| Ok::<_, Infallible>(frame(&i))));
-    let live = futures_util::stream::unfold(Some(rx), move |rx| {
+    let live = futures_util::stream::unfold(Some((rx, slot)), move |rx| {
         let shutdown = shutdown.clone();
         async move {
-            let mut rx = rx?;
+            let (mut rx, slot) = rx?;
             loop {
                 let item = tokio::select! {
                     _ = shutdown.cancelled() => return None,
@@ -68,7 +134,7 @@ async fn feed(State(state): State<ApiState>) -> Response {
                 };
                 match item {
                     Ok(i) if i.seq <= last => {} // already among the recent ones
-                    Ok(i) => return Some((Ok::<_, Infallible>(frame(&i)), Some(rx))),
+                    Ok(i) => return Some((Ok::<_, Infallible>(frame(&i)), Some((rx, slot)))),
                     // A page that fell behind just skips ahead: it is a tail.
                     Err(RecvError::Lagged(_)) => {}
                     Err(RecvError::Closed) => return None,
@@ -82,7 +148,7 @@ async fn feed(State(state): State<ApiState>) -> Response {
     let h = resp.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    resp
+    Ok(resp)
 }
 
 /// Equal without an early exit, so timing does not reveal a prefix.
@@ -132,6 +198,12 @@ mod tests {
     fn page_assets_stay_small() {
         let total = super::HTML.len() + super::CSS.len() + super::JS.len();
         assert!(total < 50 * 1024, "status page assets are {total} bytes");
+    }
+
+    #[test]
+    fn placeholders_are_filled_once_and_values_not_rescanned() {
+        let v = [("{{A}}", "{{B}}".to_string()), ("{{B}}", "b".to_string())];
+        assert_eq!(super::fill("x{{A}}y{{B}}z{{C}}", &v), "x{{B}}ybz{{C}}");
     }
 
     #[test]

@@ -57,7 +57,7 @@
       return;
     }
     $('backlog-oldest').previousElementSibling.textContent = 'oldest';
-    set('backlog-rows', l.backlog_rows.toLocaleString('en') + ' waiting', l.backlog_rows > 0 ? 'warn' : 'ok');
+    set('backlog-rows', l.backlog_rows.toLocaleString('en') + ' waiting to forward', l.backlog_rows > 0 ? 'warn' : 'ok');
     set('backlog-oldest', l.oldest_pending_age_seconds === null ? 'nothing waiting' : dur(l.oldest_pending_age_seconds));
     set('backlog-eta', l.backlog_rows === 0 ? '—' : s.drain_eta_seconds === null ? 'not draining' : '~' + dur(s.drain_eta_seconds));
   }
