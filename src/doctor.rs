@@ -367,7 +367,8 @@ pub async fn ports(cfg: &Config) -> Vec<Finding> {
     out
 }
 
-/// The site id of an outpost answering `/api/v1/status` on `addr`.
+/// The site id of an outpost answering `/api/v1/status` on `http.listen`
+/// (with the status token when one is configured).
 async fn running_outpost(http: &crate::config::HttpConfig) -> Option<String> {
     let v = crate::cli::live_status(http).await?;
     v["uplink"].is_object().then(|| v["site_id"].as_str().unwrap_or("?").to_string())
