@@ -8,6 +8,7 @@
 #   make test-deb check both packages (lintian, install/remove/purge; needs root)
 #   make test-powercut  power cuts of a VM running the appliance (CUTS=20)
 #   make test-chaos     SIGKILL loop + central crashes under mixed load (KILLS=100 EVENTS=100000)
+#   make test-browser  the status page in headless Chromium (screenshots in target/browser/)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -28,7 +29,7 @@ CHAOS_PKGS := postgresql python3-paho-mqtt python3-websockets
 CROSS_PKGS := rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static
 
 .PHONY: run build release test test-deps cross-deps unit-tests verify-unit aarch64 smoke-aarch64 install bench clean
-.PHONY: deb deb-deps test-deb test-powercut test-chaos powercut-deps chaos-deps
+.PHONY: deb deb-deps test-deb test-powercut test-chaos powercut-deps chaos-deps test-browser
 
 run:
 	$(CARGO) run --release -- run
@@ -39,7 +40,7 @@ build:
 release:
 	$(CARGO) build --release
 
-test: test-deps unit-tests verify-unit smoke-aarch64
+test: test-deps unit-tests verify-unit test-browser smoke-aarch64
 
 unit-tests:
 	$(CARGO) test --all-targets 2>&1
@@ -121,6 +122,20 @@ install: release
 	$(SUDO) install -m 0644 systemd/outpost.service /etc/systemd/system/outpost.service
 	$(SUDO) systemctl daemon-reload
 	@echo "installed; start with: sudo systemctl enable --now outpost"
+
+# The status page in headless Chromium against the real binary: values
+# match /api/v1/status, an MQTT publish shows up live, screenshots at 360 px
+# and 1280 px in target/browser/. Debian's chromium; no browser download.
+BROWSER_PKGS := chromium mosquitto-clients python3-websockets
+
+test-browser: build
+	@missing=""; \
+	for p in $(BROWSER_PKGS); do dpkg -s "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing browser test dependencies:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	/usr/bin/python3 tests/browser/status_page.py target/debug/outpost
 
 # Debian packages, built with dpkg-deb from a staged tree (pkg/deb/build-deb.sh).
 VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -n1)

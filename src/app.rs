@@ -126,8 +126,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let http_addr = http_listener.local_addr()?;
     let mqtt_addr = mqtt_listener.as_ref().map(TcpListener::local_addr).transpose()?;
 
+    let status_token = config.http.status_token().map_err(anyhow::Error::msg)?;
     let stages = Stages::new();
-    let router = routes(&config, &site.auth, &ingest, &hub, &log, &site.readers, &metrics, &uplink, &stages);
+    let router =
+        routes(&config, &site.auth, &ingest, &hub, &log, &site.readers, &metrics, &uplink, &stages, status_token);
     let s = stages.shutdown.clone();
     stages.spawn("http", http::serve(http_listener, router, s));
     let (r, s) = (site.readers.clone(), stages.shutdown.clone());
@@ -279,6 +281,7 @@ fn routes(
     metrics: &Arc<Metrics>,
     uplink: &Arc<ForwardStatus>,
     stages: &Stages,
+    status_token: Option<String>,
 ) -> axum::Router {
     let ingest_routes = crate::ingest::http::routes(IngestState {
         ingest: ingest.clone(),
@@ -306,6 +309,15 @@ fn routes(
         max_body: config.http.max_body_bytes,
         started: Instant::now(),
         status_cache: Default::default(),
+        sampler: Arc::new(std::sync::Mutex::new(api::sampler::Sampler::new(
+            [0; 3],
+            crate::sysinfo::process_write_bytes(),
+        ))),
+        hub: hub.clone(),
+        status_token: status_token.map(Into::into),
+        data_dir: Arc::new(config.site.data_dir.clone()),
+        log_max_bytes: config.log.max_bytes,
+        shutdown: stages.shutdown.clone(),
     });
     http::finish(ingest_routes.merge(stream_routes).merge(api_routes), config.stream.cors_origin.as_deref())
 }

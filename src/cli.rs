@@ -422,15 +422,18 @@ fn dead_letter(cmd: DeadLetterCommand, cfg: &Config) -> anyhow::Result<()> {
 
 /// The `/api/v1/status` of an appliance listening on `addr` (`0.0.0.0`
 /// means this machine), if it answers within a second. A plain HTTP/1.0
-/// GET: the product links no HTTP client.
-pub async fn live_status(mut addr: std::net::SocketAddr) -> Option<serde_json::Value> {
+/// GET: the product links no HTTP client. `http` gives the address and,
+/// when `status_token_file` is set and readable, the token to send.
+pub async fn live_status(http: &crate::config::HttpConfig) -> Option<serde_json::Value> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut addr = http.listen;
+    let auth = http.status_token().ok().flatten().map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(format!("GET /api/v1/status HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.ok()?;
+        s.write_all(format!("GET /api/v1/status HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n").as_bytes()).await.ok()?;
         let mut buf = Vec::new();
         s.take(1 << 20).read_to_end(&mut buf).await.ok()?;
         let at = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
@@ -462,7 +465,7 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
         None => println!("central         not configured (buffering only)"),
         Some(url) => {
             println!("central         {}", redact_url(url));
-            match live_status(cfg.http.listen).await {
+            match live_status(&cfg.http).await {
                 Some(v) => {
                     let u = &v["uplink"];
                     println!(

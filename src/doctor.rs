@@ -8,7 +8,7 @@
 //! Run it as the user the service runs as (`sudo -u outpost outpost doctor`).
 
 use std::io::ErrorKind;
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -254,16 +254,7 @@ fn nearest_existing(path: &Path) -> PathBuf {
 }
 
 fn available_bytes(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid
-    // NUL-terminated path for the duration of the call.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    #[allow(clippy::useless_conversion)] // the field widths differ between targets
-    Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+    crate::sysinfo::fs_space(path).map(|s| s.available)
 }
 
 /// NTP synchronisation as systemd-timesyncd / chrony report it to timedated.
@@ -345,7 +336,7 @@ pub async fn ports(cfg: &Config) -> Vec<Finding> {
             }
             Err(e) if e.kind() == ErrorKind::AddrInUse => {
                 if running.is_none() {
-                    running = Some(running_outpost(cfg.http.listen).await);
+                    running = Some(running_outpost(&cfg.http).await);
                 }
                 match running.as_ref().and_then(|r| r.as_ref()) {
                     Some(site) => {
@@ -376,9 +367,10 @@ pub async fn ports(cfg: &Config) -> Vec<Finding> {
     out
 }
 
-/// The site id of an outpost answering `/api/v1/status` on `addr`.
-async fn running_outpost(addr: SocketAddr) -> Option<String> {
-    let v = crate::cli::live_status(addr).await?;
+/// The site id of an outpost answering `/api/v1/status` on `http.listen`
+/// (with the status token when one is configured).
+async fn running_outpost(http: &crate::config::HttpConfig) -> Option<String> {
+    let v = crate::cli::live_status(http).await?;
     v["uplink"].is_object().then(|| v["site_id"].as_str().unwrap_or("?").to_string())
 }
 

@@ -21,4 +21,5 @@ pub mod logging;
 pub mod metrics;
 pub mod mqtt;
 pub mod stream;
+pub mod sysinfo;
 pub mod systemd;

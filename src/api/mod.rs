@@ -5,8 +5,11 @@
 
 pub mod devices;
 pub mod query;
+pub mod sampler;
 pub mod status;
+pub mod status_page;
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -16,8 +19,9 @@ use axum::extract::FromRef;
 use crate::auth::Authenticator;
 use crate::config::LimitsConfig;
 use crate::forward::ForwardStatus;
-use crate::log::{LogHandle, Readers, schema::LogStatus};
+use crate::log::{LogHandle, Readers};
 use crate::metrics::Metrics;
+use crate::stream::Hub;
 
 /// What these routes need.
 #[derive(Clone, FromRef)]
@@ -31,8 +35,19 @@ pub struct ApiState {
     pub site_id: Arc<str>,
     pub max_body: usize,
     pub started: Instant,
-    /// Last computed log status and when (see `status::STATUS_TTL`).
-    pub status_cache: Arc<Mutex<Option<(Instant, LogStatus)>>>,
+    /// Last computed log status and device list, and when.
+    pub status_cache: Arc<Mutex<Option<status::Cached>>>,
+    /// Ingest and disk-write rates of the status page.
+    pub sampler: Arc<Mutex<sampler::Sampler>>,
+    /// The site-wide tail of the status page lives in the hub.
+    pub hub: Arc<Hub>,
+    /// Guards the status page, its JSON and feed, and `/metrics` when set.
+    pub status_token: Option<Arc<str>>,
+    pub data_dir: Arc<PathBuf>,
+    /// `log.max_bytes`.
+    pub log_max_bytes: u64,
+    /// Ends the page's event feeds at shutdown.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Every route of this module.
@@ -41,6 +56,6 @@ pub fn routes(state: ApiState) -> Router {
     Router::new()
         .route("/api/v1/realtime/{tenant}/events", get(query::query_events))
         .merge(devices::routes())
-        .merge(status::routes())
+        .merge(status_page::routes(&state))
         .with_state(state)
 }

@@ -1,19 +1,23 @@
-//! Operations: liveness, readiness, Prometheus metrics, the status document
-//! and the status page for the installer on site. No token needed.
+//! Operations: liveness, readiness, Prometheus metrics and the status
+//! document. `/api/v1/status` and `/metrics` need no token unless
+//! `http.status_token_file` is set (see `status_page::guard`).
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::ApiState;
+use super::sampler::{IngestRates, PROTOCOLS};
 use crate::event::now_us;
 use crate::forward::{Uplink, UplinkSnapshot};
 use crate::http::ApiError;
 use crate::log::schema::{self, LogStatus};
+use crate::metrics::ProtocolLabel;
 
 /// `GET /healthz`: the process answers.
 async fn healthz() -> &'static str {
@@ -41,28 +45,85 @@ pub struct Status {
     pub uplink: UplinkSnapshot,
     /// Backlog divided by the drain rate; `None` while nothing drains.
     pub drain_eta_seconds: Option<f64>,
+    /// No `central.url`: the backlog is not waiting for anything, it is kept.
+    pub buffering_only: bool,
+    /// Events accepted per second by protocol over the last minute.
+    pub ingest: IngestRates,
+    pub disk: Disk,
+    /// Registered devices, most recently seen first (at most [`DEVICES_SHOWN`]).
+    pub devices: Vec<DeviceView>,
 }
+
+/// Storage figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Disk {
+    pub log_bytes: u64,
+    /// `log.max_bytes`: at this size new events are refused (503).
+    pub log_max_bytes: u64,
+    /// Free space of the data dir's filesystem (`None` if statvfs failed).
+    pub data_dir_free_bytes: Option<u64>,
+    pub data_dir_total_bytes: Option<u64>,
+    /// Bytes this process wrote to storage per day at the rate of the last
+    /// minute (`/proc/self/io`); `None` where the kernel does not say.
+    pub write_bytes_per_day: Option<f64>,
+}
+
+/// A device as the status page shows it (no token, no counts of others).
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceView {
+    pub tenant: String,
+    pub device_id: String,
+    pub name: Option<String>,
+    pub online: bool,
+    pub revoked: bool,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_seen: Option<time::OffsetDateTime>,
+}
+
+/// Devices listed at most; the count in `log.devices` is always complete.
+pub const DEVICES_SHOWN: usize = 1000;
+
+/// What the log queries return, cached for [`STATUS_TTL`].
+pub type Cached = (Instant, LogStatus, Arc<Vec<DeviceView>>);
 
 /// How long a computed log status is reused: its counts scan the log, and
 /// scrapes, status pages and CLI calls must not steal the cores ingest needs.
 const STATUS_TTL: Duration = Duration::from_secs(2);
 
-async fn current_status(state: &ApiState) -> Result<Status, ApiError> {
-    let cached = state
-        .status_cache
-        .lock()
-        .ok()
-        .and_then(|c| c.as_ref().filter(|(t, _)| t.elapsed() < STATUS_TTL).map(|(_, s)| s.clone()));
-    let log = match cached {
-        Some(s) => s,
-        None => {
-            let s = state.readers.with(|c| schema::status(c, now_us())).await?;
-            if let Ok(mut c) = state.status_cache.lock() {
-                *c = Some((std::time::Instant::now(), s.clone()));
-            }
-            s
-        }
-    };
+fn device_views(mut all: Vec<schema::Device>) -> Vec<DeviceView> {
+    all.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then_with(|| a.device_id.cmp(&b.device_id)));
+    all.into_iter()
+        .take(DEVICES_SHOWN)
+        .map(|d| DeviceView {
+            online: d.online && d.revoked_at.is_none(),
+            revoked: d.revoked_at.is_some(),
+            tenant: d.tenant,
+            device_id: d.device_id,
+            name: d.name,
+            last_seen: d.last_seen,
+        })
+        .collect()
+}
+
+async fn log_status(state: &ApiState) -> Result<(LogStatus, Arc<Vec<DeviceView>>), ApiError> {
+    let cached =
+        state.status_cache.lock().ok().and_then(|c| {
+            c.as_ref().filter(|(t, ..)| t.elapsed() < STATUS_TTL).map(|(_, s, d)| (s.clone(), d.clone()))
+        });
+    if let Some(hit) = cached {
+        return Ok(hit);
+    }
+    let (s, devices) = state.readers.with(|c| Ok((schema::status(c, now_us())?, schema::devices(c, None)?))).await?;
+    let devices = Arc::new(device_views(devices));
+    if let Ok(mut c) = state.status_cache.lock() {
+        *c = Some((Instant::now(), s.clone(), devices.clone()));
+    }
+    Ok((s, devices))
+}
+
+/// The status document; also refreshes the gauges `/metrics` reports.
+pub(super) async fn current_status(state: &ApiState) -> Result<Status, ApiError> {
+    let (log, devices) = log_status(state).await?;
     state.metrics.backlog_rows.set(log.backlog_rows);
     state.metrics.oldest_pending_seconds.set(log.oldest_pending_age_seconds.unwrap_or(0.0));
     state.metrics.log_bytes.set(i64::try_from(log.log_bytes).unwrap_or(i64::MAX));
@@ -73,14 +134,36 @@ async fn current_status(state: &ApiState) -> Result<Status, ApiError> {
     let drain_eta_seconds = (rate > 0.0).then(|| log.backlog_rows as f64 / rate);
     state.metrics.forward_rate.set(rate);
     state.metrics.drain_eta_seconds.set(drain_eta_seconds.unwrap_or(0.0));
+    let rates = {
+        let accepted = accepted_counts(state);
+        let written = crate::sysinfo::process_write_bytes();
+        let mut sampler = state.sampler.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        sampler.sample(accepted, written)
+    };
+    let space = crate::sysinfo::fs_space(&state.data_dir);
     Ok(Status {
         site_id: state.site_id.to_string(),
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: state.started.elapsed().as_secs(),
+        disk: Disk {
+            log_bytes: log.log_bytes,
+            log_max_bytes: state.log_max_bytes,
+            data_dir_free_bytes: space.map(|s| s.available),
+            data_dir_total_bytes: space.map(|s| s.total),
+            write_bytes_per_day: rates.write_bytes_per_day,
+        },
+        buffering_only: uplink.state == Uplink::Disabled,
         log,
         uplink,
         drain_eta_seconds,
+        ingest: rates.ingest,
+        devices: devices.as_ref().clone(),
     })
+}
+
+/// The `events_accepted` counters of [`PROTOCOLS`], in that order.
+pub(super) fn accepted_counts(state: &ApiState) -> [u64; 3] {
+    PROTOCOLS.map(|protocol| state.metrics.events_accepted.get_or_create(&ProtocolLabel { protocol }).get())
 }
 
 /// `GET /api/v1/status`.
@@ -95,50 +178,11 @@ async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
         .into_response())
 }
 
-/// `GET /`: a small status page for the installer on site.
-async fn index(State(state): State<ApiState>) -> Result<Html<String>, ApiError> {
-    let s = current_status(&state).await?;
-    let age = s.log.oldest_pending_age_seconds.map_or("—".to_string(), |a| format!("{a:.0} s"));
-    let central = match s.uplink.state {
-        Uplink::Disabled => "not configured (buffering only)".to_string(),
-        Uplink::Up => format!(
-            "up, {:.0} rows/s{}",
-            s.uplink.forwarded_rows_per_second,
-            s.drain_eta_seconds.map_or(String::new(), |e| format!(", backlog drained in ~{e:.0} s"))
-        ),
-        Uplink::Connecting => "connecting".to_string(),
-        Uplink::Down => format!("DOWN: {}", s.uplink.last_error.as_deref().unwrap_or("unknown error")),
-    };
-    let esc = |v: &str| v.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
-    Ok(Html(format!(
-        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=5>\
-         <title>outpost {site}</title><style>body{{font:16px system-ui;margin:2em}}td{{padding:.2em 1em}}</style></head>\
-         <body><h1>outpost · {site}</h1><table>\
-         <tr><td>version</td><td>{ver}</td></tr><tr><td>uptime</td><td>{up} s</td></tr>\
-         <tr><td>events in log</td><td>{total}</td></tr><tr><td>waiting to forward</td><td>{backlog}</td></tr>\
-         <tr><td>oldest waiting</td><td>{age}</td></tr><tr><td>dead letters</td><td>{dead}</td></tr><tr><td>devices</td><td>{dev} ({rev} revoked)</td></tr>\
-         <tr><td>log size</td><td>{mb:.1} MiB</td></tr><tr><td>central database</td><td>{central}</td></tr>\
-         </table><p><a href=/metrics>metrics</a> · <a href=/api/v1/status>status JSON</a> · <a href=/readyz>readiness</a></p></body></html>",
-        site = esc(&s.site_id),
-        ver = s.version,
-        up = s.uptime_seconds,
-        total = s.log.total_rows,
-        backlog = s.log.backlog_rows,
-        dead = s.log.dead_letters,
-        dev = s.log.devices,
-        rev = s.log.devices_revoked,
-        mb = s.log.log_bytes as f64 / 1048576.0,
-        central = esc(&central),
-    )))
-}
-
-/// `/`, `/healthz`, `/readyz`, `/metrics`, `/api/v1/status`.
-pub(super) fn routes() -> axum::Router<ApiState> {
+/// `/metrics` and `/api/v1/status` (guarded by the caller), and the
+/// always-open `/healthz`, `/readyz`.
+pub(super) fn routes() -> (axum::Router<ApiState>, axum::Router<ApiState>) {
     use axum::routing::get;
-    axum::Router::new()
-        .route("/", get(index))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/api/v1/status", get(status))
+    let guarded = axum::Router::new().route("/metrics", get(metrics)).route("/api/v1/status", get(status));
+    let open = axum::Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz));
+    (guarded, open)
 }

@@ -65,6 +65,9 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Request bodies above this are refused (413) before being read whole.
     pub max_body_bytes: usize,
+    /// File holding the token that guards the status page, its JSON, its
+    /// event feed and `/metrics`. Unset: those need no token.
+    pub status_token_file: Option<PathBuf>,
 }
 
 /// The MQTT 3.1.1 listener for devices.
@@ -327,7 +330,11 @@ impl Default for SiteConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([0, 0, 0, 0], 8080)), max_body_bytes: 4 * 1024 * 1024 }
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            max_body_bytes: 4 * 1024 * 1024,
+            status_token_file: None,
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{Algorithm, Config, RateOverride, url_has_password, valid_site_id};
+use super::{Algorithm, Config, HttpConfig, RateOverride, url_has_password, valid_site_id};
 use crate::event::Tenant;
 
 impl Config {
@@ -33,6 +33,9 @@ impl Config {
         }
         if self.http.max_body_bytes < 1024 {
             problems.push(format!("http.max_body_bytes = {}: must be at least 1024", self.http.max_body_bytes));
+        }
+        if let Err(e) = self.http.status_token() {
+            problems.push(e);
         }
         let m = &self.mqtt;
         if m.max_connections == 0 {
@@ -183,5 +186,21 @@ impl Config {
         if c.keepalive_idle < Duration::from_secs(1) {
             problems.push("central.keepalive_idle: must be at least 1s".into());
         }
+    }
+}
+
+impl HttpConfig {
+    /// The status token read from `status_token_file` (trimmed), if set.
+    pub fn status_token(&self) -> Result<Option<String>, String> {
+        let Some(path) = &self.status_token_file else { return Ok(None) };
+        let t = std::fs::read_to_string(path).map_err(|e| format!("http.status_token_file {}: {e}", path.display()))?;
+        let t = t.trim();
+        if t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "http.status_token_file {}: the token must be at least 16 printable characters without spaces",
+                path.display()
+            ));
+        }
+        Ok(Some(t.to_string()))
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod http;
 pub mod listen;
+pub mod tail;
 pub mod ws;
 
 use std::collections::HashMap;
@@ -169,6 +170,8 @@ pub struct Hub {
     subscribers: AtomicUsize,
     max_subscribers: usize,
     pub metrics: Arc<Metrics>,
+    /// Site-wide, payload-free tail for the status page.
+    pub tail: tail::Tail,
 }
 
 /// Why a subscription ended early.
@@ -202,6 +205,7 @@ impl Hub {
             subscribers: AtomicUsize::new(0),
             max_subscribers,
             metrics,
+            tail: tail::Tail::default(),
         })
     }
 
@@ -249,6 +253,7 @@ impl CommitObserver for Hub {
                 let _ = tx.send(Item::Event(Arc::new(item)));
             }
         }
+        self.tail.committed(events);
     }
 
     fn presence(&self, tenant: &str, device_id: &str, online: bool) {
