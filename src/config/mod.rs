@@ -530,7 +530,7 @@ mod tests {
     fn load_and_from_toml_str_agree() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("outpost.toml");
-        let overlay = env(&[("OUTPOST_HTTP__MAX_BODY_BYTES", "1234"), ("OUTPOST_SITE__ID", "s1")]);
+        let overlay = env(&[("OUTPOST_HTTP__MAX_BODY_BYTES", "2000000"), ("OUTPOST_SITE__ID", "s1")]);
         for text in [DEFAULT_TOML, "", "[limits]\nper_second = 7\n"] {
             std::fs::write(&path, text).unwrap();
             let from_file = Config::load(Some(&path), overlay.clone()).unwrap();
