@@ -59,7 +59,11 @@ fuzz_target!(|data: &[u8]| {
     let auth = auth();
     match auth.verify(&token) {
         Ok(Principal::Device { tenant, device_id, .. }) => {
-            assert_eq!((tenant.as_str(), device_id.as_str()), ("acme", "d1"), "unregistered or revoked device accepted");
+            assert_eq!(
+                (tenant.as_str(), device_id.as_str()),
+                ("acme", "d1"),
+                "unregistered or revoked device accepted"
+            );
         }
         Ok(Principal::Admin) | Err(_) => {}
     }
