@@ -9,6 +9,7 @@
 #   make test-powercut  power cuts of a VM running the appliance (CUTS=20)
 #   make test-chaos     SIGKILL loop + central crashes under mixed load (KILLS=100 EVENTS=100000)
 #   make test-browser  the status page in headless Chromium (screenshots in target/browser/)
+#   make fuzz     run every fuzz target for FUZZ_SECONDS (default 60) each; fails on a crash
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -29,7 +30,7 @@ CHAOS_PKGS := postgresql python3-paho-mqtt python3-websockets
 CROSS_PKGS := rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static
 
 .PHONY: run build release test test-deps cross-deps unit-tests verify-unit aarch64 smoke-aarch64 install bench clean
-.PHONY: deb deb-deps test-deb test-powercut test-chaos powercut-deps chaos-deps test-browser
+.PHONY: deb deb-deps test-deb test-powercut test-chaos powercut-deps chaos-deps test-browser fuzz
 
 run:
 	$(CARGO) run --release -- run
@@ -166,3 +167,35 @@ bench: release
 
 clean:
 	$(CARGO) clean
+
+# Fuzzing (fuzz/, cargo-fuzz on the stable toolchain via RUSTC_BOOTSTRAP).
+# Each target starts from the committed seeds (fuzz/corpus/<t>) plus what
+# earlier runs found (target/fuzz-corpus/<t>, where new inputs are written);
+# crashes land in fuzz/artifacts/<t>/. No sanitizer: the code is safe Rust
+# (bundled SQLite aside) and speed buys executions.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= event_json batch config token mqtt_session
+FUZZ := RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
+FUZZ_FLAGS := --sanitizer none
+
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	$(FUZZ) build $(FUZZ_FLAGS)
+	@mkdir -p target/fuzz-logs; failed=""; summary=""; start=$$(date +%s); \
+	for t in $(FUZZ_TARGETS); do \
+	  mkdir -p target/fuzz-corpus/$$t; \
+	  echo "fuzz $$t: $(FUZZ_SECONDS) s (log target/fuzz-logs/$$t.log)"; \
+	  if $(FUZZ) run $(FUZZ_FLAGS) $$t target/fuzz-corpus/$$t fuzz/corpus/$$t -- \
+	       -max_total_time=$(FUZZ_SECONDS) -timeout=20 -print_final_stats=1 > target/fuzz-logs/$$t.log 2>&1; then \
+	    status=ok; \
+	  else \
+	    status=CRASH; failed="$$failed $$t"; \
+	    grep -E "panicked|ERROR: libFuzzer|SUMMARY|Test unit written|artifact" target/fuzz-logs/$$t.log | head -n 20 || true; \
+	  fi; \
+	  rm -rf /dev/shm/outpost-fuzz-* 2>/dev/null || true; \
+	  execs=$$(sed -n 's/^stat::number_of_executed_units: *//p' target/fuzz-logs/$$t.log | tail -n1); \
+	  done_line=$$(grep -E '^#[0-9]+[[:space:]]+DONE' target/fuzz-logs/$$t.log | tail -n1 || true); \
+	  summary="$$summary$$(printf '%-14s %-5s executions: %-12s %s' $$t $$status "$${execs:-?}" "$$done_line")\n"; \
+	done; \
+	printf '\nfuzz summary (%s s):\n%b' "$$(( $$(date +%s) - start ))" "$$summary"; \
+	if [ -n "$$failed" ]; then echo "fuzz: crashes in:$$failed (inputs under fuzz/artifacts/)"; exit 1; fi

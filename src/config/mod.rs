@@ -406,8 +406,18 @@ impl Config {
             ),
             None => (String::new(), "<defaults>".to_string()),
         };
+        Self::parse(&text, name, env)
+    }
+
+    /// [`Config::load`] on TOML text instead of a file (errors name the
+    /// source `<string>`): parse, apply `OUTPOST_*` overrides, validate.
+    pub fn from_toml_str(text: &str, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, Error> {
+        Self::parse(text, "<string>".to_string(), env)
+    }
+
+    fn parse(text: &str, name: String, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, Error> {
         let mut table: toml::Table =
-            toml::from_str(&text).map_err(|e| Error::Parse { path: name.clone(), message: e.to_string() })?;
+            toml::from_str(text).map_err(|e| Error::Parse { path: name.clone(), message: e.to_string() })?;
         apply_env(&mut table, env)?;
         let config: Config = Config::deserialize(toml::Value::Table(table))
             .map_err(|e| Error::Parse { path: name, message: e.to_string() })?;
@@ -521,6 +531,26 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn load_and_from_toml_str_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outpost.toml");
+        let overlay = env(&[("OUTPOST_HTTP__MAX_BODY_BYTES", "2000000"), ("OUTPOST_SITE__ID", "s1")]);
+        for text in [DEFAULT_TOML, "", "[limits]\nper_second = 7\n"] {
+            std::fs::write(&path, text).unwrap();
+            let from_file = Config::load(Some(&path), overlay.clone()).unwrap();
+            let from_str = Config::from_toml_str(text, overlay.clone()).unwrap();
+            assert_eq!(from_file, from_str, "{text:?}");
+        }
+        for text in ["[limits]\nmax_batch = 0\n", "not toml =", "[nope]\n"] {
+            std::fs::write(&path, text).unwrap();
+            let from_file = Config::load(Some(&path), Vec::new()).unwrap_err().to_string();
+            let from_str = Config::from_toml_str(text, Vec::new()).unwrap_err().to_string();
+            let name = path.display().to_string();
+            assert_eq!(from_file.replace(&name, "<string>"), from_str, "{text:?}");
+        }
     }
 
     #[test]
