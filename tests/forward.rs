@@ -489,3 +489,18 @@ async fn tls_to_central_verifies_the_server_certificate() {
     let err = outpost::app::start(cfg).await.err().expect("must refuse to start");
     assert!(format!("{err:#}").contains("missing.pem"), "{err:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_registered_after_the_uplink_is_up_gets_its_schema_while_idle() {
+    let pg = Pg::start();
+    let app = TestApp::start_with(|c| central(c, &pg.url())).await;
+    let up = || async { app.get("/api/v1/status", None).await.body["uplink"]["state"] == "up" };
+    assert!(eventually(Duration::from_secs(20), up).await, "uplink never came up");
+    // Connected and migrated already; this tenant is new, and nothing is sent.
+    app.device("late", "d1").await;
+    let client = pg.client().await;
+    let exists = || async {
+        client.query_opt("SELECT 1 FROM pg_namespace WHERE nspname = 'tenant_late'", &[]).await.unwrap().is_some()
+    };
+    assert!(eventually(Duration::from_secs(5), exists).await, "no central schema for a tenant registered later");
+}

@@ -232,8 +232,20 @@ impl Forwarder {
             };
             let batch = match batch {
                 Ok(Some(b)) => b,
-                // Idle: loop to re-check the connection.
-                Ok(None) => continue,
+                // Idle: give tenants registered since the connect their
+                // schema (central readers see it within IDLE_POLL), then
+                // loop to re-check the connection.
+                Ok(None) => {
+                    if self.config.migrate
+                        && let Err(e) = self.migrate_known(c, &mut migrated).await
+                    {
+                        central = None;
+                        if self.failed(e, &mut backoff, &mut migrated, &shutdown).await {
+                            return Ok(());
+                        }
+                    }
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "forwarder: cannot read the site log; retrying");
                     if sleep_or_stop(&shutdown, backoff.next_delay()).await {
