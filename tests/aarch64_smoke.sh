@@ -27,7 +27,7 @@ done
 token=$("${qemu[@]}" "$bin" device add --tenant acme --id smoke-1 2>/dev/null)
 code=
 for _ in $(seq 1 100); do   # the running appliance picks up the new device within ~1 s
-  code=$(curl -s -o "$work/post.json" -w '%{http_code}' -X POST "http://$addr/api/v1/realtime/acme/event" \
+  code=$(curl -s -o "$work/post.json" -w '%{http_code}' -X POST "http://$addr/api/v1/realtime/acme/event" -H 'Content-Type: application/json' \
     -H "Authorization: Bearer $token" -d '{"device_id":"smoke-1","event_type":"smoke","payload":{"ok":true}}')
   [ "$code" = 201 ] && break
   sleep 0.1

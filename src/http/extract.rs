@@ -45,7 +45,11 @@ pub fn require_json(headers: &HeaderMap, ndjson: bool) -> Result<(), ApiError> {
     if json || (ndjson && nd) {
         return Ok(());
     }
-    let accepted = if ndjson { "application/json or application/x-ndjson" } else { "application/json" };
+    let accepted = if ndjson {
+        "Content-Type: application/json or application/x-ndjson"
+    } else {
+        "Content-Type: application/json (curl: -H 'Content-Type: application/json')"
+    };
     Err(ApiError::new(
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "unsupported_media_type",

@@ -54,6 +54,8 @@ def wait_for(what, cond, timeout=20.0, step=0.05):
 
 def http_json(url, body=None, token=None):
     req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode())
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(req, timeout=5) as r:
