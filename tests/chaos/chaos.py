@@ -34,39 +34,13 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "tests", "powercut"))
-from ledger import Ledger, Verdict  # noqa: E402
+from ledger import Ledger, Verdict, die, free_port, log, wait_for  # noqa: E402
 
 BIN = os.path.join(ROOT, "target/release/outpost")
 TENANT = "acme"
 # (kind, devices, share of EVENTS)
 MIX = [("http", 2, 0.08), ("batch", 2, 0.50), ("mqtt", 3, 0.27), ("ws", 2, 0.15)]
 
-
-def log(*a):
-    print(time.strftime("%H:%M:%S"), *a, flush=True)
-
-
-def die(msg):
-    print(f"FAILED: {msg}", flush=True)
-    sys.exit(1)
-
-
-def wait_for(cond, timeout, what, interval=0.02):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 # ---------------------------------------------------------------- PostgreSQL

@@ -1,12 +1,44 @@
 """What the devices were told (acks) against what the store holds.
 
-Shared by the power-cut and chaos proofs. Every event carries its device's
+Shared by the power-cut and chaos proofs, with their small helpers (log,
+die, wait_for, free_port). Every event carries its device's
 counter `k` in the payload, so it is found again whatever id it was stored
 under (MQTT publishes get their id from the appliance).
 """
 
+import socket
+import sys
 import threading
+import time
 from collections import Counter, defaultdict
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+def die(msg):
+    print(f"FAILED: {msg}", flush=True)
+    sys.exit(1)
+
+
+def wait_for(cond, timeout, what, interval=0.05):
+    """Polls `cond` until it returns something true (conditions, not sleeps)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
 
 
 class Ledger:

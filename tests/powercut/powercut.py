@@ -35,7 +35,7 @@ import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from ledger import Ledger, Verdict  # noqa: E402
+from ledger import Ledger, Verdict, die, free_port, log, wait_for  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(HERE))
 BIN = os.path.join(ROOT, "target/release/outpost")
@@ -48,32 +48,6 @@ MQTT_DEVS = ["pc-m1", "pc-m2"]
 READER = "pc-reader"
 VERBOSE = os.environ.get("VERBOSE") == "1"
 
-
-def log(*a):
-    print(time.strftime("%H:%M:%S"), *a, flush=True)
-
-
-def die(msg):
-    print(f"FAILED: {msg}", flush=True)
-    sys.exit(1)
-
-
-def wait_for(cond, timeout, what, interval=0.05):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def kernel():
