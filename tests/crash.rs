@@ -24,6 +24,15 @@ fn add_devices(dir: &std::path::Path, n: usize) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Waits (up to `timeout`) until `count` reaches `n`; false if it never does.
+async fn reaches(count: &Arc<AtomicUsize>, n: usize, timeout: Duration) -> bool {
+    common::eventually(timeout, || {
+        let c = count.clone();
+        async move { c.load(Ordering::Relaxed) >= n }
+    })
+    .await
+}
+
 /// Clients post until `stop`; each records the ids that got 201, in order.
 fn spawn_clients(
     base: String,
@@ -82,11 +91,7 @@ async fn sigkill_under_load_loses_no_acked_event_and_duplicates_none() {
         let stop = Arc::new(AtomicBool::new(false));
         let count = Arc::new(AtomicUsize::new(0));
         let tasks = spawn_clients(proc.base(), &devices, stop.clone(), count.clone());
-        let reached = common::eventually(Duration::from_secs(60), || {
-            let c = count.clone();
-            async move { c.load(Ordering::Relaxed) >= kill_after }
-        })
-        .await;
+        let reached = reaches(&count, kill_after, Duration::from_secs(60)).await;
         assert!(reached, "round {round}: only {} acks", count.load(Ordering::Relaxed));
         proc.kill9();
         stop.store(true, Ordering::Relaxed);
@@ -135,14 +140,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicUsize::new(0));
     let tasks = spawn_clients(proc.base(), &devices, stop.clone(), count.clone());
-    let c2 = count.clone();
-    assert!(
-        common::eventually(Duration::from_secs(30), || {
-            let c = c2.clone();
-            async move { c.load(Ordering::Relaxed) >= 200 }
-        })
-        .await
-    );
+    assert!(reaches(&count, 200, Duration::from_secs(30)).await);
     let status = tokio::task::spawn_blocking(move || proc.terminate()).await.unwrap();
     stop.store(true, Ordering::Relaxed);
     assert_eq!(status.code(), Some(0), "SIGTERM exit status");
@@ -239,15 +237,7 @@ async fn mqtt_sigkill_at_random_moments_loses_no_puback_and_dup_resends_make_no_
         let count = Arc::new(AtomicUsize::new(0));
         let tasks: Vec<_> =
             devices.drain(..).map(|d| tokio::spawn(run_mqtt_device(d, addr, stop.clone(), count.clone()))).collect();
-        let c2 = count.clone();
-        assert!(
-            common::eventually(Duration::from_secs(60), || {
-                let c = c2.clone();
-                async move { c.load(Ordering::Relaxed) >= kill_after }
-            })
-            .await,
-            "round {round}: too few PUBACKs"
-        );
+        assert!(reaches(&count, kill_after, Duration::from_secs(60)).await, "round {round}: too few PUBACKs");
         proc.kill9();
         for t in tasks {
             devices.push(t.await.unwrap());
@@ -300,14 +290,7 @@ async fn a_panicking_stage_stops_the_appliance_non_zero_within_shutdown_grace_ke
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicUsize::new(0));
     let tasks = spawn_clients(proc.base(), &devices, stop.clone(), count.clone());
-    let c2 = count.clone();
-    assert!(
-        common::eventually(Duration::from_secs(30), || {
-            let c = c2.clone();
-            async move { c.load(Ordering::Relaxed) >= 200 }
-        })
-        .await
-    );
+    assert!(reaches(&count, 200, Duration::from_secs(30)).await);
     // The registry stage panics at its next tick (within 1 s), under load.
     std::fs::write(&trigger, b"").unwrap();
     let started = std::time::Instant::now();
