@@ -34,7 +34,7 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "tests", "powercut"))
-from ledger import Ledger, Verdict, die, free_port, log, wait_for  # noqa: E402
+from ledger import Ledger, PahoAcks, Verdict, die, free_port, log, wait_for  # noqa: E402
 
 BIN = os.path.join(ROOT, "target/release/outpost")
 TENANT = "acme"
@@ -261,9 +261,7 @@ class Devices:
 
     def mqtt_device(self, dev, quota):
         import paho.mqtt.client as mqtt
-        lock = threading.Lock()
         window = threading.Semaphore(32)
-        mids, early = {}, set()
         done = threading.Event()
         acked = [0]
         c = mqtt.Client(client_id=dev, clean_session=True)
@@ -272,43 +270,32 @@ class Devices:
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(0.02, 0.2)
 
-        def on_publish(_c, _u, mid):
-            # paho calls this holding its own message lock, so publish() must
-            # not be called under `lock`: an ack may overtake the mapping.
-            with lock:
-                k = mids.pop(mid, None)
-                if k is None:
-                    early.add(mid)
-                    return
+        def on_ack(k):
             self.ledger.ack(dev, k)
             acked[0] += 1
             if acked[0] == quota:
                 done.set()
             window.release()
 
+        inflight = PahoAcks(on_ack)
+
         def on_disconnect(_c, _u, rc):
             # paho keeps unacked QoS 1 publishes and resends them with DUP=1
             # and the same packet id after the reconnect.
-            with lock:
-                self.count(resent=len(mids))
+            self.count(resent=inflight.unacked())
 
-        c.on_publish = on_publish
+        c.on_publish = lambda _c, _u, mid: inflight.acked(mid)
         c.on_disconnect = on_disconnect
         c.connect_async("127.0.0.1", self.app.mqtt_port, keepalive=10)
         c.loop_start()
         topic = f"{TENANT}/devices/{dev}/events/chaos.mqtt"
         for k in range(1, quota + 1):
-            self.where[dev] = f"k={k} window full; connected={c.is_connected()}; unacked={len(mids)}"
+            self.where[dev] = f"k={k} window full; connected={c.is_connected()}; unacked={inflight.unacked()}"
             window.acquire()
             info = c.publish(topic, json.dumps({"k": k}), qos=1)
-            with lock:
-                mids[info.mid] = k
-                overtaken = info.mid in early
-                early.discard(info.mid)
-            if overtaken:
-                on_publish(c, None, info.mid)
+            inflight.sent(info.mid, k)
             self.count(sent=1)
-        self.where[dev] = f"all published; waiting for acks; connected={c.is_connected()}; unacked={len(mids)}"
+        self.where[dev] = f"all published; waiting for acks; connected={c.is_connected()}; unacked={inflight.unacked()}"
         if not done.wait(600):
             raise RuntimeError(f"{quota - acked[0]} publishes never acked")
         c.disconnect()

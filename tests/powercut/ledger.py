@@ -106,3 +106,39 @@ class Verdict:
         if self.order_violations:
             out.append(f"ORDER violated {self.order_violations} times, e.g. {self.order_examples}")
         return out
+
+
+class PahoAcks:
+    """Which counter `k` each in-flight paho QoS 1 publish carries. paho may
+    report an ack (on_publish) before publish() has returned the message id,
+    so an ack for an id not recorded yet is kept and matched when it is."""
+
+    def __init__(self, on_ack):
+        self.lock = threading.Lock()
+        self.mids = {}
+        self.early = set()
+        self.on_ack = on_ack
+
+    def acked(self, mid):
+        """From on_publish. paho holds its own message lock here, so nothing
+        under `self.lock` may call publish()."""
+        with self.lock:
+            k = self.mids.pop(mid, None)
+            if k is None:
+                self.early.add(mid)
+                return
+        self.on_ack(k)
+
+    def sent(self, mid, k):
+        """After publish() returned `mid` for counter `k`."""
+        with self.lock:
+            if mid in self.early:
+                self.early.discard(mid)
+            else:
+                self.mids[mid] = k
+                return
+        self.on_ack(k)
+
+    def unacked(self):
+        with self.lock:
+            return len(self.mids)

@@ -35,7 +35,7 @@ import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from ledger import Ledger, Verdict, die, free_port, log, wait_for  # noqa: E402
+from ledger import Ledger, PahoAcks, Verdict, die, free_port, log, wait_for  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(HERE))
 BIN = os.path.join(ROOT, "target/release/outpost")
@@ -344,26 +344,19 @@ class Load:
 
     def mqtt_device(self, dev):
         import paho.mqtt.client as mqtt
-        lock = threading.Lock()
         window = threading.Semaphore(16)
-        mids, early = {}, set()
         c = mqtt.Client(client_id=dev, clean_session=True)
         c.username_pw_set(dev, self.tokens[dev])
         c.max_inflight_messages_set(16)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(0.05, 0.2)
 
-        def on_publish(_c, _u, mid):
-            # paho calls this holding its own message lock, so publish() must
-            # not be called under `lock`: an ack may overtake the mapping.
-            with lock:
-                k = mids.pop(mid, None)
-                if k is None:
-                    early.add(mid)
-                    return
+        def on_ack(k):
             self.ledger.ack(dev, k)
             window.release()
-        c.on_publish = on_publish
+
+        inflight = PahoAcks(on_ack)
+        c.on_publish = lambda _c, _u, mid: inflight.acked(mid)
         try:
             c.connect("127.0.0.1", self.vm.mqtt_port, keepalive=30)
         except OSError:
@@ -379,12 +372,7 @@ class Load:
                 continue
             k = self.next_k(dev)
             info = c.publish(topic, json.dumps({"k": k}), qos=1)
-            with lock:
-                mids[info.mid] = k
-                overtaken = info.mid in early
-                early.discard(info.mid)
-            if overtaken:
-                on_publish(c, None, info.mid)
+            inflight.sent(info.mid, k)
             self.sent += 1
         # The box is gone (or the cut is done): stop, without reconnecting.
         c.disconnect()
