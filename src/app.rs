@@ -136,6 +136,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     stages.spawn("registry", auth::run_registry_refresh(r, site.registry, s));
     if let (Some(listener), Some((links, bridge))) = (mqtt_listener, broker) {
         let sessions = Arc::new(mqtt::state::Sessions::new(&config.mqtt));
+        let retained = site.readers.with(crate::log::schema::retained).await?;
+        if !retained.is_empty() {
+            let n = bridge.restore_retained(&sessions, retained);
+            tracing::info!(messages = n, "mqtt retained messages restored from the site log");
+        }
         let deps = MqttDeps {
             ingest,
             auth: site.auth,

@@ -30,6 +30,8 @@ pub struct Event {
     pub origin_site: String,
     /// MQTT QoS 1 packet id and payload digest, for redelivery detection.
     pub redelivery: Option<Redelivery>,
+    /// MQTT session facts recorded in the event's own transaction.
+    pub mqtt: Option<Box<MqttFacts>>,
     /// How it arrived: "http", "ws", "mqtt", "remote" (not stored). The hub
     /// republishes to MQTT subscribers what did not come in over MQTT.
     pub protocol: &'static str,
@@ -43,6 +45,18 @@ pub struct Redelivery {
     pub digest: i64,
     /// DUP=1: look for an earlier copy before writing.
     pub check: bool,
+}
+
+/// What the MQTT front-end records with a publish, in the same transaction
+/// as its event, so an ack and its session state are durable together.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MqttFacts {
+    /// QoS 2: the (tenant-local) client id whose packet id, `redelivery.pkid`,
+    /// stays held until its PUBREL. A PUBLISH with a held packet id is the
+    /// same message again and is not stored twice.
+    pub qos2_client: Option<String>,
+    /// RETAIN=1: the stream topic whose retained message this event becomes.
+    pub retain_topic: Option<String>,
 }
 
 /// FNV-1a, 64 bit.
@@ -86,6 +100,8 @@ pub struct EventInput {
     /// Set by the MQTT front-end, never read from JSON.
     #[serde(skip)]
     pub redelivery: Option<Redelivery>,
+    #[serde(skip)]
+    pub mqtt: Option<Box<MqttFacts>>,
 }
 
 /// An event as stored in the site log and returned by queries.
@@ -179,6 +195,7 @@ pub fn validate(
         received_at_us: now_us,
         origin_site: origin_site.to_string(),
         redelivery: input.redelivery,
+        mqtt: input.mqtt,
         protocol: "",
     })
 }

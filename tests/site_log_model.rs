@@ -64,6 +64,7 @@ fn event(device: &str, id: Uuid) -> Event {
         received_at_us: now_us(),
         origin_site: "site-a".into(),
         redelivery: None,
+        mqtt: None,
         protocol: "test",
     }
 }

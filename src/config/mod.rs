@@ -97,6 +97,17 @@ pub struct MqttConfig {
     pub max_retained_per_tenant: usize,
     /// Bytes of retained payloads per tenant, likewise.
     pub max_retained_bytes_per_tenant: usize,
+    /// Longest MQTT 5.0 Session Expiry Interval granted; a longer one (or
+    /// "never expires") is lowered to this and told in CONNACK. 3.1.1
+    /// persistent sessions expire after it too.
+    #[serde(with = "humantime_serde")]
+    pub max_session_expiry: Duration,
+    /// Longest keep-alive accepted; a client asking for more (or for none)
+    /// is told this one (5.0 Server Keep Alive). 0s = no maximum.
+    #[serde(with = "humantime_serde")]
+    pub max_keep_alive: Duration,
+    /// MQTT 5.0 topic aliases a client may set (Topic Alias Maximum).
+    pub topic_alias_max: u16,
 }
 
 /// The central PostgreSQL the forwarder writes to.
@@ -351,6 +362,9 @@ impl Default for MqttConfig {
             max_filters: 32,
             max_retained_per_tenant: 1000,
             max_retained_bytes_per_tenant: 4 * 1024 * 1024,
+            max_session_expiry: Duration::from_secs(24 * 3600),
+            max_keep_alive: Duration::from_secs(3600),
+            topic_alias_max: 32,
         }
     }
 }

@@ -57,6 +57,12 @@ impl Config {
                 problems.push(format!("mqtt.{k}: must be at least 1"));
             }
         }
+        if m.max_session_expiry > Duration::from_secs(u64::from(u32::MAX - 1)) {
+            problems.push("mqtt.max_session_expiry: must be below 136 years (MQTT's u32 seconds)".into());
+        }
+        if m.max_keep_alive > Duration::from_secs(65_535) {
+            problems.push("mqtt.max_keep_alive: must be at most 65535s (MQTT's u16 seconds)".into());
+        }
         if m.connect_timeout < Duration::from_millis(100) {
             problems.push("mqtt.connect_timeout: must be at least 100ms".into());
         }

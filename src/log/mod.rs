@@ -40,7 +40,7 @@ pub struct RemoteEvent {
     pub event: crate::event::Event,
     pub site_seq: i64,
 }
-pub use writer::{Appended, LogHandle, WriterConfig};
+pub use writer::{Appended, LogHandle, MqttOp, WriterConfig};
 
 /// Why a site-log operation failed.
 #[derive(Debug, thiserror::Error)]

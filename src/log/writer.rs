@@ -52,7 +52,19 @@ enum Command {
     Prune { cutoff_us: i64, limit: usize, reply: Reply<usize> },
     AddDevice { tenant: String, device_id: String, name: Option<String>, reply: Reply<schema::Device> },
     RevokeDevice { tenant: String, device_id: String, reply: Reply<schema::Device> },
+    Mqtt { op: MqttOp, reply: Reply<usize> },
     Ping { reply: Reply<()> },
+}
+
+/// MQTT session state kept in the site log beside the events.
+#[derive(Debug, Clone)]
+pub enum MqttOp {
+    /// PUBREL: the QoS 2 packet id may be used for a new message again.
+    Release { tenant: String, client_id: String, pkid: u16 },
+    /// A clean start: the client's held QoS 2 packet ids go with its session.
+    ClearSession { tenant: String, client_id: String },
+    /// A zero-byte retained publish: the topic keeps no retained message.
+    ClearRetained { tenant: String, topic: String },
 }
 
 impl Command {
@@ -171,6 +183,11 @@ impl LogHandle {
     /// Resolves once the writer thread is gone (stopped or panicked).
     pub async fn closed(&self) {
         self.tx.closed().await;
+    }
+
+    /// Records MQTT session state; answers after the commit.
+    pub async fn mqtt(&self, op: MqttOp) -> Result<usize, Error> {
+        self.call(|reply| Command::Mqtt { op, reply }).await
     }
 
     /// Round trip through the writer: proves it is alive and the log writable.
@@ -304,6 +321,8 @@ impl Writer {
                     g.delivers.push(deliver(reply, schema::dead_letter(&tx, seq, &error, now_us())));
                 }
                 Command::Prune { cutoff_us, limit, reply } => {
+                    // Held QoS 2 packet ids as old as pruned events belong to sessions long gone.
+                    schema::prune_qos2(&tx, cutoff_us)?;
                     g.delivers.push(deliver(reply, schema::prune(&tx, cutoff_us, limit)));
                 }
                 Command::AddDevice { tenant, device_id, name, reply } => {
@@ -312,6 +331,18 @@ impl Writer {
                 }
                 Command::RevokeDevice { tenant, device_id, reply } => {
                     g.delivers.push(deliver(reply, schema::revoke_device(&tx, &tenant, &device_id, now_us())));
+                }
+                Command::Mqtt { op, reply } => {
+                    let r = match op {
+                        MqttOp::Release { tenant, client_id, pkid } => {
+                            schema::release_qos2(&tx, &tenant, &client_id, Some(pkid))
+                        }
+                        MqttOp::ClearSession { tenant, client_id } => {
+                            schema::release_qos2(&tx, &tenant, &client_id, None)
+                        }
+                        MqttOp::ClearRetained { tenant, topic } => schema::set_retained(&tx, &tenant, &topic, None, 0),
+                    };
+                    g.delivers.push(deliver(reply, r));
                 }
                 Command::Ping { reply } => g.delivers.push(deliver(reply, Ok(()))),
             }
@@ -403,8 +434,21 @@ fn append(conn: &Connection, events: &[Event], seen: &mut DeviceCounts) -> Resul
             out.push(Appended { id, seq, duplicate: true });
             continue;
         }
+        let qos2 = e.mqtt.as_ref().and_then(|m| m.qos2_client.as_deref()).zip(e.redelivery.map(|r| r.pkid));
+        if let Some((client_id, pkid)) = qos2
+            && let Some((seq, id)) = schema::held_qos2(conn, &e.tenant, client_id, pkid)?
+        {
+            out.push(Appended { id, seq, duplicate: true });
+            continue;
+        }
         match schema::insert_event(conn, e, None)? {
             Some(seq) => {
+                if let Some((client_id, pkid)) = qos2 {
+                    schema::hold_qos2(conn, e, client_id, pkid, seq)?;
+                }
+                if let Some(topic) = e.mqtt.as_ref().and_then(|m| m.retain_topic.as_deref()) {
+                    schema::set_retained(conn, &e.tenant, topic, Some(e.payload.as_bytes()), e.received_at_us)?;
+                }
                 out.push(Appended { id: e.id, seq, duplicate: false });
                 let c = per_device.entry((e.tenant.clone(), e.device_id.clone())).or_insert((0, 0));
                 c.0 += 1;

@@ -41,9 +41,36 @@ pub fn delivery_allowed(topic: &str, tenant: &str, device_id: &str) -> bool {
         || rest.strip_prefix("/devices/").and_then(|r| r.strip_prefix(device_id)).is_some_and(|r| r.starts_with('/'))
 }
 
+/// MQTT topic-filter matching (`+` one level, `#` the rest, including the
+/// parent level: `a/#` matches `a`).
+pub fn topic_matches(topic: &str, filter: &str) -> bool {
+    let mut t = topic.split('/');
+    let mut f = filter.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filters_match_like_mqtt_says() {
+        assert!(topic_matches("a/b/c", "a/#"));
+        assert!(topic_matches("a", "a/#"), "# includes the parent level");
+        assert!(topic_matches("a/b/c", "a/+/c"));
+        assert!(!topic_matches("a/b/c", "a/+"));
+        assert!(topic_matches("a/b", "a/b"));
+        assert!(!topic_matches("a/b", "a/b/c"));
+        assert!(topic_matches("a//c", "a/+/c"), "empty levels are levels");
+    }
 
     #[test]
     fn client_ids_are_the_device_id_or_it_with_a_dash_suffix() {

@@ -60,6 +60,24 @@ pub fn drop_session(links: &LinkFactory, router_id: String) {
     }
 }
 
+/// Forgets a persistent session `after` its connection ended (its Session
+/// Expiry Interval), unless its client connected again: the router's queue
+/// and subscriptions, and its held QoS 2 packet ids in the site log.
+pub fn expire_later(deps: &super::MqttDeps, lease: super::state::Lease, after: std::time::Duration) {
+    let (sessions, links, log) = (deps.sessions.clone(), deps.links.clone(), deps.ingest.log().clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        let Some(router_id) = sessions.expire(&lease) else { return };
+        let (tenant, client_id) = super::state::Sessions::client_of(&lease);
+        tracing::info!(router_id, client_id, "mqtt session expired");
+        let op = crate::log::MqttOp::ClearSession { tenant: tenant.to_string(), client_id: client_id.to_string() };
+        if let Err(e) = log.mqtt(op).await {
+            tracing::warn!(error = %e, "expired session's QoS 2 state not cleared");
+        }
+        let _ = tokio::task::spawn_blocking(move || drop_session(&links, router_id)).await;
+    });
+}
+
 /// Publishes committed non-MQTT events into the router (QoS 0, never
 /// waiting: a full router queue skips the event for MQTT subscribers; the
 /// durable copy stays in the log and on the WS/SSE/poll streams).
@@ -88,6 +106,34 @@ impl Bridge {
         let mut m = self.subscribed.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         let n = m.entry(tenant.to_string()).or_insert(0);
         *n = if subscribed { *n + 1 } else { n.saturating_sub(1) };
+    }
+
+    /// Puts the retained messages kept in the site log back into the router
+    /// (at start), within the tenants' bounds. Returns how many.
+    pub fn restore_retained(
+        &self,
+        sessions: &super::state::Sessions,
+        retained: Vec<(String, String, Vec<u8>)>,
+    ) -> usize {
+        use futures_util::FutureExt;
+        use rumqttd::protocol::{Packet, PublishProperties};
+        let mut n = 0;
+        let Ok(mut link) = self.link.lock() else { return 0 };
+        for (tenant, topic, payload) in retained {
+            if !sessions.retain(&tenant, &topic, payload.len()) {
+                tracing::warn!(tenant, topic, "retained message over the tenant's bounds; not restored");
+                continue;
+            }
+            let mut props = PublishProperties::default();
+            super::codec::mark(&mut props, 1, true, "");
+            let publish = super::codec::publish(0, false, true, 0, &Bytes::from(topic), &Bytes::from(payload));
+            // The local link's send never waits (it queues and notifies).
+            match link.0.send(Packet::Publish(publish, Some(props))).now_or_never() {
+                Some(Ok(_)) => n += 1,
+                other => tracing::warn!(result = ?other.map(|r| r.err()), "retained message not restored"),
+            }
+        }
+        n
     }
 
     fn has_subscribers(&self, tenant: &str) -> bool {

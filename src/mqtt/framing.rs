@@ -7,7 +7,7 @@
 use rumqttd::protocol::Packet;
 
 /// The fixed header and where the variable header starts, if complete.
-fn fixed_header(buf: &[u8]) -> Option<(u8, usize)> {
+pub fn fixed_header(buf: &[u8]) -> Option<(u8, usize)> {
     let first = *buf.first()?;
     let mut i = 1;
     while *buf.get(i)? & 0x80 != 0 {

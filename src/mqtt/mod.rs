@@ -31,6 +31,7 @@
 
 pub mod acl;
 pub mod broker;
+pub mod codec;
 pub mod framing;
 pub mod session;
 pub mod state;
@@ -90,7 +91,8 @@ pub async fn run(listener: TcpListener, deps: MqttDeps, tracker: TaskTracker, sh
         deps.metrics.mqtt_connections.inc();
         let (deps, open, shutdown) = (deps.clone(), open.clone(), shutdown.clone());
         tracker.spawn(async move {
-            session::Session::serve(stream, peer, &deps, shutdown).await;
+            let (r, w) = stream.into_split();
+            session::Session::serve(Box::new(r), Box::new(w), peer, &deps, shutdown).await;
             open.fetch_sub(1, Ordering::Relaxed);
             deps.metrics.mqtt_connections.dec();
         });

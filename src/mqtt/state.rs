@@ -44,6 +44,9 @@ struct Device {
     clean: HashMap<String, (usize, u64)>,
     clean_free: Vec<usize>,
     clean_next: usize,
+    /// The newest lease of each client id still connected or persistent:
+    /// tells a client that came back (will delay, session expiry).
+    generations: HashMap<String, u64>,
 }
 
 /// The router client id a connection uses, and what to do before using it.
@@ -95,21 +98,23 @@ impl Sessions {
         last
     }
 
-    /// The router client id for a connection of `client_id`.
-    pub fn lease(&self, tenant: &str, device_id: &str, client_id: &str, persistent: bool) -> Lease {
+    /// The router client id for a connection of `client_id`; `resume` =
+    /// false discards a persistent session it had (a clean start).
+    pub fn lease(&self, tenant: &str, device_id: &str, client_id: &str, persistent: bool, resume: bool) -> Lease {
         let mut g = self.lock();
         g.generation += 1;
         let generation = g.generation;
         let max = self.max_persistent;
         let d = g.devices.entry((tenant.to_string(), device_id.to_string())).or_default();
+        d.generations.insert(client_id.to_string(), generation);
         let known = d.persistent.iter().position(|(c, _)| c == client_id);
         let (slot, wipe) = if persistent {
             match known {
-                // Resumes its own session.
+                // Resumes its own session, or starts it afresh in the same slot.
                 Some(i) => {
                     let entry = d.persistent.remove(i).unwrap_or_default();
                     d.persistent.push_back(entry.clone());
-                    (format!("p{}", entry.1), false)
+                    (format!("p{}", entry.1), !resume)
                 }
                 None => {
                     let used: Vec<usize> = d.persistent.iter().map(|(_, s)| *s).collect();
@@ -158,6 +163,38 @@ impl Sessions {
             d.clean.remove(&lease.client_id);
             d.clean_free.push(slot);
         }
+        let persistent = d.persistent.iter().any(|(c, _)| *c == lease.client_id);
+        if !persistent && d.generations.get(&lease.client_id) == Some(&lease.generation) {
+            d.generations.remove(&lease.client_id);
+        }
+    }
+
+    /// True when the client id of `lease` connected again after it.
+    pub fn resumed(&self, lease: &Lease) -> bool {
+        let g = self.lock();
+        g.devices
+            .get(&(lease.tenant.clone(), lease.device_id.clone()))
+            .and_then(|d| d.generations.get(&lease.client_id))
+            .is_some_and(|g| *g > lease.generation)
+    }
+
+    /// The persistent session of `lease` expired: unless its client came
+    /// back, it is forgotten; returns the router id whose session to drop.
+    pub fn expire(&self, lease: &Lease) -> Option<String> {
+        let mut g = self.lock();
+        let d = g.devices.get_mut(&(lease.tenant.clone(), lease.device_id.clone()))?;
+        if d.generations.get(&lease.client_id) != Some(&lease.generation) {
+            return None;
+        }
+        d.generations.remove(&lease.client_id);
+        let at = d.persistent.iter().position(|(c, _)| *c == lease.client_id)?;
+        d.persistent.remove(at);
+        Some(lease.router_id.clone())
+    }
+
+    /// The tenant and client id a lease was given for.
+    pub fn client_of(lease: &Lease) -> (&str, &str) {
+        (&lease.tenant, &lease.client_id)
     }
 
     /// A retained publish of `bytes` on `topic` (0 clears it). False when the
@@ -209,32 +246,32 @@ mod tests {
     #[test]
     fn persistent_sessions_per_device_are_bounded_oldest_first() {
         let s = sessions();
-        let a = s.lease("acme", "d1", "d1-a", true);
-        let b = s.lease("acme", "d1", "d1-b", true);
+        let a = s.lease("acme", "d1", "d1-a", true, true);
+        let b = s.lease("acme", "d1", "d1-b", true, true);
         assert_eq!((a.router_id.as_str(), a.wipe), ("acme|d1|p0", true));
         assert_eq!(b.router_id, "acme|d1|p1");
-        let again = s.lease("acme", "d1", "d1-a", true);
+        let again = s.lease("acme", "d1", "d1-a", true, true);
         assert_eq!((again.router_id.as_str(), again.wipe), ("acme|d1|p0", false), "resumes its own session");
-        let c = s.lease("acme", "d1", "d1-c", true);
+        let c = s.lease("acme", "d1", "d1-c", true, true);
         assert_eq!((c.router_id.as_str(), c.wipe), ("acme|d1|p1", true), "the oldest (d1-b) is dropped");
-        assert_eq!(s.lease("globex", "d1", "d1-a", true).router_id, "globex|d1|p0", "tenants apart");
+        assert_eq!(s.lease("globex", "d1", "d1-a", true, true).router_id, "globex|d1|p0", "tenants apart");
     }
 
     #[test]
     fn clean_sessions_recycle_slots_and_keep_take_over() {
         let s = sessions();
-        let a = s.lease("acme", "d1", "d1", false);
-        let b = s.lease("acme", "d1", "d1-x", false);
+        let a = s.lease("acme", "d1", "d1", false, false);
+        let b = s.lease("acme", "d1", "d1-x", false, false);
         assert_eq!((a.router_id.as_str(), b.router_id.as_str()), ("acme|d1|c0", "acme|d1|c1"));
-        let a2 = s.lease("acme", "d1", "d1", false);
+        let a2 = s.lease("acme", "d1", "d1", false, false);
         assert_eq!(a2.router_id, "acme|d1|c0", "same client id: same router id, so the router takes over");
         s.release(&a); // the old connection ends after the take-over: its slot stays with a2
-        assert_eq!(s.lease("acme", "d1", "d1-y", false).router_id, "acme|d1|c2");
+        assert_eq!(s.lease("acme", "d1", "d1-y", false, false).router_id, "acme|d1|c2");
         s.release(&a2);
         s.release(&b);
         // Thousands of distinct client ids, one at a time: two slots in all.
         for i in 0..1000 {
-            let l = s.lease("acme", "d1", &format!("d1-{i}"), false);
+            let l = s.lease("acme", "d1", &format!("d1-{i}"), false, false);
             assert!(l.router_id == "acme|d1|c0" || l.router_id == "acme|d1|c1", "{}", l.router_id);
             s.release(&l);
         }

@@ -29,6 +29,9 @@ fail() {
   exit 1
 }
 ok() { echo "ok: $*"; }
+# grep -q exits at the first match; under pipefail the writer then dies of
+# SIGPIPE and the pipeline fails although the line was there. Read it all.
+qgrep() { grep "$@" >/dev/null; }
 cleanup() {
   local rc=$?
   [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null
@@ -46,7 +49,7 @@ for f in "$amd64" "$arm64"; do [ -f "$f" ] || fail "$f is missing; run make deb"
 for tool in lintian dpkg-deb qemu-aarch64-static systemd-analyze runuser setpriv readelf; do
   command -v "$tool" >/dev/null || fail "$tool is missing (make test-deb installs it)"
 done
-if dpkg-query -W -f='${Status}' outpost 2>/dev/null | grep -q installed || getent passwd outpost >/dev/null ||
+if dpkg-query -W -f='${Status}' outpost 2>/dev/null | qgrep installed || getent passwd outpost >/dev/null ||
   [ -e /var/lib/outpost ]; then
   fail "this machine already has outpost (package, user or /var/lib/outpost); purge it first: dpkg -P outpost"
 fi
@@ -68,21 +71,21 @@ for arch in amd64 arm64; do
     got=$(dpkg-deb -f "$deb" "${field%%:*}")
     [ "$got" = "${field#*:}" ] || fail "$deb: ${field%%:*} is '$got', want '${field#*:}'"
   done
-  dpkg-deb -f "$deb" Depends | grep -q 'libc6 (>=' || fail "$deb: Depends lacks libc6: $(dpkg-deb -f "$deb" Depends)"
-  dpkg-deb -I "$deb" | grep -qw postinst || fail "$deb: no postinst"
+  dpkg-deb -f "$deb" Depends | qgrep 'libc6 (>=' || fail "$deb: Depends lacks libc6: $(dpkg-deb -f "$deb" Depends)"
+  dpkg-deb -I "$deb" | qgrep -w postinst || fail "$deb: no postinst"
   list=$(dpkg-deb -c "$deb")
   for path in ./usr/bin/outpost ./lib/systemd/system/outpost.service ./etc/outpost/outpost.toml \
     ./usr/share/doc/outpost/copyright ./usr/share/doc/outpost/changelog.gz ./usr/share/man/man1/outpost.1.gz; do
-    echo "$list" | awk '{print $6}' | grep -qx "$path" || fail "$deb does not contain $path"
+    echo "$list" | awk '{print $6}' | qgrep -x "$path" || fail "$deb does not contain $path"
   done
-  echo "$list" | grep -q ' ./usr/bin/outpost$' && echo "$list" | grep ' ./usr/bin/outpost$' | grep -q '^-rwxr-xr-x root/root' ||
+  echo "$list" | qgrep ' ./usr/bin/outpost$' && echo "$list" | grep ' ./usr/bin/outpost$' | qgrep '^-rwxr-xr-x root/root' ||
     fail "$deb: /usr/bin/outpost is not -rwxr-xr-x root/root"
   ok "$arch: control fields and contents"
 done
 
 # --- arm64: the packaged binary is aarch64 and runs under qemu.
 dpkg-deb -x "$arm64" "$work/arm64"
-readelf -h "$work/arm64/usr/bin/outpost" | grep -q 'AArch64' || fail "arm64 package: /usr/bin/outpost is not an AArch64 binary"
+readelf -h "$work/arm64/usr/bin/outpost" | qgrep 'AArch64' || fail "arm64 package: /usr/bin/outpost is not an AArch64 binary"
 got=$(qemu-aarch64-static "$work/arm64/usr/bin/outpost" --version 2>&1) || fail "arm64 binary under qemu: $got"
 [ "$got" = "outpost $version" ] || fail "arm64 binary under qemu printed '$got', want 'outpost $version'"
 ok "arm64: qemu-aarch64-static outpost --version -> $got"
@@ -122,7 +125,7 @@ ok "systemd-analyze verify $unit"
 ok "outpost.service enabled for multi-user.target"
 
 conffiles=$(dpkg-query -W -f='${Conffiles}' outpost)
-echo "$conffiles" | grep -q '^ /etc/outpost/outpost.toml [0-9a-f]\{32\}$' || fail "/etc/outpost/outpost.toml is not a conffile: '$conffiles'"
+echo "$conffiles" | qgrep '^ /etc/outpost/outpost.toml [0-9a-f]\{32\}$' || fail "/etc/outpost/outpost.toml is not a conffile: '$conffiles'"
 grep -qx 'data_dir = "/var/lib/outpost"' /etc/outpost/outpost.toml || fail "conffile data_dir is not /var/lib/outpost"
 out=$(/usr/bin/outpost config check /etc/outpost/outpost.toml 2>&1) || fail "outpost config check: $out"
 ok "conffile /etc/outpost/outpost.toml ($out)"

@@ -237,6 +237,7 @@ pub async fn raw_commit_rate(
                         received_at_us: now_us(),
                         origin_site: "bench".into(),
                         redelivery: None,
+                        mqtt: None,
                         protocol: "bench",
                     };
                     schema::insert_event(&tx, &e, None)?;
@@ -359,6 +360,7 @@ fn synthetic(tenant: &str, i: usize, payload: &str) -> Event {
         received_at_us: now,
         origin_site: "bench-site".into(),
         redelivery: None,
+        mqtt: None,
         protocol: "bench",
     }
 }

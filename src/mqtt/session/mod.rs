@@ -4,7 +4,7 @@
 mod connect;
 mod outbound;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -12,21 +12,22 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet, PingResp, Protocol, Publish};
+use rumqttd::protocol::{
+    Disconnect, DisconnectProperties, DisconnectReasonCode, Packet, PingResp, PubAck, PubAckProperties, PubAckReason,
+    PubComp, PubCompReason, PubRec, PubRecProperties, PubRecReason, Publish, PublishProperties,
+};
 use serde_json::value::RawValue;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::acl::event_topic;
+use super::codec::{self, Codec, Version};
 use super::framing::{self, publish_header};
 use super::{MqttDeps, PROTOCOL};
 use crate::auth::{Perm, Principal, SessionEnd};
-use crate::event::{EventInput, Redelivery, fnv1a64};
+use crate::event::{EventInput, MqttFacts, Redelivery, fnv1a64};
 use crate::ingest::Error as IngestError;
-use crate::log::Appended;
+use crate::log::{Appended, MqttOp};
 
 /// Why a session ended.
 #[derive(Debug)]
@@ -35,31 +36,85 @@ enum End {
     Clean,
     /// Appliance shutdown: no will.
     Shutdown,
-    /// Socket closed, keep-alive expired, protocol error, refused publish…: will fires.
-    Unclean(String),
+    /// Socket closed, keep-alive expired, protocol error…: the will fires.
+    /// A 5.0 client is told the reason code first, where there is one.
+    Unclean(String, Option<DisconnectReasonCode>),
     /// The device was revoked or its token expired: no will, no more acks.
     Ended(SessionEnd),
+}
+
+impl End {
+    fn unclean(reason: impl Into<String>) -> Self {
+        End::Unclean(reason.into(), None)
+    }
+
+    fn coded(code: DisconnectReasonCode, reason: impl Into<String>) -> Self {
+        End::Unclean(reason.into(), Some(code))
+    }
 }
 
 /// Longest a will waits for the device's rate limit to allow it.
 const WILL_WAIT: Duration = Duration::from_secs(60);
 
+/// Byte streams a session runs over: TCP, or a WebSocket's binary frames.
+pub type Reader = Box<dyn AsyncRead + Send + Sync + Unpin>;
+pub type Writer = Box<dyn AsyncWrite + Send + Sync + Unpin>;
+
 /// A decoded packet and, for a PUBLISH, its (QoS, DUP, packet id).
 type Decoded = (Packet, Option<(u8, bool, u16)>);
 
-/// A publish waiting for its commit.
-type Pending = Pin<Box<dyn Future<Output = (Publish, Instant, Result<Vec<Appended>, IngestError>)> + Send>>;
+/// A publish read from the device: what it said and when.
+struct Inbound {
+    publish: Publish,
+    props: Option<PublishProperties>,
+    qos: u8,
+    dup: bool,
+    pkid: u16,
+    read_at: Instant,
+}
+
+/// What a FIFO entry settled to, answered to the device in read order.
+enum Done {
+    /// A publish's event was committed (or refused).
+    Event(Inbound, Result<Vec<Appended>, IngestError>),
+    /// A zero-byte retained publish cleared its topic (no event).
+    Cleared(Inbound, Result<usize, crate::log::Error>),
+    /// A 5.0 publish refused before the log: a negative PUBACK/PUBREC.
+    Refused(Inbound, PubAckReason, String),
+    /// A PUBREL: the QoS 2 packet id was released in the log.
+    Released(u16, Result<usize, crate::log::Error>),
+}
+
+type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+/// A subscription's 5.0 options, as the front-end applies them.
+#[derive(Debug, Clone, Copy)]
+struct SubOpts {
+    no_local: bool,
+    retain_as_published: bool,
+    /// Retained messages sent at this subscribe are wanted (Retain Handling).
+    retained_wanted: bool,
+}
+
+/// A delivery the client has not completed: the QoS the router sent it
+/// with, and the QoS the client got (min of publish and granted QoS).
+#[derive(Debug, Clone, Copy)]
+struct Out {
+    router_qos: u8,
+    client_qos: u8,
+}
 
 pub(super) struct Session<'a> {
     deps: &'a MqttDeps,
     peer: SocketAddr,
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    reader: Reader,
+    writer: Writer,
     read_buf: BytesMut,
     write_buf: BytesMut,
-    codec: V4,
+    codec: Codec,
     tenant: String,
     device_id: String,
+    client_id: String,
     principal: Principal,
     keep_alive: Option<Duration>,
     /// The token's `exp` (unix seconds): the session ends then.
@@ -68,14 +123,35 @@ pub(super) struct Session<'a> {
     router_id: String,
     lease: Option<super::state::Lease>,
     /// Filters this connection holds (bounded by `mqtt.max_filters`).
-    filters: HashSet<String>,
+    filters: HashMap<String, SubOpts>,
     /// Counted in the bridge's MQTT subscriber count.
     subscribed: bool,
+    /// 5.0: reason strings and user properties on acks are wanted.
+    problem_info: bool,
+    /// 5.0: QoS > 0 deliveries the client accepts at once (Receive Maximum).
+    client_receive_max: usize,
+    /// 5.0: largest packet the client accepts.
+    client_max_packet: usize,
+    /// 5.0: topic aliases the client set.
+    aliases: HashMap<u16, Bytes>,
+    /// Session expiry granted, seconds (0: the session ends with the connection).
+    session_expiry: u32,
+    /// Deliveries not completed by the client, by the router's packet id.
+    out: HashMap<u16, Out>,
+    /// QoS > 0 deliveries sent and not completed (≤ `client_receive_max`).
+    inflight: usize,
+    /// Deliveries waiting for the client's Receive Maximum.
+    queued: VecDeque<(Publish, Option<PublishProperties>)>,
 }
 
 impl<'a> Session<'a> {
-    pub(super) async fn serve(stream: TcpStream, peer: SocketAddr, deps: &'a MqttDeps, shutdown: CancellationToken) {
-        let (reader, writer) = stream.into_split();
+    pub(super) async fn serve(
+        reader: Reader,
+        writer: Writer,
+        peer: SocketAddr,
+        deps: &'a MqttDeps,
+        shutdown: CancellationToken,
+    ) {
         let mut s = Session {
             deps,
             peer,
@@ -83,16 +159,25 @@ impl<'a> Session<'a> {
             writer,
             read_buf: BytesMut::with_capacity(8 * 1024),
             write_buf: BytesMut::with_capacity(8 * 1024),
-            codec: V4,
+            codec: Codec { version: Version::V311 },
             tenant: String::new(),
             device_id: String::new(),
+            client_id: String::new(),
             principal: Principal::Admin,
             keep_alive: None,
             expires_at: 0,
             router_id: String::new(),
             lease: None,
-            filters: HashSet::new(),
+            filters: HashMap::new(),
             subscribed: false,
+            problem_info: true,
+            client_receive_max: usize::from(u16::MAX),
+            client_max_packet: usize::MAX,
+            aliases: HashMap::new(),
+            session_expiry: 0,
+            out: HashMap::new(),
+            inflight: 0,
+            queued: VecDeque::new(),
         };
         let Some((mut link_tx, mut link_rx, will)) = s.handshake(&shutdown).await else {
             if let Some(lease) = &s.lease {
@@ -104,20 +189,41 @@ impl<'a> Session<'a> {
             s.presence(true).await;
         }
         let end = s.session(&mut link_tx, &mut link_rx, &shutdown).await;
-        match &end {
-            End::Unclean(reason) => {
+        let fire_will = match &end {
+            End::Unclean(reason, code) => {
                 tracing::info!(%peer, device_id = s.device_id, reason, "mqtt device dropped");
-                if let Some(will) = will {
-                    s.publish_will(&mut link_tx, will).await;
+                if let Some(code) = code {
+                    s.disconnect(*code, reason).await;
                 }
+                true
             }
-            End::Clean => tracing::info!(%peer, device_id = s.device_id, "mqtt device disconnected"),
+            End::Clean => {
+                tracing::info!(%peer, device_id = s.device_id, "mqtt device disconnected");
+                false
+            }
             End::Ended(why) => {
-                tracing::info!(%peer, device_id = s.device_id, reason = why.code(), "mqtt session ended: device revoked or token expired")
+                tracing::info!(%peer, device_id = s.device_id, reason = why.code(), "mqtt session ended: device revoked or token expired");
+                s.disconnect(DisconnectReasonCode::NotAuthorized, "device revoked or token expired").await;
+                false
             }
-            End::Shutdown => {}
+            End::Shutdown => {
+                s.disconnect(DisconnectReasonCode::ServerShuttingDown, "the appliance is shutting down").await;
+                false
+            }
+        };
+        if fire_will && let Some(will) = will {
+            s.publish_will(&mut link_tx, will, &shutdown).await;
         }
-        // A clean close of the local link (the router drops its state; wills are ours).
+        // A clean close of the local link (the router drops its state; wills
+        // are ours). Sent once the router took what is queued: each send
+        // notifies it, and a notification left over after the DISCONNECT
+        // would be logged as an error for a connection already gone.
+        for _ in 0..100 {
+            if link_tx.buffer().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let disconnect = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
         let _ = link_tx.send(Packet::Disconnect(disconnect, None)).await;
         if s.subscribed {
@@ -125,6 +231,9 @@ impl<'a> Session<'a> {
         }
         if let Some(lease) = &s.lease {
             deps.sessions.release(lease);
+            if s.session_expiry > 0 {
+                super::broker::expire_later(deps, lease.clone(), Duration::from_secs(u64::from(s.session_expiry)));
+            }
         }
         // Online until the device's last session ends.
         if deps.sessions.disconnected(&s.tenant, &s.device_id) {
@@ -136,6 +245,10 @@ impl<'a> Session<'a> {
         matches!(&self.principal, Principal::Device { perms, .. } if perms.contains(&perm))
     }
 
+    fn v5(&self) -> bool {
+        self.codec.version.is_v5()
+    }
+
     async fn presence(&self, online: bool) {
         let log = self.deps.ingest.log();
         if let Err(e) = log.presence(self.tenant.clone(), self.device_id.clone(), online).await {
@@ -143,22 +256,19 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Reads one packet; `None` on a clean EOF between packets.
-    async fn read_packet(&mut self) -> Result<Option<Packet>, String> {
-        loop {
-            framing::check(&self.read_buf)?;
-            match self.codec.read_mut(&mut self.read_buf, self.deps.config.max_packet_size) {
-                Ok(p) => return Ok(Some(p)),
-                Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {}
-                Err(e) => return Err(format!("malformed packet: {e}")),
-            }
-            match self.reader.read_buf(&mut self.read_buf).await {
-                Ok(0) if self.read_buf.is_empty() => return Ok(None),
-                Ok(0) => return Err("connection closed mid-packet".into()),
-                Ok(_) => {}
-                Err(e) => return Err(format!("read: {e}")),
-            }
+    /// A 5.0 DISCONNECT with its reason (3.x has none: the socket just closes).
+    async fn disconnect(&mut self, code: DisconnectReasonCode, reason: &str) {
+        if !self.v5() {
+            return;
         }
+        let props = DisconnectProperties {
+            session_expiry_interval: None,
+            reason_string: Some(reason.to_string()),
+            user_properties: vec![],
+            server_reference: None,
+        };
+        let _ = self.write(Packet::Disconnect(Disconnect { reason_code: code }, Some(props))).await;
+        let _ = self.flush().await;
     }
 
     async fn write(&mut self, packet: Packet) -> Result<(), String> {
@@ -172,6 +282,7 @@ impl<'a> Session<'a> {
     async fn flush(&mut self) -> Result<(), String> {
         if !self.write_buf.is_empty() {
             self.writer.write_all(&self.write_buf).await.map_err(|e| format!("write: {e}"))?;
+            self.writer.flush().await.map_err(|e| format!("write: {e}"))?;
             self.write_buf.clear();
         }
         Ok(())
@@ -181,10 +292,10 @@ impl<'a> Session<'a> {
     async fn session(&mut self, link_tx: &mut LinkTx, link_rx: &mut LinkRx, shutdown: &CancellationToken) -> End {
         let mut fifo: FuturesOrdered<Pending> = FuturesOrdered::new();
         // A publish held back by a rate limit or a full log, and when to retry it.
-        let mut held: Option<(Publish, Option<Redelivery>, Instant)> = None;
+        let mut held: Option<Inbound> = None;
         let mut resume_at = tokio::time::Instant::now();
-        // Router SUBACKs to merge with our own refusals: pkid → refused positions.
-        let mut suback_merge: HashMap<u16, Vec<bool>> = HashMap::new();
+        // Router SUBACKs to merge with our own refusals: pkid → refusal per position.
+        let mut suback_merge: HashMap<u16, Vec<Option<rumqttd::protocol::SubscribeReasonCode>>> = HashMap::new();
         let mut deadline = self.keep_alive.map(|k| tokio::time::Instant::now() + k);
         let mut packets: VecDeque<Decoded> = VecDeque::new();
         // The device closed its side: finish what it sent, then end.
@@ -205,10 +316,10 @@ impl<'a> Session<'a> {
                 break end;
             }
             if let Err(e) = self.flush().await {
-                break End::Unclean(e);
+                break End::unclean(e);
             }
             if eof && packets.is_empty() && held.is_none() {
-                break End::Unclean("connection closed by the device".into());
+                break End::unclean("connection closed by the device");
             }
             let can_read = !eof && held.is_none() && packets.is_empty() && fifo.len() < self.deps.config.max_inflight;
             if !can_read {
@@ -227,38 +338,36 @@ impl<'a> Session<'a> {
                 _ = shutdown.cancelled() => break End::Shutdown,
                 // Revoked or expired: what is not committed yet is never acked.
                 why = &mut ended => return End::Ended(why),
-                _ = ka, if can_read => break End::Unclean("keep-alive expired (no packet within 1.5 × keep-alive)".into()),
+                _ = ka, if can_read => break End::coded(
+                    DisconnectReasonCode::KeepAliveTimeout,
+                    "keep-alive expired (no packet within 1.5 × keep-alive)",
+                ),
                 _ = tokio::time::sleep_until(resume_at), if held.is_some() => {}
                 r = self.reader.read_buf(&mut self.read_buf), if can_read => match r {
                     Ok(0) => eof = true,
-                    Err(e) => break End::Unclean(format!("read: {e}")),
+                    Err(e) => break End::unclean(format!("read: {e}")),
                     Ok(_) => deadline = self.keep_alive.map(|k| tokio::time::Instant::now() + k),
                 },
-                Some((publish, read_at, result)) = fifo.next() => {
-                    self.deps.metrics.mqtt_commit_wait.observe(read_at.elapsed().as_secs_f64());
-                    match result {
-                        // Durable: now the router may fan it out and PUBACK it.
-                        Ok(_) => if let Err(e) = link_tx.send(Packet::Publish(publish, None)).await {
-                            break End::Unclean(format!("router link: {e}"));
-                        },
-                        Err(e) => break End::Unclean(format!("publish refused, not acked: {e}")),
-                    }
-                }
+                Some(done) = fifo.next() => if let Err(end) = self.settle(done, link_tx).await {
+                    break end;
+                },
                 n = link_rx.next() => match n {
-                    Ok(Some(notification)) => if let Err(end) = self.deliver(notification, link_rx, &mut suback_merge).await {
+                    Ok(Some(notification)) => if let Err(end) = self.deliver(notification, link_tx, link_rx, &mut suback_merge).await {
                         break end;
                     },
                     Ok(None) => {}
-                    Err(e) => break End::Unclean(format!("router link closed: {e}")),
+                    Err(e) => break End::unclean(format!("router link closed: {e}")),
                 },
             }
         };
         // Every publish read before the end is committed and handed to the
         // router, whatever the segmentation: a QoS 0 publish followed by
         // DISCONNECT in one write is stored like any other.
-        while let Some((publish, _, result)) = fifo.next().await {
-            if result.is_ok() {
-                let _ = link_tx.send(Packet::Publish(publish, None)).await;
+        while let Some(done) = fifo.next().await {
+            if let Done::Event(inbound, Ok(appended)) = done
+                && !appended.iter().all(|a| a.duplicate)
+            {
+                let _ = self.fan_out(inbound, link_tx).await;
             }
         }
         end
@@ -268,18 +377,21 @@ impl<'a> Session<'a> {
     /// bytes rumqttd's codec does not.
     fn decode(&mut self, packets: &mut VecDeque<Decoded>) -> Result<(), End> {
         loop {
-            let malformed = |s: &Self, why: String| {
+            let malformed = |s: &Self, code, why: String| {
                 s.deps.ingest.count_rejected(PROTOCOL, "malformed");
-                End::Unclean(format!("malformed packet: {why}"))
+                End::coded(code, format!("malformed packet: {why}"))
             };
             if let Err(why) = framing::check(&self.read_buf) {
-                return Err(malformed(self, why));
+                return Err(malformed(self, DisconnectReasonCode::MalformedPacket, why));
             }
             let header = publish_header(&self.read_buf);
-            match self.codec.read_mut(&mut self.read_buf, self.deps.config.max_packet_size) {
+            match self.codec.read(&mut self.read_buf, self.deps.config.max_packet_size) {
                 Ok(p) => packets.push_back((p, header)),
                 Err(rumqttd::protocol::Error::InsufficientBytes(_)) => return Ok(()),
-                Err(e) => return Err(malformed(self, e.to_string())),
+                Err(e @ rumqttd::protocol::Error::PayloadSizeLimitExceeded(_)) => {
+                    return Err(malformed(self, DisconnectReasonCode::PacketTooLarge, e.to_string()));
+                }
+                Err(e) => return Err(malformed(self, DisconnectReasonCode::MalformedPacket, e.to_string())),
             }
         }
     }
@@ -289,26 +401,26 @@ impl<'a> Session<'a> {
     async fn admit(
         &mut self,
         packets: &mut VecDeque<Decoded>,
-        held: &mut Option<(Publish, Option<Redelivery>, Instant)>,
+        held: &mut Option<Inbound>,
         resume_at: &mut tokio::time::Instant,
         fifo: &mut FuturesOrdered<Pending>,
         link_tx: &mut LinkTx,
-        suback_merge: &mut HashMap<u16, Vec<bool>>,
+        suback_merge: &mut HashMap<u16, Vec<Option<rumqttd::protocol::SubscribeReasonCode>>>,
     ) -> Result<(), End> {
         loop {
-            if let Some((publish, redelivery, read_at)) = held.take() {
+            if let Some(inbound) = held.take() {
                 if self.deps.ingest.log().is_full() {
-                    *held = Some((publish, redelivery, read_at));
+                    *held = Some(inbound);
                     *resume_at = tokio::time::Instant::now() + Duration::from_millis(500);
                     return Ok(());
                 }
                 if let Err(l) = self.deps.ingest.check_rate(&self.tenant, &self.device_id, 1) {
-                    *held = Some((publish, redelivery, read_at));
+                    *held = Some(inbound);
                     *resume_at = tokio::time::Instant::now() + l.retry_after;
                     self.deps.metrics.mqtt_throttled.inc();
                     return Ok(());
                 }
-                self.submit(publish, redelivery, read_at, fifo)?;
+                self.submit(inbound, fifo)?;
                 continue;
             }
             if fifo.len() >= self.deps.config.max_inflight {
@@ -316,29 +428,24 @@ impl<'a> Session<'a> {
             }
             let Some((packet, header)) = packets.pop_front() else { return Ok(()) };
             match packet {
-                Packet::Publish(publish, _) => {
+                Packet::Publish(publish, props) => {
                     let (qos, dup, pkid) = header.unwrap_or((0, false, 0));
-                    let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-                    if qos == 2 {
-                        self.deps.ingest.count_rejected(PROTOCOL, "qos2");
-                        return Err(End::Unclean(format!(
-                            "QoS 2 publish to {topic:?} refused (not supported; use QoS 1)"
-                        )));
+                    let inbound = Inbound { publish, props, qos, dup, pkid, read_at: Instant::now() };
+                    if let Some(inbound) = self.check_publish(inbound, fifo)? {
+                        *held = Some(inbound);
                     }
-                    if !self.can(Perm::WriteEvents) || event_topic(&topic, &self.tenant, &self.device_id).is_none() {
-                        self.deps.ingest.count_rejected(PROTOCOL, "forbidden_topic");
-                        return Err(End::Unclean(format!(
-                            "publish to {topic:?} refused: devices publish to {}/devices/{}/events/<event_type>",
-                            self.tenant, self.device_id
-                        )));
-                    }
-                    let redelivery =
-                        (qos == 1).then(|| Redelivery { pkid, digest: fnv1a64(&publish.payload), check: dup });
-                    *held = Some((publish, redelivery, Instant::now()));
                 }
-                Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)).await.map_err(End::Unclean)?,
+                Packet::PubRel(rel, _) => {
+                    let log = self.deps.ingest.log().clone();
+                    let op = MqttOp::Release {
+                        tenant: self.tenant.clone(),
+                        client_id: self.client_id.clone(),
+                        pkid: rel.pkid,
+                    };
+                    fifo.push_back(Box::pin(async move { Done::Released(rel.pkid, log.mqtt(op).await) }));
+                }
+                Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)).await.map_err(End::unclean)?,
                 Packet::Subscribe(sub, props) => self.subscribe(sub, props, link_tx, suback_merge).await?,
-                Packet::Disconnect(..) => return Err(End::Clean),
                 Packet::Unsubscribe(u, props) => {
                     for f in &u.filters {
                         self.filters.remove(f);
@@ -346,36 +453,153 @@ impl<'a> Session<'a> {
                     link_tx
                         .send(Packet::Unsubscribe(u, props))
                         .await
-                        .map_err(|e| End::Unclean(format!("router link: {e}")))?;
+                        .map_err(|e| End::unclean(format!("router link: {e}")))?;
                 }
-                p @ Packet::PubAck(..) => {
-                    link_tx.send(p).await.map_err(|e| End::Unclean(format!("router link: {e}")))?;
+                Packet::PubAck(ack, _) => self.client_completed(ack.pkid, 1, link_tx).await?,
+                Packet::PubRec(rec, _) => self.client_completed(rec.pkid, 2, link_tx).await?,
+                Packet::PubComp(comp, _) => self.client_completed(comp.pkid, 3, link_tx).await?,
+                Packet::Disconnect(d, _) => {
+                    return Err(if d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
+                        End::unclean("DISCONNECT with will message (0x04)")
+                    } else {
+                        End::Clean
+                    });
                 }
                 other => {
                     // Named by kind only: a packet's Debug output can carry credentials.
                     self.deps.ingest.count_rejected(PROTOCOL, "protocol");
-                    return Err(End::Unclean(format!(
-                        "unexpected {} packet (QoS 2 flows are not supported)",
-                        framing::name(&other)
-                    )));
+                    return Err(End::coded(
+                        DisconnectReasonCode::ProtocolError,
+                        format!("unexpected {} packet", framing::name(&other)),
+                    ));
                 }
             }
         }
     }
 
-    /// The event a publish (or will) on this device's event topic carries, and
-    /// the stream topic it is fanned out on; `None` unless the topic is the
-    /// device's own and the payload is JSON.
-    fn event_input(
-        &self,
-        topic: &[u8],
-        payload: &[u8],
-        redelivery: Option<Redelivery>,
-    ) -> Option<(EventInput, String)> {
-        let topic = std::str::from_utf8(topic).ok()?;
-        let event_type = event_topic(topic, &self.tenant, &self.device_id)?.to_string();
-        let payload = RawValue::from_string(std::str::from_utf8(payload).ok()?.to_string()).ok()?;
+    /// Checks a publish from the device: topic alias, topic ACL, payload.
+    /// `Some` when it goes on to the log (through the rate limit); a refusal
+    /// closes a 3.x connection, and is a negative ack for 5.0 (QoS 0: dropped).
+    fn check_publish(
+        &mut self,
+        mut inbound: Inbound,
+        fifo: &mut FuturesOrdered<Pending>,
+    ) -> Result<Option<Inbound>, End> {
+        if let Some(alias) = inbound.props.as_mut().and_then(|p| p.topic_alias.take()) {
+            if alias == 0 || alias > self.deps.config.topic_alias_max {
+                return Err(End::coded(
+                    DisconnectReasonCode::TopicAliasInvalid,
+                    format!("topic alias {alias} outside 1..={}", self.deps.config.topic_alias_max),
+                ));
+            }
+            if inbound.publish.topic.is_empty() {
+                match self.aliases.get(&alias) {
+                    Some(t) => inbound.publish.topic = t.clone(),
+                    None => {
+                        return Err(End::coded(
+                            DisconnectReasonCode::ProtocolError,
+                            format!("topic alias {alias} used before it was set"),
+                        ));
+                    }
+                }
+            } else {
+                self.aliases.insert(alias, inbound.publish.topic.clone());
+            }
+        }
+        if inbound.props.as_ref().is_some_and(|p| !p.subscription_identifiers.is_empty()) {
+            return Err(End::coded(
+                DisconnectReasonCode::ProtocolError,
+                "a PUBLISH from a client carries a subscription identifier",
+            ));
+        }
+        let topic = String::from_utf8_lossy(&inbound.publish.topic).into_owned();
+        if !self.can(Perm::WriteEvents) || event_topic(&topic, &self.tenant, &self.device_id).is_none() {
+            self.deps.ingest.count_rejected(PROTOCOL, "forbidden_topic");
+            let why = format!(
+                "publish to {topic:?} refused: devices publish to {}/devices/{}/events/<event_type>",
+                self.tenant, self.device_id
+            );
+            return self.refuse(inbound, PubAckReason::NotAuthorized, why, fifo).map(|()| None);
+        }
+        let payload = &inbound.publish.payload;
+        if payload.is_empty() && inbound.publish.retain {
+            return Ok(Some(inbound)); // clears the retained message: no event
+        }
+        if std::str::from_utf8(payload).ok().is_none_or(|s| !s.trim_start().starts_with('{')) {
+            self.deps.ingest.count_rejected(PROTOCOL, "invalid");
+            let why = format!("publish to {topic:?} refused: payload is not a JSON object");
+            return self.refuse(inbound, PubAckReason::PayloadFormatInvalid, why, fifo).map(|()| None);
+        }
+        Ok(Some(inbound))
+    }
+
+    /// A refused publish: 3.x closes the connection (there is no negative
+    /// ack); 5.0 answers it in order with a negative PUBACK/PUBREC.
+    fn refuse(
+        &mut self,
+        inbound: Inbound,
+        code: PubAckReason,
+        why: String,
+        fifo: &mut FuturesOrdered<Pending>,
+    ) -> Result<(), End> {
+        if !self.v5() {
+            return Err(End::unclean(format!("{why}; not acked")));
+        }
+        tracing::info!(peer = %self.peer, device_id = self.device_id, reason = why, "mqtt publish refused");
+        if inbound.qos > 0 {
+            fifo.push_back(Box::pin(async move { Done::Refused(inbound, code, why) }));
+        }
+        Ok(())
+    }
+
+    /// Starts the append of one admitted publish; its future joins the FIFO.
+    fn submit(&self, mut inbound: Inbound, fifo: &mut FuturesOrdered<Pending>) -> Result<(), End> {
+        let event_type =
+            event_topic(std::str::from_utf8(&inbound.publish.topic).unwrap_or(""), &self.tenant, &self.device_id)
+                .unwrap_or_default()
+                .to_string();
         let stream_topic = format!("{}/events/{}/{}", self.tenant, self.device_id, event_type);
+        inbound.publish.topic = Bytes::from(stream_topic.clone());
+        if inbound.publish.payload.is_empty() {
+            self.deps.sessions.retain(&self.tenant, &stream_topic, 0);
+            let log = self.deps.ingest.log().clone();
+            let op = MqttOp::ClearRetained { tenant: self.tenant.clone(), topic: stream_topic };
+            fifo.push_back(Box::pin(async move {
+                let r = log.mqtt(op).await;
+                Done::Cleared(inbound, r)
+            }));
+            return Ok(());
+        }
+        let retain = inbound.publish.retain
+            && if self.deps.sessions.retain(&self.tenant, &stream_topic, inbound.publish.payload.len()) {
+                true
+            } else {
+                tracing::warn!(
+                    device_id = self.device_id,
+                    topic = stream_topic,
+                    "retained-message bound of the tenant reached: stored and delivered, not retained"
+                );
+                inbound.publish.retain = false;
+                false
+            };
+        let (qos, pkid, payload) = (inbound.qos, inbound.pkid, &inbound.publish.payload);
+        let redelivery =
+            (qos > 0).then(|| Redelivery { pkid, digest: fnv1a64(payload), check: qos == 1 && inbound.dup });
+        let facts = MqttFacts {
+            qos2_client: (qos == 2).then(|| self.client_id.clone()),
+            retain_topic: retain.then_some(stream_topic),
+        };
+        let payload = std::str::from_utf8(payload).unwrap_or("").to_string();
+        let Ok(payload) = RawValue::from_string(payload) else {
+            // Not JSON after all: refused like any invalid payload.
+            let why = "payload is not JSON".to_string();
+            let r = Err(IngestError::Invalid {
+                index: None,
+                invalid: crate::event::Invalid { field: "payload".into(), message: why },
+            });
+            fifo.push_back(Box::pin(async move { Done::Event(inbound, r) }));
+            return Ok(());
+        };
         let input = EventInput {
             device_id: self.device_id.clone(),
             event_type,
@@ -383,40 +607,112 @@ impl<'a> Session<'a> {
             id: None,
             timestamp: None,
             redelivery,
+            mqtt: (facts != MqttFacts::default()).then(|| Box::new(facts)),
         };
-        Some((input, stream_topic))
-    }
-
-    /// Starts the append of one admitted publish; its future joins the FIFO.
-    fn submit(
-        &self,
-        mut publish: Publish,
-        redelivery: Option<Redelivery>,
-        read_at: Instant,
-        fifo: &mut FuturesOrdered<Pending>,
-    ) -> Result<(), End> {
-        let (input, stream_topic) =
-            self.event_input(&publish.topic, &publish.payload, redelivery).ok_or_else(|| {
-                self.deps.ingest.count_rejected(PROTOCOL, "invalid");
-                End::Unclean(format!(
-                    "publish to {:?} refused: payload is not JSON",
-                    String::from_utf8_lossy(&publish.topic)
-                ))
-            })?;
-        if publish.retain && !self.deps.sessions.retain(&self.tenant, &stream_topic, publish.payload.len()) {
-            tracing::warn!(
-                device_id = self.device_id,
-                topic = stream_topic,
-                "retained-message bound of the tenant reached: stored and delivered, not retained"
-            );
-            publish.retain = false;
-        }
-        publish.topic = Bytes::from(stream_topic);
         let (ingest, principal, tenant) = (self.deps.ingest.clone(), self.principal.clone(), self.tenant.clone());
         fifo.push_back(Box::pin(async move {
             let r = ingest.submit_with(&principal, &tenant, vec![input], false, PROTOCOL, false).await;
-            (publish, read_at, r)
+            Done::Event(inbound, r)
         }));
         Ok(())
+    }
+
+    /// Answers a settled FIFO entry: the ack (after the commit), and the
+    /// fan-out of a new event to subscribers.
+    async fn settle(&mut self, done: Done, link_tx: &mut LinkTx) -> Result<(), End> {
+        match done {
+            Done::Event(inbound, result) => {
+                self.deps.metrics.mqtt_commit_wait.observe(inbound.read_at.elapsed().as_secs_f64());
+                match result {
+                    Ok(appended) => {
+                        self.ack(inbound.qos, inbound.pkid, PubAckReason::Success, None).await?;
+                        // A redelivery (QoS 1 DUP, QoS 2 held packet id) went out the first time.
+                        if !appended.iter().all(|a| a.duplicate) {
+                            self.fan_out(inbound, link_tx).await?;
+                        }
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let code = match &e {
+                            IngestError::RateLimited(_) | IngestError::Full { .. } => PubAckReason::QuotaExceeded,
+                            IngestError::Invalid { .. } => PubAckReason::PayloadFormatInvalid,
+                            IngestError::OtherDevice { .. } => PubAckReason::NotAuthorized,
+                            _ => PubAckReason::UnspecifiedError,
+                        };
+                        let why = format!("publish refused, not acked: {e}");
+                        if !self.v5() {
+                            return Err(End::unclean(why));
+                        }
+                        tracing::info!(peer = %self.peer, device_id = self.device_id, reason = why, "mqtt publish refused");
+                        self.ack(inbound.qos, inbound.pkid, code, Some(why)).await
+                    }
+                }
+            }
+            Done::Cleared(inbound, result) => match result {
+                Ok(_) => {
+                    self.ack(inbound.qos, inbound.pkid, PubAckReason::Success, None).await?;
+                    self.fan_out(inbound, link_tx).await
+                }
+                Err(e) => Err(End::unclean(format!("retained message not cleared, not acked: {e}"))),
+            },
+            Done::Refused(inbound, code, why) => self.ack(inbound.qos, inbound.pkid, code, Some(why)).await,
+            Done::Released(pkid, result) => match result {
+                Ok(n) => {
+                    let reason = if n == 0 && self.v5() {
+                        PubCompReason::PacketIdentifierNotFound
+                    } else {
+                        PubCompReason::Success
+                    };
+                    self.write(Packet::PubComp(PubComp { pkid, reason }, None)).await.map_err(End::unclean)
+                }
+                Err(e) => Err(End::unclean(format!("PUBREL not recorded: {e}"))),
+            },
+        }
+    }
+
+    /// PUBACK (QoS 1) or PUBREC (QoS 2) with `code`; nothing for QoS 0.
+    async fn ack(&mut self, qos: u8, pkid: u16, code: PubAckReason, why: Option<String>) -> Result<(), End> {
+        let why = why.filter(|_| self.problem_info);
+        let packet = match qos {
+            1 => Packet::PubAck(
+                PubAck { pkid, reason: code },
+                why.map(|r| PubAckProperties { reason_string: Some(r), user_properties: vec![] }),
+            ),
+            2 => Packet::PubRec(
+                PubRec { pkid, reason: pubrec_reason(code) },
+                why.map(|r| PubRecProperties { reason_string: Some(r), user_properties: vec![] }),
+            ),
+            _ => return Ok(()),
+        };
+        self.write(packet).await.map_err(End::unclean)
+    }
+
+    /// Hands a committed publish to the router (QoS 0 there: the device was
+    /// acked by us), marked with its QoS and RETAIN for the deliveries.
+    async fn fan_out(&self, inbound: Inbound, link_tx: &mut LinkTx) -> Result<(), End> {
+        let mut props = inbound.props.unwrap_or_default();
+        props.topic_alias = None;
+        codec::mark(&mut props, inbound.qos, inbound.publish.retain, &self.router_id);
+        let publish =
+            codec::publish(0, false, inbound.publish.retain, 0, &inbound.publish.topic, &inbound.publish.payload);
+        link_tx
+            .send(Packet::Publish(publish, Some(props)))
+            .await
+            .map(|_| ())
+            .map_err(|e| End::unclean(format!("router link: {e}")))
+    }
+}
+
+fn pubrec_reason(code: PubAckReason) -> PubRecReason {
+    match code {
+        PubAckReason::Success => PubRecReason::Success,
+        PubAckReason::NoMatchingSubscribers => PubRecReason::NoMatchingSubscribers,
+        PubAckReason::UnspecifiedError => PubRecReason::UnspecifiedError,
+        PubAckReason::ImplementationSpecificError => PubRecReason::ImplementationSpecificError,
+        PubAckReason::NotAuthorized => PubRecReason::NotAuthorized,
+        PubAckReason::TopicNameInvalid => PubRecReason::TopicNameInvalid,
+        PubAckReason::PacketIdentifierInUse => PubRecReason::PacketIdentifierInUse,
+        PubAckReason::QuotaExceeded => PubRecReason::QuotaExceeded,
+        PubAckReason::PayloadFormatInvalid => PubRecReason::PayloadFormatInvalid,
     }
 }

@@ -1,5 +1,6 @@
-//! What goes back to the device: subscriptions (ACL and bounds), router
-//! deliveries (checked against the connection's ACL) and the will.
+//! What goes back to the device: subscriptions (ACL, bounds, 5.0 options),
+//! router deliveries (checked against the connection's ACL, at min(publish
+//! QoS, granted QoS)) and the will.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -7,12 +8,20 @@ use std::time::Instant;
 use bytes::Bytes;
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::protocol::{LastWill, Packet, Publish, SubAck, Subscribe, SubscribeReasonCode};
+use rumqttd::protocol::{
+    Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish, PublishProperties,
+    RetainForwardRule, SubAck, Subscribe, SubscribeReasonCode,
+};
+use tokio_util::sync::CancellationToken;
 
 use super::super::PROTOCOL;
-use super::super::acl::{delivery_allowed, subscribe_allowed};
-use super::{End, Session, WILL_WAIT};
+use super::super::acl::{delivery_allowed, subscribe_allowed, topic_matches};
+use super::super::codec;
+use super::connect::Will;
+use super::{End, Out, Session, SubOpts, WILL_WAIT};
 use crate::auth::Perm;
+
+type Merge = HashMap<u16, Vec<Option<SubscribeReasonCode>>>;
 
 impl Session<'_> {
     pub(super) async fn subscribe(
@@ -20,100 +29,277 @@ impl Session<'_> {
         sub: Subscribe,
         props: Option<rumqttd::protocol::SubscribeProperties>,
         link_tx: &mut LinkTx,
-        suback_merge: &mut HashMap<u16, Vec<bool>>,
+        suback_merge: &mut Merge,
     ) -> Result<(), End> {
         let readable = self.can(Perm::ReadEvents);
         let max = self.deps.config.max_filters;
         let mut refused = Vec::with_capacity(sub.filters.len());
         for f in &sub.filters {
             let why = if !(readable && subscribe_allowed(&f.path, &self.tenant, &self.device_id)) {
-                Some("forbidden_subscribe")
-            } else if !self.filters.contains(&f.path) && self.filters.len() >= max {
-                Some("max_filters")
+                Some(("forbidden_subscribe", SubscribeReasonCode::NotAuthorized))
+            } else if !self.filters.contains_key(&f.path) && self.filters.len() >= max {
+                Some(("max_filters", SubscribeReasonCode::QuotaExceeded))
             } else {
-                self.filters.insert(f.path.clone());
+                let new = !self.filters.contains_key(&f.path);
+                let retained_wanted = match f.retain_forward_rule {
+                    RetainForwardRule::OnEverySubscribe => true,
+                    RetainForwardRule::OnNewSubscribe => new,
+                    RetainForwardRule::Never => false,
+                };
+                let opts = SubOpts { no_local: f.nolocal, retain_as_published: f.preserve_retain, retained_wanted };
+                self.filters.insert(f.path.clone(), opts);
                 None
             };
-            if let Some(reason) = why {
-                tracing::info!(peer = %self.peer, device_id = self.device_id, filter = f.path, reason, max_filters = max, "mqtt subscribe refused (0x80)");
+            if let Some((reason, _)) = why {
+                tracing::info!(peer = %self.peer, device_id = self.device_id, filter = f.path, reason, max_filters = max, "mqtt subscribe refused");
                 self.deps.ingest.count_rejected(PROTOCOL, reason);
             }
-            refused.push(why.is_some());
+            // 3.x has one failure code (0x80).
+            refused.push(why.map(|(_, code)| if self.v5() { code } else { SubscribeReasonCode::Failure }));
         }
-        if refused.iter().all(|r| *r) {
-            let codes = vec![SubscribeReasonCode::Failure; refused.len()];
+        if refused.iter().all(Option::is_some) {
+            let codes = refused.into_iter().flatten().collect();
             return self
                 .write(Packet::SubAck(SubAck { pkid: sub.pkid, return_codes: codes }, None))
                 .await
-                .map_err(End::Unclean);
+                .map_err(End::unclean);
         }
         let pkid = sub.pkid;
         let allowed = Subscribe {
             pkid,
-            filters: sub.filters.into_iter().zip(&refused).filter(|(_, r)| !**r).map(|(f, _)| f).collect(),
+            filters: sub.filters.into_iter().zip(&refused).filter(|(_, r)| r.is_none()).map(|(f, _)| f).collect(),
         };
-        if refused.iter().any(|r| *r) {
+        if refused.iter().any(Option::is_some) {
             suback_merge.insert(pkid, refused);
         }
         if !self.subscribed {
             self.subscribed = true;
             self.deps.bridge.subscriber(&self.tenant, true);
         }
-        link_tx.send(Packet::Subscribe(allowed, props)).await.map_err(|e| End::Unclean(format!("router link: {e}")))?;
+        link_tx.send(Packet::Subscribe(allowed, props)).await.map_err(|e| End::unclean(format!("router link: {e}")))?;
         Ok(())
     }
 
-    /// Writes what the router sends this device.
+    /// Handles what the router sends this connection.
     pub(super) async fn deliver(
         &mut self,
         notification: Notification,
+        link_tx: &mut LinkTx,
         link_rx: &mut LinkRx,
-        suback_merge: &mut HashMap<u16, Vec<bool>>,
+        suback_merge: &mut Merge,
     ) -> Result<(), End> {
         if matches!(notification, Notification::Unschedule) {
             // The router paused this link (its buffer filled): resume it.
-            return link_rx.wake().await.map_err(|e| End::Unclean(format!("router link: {e}")));
+            return link_rx.wake().await.map_err(|e| End::unclean(format!("router link: {e}")));
         }
         let packet: Option<Packet> = notification.into();
-        let Some(mut packet) = packet else { return Ok(()) };
-        if let Packet::SubAck(ack, _) = &mut packet
-            && let Some(refused) = suback_merge.remove(&ack.pkid)
-        {
-            let mut granted = std::mem::take(&mut ack.return_codes).into_iter();
-            ack.return_codes = refused
-                .iter()
-                .map(|r| {
-                    if *r {
-                        SubscribeReasonCode::Failure
-                    } else {
-                        granted.next().unwrap_or(SubscribeReasonCode::Failure)
-                    }
-                })
-                .collect();
+        let Some(packet) = packet else { return Ok(()) };
+        match packet {
+            Packet::Publish(p, props) => self.deliver_publish(p, props, link_tx).await,
+            Packet::SubAck(mut ack, props) => {
+                if let Some(refused) = suback_merge.remove(&ack.pkid) {
+                    let mut granted = std::mem::take(&mut ack.return_codes).into_iter();
+                    ack.return_codes = refused
+                        .into_iter()
+                        .map(|r| r.unwrap_or_else(|| granted.next().unwrap_or(SubscribeReasonCode::Failure)))
+                        .collect();
+                }
+                self.write(Packet::SubAck(ack, props)).await.map_err(End::unclean)
+            }
+            // The router's PUBREL of a QoS 2 delivery: the client's if it got
+            // QoS 2, else answered here (the client got less and is done).
+            Packet::PubRel(rel, props) => match self.out.get(&rel.pkid) {
+                Some(o) if o.client_qos < 2 => {
+                    self.out.remove(&rel.pkid);
+                    let comp = PubComp { pkid: rel.pkid, reason: PubCompReason::Success };
+                    link_tx
+                        .send(Packet::PubComp(comp, None))
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| End::unclean(format!("router link: {e}")))
+                }
+                _ => self.write(Packet::PubRel(rel, props)).await.map_err(End::unclean),
+            },
+            Packet::Disconnect(..) => Err(End::coded(
+                rumqttd::protocol::DisconnectReasonCode::SessionTakenOver,
+                "session taken over by a new connection with the same client id",
+            )),
+            p @ Packet::UnsubAck(..) => self.write(p).await.map_err(End::unclean),
+            // PUBACKs of our own QoS 0 hand-offs do not exist; the rest is not the client's.
+            _ => Ok(()),
         }
-        if let Packet::Disconnect(..) = packet {
-            let _ = self.write(packet).await;
-            let _ = self.flush().await;
-            return Err(End::Unclean("router disconnected the link".into()));
-        }
-        // Defence in depth: whatever the router routes, a connection only
-        // ever receives what its own ACL lets it subscribe to.
-        if let Packet::Publish(p, _) = &packet
-            && !delivery_allowed(&String::from_utf8_lossy(&p.topic), &self.tenant, &self.device_id)
-        {
-            tracing::warn!(peer = %self.peer, device_id = self.device_id, topic = %String::from_utf8_lossy(&p.topic),
-                "router delivered outside this connection's ACL; dropped");
-            return Ok(());
-        }
-        self.write(packet).await.map_err(End::Unclean)
     }
 
-    /// Stores the will as an event, then publishes it to subscribers.
-    pub(super) async fn publish_will(&self, link_tx: &mut LinkTx, will: LastWill) {
+    /// One delivery: ACL, 5.0 subscription options, QoS = min(publish QoS,
+    /// granted QoS), the client's Receive Maximum and Maximum Packet Size.
+    async fn deliver_publish(
+        &mut self,
+        p: Publish,
+        mut props: Option<PublishProperties>,
+        link_tx: &mut LinkTx,
+    ) -> Result<(), End> {
+        let (router_qos, dup, retain, pkid) = codec::publish_flags(&p);
+        let origin = codec::unmark(&mut props);
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+        let matching: Vec<SubOpts> =
+            self.filters.iter().filter(|(f, _)| topic_matches(&topic, f)).map(|(_, o)| *o).collect();
+        // Defence in depth: whatever the router routes, a connection only
+        // ever receives what its own ACL lets it subscribe to.
+        let skip = if !delivery_allowed(&topic, &self.tenant, &self.device_id) {
+            tracing::warn!(peer = %self.peer, device_id = self.device_id, topic, "router delivered outside this connection's ACL; dropped");
+            true
+        } else if retain && !matching.is_empty() && matching.iter().all(|o| !o.retained_wanted) {
+            true // Retain Handling: not at this subscribe
+        } else {
+            origin.router_id == self.router_id && !matching.is_empty() && matching.iter().all(|o| o.no_local)
+        };
+        let client_qos = origin.qos.min(router_qos);
+        if skip {
+            return self.router_done(pkid, router_qos, 0, link_tx).await;
+        }
+        // Retain As Published: live deliveries keep the publisher's RETAIN.
+        let retain = retain || (origin.retain && matching.iter().any(|o| o.retain_as_published));
+        let out = codec::publish(client_qos, dup && client_qos > 0, retain, pkid, &p.topic, &p.payload);
+        if !self.v5() {
+            props = None;
+        }
+        let size = 5 + out.len() + props.as_ref().map_or(0, props_len);
+        if size > self.client_max_packet {
+            tracing::info!(
+                device_id = self.device_id,
+                topic,
+                size,
+                max = self.client_max_packet,
+                "delivery larger than the client's Maximum Packet Size; dropped"
+            );
+            return self.router_done(pkid, router_qos, 0, link_tx).await;
+        }
+        if router_qos > 0 {
+            // The router counts this delivery until it hears back.
+            self.out.insert(pkid, Out { router_qos, client_qos });
+        }
+        if client_qos == 0 {
+            if router_qos > 0 {
+                self.router_done(pkid, router_qos, 0, link_tx).await?;
+            }
+            return self.write(Packet::Publish(out, props)).await.map_err(End::unclean);
+        }
+        if self.inflight >= self.client_receive_max {
+            self.queued.push_back((out, props));
+            return Ok(());
+        }
+        self.inflight += 1;
+        self.write(Packet::Publish(out, props)).await.map_err(End::unclean)
+    }
+
+    /// Tells the router a delivery of `router_qos` is done for the client,
+    /// which got `client_qos` (QoS 2 at the router: PUBREC now; its PUBREL
+    /// is then answered here).
+    async fn router_done(
+        &mut self,
+        pkid: u16,
+        router_qos: u8,
+        client_qos: u8,
+        link_tx: &mut LinkTx,
+    ) -> Result<(), End> {
+        let packet = match router_qos {
+            1 => {
+                self.out.remove(&pkid);
+                Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None)
+            }
+            2 => {
+                self.out.insert(pkid, Out { router_qos, client_qos });
+                Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None)
+            }
+            _ => return Ok(()),
+        };
+        link_tx.send(packet).await.map(|_| ()).map_err(|e| End::unclean(format!("router link: {e}")))
+    }
+
+    /// The client's PUBACK (`step` 1), PUBREC (2) or PUBCOMP (3) of a delivery.
+    pub(super) async fn client_completed(&mut self, pkid: u16, step: u8, link_tx: &mut LinkTx) -> Result<(), End> {
+        let Some(o) = self.out.get(&pkid).copied() else {
+            // Not ours to track (e.g. sent before a reconnect): the router's.
+            let packet = match step {
+                1 => Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None),
+                2 => Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None),
+                _ => Packet::PubComp(PubComp { pkid, reason: PubCompReason::Success }, None),
+            };
+            return link_tx.send(packet).await.map(|_| ()).map_err(|e| End::unclean(format!("router link: {e}")));
+        };
+        let finished = match (step, o.client_qos) {
+            (1, 1) => {
+                self.router_done(pkid, o.router_qos, 1, link_tx).await?;
+                true
+            }
+            (2, 2) => {
+                let rec = PubRec { pkid, reason: PubRecReason::Success };
+                link_tx.send(Packet::PubRec(rec, None)).await.map_err(|e| End::unclean(format!("router link: {e}")))?;
+                false
+            }
+            (3, 2) => {
+                self.out.remove(&pkid);
+                let comp = PubComp { pkid, reason: PubCompReason::Success };
+                link_tx
+                    .send(Packet::PubComp(comp, None))
+                    .await
+                    .map_err(|e| End::unclean(format!("router link: {e}")))?;
+                true
+            }
+            _ => {
+                return Err(End::coded(
+                    rumqttd::protocol::DisconnectReasonCode::ProtocolError,
+                    format!("acknowledgement of packet id {pkid} does not match its QoS {}", o.client_qos),
+                ));
+            }
+        };
+        if finished {
+            self.inflight = self.inflight.saturating_sub(1);
+            if let Some((p, props)) = self.queued.pop_front() {
+                self.inflight += 1;
+                self.write(Packet::Publish(p, props)).await.map_err(End::unclean)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores the will as an event, then publishes it to subscribers (after
+    /// its 5.0 Will Delay, unless the client came back in the meantime).
+    pub(super) async fn publish_will(&self, link_tx: &mut LinkTx, will: Will, shutdown: &CancellationToken) {
+        let Will { message: will, props, delay } = will;
+        if !delay.is_zero() {
+            // A shutdown ends the wait: the will is published now.
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => {}
+            }
+            if self.lease.as_ref().is_some_and(|l| self.deps.sessions.resumed(l)) {
+                tracing::info!(
+                    device_id = self.device_id,
+                    "will not published: the client reconnected within its will delay"
+                );
+                return;
+            }
+        }
         let topic = String::from_utf8_lossy(&will.topic).into_owned();
-        let Some((input, stream_topic)) = self.event_input(&will.topic, &will.message, None) else {
-            tracing::warn!(device_id = self.device_id, topic, "will is not a JSON event of this device; not published");
+        let Some(event_type) = super::super::acl::event_topic(&topic, &self.tenant, &self.device_id) else {
+            tracing::warn!(device_id = self.device_id, topic, "will is not an event of this device; not published");
             return;
+        };
+        let Ok(payload) = serde_json::value::RawValue::from_string(String::from_utf8_lossy(&will.message).into_owned())
+        else {
+            tracing::warn!(device_id = self.device_id, topic, "will payload is not JSON; not published");
+            return;
+        };
+        let stream_topic = format!("{}/events/{}/{}", self.tenant, self.device_id, event_type);
+        let input = crate::event::EventInput {
+            device_id: self.device_id.clone(),
+            event_type: event_type.to_string(),
+            payload,
+            id: None,
+            timestamp: None,
+            redelivery: None,
+            mqtt: None,
         };
         // Wills count against the device's rate limits like any publish: over
         // a limit the will waits (at most WILL_WAIT) for the window to allow it.
@@ -134,8 +320,19 @@ impl Session<'_> {
         match self.deps.ingest.submit_with(&self.principal, &self.tenant, vec![input], false, PROTOCOL, false).await {
             Ok(_) => {
                 let retain = will.retain && self.deps.sessions.retain(&self.tenant, &stream_topic, will.message.len());
-                let publish = Publish::new(Bytes::from(stream_topic), will.message.clone(), retain);
-                if let Err(e) = link_tx.send(Packet::Publish(publish, None)).await {
+                let mut pp = PublishProperties {
+                    payload_format_indicator: props.as_ref().and_then(|p| p.payload_format_indicator),
+                    message_expiry_interval: props.as_ref().and_then(|p| p.message_expiry_interval),
+                    topic_alias: None,
+                    response_topic: props.as_ref().and_then(|p| p.response_topic.clone()),
+                    correlation_data: props.as_ref().and_then(|p| p.correlation_data.clone()),
+                    user_properties: props.as_ref().map(|p| p.user_properties.clone()).unwrap_or_default(),
+                    subscription_identifiers: vec![],
+                    content_type: props.as_ref().and_then(|p| p.content_type.clone()),
+                };
+                codec::mark(&mut pp, will.qos as u8, retain, &self.router_id);
+                let publish = codec::publish(0, false, retain, 0, &Bytes::from(stream_topic), &will.message);
+                if let Err(e) = link_tx.send(Packet::Publish(publish, Some(pp))).await {
                     tracing::warn!(error = %e, device_id = self.device_id, "will stored but not published");
                 } else {
                     tracing::info!(device_id = self.device_id, topic, "will stored and published");
@@ -144,4 +341,13 @@ impl Session<'_> {
             Err(e) => tracing::warn!(error = %e, device_id = self.device_id, "will refused"),
         }
     }
+}
+
+/// Approximate encoded size of publish properties (for Maximum Packet Size).
+fn props_len(p: &PublishProperties) -> usize {
+    let strings = p.response_topic.as_ref().map_or(0, |s| 3 + s.len())
+        + p.content_type.as_ref().map_or(0, |s| 3 + s.len())
+        + p.correlation_data.as_ref().map_or(0, |s| 3 + s.len());
+    let users: usize = p.user_properties.iter().map(|(k, v)| 5 + k.len() + v.len()).sum();
+    4 + strings + users + 5 * (p.message_expiry_interval.is_some() as usize) + 2 + 4 * p.subscription_identifiers.len()
 }
