@@ -128,28 +128,37 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let status_token = config.http.status_token().map_err(anyhow::Error::msg)?;
     let stages = Stages::new();
-    let router =
+    let mqtt_deps = match broker {
+        Some((links, bridge)) => {
+            let sessions = Arc::new(mqtt::state::Sessions::new(&config.mqtt));
+            let retained = site.readers.with(crate::log::schema::retained).await?;
+            if !retained.is_empty() {
+                let n = bridge.restore_retained(&sessions, retained);
+                tracing::info!(messages = n, "mqtt retained messages restored from the site log");
+            }
+            Some(MqttDeps {
+                ingest: ingest.clone(),
+                auth: site.auth.clone(),
+                links,
+                metrics: metrics.clone(),
+                config: config.mqtt.clone(),
+                bridge,
+                sessions,
+                connections: Default::default(),
+            })
+        }
+        None => None,
+    };
+    let mut router =
         routes(&config, &site.auth, &ingest, &hub, &log, &site.readers, &metrics, &uplink, &stages, status_token);
+    if let Some(deps) = &mqtt_deps {
+        router = router.merge(mqtt::ws::routes(deps.clone(), stages.tracker.clone(), stages.shutdown.clone()));
+    }
     let s = stages.shutdown.clone();
     stages.spawn("http", http::serve(http_listener, router, s));
     let (r, s) = (site.readers.clone(), stages.shutdown.clone());
     stages.spawn("registry", auth::run_registry_refresh(r, site.registry, s));
-    if let (Some(listener), Some((links, bridge))) = (mqtt_listener, broker) {
-        let sessions = Arc::new(mqtt::state::Sessions::new(&config.mqtt));
-        let retained = site.readers.with(crate::log::schema::retained).await?;
-        if !retained.is_empty() {
-            let n = bridge.restore_retained(&sessions, retained);
-            tracing::info!(messages = n, "mqtt retained messages restored from the site log");
-        }
-        let deps = MqttDeps {
-            ingest,
-            auth: site.auth,
-            links,
-            metrics: metrics.clone(),
-            config: config.mqtt.clone(),
-            bridge,
-            sessions,
-        };
+    if let (Some(listener), Some(deps)) = (mqtt_listener, mqtt_deps) {
         let (t, s) = (stages.tracker.clone(), stages.shutdown.clone());
         stages.spawn("mqtt", async move {
             mqtt::run(listener, deps, t, s).await;

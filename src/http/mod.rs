@@ -96,7 +96,8 @@ async fn json_errors(resp: axum::response::Response) -> axum::response::Response
 
 /// Serves `router` on `listener` until `shutdown`, then drains in-flight requests.
 pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 
 /// What a WebSocket `event` frame turns into: the ingest stage submits it and

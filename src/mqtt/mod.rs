@@ -35,6 +35,7 @@ pub mod codec;
 pub mod framing;
 pub mod session;
 pub mod state;
+pub mod ws;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -63,11 +64,13 @@ pub struct MqttDeps {
     pub bridge: Arc<Bridge>,
     /// Live, persistent and retained state across connections.
     pub sessions: Arc<state::Sessions>,
+    /// Open connections, TCP and WebSocket (bounded by `max_connections`).
+    pub connections: Arc<AtomicUsize>,
 }
 
 /// Accepts connections until `shutdown`; each runs on `tracker`.
 pub async fn run(listener: TcpListener, deps: MqttDeps, tracker: TaskTracker, shutdown: CancellationToken) {
-    let open = Arc::new(AtomicUsize::new(0));
+    let open = deps.connections.clone();
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -1,0 +1,104 @@
+//! MQTT over WebSocket: `GET /mqtt` on the HTTP port, subprotocol `mqtt`
+//! (browsers' MQTT libraries and dashboards connect this way). Each binary
+//! message carries MQTT bytes; the session is the same one the TCP listener
+//! runs (login, ACL, ack after commit, limits), over an in-memory pipe.
+//! [MQTT-6.0.0-1]: a text message closes the connection.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::response::Response;
+use axum::routing::get;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{MqttDeps, PROTOCOL};
+
+#[derive(Clone)]
+struct WsState {
+    deps: MqttDeps,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+/// The `/mqtt` route.
+pub fn routes(deps: MqttDeps, tracker: TaskTracker, shutdown: CancellationToken) -> Router {
+    Router::new().route("/mqtt", get(upgrade)).with_state(WsState { deps, tracker, shutdown })
+}
+
+async fn upgrade(
+    State(s): State<WsState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    // A message or frame holds at most one packet of mqtt.max_packet_size
+    // (clients may split packets across messages, never need more).
+    let max = s.deps.config.max_packet_size + 8;
+    let tracker = s.tracker.clone();
+    upgrade
+        .protocols(["mqtt", "mqttv3.1"])
+        .max_message_size(max)
+        .max_frame_size(max)
+        .max_write_buffer_size(4 * max.max(64 * 1024))
+        .on_upgrade(move |socket| tracker.track_future(session(socket, peer, s)))
+}
+
+async fn session(mut socket: WebSocket, peer: SocketAddr, s: WsState) {
+    let deps = &s.deps;
+    if deps.connections.load(Ordering::Relaxed) >= deps.config.max_connections {
+        tracing::warn!(%peer, max = deps.config.max_connections, "mqtt.max_connections reached; closing new WebSocket connection");
+        deps.ingest.count_rejected(PROTOCOL, "max_connections");
+        let close = CloseFrame { code: 1013, reason: "mqtt.max_connections reached".into() };
+        let _ = socket.send(Message::Close(Some(close))).await;
+        return;
+    }
+    deps.connections.fetch_add(1, Ordering::Relaxed);
+    deps.metrics.mqtt_connections.inc();
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let (session_r, session_w) = tokio::io::split(theirs);
+    let (mut pipe_r, mut pipe_w) = tokio::io::split(ours);
+    let pump = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            tokio::select! {
+                msg = socket.recv() => match msg {
+                    Some(Ok(Message::Binary(b))) => {
+                        if pipe_w.write_all(&b).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Ok(Message::Text(_))) => {
+                        let close = CloseFrame { code: 1003, reason: "MQTT over WebSocket uses binary messages".into() };
+                        let _ = socket.send(Message::Close(Some(close))).await;
+                        break;
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    // Closed, or too large (1009 is sent by the codec), or broken.
+                    Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                },
+                n = pipe_r.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => {
+                        let _ = socket.send(Message::Close(None)).await;
+                        break;
+                    }
+                    Ok(n) => {
+                        if socket.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                            break;
+                        }
+                    }
+                },
+            }
+        }
+        // The session reads EOF: the device is gone.
+        let _ = pipe_w.shutdown().await;
+    };
+    let serve =
+        super::session::Session::serve(Box::new(session_r), Box::new(session_w), peer, deps, s.shutdown.clone());
+    tokio::join!(pump, serve);
+    deps.connections.fetch_sub(1, Ordering::Relaxed);
+    deps.metrics.mqtt_connections.dec();
+}
