@@ -22,14 +22,18 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Debian packages the tests use: PostgreSQL server binaries, MQTT client
 # tools, systemd-analyze, and the aarch64 cross toolchain + qemu for the smoke run.
-TEST_PKGS := postgresql mosquitto-clients python3-paho-mqtt python3-websockets systemd curl file openssl
+TEST_PKGS := postgresql mosquitto-clients python3-paho-mqtt python3-websockets python3-venv systemd curl file openssl
+# Debian ships paho-mqtt 1.6; the MQTT interop tests also drive paho-mqtt 2.x
+# (both protocol versions, and its WebSocket transport), from PyPI, in a venv.
+PAHO2_VENV := target/pyenv-paho2
+PAHO2_VERSION := 2.1.0
 # The proofs: a VM with a disk that forgets unflushed writes (power cuts), and
 # the kill loop against a real PostgreSQL.
 POWERCUT_PKGS := qemu-system-x86 nbdkit busybox-static linux-image-cloud-amd64 cpio e2fsprogs kmod python3-paho-mqtt curl
 CHAOS_PKGS := postgresql python3-paho-mqtt python3-websockets
 CROSS_PKGS := rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static
 
-.PHONY: run build release test test-deps cross-deps unit-tests verify-unit aarch64 smoke-aarch64 install bench clean
+.PHONY: run build release test test-deps paho2 cross-deps unit-tests verify-unit aarch64 smoke-aarch64 install bench clean
 .PHONY: deb deb-deps test-deb test-powercut test-chaos powercut-deps chaos-deps test-browser fuzz
 
 run:
@@ -54,7 +58,13 @@ test-deps:
 	  echo "installing test dependencies:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
 	fi
-	@$(MAKE) --no-print-directory cross-deps
+	@$(MAKE) --no-print-directory cross-deps paho2
+
+paho2:
+	@if ! $(PAHO2_VENV)/bin/python -c 'import paho.mqtt, sys; sys.exit(not paho.mqtt.__version__.startswith("2."))' 2>/dev/null; then \
+	  echo "installing paho-mqtt $(PAHO2_VERSION) into $(PAHO2_VENV)"; \
+	  python3 -m venv $(PAHO2_VENV) && $(PAHO2_VENV)/bin/pip install -q paho-mqtt==$(PAHO2_VERSION); \
+	fi
 
 cross-deps:
 	@if command -v cross >/dev/null && { docker info >/dev/null 2>&1 || podman info >/dev/null 2>&1; }; then exit 0; fi; \

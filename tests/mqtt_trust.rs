@@ -16,11 +16,7 @@ const T: Duration = Duration::from_secs(10);
 /// Revocation reaches open sessions within 1 s; the tests allow scheduling slack.
 const REVOKE_BOUND: Duration = Duration::from_millis(1500);
 
-fn add(dir: &Path, tenant: &str, id: &str) -> String {
-    let (ok, out, err) = cli(dir, &["device", "add", "--tenant", tenant, "--id", id]);
-    assert!(ok, "device add {tenant}/{id}: {err}");
-    out.trim().to_string()
-}
+use common::add_device as add;
 
 fn rows(dir: &Path) -> Vec<outpost::event::StoredEvent> {
     log_rows(&dir.join("site-log.sqlite"))

@@ -327,6 +327,13 @@ impl Proc {
     }
 }
 
+/// Registers a device with the CLI (the appliance may be running); returns its token.
+pub fn add_device(data_dir: &Path, tenant: &str, id: &str) -> String {
+    let (ok, out, err) = cli(data_dir, &["device", "add", "--tenant", tenant, "--id", id]);
+    assert!(ok, "device add {tenant}/{id}: {err}");
+    out.trim().to_string()
+}
+
 /// Runs the CLI with `args` on `data_dir`; returns (success, stdout, stderr).
 pub fn cli(data_dir: &Path, args: &[&str]) -> (bool, String, String) {
     cli_env(data_dir, args, &[])

@@ -28,7 +28,7 @@ impl Frame {
     }
 }
 
-fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
+pub fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
     loop {
         let mut b = (n % 128) as u8;
         n /= 128;
@@ -42,12 +42,12 @@ fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
     }
 }
 
-fn string(s: &[u8], out: &mut Vec<u8>) {
+pub fn string(s: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&(s.len() as u16).to_be_bytes());
     out.extend_from_slice(s);
 }
 
-fn frame(first: u8, body: &[u8]) -> Vec<u8> {
+pub fn frame(first: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![first];
     remaining_length(body.len(), &mut out);
     out.extend_from_slice(body);
@@ -228,5 +228,169 @@ impl Raw {
         let body = self.buf[i..i + len].to_vec();
         self.buf.drain(..i + len);
         Some(Frame { kind: first >> 4, flags: first & 0x0f, body })
+    }
+}
+
+/// MQTT 5.0 pieces: properties are written as raw bytes (`prop_*`) and read
+/// back by id (`props`).
+pub mod v5 {
+    use super::{Frame, Raw, frame, remaining_length, string};
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    pub fn prop_u8(id: u8, v: u8) -> Vec<u8> {
+        vec![id, v]
+    }
+    pub fn prop_u16(id: u8, v: u16) -> Vec<u8> {
+        let mut o = vec![id];
+        o.extend_from_slice(&v.to_be_bytes());
+        o
+    }
+    pub fn prop_u32(id: u8, v: u32) -> Vec<u8> {
+        let mut o = vec![id];
+        o.extend_from_slice(&v.to_be_bytes());
+        o
+    }
+    pub fn prop_str(id: u8, v: &str) -> Vec<u8> {
+        let mut o = vec![id];
+        string(v.as_bytes(), &mut o);
+        o
+    }
+    pub fn user_prop(k: &str, v: &str) -> Vec<u8> {
+        let mut o = vec![0x26];
+        string(k.as_bytes(), &mut o);
+        string(v.as_bytes(), &mut o);
+        o
+    }
+
+    fn with_props(body: &mut Vec<u8>, props: &[u8]) {
+        remaining_length(props.len(), body);
+        body.extend_from_slice(props);
+    }
+
+    /// A 5.0 CONNECT (username + password, optional will with its properties).
+    pub fn connect_packet(
+        client_id: &str,
+        user: &str,
+        pass: &str,
+        keep_alive: u16,
+        clean: bool,
+        props: &[u8],
+        will: Option<(&str, &[u8], &[u8])>,
+    ) -> Vec<u8> {
+        let mut body = Vec::new();
+        string(b"MQTT", &mut body);
+        body.push(5);
+        let mut flags = 0b1100_0000;
+        if will.is_some() {
+            flags |= 0b0000_0100 | (1 << 3);
+        }
+        if clean {
+            flags |= 0b10;
+        }
+        body.push(flags);
+        body.extend_from_slice(&keep_alive.to_be_bytes());
+        with_props(&mut body, props);
+        string(client_id.as_bytes(), &mut body);
+        if let Some((topic, payload, will_props)) = will {
+            with_props(&mut body, will_props);
+            string(topic.as_bytes(), &mut body);
+            string(payload, &mut body);
+        }
+        string(user.as_bytes(), &mut body);
+        string(pass.as_bytes(), &mut body);
+        frame(0x10, &body)
+    }
+
+    /// A 5.0 PUBLISH with properties.
+    pub fn publish_packet(topic: &str, payload: &[u8], qos: u8, pkid: u16, retain: bool, props: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        string(topic.as_bytes(), &mut body);
+        if qos > 0 {
+            body.extend_from_slice(&pkid.to_be_bytes());
+        }
+        with_props(&mut body, props);
+        body.extend_from_slice(payload);
+        frame(0x30 | (qos << 1) | u8::from(retain), &body)
+    }
+
+    /// A 5.0 SUBSCRIBE: (filter, options byte) pairs.
+    pub fn subscribe_packet(pkid: u16, filters: &[(&str, u8)], props: &[u8]) -> Vec<u8> {
+        let mut body = pkid.to_be_bytes().to_vec();
+        with_props(&mut body, props);
+        for (f, opts) in filters {
+            string(f.as_bytes(), &mut body);
+            body.push(*opts);
+        }
+        frame(0x82, &body)
+    }
+
+    /// An ack (PUBACK 0x40, PUBREC 0x50, PUBREL 0x62, PUBCOMP 0x70) with success.
+    pub fn ack_packet(first: u8, pkid: u16) -> Vec<u8> {
+        frame(first, &pkid.to_be_bytes())
+    }
+
+    impl Raw {
+        /// 5.0 CONNECT; returns the client and the CONNACK.
+        pub async fn connect_v5(
+            addr: SocketAddr,
+            client_id: &str,
+            user: &str,
+            pass: &str,
+            keep_alive: u16,
+            clean: bool,
+            props: &[u8],
+        ) -> (Self, Frame) {
+            let mut c = Self::connect_tcp(addr).await;
+            c.send(&connect_packet(client_id, user, pass, keep_alive, clean, props, None)).await;
+            let ack = c.read(Duration::from_secs(10)).await.expect("no CONNACK");
+            assert_eq!(ack.kind, 2, "expected CONNACK, got {ack:?}");
+            (c, ack)
+        }
+    }
+
+    /// The properties of a 5.0 packet whose property length starts at `at`:
+    /// (id, value); strings and binary without their length prefix.
+    pub fn props(body: &[u8], mut at: usize) -> Vec<(u8, Vec<u8>)> {
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let b = body[at];
+            at += 1;
+            len |= usize::from(b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let end = at + len;
+        let mut out = Vec::new();
+        while at < end {
+            let id = body[at];
+            at += 1;
+            let n = match id {
+                0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2a => 1,
+                0x13 | 0x21 | 0x22 | 0x23 => 2,
+                0x02 | 0x11 | 0x18 | 0x27 => 4,
+                0x0b => body[at..].iter().position(|b| b & 0x80 == 0).unwrap() + 1,
+                0x26 => {
+                    let k = usize::from(u16::from_be_bytes([body[at], body[at + 1]]));
+                    let v = usize::from(u16::from_be_bytes([body[at + 2 + k], body[at + 3 + k]]));
+                    4 + k + v
+                }
+                _ => {
+                    let n = usize::from(u16::from_be_bytes([body[at], body[at + 1]]));
+                    at += 2;
+                    n
+                }
+            };
+            out.push((id, body[at..at + n].to_vec()));
+            at += n;
+        }
+        out
+    }
+
+    /// A string property's value.
+    pub fn prop_string(props: &[(u8, Vec<u8>)], id: u8) -> Option<String> {
+        props.iter().find(|(i, _)| *i == id).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
     }
 }

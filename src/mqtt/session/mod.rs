@@ -356,6 +356,11 @@ impl<'a> Session<'a> {
                         break end;
                     },
                     Ok(None) => {}
+                    // The router drops a link when its client id connects again.
+                    Err(_) if self.lease.as_ref().is_some_and(|l| self.deps.sessions.resumed(l)) => break End::coded(
+                        DisconnectReasonCode::SessionTakenOver,
+                        "session taken over by a new connection with the same client id",
+                    ),
                     Err(e) => break End::unclean(format!("router link closed: {e}")),
                 },
             }
