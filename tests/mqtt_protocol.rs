@@ -12,8 +12,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::mqtt_raw::v5::{self, prop_str, prop_u8, prop_u16, prop_u32, props, user_prop};
-use common::mqtt_raw::{Raw, connect_packet, frame, publish_packet};
+use common::mqtt_raw::v5::{self, prop_str, prop_u8, prop_u16};
+use common::mqtt_raw::{Raw, frame, publish_packet};
 use common::{Proc, add_device as add, cli, eventually, log_rows};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -570,4 +570,37 @@ async fn rumqttc_v5_publishes_at_qos2_and_receives_its_subscription() {
     }
     assert_eq!(received, Some((QoS::ExactlyOnce, bytes::Bytes::from_static(b"{\"v\":5}"))));
     assert_eq!(rows(dir.path()).len(), 1);
+}
+
+/// Packet id of a PUBLISH frame (QoS > 0).
+fn publish_pkid(f: &common::mqtt_raw::Frame) -> u16 {
+    let tl = usize::from(u16::from_be_bytes([f.body[0], f.body[1]]));
+    u16::from_be_bytes([f.body[2 + tl], f.body[3 + tl]])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_4_6_0_a_subscriber_may_complete_qos1_and_qos2_deliveries_in_any_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::start(dir.path(), &[]);
+    let t1 = add(dir.path(), "acme", "d1");
+    let t2 = add(dir.path(), "acme", "d2");
+    let (mut sub, _) = Raw::connect(p.mqtt.unwrap(), "d2", "d2", &t2, 30, None).await;
+    sub.send(&frame(0x82, &[&[0, 1, 0, 13][..], b"acme/events/#", &[2]].concat())).await;
+    assert_eq!(sub.read_kind(9, T).await.map(|f| f.body[2]), Some(2), "granted QoS 2");
+    let (mut publisher, _) = Raw::connect(p.mqtt.unwrap(), "d1", "d1", &t1, 30, None).await;
+    publisher.publish("acme/devices/d1/events/a", b"{\"n\":1}", 1, 1, false, false).await;
+    publisher.publish("acme/devices/d1/events/b", b"{\"n\":2}", 2, 2, false, false).await;
+    let first = sub.read_kind(3, T).await.expect("QoS 1 delivery");
+    let second = sub.read_kind(3, T).await.expect("QoS 2 delivery");
+    assert_eq!(((first.flags >> 1) & 3, (second.flags >> 1) & 3), (1, 2));
+    // PUBREC of the second before PUBACK of the first.
+    sub.send(&v5::ack_packet(0x50, publish_pkid(&second))).await;
+    sub.send(&v5::ack_packet(0x40, publish_pkid(&first))).await;
+    let rel = sub.read_kind(6, T).await.expect("PUBREL");
+    assert_eq!(rel.pkid(), publish_pkid(&second));
+    sub.send(&v5::ack_packet(0x70, rel.pkid())).await;
+    // The session is intact: the next delivery arrives.
+    publisher.publish("acme/devices/d1/events/c", b"{\"n\":3}", 1, 3, false, false).await;
+    let third = sub.read_kind(3, T).await.expect("delivery after out-of-order acks");
+    assert!(third.body.windows(7).any(|w| w == b"{\"n\":3}"));
 }

@@ -138,6 +138,13 @@ pub(super) struct Session<'a> {
     session_expiry: u32,
     /// Deliveries not completed by the client, by the router's packet id.
     out: HashMap<u16, Out>,
+    /// Router deliveries of QoS > 0 not yet acked to the router, in its
+    /// order, and whether their ack is due: rumqttd takes PUBACK/PUBREC only
+    /// in delivery order, while clients may complete QoS 1 and 2 flows in
+    /// any order.
+    router_acks: VecDeque<(u16, bool)>,
+    /// QoS 2 deliveries PUBREC'd to the router, awaiting PUBCOMP, likewise.
+    router_comps: VecDeque<(u16, bool)>,
     /// QoS > 0 deliveries sent and not completed (≤ `client_receive_max`).
     inflight: usize,
     /// Deliveries waiting for the client's Receive Maximum.
@@ -176,6 +183,8 @@ impl<'a> Session<'a> {
             aliases: HashMap::new(),
             session_expiry: 0,
             out: HashMap::new(),
+            router_acks: VecDeque::new(),
+            router_comps: VecDeque::new(),
             inflight: 0,
             queued: VecDeque::new(),
         };

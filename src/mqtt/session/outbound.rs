@@ -106,20 +106,7 @@ impl Session<'_> {
                 }
                 self.write(Packet::SubAck(ack, props)).await.map_err(End::unclean)
             }
-            // The router's PUBREL of a QoS 2 delivery: the client's if it got
-            // QoS 2, else answered here (the client got less and is done).
-            Packet::PubRel(rel, props) => match self.out.get(&rel.pkid) {
-                Some(o) if o.client_qos < 2 => {
-                    self.out.remove(&rel.pkid);
-                    let comp = PubComp { pkid: rel.pkid, reason: PubCompReason::Success };
-                    link_tx
-                        .send(Packet::PubComp(comp, None))
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| End::unclean(format!("router link: {e}")))
-                }
-                _ => self.write(Packet::PubRel(rel, props)).await.map_err(End::unclean),
-            },
+            Packet::PubRel(rel, props) => self.router_pubrel(rel, props, link_tx).await,
             Packet::Disconnect(..) => Err(End::coded(
                 rumqttd::protocol::DisconnectReasonCode::SessionTakenOver,
                 "session taken over by a new connection with the same client id",
@@ -153,10 +140,7 @@ impl Session<'_> {
         } else {
             origin.router_id == self.router_id && !matching.is_empty() && matching.iter().all(|o| o.no_local)
         };
-        let client_qos = origin.qos.min(router_qos);
-        if skip {
-            return self.router_done(pkid, router_qos, 0, link_tx).await;
-        }
+        let mut client_qos = origin.qos.min(router_qos);
         // Retain As Published: live deliveries keep the publisher's RETAIN.
         let retain = retain || (origin.retain && matching.iter().any(|o| o.retain_as_published));
         let out = codec::publish(client_qos, dup && client_qos > 0, retain, pkid, &p.topic, &p.payload);
@@ -164,7 +148,8 @@ impl Session<'_> {
             props = None;
         }
         let size = 5 + out.len() + props.as_ref().map_or(0, props_len);
-        if size > self.client_max_packet {
+        let too_large = size > self.client_max_packet;
+        if too_large {
             tracing::info!(
                 device_id = self.device_id,
                 topic,
@@ -172,54 +157,93 @@ impl Session<'_> {
                 max = self.client_max_packet,
                 "delivery larger than the client's Maximum Packet Size; dropped"
             );
-            return self.router_done(pkid, router_qos, 0, link_tx).await;
+        }
+        if skip || too_large {
+            client_qos = 0;
         }
         if router_qos > 0 {
-            // The router counts this delivery until it hears back.
             self.out.insert(pkid, Out { router_qos, client_qos });
-        }
-        if client_qos == 0 {
-            if router_qos > 0 {
-                self.router_done(pkid, router_qos, 0, link_tx).await?;
+            self.router_acks.push_back((pkid, false));
+            if client_qos == 0 {
+                // The client is done at once (QoS 0, or nothing to send).
+                self.ack_due(pkid, link_tx).await?;
             }
-            return self.write(Packet::Publish(out, props)).await.map_err(End::unclean);
         }
-        if self.inflight >= self.client_receive_max {
+        if skip || too_large {
+            return Ok(());
+        }
+        if client_qos > 0 && self.inflight >= self.client_receive_max {
             self.queued.push_back((out, props));
             return Ok(());
         }
-        self.inflight += 1;
+        self.inflight += usize::from(client_qos > 0);
         self.write(Packet::Publish(out, props)).await.map_err(End::unclean)
     }
 
-    /// Tells the router a delivery of `router_qos` is done for the client,
-    /// which got `client_qos` (QoS 2 at the router: PUBREC now; its PUBREL
-    /// is then answered here).
-    async fn router_done(
+    /// The router's PUBACK (router QoS 1) or PUBREC (QoS 2) of `pkid` is due;
+    /// sends every due one at the head of the router's order.
+    async fn ack_due(&mut self, pkid: u16, link_tx: &mut LinkTx) -> Result<(), End> {
+        if let Some(e) = self.router_acks.iter_mut().find(|(p, _)| *p == pkid) {
+            e.1 = true;
+        }
+        while let Some(&(pkid, true)) = self.router_acks.front() {
+            self.router_acks.pop_front();
+            let packet = match self.out.get(&pkid).map(|o| o.router_qos) {
+                Some(2) => {
+                    self.router_comps.push_back((pkid, false));
+                    Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None)
+                }
+                _ => {
+                    self.out.remove(&pkid);
+                    Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None)
+                }
+            };
+            link_tx.send(packet).await.map_err(|e| End::unclean(format!("router link: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The router's PUBCOMP of `pkid` is due; sends every due one in order.
+    async fn comp_due(&mut self, pkid: u16, link_tx: &mut LinkTx) -> Result<(), End> {
+        match self.router_comps.iter_mut().find(|(p, _)| *p == pkid) {
+            Some(e) => e.1 = true,
+            // Not tracked here (a PUBREL the router resent after a reconnect).
+            None => {
+                let comp = PubComp { pkid, reason: PubCompReason::Success };
+                return link_tx
+                    .send(Packet::PubComp(comp, None))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| End::unclean(format!("router link: {e}")));
+            }
+        }
+        while let Some(&(pkid, true)) = self.router_comps.front() {
+            self.router_comps.pop_front();
+            self.out.remove(&pkid);
+            let comp = PubComp { pkid, reason: PubCompReason::Success };
+            link_tx.send(Packet::PubComp(comp, None)).await.map_err(|e| End::unclean(format!("router link: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The router's PUBREL of a QoS 2 delivery: the client's if it got QoS 2,
+    /// else answered here (the client got less and is done).
+    async fn router_pubrel(
         &mut self,
-        pkid: u16,
-        router_qos: u8,
-        client_qos: u8,
+        rel: rumqttd::protocol::PubRel,
+        props: Option<rumqttd::protocol::PubRelProperties>,
         link_tx: &mut LinkTx,
     ) -> Result<(), End> {
-        let packet = match router_qos {
-            1 => {
-                self.out.remove(&pkid);
-                Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None)
-            }
-            2 => {
-                self.out.insert(pkid, Out { router_qos, client_qos });
-                Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None)
-            }
-            _ => return Ok(()),
-        };
-        link_tx.send(packet).await.map(|_| ()).map_err(|e| End::unclean(format!("router link: {e}")))
+        match self.out.get(&rel.pkid) {
+            Some(o) if o.client_qos < 2 => self.comp_due(rel.pkid, link_tx).await,
+            _ => self.write(Packet::PubRel(rel, props)).await.map_err(End::unclean),
+        }
     }
 
     /// The client's PUBACK (`step` 1), PUBREC (2) or PUBCOMP (3) of a delivery.
     pub(super) async fn client_completed(&mut self, pkid: u16, step: u8, link_tx: &mut LinkTx) -> Result<(), End> {
         let Some(o) = self.out.get(&pkid).copied() else {
-            // Not ours to track (e.g. sent before a reconnect): the router's.
+            // Not tracked here (sent before a reconnect): the router's.
             let packet = match step {
                 1 => Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None),
                 2 => Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None),
@@ -229,21 +253,15 @@ impl Session<'_> {
         };
         let finished = match (step, o.client_qos) {
             (1, 1) => {
-                self.router_done(pkid, o.router_qos, 1, link_tx).await?;
+                self.ack_due(pkid, link_tx).await?;
                 true
             }
             (2, 2) => {
-                let rec = PubRec { pkid, reason: PubRecReason::Success };
-                link_tx.send(Packet::PubRec(rec, None)).await.map_err(|e| End::unclean(format!("router link: {e}")))?;
+                self.ack_due(pkid, link_tx).await?;
                 false
             }
             (3, 2) => {
-                self.out.remove(&pkid);
-                let comp = PubComp { pkid, reason: PubCompReason::Success };
-                link_tx
-                    .send(Packet::PubComp(comp, None))
-                    .await
-                    .map_err(|e| End::unclean(format!("router link: {e}")))?;
+                self.comp_due(pkid, link_tx).await?;
                 true
             }
             _ => {
