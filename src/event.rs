@@ -32,6 +32,9 @@ pub struct Event {
     pub redelivery: Option<Redelivery>,
     /// MQTT session facts recorded in the event's own transaction.
     pub mqtt: Option<Box<MqttFacts>>,
+    /// MQTT 5.0 content type and user properties, as a JSON object
+    /// (`{"content_type": …, "user_properties": [[k, v], …]}`), if any.
+    pub properties: Option<String>,
     /// How it arrived: "http", "ws", "mqtt", "remote" (not stored). The hub
     /// republishes to MQTT subscribers what did not come in over MQTT.
     pub protocol: &'static str,
@@ -102,6 +105,9 @@ pub struct EventInput {
     pub redelivery: Option<Redelivery>,
     #[serde(skip)]
     pub mqtt: Option<Box<MqttFacts>>,
+    /// Set by the MQTT front-end (5.0 properties), never read from JSON.
+    #[serde(skip)]
+    pub properties: Option<String>,
 }
 
 /// An event as stored in the site log and returned by queries.
@@ -120,6 +126,9 @@ pub struct StoredEvent {
     #[serde(with = "time::serde::rfc3339::option")]
     pub forwarded_at: Option<OffsetDateTime>,
     pub origin_site: String,
+    /// MQTT 5.0 content type and user properties, when the device sent any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub properties: Option<Box<RawValue>>,
 }
 
 /// A validation failure: which field, and what limit it broke.
@@ -196,6 +205,7 @@ pub fn validate(
         origin_site: origin_site.to_string(),
         redelivery: input.redelivery,
         mqtt: input.mqtt,
+        properties: input.properties,
         protocol: "",
     })
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::mqtt_raw::v5::{self, prop_str, prop_u8, prop_u16};
+use common::mqtt_raw::v5::{self, prop_str, prop_u8, prop_u16, user_prop};
 use common::mqtt_raw::{Raw, frame, publish_packet};
 use common::{Proc, add_device as add, cli, eventually, log_rows};
 use serde_json::Value;
@@ -603,4 +603,62 @@ async fn mqtt_4_6_0_a_subscriber_may_complete_qos1_and_qos2_deliveries_in_any_or
     publisher.publish("acme/devices/d1/events/c", b"{\"n\":3}", 1, 3, false, false).await;
     let third = sub.read_kind(3, T).await.expect("delivery after out-of-order acks");
     assert!(third.body.windows(7).any(|w| w == b"{\"n\":3}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_content_type_and_user_properties_are_kept_with_the_event_and_delivered() {
+    let pg = common::pg::Pg::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg.url();
+    let p = Proc::start(dir.path(), &[("OUTPOST_CENTRAL__URL", url.as_str()), ("OUTPOST_CENTRAL__TLS", "disable")]);
+    let t1 = add(dir.path(), "acme", "d1");
+    let t2 = add(dir.path(), "acme", "d2");
+    let (mut sub5, _, _) = connect5(&p, "d2", "d2", &t2, &[]).await;
+    sub5.send(&v5::subscribe_packet(1, &[("acme/events/d1/#", 1)], &[])).await;
+    sub5.read_kind(9, T).await.expect("SUBACK");
+    let (mut sub3, _) = Raw::connect(p.mqtt.unwrap(), "d2-old", "d2", &t2, 30, None).await;
+    sub3.subscribe(1, &["acme/events/d1/#"]).await;
+    sub3.read_kind(9, T).await.expect("SUBACK");
+    let (mut c, _, _) = connect5(&p, "d1", "d1", &t1, &[]).await;
+    let props =
+        [prop_str(0x03, "application/vnd.acme+json"), user_prop("fw", "1.2.3"), user_prop("fw", "again")].concat();
+    c.send(&v5::publish_packet("acme/devices/d1/events/reading", b"{\"t\":21.5}", 1, 1, false, &props)).await;
+    c.read_kind(4, T).await.expect("PUBACK");
+    let want = serde_json::json!({"content_type": "application/vnd.acme+json", "user_properties": [["fw", "1.2.3"], ["fw", "again"]]});
+    // Site log and query API.
+    let stored = rows(dir.path());
+    let kept: Value = serde_json::from_str(stored[0].properties.as_ref().expect("properties kept").get()).unwrap();
+    assert_eq!(kept, want);
+    let url = format!("{}/api/v1/realtime/acme/events", p.base());
+    let listed: Value = reqwest::Client::new().get(url).bearer_auth(&t1).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["events"][0]["properties"], want, "{listed}");
+    // A 5.0 subscriber gets them in order; a 3.1.1 one gets the payload only.
+    let f = sub5.read_kind(3, T).await.expect("5.0 delivery");
+    let tl = usize::from(u16::from_be_bytes([f.body[0], f.body[1]]));
+    let got = v5::props(&f.body, 2 + tl + 2);
+    assert_eq!(v5::prop_string(&got, 0x03).as_deref(), Some("application/vnd.acme+json"));
+    let users: Vec<&Vec<u8>> = got.iter().filter(|(i, _)| *i == 0x26).map(|(_, v)| v).collect();
+    assert_eq!(users.len(), 2, "both user properties, and no internal mark: {got:?}");
+    let f = sub3.read_kind(3, T).await.expect("3.1.1 delivery");
+    assert!(f.body.ends_with(b"{\"t\":21.5}"));
+    // The central table.
+    let client = pg.client().await;
+    assert!(
+        eventually(T, || async {
+            client
+                .query_opt("SELECT 1 FROM tenant_acme.events WHERE properties IS NOT NULL", &[])
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        })
+        .await,
+        "forwarded with its properties"
+    );
+    let central: Value = client
+        .query_one("SELECT properties::text FROM tenant_acme.events", &[])
+        .await
+        .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+        .unwrap();
+    assert_eq!(central, want);
 }

@@ -65,6 +65,7 @@ fn event(device: &str, id: Uuid) -> Event {
         origin_site: "site-a".into(),
         redelivery: None,
         mqtt: None,
+        properties: None,
         protocol: "test",
     }
 }

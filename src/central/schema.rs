@@ -10,7 +10,10 @@ use crate::config::NotifyMode;
 use crate::event::Tenant;
 
 /// Versioned migrations, applied in order.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/postgres/0001_tenant_events.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_tenant_events.sql")),
+    (2, include_str!("../../migrations/postgres/0002_event_properties.sql")),
+];
 
 /// `tenant_<t>`, after checking `t`.
 pub fn schema_name(tenant: &str) -> Result<String, Error> {

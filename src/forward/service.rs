@@ -54,7 +54,7 @@ impl Central {
             .batch_execute(
                 "CREATE TEMP TABLE IF NOT EXISTS outpost_stage (
                     id uuid, device_id text, event_type text, payload jsonb, ts timestamptz,
-                    site_id text, site_seq bigint, received_at timestamptz
+                    site_id text, site_seq bigint, received_at timestamptz, properties jsonb
                  ) ON COMMIT DELETE ROWS",
             )
             .await?;
@@ -76,7 +76,7 @@ impl Central {
         let tx = self.client.transaction().await?;
         let sink = tx
             .copy_in(
-                "COPY outpost_stage (id, device_id, event_type, payload, ts, site_id, site_seq, received_at) \
+                "COPY outpost_stage (id, device_id, event_type, payload, ts, site_id, site_seq, received_at, properties) \
                  FROM STDIN BINARY",
             )
             .await?;
@@ -89,11 +89,13 @@ impl Central {
             Type::TEXT,
             Type::INT8,
             Type::TIMESTAMPTZ,
+            Type::JSONB,
         ];
         let writer = BinaryCopyInWriter::new(sink, &types);
         pin_mut!(writer);
         for r in rows {
             let payload = JsonText(r.payload.get());
+            let properties = r.properties.as_ref().map(|p| JsonText(p.get()));
             writer
                 .as_mut()
                 .write(&[
@@ -105,6 +107,7 @@ impl Central {
                     &r.origin_site,
                     &r.seq,
                     &r.received_at,
+                    &properties,
                 ])
                 .await?;
         }
@@ -112,8 +115,8 @@ impl Central {
         let inserted = tx
             .execute(
                 &format!(
-                    "INSERT INTO {schema}.events (id, device_id, event_type, payload, \"timestamp\", site_id, site_seq, received_at)
-                     SELECT id, device_id, event_type, payload, ts, site_id, site_seq, received_at
+                    "INSERT INTO {schema}.events (id, device_id, event_type, payload, \"timestamp\", site_id, site_seq, received_at, properties)
+                     SELECT id, device_id, event_type, payload, ts, site_id, site_seq, received_at, properties
                      FROM outpost_stage ORDER BY site_seq
                      ON CONFLICT (id) DO NOTHING"
                 ),

@@ -20,6 +20,7 @@ pub fn migrate(conn: &mut Connection) -> Result<(), Error> {
         M::up(include_str!("../../migrations/sqlite/0003_mqtt_redelivery.sql")),
         M::up(include_str!("../../migrations/sqlite/0004_remote_cursor.sql")),
         M::up(include_str!("../../migrations/sqlite/0005_mqtt_session.sql")),
+        M::up(include_str!("../../migrations/sqlite/0006_event_properties.sql")),
     ]);
     migrations.to_latest(conn)?;
     Ok(())
@@ -29,8 +30,8 @@ pub fn migrate(conn: &mut Connection) -> Result<(), Error> {
 pub fn insert_event(conn: &Connection, e: &Event, forwarded_at: Option<i64>) -> Result<Option<i64>, Error> {
     let mut stmt = conn.prepare_cached(
         "INSERT INTO events (id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site,
-                             mqtt_pkid, mqtt_digest)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                             mqtt_pkid, mqtt_digest, properties)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
          ON CONFLICT (id) DO NOTHING RETURNING seq",
     )?;
     let seq = stmt
@@ -46,7 +47,8 @@ pub fn insert_event(conn: &Connection, e: &Event, forwarded_at: Option<i64>) -> 
                 forwarded_at,
                 e.origin_site,
                 e.redelivery.map(|r| r.pkid),
-                e.redelivery.map(|r| r.digest)
+                e.redelivery.map(|r| r.digest),
+                e.properties
             ],
             |r| r.get(0),
         )
@@ -237,7 +239,7 @@ pub fn prune(conn: &Connection, cutoff_us: i64, limit: usize) -> Result<usize, E
 }
 
 const EVENT_COLUMNS: &str =
-    "seq, id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site";
+    "seq, id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site, properties";
 
 fn stored_event(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
     let id: [u8; 16] = r.get(1)?;
@@ -255,6 +257,11 @@ fn stored_event(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
         received_at: from_us(r.get(7)?),
         forwarded_at: r.get::<_, Option<i64>>(8)?.map(from_us),
         origin_site: r.get(9)?,
+        properties: r
+            .get::<_, Option<String>>(10)?
+            .map(RawValue::from_string)
+            .transpose()
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(10, rusqlite::types::Type::Text, Box::new(e)))?,
     })
 }
 
@@ -295,8 +302,8 @@ pub fn pending_batch(
 /// Moves one pending row to `dead_letter` with the central error text.
 pub fn dead_letter(conn: &Connection, seq: i64, error: &str, now_us: i64) -> Result<usize, Error> {
     let n = conn.execute(
-        "INSERT INTO dead_letter (seq, id, tenant, device_id, event_type, payload, ts, received_at, origin_site, error, failed_at)
-         SELECT seq, id, tenant, device_id, event_type, payload, ts, received_at, origin_site, ?2, ?3
+        "INSERT INTO dead_letter (seq, id, tenant, device_id, event_type, payload, ts, received_at, origin_site, error, failed_at, properties)
+         SELECT seq, id, tenant, device_id, event_type, payload, ts, received_at, origin_site, ?2, ?3, properties
          FROM events WHERE seq = ?1 AND forwarded_at IS NULL",
         params![seq, error, now_us],
     )?;
@@ -342,18 +349,17 @@ pub fn dead_letters(conn: &Connection, tenant: Option<&str>, limit: usize) -> Re
 
 /// Puts dead letters back in the queue (same seq), all or the given ones.
 pub fn retry_dead_letters(conn: &Connection, seqs: Option<&[i64]>) -> Result<usize, Error> {
-    let select =
-        "SELECT seq, id, tenant, device_id, event_type, payload, ts, received_at, NULL, origin_site FROM dead_letter";
+    let select = "SELECT seq, id, tenant, device_id, event_type, payload, ts, received_at, NULL, origin_site, properties FROM dead_letter";
     let mut n = 0;
     match seqs {
         None => {
-            n += conn.execute(&format!("INSERT INTO events (seq, id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site) {select}"), [])?;
+            n += conn.execute(&format!("INSERT INTO events (seq, id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site, properties) {select}"), [])?;
             conn.execute("DELETE FROM dead_letter", [])?;
         }
         Some(seqs) => {
             for seq in seqs {
                 n += conn.execute(
-                    &format!("INSERT INTO events (seq, id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site) {select} WHERE seq = ?1"),
+                    &format!("INSERT INTO events (seq, id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site, properties) {select} WHERE seq = ?1"),
                     [seq],
                 )?;
                 conn.execute("DELETE FROM dead_letter WHERE seq = ?1", [seq])?;

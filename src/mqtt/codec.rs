@@ -183,6 +183,23 @@ pub fn unmark(props: &mut Option<PublishProperties>) -> Origin {
     out
 }
 
+/// The 5.0 properties kept with an event (site log, central, streams):
+/// `{"content_type": …, "user_properties": [[k, v], …]}`, or `None`.
+pub fn event_properties(content_type: Option<&str>, user: &[(String, String)]) -> Option<String> {
+    let user: Vec<&(String, String)> = user.iter().filter(|(k, _)| k != MARK).collect();
+    if content_type.is_none() && user.is_empty() {
+        return None;
+    }
+    let mut o = serde_json::Map::new();
+    if let Some(ct) = content_type {
+        o.insert("content_type".into(), ct.into());
+    }
+    if !user.is_empty() {
+        o.insert("user_properties".into(), serde_json::json!(user));
+    }
+    Some(serde_json::Value::Object(o).to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

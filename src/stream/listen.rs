@@ -43,8 +43,7 @@ pub struct Listener {
     pub metrics: Arc<Metrics>,
 }
 
-const COLUMNS: &str =
-    "id, device_id, event_type, payload::text, \"timestamp\", site_id, site_seq, coalesce(received_at, \"timestamp\")";
+const COLUMNS: &str = "id, device_id, event_type, payload::text, \"timestamp\", site_id, site_seq, coalesce(received_at, \"timestamp\"), properties::text";
 
 fn remote(tenant: &str, row: &tokio_postgres::Row) -> RemoteEvent {
     let us = crate::event::to_us;
@@ -63,6 +62,7 @@ fn remote(tenant: &str, row: &tokio_postgres::Row) -> RemoteEvent {
             origin_site: site.unwrap_or_default(),
             redelivery: None,
             mqtt: None,
+            properties: row.get(8),
             protocol: "remote",
         },
         site_seq: row.get::<_, Option<i64>>(6).unwrap_or(0),

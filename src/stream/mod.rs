@@ -58,12 +58,15 @@ struct EventView<'a> {
     #[serde(with = "time::serde::rfc3339")]
     received_at: time::OffsetDateTime,
     origin_site: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    properties: Option<&'a RawValue>,
 }
 
 impl EventItem {
     /// From a committed `Event` (writer path).
     pub fn from_event(seq: i64, e: &Event) -> Option<Self> {
         let payload = RawValue::from_string(e.payload.clone()).ok()?;
+        let properties = e.properties.clone().map(RawValue::from_string).transpose().ok()?;
         let json = serde_json::to_string(&EventView {
             id: e.id,
             device_id: &e.device_id,
@@ -72,6 +75,7 @@ impl EventItem {
             timestamp: from_us(e.timestamp_us),
             received_at: from_us(e.received_at_us),
             origin_site: &e.origin_site,
+            properties: properties.as_deref(),
         })
         .ok()?;
         Some(Self {
@@ -93,6 +97,7 @@ impl EventItem {
             timestamp: e.timestamp,
             received_at: e.received_at,
             origin_site: &e.origin_site,
+            properties: e.properties.as_deref(),
         })
         .ok()?;
         let received_at_us = crate::event::to_us(e.received_at);

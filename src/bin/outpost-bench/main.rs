@@ -238,6 +238,7 @@ pub async fn raw_commit_rate(
                         origin_site: "bench".into(),
                         redelivery: None,
                         mqtt: None,
+                        properties: None,
                         protocol: "bench",
                     };
                     schema::insert_event(&tx, &e, None)?;
@@ -361,6 +362,7 @@ fn synthetic(tenant: &str, i: usize, payload: &str) -> Event {
         origin_site: "bench-site".into(),
         redelivery: None,
         mqtt: None,
+        properties: None,
         protocol: "bench",
     }
 }

@@ -622,6 +622,10 @@ impl<'a> Session<'a> {
             timestamp: None,
             redelivery,
             mqtt: (facts != MqttFacts::default()).then(|| Box::new(facts)),
+            properties: inbound
+                .props
+                .as_ref()
+                .and_then(|p| codec::event_properties(p.content_type.as_deref(), &p.user_properties)),
         };
         let (ingest, principal, tenant) = (self.deps.ingest.clone(), self.principal.clone(), self.tenant.clone());
         fifo.push_back(Box::pin(async move {

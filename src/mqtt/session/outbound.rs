@@ -318,6 +318,9 @@ impl Session<'_> {
             timestamp: None,
             redelivery: None,
             mqtt: None,
+            properties: props
+                .as_ref()
+                .and_then(|p| codec::event_properties(p.content_type.as_deref(), &p.user_properties)),
         };
         // Wills count against the device's rate limits like any publish: over
         // a limit the will waits (at most WILL_WAIT) for the window to allow it.
