@@ -105,7 +105,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let hub = Hub::new(config.stream.queue, config.stream.max_subscribers, metrics.clone());
     let broker = config.mqtt.enabled.then(|| start_broker(&config)).transpose()?;
     let mut observers: Vec<Arc<dyn CommitObserver>> = vec![hub.clone()];
-    if let Some((_, bridge)) = &broker {
+    if let Some((_, bridge, _)) = &broker {
         observers.push(bridge.clone());
     }
     let committed = Arc::new(Notify::new());
@@ -129,8 +129,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let status_token = config.http.status_token().map_err(anyhow::Error::msg)?;
     let stages = Stages::new();
     let mqtt_deps = match broker {
-        Some((links, bridge)) => {
-            let sessions = Arc::new(mqtt::state::Sessions::new(&config.mqtt));
+        Some((links, bridge, sessions)) => {
             let retained = site.readers.with(crate::log::schema::retained).await?;
             if !retained.is_empty() {
                 let n = bridge.restore_retained(&sessions, retained);
@@ -262,10 +261,11 @@ fn writer_config(config: &Config) -> WriterConfig {
 
 /// The embedded MQTT router and the bridge that feeds it committed
 /// non-MQTT events.
-fn start_broker(config: &Config) -> anyhow::Result<(mqtt::LinkFactory, Arc<Bridge>)> {
+fn start_broker(config: &Config) -> anyhow::Result<(mqtt::LinkFactory, Arc<Bridge>, Arc<mqtt::state::Sessions>)> {
     let links = mqtt::start_router(config.mqtt.max_connections);
-    let bridge = Bridge::open(&links).map_err(|e| anyhow::anyhow!("mqtt router: {e}"))?;
-    Ok((links, bridge))
+    let sessions = Arc::new(mqtt::state::Sessions::new(&config.mqtt));
+    let bridge = Bridge::open(&links, sessions.clone()).map_err(|e| anyhow::anyhow!("mqtt router: {e}"))?;
+    Ok((links, bridge, sessions))
 }
 
 async fn bind(config: &Config) -> anyhow::Result<(TcpListener, Option<TcpListener>)> {

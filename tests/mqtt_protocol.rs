@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::mqtt_raw::v5::{self, prop_str, prop_u8, prop_u16, user_prop};
+use common::mqtt_raw::v5::{self, prop_str, prop_u8, prop_u16, prop_u32, user_prop};
 use common::mqtt_raw::{Raw, frame, publish_packet};
 use common::{Proc, add_device as add, cli, eventually, log_rows};
 use serde_json::Value;
@@ -150,6 +150,8 @@ async fn mqtt_3_8_4_6_delivery_qos_is_the_minimum_of_publish_and_granted_qos() {
                     got.push(l);
                 }
             }
+            // Three publishers (one mosquitto_pub each): no order between them.
+            got.sort_by_key(|l| l.split(' ').nth(1).map(str::to_string));
             let expected: Vec<String> = (0..3).map(|i| format!("{} {{\"q\":{i}}}", want[i])).collect();
             assert_eq!(got, expected, "{version}: delivered QoS = min(publish, granted)");
         }
@@ -661,4 +663,68 @@ async fn mqtt5_content_type_and_user_properties_are_kept_with_the_event_and_deli
         .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
         .unwrap();
     assert_eq!(central, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_more_unreleased_qos2_publishes_than_receive_maximum_is_disconnect_0x93() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::start(dir.path(), &[("OUTPOST_MQTT__MAX_INFLIGHT", "4")]);
+    let token = add(dir.path(), "acme", "d1");
+    let (mut c, _, _) = connect5(&p, "d1", "d1", &token, &[]).await;
+    for pkid in 1..=4 {
+        c.send(&v5::publish_packet("acme/devices/d1/events/x", b"{}", 2, pkid, false, &[])).await;
+        assert_eq!(c.read_kind(5, T).await.map(|f| f.pkid()), Some(pkid), "PUBREC");
+    }
+    // Releasing one makes room for one more.
+    c.send(&v5::ack_packet(0x62, 1)).await;
+    assert_eq!(c.read_kind(7, T).await.map(|f| f.pkid()), Some(1), "PUBCOMP");
+    c.send(&v5::publish_packet("acme/devices/d1/events/x", b"{}", 2, 5, false, &[])).await;
+    assert_eq!(c.read_kind(5, T).await.map(|f| f.pkid()), Some(5));
+    c.send(&v5::publish_packet("acme/devices/d1/events/x", b"{}", 2, 6, false, &[])).await;
+    assert_eq!(c.read_kind(14, T).await.map(|f| f.body[0]), Some(0x93), "Receive Maximum exceeded");
+    assert_eq!(rows(dir.path()).len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_session_expiry_keeps_resumes_and_ends_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::start(dir.path(), &[]);
+    let token = add(dir.path(), "acme", "d1");
+    let connect = |clean: bool, expiry: Option<u32>| {
+        let props = expiry.map(|e| prop_u32(0x11, e)).unwrap_or_default();
+        let (p, token) = (&p, token.clone());
+        async move {
+            let (c, ack) = Raw::connect_v5(p.mqtt.unwrap(), "d1", "d1", &token, 30, clean, &props).await;
+            assert_eq!(ack.body[1], 0);
+            (c, ack.body[0] & 1 == 1)
+        }
+    };
+    // A session with an expiry outlives its connection; resuming it (clean
+    // start 0, even with expiry 0 this time) finds it with its subscription.
+    let (mut c, present) = connect(true, Some(600)).await;
+    assert!(!present);
+    c.send(&v5::subscribe_packet(1, &[("acme/events/#", 1)], &[])).await;
+    c.read_kind(9, T).await.expect("SUBACK");
+    c.send(&[0xe0, 0]).await;
+    assert!(c.closed(T).await);
+    let (mut c, present) = connect(false, None).await;
+    assert!(present, "session present after a reconnect within its expiry");
+    post_events(&p, &token, "d1", 1).await;
+    assert!(c.read_kind(3, T).await.is_some(), "the subscription came back with the session");
+    // DISCONNECT with expiry 0 ends it at once.
+    c.send(&[0xe0, 5, 0, 3, 0x11, 0, 0]).await;
+    assert!(c.closed(T).await);
+    assert!(
+        eventually(T, || async {
+            let (mut c, present) = connect(false, None).await;
+            c.send(&[0xe0, 0]).await;
+            !present
+        })
+        .await,
+        "no session after DISCONNECT with Session Expiry 0"
+    );
+    // A session that had no expiry cannot get one at DISCONNECT.
+    let (mut c, _) = connect(true, None).await;
+    c.send(&[0xe0, 7, 0, 5, 0x11, 0, 0, 0, 9]).await;
+    assert_eq!(c.read_kind(14, T).await.map(|f| f.body[0]), Some(0x82), "protocol error");
 }

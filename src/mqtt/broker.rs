@@ -83,9 +83,11 @@ pub fn expire_later(deps: &super::MqttDeps, lease: super::state::Lease, after: s
 /// durable copy stays in the log and on the WS/SSE/poll streams).
 pub struct Bridge {
     link: Mutex<(LinkTx, LinkRx)>,
-    /// MQTT sessions holding a subscription, per tenant: without any,
+    /// MQTT sessions holding a subscription, per tenant: without any (and
+    /// without persistent sessions, which may hold subscriptions offline),
     /// nothing is published into the router.
     subscribed: RwLock<HashMap<String, usize>>,
+    sessions: Arc<super::state::Sessions>,
 }
 
 /// The bridge's router client id. rumqttd refuses `+$#/` in client ids, so
@@ -95,9 +97,9 @@ const BRIDGE_CLIENT_ID: &str = "!outpost-bridge";
 
 impl Bridge {
     /// Opens the bridge's link.
-    pub fn open(links: &LinkFactory) -> Result<Arc<Self>, String> {
+    pub fn open(links: &LinkFactory, sessions: Arc<super::state::Sessions>) -> Result<Arc<Self>, String> {
         let (tx, rx, _) = links(BRIDGE_CLIENT_ID.to_string(), true)?;
-        Ok(Arc::new(Self { link: Mutex::new((tx, rx)), subscribed: RwLock::new(HashMap::new()) }))
+        Ok(Arc::new(Self { link: Mutex::new((tx, rx)), subscribed: RwLock::new(HashMap::new()), sessions }))
     }
 
     /// An MQTT session of `tenant` gained (`true`) or dropped (`false`) its
@@ -138,7 +140,7 @@ impl Bridge {
 
     fn has_subscribers(&self, tenant: &str) -> bool {
         let m = self.subscribed.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        m.get(tenant).is_some_and(|n| *n > 0)
+        m.get(tenant).is_some_and(|n| *n > 0) || self.sessions.has_persistent(tenant)
     }
 }
 

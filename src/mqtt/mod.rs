@@ -1,33 +1,37 @@
-//! The MQTT 3.1.1 front-end over the embedded rumqttd router.
+//! The MQTT front-end (3.1, 3.1.1 and 5.0, over TCP or WebSocket) over the
+//! embedded rumqttd router.
 //!
-//! rumqttd acks QoS 1 publishes from memory before anything could persist
-//! them, so devices never talk to rumqttd's listener. This front-end decodes
-//! packets with rumqttd's v4 codec, authenticates CONNECT (username = device
-//! id, password = device JWT, same checks as HTTP), applies the topic ACL and
-//! rate limits, and appends each PUBLISH to the site log. Only after its
-//! commit is a publish handed to the device's rumqttd local link, under the
-//! stream topic `<tenant>/events/<device_id>/<event_type>`; the router then
-//! fans it out and emits the PUBACK. Publishes awaiting their commit form a
-//! FIFO per connection, so acks keep publish order and one connection is not
-//! limited to one fsync per message.
+//! rumqttd acks publishes from memory before anything could persist them,
+//! so devices never talk to rumqttd's listener. This front-end decodes
+//! packets with rumqttd's v4 or v5 codec (`codec`), authenticates CONNECT
+//! (username = device id, password = device JWT, same checks as HTTP),
+//! applies the topic ACL and rate limits, and appends each PUBLISH to the
+//! site log. Only after its commit does it answer PUBACK/PUBREC and hand a
+//! QoS 0 copy to the device's rumqttd local link, under the stream topic
+//! `<tenant>/events/<device_id>/<event_type>`, marked with the publisher's
+//! QoS and RETAIN so each delivery can be made at min(publish QoS, granted
+//! QoS). Publishes awaiting their commit form a FIFO per connection, so acks
+//! keep publish order and one connection is not limited to one fsync per
+//! message.
 //!
 //! Decisions:
-//! - Client id: the device id, or a string starting with it (so a device can
+//! - Client id: the device id, or `<device id>-<suffix>` (so a device can
 //!   hold several sessions, e.g. `pump-1` and `pump-1-diag`).
-//! - QoS 2 is refused: the connection is closed with a logged reason, nothing
-//!   is acked. (QoS 1 with redelivery detection gives the same effect.)
-//! - Redelivery: a QoS 1 publish with DUP=1 whose packet id and payload
-//!   digest match one of the device's last 1000 events received in the past
-//!   10 minutes is acked without a second row. The check runs in the log
-//!   writer's transaction, so it also holds across an appliance restart.
+//! - QoS 2: the packet id is held in the site log with the event until
+//!   PUBREL, so a resend stores nothing, across reconnects and restarts.
+//! - QoS 1 redelivery: a DUP=1 publish whose packet id, topic and payload
+//!   match the device's latest event with that id is acked without a second
+//!   row (checked in the writer's transaction, so across restarts too).
 //! - Over a rate limit the connection is not read until the window allows
 //!   the publish (TCP backpressure); nothing is dropped or refused. At the
 //!   log's byte budget reading stops likewise.
-//! - A forbidden or invalid publish is not acked; the connection is closed
-//!   with a logged reason. A forbidden subscribe gets SUBACK 0x80.
+//! - A forbidden or invalid publish is not acked: 3.x closes the connection
+//!   (it has no negative ack), 5.0 answers a negative PUBACK/PUBREC.
 //! - Wills are the front-end's: the router never sees them (a local link can
 //!   only be closed cleanly). On an unclean drop the will, which must be an
 //!   event of the device's own, is stored like any event and then published.
+//! - Acks to the router go in its delivery order (rumqttd drops a link on an
+//!   out-of-order ack), whatever order the client completes its flows in.
 
 pub mod acl;
 pub mod broker;

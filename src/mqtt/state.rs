@@ -11,6 +11,9 @@ use crate::config::MqttConfig;
 /// Shared by every connection of the listener.
 pub struct Sessions {
     inner: Mutex<Inner>,
+    /// Persistent sessions per tenant: the router may hold subscriptions
+    /// for them while they are offline (read on the writer thread).
+    persistent_by_tenant: std::sync::RwLock<HashMap<String, usize>>,
     max_persistent: usize,
     max_retained: usize,
     max_retained_bytes: usize,
@@ -56,6 +59,9 @@ pub struct Lease {
     pub router_id: String,
     /// The slot held another client's persistent session: drop it first.
     pub wipe: bool,
+    /// The router keeps this session after the connection (a persistent
+    /// session, or one resumed: it is then expired by the front-end).
+    pub persistent: bool,
     tenant: String,
     device_id: String,
     client_id: String,
@@ -67,6 +73,7 @@ impl Sessions {
     pub fn new(config: &MqttConfig) -> Self {
         Self {
             inner: Mutex::default(),
+            persistent_by_tenant: Default::default(),
             max_persistent: config.max_sessions_per_device,
             max_retained: config.max_retained_per_tenant,
             max_retained_bytes: config.max_retained_bytes_per_tenant,
@@ -98,8 +105,10 @@ impl Sessions {
         last
     }
 
-    /// The router client id for a connection of `client_id`; `resume` =
-    /// false discards a persistent session it had (a clean start).
+    /// The router client id for a connection of `client_id`. `persistent`:
+    /// the session outlives the connection; `resume` = false discards a
+    /// persistent session it had (a clean start), true resumes it (even a
+    /// 5.0 connection whose own session expiry is 0).
     pub fn lease(&self, tenant: &str, device_id: &str, client_id: &str, persistent: bool, resume: bool) -> Lease {
         let mut g = self.lock();
         g.generation += 1;
@@ -108,6 +117,7 @@ impl Sessions {
         let d = g.devices.entry((tenant.to_string(), device_id.to_string())).or_default();
         d.generations.insert(client_id.to_string(), generation);
         let known = d.persistent.iter().position(|(c, _)| c == client_id);
+        let persistent = persistent || (resume && known.is_some());
         let (slot, wipe) = if persistent {
             match known {
                 // Resumes its own session, or starts it afresh in the same slot.
@@ -119,7 +129,10 @@ impl Sessions {
                 None => {
                     let used: Vec<usize> = d.persistent.iter().map(|(_, s)| *s).collect();
                     let slot = match (0..max).find(|s| !used.contains(s)) {
-                        Some(s) => s,
+                        Some(s) => {
+                            self.count_persistent(tenant, true);
+                            s
+                        }
                         // Full: the oldest session is dropped, its slot reused.
                         None => d.persistent.pop_front().map_or(0, |(_, s)| s),
                     };
@@ -131,6 +144,7 @@ impl Sessions {
             // A clean session discards a persistent one of that client id.
             if let Some(i) = known {
                 d.persistent.remove(i);
+                self.count_persistent(tenant, false);
             }
             let slot = match d.clean.get(client_id) {
                 Some((slot, _)) => *slot, // take-over: the same router id
@@ -145,6 +159,7 @@ impl Sessions {
         Lease {
             router_id: format!("{tenant}|{device_id}|{slot}"),
             wipe,
+            persistent,
             tenant: tenant.to_string(),
             device_id: device_id.to_string(),
             client_id: client_id.to_string(),
@@ -189,7 +204,23 @@ impl Sessions {
         d.generations.remove(&lease.client_id);
         let at = d.persistent.iter().position(|(c, _)| *c == lease.client_id)?;
         d.persistent.remove(at);
+        self.count_persistent(&lease.tenant, false);
         Some(lease.router_id.clone())
+    }
+
+    fn count_persistent(&self, tenant: &str, added: bool) {
+        let mut m = self.persistent_by_tenant.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = m.entry(tenant.to_string()).or_insert(0);
+        *n = if added { *n + 1 } else { n.saturating_sub(1) };
+        if *n == 0 {
+            m.remove(tenant);
+        }
+    }
+
+    /// True while `tenant` has persistent sessions (online or not).
+    pub fn has_persistent(&self, tenant: &str) -> bool {
+        let m = self.persistent_by_tenant.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.contains_key(tenant)
     }
 
     /// The tenant and client id a lease was given for.

@@ -219,6 +219,8 @@ impl Session<'_> {
         let lease =
             self.deps.sessions.lease(&self.tenant, &self.device_id, &client_id, persistent, !connect.clean_session);
         self.router_id = lease.router_id.clone();
+        self.persistent = lease.persistent;
+        let persistent = lease.persistent;
         let links = self.deps.links.clone();
         let wipe = lease.wipe.then(|| lease.router_id.clone());
         self.lease = Some(lease);

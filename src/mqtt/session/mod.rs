@@ -136,6 +136,8 @@ pub(super) struct Session<'a> {
     aliases: HashMap<u16, Bytes>,
     /// Session expiry granted, seconds (0: the session ends with the connection).
     session_expiry: u32,
+    /// The router keeps this connection's session after it ends.
+    persistent: bool,
     /// Deliveries not completed by the client, by the router's packet id.
     out: HashMap<u16, Out>,
     /// Router deliveries of QoS > 0 not yet acked to the router, in its
@@ -147,6 +149,11 @@ pub(super) struct Session<'a> {
     router_comps: VecDeque<(u16, bool)>,
     /// QoS > 0 deliveries sent and not completed (≤ `client_receive_max`).
     inflight: usize,
+    /// QoS 1 publishes from the client not yet answered, and QoS 2 packet
+    /// ids not yet completed (PUBCOMP or a negative PUBREC): together
+    /// bounded by the server's Receive Maximum (`mqtt.max_inflight`).
+    open_qos1: usize,
+    open_qos2: std::collections::HashSet<u16>,
     /// Deliveries waiting for the client's Receive Maximum.
     queued: VecDeque<(Publish, Option<PublishProperties>)>,
 }
@@ -182,10 +189,13 @@ impl<'a> Session<'a> {
             client_max_packet: usize::MAX,
             aliases: HashMap::new(),
             session_expiry: 0,
+            persistent: false,
             out: HashMap::new(),
             router_acks: VecDeque::new(),
             router_comps: VecDeque::new(),
             inflight: 0,
+            open_qos1: 0,
+            open_qos2: Default::default(),
             queued: VecDeque::new(),
         };
         let Some((mut link_tx, mut link_rx, will)) = s.handshake(&shutdown).await else {
@@ -240,7 +250,9 @@ impl<'a> Session<'a> {
         }
         if let Some(lease) = &s.lease {
             deps.sessions.release(lease);
-            if s.session_expiry > 0 {
+            // A persistent session outlives its connection by its expiry
+            // (which the DISCONNECT may have changed, down to 0: at once).
+            if s.persistent {
                 super::broker::expire_later(deps, lease.clone(), Duration::from_secs(u64::from(s.session_expiry)));
             }
         }
@@ -444,6 +456,22 @@ impl<'a> Session<'a> {
             match packet {
                 Packet::Publish(publish, props) => {
                     let (qos, dup, pkid) = header.unwrap_or((0, false, 0));
+                    match qos {
+                        1 => self.open_qos1 += 1,
+                        2 => {
+                            self.open_qos2.insert(pkid);
+                        }
+                        _ => {}
+                    }
+                    if self.v5() && self.open_qos1 + self.open_qos2.len() > self.deps.config.max_inflight {
+                        return Err(End::coded(
+                            DisconnectReasonCode::ReceiveMaximumExceeded,
+                            format!(
+                                "more than Receive Maximum = {} QoS 1 and 2 publishes unacknowledged",
+                                self.deps.config.max_inflight
+                            ),
+                        ));
+                    }
                     let inbound = Inbound { publish, props, qos, dup, pkid, read_at: Instant::now() };
                     if let Some(inbound) = self.check_publish(inbound, fifo)? {
                         *held = Some(inbound);
@@ -472,7 +500,19 @@ impl<'a> Session<'a> {
                 Packet::PubAck(ack, _) => self.client_completed(ack.pkid, 1, link_tx).await?,
                 Packet::PubRec(rec, _) => self.client_completed(rec.pkid, 2, link_tx).await?,
                 Packet::PubComp(comp, _) => self.client_completed(comp.pkid, 3, link_tx).await?,
-                Packet::Disconnect(d, _) => {
+                Packet::Disconnect(d, props) => {
+                    // 5.0: the DISCONNECT may change the session expiry, but
+                    // not give one to a session that had none [MQTT-3.14.2-2].
+                    if let Some(e) = props.and_then(|p| p.session_expiry_interval) {
+                        if self.session_expiry == 0 && e > 0 {
+                            return Err(End::coded(
+                                DisconnectReasonCode::ProtocolError,
+                                "DISCONNECT sets a session expiry on a session that had none",
+                            ));
+                        }
+                        let max = self.deps.config.max_session_expiry.as_secs().min(u64::from(u32::MAX - 1)) as u32;
+                        self.session_expiry = e.min(max);
+                    }
                     return Err(if d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
                         End::unclean("DISCONNECT with will message (0x04)")
                     } else {
@@ -676,6 +716,7 @@ impl<'a> Session<'a> {
             Done::Refused(inbound, code, why) => self.ack(inbound.qos, inbound.pkid, code, Some(why)).await,
             Done::Released(pkid, result) => match result {
                 Ok(n) => {
+                    self.open_qos2.remove(&pkid);
                     let reason = if n == 0 && self.v5() {
                         PubCompReason::PacketIdentifierNotFound
                     } else {
@@ -691,6 +732,13 @@ impl<'a> Session<'a> {
     /// PUBACK (QoS 1) or PUBREC (QoS 2) with `code`; nothing for QoS 0.
     async fn ack(&mut self, qos: u8, pkid: u16, code: PubAckReason, why: Option<String>) -> Result<(), End> {
         let why = why.filter(|_| self.problem_info);
+        match qos {
+            1 => self.open_qos1 = self.open_qos1.saturating_sub(1),
+            2 if code != PubAckReason::Success => {
+                self.open_qos2.remove(&pkid);
+            }
+            _ => {}
+        }
         let packet = match qos {
             1 => Packet::PubAck(
                 PubAck { pkid, reason: code },
