@@ -331,11 +331,19 @@ async fn rate_limit_slows_the_device_down_without_loss_or_early_acks() {
 }
 
 #[tokio::test]
-async fn too_many_connections_are_closed_at_once() {
+async fn connections_over_max_connections_are_refused_with_a_connack() {
     let app = TestApp::start_with(|c| c.mqtt.max_connections = 2).await;
     let t = app.device("acme", "d1").await;
     let (_a, _) = Raw::connect(app.mqtt, "d1-a", "d1", &t, 30, None).await;
     let (_b, _) = Raw::connect(app.mqtt, "d1-b", "d1", &t, 30, None).await;
+    // 3.1.1: 0x03 server unavailable; 5.0: 0x97 quota exceeded. Then closed.
+    let (mut c, code) = Raw::connect(app.mqtt, "d1-c", "d1", &t, 30, None).await;
+    assert_eq!(code, 3);
+    assert!(c.closed(T).await);
+    let (mut c, ack) = Raw::connect_v5(app.mqtt, "d1-c", "d1", &t, 30, true, &[]).await;
+    assert_eq!(ack.body[1], 0x97);
+    assert!(c.closed(T).await);
+    // A silent connection is closed.
     let mut c = Raw::connect_tcp(app.mqtt).await;
     assert!(c.closed(T).await);
 }

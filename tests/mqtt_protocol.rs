@@ -728,3 +728,22 @@ async fn mqtt5_session_expiry_keeps_resumes_and_ends_sessions() {
     c.send(&[0xe0, 7, 0, 5, 0x11, 0, 0, 0, 9]).await;
     assert_eq!(c.read_kind(14, T).await.map(|f| f.body[0]), Some(0x82), "protocol error");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_reconnecting_too_fast_is_refused_with_connection_rate_exceeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::start(dir.path(), &[("OUTPOST_MQTT__MAX_CONNECTS_PER_MINUTE", "3")]);
+    let token = add(dir.path(), "acme", "d1");
+    let other = add(dir.path(), "acme", "d2");
+    for _ in 0..3 {
+        let (_c, code, _) = connect5(&p, "d1", "d1", &token, &[]).await;
+        assert_eq!(code, 0);
+    }
+    let (_c, code, props) = connect5(&p, "d1", "d1", &token, &[]).await;
+    assert_eq!(code, 0x9f, "connection rate exceeded");
+    assert!(v5::prop_string(&props, 0x1f).is_some_and(|r| r.contains("max_connects_per_minute")));
+    let (_c, code) = Raw::connect(p.mqtt.unwrap(), "d1", "d1", &token, 30, None).await;
+    assert_eq!(code, 3, "3.1.1: server unavailable");
+    let (_c, code, _) = connect5(&p, "d2", "d2", &other, &[]).await;
+    assert_eq!(code, 0, "other devices are not affected");
+}

@@ -108,6 +108,10 @@ pub struct MqttConfig {
     pub max_keep_alive: Duration,
     /// MQTT 5.0 topic aliases a client may set (Topic Alias Maximum).
     pub topic_alias_max: u16,
+    /// CONNECTs one device may make per minute; more are refused (5.0:
+    /// CONNACK 0x9F, 3.1.1: 0x03) so a device stuck in a reconnect loop
+    /// cannot churn the broker. 0 = no limit.
+    pub max_connects_per_minute: u32,
 }
 
 /// The central PostgreSQL the forwarder writes to.
@@ -365,6 +369,7 @@ impl Default for MqttConfig {
             max_session_expiry: Duration::from_secs(24 * 3600),
             max_keep_alive: Duration::from_secs(3600),
             topic_alias_max: 32,
+            max_connects_per_minute: 120,
         }
     }
 }

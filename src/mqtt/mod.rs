@@ -75,6 +75,7 @@ pub struct MqttDeps {
 /// Accepts connections until `shutdown`; each runs on `tracker`.
 pub async fn run(listener: TcpListener, deps: MqttDeps, tracker: TaskTracker, shutdown: CancellationToken) {
     let open = deps.connections.clone();
+    let refusing = Arc::new(AtomicUsize::new(0));
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -89,8 +90,18 @@ pub async fn run(listener: TcpListener, deps: MqttDeps, tracker: TaskTracker, sh
             },
         };
         if open.load(Ordering::Relaxed) >= deps.config.max_connections {
-            tracing::warn!(%peer, max = deps.config.max_connections, "mqtt.max_connections reached; closing new connection");
+            tracing::warn!(%peer, max = deps.config.max_connections, "mqtt.max_connections reached; refusing new connection");
             deps.ingest.count_rejected(PROTOCOL, "max_connections");
+            // Told why (CONNACK 0x97 / 0x03) by a few bounded refusers;
+            // beyond those, closed at once.
+            if refusing.load(Ordering::Relaxed) < MAX_REFUSERS {
+                refusing.fetch_add(1, Ordering::Relaxed);
+                let refusing = refusing.clone();
+                tracker.spawn(async move {
+                    refuse_busy(stream).await;
+                    refusing.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
             continue;
         }
         let _ = stream.set_nodelay(true);
@@ -104,4 +115,32 @@ pub async fn run(listener: TcpListener, deps: MqttDeps, tracker: TaskTracker, sh
             deps.metrics.mqtt_connections.dec();
         });
     }
+}
+
+/// Connections over `mqtt.max_connections` told so at once, at most.
+const MAX_REFUSERS: usize = 16;
+
+/// Reads a CONNECT's protocol level (2 s at most) and answers CONNACK
+/// "quota exceeded" (5.0: 0x97) or "server unavailable" (3.x: 0x03).
+async fn refuse_busy(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = bytes::BytesMut::with_capacity(256);
+    let hello = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match codec::hello(&mut buf) {
+                codec::Hello::More if buf.len() < 4096 => {}
+                other => return other,
+            }
+            if matches!(stream.read_buf(&mut buf).await, Ok(0) | Err(_)) {
+                return codec::Hello::More;
+            }
+        }
+    })
+    .await;
+    let answer: &[u8] = match hello {
+        Ok(codec::Hello::Version(codec::Version::V5)) => &[0x20, 3, 0, 0x97, 0],
+        Ok(codec::Hello::Version(_)) => &[0x20, 2, 0, 3],
+        _ => return,
+    };
+    let _ = stream.write_all(answer).await;
 }

@@ -11,6 +11,9 @@ use crate::config::MqttConfig;
 /// Shared by every connection of the listener.
 pub struct Sessions {
     inner: Mutex<Inner>,
+    /// CONNECTs per device in the current minute: (window start, count).
+    connects: Mutex<HashMap<(String, String), (std::time::Instant, u32)>>,
+    max_connects_per_minute: u32,
     /// Persistent sessions per tenant: the router may hold subscriptions
     /// for them while they are offline (read on the writer thread).
     persistent_by_tenant: std::sync::RwLock<HashMap<String, usize>>,
@@ -74,6 +77,8 @@ impl Sessions {
         Self {
             inner: Mutex::default(),
             persistent_by_tenant: Default::default(),
+            connects: Mutex::default(),
+            max_connects_per_minute: config.max_connects_per_minute,
             max_persistent: config.max_sessions_per_device,
             max_retained: config.max_retained_per_tenant,
             max_retained_bytes: config.max_retained_bytes_per_tenant,
@@ -82,6 +87,26 @@ impl Sessions {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts a CONNECT of the device; false when it is over
+    /// `mqtt.max_connects_per_minute` (fixed one-minute windows).
+    pub fn connect_allowed(&self, tenant: &str, device_id: &str) -> bool {
+        if self.max_connects_per_minute == 0 {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        let minute = std::time::Duration::from_secs(60);
+        let mut m = self.connects.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if m.len() > 4096 {
+            m.retain(|_, (start, _)| now.duration_since(*start) < minute);
+        }
+        let (start, n) = m.entry((tenant.to_string(), device_id.to_string())).or_insert((now, 0));
+        if now.duration_since(*start) >= minute {
+            (*start, *n) = (now, 0);
+        }
+        *n += 1;
+        *n <= self.max_connects_per_minute
     }
 
     /// Counts a live connection; true when it is the device's first.

@@ -6,6 +6,9 @@ The front-end bounds what rumqttd keeps (mqtt.max_sessions_per_device,
 mqtt.max_retained_per_tenant), so RSS should settle, not grow with N.
 
     tests/bench/mqtt_churn.py --pid PID --port 1883 --device D --token TOKEN [--tenant acme] [-n 10000]
+
+Run the appliance with OUTPOST_MQTT__MAX_CONNECTS_PER_MINUTE=0: one device
+reconnecting thousands of times a minute is what that limit refuses.
 """
 import argparse, socket, struct, time
 

@@ -178,6 +178,14 @@ impl Session<'_> {
                 return None;
             }
         };
+        if !self.deps.sessions.connect_allowed(&self.tenant, &self.device_id) {
+            let why = format!(
+                "more than mqtt.max_connects_per_minute = {} connects of device {:?} in a minute; retry later",
+                self.deps.config.max_connects_per_minute, self.device_id
+            );
+            self.refuse_connect(&client_id, ConnectReturnCode::ConnectionRateExceeded, why).await;
+            return None;
+        }
         let assigned = (client_id != connect.client_id).then(|| client_id.clone());
         self.client_id = client_id.clone();
 
