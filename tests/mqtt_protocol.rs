@@ -747,3 +747,50 @@ async fn a_device_reconnecting_too_fast_is_refused_with_connection_rate_exceeded
     let (_c, code, _) = connect5(&p, "d2", "d2", &other, &[]).await;
     assert_eq!(code, 0, "other devices are not affected");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_server_keep_alive_holds_clients_to_the_maximum() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::start(dir.path(), &[("OUTPOST_MQTT__MAX_KEEP_ALIVE", "60s")]);
+    let token = add(dir.path(), "acme", "d1");
+    for (asked, told) in [(0u16, Some(60u16)), (120, Some(60)), (30, None)] {
+        let mut c = Raw::connect_tcp(p.mqtt.unwrap()).await;
+        c.send(&v5::connect_packet("d1", "d1", &token, asked, true, &[], None)).await;
+        let ack = c.read(T).await.expect("CONNACK");
+        let server_ka = v5::props(&ack.body, 2)
+            .into_iter()
+            .find(|(i, _)| *i == 0x13)
+            .map(|(_, v)| u16::from_be_bytes([v[0], v[1]]));
+        assert_eq!(server_ka, told, "keep-alive {asked}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_a_will_waits_its_delay_and_is_not_sent_when_the_client_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::start(dir.path(), &[]);
+    let token = add(dir.path(), "acme", "d1");
+    let wills = || rows(dir.path()).into_iter().filter(|e| e.event_type == "gone").count();
+    let will = Some(("acme/devices/d1/events/gone", &b"{\"gone\":true}"[..], &prop_u32(0x18, 1)[..]));
+    let connect = [prop_u32(0x11, 30)].concat();
+    // Dropped, back within the delay: no will.
+    let mut c = Raw::connect_tcp(p.mqtt.unwrap()).await;
+    c.send(&v5::connect_packet("d1", "d1", &token, 30, true, &connect, will)).await;
+    assert_eq!(c.read(T).await.map(|f| f.body[1]), Some(0));
+    drop(c);
+    let (_back, present) = {
+        let (c, ack) = Raw::connect_v5(p.mqtt.unwrap(), "d1", "d1", &token, 30, false, &connect).await;
+        (c, ack.body[0] & 1 == 1)
+    };
+    assert!(present);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(wills(), 0, "the client came back within its will delay");
+    // Dropped for good: the will comes after its delay.
+    let mut c = Raw::connect_tcp(p.mqtt.unwrap()).await;
+    c.send(&v5::connect_packet("d1-x", "d1", &token, 30, true, &connect, will)).await;
+    assert_eq!(c.read(T).await.map(|f| f.body[1]), Some(0));
+    let dropped = std::time::Instant::now();
+    drop(c);
+    assert!(eventually(T, || async { wills() == 1 }).await, "the will after its delay");
+    assert!(dropped.elapsed() >= Duration::from_millis(900), "not before the delay");
+}
