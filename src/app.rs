@@ -311,6 +311,7 @@ fn routes(
         events: Arc::new(ingest.clone()),
         shutdown: stages.shutdown.clone(),
         tracker: stages.tracker.clone(),
+        max_message: config.limits.max_payload_bytes + crate::stream::WS_ENVELOPE,
     });
     let api_routes = api::routes(ApiState {
         auth: auth.clone(),

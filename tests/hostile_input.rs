@@ -129,3 +129,69 @@ async fn form_and_text_bodies_get_415_and_every_4xx_has_the_json_body() {
         assert!(body["error"].is_string() && body["message"].is_string(), "{url}: {body}");
     }
 }
+
+/// Reads one unmasked server WebSocket frame: (opcode, payload).
+async fn ws_frame(s: &mut tokio::net::TcpStream) -> Option<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut h = [0u8; 2];
+    tokio::time::timeout(T, s.read_exact(&mut h)).await.ok()?.ok()?;
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut b = [0u8; 2];
+            s.read_exact(&mut b).await.ok()?;
+            usize::from(u16::from_be_bytes(b))
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b).await.ok()?;
+            usize::try_from(u64::from_be_bytes(b)).ok()?
+        }
+        n => usize::from(n),
+    };
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.ok()?;
+    Some((h[0] & 0x0f, body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_websocket_message_is_refused_from_its_header_with_1009() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::start(dir.path(), &[]);
+    let (ok, token, err) = cli(dir.path(), &["device", "add", "--tenant", "acme", "--id", "d1"]);
+    assert!(ok, "{err}");
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let req = format!(
+        "GET /api/v1/realtime/acme/stream?access_token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token.trim()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    // A masked text frame announcing 16 MiB, then only 1 KiB of it: the
+    // refusal must come from the header, without waiting for the rest.
+    let mut frame = vec![0x81, 0x80 | 127];
+    frame.extend_from_slice(&(16u64 << 20).to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    frame.extend_from_slice(&[b' ' ^ 1; 1024]);
+    s.write_all(&frame).await.unwrap();
+    let mut got = Vec::new();
+    while let Some((op, body)) = ws_frame(&mut s).await {
+        got.push((op, body.clone()));
+        if op == 8 {
+            break;
+        }
+    }
+    let text = got.iter().find(|(op, _)| *op == 1).map(|(_, b)| serde_json::from_slice::<Value>(b).unwrap());
+    let text = text.expect("an error frame before the close");
+    assert_eq!(text["code"], "too_large", "{text}");
+    assert!(text["message"].as_str().unwrap().contains("bytes"), "{text}");
+    let close = got.iter().find(|(op, _)| *op == 8).expect("a close frame");
+    assert_eq!(u16::from_be_bytes([close.1[0], close.1[1]]), 1009);
+}

@@ -47,6 +47,9 @@ pub struct StreamState {
     pub shutdown: CancellationToken,
     /// …and shutdown waits for them here.
     pub tracker: TaskTracker,
+    /// Largest WebSocket message or frame read: the payload limit plus the
+    /// envelope of an `event` frame.
+    pub max_message: usize,
 }
 
 /// `…/stream` (WebSocket), `…/sse`, `…/poll`, `…/presence`.

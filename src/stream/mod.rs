@@ -16,6 +16,10 @@ pub mod listen;
 pub mod tail;
 pub mod ws;
 
+/// Bytes of a WebSocket `event` frame around its payload, allowed on top of
+/// `limits.max_payload_bytes` (device id, event type, id, timestamp, keys).
+pub const WS_ENVELOPE: usize = 4096;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};

@@ -30,6 +30,10 @@ pub(super) async fn ws(
     let opened = open(&state, access, &params, &headers, "ws").await?;
     // Tracked, so shutdown waits for the session's close handshake.
     let tracker = state.tracker.clone();
+    // A message over the limit is refused from its frame header, never
+    // buffered whole; what is queued to send is bounded too.
+    let max = state.max_message;
+    let upgrade = upgrade.max_message_size(max).max_frame_size(max).max_write_buffer_size(WRITE_BUFFER);
     let mut resp = upgrade.on_upgrade(move |socket| tracker.track_future(ws_session(socket, state, opened)));
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(resp)
@@ -116,6 +120,14 @@ async fn ws_session(mut socket: WebSocket, state: StreamState, opened: Opened) {
             msg = socket.recv() => {
                 last_heard = Instant::now();
                 match msg {
+                    Some(Err(e)) if is_too_large(&e) => {
+                        let message = format!("message larger than the limit of {} bytes (payload limit plus envelope)", state.max_message);
+                        let text = error_frame("too_large", &message, None);
+                        if socket.send(Message::Text(text.into())).await.is_ok() {
+                            close(socket, 1009, "message too large").await;
+                        }
+                        return;
+                    }
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
                     Some(Ok(Message::Text(t))) => client_frame(&state, &tenant, &principal, &mut sub, &mut paused, t.as_str()).await,
                     Some(Ok(Message::Binary(_))) => Some(error_frame("bad_frame", "binary frames are not supported; send JSON text", None)),
@@ -139,6 +151,19 @@ async fn ws_session(mut socket: WebSocket, state: StreamState, opened: Opened) {
             return;
         }
     }
+}
+
+/// Bytes a WebSocket session may have queued for sending (tungstenite's
+/// default is unbounded): a subscriber that does not read is closed, not
+/// buffered for.
+const WRITE_BUFFER: usize = 1 << 20;
+
+/// tungstenite's capacity error ("Space limit exceeded: Message too long"),
+/// raised from the frame header before the payload is read. axum does not
+/// expose the type, so it is told by its text.
+fn is_too_large(e: &axum::Error) -> bool {
+    let text = e.to_string();
+    text.contains("Space limit exceeded") || text.contains("too long")
 }
 
 async fn client_frame(
