@@ -154,7 +154,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         router = router.merge(mqtt::ws::routes(deps.clone(), stages.tracker.clone(), stages.shutdown.clone()));
     }
     let s = stages.shutdown.clone();
-    stages.spawn("http", http::serve(http_listener, router, s));
+    let limits = http::Limits {
+        header_timeout: config.http.header_timeout,
+        body_timeout: config.http.body_timeout,
+        max_connections: config.http.max_connections,
+    };
+    stages.spawn("http", http::serve(http_listener, router, s, limits));
     let (r, s) = (site.readers.clone(), stages.shutdown.clone());
     stages.spawn("registry", auth::run_registry_refresh(r, site.registry, s));
     if let (Some(listener), Some(deps)) = (mqtt_listener, mqtt_deps) {

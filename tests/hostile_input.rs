@@ -195,3 +195,63 @@ async fn an_oversize_websocket_message_is_refused_from_its_header_with_1009() {
     let close = got.iter().find(|(op, _)| *op == 8).expect("a close frame");
     assert_eq!(u16::from_be_bytes([close.1[0], close.1[1]]), 1009);
 }
+
+/// Raises this process's open-file limit to its hard limit (the appliance
+/// under test inherits it): the slowloris test holds thousands of sockets.
+fn raise_nofile() {
+    // SAFETY: getrlimit/setrlimit on our own process with a valid struct.
+    unsafe {
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_half_sent_requests_neither_block_real_ones_nor_stay_open() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    raise_nofile();
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::start(dir.path(), &[("OUTPOST_HTTP__HEADER_TIMEOUT", "3s"), ("OUTPOST_HTTP__BODY_TIMEOUT", "1s")]);
+    let (ok, token, err) = cli(dir.path(), &["device", "add", "--tenant", "acme", "--id", "d1"]);
+    assert!(ok, "{err}");
+    let token = token.trim().to_string();
+    // 3,000 requests that never finish their headers.
+    let mut half = Vec::with_capacity(3000);
+    for _ in 0..3000 {
+        let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(b"POST /api/v1/realtime/acme/event HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        half.push(s);
+    }
+    let started = std::time::Instant::now();
+    let (status, body) = post(&p, &token, "event", event("{\"real\":1}"), false).await;
+    assert_eq!(status, 201, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(1), "a real request waited {:?}", started.elapsed());
+    // Every half-sent request is closed: made room for others, or timed out.
+    let deadline = tokio::time::Instant::now() + T;
+    for s in &mut half {
+        let mut b = [0u8; 256];
+        loop {
+            match tokio::time::timeout_at(deadline, s.read(&mut b)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => continue,
+                Err(_) => panic!("a half-sent request is still open after the header timeout"),
+            }
+        }
+    }
+    // A body that stops halfway gets 408 with the JSON error body.
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let head = format!(
+        "POST /api/v1/realtime/acme/event HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"device_id\""
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut resp = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut resp)).await;
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains("\"body_timeout\""), "{resp}");
+    assert_eq!(log_rows(&dir.path().join("site-log.sqlite")).len(), 1, "only the real request was stored");
+}

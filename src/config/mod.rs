@@ -65,6 +65,16 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Request bodies above this are refused (413) before being read whole.
     pub max_body_bytes: usize,
+    /// Time a connection has to send a request's headers (slowloris).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Time a request has to send its whole body (408 after it).
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Open HTTP connections (WebSocket sessions excepted). At the limit a
+    /// new connection makes room by closing the oldest one that has not
+    /// sent a request, else the oldest idle one, else it gets 503.
+    pub max_connections: usize,
     /// File holding the token that guards the status page, its JSON, its
     /// event feed and `/metrics`. Unset: those need no token.
     pub status_token_file: Option<PathBuf>,
@@ -348,6 +358,9 @@ impl Default for HttpConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             max_body_bytes: 4 * 1024 * 1024,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 1024,
             status_token_file: None,
         }
     }

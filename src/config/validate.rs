@@ -37,6 +37,13 @@ impl Config {
         if let Err(e) = self.http.status_token() {
             problems.push(e);
         }
+        let h = &self.http;
+        if h.max_connections == 0 {
+            problems.push("http.max_connections: must be at least 1".into());
+        }
+        if h.header_timeout < Duration::from_millis(100) || h.body_timeout < Duration::from_millis(100) {
+            problems.push("http.header_timeout and http.body_timeout: must be at least 100ms".into());
+        }
         let m = &self.mqtt;
         if m.max_connections == 0 {
             problems.push("mqtt.max_connections: must be at least 1".into());

@@ -72,10 +72,28 @@ pub async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<ax
         let inner = e.into_inner();
         if inner.is::<http_body_util::LengthLimitError>() {
             too_large()
+        } else if caused_by::<tower_http::timeout::TimeoutError>(inner.as_ref()) {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "request body not received in time (http.body_timeout); send it at once".to_string(),
+            )
         } else {
             ApiError::new(StatusCode::BAD_REQUEST, "body_unreadable", format!("cannot read request body: {inner}"))
         }
     })
+}
+
+/// True when `e`, or an error it wraps, is a `T`.
+fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if c.is::<T>() {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
 }
 
 /// Parses JSON; errors name the field (`device_id`, `[3].payload`) and say why.

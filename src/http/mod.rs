@@ -6,13 +6,12 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+mod serve;
 
 use std::time::Duration;
 
 use axum::Router;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 pub use auth::{AdminAccess, TenantAccess};
@@ -94,11 +93,7 @@ async fn json_errors(resp: axum::response::Response) -> axum::response::Response
     out
 }
 
-/// Serves `router` on `listener` until `shutdown`, then drains in-flight requests.
-pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
-    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, service).with_graceful_shutdown(shutdown.cancelled_owned()).await
-}
+pub use serve::{Limits, serve};
 
 /// What a WebSocket `event` frame turns into: the ingest stage submits it and
 /// answers the `ack` (or `error`) frame. The stream stage owns the socket and
