@@ -174,6 +174,7 @@ bench: release
 	@echo "start the appliance with raised limits, e.g.:"
 	@echo "  OUTPOST_LIMITS__PER_SECOND=1000000 OUTPOST_LIMITS__PER_MINUTE=100000000 OUTPOST_LIMITS__PER_HOUR=1000000000 target/release/outpost run"
 	@echo "then: target/release/outpost-bench http --devices 64 --batch 100"
+	@echo "  or: target/release/outpost-bench mqtt --devices 100 --compare --rounds 3"
 
 clean:
 	$(CARGO) clean

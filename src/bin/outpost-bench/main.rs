@@ -37,7 +37,9 @@ struct Cli {
 enum BenchCommand {
     /// Drive HTTP ingest: devices post single events or batches.
     Http(HttpArgs),
-    /// Drive MQTT ingest: devices publish QoS 1 (rumqttc); PUBACK latency.
+    /// Drive MQTT ingest: devices publish at QoS 0/1/2 over MQTT 3.1.1 or
+    /// 5.0 (rumqttc); ack latency (PUBACK, or PUBREC and PUBCOMP).
+    /// `--compare`: 3.1.1 QoS 1, 3.1.1 QoS 2 and 5.0 QoS 1 in one run.
     Mqtt(MqttArgs),
     /// Ingest → WebSocket subscriber latency (same site, or another site
     /// through the central database), and how many subscribers one appliance
@@ -73,9 +75,22 @@ pub struct MqttArgs {
     rate: String,
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// 0 or 1.
-    #[arg(long, default_value_t = 1)]
+    /// 0, 1 or 2 (QoS 2 ack latency: publish → PUBCOMP).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
     qos: u8,
+    /// MQTT protocol level: 3.1.1 or 5.
+    #[arg(long, value_enum, default_value = "3.1.1")]
+    protocol: mqtt::Protocol,
+    /// Instead: 3.1.1 QoS 1, 3.1.1 QoS 2 and 5.0 QoS 1 one after the other
+    /// (same devices, --duration each), a table and the ratios
+    /// QoS 2 / QoS 1 and 5.0 / 3.1.1.
+    #[arg(long, conflicts_with_all = ["qos", "protocol"])]
+    compare: bool,
+    /// Runs of each cell, interleaved with --compare (A B C A B C …), each
+    /// cell reported over all its runs: drift and other load on the machine
+    /// then fall on every cell alike.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     /// Publishes in flight per device (rumqttc inflight window).
     #[arg(long, default_value_t = 32)]
     inflight: u16,
@@ -260,19 +275,44 @@ pub async fn raw_commit_rate(
 /// against the larger (the writer's group commits can exceed 100 rows, so
 /// 100-row transactions alone would flatter the appliance).
 pub async fn report_raw(config: &Config, payload_bytes: usize, accepted_rate: f64) -> anyhow::Result<()> {
-    let raw100 = raw_commit_rate(config, 100, payload_bytes, Duration::from_secs(3)).await?;
-    let raw1000 = raw_commit_rate(config, 1000, payload_bytes, Duration::from_secs(3)).await?;
-    println!(
-        "raw group commit, same disk, same run (site-log schema, synchronous=FULL): \
-         {raw100:.0} rows/s in 100-row transactions, {raw1000:.0} rows/s in 1000-row transactions"
-    );
-    let best = raw100.max(raw1000);
-    println!(
-        "ratio: {:.1}% of the best raw rate ({:.1}% of the 100-row rate)",
-        100.0 * accepted_rate / best,
-        100.0 * accepted_rate / raw100
-    );
+    let raw = RawLimit::measure(config, payload_bytes).await?;
+    raw.print();
+    raw.print_ratio(accepted_rate);
     Ok(())
+}
+
+/// The raw group-commit rates (rows/s) in 100- and 1000-row transactions.
+pub struct RawLimit {
+    raw100: f64,
+    raw1000: f64,
+}
+
+impl RawLimit {
+    pub async fn measure(config: &Config, payload_bytes: usize) -> anyhow::Result<RawLimit> {
+        let raw100 = raw_commit_rate(config, 100, payload_bytes, Duration::from_secs(3)).await?;
+        let raw1000 = raw_commit_rate(config, 1000, payload_bytes, Duration::from_secs(3)).await?;
+        Ok(RawLimit { raw100, raw1000 })
+    }
+
+    pub fn best(&self) -> f64 {
+        self.raw100.max(self.raw1000)
+    }
+
+    pub fn print(&self) {
+        println!(
+            "raw group commit, same disk, same run (site-log schema, synchronous=FULL): \
+             {:.0} rows/s in 100-row transactions, {:.0} rows/s in 1000-row transactions",
+            self.raw100, self.raw1000
+        );
+    }
+
+    pub fn print_ratio(&self, accepted_rate: f64) {
+        println!(
+            "ratio: {:.1}% of the best raw rate ({:.1}% of the 100-row rate)",
+            100.0 * accepted_rate / self.best(),
+            100.0 * accepted_rate / self.raw100
+        );
+    }
 }
 
 fn payload(i: usize, bytes: usize) -> String {
