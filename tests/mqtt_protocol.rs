@@ -794,3 +794,68 @@ async fn mqtt5_a_will_waits_its_delay_and_is_not_sent_when_the_client_returns() 
     assert!(eventually(T, || async { wills() == 1 }).await, "the will after its delay");
     assert!(dropped.elapsed() >= Duration::from_millis(900), "not before the delay");
 }
+
+/// Topic, topic alias and payload of a 5.0 PUBLISH frame.
+fn publish5(f: &common::mqtt_raw::Frame) -> (String, Option<u16>, Value) {
+    let tl = usize::from(u16::from_be_bytes([f.body[0], f.body[1]]));
+    let topic = String::from_utf8_lossy(&f.body[2..2 + tl]).into_owned();
+    let at = 2 + tl + if (f.flags >> 1) & 3 > 0 { 2 } else { 0 };
+    let alias =
+        v5::props(&f.body, at).into_iter().find(|(i, _)| *i == 0x23).map(|(_, v)| u16::from_be_bytes([v[0], v[1]]));
+    (topic, alias, payload5(f))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_deliveries_use_topic_aliases_up_to_the_clients_maximum() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::start(dir.path(), &[]);
+    let token = add(dir.path(), "acme", "d1");
+    let (mut c, _, _) = connect5(&p, "d1", "d1", &token, &prop_u16(0x22, 1)).await;
+    c.send(&v5::subscribe_packet(1, &[("acme/events/#", 0)], &[])).await;
+    c.read_kind(9, T).await.expect("SUBACK");
+    let (mut d, _, _) = connect5(&p, "d1-pub", "d1", &token, &[]).await;
+    for (i, t) in ["a", "a", "b"].iter().enumerate() {
+        let payload = format!("{{\"i\":{i}}}");
+        d.send(&v5::publish_packet(
+            &format!("acme/devices/d1/events/{t}"),
+            payload.as_bytes(),
+            1,
+            i as u16 + 1,
+            false,
+            &[],
+        ))
+        .await;
+        d.read_kind(4, T).await.expect("PUBACK");
+    }
+    let got: Vec<_> = [c.read_kind(3, T).await, c.read_kind(3, T).await, c.read_kind(3, T).await]
+        .into_iter()
+        .map(|f| publish5(&f.expect("delivery")))
+        .collect();
+    assert_eq!(got[0], ("acme/events/d1/a".into(), Some(1), serde_json::json!({"i": 0})), "the first sets the alias");
+    assert_eq!(got[1], (String::new(), Some(1), serde_json::json!({"i": 1})), "then the alias alone");
+    assert_eq!(got[2], ("acme/events/d1/b".into(), None, serde_json::json!({"i": 2})), "no more aliases than allowed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_retain_handling_0_resends_retained_messages_on_every_subscribe() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::start(dir.path(), &[]);
+    let token = add(dir.path(), "acme", "d1");
+    let (mut c, _, _) = connect5(&p, "d1", "d1", &token, &[]).await;
+    c.send(&v5::publish_packet("acme/devices/d1/events/state", b"{\"s\":1}", 1, 1, true, &[])).await;
+    c.read_kind(4, T).await.expect("PUBACK");
+    for (pkid, rh) in [(2u16, 0u8), (3, 0), (4, 1)] {
+        c.send(&v5::subscribe_packet(pkid, &[("acme/events/#", 1 | (rh << 4))], &[])).await;
+        assert_eq!(c.read_kind(9, T).await.map(|f| f.pkid()), Some(pkid), "SUBACK, not the router's UNSUBACK");
+        if rh == 0 {
+            let f = c.read_kind(3, T).await.expect("the retained message, again");
+            assert_eq!((f.flags & 1, payload5(&f)), (1, serde_json::json!({"s": 1})));
+            let pkid = u16::from_be_bytes([f.body[2 + usize::from(f.body[1])], f.body[3 + usize::from(f.body[1])]]);
+            c.send(&v5::ack_packet(0x40, pkid)).await;
+        }
+    }
+    assert!(
+        c.read(Duration::from_millis(500)).await.is_none(),
+        "Retain Handling 1 on an existing subscription: nothing"
+    );
+}

@@ -55,9 +55,7 @@ impl Open {
         let victim = conns
             .values()
             .find(|c| !c.started.load(Ordering::Relaxed) && !c.close.is_cancelled())
-            .or_else(|| {
-                conns.values().find(|c| c.active.load(Ordering::Relaxed) == 0 && !c.close.is_cancelled())
-            });
+            .or_else(|| conns.values().find(|c| c.active.load(Ordering::Relaxed) == 0 && !c.close.is_cancelled()));
         match victim {
             Some(c) => {
                 c.close.cancel();
@@ -70,7 +68,12 @@ impl Open {
 
 /// Serves `router` on `listener` until `shutdown`, then lets in-flight
 /// requests finish (the caller bounds how long).
-pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken, limits: Limits) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    limits: Limits,
+) -> std::io::Result<()> {
     let router = router.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(limits.body_timeout));
     let open = Arc::new(Open::default());
     let tasks = tokio_util::task::TaskTracker::new();
@@ -96,7 +99,11 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
         }
         next_id += 1;
         let id = next_id;
-        let conn = Arc::new(Conn { started: AtomicBool::new(false), active: AtomicUsize::new(0), close: CancellationToken::new() });
+        let conn = Arc::new(Conn {
+            started: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            close: CancellationToken::new(),
+        });
         open.lock().insert(id, conn.clone());
         let (router, state) = (router.clone(), conn.clone());
         let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {

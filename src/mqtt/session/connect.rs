@@ -166,6 +166,7 @@ impl Session<'_> {
         self.problem_info = props.request_problem_info != Some(0);
         self.client_receive_max = usize::from(props.receive_maximum.unwrap_or(u16::MAX));
         self.client_max_packet = props.max_packet_size.map_or(usize::MAX, |m| m as usize);
+        self.client_alias_max = props.topic_alias_max.unwrap_or(0);
         let will = match self.authenticate(
             &mut client_id,
             connect.clean_session,

@@ -134,6 +134,13 @@ pub(super) struct Session<'a> {
     client_max_packet: usize,
     /// 5.0: topic aliases the client set.
     aliases: HashMap<u16, Bytes>,
+    /// 5.0: topic aliases this side set towards the client (at most the
+    /// client's Topic Alias Maximum).
+    out_aliases: HashMap<Bytes, u16>,
+    client_alias_max: u16,
+    /// UNSUBACKs of our own router unsubscribes (a Retain Handling 0
+    /// re-subscribe): not the client's.
+    swallow_unsuback: std::collections::HashSet<u16>,
     /// Session expiry granted, seconds (0: the session ends with the connection).
     session_expiry: u32,
     /// The router keeps this connection's session after it ends.
@@ -188,6 +195,9 @@ impl<'a> Session<'a> {
             client_receive_max: usize::from(u16::MAX),
             client_max_packet: usize::MAX,
             aliases: HashMap::new(),
+            out_aliases: HashMap::new(),
+            client_alias_max: 0,
+            swallow_unsuback: Default::default(),
             session_expiry: 0,
             persistent: false,
             out: HashMap::new(),

@@ -34,7 +34,13 @@ impl Session<'_> {
         let readable = self.can(Perm::ReadEvents);
         let max = self.deps.config.max_filters;
         let mut refused = Vec::with_capacity(sub.filters.len());
+        // Re-subscribes asking for the retained messages again (Retain
+        // Handling 0): rumqttd sends them only for a new filter.
+        let mut again = Vec::new();
         for f in &sub.filters {
+            if self.filters.contains_key(&f.path) && f.retain_forward_rule == RetainForwardRule::OnEverySubscribe {
+                again.push(f.path.clone());
+            }
             let why = if !(readable && subscribe_allowed(&f.path, &self.tenant, &self.device_id)) {
                 Some(("forbidden_subscribe", SubscribeReasonCode::NotAuthorized))
             } else if !self.filters.contains_key(&f.path) && self.filters.len() >= max {
@@ -76,6 +82,17 @@ impl Session<'_> {
             self.subscribed = true;
             self.deps.bridge.subscriber(&self.tenant, true);
         }
+        again.retain(|f| allowed.filters.iter().any(|a| a.path == *f));
+        if !again.is_empty() {
+            // The router handles one link's packets in order, in one pass:
+            // no publish falls between the two.
+            self.swallow_unsuback.insert(pkid);
+            let unsub = rumqttd::protocol::Unsubscribe { pkid, filters: again };
+            link_tx
+                .send(Packet::Unsubscribe(unsub, None))
+                .await
+                .map_err(|e| End::unclean(format!("router link: {e}")))?;
+        }
         link_tx.send(Packet::Subscribe(allowed, props)).await.map_err(|e| End::unclean(format!("router link: {e}")))?;
         Ok(())
     }
@@ -111,6 +128,7 @@ impl Session<'_> {
                 rumqttd::protocol::DisconnectReasonCode::SessionTakenOver,
                 "session taken over by a new connection with the same client id",
             )),
+            Packet::UnsubAck(ack, _) if self.swallow_unsuback.remove(&ack.pkid) => Ok(()),
             p @ Packet::UnsubAck(..) => self.write(p).await.map_err(End::unclean),
             // PUBACKs of our own QoS 0 hand-offs do not exist; the rest is not the client's.
             _ => Ok(()),
@@ -177,6 +195,31 @@ impl Session<'_> {
             return Ok(());
         }
         self.inflight += usize::from(client_qos > 0);
+        self.write_delivery(out, props).await
+    }
+
+    /// Writes a delivery, with a 5.0 topic alias when the client allows
+    /// them: the first delivery on a topic sets one, later ones send only
+    /// the alias. Decided here, at write time, so a client always sees an
+    /// alias set before it is used.
+    async fn write_delivery(&mut self, p: Publish, mut props: Option<PublishProperties>) -> Result<(), End> {
+        if !self.v5() || self.client_alias_max == 0 {
+            return self.write(Packet::Publish(p, props)).await.map_err(End::unclean);
+        }
+        let (qos, dup, retain, pkid) = codec::publish_flags(&p);
+        let (alias, topic) = match self.out_aliases.get(&p.topic) {
+            Some(a) => (Some(*a), Bytes::new()),
+            None if self.out_aliases.len() < usize::from(self.client_alias_max) => {
+                let a = self.out_aliases.len() as u16 + 1;
+                self.out_aliases.insert(p.topic.clone(), a);
+                (Some(a), p.topic.clone())
+            }
+            None => (None, p.topic.clone()),
+        };
+        if let Some(a) = alias {
+            props.get_or_insert_with(PublishProperties::default).topic_alias = Some(a);
+        }
+        let out = codec::publish(qos, dup, retain, pkid, &topic, &p.payload);
         self.write(Packet::Publish(out, props)).await.map_err(End::unclean)
     }
 
@@ -275,7 +318,7 @@ impl Session<'_> {
             self.inflight = self.inflight.saturating_sub(1);
             if let Some((p, props)) = self.queued.pop_front() {
                 self.inflight += 1;
-                self.write(Packet::Publish(p, props)).await.map_err(End::unclean)?;
+                self.write_delivery(p, props).await?;
             }
         }
         Ok(())
