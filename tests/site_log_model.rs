@@ -25,6 +25,10 @@ enum Op {
     Prune,
     /// Close the writer and open the file again.
     Reopen,
+    /// Central refused the oldest pending row: it moves to the dead letters.
+    DeadLetter,
+    /// `outpost dead-letter purge` in another process.
+    CliPurge,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -34,6 +38,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0usize..10).prop_map(|n| Op::Forward { n }),
         1 => Just(Op::Prune),
         1 => Just(Op::Reopen),
+        1 => Just(Op::DeadLetter),
+        1 => Just(Op::CliPurge),
     ]
 }
 
@@ -134,6 +140,18 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 prop_assert_eq!(n, m.forwarded.len());
                 m.forwarded.clear();
             }
+            Op::DeadLetter => {
+                let readers = log::Readers::new(path.clone());
+                let Some(e) = readers.with(|c| schema::pending(c, 1)).await.unwrap().pop() else { continue };
+                prop_assert_eq!(handle.dead_letter(e.seq, "refused".into()).await.unwrap(), 1);
+                prop_assert_eq!(Some(e.id), m.pending.pop_front());
+            }
+            Op::CliPurge => {
+                let conn = log::open(&path, false).unwrap();
+                schema::purge_dead_letters(&conn, None).unwrap();
+                // The writer notices at its next group and counts again.
+                handle.ping().await.unwrap();
+            }
             Op::Reopen => {
                 drop(handle);
                 tokio::task::spawn_blocking(move || thread.join()).await.unwrap();
@@ -143,6 +161,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         // Invariants against the file itself.
         let conn = log::open(&path, true).unwrap();
         let rows = schema::all_events(&conn).unwrap();
+        prop_assert_eq!(handle.counters(), schema::scan(&conn).unwrap(), "the writer's gauges equal a scan");
         prop_assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq), "seq not increasing");
         let expected: Vec<Uuid> = m.forwarded.iter().chain(m.pending.iter()).copied().collect();
         let mut in_log: Vec<Uuid> = rows.iter().map(|r| r.id).collect();

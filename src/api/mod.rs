@@ -36,7 +36,8 @@ pub struct ApiState {
     pub max_body: usize,
     pub started: Instant,
     /// Last computed log status and device list, and when.
-    pub status_cache: Arc<Mutex<Option<status::Cached>>>,
+    /// Single-flight: one request refreshes it, concurrent ones wait for it.
+    pub status_cache: Arc<tokio::sync::Mutex<Option<status::Cached>>>,
     /// Ingest and disk-write rates of the status page.
     pub sampler: Arc<Mutex<sampler::Sampler>>,
     /// The site-wide tail of the status page lives in the hub.

@@ -105,19 +105,23 @@ fn device_views(mut all: Vec<schema::Device>) -> Vec<DeviceView> {
         .collect()
 }
 
+/// The log's status: gauges the writer keeps (no scan), plus cheap
+/// queries, cached for [`STATUS_TTL`] and refreshed by one request at a
+/// time however many scrape at once.
 async fn log_status(state: &ApiState) -> Result<(LogStatus, Arc<Vec<DeviceView>>), ApiError> {
-    let cached =
-        state.status_cache.lock().ok().and_then(|c| {
-            c.as_ref().filter(|(t, ..)| t.elapsed() < STATUS_TTL).map(|(_, s, d)| (s.clone(), d.clone()))
-        });
-    if let Some(hit) = cached {
-        return Ok(hit);
+    let mut cache = state.status_cache.lock().await;
+    if let Some((t, s, d)) = cache.as_ref()
+        && t.elapsed() < STATUS_TTL
+    {
+        return Ok((s.clone(), d.clone()));
     }
-    let (s, devices) = state.readers.with(|c| Ok((schema::status(c, now_us())?, schema::devices(c, None)?))).await?;
+    let counted = state.log.counters();
+    let (s, devices) = state
+        .readers
+        .with(move |c| Ok((schema::status_from(c, counted, now_us())?, schema::devices(c, None)?)))
+        .await?;
     let devices = Arc::new(device_views(devices));
-    if let Ok(mut c) = state.status_cache.lock() {
-        *c = Some((Instant::now(), s.clone(), devices.clone()));
-    }
+    *cache = Some((Instant::now(), s.clone(), devices.clone()));
     Ok((s, devices))
 }
 

@@ -18,6 +18,7 @@ pub mod schema;
 pub mod writer;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
@@ -32,6 +33,42 @@ pub use reader::Readers;
 pub trait CommitObserver: Send + Sync {
     fn committed(&self, events: &[(i64, crate::event::Event)]);
     fn presence(&self, _tenant: &str, _device_id: &str, _online: bool) {}
+}
+
+/// Gauges of the log, kept by the writer as it commits, so status pages and
+/// `/metrics` never scan the log. Set from a scan when the writer starts,
+/// and again after another process (the CLI's replay and dead-letter
+/// commands) changed the events, which it tells through `meta.log_version`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub backlog_rows: AtomicI64,
+    /// Bytes of pending rows, as `event::row_bytes` counts them.
+    pub backlog_bytes: AtomicI64,
+    pub total_rows: AtomicI64,
+    pub dead_letters: AtomicI64,
+    pub last_seq: AtomicI64,
+}
+
+impl Counters {
+    /// Overwrites every gauge with a scan's result.
+    pub fn set(&self, s: &schema::Scan) {
+        self.backlog_rows.store(s.backlog_rows, Ordering::Relaxed);
+        self.backlog_bytes.store(s.backlog_bytes, Ordering::Relaxed);
+        self.total_rows.store(s.total_rows, Ordering::Relaxed);
+        self.dead_letters.store(s.dead_letters, Ordering::Relaxed);
+        self.last_seq.store(s.last_seq, Ordering::Relaxed);
+    }
+
+    /// The gauges now.
+    pub fn get(&self) -> schema::Scan {
+        schema::Scan {
+            backlog_rows: self.backlog_rows.load(Ordering::Relaxed),
+            backlog_bytes: self.backlog_bytes.load(Ordering::Relaxed),
+            total_rows: self.total_rows.load(Ordering::Relaxed),
+            dead_letters: self.dead_letters.load(Ordering::Relaxed),
+            last_seq: self.last_seq.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// A remote event and the (tenant, site, site_seq) it advances.

@@ -216,14 +216,19 @@ pub fn bump_device(conn: &Connection, tenant: &str, device_id: &str, count: i64,
 }
 
 /// Marks the given rows forwarded at `now_us`; returns how many changed.
-pub fn mark_forwarded(conn: &Connection, seqs: &[i64], now_us: i64) -> Result<usize, Error> {
-    let mut stmt =
-        conn.prepare_cached("UPDATE events SET forwarded_at = ?2 WHERE seq = ?1 AND forwarded_at IS NULL")?;
-    let mut n = 0;
+pub fn mark_forwarded(conn: &Connection, seqs: &[i64], now_us: i64) -> Result<(usize, i64), Error> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "UPDATE events SET forwarded_at = ?2 WHERE seq = ?1 AND forwarded_at IS NULL
+         RETURNING length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD}"
+    ))?;
+    let (mut n, mut bytes) = (0, 0i64);
     for seq in seqs {
-        n += stmt.execute(params![seq, now_us])?;
+        if let Some(b) = stmt.query_row(params![seq, now_us], |r| r.get::<_, i64>(0)).optional()? {
+            n += 1;
+            bytes += b;
+        }
     }
-    Ok(n)
+    Ok((n, bytes))
 }
 
 /// Deletes up to `limit` forwarded rows received and forwarded before
@@ -300,7 +305,18 @@ pub fn pending_batch(
 }
 
 /// Moves one pending row to `dead_letter` with the central error text.
-pub fn dead_letter(conn: &Connection, seq: i64, error: &str, now_us: i64) -> Result<usize, Error> {
+pub fn dead_letter(conn: &Connection, seq: i64, error: &str, now_us: i64) -> Result<(usize, i64), Error> {
+    let bytes: i64 = conn
+        .query_row(
+            &format!(
+                "SELECT length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD}
+                 FROM events WHERE seq = ?1 AND forwarded_at IS NULL"
+            ),
+            [seq],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
     let n = conn.execute(
         "INSERT INTO dead_letter (seq, id, tenant, device_id, event_type, payload, ts, received_at, origin_site, error, failed_at, properties)
          SELECT seq, id, tenant, device_id, event_type, payload, ts, received_at, origin_site, ?2, ?3, properties
@@ -308,7 +324,7 @@ pub fn dead_letter(conn: &Connection, seq: i64, error: &str, now_us: i64) -> Res
         params![seq, error, now_us],
     )?;
     conn.execute("DELETE FROM events WHERE seq = ?1 AND forwarded_at IS NULL", [seq])?;
-    Ok(n)
+    Ok((n, bytes))
 }
 
 /// A dead-lettered event and why the central database refused it.
@@ -349,6 +365,7 @@ pub fn dead_letters(conn: &Connection, tenant: Option<&str>, limit: usize) -> Re
 
 /// Puts dead letters back in the queue (same seq), all or the given ones.
 pub fn retry_dead_letters(conn: &Connection, seqs: Option<&[i64]>) -> Result<usize, Error> {
+    bump_log_version(conn)?;
     let select = "SELECT seq, id, tenant, device_id, event_type, payload, ts, received_at, NULL, origin_site, properties FROM dead_letter";
     let mut n = 0;
     match seqs {
@@ -371,6 +388,7 @@ pub fn retry_dead_letters(conn: &Connection, seqs: Option<&[i64]>) -> Result<usi
 
 /// Deletes dead letters, all or the given ones.
 pub fn purge_dead_letters(conn: &Connection, seqs: Option<&[i64]>) -> Result<usize, Error> {
+    bump_log_version(conn)?;
     match seqs {
         None => Ok(conn.execute("DELETE FROM dead_letter", [])?),
         Some(seqs) => {
@@ -393,6 +411,7 @@ pub fn replay_chunk(
     tenant: Option<&str>,
     chunk: usize,
 ) -> Result<usize, Error> {
+    bump_log_version(conn)?;
     let mut stmt = conn.prepare_cached(
         "UPDATE events SET forwarded_at = NULL WHERE seq IN (
             SELECT seq FROM events
@@ -591,6 +610,76 @@ pub fn last_seq(conn: &Connection) -> Result<i64, Error> {
     Ok(conn.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))?)
 }
 
+/// The log's gauges, counted by a scan (see `log::Counters`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Scan {
+    pub backlog_rows: i64,
+    pub backlog_bytes: i64,
+    pub total_rows: i64,
+    pub dead_letters: i64,
+    pub last_seq: i64,
+}
+
+/// Counts the gauges by scanning (at start, and after another process
+/// changed the events): O(rows).
+pub fn scan(conn: &Connection) -> Result<Scan, Error> {
+    let (backlog_rows, backlog_bytes): (i64, i64) = conn.query_row(
+        &format!(
+            "SELECT count(*), coalesce(sum(length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD}), 0)
+             FROM events WHERE forwarded_at IS NULL"
+        ),
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let total_rows: i64 = conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
+    // The last seq ever given (AUTOINCREMENT keeps it even when retention
+    // pruned every row).
+    let last_seq: i64 =
+        conn.query_row("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)", [], |r| {
+            r.get(0)
+        })?;
+    let dead_letters: i64 = conn.query_row("SELECT count(*) FROM dead_letter", [], |r| r.get(0))?;
+    Ok(Scan { backlog_rows, backlog_bytes, total_rows, dead_letters, last_seq })
+}
+
+/// Changes whenever a process other than the writer changed the events
+/// (replay, dead-letter retry or purge), so the writer counts again.
+pub fn log_version(conn: &Connection) -> Result<i64, Error> {
+    Ok(conn.query_row("SELECT coalesce((SELECT value FROM meta WHERE key = 'log_version'), 0)", [], |r| r.get(0))?)
+}
+
+fn bump_log_version(conn: &Connection) -> Result<(), Error> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('log_version', 1)
+         ON CONFLICT (key) DO UPDATE SET value = value + 1",
+        [],
+    )?;
+    Ok(())
+}
+
+/// The status from gauges already counted, plus what is cheap to ask:
+/// the oldest pending row (first entry of the pending index), the device
+/// counts (a small table) and the size (page counts).
+pub fn status_from(conn: &Connection, counted: Scan, now_us: i64) -> Result<LogStatus, Error> {
+    let oldest: Option<i64> = conn
+        .query_row("SELECT received_at FROM events WHERE forwarded_at IS NULL ORDER BY seq LIMIT 1", [], |r| r.get(0))
+        .optional()?;
+    let (devices, devices_revoked): (i64, i64) =
+        conn.query_row("SELECT count(*), count(revoked_at) FROM devices", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(LogStatus {
+        backlog_rows: counted.backlog_rows,
+        #[allow(clippy::cast_precision_loss)]
+        oldest_pending_age_seconds: oldest.map(|t| ((now_us - t).max(0)) as f64 / 1e6),
+        total_rows: counted.total_rows,
+        last_seq: counted.last_seq,
+        backlog_bytes: counted.backlog_bytes,
+        dead_letters: counted.dead_letters,
+        devices,
+        devices_revoked,
+        log_bytes: used_bytes(conn)?,
+    })
+}
+
 /// What `outpost status` and `/api/v1/status` report about the log.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LogStatus {
@@ -605,36 +694,8 @@ pub struct LogStatus {
     pub log_bytes: u64,
 }
 
-/// Backlog, oldest pending age, devices and size.
+/// Backlog, oldest pending age, devices and size, counted by a scan (the
+/// CLI's `outpost status`; the running appliance keeps `log::Counters`).
 pub fn status(conn: &Connection, now_us: i64) -> Result<LogStatus, Error> {
-    let backlog_rows: i64 =
-        conn.query_row("SELECT count(*) FROM events WHERE forwarded_at IS NULL", [], |r| r.get(0))?;
-    let oldest: Option<i64> = conn
-        .query_row("SELECT received_at FROM events WHERE forwarded_at IS NULL ORDER BY seq LIMIT 1", [], |r| r.get(0))
-        .optional()?;
-    let (total_rows, last_seq): (i64, Option<i64>) =
-        conn.query_row("SELECT count(*), max(seq) FROM events", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    let backlog_bytes: i64 = conn.query_row(
-        &format!(
-            "SELECT coalesce(sum(length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD}), 0)
-             FROM events WHERE forwarded_at IS NULL"
-        ),
-        [],
-        |r| r.get(0),
-    )?;
-    let dead_letters: i64 = conn.query_row("SELECT count(*) FROM dead_letter", [], |r| r.get(0))?;
-    let (devices, devices_revoked): (i64, i64) =
-        conn.query_row("SELECT count(*), count(revoked_at) FROM devices", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    Ok(LogStatus {
-        backlog_rows,
-        #[allow(clippy::cast_precision_loss)]
-        oldest_pending_age_seconds: oldest.map(|t| ((now_us - t).max(0)) as f64 / 1e6),
-        total_rows,
-        last_seq: last_seq.unwrap_or(0),
-        backlog_bytes,
-        dead_letters,
-        devices,
-        devices_revoked,
-        log_bytes: used_bytes(conn)?,
-    })
+    status_from(conn, scan(conn)?, now_us)
 }

@@ -83,6 +83,7 @@ impl Command {
 pub struct LogHandle {
     tx: mpsc::Sender<Command>,
     full: Arc<AtomicBool>,
+    counters: Arc<super::Counters>,
 }
 
 /// The running writer thread; `join` after every handle is dropped.
@@ -114,11 +115,28 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(config.queue_capacity);
     let full = Arc::new(AtomicBool::new(false));
     let writer_full = full.clone();
+    // Counted once here; the writer keeps the gauges from then on.
+    let counters = Arc::new(super::Counters::default());
+    counters.set(&schema::scan(&conn)?);
+    let log_version = schema::log_version(&conn)?;
+    let writer_counters = counters.clone();
     let thread = std::thread::Builder::new()
         .name("site-log-writer".into())
-        .spawn(move || Writer { conn, config, metrics, committed, full: writer_full, observers }.run(rx))
+        .spawn(move || {
+            Writer {
+                conn,
+                config,
+                metrics,
+                committed,
+                full: writer_full,
+                observers,
+                counters: writer_counters,
+                log_version,
+            }
+            .run(rx)
+        })
         .map_err(|e| Error::Commit(format!("cannot start writer thread: {e}")))?;
-    Ok((LogHandle { tx, full }, WriterThread { thread }))
+    Ok((LogHandle { tx, full, counters }, WriterThread { thread }))
 }
 
 impl LogHandle {
@@ -153,6 +171,12 @@ impl LogHandle {
     /// Returns how many were new.
     pub async fn append_remote(&self, events: Vec<super::RemoteEvent>) -> Result<usize, Error> {
         self.call(|reply| Command::AppendRemote { events, reply }).await
+    }
+
+    /// The log's gauges (backlog, total rows, dead letters, last seq), kept
+    /// by the writer: reading them costs nothing.
+    pub fn counters(&self) -> super::schema::Scan {
+        self.counters.get()
     }
 
     /// True while the log is at its byte budget (appends would be refused).
@@ -204,6 +228,10 @@ struct Writer {
     /// Set while the log is within 64 KiB of its budget, so MQTT stops reading.
     full: Arc<AtomicBool>,
     observers: Vec<Arc<dyn super::CommitObserver>>,
+    counters: Arc<super::Counters>,
+    /// `meta.log_version` last seen: another process changed the events
+    /// when it moves, and the gauges are counted again.
+    log_version: i64,
 }
 
 /// A result computed inside the transaction, sent only after the commit.
@@ -255,6 +283,8 @@ impl Writer {
         if commit_error.is_none() {
             self.metrics.commit_rows.observe(g.appended_rows as f64);
             self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+            // Before the answers: an acked event is in the gauges.
+            self.count(&g);
         }
         for d in g.delivers {
             d(commit_error.as_deref());
@@ -277,9 +307,32 @@ impl Writer {
         }
     }
 
+    /// Applies a committed group to the gauges; counts again from a scan
+    /// when another process changed the events since the last group.
+    fn count(&mut self, g: &Group) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.counters;
+        if g.log_version != self.log_version {
+            match schema::scan(&self.conn) {
+                Ok(s) => {
+                    c.set(&s);
+                    self.log_version = g.log_version;
+                }
+                Err(e) => tracing::warn!(error = %e, "site log gauges not recounted; will retry"),
+            }
+            return;
+        }
+        c.backlog_rows.fetch_add(g.d_backlog_rows, Relaxed);
+        c.backlog_bytes.fetch_add(g.d_backlog_bytes, Relaxed);
+        c.total_rows.fetch_add(g.d_total_rows, Relaxed);
+        c.dead_letters.fetch_add(g.d_dead_letters, Relaxed);
+        c.last_seq.fetch_max(g.last_seq, Relaxed);
+    }
+
     /// Runs every command of the group in one transaction and commits it.
     fn write_group(&mut self, group: Vec<Command>, g: &mut Group) -> Result<(), Error> {
         let mut projected = schema::used_bytes(&self.conn)?;
+        g.log_version = schema::log_version(&self.conn)?;
         let (max_bytes, observed) = (self.config.max_bytes, !self.observers.is_empty());
         let tx = self.conn.transaction()?;
         let mut seen = DeviceCounts::new();
@@ -294,6 +347,13 @@ impl Writer {
                     let result = append_request(&tx, &events, &mut seen)?;
                     if let Ok(r) = &result {
                         projected += size;
+                        let new = r.iter().zip(&events).filter(|(a, _)| !a.duplicate);
+                        for (a, e) in new {
+                            g.d_backlog_rows += 1;
+                            g.d_total_rows += 1;
+                            g.d_backlog_bytes += e.size_hint() as i64;
+                            g.last_seq = g.last_seq.max(a.seq);
+                        }
                         g.appended_rows += r.iter().filter(|a| !a.duplicate).count();
                         if observed {
                             g.new_events
@@ -304,7 +364,10 @@ impl Writer {
                 }
                 Command::AppendRemote { events, reply } => {
                     // An error here fails the whole group: nothing half-stored.
+                    let before = g.new_events.len();
                     let added = append_remote(&tx, events, &mut g.new_events)?;
+                    g.d_total_rows += added as i64;
+                    g.last_seq = g.new_events[before..].iter().map(|(s, _)| *s).fold(g.last_seq, i64::max);
                     g.delivers.push(deliver(reply, Ok(added)));
                 }
                 Command::Presence { tenant, device_id, online, reply } => {
@@ -315,15 +378,28 @@ impl Writer {
                     g.delivers.push(deliver(reply, r));
                 }
                 Command::MarkForwarded { seqs, reply } => {
-                    g.delivers.push(deliver(reply, schema::mark_forwarded(&tx, &seqs, now_us())));
+                    let r = schema::mark_forwarded(&tx, &seqs, now_us()).map(|(n, bytes)| {
+                        g.d_backlog_rows -= n as i64;
+                        g.d_backlog_bytes -= bytes;
+                        n
+                    });
+                    g.delivers.push(deliver(reply, r));
                 }
                 Command::DeadLetter { seq, error, reply } => {
-                    g.delivers.push(deliver(reply, schema::dead_letter(&tx, seq, &error, now_us())));
+                    let r = schema::dead_letter(&tx, seq, &error, now_us()).map(|(n, bytes)| {
+                        g.d_backlog_rows -= n as i64;
+                        g.d_backlog_bytes -= bytes;
+                        g.d_total_rows -= n as i64;
+                        g.d_dead_letters += n as i64;
+                        n
+                    });
+                    g.delivers.push(deliver(reply, r));
                 }
                 Command::Prune { cutoff_us, limit, reply } => {
                     // Held QoS 2 packet ids as old as pruned events belong to sessions long gone.
                     schema::prune_qos2(&tx, cutoff_us)?;
-                    g.delivers.push(deliver(reply, schema::prune(&tx, cutoff_us, limit)));
+                    let r = schema::prune(&tx, cutoff_us, limit).inspect(|n| g.d_total_rows -= *n as i64);
+                    g.delivers.push(deliver(reply, r));
                 }
                 Command::AddDevice { tenant, device_id, name, reply } => {
                     let r = schema::add_device(&tx, &tenant, &device_id, name.as_deref(), now_us());
@@ -364,6 +440,13 @@ struct Group {
     appended_rows: usize,
     new_events: Vec<(i64, Event)>,
     presence: Vec<(String, String, bool)>,
+    /// Changes to the gauges, applied after the commit.
+    d_backlog_rows: i64,
+    d_backlog_bytes: i64,
+    d_total_rows: i64,
+    d_dead_letters: i64,
+    last_seq: i64,
+    log_version: i64,
 }
 
 /// One append request inside the group's transaction. The outer `Result`
