@@ -258,6 +258,8 @@ async fn open_site(config: &Config) -> anyhow::Result<Site> {
 fn writer_config(config: &Config) -> WriterConfig {
     WriterConfig {
         max_bytes: config.log.max_bytes,
+        remote_max_bytes: config.log.remote_budget(),
+        site_id: config.site_id().to_string(),
         commit_max_rows: config.log.commit_max_rows,
         commit_max_bytes: config.log.commit_max_bytes,
         queue_capacity: config.log.queue_capacity,

@@ -59,6 +59,7 @@ pub struct Metrics {
     pub listen_up: Gauge,
     pub remote_catchup_rows: Counter,
     pub remote_events: Counter,
+    pub remote_evicted: Counter,
 }
 
 impl Metrics {
@@ -136,6 +137,7 @@ impl Metrics {
         let listen_up = Gauge::default();
         let remote_catchup_rows = Counter::default();
         let remote_events = Counter::default();
+        let remote_evicted = Counter::default();
         registry.register("stream_subscribers", "Open stream subscribers by kind", stream_subscribers.clone());
         registry.register("stream_delivered", "Events delivered to stream subscribers", stream_delivered.clone());
         registry.register("stream_lagged_disconnects", "Subscribers closed for falling behind", stream_lagged.clone());
@@ -151,6 +153,11 @@ impl Metrics {
             remote_catchup_rows.clone(),
         );
         registry.register("remote_events", "Remote events stored from the central database", remote_events.clone());
+        registry.register(
+            "remote_evicted",
+            "Remote events evicted to keep them within log.remote_max_bytes (they stay in the central database)",
+            remote_evicted.clone(),
+        );
         Self {
             registry,
             stream_subscribers,
@@ -160,6 +167,7 @@ impl Metrics {
             listen_up,
             remote_catchup_rows,
             remote_events,
+            remote_evicted,
             mqtt_connections,
             mqtt_commit_wait,
             mqtt_throttled,

@@ -78,7 +78,14 @@ fn event(device: &str, id: Uuid) -> Event {
 
 fn start(path: &std::path::Path) -> (LogHandle, writer::WriterThread) {
     let conn = log::open_and_migrate(path).unwrap();
-    let cfg = WriterConfig { max_bytes: 1 << 30, commit_max_rows: 1000, commit_max_bytes: 1 << 20, queue_capacity: 16 };
+    let cfg = WriterConfig {
+        max_bytes: 1 << 30,
+        remote_max_bytes: 1 << 28,
+        site_id: "site-a".into(),
+        commit_max_rows: 1000,
+        commit_max_bytes: 1 << 20,
+        queue_capacity: 16,
+    };
     writer::spawn(conn, cfg, Arc::new(Metrics::new()), Arc::new(tokio::sync::Notify::new()), Vec::new()).unwrap()
 }
 
@@ -161,7 +168,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         // Invariants against the file itself.
         let conn = log::open(&path, true).unwrap();
         let rows = schema::all_events(&conn).unwrap();
-        prop_assert_eq!(handle.counters(), schema::scan(&conn).unwrap(), "the writer's gauges equal a scan");
+        prop_assert_eq!(handle.counters(), schema::scan(&conn, "site-a").unwrap(), "the writer's gauges equal a scan");
         prop_assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq), "seq not increasing");
         let expected: Vec<Uuid> = m.forwarded.iter().chain(m.pending.iter()).copied().collect();
         let mut in_log: Vec<Uuid> = rows.iter().map(|r| r.id).collect();

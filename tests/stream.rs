@@ -515,3 +515,66 @@ asyncio.run(main())
     let _ = curl.kill().await;
     let _ = python.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_sites_events_stay_within_their_share_and_never_block_local_ingest() {
+    let pg = Pg::start();
+    let share = 128 * 1024;
+    let a = TestApp::start_with(|c| {
+        central(c, &pg.url(), "site-a");
+        c.log.max_bytes = 1 << 20;
+        c.log.remote_max_bytes = Some(share);
+    })
+    .await;
+    let b = TestApp::start_with(|c| central(c, &pg.url(), "site-b")).await;
+    let ta = a.device("acme", "local-1").await;
+    let tb = b.device("acme", "busy").await;
+    assert!(eventually(T, || async { a.get("/metrics", None).await.text.contains("outpost_listen_up 1") }).await);
+    // Site B sends 2 MiB of acme events: twice site A's whole budget.
+    let filler = "x".repeat(1000);
+    for batch in 0..20 {
+        let items: Vec<Value> = (0..100)
+            .map(|i| json!({"device_id": "busy", "event_type": "bulk", "payload": {"i": batch * 100 + i, "f": filler}}))
+            .collect();
+        let r = b.post("/api/v1/realtime/acme/events", Some(&tb), &json!(items)).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    let evicted = || async {
+        let m = a.get("/metrics", None).await.text;
+        m.lines()
+            .find(|l| l.starts_with("outpost_remote_evicted_total "))
+            .and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok())
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || async { evicted().await.is_some_and(|n| n >= 1000.0) }).await,
+        "site A evicts the oldest remote events: central has {:?} rows; A: {}; B: {}",
+        pg.client().await.query_one("SELECT count(*) FROM tenant_acme.events", &[]).await.map(|r| r.get::<_, i64>(0)),
+        a.get("/metrics", None)
+            .await
+            .text
+            .lines()
+            .filter(|l| l.starts_with("outpost_remote") || l.starts_with("outpost_listen"))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        b.get("/metrics", None)
+            .await
+            .text
+            .lines()
+            .filter(|l| l.starts_with("outpost_backlog") || l.starts_with("outpost_forward"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    // Site A's own devices are never refused for it, and their events stay.
+    for k in 0..50 {
+        let r = post(&a, "acme", &ta, "local-1", "own", k).await;
+        assert!(r["id"].is_string(), "{r}");
+    }
+    let rows = a.log_rows();
+    let remote: usize = rows
+        .iter()
+        .filter(|r| r.origin_site == "site-b")
+        .map(|r| outpost::event::row_bytes(&r.tenant, &r.device_id, &r.event_type, r.payload.get()))
+        .sum();
+    assert!(remote as u64 <= share, "remote events take {remote} bytes, over the {share}-byte share");
+    assert_eq!(rows.iter().filter(|r| r.origin_site == "site-a").count(), 50, "no local event evicted");
+}

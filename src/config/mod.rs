@@ -209,6 +209,10 @@ impl Default for CentralConfig {
 pub struct LogConfig {
     /// Byte budget of the site log; at the budget new events are refused (503).
     pub max_bytes: u64,
+    /// Share of `max_bytes` other sites' events may take (default: a
+    /// quarter). Past it, the oldest of them are evicted: they are in the
+    /// central database already. This site's pending events never are.
+    pub remote_max_bytes: Option<u64>,
     /// Forwarded rows older than this are pruned. Pending rows never are.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
@@ -387,10 +391,19 @@ impl Default for MqttConfig {
     }
 }
 
+impl LogConfig {
+    /// Bytes other sites' events may take: `remote_max_bytes`, else a quarter
+    /// of `max_bytes`.
+    pub fn remote_budget(&self) -> u64 {
+        self.remote_max_bytes.unwrap_or(self.max_bytes / 4)
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             max_bytes: 8 * 1024 * 1024 * 1024,
+            remote_max_bytes: None,
             retention: Duration::from_secs(7 * 24 * 3600),
             commit_max_rows: 2000,
             commit_max_bytes: 8 * 1024 * 1024,

@@ -93,6 +93,9 @@ impl Config {
         if self.log.commit_max_rows == 0 {
             problems.push("log.commit_max_rows: must be at least 1".into());
         }
+        if self.log.remote_max_bytes.is_some_and(|r| r > self.log.max_bytes) {
+            problems.push("log.remote_max_bytes: must not exceed log.max_bytes".into());
+        }
         if self.log.commit_max_bytes < 64 * 1024 {
             problems.push("log.commit_max_bytes: must be at least 65536".into());
         }

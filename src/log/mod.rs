@@ -42,6 +42,7 @@ pub trait CommitObserver: Send + Sync {
 #[derive(Debug, Default)]
 pub struct Counters {
     pub backlog_rows: AtomicI64,
+    pub remote_bytes: AtomicI64,
     /// Bytes of pending rows, as `event::row_bytes` counts them.
     pub backlog_bytes: AtomicI64,
     pub total_rows: AtomicI64,
@@ -53,6 +54,7 @@ impl Counters {
     /// Overwrites every gauge with a scan's result.
     pub fn set(&self, s: &schema::Scan) {
         self.backlog_rows.store(s.backlog_rows, Ordering::Relaxed);
+        self.remote_bytes.store(s.remote_bytes, Ordering::Relaxed);
         self.backlog_bytes.store(s.backlog_bytes, Ordering::Relaxed);
         self.total_rows.store(s.total_rows, Ordering::Relaxed);
         self.dead_letters.store(s.dead_letters, Ordering::Relaxed);
@@ -63,6 +65,7 @@ impl Counters {
     pub fn get(&self) -> schema::Scan {
         schema::Scan {
             backlog_rows: self.backlog_rows.load(Ordering::Relaxed),
+            remote_bytes: self.remote_bytes.load(Ordering::Relaxed),
             backlog_bytes: self.backlog_bytes.load(Ordering::Relaxed),
             total_rows: self.total_rows.load(Ordering::Relaxed),
             dead_letters: self.dead_letters.load(Ordering::Relaxed),

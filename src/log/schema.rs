@@ -233,14 +233,20 @@ pub fn mark_forwarded(conn: &Connection, seqs: &[i64], now_us: i64) -> Result<(u
 
 /// Deletes up to `limit` forwarded rows received and forwarded before
 /// `cutoff_us`. Pending rows are never touched.
-pub fn prune(conn: &Connection, cutoff_us: i64, limit: usize) -> Result<usize, Error> {
-    let mut stmt = conn.prepare_cached(
+/// Returns the rows deleted and the bytes of other sites' events among them.
+pub fn prune(conn: &Connection, cutoff_us: i64, limit: usize, site_id: &str) -> Result<(usize, i64), Error> {
+    let mut stmt = conn.prepare_cached(&format!(
         "DELETE FROM events WHERE seq IN (
             SELECT seq FROM events
             WHERE forwarded_at IS NOT NULL AND forwarded_at < ?1 AND received_at < ?1
-            LIMIT ?2)",
-    )?;
-    Ok(stmt.execute(params![cutoff_us, i64::try_from(limit).unwrap_or(i64::MAX)])?)
+            LIMIT ?2)
+         RETURNING CASE WHEN origin_site != ?3
+             THEN length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD} ELSE 0 END"
+    ))?;
+    let freed: Vec<i64> = stmt
+        .query_map(params![cutoff_us, i64::try_from(limit).unwrap_or(i64::MAX), site_id], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    Ok((freed.len(), freed.iter().sum()))
 }
 
 const EVENT_COLUMNS: &str =
@@ -614,6 +620,8 @@ pub fn last_seq(conn: &Connection) -> Result<i64, Error> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Scan {
     pub backlog_rows: i64,
+    /// Bytes of other sites' events (`event::row_bytes`).
+    pub remote_bytes: i64,
     pub backlog_bytes: i64,
     pub total_rows: i64,
     pub dead_letters: i64,
@@ -622,7 +630,15 @@ pub struct Scan {
 
 /// Counts the gauges by scanning (at start, and after another process
 /// changed the events): O(rows).
-pub fn scan(conn: &Connection) -> Result<Scan, Error> {
+pub fn scan(conn: &Connection, site_id: &str) -> Result<Scan, Error> {
+    let remote_bytes: i64 = conn.query_row(
+        &format!(
+            "SELECT coalesce(sum(length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD}), 0)
+             FROM events WHERE origin_site != ?1"
+        ),
+        [site_id],
+        |r| r.get(0),
+    )?;
     let (backlog_rows, backlog_bytes): (i64, i64) = conn.query_row(
         &format!(
             "SELECT count(*), coalesce(sum(length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD}), 0)
@@ -639,7 +655,7 @@ pub fn scan(conn: &Connection) -> Result<Scan, Error> {
             r.get(0)
         })?;
     let dead_letters: i64 = conn.query_row("SELECT count(*) FROM dead_letter", [], |r| r.get(0))?;
-    Ok(Scan { backlog_rows, backlog_bytes, total_rows, dead_letters, last_seq })
+    Ok(Scan { backlog_rows, remote_bytes, backlog_bytes, total_rows, dead_letters, last_seq })
 }
 
 /// Changes whenever a process other than the writer changed the events
@@ -697,5 +713,24 @@ pub struct LogStatus {
 /// Backlog, oldest pending age, devices and size, counted by a scan (the
 /// CLI's `outpost status`; the running appliance keeps `log::Counters`).
 pub fn status(conn: &Connection, now_us: i64) -> Result<LogStatus, Error> {
-    status_from(conn, scan(conn)?, now_us)
+    status_from(conn, scan(conn, "")?, now_us)
+}
+
+/// Deletes the oldest events of other sites (already central) until at
+/// least `need` bytes are freed or none are left: `(rows, bytes)`.
+pub fn evict_remote(conn: &Connection, site_id: &str, need: i64) -> Result<(usize, i64), Error> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE origin_site != ?1 ORDER BY seq LIMIT 256)
+         RETURNING length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD}"
+    ))?;
+    let (mut rows, mut bytes) = (0, 0i64);
+    while bytes < need {
+        let freed: Vec<i64> = stmt.query_map([site_id], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        if freed.is_empty() {
+            break;
+        }
+        rows += freed.len();
+        bytes += freed.iter().sum::<i64>();
+    }
+    Ok((rows, bytes))
 }

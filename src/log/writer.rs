@@ -27,6 +27,10 @@ use crate::metrics::Metrics;
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
     pub max_bytes: u64,
+    /// Bytes other sites' events may take (`log.remote_max_bytes`).
+    pub remote_max_bytes: u64,
+    /// This site: events from any other are remote.
+    pub site_id: String,
     pub commit_max_rows: usize,
     pub commit_max_bytes: usize,
     pub queue_capacity: usize,
@@ -117,7 +121,7 @@ pub fn spawn(
     let writer_full = full.clone();
     // Counted once here; the writer keeps the gauges from then on.
     let counters = Arc::new(super::Counters::default());
-    counters.set(&schema::scan(&conn)?);
+    counters.set(&schema::scan(&conn, &config.site_id)?);
     let log_version = schema::log_version(&conn)?;
     let writer_counters = counters.clone();
     let thread = std::thread::Builder::new()
@@ -313,7 +317,7 @@ impl Writer {
         use std::sync::atomic::Ordering::Relaxed;
         let c = &self.counters;
         if g.log_version != self.log_version {
-            match schema::scan(&self.conn) {
+            match schema::scan(&self.conn, &self.config.site_id) {
                 Ok(s) => {
                     c.set(&s);
                     self.log_version = g.log_version;
@@ -323,6 +327,10 @@ impl Writer {
             return;
         }
         c.backlog_rows.fetch_add(g.d_backlog_rows, Relaxed);
+        c.remote_bytes.fetch_add(g.d_remote_bytes, Relaxed);
+        if g.remote_evicted > 0 {
+            self.metrics.remote_evicted.inc_by(g.remote_evicted as u64);
+        }
         c.backlog_bytes.fetch_add(g.d_backlog_bytes, Relaxed);
         c.total_rows.fetch_add(g.d_total_rows, Relaxed);
         c.dead_letters.fetch_add(g.d_dead_letters, Relaxed);
@@ -362,12 +370,52 @@ impl Writer {
                     }
                     g.delivers.push(deliver(reply, result));
                 }
-                Command::AppendRemote { events, reply } => {
+                Command::AppendRemote { mut events, reply } => {
+                    // Other sites' events stay within their share of the
+                    // budget (and the budget): the oldest of them make room.
+                    // A batch larger than the whole share keeps its newest
+                    // part; the rest counts as evicted (its cursor moves on).
+                    let mut size: i64 = events.iter().map(|r| r.event.size_hint() as i64).sum();
+                    let share = self.config.remote_max_bytes as i64;
+                    let mut skip = 0;
+                    while size > share && skip < events.len() {
+                        size -= events[skip].event.size_hint() as i64;
+                        skip += 1;
+                    }
+                    for r in events.drain(..skip) {
+                        schema::advance_remote_cursor(&tx, &r.event.tenant, &r.event.origin_site, r.site_seq)?;
+                    }
+                    g.remote_evicted += skip;
+                    let remote =
+                        self.counters.remote_bytes.load(std::sync::atomic::Ordering::Relaxed) + g.d_remote_bytes;
+                    let over_share = remote + size - self.config.remote_max_bytes as i64;
+                    let over_budget = (projected as i64) + size - max_bytes as i64;
+                    let need = over_share.max(over_budget);
+                    if need > 0 {
+                        let (rows, bytes) = schema::evict_remote(&tx, &self.config.site_id, need)?;
+                        g.d_remote_bytes -= bytes;
+                        g.d_total_rows -= rows as i64;
+                        g.remote_evicted += rows;
+                        projected = projected.saturating_sub(bytes as u64);
+                        if bytes < need {
+                            // This site's own events fill the budget: other
+                            // sites' events wait in central (no cursor moves).
+                            tracing::warn!(
+                                bytes = size,
+                                "site log full of this site's events: remote events not stored"
+                            );
+                            g.delivers.push(deliver(reply, Ok(0)));
+                            continue;
+                        }
+                    }
                     // An error here fails the whole group: nothing half-stored.
                     let before = g.new_events.len();
                     let added = append_remote(&tx, events, &mut g.new_events)?;
+                    let new = &g.new_events[before..];
                     g.d_total_rows += added as i64;
-                    g.last_seq = g.new_events[before..].iter().map(|(s, _)| *s).fold(g.last_seq, i64::max);
+                    g.d_remote_bytes += new.iter().map(|(_, e)| e.size_hint() as i64).sum::<i64>();
+                    projected += new.iter().map(|(_, e)| e.size_hint() as u64).sum::<u64>();
+                    g.last_seq = new.iter().map(|(s, _)| *s).fold(g.last_seq, i64::max);
                     g.delivers.push(deliver(reply, Ok(added)));
                 }
                 Command::Presence { tenant, device_id, online, reply } => {
@@ -398,7 +446,11 @@ impl Writer {
                 Command::Prune { cutoff_us, limit, reply } => {
                     // Held QoS 2 packet ids as old as pruned events belong to sessions long gone.
                     schema::prune_qos2(&tx, cutoff_us)?;
-                    let r = schema::prune(&tx, cutoff_us, limit).inspect(|n| g.d_total_rows -= *n as i64);
+                    let r = schema::prune(&tx, cutoff_us, limit, &self.config.site_id).map(|(n, remote)| {
+                        g.d_total_rows -= n as i64;
+                        g.d_remote_bytes -= remote;
+                        n
+                    });
                     g.delivers.push(deliver(reply, r));
                 }
                 Command::AddDevice { tenant, device_id, name, reply } => {
@@ -443,6 +495,8 @@ struct Group {
     /// Changes to the gauges, applied after the commit.
     d_backlog_rows: i64,
     d_backlog_bytes: i64,
+    d_remote_bytes: i64,
+    remote_evicted: usize,
     d_total_rows: i64,
     d_dead_letters: i64,
     last_seq: i64,

@@ -72,6 +72,8 @@ pub async fn run(args: ForwardArgs, config: Config) -> anyhow::Result<()> {
         conn,
         log::WriterConfig {
             max_bytes: u64::MAX,
+            remote_max_bytes: u64::MAX,
+            site_id: "bench-site".into(),
             commit_max_rows: 10_000,
             commit_max_bytes: 64 << 20,
             queue_capacity: 64,
