@@ -67,6 +67,12 @@ impl Error {
     pub fn is_missing_schema(&self) -> bool {
         matches!(self.sqlstate(), Some("3F000" | "42P01"))
     }
+
+    /// A batch ran out of time: the client-side bound, or the server's
+    /// statement (57014) or idle-in-transaction (25P03) timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout(_)) || matches!(self.sqlstate(), Some("57014" | "25P03"))
+    }
 }
 
 /// The error of a stage that moves rows between the site log and the central
@@ -98,5 +104,10 @@ impl StageError {
     /// The tenant's schema or table is missing centrally.
     pub fn is_missing_schema(&self) -> bool {
         matches!(self, StageError::Central(c) if c.is_missing_schema())
+    }
+
+    /// A batch ran out of time (see [`Error::is_timeout`]): send less at once.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, StageError::Central(c) if c.is_timeout())
     }
 }

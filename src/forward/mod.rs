@@ -9,6 +9,9 @@
 //!   (100 ms doubling to `central.max_backoff`, jittered) and retry forever.
 //! - Data errors (SQLSTATE classes 22 and 23) bisect the batch until the
 //!   poison rows are isolated; those move to `dead_letter`, the rest go on.
+//! - A batch that times out is sent again at half the size (rows and bytes,
+//!   down to one row); quick successes double it back up to the configured
+//!   caps. So a slow uplink drains instead of resending one batch forever.
 //! - No SQLite connection is held across an `.await` (reads run on the
 //!   blocking pool, writes go through the writer thread).
 
@@ -137,19 +140,50 @@ pub struct Forwarder {
 /// Marks (site-log commits) allowed in flight behind central commits.
 const MAX_MARKS_IN_FLIGHT: usize = 4;
 
+/// The batch size in use, within the configured caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BatchLimit {
+    rows: usize,
+    bytes: usize,
+}
+
+impl BatchLimit {
+    /// Halves rows and bytes (at least one row always goes); false when
+    /// already at one row.
+    fn shrink(&mut self) -> bool {
+        let before = *self;
+        self.rows = (self.rows / 2).max(1);
+        self.bytes = (self.bytes / 2).max(1);
+        *self != before && before.rows > 1
+    }
+
+    /// Doubles rows and bytes up to `max`; false when already there.
+    fn grow(&mut self, max: BatchLimit) -> bool {
+        let before = *self;
+        self.rows = self.rows.saturating_mul(2).min(max.rows);
+        self.bytes = self.bytes.saturating_mul(2).min(max.bytes);
+        *self != before
+    }
+}
+
 /// Overlaps the three steps of forwarding: while Postgres commits batch N, the
 /// site log is marking batch N-1 and reading batch N+1. `cursor` is the last
 /// seq handed to a central write; reads continue after it, and it returns to
 /// 0 after an error or when nothing follows it (rows made pending again by
 /// `replay` or `dead-letter retry` sit before it).
-#[derive(Default)]
 struct Pipeline {
+    /// Current batch size (see [`BatchLimit`]).
+    limit: BatchLimit,
     cursor: i64,
     marks: VecDeque<JoinHandle<Result<usize, log::Error>>>,
     prefetch: Option<JoinHandle<Result<Vec<StoredEvent>, log::Error>>>,
 }
 
 impl Pipeline {
+    fn new(limit: BatchLimit) -> Self {
+        Self { limit, cursor: 0, marks: VecDeque::new(), prefetch: None }
+    }
+
     /// Waits for every mark in flight. A failed mark leaves its rows
     /// pending: they are sent again and ignored centrally.
     async fn settle_marks(&mut self) {
@@ -184,10 +218,15 @@ impl Forwarder {
     /// Forwards until `shutdown`. Only configuration problems found at start
     /// are fatal; everything later is retried.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let mut pipeline = Pipeline::default();
+        let mut pipeline = Pipeline::new(self.max_limit());
         let result = self.run_pipeline(&mut pipeline, shutdown).await;
         pipeline.rewind().await;
         result
+    }
+
+    /// The configured batch caps.
+    fn max_limit(&self) -> BatchLimit {
+        BatchLimit { rows: self.config.batch_rows, bytes: self.config.batch_bytes }
     }
 
     async fn run_pipeline(&self, p: &mut Pipeline, shutdown: CancellationToken) -> Result<(), Error> {
@@ -254,6 +293,7 @@ impl Forwarder {
                     continue;
                 }
             };
+            let started = Instant::now();
             let result = tokio::select! {
                 // Shutdown mid-batch is safe: uncommitted rows stay pending.
                 _ = shutdown.cancelled() => return Ok(()),
@@ -263,10 +303,26 @@ impl Forwarder {
                 Ok(()) => {
                     p.cursor = batch.last().map_or(p.cursor, |e| e.seq);
                     self.up(&mut backoff);
+                    // Grow only when a doubled batch would likely still fit
+                    // the statement timeout, or it would saw-tooth.
+                    if started.elapsed() < self.config.statement_timeout / 4 && p.limit.grow(self.max_limit()) {
+                        tracing::info!(
+                            batch_rows = p.limit.rows,
+                            batch_bytes = p.limit.bytes,
+                            "forward batch size doubled after a quick batch"
+                        );
+                    }
                 }
                 Err(e) => {
                     central = None;
                     p.rewind().await;
+                    if e.is_timeout() && p.limit.shrink() {
+                        tracing::info!(
+                            batch_rows = p.limit.rows,
+                            batch_bytes = p.limit.bytes,
+                            "forward batch size halved after a timeout"
+                        );
+                    }
                     if self.failed(e, &mut backoff, &mut migrated, &shutdown).await {
                         return Ok(());
                     }
@@ -309,7 +365,7 @@ impl Forwarder {
     /// `batch_wait`). `None` after an idle wait, so the caller can re-check
     /// the connection. A full batch starts the read of the one after it.
     async fn next_batch(&self, p: &mut Pipeline) -> Result<Option<Vec<StoredEvent>>, Error> {
-        let (max_rows, max_bytes) = (self.config.batch_rows, self.config.batch_bytes);
+        let (max_rows, max_bytes) = (p.limit.rows, p.limit.bytes);
         let mut batch = match p.prefetch.take() {
             Some(h) => h.await.map_err(|e| log::Error::Join(e.to_string()))??,
             None => Vec::new(),
@@ -467,4 +523,29 @@ pub async fn migrate_central(config: &CentralConfig, tenants: &[String]) -> Resu
         out.push((t.clone(), schema::migrate_tenant(c.client_mut(), t, config.notify).await?));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timed_out_batch_halves_down_to_one_row_and_grows_back_to_the_caps() {
+        let max = BatchLimit { rows: 5000, bytes: 8 * 1024 * 1024 };
+        let mut limit = max;
+        assert!(limit.shrink());
+        assert_eq!(limit, BatchLimit { rows: 2500, bytes: 4 * 1024 * 1024 });
+        let mut halvings = 1;
+        while limit.shrink() {
+            halvings += 1;
+        }
+        assert_eq!(limit.rows, 1, "never below one row");
+        assert_eq!(halvings, 12);
+        let mut doublings = 0;
+        while limit.grow(max) {
+            doublings += 1;
+        }
+        assert_eq!(limit, max, "back to the configured caps, never above");
+        assert_eq!(doublings, 13);
+    }
 }
