@@ -550,6 +550,16 @@ async fn proc_ingest(proc: &Proc, token: &str, device: &str, n: usize, pad: usiz
     ids
 }
 
+/// The child's `/api/v1/status` uplink object.
+async fn proc_uplink(proc: &Proc) -> Value {
+    let Ok(r) = reqwest::get(format!("{}/api/v1/status", proc.base())).await else { return Value::Null };
+    r.json::<Value>().await.map(|v| v["uplink"].clone()).unwrap_or(Value::Null)
+}
+
+async fn proc_get_text(proc: &Proc, path: &str) -> String {
+    reqwest::get(format!("{}{path}", proc.base())).await.unwrap().text().await.unwrap()
+}
+
 /// A 10 MB backlog over a 1 Mbit/s uplink whose statement timeout (2 s) is
 /// far shorter than one full batch takes (5000 rows ≈ 5 MB ≈ 40 s): a
 /// forwarder that resends the same batch after each timeout never drains;
@@ -605,5 +615,61 @@ async fn a_10_mb_backlog_drains_over_a_1_mbit_uplink_by_halving_timed_out_batche
     let halved: Vec<&String> = lines.iter().filter(|l| l.contains("forward batch size halved")).collect();
     assert!(!halved.is_empty(), "the batch was never halved");
     assert!(halved[0].contains("batch_rows=2500"), "the new size is logged: {}", halved[0]);
+    assert_exactly_once(&central_rows(&pg).await, &HashMap::from([("d1".to_string(), ids)]));
+}
+
+/// A silent partition (the proxy swallows every byte, closes nothing) of an
+/// idle uplink shows as `down` with its reason within 10 s in the status
+/// document, `/metrics` and the status page, stays down while it lasts
+/// (20 s), and is `up` again within 2 s of the heal. Default timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_partition_shows_down_within_10_s_and_up_within_2_s_of_the_heal() {
+    let pg = Pg::start();
+    let proxy = Proxy::start(format!("127.0.0.1:{}", pg.port).parse().unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = common::add_device(dir.path(), "acme", "d1");
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
+    let proc = Proc::start(dir.path(), &proc_central_env(&url, &[]));
+    let mut ids = proc_ingest(&proc, &token, "d1", 100, 10).await;
+    assert!(eventually(Duration::from_secs(20), || async { proc_pending(dir.path()) == 0 }).await);
+    assert_eq!(proc_uplink(&proc).await["state"], "up");
+
+    proxy.set(Mode::Blackhole);
+    let cut = std::time::Instant::now();
+    let down = eventually(Duration::from_secs(30), || async { proc_uplink(&proc).await["state"] == "down" }).await;
+    let noticed = cut.elapsed();
+    assert!(down, "a silent partition never showed: {}", proc_uplink(&proc).await);
+    eprintln!("silent partition shown down after {:.1} s", noticed.as_secs_f64());
+    assert!(noticed <= Duration::from_secs(10), "down shown after {noticed:?}");
+    let uplink = proc_uplink(&proc).await;
+    let reason = uplink["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("no answer from central"), "{uplink}");
+    assert!(proc_get_text(&proc, "/metrics").await.contains("outpost_uplink_up 0"));
+    // The LISTEN connection pings too, and notices the same silence.
+    let listen_down = || async { proc_get_text(&proc, "/metrics").await.contains("outpost_listen_up 0") };
+    assert!(eventually(Duration::from_secs(10), listen_down).await, "LISTEN connection still counted up");
+    let page = proc_get_text(&proc, "/").await;
+    assert!(page.contains(r#"id="uplink-state">DOWN<"#), "status page: {page}");
+    assert!(page.contains(r#"id="uplink-reason">no answer from central"#), "status page: {page}");
+    // Events keep being accepted; the uplink stays down (not "connecting")
+    // for the rest of the 20 s partition.
+    ids.extend(proc_ingest(&proc, &token, "d1", 100, 10).await);
+    while cut.elapsed() < Duration::from_secs(20) {
+        assert_eq!(proc_uplink(&proc).await["state"], "down");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(proc_pending(dir.path()), 100);
+
+    proxy.set(Mode::Pass);
+    let healed = std::time::Instant::now();
+    let up = eventually(Duration::from_secs(30), || async { proc_uplink(&proc).await["state"] == "up" }).await;
+    let recovered = healed.elapsed();
+    assert!(up, "never up again: {}", proc_uplink(&proc).await);
+    eprintln!("heal shown up after {:.2} s", recovered.as_secs_f64());
+    assert!(recovered <= Duration::from_secs(2), "up shown {recovered:?} after the heal");
+    assert!(proc_get_text(&proc, "/metrics").await.contains("outpost_uplink_up 1"));
+    let listen_up = || async { proc_get_text(&proc, "/metrics").await.contains("outpost_listen_up 1") };
+    assert!(eventually(Duration::from_secs(15), listen_up).await, "LISTEN connection not back");
+    assert!(eventually(Duration::from_secs(20), || async { proc_pending(dir.path()) == 0 }).await);
     assert_exactly_once(&central_rows(&pg).await, &HashMap::from([("d1".to_string(), ids)]));
 }

@@ -17,6 +17,9 @@ pub enum Error {
     Postgres(#[from] tokio_postgres::Error),
     #[error("central database did not answer ({0}) in time")]
     Timeout(&'static str),
+    /// A ping or connect met silence: a partition, not a slow server.
+    #[error("no answer from central for {} s ({what})", .after.as_secs())]
+    NoAnswer { what: &'static str, after: std::time::Duration },
     #[error("central configuration: {0}")]
     Config(String),
     #[error("invalid tenant name {0:?}")]
@@ -109,5 +112,11 @@ impl StageError {
     /// A batch ran out of time (see [`Error::is_timeout`]): send less at once.
     pub fn is_timeout(&self) -> bool {
         matches!(self, StageError::Central(c) if c.is_timeout())
+    }
+
+    /// Central did not answer at all (a silent partition): probe again soon
+    /// rather than after a long backoff, since silence costs central nothing.
+    pub fn is_no_answer(&self) -> bool {
+        matches!(self, StageError::Central(Error::NoAnswer { .. }))
     }
 }

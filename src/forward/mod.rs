@@ -12,6 +12,9 @@
 //! - A batch that times out is sent again at half the size (rows and bytes,
 //!   down to one row); quick successes double it back up to the configured
 //!   caps. So a slow uplink drains instead of resending one batch forever.
+//! - Silence is failure: an idle forwarder pings central every
+//!   `central.ping_interval`; a ping or connect unanswered for
+//!   `central.answer_timeout` marks the uplink down and reconnects.
 //! - No SQLite connection is held across an `.await` (reads run on the
 //!   blocking pool, writes go through the writer thread).
 
@@ -21,6 +24,8 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -102,6 +107,14 @@ impl ForwardStatus {
         }
     }
 
+    /// `Connecting`, unless the uplink is already known to be down: its
+    /// reconnect attempts keep showing `down` with the reason.
+    fn connecting(&self) {
+        if self.lock().state != Uplink::Down {
+            self.set(Uplink::Connecting, None);
+        }
+    }
+
     fn forwarded(&self, rows: usize) {
         let mut s = self.lock();
         let now = Instant::now();
@@ -139,6 +152,13 @@ pub struct Forwarder {
 
 /// Marks (site-log commits) allowed in flight behind central commits.
 const MAX_MARKS_IN_FLIGHT: usize = 4;
+
+/// While a connect attempt hangs, a fresh one starts this often beside it,
+/// and this is the longest wait between attempts after central went silent.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Connect attempts in flight at most (enough to cover the default
+/// `connect_timeout` at one start a second).
+const MAX_PROBES: usize = 16;
 
 /// The batch size in use, within the configured caps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,14 +253,17 @@ impl Forwarder {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.config.max_backoff);
         let mut central: Option<Central> = None;
         let mut migrated: HashSet<String> = HashSet::new();
+        // When central last answered anything; an idle forwarder pings after
+        // `ping_interval` without an answer.
+        let mut last_answer = Instant::now();
         tracing::info!(central = ?self.connector, "forwarder started");
         loop {
             // Connect (and migrate) eagerly, so schemas exist at startup and
             // the uplink state is true even when nothing is flowing.
             if central.as_ref().is_none_or(Central::is_closed) {
                 let connect = async {
-                    self.status.set(Uplink::Connecting, None);
-                    let mut c = Central::open(&self.connector).await?;
+                    self.status.connecting();
+                    let mut c = self.open().await?;
                     if self.config.migrate {
                         self.migrate_known(&mut c, &mut migrated).await?;
                     }
@@ -254,6 +277,7 @@ impl Forwarder {
                     Ok(c) => {
                         tracing::info!("central database connected");
                         central = Some(c);
+                        last_answer = Instant::now();
                         self.up(&mut backoff);
                     }
                     Err(e) => {
@@ -272,12 +296,24 @@ impl Forwarder {
             let batch = match batch {
                 Ok(Some(b)) => b,
                 // Idle: give tenants registered since the connect their
-                // schema (central readers see it within IDLE_POLL), then
-                // loop to re-check the connection.
+                // schema (central readers see it within IDLE_POLL), make
+                // sure central still answers, then loop to re-check the
+                // connection.
                 Ok(None) => {
-                    if self.config.migrate
-                        && let Err(e) = self.migrate_known(c, &mut migrated).await
-                    {
+                    let mut result = Ok(());
+                    if self.config.migrate {
+                        result = self.migrate_known(c, &mut migrated).await;
+                    }
+                    if result.is_ok() && last_answer.elapsed() >= self.config.ping_interval {
+                        result = tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(()),
+                            r = c.ping(self.connector.answer_timeout) => r,
+                        };
+                        if result.is_ok() {
+                            last_answer = Instant::now();
+                        }
+                    }
+                    if let Err(e) = result {
                         central = None;
                         if self.failed(e, &mut backoff, &mut migrated, &shutdown).await {
                             return Ok(());
@@ -302,6 +338,7 @@ impl Forwarder {
             match result {
                 Ok(()) => {
                     p.cursor = batch.last().map_or(p.cursor, |e| e.seq);
+                    last_answer = Instant::now();
                     self.up(&mut backoff);
                     // Grow only when a doubled batch would likely still fit
                     // the statement timeout, or it would saw-tooth.
@@ -331,6 +368,32 @@ impl Forwarder {
         }
     }
 
+    /// Opens a connection. An attempt that hangs (a silent partition
+    /// swallows the startup) does not hold up the next: a fresh one starts
+    /// every [`PROBE_EVERY`] beside it, and the first to connect wins, so a
+    /// heal shows within about a second however long connects may take.
+    async fn open(&self) -> Result<Central, Error> {
+        let mut attempts = FuturesUnordered::new();
+        attempts.push(Central::open(&self.connector));
+        let mut next = tokio::time::Instant::now() + PROBE_EVERY;
+        loop {
+            tokio::select! {
+                r = attempts.next() => match r {
+                    Some(Ok(c)) => return Ok(c),
+                    // A quick failure (refused, bad password) with nothing
+                    // else pending goes to the backoff like any other.
+                    Some(Err(e)) if attempts.is_empty() => return Err(e),
+                    Some(Err(e)) => tracing::debug!(error = %e, "central connect attempt failed; others pending"),
+                    None => return Err(central::Error::Timeout("connect").into()),
+                },
+                _ = tokio::time::sleep_until(next), if attempts.len() < MAX_PROBES => {
+                    attempts.push(Central::open(&self.connector));
+                    next = tokio::time::Instant::now() + PROBE_EVERY;
+                }
+            }
+        }
+    }
+
     fn up(&self, backoff: &mut Backoff) {
         backoff.reset();
         self.status.set(Uplink::Up, None);
@@ -351,7 +414,10 @@ impl Forwarder {
                 tracing::error!("central schema missing and central.migrate = false: run `outpost migrate --central`");
             }
         }
-        let delay = backoff.next_delay();
+        let mut delay = backoff.next_delay();
+        if e.is_no_answer() {
+            delay = delay.min(PROBE_EVERY);
+        }
         self.status.set(Uplink::Down, Some(e.to_string()));
         self.metrics.uplink_up.set(0);
         self.metrics.forward_retries.inc();
@@ -547,5 +613,14 @@ mod tests {
         }
         assert_eq!(limit, max, "back to the configured caps, never above");
         assert_eq!(doublings, 13);
+    }
+
+    #[test]
+    fn silence_names_how_long_central_did_not_answer() {
+        let e: Error = central::Error::NoAnswer { what: "ping", after: Duration::from_secs(5) }.into();
+        assert_eq!(e.to_string(), "no answer from central for 5 s (ping)");
+        assert!(e.is_no_answer() && !e.is_timeout() && !e.is_data_error());
+        let batch: Error = central::Error::Timeout("batch write").into();
+        assert!(batch.is_timeout() && !batch.is_no_answer());
     }
 }
