@@ -505,3 +505,171 @@ async fn a_tenant_registered_after_the_uplink_is_up_gets_its_schema_while_idle()
     };
     assert!(eventually(Duration::from_secs(5), exists).await, "no central schema for a tenant registered later");
 }
+
+/// Environment for a child appliance forwarding to `url` (raised limits,
+/// retries quick enough for a test; the timeouts under test stay default
+/// unless `extra` sets them).
+fn proc_central_env<'a>(url: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut env = vec![
+        ("OUTPOST_CENTRAL__URL", url),
+        ("OUTPOST_CENTRAL__TLS", "disable"),
+        ("OUTPOST_CENTRAL__BATCH_WAIT", "20ms"),
+        ("OUTPOST_LIMITS__PER_SECOND", "1000000"),
+        ("OUTPOST_LIMITS__PER_MINUTE", "10000000"),
+        ("OUTPOST_LIMITS__PER_HOUR", "100000000"),
+    ];
+    env.extend_from_slice(extra);
+    env
+}
+
+/// Rows still pending in a child appliance's site log.
+fn proc_pending(data_dir: &std::path::Path) -> i64 {
+    let conn = outpost::log::open(&data_dir.join("site-log.sqlite"), true).unwrap();
+    outpost::log::schema::status(&conn, 0).unwrap().backlog_rows
+}
+
+/// Posts `n` events of about `pad` bytes each to a child appliance; returns the acked ids.
+async fn proc_ingest(proc: &Proc, token: &str, device: &str, n: usize, pad: usize) -> Vec<String> {
+    let client = reqwest::Client::new();
+    let mut ids = Vec::with_capacity(n);
+    for start in (0..n).step_by(1000) {
+        let items: Vec<Value> = (start..(start + 1000).min(n))
+            .map(|k| json!({"device_id": device, "event_type": "reading", "payload": {"k": k, "pad": "x".repeat(pad)}}))
+            .collect();
+        let r = client
+            .post(format!("{}/api/v1/realtime/acme/events", proc.base()))
+            .bearer_auth(token)
+            .json(&items)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let body: Value = r.json().await.unwrap();
+        ids.extend(body["results"].as_array().unwrap().iter().map(|x| x["id"].as_str().unwrap().to_string()));
+    }
+    ids
+}
+
+/// The child's `/api/v1/status` uplink object.
+async fn proc_uplink(proc: &Proc) -> Value {
+    let Ok(r) = reqwest::get(format!("{}/api/v1/status", proc.base())).await else { return Value::Null };
+    r.json::<Value>().await.map(|v| v["uplink"].clone()).unwrap_or(Value::Null)
+}
+
+async fn proc_get_text(proc: &Proc, path: &str) -> String {
+    reqwest::get(format!("{}{path}", proc.base())).await.unwrap().text().await.unwrap()
+}
+
+/// A 10 MB backlog over a 1 Mbit/s uplink whose statement timeout (2 s) is
+/// far shorter than one full batch takes (5000 rows ≈ 5 MB ≈ 40 s): a
+/// forwarder that resends the same batch after each timeout never drains;
+/// one that halves it does, exactly once. Prints the drain time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_10_mb_backlog_drains_over_a_1_mbit_uplink_by_halving_timed_out_batches() {
+    const EVENTS: usize = 10_000;
+    const RATE: u64 = 125_000; // 1 Mbit/s
+    let bound = Duration::from_secs(300);
+    let pg = Pg::start();
+    let proxy = Proxy::start(format!("127.0.0.1:{}", pg.port).parse().unwrap()).await;
+    // Central unreachable while the backlog builds.
+    proxy.set(Mode::Refuse);
+    let dir = tempfile::tempdir().unwrap();
+    let token = common::add_device(dir.path(), "acme", "d1");
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
+    let env = proc_central_env(
+        &url,
+        &[("OUTPOST_CENTRAL__STATEMENT_TIMEOUT", "2s"), ("OUTPOST_CENTRAL__MAX_BACKOFF", "500ms")],
+    );
+    let proc = Proc::start(dir.path(), &env);
+    let ids = proc_ingest(&proc, &token, "d1", EVENTS, 1000).await;
+    assert_eq!(proc_pending(dir.path()), EVENTS as i64);
+    let backlog_bytes = {
+        let conn = outpost::log::open(&dir.path().join("site-log.sqlite"), true).unwrap();
+        outpost::log::schema::status(&conn, 0).unwrap().backlog_bytes
+    };
+    assert!(backlog_bytes >= 10_000_000, "backlog is {backlog_bytes} bytes");
+
+    proxy.set(Mode::Bandwidth(RATE));
+    let started = std::time::Instant::now();
+    let drained =
+        eventually(bound, || async { central_count(&pg).await == EVENTS as i64 && proc_pending(dir.path()) == 0 })
+            .await;
+    let took = started.elapsed();
+    let lines: Vec<String> = proc.stderr_tail.try_iter().collect();
+    assert!(
+        drained,
+        "not drained in {bound:?}: {} central, {} pending; batch size changes: {:?}",
+        central_count(&pg).await,
+        proc_pending(dir.path()),
+        lines.iter().filter(|l| l.contains("forward batch size")).collect::<Vec<_>>()
+    );
+    eprintln!(
+        "drained {EVENTS} events ({:.1} MB backlog) over {} Mbit/s in {:.1} s",
+        backlog_bytes as f64 / 1e6,
+        RATE * 8 / 1_000_000,
+        took.as_secs_f64()
+    );
+    for l in lines.iter().filter(|l| l.contains("forward batch size")) {
+        eprintln!("  {}", l.split_once("outpost::forward").map_or(l.as_str(), |(_, rest)| rest));
+    }
+    let halved: Vec<&String> = lines.iter().filter(|l| l.contains("forward batch size halved")).collect();
+    assert!(!halved.is_empty(), "the batch was never halved");
+    assert!(halved[0].contains("batch_rows=2500"), "the new size is logged: {}", halved[0]);
+    assert_exactly_once(&central_rows(&pg).await, &HashMap::from([("d1".to_string(), ids)]));
+}
+
+/// A silent partition (the proxy swallows every byte, closes nothing) of an
+/// idle uplink shows as `down` with its reason within 10 s in the status
+/// document, `/metrics` and the status page, stays down while it lasts
+/// (20 s), and is `up` again within 2 s of the heal. Default timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_partition_shows_down_within_10_s_and_up_within_2_s_of_the_heal() {
+    let pg = Pg::start();
+    let proxy = Proxy::start(format!("127.0.0.1:{}", pg.port).parse().unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = common::add_device(dir.path(), "acme", "d1");
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
+    let proc = Proc::start(dir.path(), &proc_central_env(&url, &[]));
+    let mut ids = proc_ingest(&proc, &token, "d1", 100, 10).await;
+    assert!(eventually(Duration::from_secs(20), || async { proc_pending(dir.path()) == 0 }).await);
+    assert_eq!(proc_uplink(&proc).await["state"], "up");
+
+    proxy.set(Mode::Blackhole);
+    let cut = std::time::Instant::now();
+    let down = eventually(Duration::from_secs(30), || async { proc_uplink(&proc).await["state"] == "down" }).await;
+    let noticed = cut.elapsed();
+    assert!(down, "a silent partition never showed: {}", proc_uplink(&proc).await);
+    eprintln!("silent partition shown down after {:.1} s", noticed.as_secs_f64());
+    assert!(noticed <= Duration::from_secs(10), "down shown after {noticed:?}");
+    let uplink = proc_uplink(&proc).await;
+    let reason = uplink["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("no answer from central"), "{uplink}");
+    assert!(proc_get_text(&proc, "/metrics").await.contains("outpost_uplink_up 0"));
+    // The LISTEN connection pings too, and notices the same silence.
+    let listen_down = || async { proc_get_text(&proc, "/metrics").await.contains("outpost_listen_up 0") };
+    assert!(eventually(Duration::from_secs(10), listen_down).await, "LISTEN connection still counted up");
+    let page = proc_get_text(&proc, "/").await;
+    assert!(page.contains(r#"id="uplink-state">DOWN<"#), "status page: {page}");
+    assert!(page.contains(r#"id="uplink-reason">no answer from central"#), "status page: {page}");
+    // Events keep being accepted; the uplink stays down (not "connecting")
+    // for the rest of the 20 s partition.
+    ids.extend(proc_ingest(&proc, &token, "d1", 100, 10).await);
+    while cut.elapsed() < Duration::from_secs(20) {
+        assert_eq!(proc_uplink(&proc).await["state"], "down");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(proc_pending(dir.path()), 100);
+
+    proxy.set(Mode::Pass);
+    let healed = std::time::Instant::now();
+    let up = eventually(Duration::from_secs(30), || async { proc_uplink(&proc).await["state"] == "up" }).await;
+    let recovered = healed.elapsed();
+    assert!(up, "never up again: {}", proc_uplink(&proc).await);
+    eprintln!("heal shown up after {:.2} s", recovered.as_secs_f64());
+    assert!(recovered <= Duration::from_secs(2), "up shown {recovered:?} after the heal");
+    assert!(proc_get_text(&proc, "/metrics").await.contains("outpost_uplink_up 1"));
+    let listen_up = || async { proc_get_text(&proc, "/metrics").await.contains("outpost_listen_up 1") };
+    assert!(eventually(Duration::from_secs(15), listen_up).await, "LISTEN connection not back");
+    assert!(eventually(Duration::from_secs(20), || async { proc_pending(dir.path()) == 0 }).await);
+    assert_exactly_once(&central_rows(&pg).await, &HashMap::from([("d1".to_string(), ids)]));
+}

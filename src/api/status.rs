@@ -134,6 +134,8 @@ pub(super) async fn current_status(state: &ApiState) -> Result<Status, ApiError>
     state.metrics.backlog_bytes.set(log.backlog_bytes);
     state.metrics.dead_letter_rows.set(log.dead_letters);
     let uplink = state.uplink.snapshot();
+    // The gauge shows the same state as the status document and the page.
+    state.metrics.uplink_up.set(i64::from(uplink.state == Uplink::Up));
     let rate = uplink.forwarded_rows_per_second;
     let drain_eta_seconds = (rate > 0.0).then(|| log.backlog_rows as f64 / rate);
     state.metrics.forward_rate.set(rate);

@@ -26,6 +26,8 @@ pub struct Connector {
     tls: tokio_postgres_rustls::MakeRustlsConnect,
     /// Client-side bound on one batch: statement timeout + 5 s.
     pub batch_timeout: Duration,
+    /// How long a ping may go unanswered (`central.answer_timeout`).
+    pub answer_timeout: Duration,
 }
 
 impl std::fmt::Debug for Connector {
@@ -64,7 +66,12 @@ impl Connector {
                 TlsMode::Require => SslMode::Require,
             });
         let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(config)?);
-        Ok(Self { pg, tls, batch_timeout: config.statement_timeout + Duration::from_secs(5) })
+        Ok(Self {
+            pg,
+            tls,
+            batch_timeout: config.statement_timeout + Duration::from_secs(5),
+            answer_timeout: config.answer_timeout,
+        })
     }
 
     /// A plain connection with its `Connection` half, for LISTEN.
@@ -74,7 +81,7 @@ impl Connector {
         let timeout = pg.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10)) + Duration::from_secs(1);
         Ok(tokio::time::timeout(timeout, pg.connect(self.tls.clone()))
             .await
-            .map_err(|_| Error::Timeout("connect"))??)
+            .map_err(|_| Error::NoAnswer { what: "connect", after: timeout })??)
     }
 
     /// A connection whose `Connection` half is driven by a task of its own
@@ -87,6 +94,14 @@ impl Connector {
             }
         });
         Ok((client, task))
+    }
+}
+
+/// `SELECT 1`, answered within `within` or [`Error::NoAnswer`].
+pub async fn ping(client: &Client, within: Duration) -> Result<(), Error> {
+    match tokio::time::timeout(within, client.simple_query("SELECT 1")).await {
+        Ok(r) => r.map(drop).map_err(Error::from),
+        Err(_) => Err(Error::NoAnswer { what: "ping", after: within }),
     }
 }
 

@@ -17,6 +17,9 @@ pub enum Error {
     Postgres(#[from] tokio_postgres::Error),
     #[error("central database did not answer ({0}) in time")]
     Timeout(&'static str),
+    /// A ping or connect met silence: a partition, not a slow server.
+    #[error("no answer from central for {} s ({what})", .after.as_secs())]
+    NoAnswer { what: &'static str, after: std::time::Duration },
     #[error("central configuration: {0}")]
     Config(String),
     #[error("invalid tenant name {0:?}")]
@@ -67,6 +70,12 @@ impl Error {
     pub fn is_missing_schema(&self) -> bool {
         matches!(self.sqlstate(), Some("3F000" | "42P01"))
     }
+
+    /// A batch ran out of time: the client-side bound, or the server's
+    /// statement (57014) or idle-in-transaction (25P03) timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout(_)) || matches!(self.sqlstate(), Some("57014" | "25P03"))
+    }
 }
 
 /// The error of a stage that moves rows between the site log and the central
@@ -98,5 +107,16 @@ impl StageError {
     /// The tenant's schema or table is missing centrally.
     pub fn is_missing_schema(&self) -> bool {
         matches!(self, StageError::Central(c) if c.is_missing_schema())
+    }
+
+    /// A batch ran out of time (see [`Error::is_timeout`]): send less at once.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, StageError::Central(c) if c.is_timeout())
+    }
+
+    /// Central did not answer at all (a silent partition): probe again soon
+    /// rather than after a long backoff, since silence costs central nothing.
+    pub fn is_no_answer(&self) -> bool {
+        matches!(self, StageError::Central(Error::NoAnswer { .. }))
     }
 }

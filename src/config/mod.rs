@@ -162,6 +162,14 @@ pub struct CentralConfig {
     /// TCP keepalive idle time (probes follow every second, 3 of them).
     #[serde(with = "humantime_serde")]
     pub keepalive_idle: Duration,
+    /// An idle forwarder (and the LISTEN connection) sends `SELECT 1` this
+    /// often, so a silent partition shows even when nothing is flowing.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A ping or connect without an answer for this long marks the uplink
+    /// down ("no answer from central for …") and reconnects.
+    #[serde(with = "humantime_serde")]
+    pub answer_timeout: Duration,
 }
 
 /// TLS towards the central database.
@@ -200,6 +208,8 @@ impl Default for CentralConfig {
             statement_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             keepalive_idle: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(2),
+            answer_timeout: Duration::from_secs(5),
         }
     }
 }

@@ -202,6 +202,12 @@ impl Config {
         if c.keepalive_idle < Duration::from_secs(1) {
             problems.push("central.keepalive_idle: must be at least 1s".into());
         }
+        if c.ping_interval < Duration::from_millis(500) || c.ping_interval > Duration::from_secs(3600) {
+            problems.push("central.ping_interval: must be 500ms..=1h".into());
+        }
+        if c.answer_timeout < Duration::from_secs(1) || c.answer_timeout > Duration::from_secs(300) {
+            problems.push("central.answer_timeout: must be 1s..=5m".into());
+        }
     }
 }
 

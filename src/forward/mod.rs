@@ -9,6 +9,12 @@
 //!   (100 ms doubling to `central.max_backoff`, jittered) and retry forever.
 //! - Data errors (SQLSTATE classes 22 and 23) bisect the batch until the
 //!   poison rows are isolated; those move to `dead_letter`, the rest go on.
+//! - A batch that times out is sent again at half the size (rows and bytes,
+//!   down to one row); quick successes double it back up to the configured
+//!   caps. So a slow uplink drains instead of resending one batch forever.
+//! - Silence is failure: an idle forwarder pings central every
+//!   `central.ping_interval`; a ping or connect unanswered for
+//!   `central.answer_timeout` marks the uplink down and reconnects.
 //! - No SQLite connection is held across an `.await` (reads run on the
 //!   blocking pool, writes go through the writer thread).
 
@@ -18,6 +24,8 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -99,6 +107,14 @@ impl ForwardStatus {
         }
     }
 
+    /// `Connecting`, unless the uplink is already known to be down: its
+    /// reconnect attempts keep showing `down` with the reason.
+    fn connecting(&self) {
+        if self.lock().state != Uplink::Down {
+            self.set(Uplink::Connecting, None);
+        }
+    }
+
     fn forwarded(&self, rows: usize) {
         let mut s = self.lock();
         let now = Instant::now();
@@ -137,19 +153,57 @@ pub struct Forwarder {
 /// Marks (site-log commits) allowed in flight behind central commits.
 const MAX_MARKS_IN_FLIGHT: usize = 4;
 
+/// While a connect attempt hangs, a fresh one starts this often beside it,
+/// and this is the longest wait between attempts after central went silent.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Connect attempts in flight at most (enough to cover the default
+/// `connect_timeout` at one start a second).
+const MAX_PROBES: usize = 16;
+
+/// The batch size in use, within the configured caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BatchLimit {
+    rows: usize,
+    bytes: usize,
+}
+
+impl BatchLimit {
+    /// Halves rows and bytes (at least one row always goes); false when
+    /// already at one row.
+    fn shrink(&mut self) -> bool {
+        let before = *self;
+        self.rows = (self.rows / 2).max(1);
+        self.bytes = (self.bytes / 2).max(1);
+        *self != before && before.rows > 1
+    }
+
+    /// Doubles rows and bytes up to `max`; false when already there.
+    fn grow(&mut self, max: BatchLimit) -> bool {
+        let before = *self;
+        self.rows = self.rows.saturating_mul(2).min(max.rows);
+        self.bytes = self.bytes.saturating_mul(2).min(max.bytes);
+        *self != before
+    }
+}
+
 /// Overlaps the three steps of forwarding: while Postgres commits batch N, the
 /// site log is marking batch N-1 and reading batch N+1. `cursor` is the last
 /// seq handed to a central write; reads continue after it, and it returns to
 /// 0 after an error or when nothing follows it (rows made pending again by
 /// `replay` or `dead-letter retry` sit before it).
-#[derive(Default)]
 struct Pipeline {
+    /// Current batch size (see [`BatchLimit`]).
+    limit: BatchLimit,
     cursor: i64,
     marks: VecDeque<JoinHandle<Result<usize, log::Error>>>,
     prefetch: Option<JoinHandle<Result<Vec<StoredEvent>, log::Error>>>,
 }
 
 impl Pipeline {
+    fn new(limit: BatchLimit) -> Self {
+        Self { limit, cursor: 0, marks: VecDeque::new(), prefetch: None }
+    }
+
     /// Waits for every mark in flight. A failed mark leaves its rows
     /// pending: they are sent again and ignored centrally.
     async fn settle_marks(&mut self) {
@@ -184,24 +238,32 @@ impl Forwarder {
     /// Forwards until `shutdown`. Only configuration problems found at start
     /// are fatal; everything later is retried.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let mut pipeline = Pipeline::default();
+        let mut pipeline = Pipeline::new(self.max_limit());
         let result = self.run_pipeline(&mut pipeline, shutdown).await;
         pipeline.rewind().await;
         result
+    }
+
+    /// The configured batch caps.
+    fn max_limit(&self) -> BatchLimit {
+        BatchLimit { rows: self.config.batch_rows, bytes: self.config.batch_bytes }
     }
 
     async fn run_pipeline(&self, p: &mut Pipeline, shutdown: CancellationToken) -> Result<(), Error> {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.config.max_backoff);
         let mut central: Option<Central> = None;
         let mut migrated: HashSet<String> = HashSet::new();
+        // When central last answered anything; an idle forwarder pings after
+        // `ping_interval` without an answer.
+        let mut last_answer = Instant::now();
         tracing::info!(central = ?self.connector, "forwarder started");
         loop {
             // Connect (and migrate) eagerly, so schemas exist at startup and
             // the uplink state is true even when nothing is flowing.
             if central.as_ref().is_none_or(Central::is_closed) {
                 let connect = async {
-                    self.status.set(Uplink::Connecting, None);
-                    let mut c = Central::open(&self.connector).await?;
+                    self.status.connecting();
+                    let mut c = self.open().await?;
                     if self.config.migrate {
                         self.migrate_known(&mut c, &mut migrated).await?;
                     }
@@ -215,6 +277,7 @@ impl Forwarder {
                     Ok(c) => {
                         tracing::info!("central database connected");
                         central = Some(c);
+                        last_answer = Instant::now();
                         self.up(&mut backoff);
                     }
                     Err(e) => {
@@ -233,12 +296,24 @@ impl Forwarder {
             let batch = match batch {
                 Ok(Some(b)) => b,
                 // Idle: give tenants registered since the connect their
-                // schema (central readers see it within IDLE_POLL), then
-                // loop to re-check the connection.
+                // schema (central readers see it within IDLE_POLL), make
+                // sure central still answers, then loop to re-check the
+                // connection.
                 Ok(None) => {
-                    if self.config.migrate
-                        && let Err(e) = self.migrate_known(c, &mut migrated).await
-                    {
+                    let mut result = Ok(());
+                    if self.config.migrate {
+                        result = self.migrate_known(c, &mut migrated).await;
+                    }
+                    if result.is_ok() && last_answer.elapsed() >= self.config.ping_interval {
+                        result = tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(()),
+                            r = c.ping(self.connector.answer_timeout) => r,
+                        };
+                        if result.is_ok() {
+                            last_answer = Instant::now();
+                        }
+                    }
+                    if let Err(e) = result {
                         central = None;
                         if self.failed(e, &mut backoff, &mut migrated, &shutdown).await {
                             return Ok(());
@@ -254,6 +329,7 @@ impl Forwarder {
                     continue;
                 }
             };
+            let started = Instant::now();
             let result = tokio::select! {
                 // Shutdown mid-batch is safe: uncommitted rows stay pending.
                 _ = shutdown.cancelled() => return Ok(()),
@@ -262,14 +338,57 @@ impl Forwarder {
             match result {
                 Ok(()) => {
                     p.cursor = batch.last().map_or(p.cursor, |e| e.seq);
+                    last_answer = Instant::now();
                     self.up(&mut backoff);
+                    // Grow only when a doubled batch would likely still fit
+                    // the statement timeout, or it would saw-tooth.
+                    if started.elapsed() < self.config.statement_timeout / 4 && p.limit.grow(self.max_limit()) {
+                        tracing::info!(
+                            batch_rows = p.limit.rows,
+                            batch_bytes = p.limit.bytes,
+                            "forward batch size doubled after a quick batch"
+                        );
+                    }
                 }
                 Err(e) => {
                     central = None;
                     p.rewind().await;
+                    if e.is_timeout() && p.limit.shrink() {
+                        tracing::info!(
+                            batch_rows = p.limit.rows,
+                            batch_bytes = p.limit.bytes,
+                            "forward batch size halved after a timeout"
+                        );
+                    }
                     if self.failed(e, &mut backoff, &mut migrated, &shutdown).await {
                         return Ok(());
                     }
+                }
+            }
+        }
+    }
+
+    /// Opens a connection. An attempt that hangs (a silent partition
+    /// swallows the startup) does not hold up the next: a fresh one starts
+    /// every [`PROBE_EVERY`] beside it, and the first to connect wins, so a
+    /// heal shows within about a second however long connects may take.
+    async fn open(&self) -> Result<Central, Error> {
+        let mut attempts = FuturesUnordered::new();
+        attempts.push(Central::open(&self.connector));
+        let mut next = tokio::time::Instant::now() + PROBE_EVERY;
+        loop {
+            tokio::select! {
+                r = attempts.next() => match r {
+                    Some(Ok(c)) => return Ok(c),
+                    // A quick failure (refused, bad password) with nothing
+                    // else pending goes to the backoff like any other.
+                    Some(Err(e)) if attempts.is_empty() => return Err(e),
+                    Some(Err(e)) => tracing::debug!(error = %e, "central connect attempt failed; others pending"),
+                    None => return Err(central::Error::Timeout("connect").into()),
+                },
+                _ = tokio::time::sleep_until(next), if attempts.len() < MAX_PROBES => {
+                    attempts.push(Central::open(&self.connector));
+                    next = tokio::time::Instant::now() + PROBE_EVERY;
                 }
             }
         }
@@ -295,7 +414,10 @@ impl Forwarder {
                 tracing::error!("central schema missing and central.migrate = false: run `outpost migrate --central`");
             }
         }
-        let delay = backoff.next_delay();
+        let mut delay = backoff.next_delay();
+        if e.is_no_answer() {
+            delay = delay.min(PROBE_EVERY);
+        }
         self.status.set(Uplink::Down, Some(e.to_string()));
         self.metrics.uplink_up.set(0);
         self.metrics.forward_retries.inc();
@@ -309,7 +431,7 @@ impl Forwarder {
     /// `batch_wait`). `None` after an idle wait, so the caller can re-check
     /// the connection. A full batch starts the read of the one after it.
     async fn next_batch(&self, p: &mut Pipeline) -> Result<Option<Vec<StoredEvent>>, Error> {
-        let (max_rows, max_bytes) = (self.config.batch_rows, self.config.batch_bytes);
+        let (max_rows, max_bytes) = (p.limit.rows, p.limit.bytes);
         let mut batch = match p.prefetch.take() {
             Some(h) => h.await.map_err(|e| log::Error::Join(e.to_string()))??,
             None => Vec::new(),
@@ -467,4 +589,38 @@ pub async fn migrate_central(config: &CentralConfig, tenants: &[String]) -> Resu
         out.push((t.clone(), schema::migrate_tenant(c.client_mut(), t, config.notify).await?));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timed_out_batch_halves_down_to_one_row_and_grows_back_to_the_caps() {
+        let max = BatchLimit { rows: 5000, bytes: 8 * 1024 * 1024 };
+        let mut limit = max;
+        assert!(limit.shrink());
+        assert_eq!(limit, BatchLimit { rows: 2500, bytes: 4 * 1024 * 1024 });
+        let mut halvings = 1;
+        while limit.shrink() {
+            halvings += 1;
+        }
+        assert_eq!(limit.rows, 1, "never below one row");
+        assert_eq!(halvings, 12);
+        let mut doublings = 0;
+        while limit.grow(max) {
+            doublings += 1;
+        }
+        assert_eq!(limit, max, "back to the configured caps, never above");
+        assert_eq!(doublings, 13);
+    }
+
+    #[test]
+    fn silence_names_how_long_central_did_not_answer() {
+        let e: Error = central::Error::NoAnswer { what: "ping", after: Duration::from_secs(5) }.into();
+        assert_eq!(e.to_string(), "no answer from central for 5 s (ping)");
+        assert!(e.is_no_answer() && !e.is_timeout() && !e.is_data_error());
+        let batch: Error = central::Error::Timeout("batch write").into();
+        assert!(batch.is_timeout() && !batch.is_no_answer());
+    }
 }

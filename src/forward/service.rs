@@ -61,6 +61,11 @@ impl Central {
         Ok(central)
     }
 
+    /// `SELECT 1` answered within `within`, or [`crate::central::Error::NoAnswer`].
+    pub async fn ping(&self, within: std::time::Duration) -> Result<(), Error> {
+        Ok(crate::central::connect::ping(&self.client, within).await?)
+    }
+
     /// True once the connection is gone.
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()

@@ -27,7 +27,8 @@ use crate::metrics::Metrics;
 const CATCHUP_PAGE: i64 = 5000;
 /// A (tenant, site) never seen before is caught up only this far back.
 const FIRST_CATCHUP: Duration = Duration::from_secs(3600);
-/// How often the listener looks for tenants registered since it started.
+/// How often at most the listener looks for tenants registered since it
+/// started (and pings central, every `central.ping_interval` if sooner).
 const TENANT_POLL: Duration = Duration::from_secs(5);
 
 /// Why the LISTEN connection failed (it reconnects with backoff).
@@ -79,7 +80,11 @@ impl Listener {
                 r = self.session(&mut backoff) => r,
             };
             self.metrics.listen_up.set(0);
-            let delay = backoff.next_delay();
+            let mut delay = backoff.next_delay();
+            if result.as_ref().is_err_and(Error::is_no_answer) {
+                // Silence costs central nothing: look again soon.
+                delay = delay.min(Duration::from_secs(1));
+            }
             match result {
                 Ok(()) => tracing::warn!(
                     retry_in_ms = delay.as_millis() as u64,
@@ -105,7 +110,9 @@ impl Listener {
     async fn session(&self, backoff: &mut Backoff) -> Result<(), Error> {
         let (client, mut notes) = self.connect().await?;
         let mut listening: HashSet<String> = HashSet::new();
-        let mut tick = tokio::time::interval(TENANT_POLL);
+        // Pings keep a silent partition from passing for a live connection.
+        let mut tick = tokio::time::interval(TENANT_POLL.min(self.config.ping_interval));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let new: Vec<String> = self.tenants().await?.into_iter().filter(|t| !listening.contains(t)).collect();
             for t in &new {
@@ -126,7 +133,7 @@ impl Listener {
                     Some((channel, payload)) => self.on_notification(&client, &channel, &payload).await?,
                     None => return Ok(()),
                 },
-                _ = tick.tick() => {}
+                _ = tick.tick() => crate::central::connect::ping(&client, self.config.answer_timeout).await?,
             }
             // Drain what queued up while we worked.
             while let Ok((channel, payload)) = notes.try_recv() {
