@@ -8,6 +8,7 @@
 #   make test-deb check both packages (lintian, install/remove/purge; needs root)
 #   make test-powercut  power cuts of a VM running the appliance (CUTS=20)
 #   make test-chaos     SIGKILL loop + central crashes under mixed load (KILLS=100 EVENTS=100000)
+#   make test-network   slow-uplink drain (10 MB over 1 Mbit/s) through the fault proxy
 #   make test-browser  the status page in headless Chromium (screenshots in target/browser/)
 #   make fuzz     run every fuzz target for FUZZ_SECONDS (default 60) each; fails on a crash
 
@@ -34,7 +35,7 @@ CHAOS_PKGS := postgresql python3-paho-mqtt python3-websockets
 CROSS_PKGS := rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static
 
 .PHONY: run build release test test-deps paho2 cross-deps unit-tests verify-unit aarch64 smoke-aarch64 install bench clean
-.PHONY: deb deb-deps test-deb test-powercut test-chaos powercut-deps chaos-deps test-browser fuzz
+.PHONY: deb deb-deps test-deb test-powercut test-chaos test-network powercut-deps chaos-deps test-browser fuzz
 
 run:
 	$(CARGO) run --release -- run
@@ -95,6 +96,11 @@ test-powercut: release powercut-deps
 # MQTT/HTTP/WebSocket load. KILLS=, EVENTS=, PG_RESTARTS= override.
 test-chaos: release chaos-deps
 	/usr/bin/python3 tests/chaos/chaos.py
+
+# Network faults through the test fault proxy that take minutes: a 10 MB
+# backlog drained over a 1 Mbit/s uplink (batches halve on timeouts).
+test-network:
+	$(CARGO) test --test forward -- --ignored --nocapture 2>&1
 
 # The unit must pass systemd-analyze verify (with ExecStart pointed at a real binary).
 verify-unit: build
