@@ -228,7 +228,9 @@ async fn slowloris_half_sent_requests_neither_block_real_ones_nor_stay_open() {
     let started = std::time::Instant::now();
     let (status, body) = post(&p, &token, "event", event("{\"real\":1}"), false).await;
     assert_eq!(status, 201, "{body}");
-    assert!(started.elapsed() < Duration::from_secs(1), "a real request waited {:?}", started.elapsed());
+    let waited = started.elapsed();
+    eprintln!("with 3,000 half-sent requests open, a real request got its 201 in {waited:?}");
+    assert!(waited < Duration::from_secs(1), "a real request waited {waited:?}");
     // Every half-sent request is closed: made room for others, or timed out.
     let deadline = tokio::time::Instant::now() + T;
     for s in &mut half {
