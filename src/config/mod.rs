@@ -80,14 +80,14 @@ pub struct HttpConfig {
     pub status_token_file: Option<PathBuf>,
 }
 
-/// The MQTT 3.1.1 listener for devices.
+/// The MQTT listener for devices (3.1, 3.1.1 and 5.0; also over WebSocket at `/mqtt`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
     /// Set `enabled = false` to run without MQTT.
     pub enabled: bool,
     pub listen: SocketAddr,
-    /// Connections beyond this are closed at once.
+    /// Connections (TCP and WebSocket) beyond this get CONNACK 0x97 / 0x03.
     pub max_connections: usize,
     /// Largest packet accepted; a larger one closes that connection.
     pub max_packet_size: usize,
