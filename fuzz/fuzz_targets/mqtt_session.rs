@@ -2,6 +2,9 @@
 //! decoder, ACL, ingest submit, site log on tmpfs) fed a byte stream after a
 //! valid CONNECT.
 //!
+//! An input starting with `U` is an MQTT 5.0 session (5.0 CONNECT), any
+//! other a 3.1.1 one.
+//!
 //! Once per process: a data dir under /dev/shm with a registered device
 //! `acme/d1`, the appliance on 127.0.0.1:0 with raised rate limits, and a
 //! token. Per input: connect, send CONNECT + the input, half-close, read until
@@ -27,6 +30,7 @@ struct App {
     mqtt: SocketAddr,
     http: SocketAddr,
     connect: Vec<u8>,
+    connect5: Vec<u8>,
 }
 
 fn string(s: &[u8], out: &mut Vec<u8>) {
@@ -34,13 +38,17 @@ fn string(s: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(s);
 }
 
-/// CONNECT, MQTT 3.1.1, clean session, username `d1`, the token as password.
-fn connect_packet(token: &str) -> Vec<u8> {
+/// CONNECT, MQTT 3.1.1 (or 5.0, with no properties), clean session,
+/// username `d1`, the token as password.
+fn connect_packet(token: &str, v5: bool) -> Vec<u8> {
     let mut body = Vec::new();
     string(b"MQTT", &mut body);
-    body.push(4);
+    body.push(if v5 { 5 } else { 4 });
     body.push(0b1100_0010);
     body.extend_from_slice(&30u16.to_be_bytes());
+    if v5 {
+        body.push(0); // property length
+    }
     string(b"d1", &mut body);
     string(b"d1", &mut body);
     string(token.as_bytes(), &mut body);
@@ -97,7 +105,8 @@ fn app() -> &'static App {
             http: running.http_addr,
             _running: running,
             _rt: rt,
-            connect: connect_packet(&token),
+            connect: connect_packet(&token, false),
+            connect5: connect_packet(&token, true),
         };
         alive(&app);
         app
@@ -128,7 +137,13 @@ fuzz_target!(|data: &[u8]| {
     let app = app();
     let mut s = TcpStream::connect(app.mqtt).expect("MQTT port accepts");
     let _ = s.set_nodelay(true);
-    let mut bytes = app.connect.clone();
+    // A first byte 'U' makes the session MQTT 5.0; any other input is a
+    // 3.1.1 byte stream (so the 3.1.1 seeds keep their meaning).
+    let (connect, data) = match data.split_first() {
+        Some((b'U', rest)) => (&app.connect5, rest),
+        _ => (&app.connect, data),
+    };
+    let mut bytes = connect.clone();
     bytes.extend_from_slice(data);
     // The server may close early (protocol error): later writes may fail.
     let _ = s.write_all(&bytes);
