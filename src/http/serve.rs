@@ -78,19 +78,7 @@ pub async fn serve(
     let open = Arc::new(Open::default());
     let tasks = tokio_util::task::TaskTracker::new();
     let mut next_id = 0u64;
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: pause, don't die.
-                    tracing::warn!(error = %e, "http accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, peer)) = accept(&listener, &shutdown, "http").await {
         let _ = stream.set_nodelay(true);
         if open.lock().len() >= limits.max_connections && !open.evict() {
             tracing::warn!(%peer, max = limits.max_connections, "http.max_connections reached, every connection busy; answering 503");
@@ -144,6 +132,28 @@ pub async fn serve(
     tasks.close();
     tasks.wait().await;
     Ok(())
+}
+
+/// The next connection on `listener`, or `None` once `shutdown` fires. A
+/// failed accept (out of file descriptors and the like) pauses, never ends
+/// the loop.
+pub async fn accept(
+    listener: &TcpListener,
+    shutdown: &CancellationToken,
+    protocol: &str,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok(x) => return Some(x),
+                Err(e) => {
+                    tracing::warn!(error = %e, protocol, "accept failed; retrying in 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
 }
 
 /// 503 for a connection over the cap while every open one is busy.

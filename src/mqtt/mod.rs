@@ -72,26 +72,40 @@ pub struct MqttDeps {
     pub connections: Arc<AtomicUsize>,
 }
 
+/// One open connection (TCP or WebSocket), counted against
+/// `mqtt.max_connections` and in the connections gauge until dropped.
+pub(crate) struct Slot {
+    open: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.mqtt_connections.dec();
+    }
+}
+
+impl MqttDeps {
+    /// A slot for a new connection; `None` (counted and logged as a
+    /// refusal) at `mqtt.max_connections`.
+    pub(crate) fn slot(&self, peer: std::net::SocketAddr) -> Option<Slot> {
+        if self.connections.load(Ordering::Relaxed) >= self.config.max_connections {
+            tracing::warn!(%peer, max = self.config.max_connections, "mqtt.max_connections reached; refusing new connection");
+            self.ingest.count_rejected(PROTOCOL, "max_connections");
+            return None;
+        }
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.metrics.mqtt_connections.inc();
+        Some(Slot { open: self.connections.clone(), metrics: self.metrics.clone() })
+    }
+}
+
 /// Accepts connections until `shutdown`; each runs on `tracker`.
 pub async fn run(listener: TcpListener, deps: MqttDeps, tracker: TaskTracker, shutdown: CancellationToken) {
-    let open = deps.connections.clone();
     let refusing = Arc::new(AtomicUsize::new(0));
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: pause, don't die.
-                    tracing::warn!(error = %e, "mqtt accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        if open.load(Ordering::Relaxed) >= deps.config.max_connections {
-            tracing::warn!(%peer, max = deps.config.max_connections, "mqtt.max_connections reached; refusing new connection");
-            deps.ingest.count_rejected(PROTOCOL, "max_connections");
+    while let Some((stream, peer)) = crate::http::accept(&listener, &shutdown, PROTOCOL).await {
+        let Some(slot) = deps.slot(peer) else {
             // Told why (CONNACK 0x97 / 0x03) by a few bounded refusers;
             // beyond those, closed at once.
             if refusing.load(Ordering::Relaxed) < MAX_REFUSERS {
@@ -103,16 +117,13 @@ pub async fn run(listener: TcpListener, deps: MqttDeps, tracker: TaskTracker, sh
                 });
             }
             continue;
-        }
+        };
         let _ = stream.set_nodelay(true);
-        open.fetch_add(1, Ordering::Relaxed);
-        deps.metrics.mqtt_connections.inc();
-        let (deps, open, shutdown) = (deps.clone(), open.clone(), shutdown.clone());
+        let (deps, shutdown) = (deps.clone(), shutdown.clone());
         tracker.spawn(async move {
             let (r, w) = stream.into_split();
             session::Session::serve(Box::new(r), Box::new(w), peer, &deps, shutdown).await;
-            open.fetch_sub(1, Ordering::Relaxed);
-            deps.metrics.mqtt_connections.dec();
+            drop(slot);
         });
     }
 }

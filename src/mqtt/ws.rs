@@ -5,7 +5,6 @@
 //! [MQTT-6.0.0-1]: a text message closes the connection.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -16,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{MqttDeps, PROTOCOL};
+use super::MqttDeps;
 
 #[derive(Clone)]
 struct WsState {
@@ -49,15 +48,11 @@ async fn upgrade(
 
 async fn session(mut socket: WebSocket, peer: SocketAddr, s: WsState) {
     let deps = &s.deps;
-    if deps.connections.load(Ordering::Relaxed) >= deps.config.max_connections {
-        tracing::warn!(%peer, max = deps.config.max_connections, "mqtt.max_connections reached; closing new WebSocket connection");
-        deps.ingest.count_rejected(PROTOCOL, "max_connections");
+    let Some(slot) = deps.slot(peer) else {
         let close = CloseFrame { code: 1013, reason: "mqtt.max_connections reached".into() };
         let _ = socket.send(Message::Close(Some(close))).await;
         return;
-    }
-    deps.connections.fetch_add(1, Ordering::Relaxed);
-    deps.metrics.mqtt_connections.inc();
+    };
     let (ours, theirs) = tokio::io::duplex(64 * 1024);
     let (session_r, session_w) = tokio::io::split(theirs);
     let (mut pipe_r, mut pipe_w) = tokio::io::split(ours);
@@ -99,6 +94,5 @@ async fn session(mut socket: WebSocket, peer: SocketAddr, s: WsState) {
     let serve =
         super::session::Session::serve(Box::new(session_r), Box::new(session_w), peer, deps, s.shutdown.clone());
     tokio::join!(pump, serve);
-    deps.connections.fetch_sub(1, Ordering::Relaxed);
-    deps.metrics.mqtt_connections.dec();
+    drop(slot);
 }
