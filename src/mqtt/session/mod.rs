@@ -162,7 +162,7 @@ pub(super) struct Session<'a> {
     open_qos1: usize,
     open_qos2: std::collections::HashSet<u16>,
     /// Deliveries waiting for the client's Receive Maximum.
-    queued: VecDeque<(Publish, Option<PublishProperties>)>,
+    queued: VecDeque<outbound::Delivery>,
 }
 
 impl<'a> Session<'a> {

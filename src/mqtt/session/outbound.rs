@@ -161,11 +161,19 @@ impl Session<'_> {
         let mut client_qos = origin.qos.min(router_qos);
         // Retain As Published: live deliveries keep the publisher's RETAIN.
         let retain = retain || (origin.retain && matching.iter().any(|o| o.retain_as_published));
-        let out = codec::publish(client_qos, dup && client_qos > 0, retain, pkid, &p.topic, &p.payload);
         if !self.v5() {
             props = None;
         }
-        let size = 5 + out.len() + props.as_ref().map_or(0, props_len);
+        let out = Delivery {
+            qos: client_qos,
+            dup: dup && client_qos > 0,
+            retain,
+            pkid,
+            topic: p.topic,
+            payload: p.payload,
+            props,
+        };
+        let size = out.size();
         let too_large = size > self.client_max_packet;
         if too_large {
             tracing::info!(
@@ -191,35 +199,38 @@ impl Session<'_> {
             return Ok(());
         }
         if client_qos > 0 && self.inflight >= self.client_receive_max {
-            self.queued.push_back((out, props));
+            self.queued.push_back(out);
             return Ok(());
         }
         self.inflight += usize::from(client_qos > 0);
-        self.write_delivery(out, props).await
+        self.write_delivery(out).await
     }
 
     /// Writes a delivery, with a 5.0 topic alias when the client allows
     /// them: the first delivery on a topic sets one, later ones send only
     /// the alias. Decided here, at write time, so a client always sees an
     /// alias set before it is used.
-    async fn write_delivery(&mut self, p: Publish, mut props: Option<PublishProperties>) -> Result<(), End> {
-        if !self.v5() || self.client_alias_max == 0 {
-            return self.write(Packet::Publish(p, props)).await.map_err(End::unclean);
-        }
-        let (qos, dup, retain, pkid) = codec::publish_flags(&p);
-        let (alias, topic) = match self.out_aliases.get(&p.topic) {
-            Some(a) => (Some(*a), Bytes::new()),
-            None if self.out_aliases.len() < usize::from(self.client_alias_max) => {
-                let a = self.out_aliases.len() as u16 + 1;
-                self.out_aliases.insert(p.topic.clone(), a);
-                (Some(a), p.topic.clone())
+    async fn write_delivery(&mut self, d: Delivery) -> Result<(), End> {
+        let Delivery { qos, dup, retain, pkid, mut topic, payload, mut props } = d;
+        if self.v5() && self.client_alias_max > 0 {
+            let alias = match self.out_aliases.get(&topic) {
+                Some(a) => {
+                    let a = *a;
+                    topic = Bytes::new();
+                    Some(a)
+                }
+                None if self.out_aliases.len() < usize::from(self.client_alias_max) => {
+                    let a = self.out_aliases.len() as u16 + 1;
+                    self.out_aliases.insert(topic.clone(), a);
+                    Some(a)
+                }
+                None => None,
+            };
+            if let Some(a) = alias {
+                props.get_or_insert_with(PublishProperties::default).topic_alias = Some(a);
             }
-            None => (None, p.topic.clone()),
-        };
-        if let Some(a) = alias {
-            props.get_or_insert_with(PublishProperties::default).topic_alias = Some(a);
         }
-        let out = codec::publish(qos, dup, retain, pkid, &topic, &p.payload);
+        let out = codec::publish(qos, dup, retain, pkid, &topic, &payload);
         self.write(Packet::Publish(out, props)).await.map_err(End::unclean)
     }
 
@@ -316,9 +327,9 @@ impl Session<'_> {
         };
         if finished {
             self.inflight = self.inflight.saturating_sub(1);
-            if let Some((p, props)) = self.queued.pop_front() {
+            if let Some(d) = self.queued.pop_front() {
                 self.inflight += 1;
-                self.write_delivery(p, props).await?;
+                self.write_delivery(d).await?;
             }
         }
         Ok(())
@@ -404,6 +415,26 @@ impl Session<'_> {
             }
             Err(e) => tracing::warn!(error = %e, device_id = self.device_id, "will refused"),
         }
+    }
+}
+
+/// A delivery as decided (QoS, flags; 3.x: no properties), made into a
+/// PUBLISH only when it is written, so a topic alias is set at write time.
+pub(super) struct Delivery {
+    qos: u8,
+    dup: bool,
+    retain: bool,
+    pkid: u16,
+    topic: Bytes,
+    payload: Bytes,
+    props: Option<PublishProperties>,
+}
+
+impl Delivery {
+    /// Approximate encoded size (for the client's Maximum Packet Size).
+    fn size(&self) -> usize {
+        let pkid = if self.qos > 0 { 2 } else { 0 };
+        5 + 2 + self.topic.len() + pkid + self.payload.len() + self.props.as_ref().map_or(0, props_len)
     }
 }
 
