@@ -13,6 +13,12 @@ pub fn event_topic<'t>(topic: &'t str, tenant: &str, device_id: &str) -> Option<
     validate_event_type(rest).ok().map(|()| rest)
 }
 
+/// The stream topic events of a device are delivered on:
+/// `<tenant>/events/<device_id>/<event_type>`.
+pub fn stream_topic(tenant: &str, device_id: &str, event_type: &str) -> String {
+    format!("{tenant}/events/{device_id}/{event_type}")
+}
+
 /// Filters a device with `read_events` may subscribe to: the tenant's event
 /// stream (`<tenant>/events/…`) and its own subtree (`<tenant>/devices/<id>/…`).
 pub fn subscribe_allowed(filter: &str, tenant: &str, device_id: &str) -> bool {

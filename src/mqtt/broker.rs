@@ -152,7 +152,7 @@ impl CommitObserver for Bridge {
             if e.protocol == "mqtt" || !self.has_subscribers(&e.tenant) {
                 continue;
             }
-            let topic = format!("{}/events/{}/{}", e.tenant, e.device_id, e.event_type);
+            let topic = super::acl::stream_topic(&e.tenant, &e.device_id, &e.event_type);
             if let Ok(mut link) = self.link.lock()
                 && let Err(err) = link.0.try_publish(topic, Bytes::from(e.payload.clone()))
             {

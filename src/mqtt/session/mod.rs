@@ -622,7 +622,7 @@ impl<'a> Session<'a> {
             event_topic(std::str::from_utf8(&inbound.publish.topic).unwrap_or(""), &self.tenant, &self.device_id)
                 .unwrap_or_default()
                 .to_string();
-        let stream_topic = format!("{}/events/{}/{}", self.tenant, self.device_id, event_type);
+        let stream_topic = super::acl::stream_topic(&self.tenant, &self.device_id, &event_type);
         inbound.publish.topic = Bytes::from(stream_topic.clone());
         if inbound.publish.payload.is_empty() {
             self.deps.sessions.retain(&self.tenant, &stream_topic, 0);

@@ -363,7 +363,7 @@ impl Session<'_> {
             tracing::warn!(device_id = self.device_id, topic, "will payload is not JSON; not published");
             return;
         };
-        let stream_topic = format!("{}/events/{}/{}", self.tenant, self.device_id, event_type);
+        let stream_topic = super::super::acl::stream_topic(&self.tenant, &self.device_id, event_type);
         let input = crate::event::EventInput {
             device_id: self.device_id.clone(),
             event_type: event_type.to_string(),
