@@ -85,11 +85,17 @@ impl Raw {
         will: Option<Will<'_>>,
         clean: bool,
     ) -> (Self, u8, bool) {
+        let (c, ack) = Self::handshake(addr, &connect_packet(client_id, user, pass, keep_alive, will, clean)).await;
+        (c, ack.body[1], ack.body[0] & 1 == 1)
+    }
+
+    /// Sends `connect` on a new connection and reads its CONNACK (any version).
+    pub async fn handshake(addr: SocketAddr, connect: &[u8]) -> (Self, Frame) {
         let mut c = Self::connect_tcp(addr).await;
-        c.send(&connect_packet(client_id, user, pass, keep_alive, will, clean)).await;
+        c.send(connect).await;
         let ack = c.read(Duration::from_secs(10)).await.expect("no CONNACK");
         assert_eq!(ack.kind, 2, "expected CONNACK, got {ack:?}");
-        (c, ack.body[1], ack.body[0] & 1 == 1)
+        (c, ack)
     }
 }
 
@@ -236,7 +242,6 @@ impl Raw {
 pub mod v5 {
     use super::{Frame, Raw, frame, remaining_length, string};
     use std::net::SocketAddr;
-    use std::time::Duration;
 
     pub fn prop_u8(id: u8, v: u8) -> Vec<u8> {
         vec![id, v]
@@ -341,11 +346,7 @@ pub mod v5 {
             clean: bool,
             props: &[u8],
         ) -> (Self, Frame) {
-            let mut c = Self::connect_tcp(addr).await;
-            c.send(&connect_packet(client_id, user, pass, keep_alive, clean, props, None)).await;
-            let ack = c.read(Duration::from_secs(10)).await.expect("no CONNACK");
-            assert_eq!(ack.kind, 2, "expected CONNACK, got {ack:?}");
-            (c, ack)
+            Self::handshake(addr, &connect_packet(client_id, user, pass, keep_alive, clean, props, None)).await
         }
     }
 
