@@ -629,16 +629,21 @@ pub struct Scan {
 }
 
 /// Counts the gauges by scanning (at start, and after another process
-/// changed the events): O(rows).
-pub fn scan(conn: &Connection, site_id: &str) -> Result<Scan, Error> {
-    let remote_bytes: i64 = conn.query_row(
-        &format!(
-            "SELECT coalesce(sum(length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD}), 0)
-             FROM events WHERE origin_site != ?1"
-        ),
-        [site_id],
-        |r| r.get(0),
-    )?;
+/// changed the events): O(rows). `remote_bytes` (events of sites other
+/// than `site_id`) only when a site is given: the CLI's status has no use
+/// for it.
+pub fn scan(conn: &Connection, site_id: Option<&str>) -> Result<Scan, Error> {
+    let remote_bytes: i64 = match site_id {
+        Some(site) => conn.query_row(
+            &format!(
+                "SELECT coalesce(sum(length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD}), 0)
+                 FROM events WHERE origin_site != ?1"
+            ),
+            [site],
+            |r| r.get(0),
+        )?,
+        None => 0,
+    };
     let (backlog_rows, backlog_bytes): (i64, i64) = conn.query_row(
         &format!(
             "SELECT count(*), coalesce(sum(length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD}), 0)
@@ -713,7 +718,7 @@ pub struct LogStatus {
 /// Backlog, oldest pending age, devices and size, counted by a scan (the
 /// CLI's `outpost status`; the running appliance keeps `log::Counters`).
 pub fn status(conn: &Connection, now_us: i64) -> Result<LogStatus, Error> {
-    status_from(conn, scan(conn, "")?, now_us)
+    status_from(conn, scan(conn, None)?, now_us)
 }
 
 /// Deletes the oldest events of other sites (already central) until at

@@ -121,7 +121,7 @@ pub fn spawn(
     let writer_full = full.clone();
     // Counted once here; the writer keeps the gauges from then on.
     let counters = Arc::new(super::Counters::default());
-    counters.set(&schema::scan(&conn, &config.site_id)?);
+    counters.set(&schema::scan(&conn, Some(&config.site_id))?);
     let log_version = schema::log_version(&conn)?;
     let writer_counters = counters.clone();
     let thread = std::thread::Builder::new()
@@ -317,7 +317,7 @@ impl Writer {
         use std::sync::atomic::Ordering::Relaxed;
         let c = &self.counters;
         if g.log_version != self.log_version {
-            match schema::scan(&self.conn, &self.config.site_id) {
+            match schema::scan(&self.conn, Some(&self.config.site_id)) {
                 Ok(s) => {
                     c.set(&s);
                     self.log_version = g.log_version;
