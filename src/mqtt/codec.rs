@@ -38,7 +38,16 @@ pub struct Codec {
 }
 
 impl Codec {
+    /// Decodes the packet at the head of `buf`. A packet only a server
+    /// sends (CONNACK, SUBACK, UNSUBACK, PINGRESP) is an error here: rumqttd's
+    /// v5 reader panics (`unreachable!`) on a CONNACK or UNSUBACK with a body.
     pub fn read(&mut self, buf: &mut BytesMut, max: usize) -> Result<Packet, rumqttd::protocol::Error> {
+        if let Some(&first) = buf.first() {
+            let kind = first >> 4;
+            if matches!(kind, 2 | 9 | 11 | 13) {
+                return Err(rumqttd::protocol::Error::InvalidPacketType(kind));
+            }
+        }
         match self.version {
             Version::V5 => V5.read_mut(buf, max),
             _ => V4.read_mut(buf, max),
@@ -212,6 +221,21 @@ mod tests {
         assert_eq!(&b[..], &[0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 1, b'a']);
         let mut codec = Codec { version: Version::V311 };
         assert!(matches!(codec.read(&mut b, 1024), Ok(Packet::Connect(..))));
+    }
+
+    #[test]
+    fn packets_only_a_server_sends_are_refused_not_panicked_on() {
+        for version in [Version::V311, Version::V5] {
+            // CONNACK, SUBACK, UNSUBACK, PINGRESP, each with a body.
+            for kind in [2u8, 9, 11, 13] {
+                let mut b = BytesMut::from(&[kind << 4, 3, 0, 1, 0][..]);
+                let got = Codec { version }.read(&mut b, 1024);
+                assert!(
+                    matches!(got, Err(rumqttd::protocol::Error::InvalidPacketType(k)) if k == kind),
+                    "{version:?} type {kind}: {got:?}"
+                );
+            }
+        }
     }
 
     #[test]
