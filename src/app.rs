@@ -261,6 +261,7 @@ fn writer_config(config: &Config) -> WriterConfig {
         remote_max_bytes: config.log.remote_budget(),
         site_id: config.site_id().to_string(),
         commit_max_rows: config.log.commit_max_rows,
+        commit_delay: config.log.commit_delay,
         commit_max_bytes: config.log.commit_max_bytes,
         queue_capacity: config.log.queue_capacity,
     }
@@ -331,10 +332,10 @@ fn routes(
         max_body: config.http.max_body_bytes,
         started: Instant::now(),
         status_cache: Default::default(),
-        sampler: Arc::new(std::sync::Mutex::new(api::sampler::Sampler::new(
-            [0; 3],
-            crate::sysinfo::process_write_bytes(),
-        ))),
+        sampler: Arc::new(std::sync::Mutex::new(api::sampler::Sampler::new(api::sampler::Reading {
+            write_bytes: crate::sysinfo::process_write_bytes(),
+            ..Default::default()
+        }))),
         hub: hub.clone(),
         status_token: status_token.map(Into::into),
         data_dir: Arc::new(config.site.data_dir.clone()),

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub backlog_rows: Gauge,
     pub oldest_pending_seconds: Gauge<f64, AtomicU64>,
     pub log_bytes: Gauge,
+    pub log_write_bytes: Counter,
+    pub log_events_written: Counter,
     pub backlog_bytes: Gauge,
     pub dead_letter_rows: Gauge,
     pub uplink_up: Gauge,
@@ -90,6 +92,18 @@ impl Metrics {
             oldest_pending_seconds.clone(),
         );
         registry.register("log_bytes", "Bytes used by the site log", log_bytes.clone());
+        let log_write_bytes = Counter::default();
+        let log_events_written = Counter::default();
+        registry.register(
+            "log_write_bytes",
+            "Bytes this process wrote to storage (write_bytes of /proc/self/io: WAL, checkpoints, marking)",
+            log_write_bytes.clone(),
+        );
+        registry.register(
+            "log_events_written",
+            "Events written to the site log (local and remote)",
+            log_events_written.clone(),
+        );
         let backlog_bytes = Gauge::default();
         let dead_letter_rows = Gauge::default();
         let uplink_up = Gauge::default();
@@ -188,12 +202,23 @@ impl Metrics {
             backlog_rows,
             oldest_pending_seconds,
             log_bytes,
+            log_write_bytes,
+            log_events_written,
         }
     }
 
     /// Counts `n` rejected events.
     pub fn reject(&self, protocol: &'static str, reason: &'static str, n: u64) {
         self.events_rejected.get_or_create(&RejectLabels { protocol, reason }).inc_by(n);
+    }
+
+    /// Moves `log_write_bytes` up to `total`, a fresh reading of the
+    /// process's bytes written (a counter only ever goes up).
+    pub fn observe_write_bytes(&self, total: u64) {
+        let seen = self.log_write_bytes.get();
+        if total > seen {
+            self.log_write_bytes.inc_by(total - seen);
+        }
     }
 
     /// Prometheus text exposition.

@@ -112,6 +112,45 @@ async fn batch_accepts_json_array_and_ndjson_in_one_commit() {
     assert!(m.contains("outpost_commit_batch_rows_bucket{le=\"20.0\"}"), "{m}");
 }
 
+/// `outpost_commit_batch_rows_count`: group commits so far.
+async fn commits(app: &TestApp) -> u64 {
+    let m = app.get("/metrics", None).await.text;
+    m.lines()
+        .find_map(|l| l.strip_prefix("outpost_commit_batch_rows_count "))
+        .and_then(|v| v.parse().ok())
+        .expect("outpost_commit_batch_rows_count")
+}
+
+/// Five posts arriving 40 ms apart: one commit under `log.commit_delay`, one
+/// each without it (every post is acked before the next arrives).
+async fn commits_for_spread_posts(delay: Duration) -> u64 {
+    let app = TestApp::start_with(|c| {
+        c.limits.per_second = 100;
+        c.log.commit_delay = delay;
+    })
+    .await;
+    let t = app.device("acme", "d1").await;
+    let before = commits(&app).await;
+    let posts = (0..5u64).map(|i| {
+        let (app, t) = (&app, &t);
+        async move {
+            tokio::time::sleep(Duration::from_millis(40 * i)).await;
+            app.post(EVENT, Some(t), &json!({"device_id": "d1", "event_type": "x", "payload": {"i": i}})).await
+        }
+    });
+    for r in futures_util::future::join_all(posts).await {
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    assert_eq!(app.log_rows().len(), 5);
+    commits(&app).await - before
+}
+
+#[tokio::test]
+async fn commit_delay_gathers_spread_requests_into_one_commit() {
+    assert_eq!(commits_for_spread_posts(Duration::from_secs(1)).await, 1);
+    assert_eq!(commits_for_spread_posts(Duration::ZERO).await, 5);
+}
+
 #[tokio::test]
 async fn one_invalid_item_rejects_the_whole_batch_naming_its_index() {
     let app = TestApp::start_with(|c| c.limits.per_second = 100).await;

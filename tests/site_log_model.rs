@@ -84,6 +84,7 @@ fn start(path: &std::path::Path) -> (LogHandle, writer::WriterThread) {
         site_id: "site-a".into(),
         commit_max_rows: 1000,
         commit_max_bytes: 1 << 20,
+        commit_delay: std::time::Duration::ZERO,
         queue_capacity: 16,
     };
     writer::spawn(conn, cfg, Arc::new(Metrics::new()), Arc::new(tokio::sync::Notify::new()), Vec::new()).unwrap()

@@ -1,7 +1,8 @@
 //! Rates for the status page, from counters sampled at most once a second
 //! whenever the status is computed: events accepted per protocol (the
-//! `events_accepted` metric) and bytes this process wrote to storage
-//! (`/proc/self/io`). A small ring of samples, no scan of the log.
+//! `events_accepted` metric), events written to the log, and bytes this
+//! process wrote to storage (`/proc/self/io`). A small ring of samples, no
+//! scan of the log.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -16,11 +17,21 @@ const WINDOW: Duration = Duration::from_secs(60);
 /// Samples closer together than this are not kept.
 const STEP: Duration = Duration::from_secs(1);
 
+/// The counters read at one moment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reading {
+    /// `events_accepted` per protocol, in [`PROTOCOLS`] order.
+    pub accepted: [u64; 3],
+    /// `log_events_written`: rows written to the log, local and remote.
+    pub events_written: u64,
+    /// The process's `write_bytes` (None where `/proc/self/io` is absent).
+    pub write_bytes: Option<u64>,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     at: Instant,
-    accepted: [u64; 3],
-    write_bytes: Option<u64>,
+    reading: Reading,
 }
 
 /// The ring of samples; the first is taken at start-up.
@@ -45,26 +56,29 @@ pub struct Rates {
     pub ingest: IngestRates,
     /// Bytes written to storage per day at the current rate.
     pub write_bytes_per_day: Option<f64>,
+    /// Bytes written to storage per event written over the window (None
+    /// when no event was written in it).
+    pub write_bytes_per_event: Option<f64>,
 }
 
 impl Sampler {
-    /// Starts the ring with `accepted` and `write_bytes` as of now.
-    pub fn new(accepted: [u64; 3], write_bytes: Option<u64>) -> Self {
-        Self::new_at(Instant::now(), accepted, write_bytes)
+    /// Starts the ring with `reading` as of now.
+    pub fn new(reading: Reading) -> Self {
+        Self::new_at(Instant::now(), reading)
     }
 
-    fn new_at(at: Instant, accepted: [u64; 3], write_bytes: Option<u64>) -> Self {
-        Self { samples: VecDeque::from([Sample { at, accepted, write_bytes }]) }
+    fn new_at(at: Instant, reading: Reading) -> Self {
+        Self { samples: VecDeque::from([Sample { at, reading }]) }
     }
 
     /// Records the counters (at most one sample per second) and returns the
     /// rates since the newest sample at least a minute old, or the oldest.
-    pub fn sample(&mut self, accepted: [u64; 3], write_bytes: Option<u64>) -> Rates {
-        self.sample_at(Instant::now(), accepted, write_bytes)
+    pub fn sample(&mut self, reading: Reading) -> Rates {
+        self.sample_at(Instant::now(), reading)
     }
 
-    fn sample_at(&mut self, at: Instant, accepted: [u64; 3], write_bytes: Option<u64>) -> Rates {
-        let now = Sample { at, accepted, write_bytes };
+    fn sample_at(&mut self, at: Instant, reading: Reading) -> Rates {
+        let now = Sample { at, reading };
         if self.samples.back().is_none_or(|s| at.duration_since(s.at) >= STEP) {
             self.samples.push_back(now);
         }
@@ -72,21 +86,25 @@ impl Sampler {
         while self.samples.len() > 1 && self.samples.get(1).is_some_and(|s| at.duration_since(s.at) >= WINDOW) {
             self.samples.pop_front();
         }
-        let Some(base) = self.samples.front().copied() else { return Rates::default() };
-        let secs = at.duration_since(base.at).as_secs_f64();
+        let Some(Sample { at: base_at, reading: base }) = self.samples.front().copied() else {
+            return Rates::default();
+        };
+        let secs = at.duration_since(base_at).as_secs_f64();
         if secs < 0.5 {
             return Rates::default();
         }
         #[allow(clippy::cast_precision_loss)]
-        let rate = |i: usize| accepted[i].saturating_sub(base.accepted[i]) as f64 / secs;
-        #[allow(clippy::cast_precision_loss)]
-        let write_bytes_per_day = match (base.write_bytes, write_bytes) {
-            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / secs * 86_400.0),
+        let rate = |i: usize| reading.accepted[i].saturating_sub(base.accepted[i]) as f64 / secs;
+        let written = match (base.write_bytes, reading.write_bytes) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
             _ => None,
         };
+        let events = reading.events_written.saturating_sub(base.events_written);
+        #[allow(clippy::cast_precision_loss)]
         Rates {
             ingest: IngestRates { http: rate(0), ws: rate(1), mqtt: rate(2), window_seconds: secs },
-            write_bytes_per_day,
+            write_bytes_per_day: written.map(|w| w as f64 / secs * 86_400.0),
+            write_bytes_per_event: written.filter(|_| events > 0).map(|w| w as f64 / events as f64),
         }
     }
 }
@@ -98,27 +116,32 @@ mod tests {
     #[test]
     fn rates_average_over_the_last_minute_once_running_longer() {
         let t0 = Instant::now();
-        let mut s = Sampler::new_at(t0, [0; 3], Some(0));
-        // 10 HTTP events/s and 1 MQTT event/s for two minutes, sampled every second.
+        let mut s = Sampler::new_at(t0, Reading { write_bytes: Some(0), ..Reading::default() });
+        // 10 HTTP events/s and 1 MQTT event/s for two minutes, sampled every
+        // second; 1,000 bytes written a second.
         let mut r = Rates::default();
         for i in 1..=120u64 {
-            r = s.sample_at(t0 + Duration::from_secs(i), [10 * i, 0, i], Some(1000 * i));
+            let reading = Reading { accepted: [10 * i, 0, i], events_written: 11 * i, write_bytes: Some(1000 * i) };
+            r = s.sample_at(t0 + Duration::from_secs(i), reading);
         }
         assert!((r.ingest.http - 10.0).abs() < 1e-9, "{r:?}");
         assert!((r.ingest.mqtt - 1.0).abs() < 1e-9);
         assert_eq!(r.ingest.ws, 0.0);
         assert!((r.ingest.window_seconds - 60.0).abs() < 1.5);
         assert!((r.write_bytes_per_day.unwrap() - 86_400_000.0).abs() < 1.0);
+        assert!((r.write_bytes_per_event.unwrap() - 1000.0 / 11.0).abs() < 1e-9, "{r:?}");
         assert!(s.samples.len() <= 62, "the ring stays small: {}", s.samples.len());
     }
 
     #[test]
     fn a_quiet_minute_after_a_burst_reads_zero() {
         let t0 = Instant::now();
-        let mut s = Sampler::new_at(t0, [0; 3], None);
-        s.sample_at(t0 + Duration::from_secs(1), [500, 0, 0], None);
-        let r = s.sample_at(t0 + Duration::from_secs(200), [500, 0, 0], None);
+        let mut s = Sampler::new_at(t0, Reading::default());
+        let burst = Reading { accepted: [500, 0, 0], events_written: 500, write_bytes: None };
+        s.sample_at(t0 + Duration::from_secs(1), burst);
+        let r = s.sample_at(t0 + Duration::from_secs(200), burst);
         assert_eq!(r.ingest.http, 0.0);
         assert_eq!(r.write_bytes_per_day, None);
+        assert_eq!(r.write_bytes_per_event, None);
     }
 }

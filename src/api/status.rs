@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::ApiState;
-use super::sampler::{IngestRates, PROTOCOLS};
+use super::sampler::{IngestRates, PROTOCOLS, Reading};
 use crate::event::now_us;
 use crate::forward::{Uplink, UplinkSnapshot};
 use crate::http::ApiError;
@@ -66,6 +66,9 @@ pub struct Disk {
     /// Bytes this process wrote to storage per day at the rate of the last
     /// minute (`/proc/self/io`); `None` where the kernel does not say.
     pub write_bytes_per_day: Option<f64>,
+    /// Bytes written to storage per event written to the log over the last
+    /// minute; `None` when no event was written in it.
+    pub write_bytes_per_event: Option<f64>,
 }
 
 /// A device as the status page shows it (no token, no counts of others).
@@ -141,10 +144,16 @@ pub(super) async fn current_status(state: &ApiState) -> Result<Status, ApiError>
     state.metrics.forward_rate.set(rate);
     state.metrics.drain_eta_seconds.set(drain_eta_seconds.unwrap_or(0.0));
     let rates = {
-        let accepted = accepted_counts(state);
-        let written = crate::sysinfo::process_write_bytes();
+        let reading = Reading {
+            accepted: accepted_counts(state),
+            events_written: state.metrics.log_events_written.get(),
+            write_bytes: crate::sysinfo::process_write_bytes(),
+        };
+        if let Some(w) = reading.write_bytes {
+            state.metrics.observe_write_bytes(w);
+        }
         let mut sampler = state.sampler.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        sampler.sample(accepted, written)
+        sampler.sample(reading)
     };
     let space = crate::sysinfo::fs_space(&state.data_dir);
     Ok(Status {
@@ -157,6 +166,7 @@ pub(super) async fn current_status(state: &ApiState) -> Result<Status, ApiError>
             data_dir_free_bytes: space.map(|s| s.available),
             data_dir_total_bytes: space.map(|s| s.total),
             write_bytes_per_day: rates.write_bytes_per_day,
+            write_bytes_per_event: rates.write_bytes_per_event,
         },
         buffering_only: uplink.state == Uplink::Disabled,
         log,

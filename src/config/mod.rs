@@ -229,6 +229,11 @@ pub struct LogConfig {
     /// Group commit caps: one transaction takes at most this many rows / bytes.
     pub commit_max_rows: usize,
     pub commit_max_bytes: usize,
+    /// Wear-saving mode: how long the writer may hold a group open after its
+    /// first request, to gather more into the same commit (0: commit as
+    /// soon as the queue is empty). Adds up to this much to every ack.
+    #[serde(with = "humantime_serde")]
+    pub commit_delay: Duration,
     /// Capacity of the writer's request queue (requests, not rows). When it is
     /// full, ingest waits for room: the client sees a slower ack, never a drop.
     pub queue_capacity: usize,
@@ -417,6 +422,7 @@ impl Default for LogConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             commit_max_rows: 2000,
             commit_max_bytes: 8 * 1024 * 1024,
+            commit_delay: Duration::ZERO,
             queue_capacity: 4096,
             format: LogFormat::Text,
         }

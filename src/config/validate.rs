@@ -6,6 +6,10 @@ use std::time::Duration;
 use super::{Algorithm, Config, HttpConfig, RateOverride, url_has_password, valid_site_id};
 use crate::event::Tenant;
 
+/// `log.commit_delay` at most: a second of added ack latency is already far
+/// past what a device's publish timeout tolerates.
+const MAX_COMMIT_DELAY: Duration = Duration::from_secs(1);
+
 impl Config {
     /// Lists every problem, not just the first.
     pub fn validate(&self) -> Result<(), Vec<String>> {
@@ -89,6 +93,13 @@ impl Config {
     fn check_log(&self, problems: &mut Vec<String>) {
         if self.log.max_bytes < 1024 * 1024 {
             problems.push(format!("log.max_bytes = {}: must be at least 1048576 (1 MiB)", self.log.max_bytes));
+        }
+        if self.log.commit_delay > MAX_COMMIT_DELAY {
+            problems.push(format!(
+                "log.commit_delay = {}: at most {} (every ack waits up to this long)",
+                humantime::format_duration(self.log.commit_delay),
+                humantime::format_duration(MAX_COMMIT_DELAY)
+            ));
         }
         if self.log.commit_max_rows == 0 {
             problems.push("log.commit_max_rows: must be at least 1".into());

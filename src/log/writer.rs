@@ -33,6 +33,9 @@ pub struct WriterConfig {
     pub site_id: String,
     pub commit_max_rows: usize,
     pub commit_max_bytes: usize,
+    /// How long a group stays open after its first request to gather more
+    /// (`log.commit_delay`; zero: commit once the queue is empty).
+    pub commit_delay: Duration,
     pub queue_capacity: usize,
 }
 
@@ -44,6 +47,9 @@ pub struct Appended {
     /// The id was already in the log: nothing was written, `seq` is the original.
     pub duplicate: bool,
 }
+
+/// How often an open group (`commit_delay`) looks at the queue again.
+const COMMIT_DELAY_POLL: Duration = Duration::from_millis(1);
 
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
@@ -257,6 +263,9 @@ impl Writer {
         while let Some(first) = rx.blocking_recv() {
             let (mut rows, mut bytes) = first.rows_and_bytes();
             let mut group = vec![first];
+            // With a commit delay the group stays open until then, polling
+            // the queue: the writer has no runtime to wait with a timeout.
+            let open_until = Instant::now() + self.config.commit_delay;
             while rows < self.config.commit_max_rows && bytes < self.config.commit_max_bytes {
                 match rx.try_recv() {
                     Ok(cmd) => {
@@ -265,7 +274,14 @@ impl Writer {
                         bytes += b;
                         group.push(cmd);
                     }
-                    Err(_) => break,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        let now = Instant::now();
+                        if now >= open_until {
+                            break;
+                        }
+                        std::thread::sleep((open_until - now).min(COMMIT_DELAY_POLL));
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
                 }
             }
             self.commit_group(group);
@@ -287,6 +303,7 @@ impl Writer {
         if commit_error.is_none() {
             self.metrics.commit_rows.observe(g.appended_rows as f64);
             self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+            self.metrics.log_events_written.inc_by(g.written_rows as u64);
             // Before the answers: an acked event is in the gauges.
             self.count(&g);
         }
@@ -362,7 +379,9 @@ impl Writer {
                             g.d_backlog_bytes += e.size_hint() as i64;
                             g.last_seq = g.last_seq.max(a.seq);
                         }
-                        g.appended_rows += r.iter().filter(|a| !a.duplicate).count();
+                        let appended = r.iter().filter(|a| !a.duplicate).count();
+                        g.appended_rows += appended;
+                        g.written_rows += appended;
                         if observed {
                             g.new_events
                                 .extend(r.iter().zip(events).filter(|(a, _)| !a.duplicate).map(|(a, e)| (a.seq, e)));
@@ -413,6 +432,7 @@ impl Writer {
                     let added = append_remote(&tx, events, &mut g.new_events)?;
                     let new = &g.new_events[before..];
                     g.d_total_rows += added as i64;
+                    g.written_rows += added;
                     g.d_remote_bytes += new.iter().map(|(_, e)| e.size_hint() as i64).sum::<i64>();
                     projected += new.iter().map(|(_, e)| e.size_hint() as u64).sum::<u64>();
                     g.last_seq = new.iter().map(|(s, _)| *s).fold(g.last_seq, i64::max);
@@ -490,6 +510,8 @@ impl Writer {
 struct Group {
     delivers: Vec<Deliver>,
     appended_rows: usize,
+    /// Rows inserted into `events`: this site's and other sites'.
+    written_rows: usize,
     new_events: Vec<(i64, Event)>,
     presence: Vec<(String, String, bool)>,
     /// Changes to the gauges, applied after the commit.

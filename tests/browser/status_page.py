@@ -144,7 +144,13 @@ def check_against_status(page, s):
     assert f' of {human(s["disk"]["log_max_bytes"])} (' in page["diskLog"], (page["diskLog"], s["disk"])
     assert page["diskFree"] != "n/a" and " of " in page["diskFree"], page
     w = s["disk"]["write_bytes_per_day"]
-    assert page["diskWrite"] == "n/a" if w is None else page["diskWrite"].endswith("GB/day"), page
+    per_event = s["disk"]["write_bytes_per_event"]
+    if w is None:
+        assert page["diskWrite"] == "n/a", page
+    elif per_event is None:
+        assert page["diskWrite"].endswith(" GB/day"), page
+    else:
+        assert " GB/day, " in page["diskWrite"] and page["diskWrite"].endswith(" B/event"), page
     assert page["http"] != "—" and float(page["http"]) >= 0.0, page
     want = [d["device_id"] for d in s["devices"]]
     assert [d[0] for d in page["devices"]] == want, (page["devices"], want)

@@ -76,7 +76,8 @@
     $('disk-bar').style.width = Math.min(100, pct) + '%';
     $('disk-bar').className = level;
     set('disk-free', d.data_dir_free_bytes === null ? 'n/a' : bytes(d.data_dir_free_bytes) + ' of ' + bytes(d.data_dir_total_bytes));
-    set('disk-write', d.write_bytes_per_day === null ? 'n/a' : (d.write_bytes_per_day / 1e9).toFixed(2) + ' GB/day');
+    set('disk-write', d.write_bytes_per_day === null ? 'n/a' : (d.write_bytes_per_day / 1e9).toFixed(2) + ' GB/day' +
+      (d.write_bytes_per_event === null ? '' : ', ' + Math.round(d.write_bytes_per_event).toLocaleString('en') + ' B/event'));
     set('dead', s.log.dead_letters.toLocaleString('en'), s.log.dead_letters > 0 ? 'bad' : 'ok');
   }
 

@@ -75,6 +75,7 @@ pub async fn run(args: ForwardArgs, config: Config) -> anyhow::Result<()> {
             remote_max_bytes: u64::MAX,
             site_id: "bench-site".into(),
             commit_max_rows: 10_000,
+            commit_delay: Duration::ZERO,
             commit_max_bytes: 64 << 20,
             queue_capacity: 64,
         },

@@ -30,10 +30,13 @@ async fn http_load(
     tokens: Vec<(String, String)>,
     config: Config,
 ) -> anyhow::Result<()> {
+    let admin = admin_token(args.admin_token.clone(), &config)?;
+    let wear_before = Wear::read(&client, &base, &admin).await?;
     let started = Instant::now();
     let deadline = started + args.duration;
     let mut tasks = Vec::new();
-    for (id, token) in tokens {
+    let n = tokens.len();
+    for (i, (id, token)) in tokens.into_iter().enumerate() {
         let client = client.clone();
         let url = if args.batch == 1 {
             format!("{base}/api/v1/realtime/{}/event", args.tenant)
@@ -44,11 +47,7 @@ async fn http_load(
         let (batch, pbytes) = (args.batch, args.payload_bytes);
         tasks.push(tokio::spawn(async move {
             let mut t = Tally::default();
-            let mut tick = interval.map(|i| {
-                let mut it = tokio::time::interval(i);
-                it.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                it
-            });
+            let mut tick = interval.map(|every| paced(every, i, n));
             let mut n = 0usize;
             while Instant::now() < deadline {
                 if let Some(tick) = tick.as_mut() {
@@ -103,8 +102,11 @@ async fn http_load(
         println!("  e.g. refused: {e}");
     }
     println!("ack latency (per request): p50 {p50:.2} ms  p99 {p99:.2} ms  max {max:.2} ms  ({requests} requests)");
-    if !args.no_raw {
-        report_raw(&config, args.payload_bytes, accepted_rate).await?;
-    }
+    let wear = Wear::settled(&client, &base, &admin).await?;
+    let raw = if args.no_raw { None } else { Some(report_raw(&config, args.payload_bytes, accepted_rate).await?) };
+    // Single posts at a set rate commit about one request each: compare
+    // with 1-row transactions; batches with transactions of their size.
+    let raw_rows = if args.batch >= 1000 { 1000 } else if args.batch >= 100 { 100 } else { 1 };
+    wear.print_since(&wear_before, raw.as_ref(), raw_rows);
     Ok(())
 }

@@ -209,9 +209,11 @@ fn main() -> ExitCode {
 async fn run(cmd: BenchCommand, config: Config) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Raw { rows, duration } => {
-            let rate = raw_commit_rate(&config, rows, 128, duration).await?;
+            let f = raw_commit_rate(&config, rows, 128, duration).await?;
             println!(
-                "raw group commit: {rate:.0} rows/s ({rows}-row transactions, synchronous=FULL, WAL, site-log schema)"
+                "raw durable append: {:.0} rows/s, {} bytes written per event ({rows}-row transactions, synchronous=FULL, WAL)",
+                f.rows_per_second,
+                f.bytes_per_event.map_or("n/a".into(), |b| format!("{b:.0}"))
             );
             Ok(())
         }
@@ -222,46 +224,67 @@ async fn run(cmd: BenchCommand, config: Config) -> anyhow::Result<()> {
     }
 }
 
-/// Commits `rows`-row transactions of site-log rows into a scratch database in
-/// the data dir for `duration`; rows per second.
+/// The raw limit of a durable append at one transaction size.
+#[derive(Debug, Clone, Copy)]
+pub struct RawFigure {
+    pub rows: usize,
+    pub rows_per_second: f64,
+    /// Bytes this process wrote to storage per row (WAL and a final
+    /// checkpoint); `None` where `/proc/self/io` is absent.
+    pub bytes_per_event: Option<f64>,
+}
+
+/// Commits `rows`-row transactions into a scratch database in the data dir
+/// for `duration`: the minimal durable append of
+/// `../shared/bench/raw_append.py` (WAL, synchronous=FULL, an integer key,
+/// a unique 16-byte time-ordered id, device, type, timestamp, payload), not
+/// the site log's schema, so it is the disk's limit.
 pub async fn raw_commit_rate(
     config: &Config,
     rows: usize,
     payload_bytes: usize,
     duration: Duration,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<RawFigure> {
     let dir = config.site.data_dir.clone();
     std::fs::create_dir_all(&dir)?;
-    tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<RawFigure> {
         let path = dir.join(format!("bench-raw-{}.sqlite", std::process::id()));
-        let result = (|| -> anyhow::Result<f64> {
-            let mut conn = log::open_and_migrate(&path)?;
+        let result = (|| -> anyhow::Result<RawFigure> {
+            let mut conn = rusqlite::Connection::open(&path)?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            conn.execute_batch(
+                "CREATE TABLE e (seq INTEGER PRIMARY KEY, id BLOB NOT NULL, device TEXT NOT NULL,
+                                 type TEXT NOT NULL, ts INTEGER NOT NULL, payload TEXT NOT NULL);
+                 CREATE UNIQUE INDEX e_id ON e (id);",
+            )?;
             let payload = payload(0, payload_bytes);
+            let written = outpost::sysinfo::process_write_bytes;
+            let w0 = written();
             let started = Instant::now();
             let mut total = 0usize;
             while started.elapsed() < duration {
                 let tx = conn.transaction()?;
-                for _ in 0..rows {
-                    let e = Event {
-                        id: uuid::Uuid::now_v7(),
-                        tenant: "bench".into(),
-                        device_id: format!("raw-{}", total % 100),
-                        event_type: "bench.raw".into(),
-                        payload: payload.clone(),
-                        timestamp_us: now_us(),
-                        received_at_us: now_us(),
-                        origin_site: "bench".into(),
-                        redelivery: None,
-                        mqtt: None,
-                        properties: None,
-                        protocol: "bench",
-                    };
-                    schema::insert_event(&tx, &e, None)?;
-                    total += 1;
+                {
+                    let mut insert =
+                        tx.prepare_cached("INSERT INTO e (id, device, type, ts, payload) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+                    for _ in 0..rows {
+                        let id = uuid::Uuid::now_v7();
+                        let device = format!("dev-{}", total % 64);
+                        insert.execute(rusqlite::params![&id.as_bytes()[..], device, "bench.raw", now_us(), payload])?;
+                        total += 1;
+                    }
                 }
                 tx.commit()?;
             }
-            Ok(total as f64 / started.elapsed().as_secs_f64())
+            let rows_per_second = total as f64 / started.elapsed().as_secs_f64();
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            drop(conn);
+            let bytes_per_event = match (w0, written()) {
+                (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / total.max(1) as f64),
+                _ => None,
+            };
+            Ok(RawFigure { rows, rows_per_second, bytes_per_event })
         })();
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
@@ -271,47 +294,116 @@ pub async fn raw_commit_rate(
     .await?
 }
 
-/// Measures the raw limit at two transaction sizes and prints the ratio
-/// against the larger (the writer's group commits can exceed 100 rows, so
-/// 100-row transactions alone would flatter the appliance).
-pub async fn report_raw(config: &Config, payload_bytes: usize, accepted_rate: f64) -> anyhow::Result<()> {
+/// Measures the raw limit at 1-, 100- and 1000-row transactions and prints
+/// the ratios: the rate against the best raw rate, the bytes per event
+/// against the transaction size closest to the appliance's own groups.
+pub async fn report_raw(config: &Config, payload_bytes: usize, accepted_rate: f64) -> anyhow::Result<RawLimit> {
     let raw = RawLimit::measure(config, payload_bytes).await?;
     raw.print();
     raw.print_ratio(accepted_rate);
-    Ok(())
+    Ok(raw)
 }
 
-/// The raw group-commit rates (rows/s) in 100- and 1000-row transactions.
+/// The raw limit at 1-, 100- and 1000-row transactions.
 pub struct RawLimit {
-    raw100: f64,
-    raw1000: f64,
+    pub figures: [RawFigure; 3],
 }
 
 impl RawLimit {
     pub async fn measure(config: &Config, payload_bytes: usize) -> anyhow::Result<RawLimit> {
-        let raw100 = raw_commit_rate(config, 100, payload_bytes, Duration::from_secs(3)).await?;
-        let raw1000 = raw_commit_rate(config, 1000, payload_bytes, Duration::from_secs(3)).await?;
-        Ok(RawLimit { raw100, raw1000 })
+        let second = Duration::from_secs(3);
+        let one = raw_commit_rate(config, 1, payload_bytes, second).await?;
+        let hundred = raw_commit_rate(config, 100, payload_bytes, second).await?;
+        let thousand = raw_commit_rate(config, 1000, payload_bytes, second).await?;
+        Ok(RawLimit { figures: [one, hundred, thousand] })
     }
 
     pub fn best(&self) -> f64 {
-        self.raw100.max(self.raw1000)
+        self.figures.iter().map(|f| f.rows_per_second).fold(0.0, f64::max)
+    }
+
+    /// The figure of `rows`-row transactions.
+    pub fn at(&self, rows: usize) -> RawFigure {
+        *self.figures.iter().find(|f| f.rows == rows).unwrap_or(&self.figures[0])
     }
 
     pub fn print(&self) {
-        println!(
-            "raw group commit, same disk, same run (site-log schema, synchronous=FULL): \
-             {:.0} rows/s in 100-row transactions, {:.0} rows/s in 1000-row transactions",
-            self.raw100, self.raw1000
-        );
+        println!("raw durable append, same disk, same run (raw_append.py's schema, WAL, synchronous=FULL):");
+        for f in &self.figures {
+            println!(
+                "  {:>4}-row transactions: {:>9.0} rows/s, {} bytes written per event",
+                f.rows,
+                f.rows_per_second,
+                f.bytes_per_event.map_or("n/a".into(), |b| format!("{b:.0}"))
+            );
+        }
     }
 
     pub fn print_ratio(&self, accepted_rate: f64) {
         println!(
             "ratio: {:.1}% of the best raw rate ({:.1}% of the 100-row rate)",
             100.0 * accepted_rate / self.best(),
-            100.0 * accepted_rate / self.raw100
+            100.0 * accepted_rate / self.at(100).rows_per_second
         );
+    }
+}
+
+/// What the appliance wrote to storage, from its `/metrics`
+/// (`outpost_log_write_bytes_total`, `outpost_log_events_written_total`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Wear {
+    pub write_bytes: u64,
+    pub events_written: u64,
+    pub backlog_rows: u64,
+    pub uplink_up: bool,
+}
+
+impl Wear {
+    pub async fn read(client: &reqwest::Client, base: &str, token: &str) -> anyhow::Result<Wear> {
+        let text = client.get(format!("{base}/metrics")).bearer_auth(token).send().await?.text().await?;
+        let value = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .map_or(0, |v| v as u64)
+        };
+        Ok(Wear {
+            write_bytes: value("outpost_log_write_bytes_total"),
+            events_written: value("outpost_log_events_written_total"),
+            backlog_rows: value("outpost_backlog_rows"),
+            uplink_up: value("outpost_uplink_up") == 1,
+        })
+    }
+
+    /// The reading once the forwarder has marked what the run wrote (when
+    /// the uplink is up; at most 60 s), so marking counts in the figure.
+    pub async fn settled(client: &reqwest::Client, base: &str, token: &str) -> anyhow::Result<Wear> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let w = Wear::read(client, base, token).await?;
+            if !w.uplink_up || w.backlog_rows == 0 || Instant::now() > deadline {
+                return Ok(w);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Prints the bytes the appliance wrote per event since `before`, next
+    /// to the raw figure of `raw_rows`-row transactions.
+    pub fn print_since(&self, before: &Wear, raw: Option<&RawLimit>, raw_rows: usize) {
+        let bytes = self.write_bytes.saturating_sub(before.write_bytes);
+        let events = self.events_written.saturating_sub(before.events_written);
+        if events == 0 {
+            println!("bytes written: no event written");
+            return;
+        }
+        let per_event = bytes as f64 / events as f64;
+        let marking = if self.uplink_up { "forwarding on: ingest + marking" } else { "no uplink: ingest only" };
+        print!("appliance wrote {bytes} bytes for {events} events = {per_event:.0} bytes per event ({marking})");
+        match raw.and_then(|r| r.at(raw_rows).bytes_per_event) {
+            Some(r) if r > 0.0 => println!("; raw {raw_rows}-row append {r:.0}: {:.2}x raw", per_event / r),
+            _ => println!(),
+        }
     }
 }
 
@@ -366,6 +458,16 @@ fn admin_token(given: Option<String>, config: &Config) -> anyhow::Result<String>
             Ok(a.issue_admin(Some(Duration::from_secs(3600)))?)
         }
     }
+}
+
+/// The pacing of device `i` of `n` sending every `interval`: its ticks are
+/// offset by `i / n` of the interval, so a paced run arrives spread out as
+/// real devices do, not as `n`-request bursts that group commit flatters.
+fn paced(interval: Duration, i: usize, n: usize) -> tokio::time::Interval {
+    let offset = interval.mul_f64(i as f64 / n.max(1) as f64);
+    let mut it = tokio::time::interval_at(tokio::time::Instant::now() + offset, interval);
+    it.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    it
 }
 
 /// `--rate`: events per second, or "max" (`None`).

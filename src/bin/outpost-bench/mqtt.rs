@@ -84,6 +84,17 @@ pub async fn run(args: MqttArgs, config: Config) -> anyhow::Result<()> {
         args.port,
         if args.plain { " (plain broker)" } else { "" }
     );
+    // What the appliance writes to storage over the whole run (not a plain broker).
+    let metrics = if args.plain {
+        None
+    } else {
+        Some((reqwest::Client::new(), admin_token(args.admin_token.clone(), &config)?))
+    };
+    let base = args.url.trim_end_matches('/').to_string();
+    let wear_before = match &metrics {
+        Some((client, admin)) => Some(Wear::read(client, &base, admin).await?),
+        None => None,
+    };
     // Per cell: the merged counts and the summed time of its runs.
     let mut totals: Vec<(Counts, Duration)> = cells.iter().map(|_| Default::default()).collect();
     for round in 1..=args.rounds {
@@ -107,7 +118,15 @@ pub async fn run(args: MqttArgs, config: Config) -> anyhow::Result<()> {
         println!("over all {} rounds:", args.rounds);
         outcomes.iter().for_each(Outcome::print);
     }
+    let wear = match &metrics {
+        Some((client, admin)) => Some(Wear::settled(client, &base, admin).await?),
+        None => None,
+    };
     let raw = if args.no_raw { None } else { Some(RawLimit::measure(&config, args.payload_bytes).await?) };
+    if let (Some(before), Some(after)) = (wear_before, wear) {
+        // A device's publishes commit in groups much as a batch does.
+        after.print_since(&before, raw.as_ref(), 100);
+    }
     if args.compare {
         print_table(&outcomes, raw.as_ref());
     }
@@ -134,7 +153,8 @@ async fn drive(
     let deadline = started + args.duration;
     let interval = rate.map(|r| Duration::from_secs_f64(args.devices as f64 / r));
     let mut tasks = Vec::with_capacity(devices.len());
-    for (id, token) in devices {
+    let n = devices.len();
+    for (i, (id, token)) in devices.iter().enumerate() {
         let (client, conn) = connect(cell.protocol, id, token.as_deref(), args);
         let topic = format!("{}/devices/{id}/events/bench.reading", args.tenant);
         let body = payload(0, args.payload_bytes);
@@ -142,11 +162,7 @@ async fn drive(
         let outstanding = Arc::new(AtomicI64::new(0));
         let unacked = outstanding.clone();
         let publisher = tokio::spawn(async move {
-            let mut tick = interval.map(|i| {
-                let mut it = tokio::time::interval(i);
-                it.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                it
-            });
+            let mut tick = interval.map(|every| paced(every, i, n));
             while Instant::now() < deadline {
                 if let Some(t) = tick.as_mut() {
                     t.tick().await;
