@@ -365,13 +365,10 @@ fn replay(cfg: &Config, since: &str, until: Option<&str>, tenant: Option<&str>) 
     }
     let conn = open_log(cfg)?;
     let site = cfg.site_id();
-    let mut total = 0;
-    loop {
-        let n = schema::replay_chunk(&conn, &site, since_us, until_us, tenant, 10_000)?;
+    let (mut total, mut after) = (0, 0);
+    while let (n, Some(last)) = schema::replay_chunk(&conn, &site, since_us, until_us, tenant, after, 10_000)? {
         total += n;
-        if n == 0 {
-            break;
-        }
+        after = last;
         eprintln!("replay: {total} events marked pending so far…");
     }
     println!(

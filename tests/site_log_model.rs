@@ -1,8 +1,11 @@
 //! Model-based property test of the site log: random sequences of append
-//! (some with duplicate or conflicting ids), mark-forwarded, prune and reopen
-//! run against the real writer and SQLite file, and against a `VecDeque`
-//! model. After every step: no acked event lost or duplicated, pending rows
-//! in ack order, `seq` strictly increasing, pruning never touches pending rows.
+//! (some with duplicate or conflicting ids), mark-forwarded (whole batches,
+//! which move the watermark, and batches with a gap, which cannot), dead
+//! letters and their retry and purge, replay, prune and reopen run against
+//! the real writer and SQLite file, and against a `VecDeque` model. After
+//! every step: no acked event lost or duplicated, pending rows in ack order,
+//! `seq` strictly increasing, pruning never touches pending rows, and the
+//! writer's gauges equal a scan.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -21,6 +24,9 @@ enum Op {
     Conflicting { n: usize },
     /// Forward the oldest `n` pending rows.
     Forward { n: usize },
+    /// Forward the oldest `n` pending rows but the `skip`-th (a part of a
+    /// batch: the watermark cannot move past the one left).
+    ForwardGap { n: usize, skip: usize },
     /// Retention with a cutoff in the future: every forwarded row goes.
     Prune,
     /// Close the writer and open the file again.
@@ -29,6 +35,10 @@ enum Op {
     DeadLetter,
     /// `outpost dead-letter purge` in another process.
     CliPurge,
+    /// `outpost dead-letter retry` in another process: back in the queue.
+    CliRetry,
+    /// `outpost replay` of everything in another process.
+    CliReplay,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -36,10 +46,13 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0u8..3, 1usize..8, proptest::option::of(0usize..1000)).prop_map(|(device, n, resend)| Op::Append { device, n, resend }),
         1 => (2usize..5).prop_map(|n| Op::Conflicting { n }),
         2 => (0usize..10).prop_map(|n| Op::Forward { n }),
+        1 => (2usize..10, 0usize..10).prop_map(|(n, skip)| Op::ForwardGap { n, skip }),
         1 => Just(Op::Prune),
         1 => Just(Op::Reopen),
         1 => Just(Op::DeadLetter),
         1 => Just(Op::CliPurge),
+        1 => Just(Op::CliRetry),
+        1 => Just(Op::CliReplay),
     ]
 }
 
@@ -48,6 +61,8 @@ struct Model {
     pending: VecDeque<Uuid>,
     /// Forwarded, not yet pruned.
     forwarded: Vec<Uuid>,
+    /// Dead letters, not yet retried or purged.
+    dead: Vec<Uuid>,
     /// Every id ever acked → its device (ids are never reused).
     owners: HashMap<Uuid, String>,
     acked_order: Vec<Uuid>,
@@ -56,6 +71,17 @@ struct Model {
 impl Model {
     fn in_log(&self) -> impl Iterator<Item = Uuid> + '_ {
         self.forwarded.iter().chain(self.pending.iter()).copied()
+    }
+
+    fn position(&self, id: &Uuid) -> usize {
+        self.acked_order.iter().position(|a| a == id).expect("acked")
+    }
+
+    /// Makes `ids` pending again, in their ack (= seq) order among the rest.
+    fn pend(&mut self, ids: Vec<Uuid>) {
+        let mut all: Vec<Uuid> = self.pending.drain(..).chain(ids).collect();
+        all.sort_by_key(|id| self.position(id));
+        self.pending = all.into();
     }
 }
 
@@ -94,8 +120,13 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log.sqlite");
     let (mut handle, mut thread) = start(&path);
-    let mut m =
-        Model { pending: VecDeque::new(), forwarded: Vec::new(), owners: HashMap::new(), acked_order: Vec::new() };
+    let mut m = Model {
+        pending: VecDeque::new(),
+        forwarded: Vec::new(),
+        dead: Vec::new(),
+        owners: HashMap::new(),
+        acked_order: Vec::new(),
+    };
     for op in ops {
         match op {
             Op::Append { device, n, resend } => {
@@ -143,21 +174,58 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     m.forwarded.push(e.id);
                 }
             }
+            Op::ForwardGap { n, skip } => {
+                let readers = log::Readers::new(path.clone());
+                let batch = readers.with(move |c| schema::pending(c, n)).await.unwrap();
+                if batch.len() < 2 {
+                    continue;
+                }
+                let skip = skip % batch.len();
+                let sent: Vec<_> = batch.iter().enumerate().filter(|(i, _)| *i != skip).map(|(_, e)| e).collect();
+                let changed = handle.mark_forwarded(sent.iter().map(|e| e.seq).collect()).await.unwrap();
+                prop_assert_eq!(changed, sent.len());
+                for e in sent {
+                    m.pending.retain(|id| *id != e.id);
+                    m.forwarded.push(e.id);
+                }
+            }
             Op::Prune => {
+                // Forwarded rows go, up to the first pending row: retention
+                // walks seq and stops there.
                 let n = handle.prune(now_us() + 3_600_000_000, 1_000_000).await.unwrap();
-                prop_assert_eq!(n, m.forwarded.len());
-                m.forwarded.clear();
+                let first_pending = m.pending.front().map_or(usize::MAX, |id| m.position(id));
+                let (gone, kept): (Vec<Uuid>, Vec<Uuid>) =
+                    m.forwarded.iter().partition(|id| m.position(id) < first_pending);
+                prop_assert_eq!(n, gone.len());
+                m.forwarded = kept;
             }
             Op::DeadLetter => {
                 let readers = log::Readers::new(path.clone());
                 let Some(e) = readers.with(|c| schema::pending(c, 1)).await.unwrap().pop() else { continue };
                 prop_assert_eq!(handle.dead_letter(e.seq, "refused".into()).await.unwrap(), 1);
                 prop_assert_eq!(Some(e.id), m.pending.pop_front());
+                m.dead.push(e.id);
             }
             Op::CliPurge => {
                 let conn = log::open(&path, false).unwrap();
                 schema::purge_dead_letters(&conn, None).unwrap();
+                m.dead.clear();
                 // The writer notices at its next group and counts again.
+                handle.ping().await.unwrap();
+            }
+            Op::CliRetry => {
+                let conn = log::open(&path, false).unwrap();
+                prop_assert_eq!(schema::retry_dead_letters(&conn, None).unwrap(), m.dead.len());
+                let back = std::mem::take(&mut m.dead);
+                m.pend(back);
+                handle.ping().await.unwrap();
+            }
+            Op::CliReplay => {
+                let conn = log::open(&path, false).unwrap();
+                let (n, _) = schema::replay_chunk(&conn, "site-a", 0, i64::MAX, None, 0, 1_000_000).unwrap();
+                prop_assert_eq!(n, m.forwarded.len());
+                let back = std::mem::take(&mut m.forwarded);
+                m.pend(back);
                 handle.ping().await.unwrap();
             }
             Op::Reopen => {

@@ -493,7 +493,10 @@ impl Forwarder {
         Ok(())
     }
 
-    /// Forwards one batch, tenant by tenant (first appearance order).
+    /// Forwards one batch, tenant by tenant (first appearance order), and
+    /// marks what central committed in one mark: a whole batch moves the site
+    /// log's watermark with one row write. After an error, what was
+    /// committed before it is still marked.
     async fn forward(
         &self,
         c: &mut Central,
@@ -508,24 +511,45 @@ impl Forwarder {
                 None => groups.push((&e.tenant, vec![e])),
             }
         }
+        let mut committed = Vec::with_capacity(batch.len());
+        let mut result = Ok(());
         for (tenant, rows) in groups {
-            if self.config.migrate {
-                self.ensure_migrated(c, tenant, migrated).await?;
+            if self.config.migrate
+                && let Err(e) = self.ensure_migrated(c, tenant, migrated).await
+            {
+                result = Err(e);
+                break;
             }
-            let schema = schema::schema_name(tenant)?;
-            self.write_bisecting(c, p, &schema, &rows).await?;
+            let written = match schema::schema_name(tenant) {
+                Ok(schema) => self.write_bisecting(c, &schema, &rows, &mut committed).await,
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = written {
+                result = Err(e);
+                break;
+            }
         }
-        Ok(())
+        if !committed.is_empty() {
+            let log = self.log.clone();
+            p.marks.push_back(tokio::spawn(async move { log.mark_forwarded(committed).await }));
+            while p.marks.len() > MAX_MARKS_IN_FLIGHT {
+                if let Some(m) = p.marks.pop_front() {
+                    settle(m).await;
+                }
+            }
+        }
+        result
     }
 
     /// Writes `rows`; on a data error splits them until each poison row is
-    /// alone, dead-letters it, and forwards the rest in order.
+    /// alone, dead-letters it, and forwards the rest in order. The seqs
+    /// central committed are added to `committed`.
     async fn write_bisecting(
         &self,
         c: &mut Central,
-        p: &mut Pipeline,
         schema: &str,
         rows: &[&StoredEvent],
+        committed: &mut Vec<i64>,
     ) -> Result<(), Error> {
         let mut stack = vec![(0, rows.len())];
         while let Some((a, b)) = stack.pop() {
@@ -538,13 +562,7 @@ impl Forwarder {
                 Ok(inserted) => {
                     // Central has the rows; the site log does not know yet.
                     crate::failpoint::fire("after_central_commit");
-                    let (log, seqs) = (self.log.clone(), part.iter().map(|r| r.seq).collect());
-                    p.marks.push_back(tokio::spawn(async move { log.mark_forwarded(seqs).await }));
-                    while p.marks.len() > MAX_MARKS_IN_FLIGHT {
-                        if let Some(m) = p.marks.pop_front() {
-                            settle(m).await;
-                        }
-                    }
+                    committed.extend(part.iter().map(|r| r.seq));
                     self.status.forwarded(part.len());
                     self.metrics.forward_rows.inc_by(part.len() as u64);
                     self.metrics.forward_batches.inc();

@@ -21,6 +21,7 @@ pub fn migrate(conn: &mut Connection) -> Result<(), Error> {
         M::up(include_str!("../../migrations/sqlite/0004_remote_cursor.sql")),
         M::up(include_str!("../../migrations/sqlite/0005_mqtt_session.sql")),
         M::up(include_str!("../../migrations/sqlite/0006_event_properties.sql")),
+        M::up(include_str!("../../migrations/sqlite/0007_forward_watermark.sql")),
     ]);
     migrations.to_latest(conn)?;
     Ok(())
@@ -57,7 +58,7 @@ pub fn insert_event(conn: &Connection, e: &Event, forwarded_at: Option<i64>) -> 
 }
 
 /// How far back a DUP=1 publish is compared: the device's last this many
-/// events, received within `REDELIVERY_WINDOW_US`.
+/// events that carried a packet id, received within `REDELIVERY_WINDOW_US`.
 pub const REDELIVERY_EVENTS: i64 = 1000;
 /// Ten minutes.
 pub const REDELIVERY_WINDOW_US: i64 = 600_000_000;
@@ -66,7 +67,7 @@ pub const REDELIVERY_WINDOW_US: i64 = 600_000_000;
 ///
 /// The rule: a DUP=1 publish is the earlier copy of the device's most recent
 /// event that carried the same packet id (among its last
-/// `REDELIVERY_EVENTS`, received within `REDELIVERY_WINDOW_US`) when that
+/// `REDELIVERY_EVENTS` with a packet id, received within `REDELIVERY_WINDOW_US`) when that
 /// event has the same topic (its event type: tenant and device are the
 /// device's own) and the same payload digest. Anything else is stored.
 ///
@@ -90,7 +91,7 @@ pub fn find_redelivered(
     let mut stmt = conn.prepare_cached(
         "SELECT seq, id, event_type, mqtt_digest, received_at FROM (
             SELECT seq, id, event_type, mqtt_pkid, mqtt_digest, received_at FROM events
-            WHERE tenant = ?1 AND device_id = ?2 ORDER BY seq DESC LIMIT ?4)
+            WHERE tenant = ?1 AND device_id = ?2 AND mqtt_pkid IS NOT NULL ORDER BY seq DESC LIMIT ?4)
          WHERE mqtt_pkid = ?3 ORDER BY seq DESC LIMIT 1",
     )?;
     let latest = stmt
@@ -215,15 +216,54 @@ pub fn bump_device(conn: &Connection, tenant: &str, device_id: &str, count: i64,
     Ok(())
 }
 
-/// Marks the given rows forwarded at `now_us`; returns how many changed.
+/// Marks the given rows forwarded at `now_us`; returns how many changed and
+/// their bytes.
+///
+/// The common case writes one row: when the given rows above the watermark
+/// are exactly the pending rows up to the highest of them (a batch read in
+/// seq order and committed whole), the watermark moves there. Otherwise
+/// (part of a batch, rows made pending again) the rows are marked one by
+/// one, as v1 did. Rows pending again below the watermark leave
+/// `pending_again`.
 pub fn mark_forwarded(conn: &Connection, seqs: &[i64], now_us: i64) -> Result<(usize, i64), Error> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "UPDATE events SET forwarded_at = ?2 WHERE seq = ?1 AND forwarded_at IS NULL
-         RETURNING length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD}"
-    ))?;
+    let watermark = watermark(conn)?;
     let (mut n, mut bytes) = (0, 0i64);
-    for seq in seqs {
-        if let Some(b) = stmt.query_row(params![seq, now_us], |r| r.get::<_, i64>(0)).optional()? {
+    let mut below = conn.prepare_cached(&format!(
+        "SELECT {} FROM events WHERE seq = ?1 AND forwarded_at IS NULL AND seq IN (SELECT seq FROM pending_again)",
+        row_bytes_sql()
+    ))?;
+    let mut leave = conn.prepare_cached("DELETE FROM pending_again WHERE seq = ?1")?;
+    for &seq in seqs.iter().filter(|&&s| s <= watermark) {
+        if let Some(b) = below.query_row([seq], |r| r.get::<_, i64>(0)).optional()? {
+            leave.execute([seq])?;
+            n += 1;
+            bytes += b;
+        }
+    }
+    let mut above: Vec<i64> = seqs.iter().copied().filter(|&s| s > watermark).collect();
+    above.sort_unstable();
+    above.dedup();
+    let Some(&top) = above.last() else { return Ok((n, bytes)) };
+    // The pending rows in (watermark, top]: one more than given at most, to tell.
+    let pending: Vec<(i64, i64)> = conn
+        .prepare_cached(&format!(
+            "SELECT seq, {} FROM events WHERE seq > ?1 AND seq <= ?2 AND forwarded_at IS NULL ORDER BY seq LIMIT ?3",
+            row_bytes_sql()
+        ))?
+        .query_map(params![watermark, top, above.len() as i64 + 1], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    if pending.iter().map(|(s, _)| *s).eq(above.iter().copied()) {
+        conn.prepare_cached("INSERT INTO forward_marks (upto, at) VALUES (?1, ?2)")?.execute(params![top, now_us])?;
+        n += pending.len();
+        bytes += pending.iter().map(|(_, b)| b).sum::<i64>();
+        return Ok((n, bytes));
+    }
+    let mut one = conn.prepare_cached(&format!(
+        "UPDATE events SET forwarded_at = ?2 WHERE seq = ?1 AND forwarded_at IS NULL RETURNING {}",
+        row_bytes_sql()
+    ))?;
+    for seq in above {
+        if let Some(b) = one.query_row(params![seq, now_us], |r| r.get::<_, i64>(0)).optional()? {
             n += 1;
             bytes += b;
         }
@@ -231,26 +271,78 @@ pub fn mark_forwarded(conn: &Connection, seqs: &[i64], now_us: i64) -> Result<(u
     Ok((n, bytes))
 }
 
-/// Deletes up to `limit` forwarded rows received and forwarded before
-/// `cutoff_us`. Pending rows are never touched.
+/// Deletes up to `limit` forwarded rows received before `cutoff_us`, oldest
+/// first, and never past the first pending row or the first row received
+/// after the cutoff: the rows it walks are all deletable, so a long backlog
+/// (uplink down for weeks) is not walked again at every prune.
 /// Returns the rows deleted and the bytes of other sites' events among them.
 pub fn prune(conn: &Connection, cutoff_us: i64, limit: usize, site_id: &str) -> Result<(usize, i64), Error> {
+    let first_pending: Option<i64> = conn
+        .query_row(
+            &format!(
+                "SELECT min(s) FROM (
+                    SELECT (SELECT seq FROM events WHERE seq > {WATERMARK} AND forwarded_at IS NULL ORDER BY seq LIMIT 1) AS s
+                    UNION ALL SELECT (SELECT min(seq) FROM pending_again))"
+            ),
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    let first_young: Option<i64> = conn
+        .prepare_cached("SELECT seq FROM events WHERE received_at >= ?1 ORDER BY seq LIMIT 1")?
+        .query_row([cutoff_us], |r| r.get(0))
+        .optional()?;
+    let bound = [first_pending, first_young].into_iter().flatten().min().unwrap_or(i64::MAX);
     let mut stmt = conn.prepare_cached(&format!(
-        "DELETE FROM events WHERE seq IN (
-            SELECT seq FROM events
-            WHERE forwarded_at IS NOT NULL AND forwarded_at < ?1 AND received_at < ?1
-            LIMIT ?2)
-         RETURNING CASE WHEN origin_site != ?3
-             THEN length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD} ELSE 0 END"
+        "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE seq < ?1 ORDER BY seq LIMIT ?2)
+         RETURNING CASE WHEN origin_site != ?3 THEN {} ELSE 0 END",
+        row_bytes_sql()
     ))?;
     let freed: Vec<i64> = stmt
-        .query_map(params![cutoff_us, i64::try_from(limit).unwrap_or(i64::MAX), site_id], |r| r.get(0))?
+        .query_map(params![bound, i64::try_from(limit).unwrap_or(i64::MAX), site_id], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
+    // Marks below every row left are not needed to date any (the newest stays).
+    conn.prepare_cached(
+        "DELETE FROM forward_marks WHERE upto < (SELECT max(upto) FROM forward_marks)
+           AND upto < coalesce((SELECT min(seq) FROM events), 9223372036854775807)",
+    )?
+    .execute([])?;
     Ok((freed.len(), freed.iter().sum()))
 }
 
-const EVENT_COLUMNS: &str =
-    "seq, id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site, properties";
+/// The forwarding watermark: every row of this site at or below it was
+/// committed centrally, except those in `pending_again`.
+const WATERMARK: &str = "(SELECT coalesce(max(upto), 0) FROM forward_marks)";
+
+/// A row still to be forwarded (see migration 7).
+const PENDING: &str = "forwarded_at IS NULL AND (seq > (SELECT coalesce(max(upto), 0) FROM forward_marks)
+                       OR seq IN (SELECT seq FROM pending_again))";
+
+/// When a row was forwarded: its own time, else that of the first mark that
+/// moved the watermark past it; NULL while pending.
+const FORWARDED_AT: &str = "coalesce(forwarded_at, CASE WHEN events.seq IN (SELECT seq FROM pending_again) THEN NULL
+    ELSE (SELECT at FROM forward_marks WHERE upto >= events.seq ORDER BY upto LIMIT 1) END)";
+
+/// The columns [`stored_event`] reads, in its order.
+fn event_columns() -> String {
+    format!("seq, id, tenant, device_id, event_type, payload, ts, received_at, {FORWARDED_AT}, origin_site, properties")
+}
+
+/// The bytes a row counts for in the budget and the gauges, as SQL.
+fn row_bytes_sql() -> String {
+    format!("length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD}")
+}
+
+/// The forwarding watermark (see [`WATERMARK`]).
+pub fn watermark(conn: &Connection) -> Result<i64, Error> {
+    Ok(conn.query_row(&format!("SELECT {WATERMARK}"), [], |r| r.get(0))?)
+}
+
+/// Whether any row is still to be forwarded.
+pub fn has_pending(conn: &Connection) -> Result<bool, Error> {
+    Ok(conn.query_row(&format!("SELECT EXISTS (SELECT 1 FROM events WHERE {PENDING})"), [], |r| r.get(0))?)
+}
 
 fn stored_event(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
     let id: [u8; 16] = r.get(1)?;
@@ -279,57 +371,66 @@ fn stored_event(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
 /// Oldest pending rows, in `seq` order.
 #[cfg(any(test, feature = "test-util"))]
 pub fn pending(conn: &Connection, limit: usize) -> Result<Vec<StoredEvent>, Error> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {EVENT_COLUMNS} FROM events WHERE forwarded_at IS NULL ORDER BY seq LIMIT ?1"
-    ))?;
-    let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], stored_event)?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    pending_batch(conn, 0, limit, usize::MAX)
 }
 
 /// Oldest pending rows after `after` in `seq` order, at most `max_rows` and
-/// about `max_bytes` (always at least one row when any is pending).
+/// about `max_bytes` (always at least one row when any is pending): those
+/// above the watermark (a range of the pending index) merged with those
+/// pending again below it.
 pub fn pending_batch(
     conn: &Connection,
     after: i64,
     max_rows: usize,
     max_bytes: usize,
 ) -> Result<Vec<StoredEvent>, Error> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {EVENT_COLUMNS} FROM events WHERE forwarded_at IS NULL AND seq > ?1 ORDER BY seq LIMIT ?2"
+    let cols = event_columns();
+    let limit = i64::try_from(max_rows).unwrap_or(i64::MAX);
+    let mut above = conn.prepare_cached(&format!(
+        "SELECT {cols} FROM events WHERE seq > max(?1, {WATERMARK}) AND forwarded_at IS NULL ORDER BY seq LIMIT ?2"
     ))?;
-    let mut rows = stmt.query(params![after, i64::try_from(max_rows).unwrap_or(i64::MAX)])?;
-    let (mut out, mut bytes) = (Vec::new(), 0usize);
-    while let Some(row) = rows.next()? {
-        let e = stored_event(row)?;
+    let mut rows: Vec<StoredEvent> = above.query_map(params![after, limit], stored_event)?.collect::<Result<_, _>>()?;
+    let mut again = conn.prepare_cached(&format!(
+        "SELECT {cols} FROM events WHERE seq IN (SELECT seq FROM pending_again WHERE seq > ?1 ORDER BY seq LIMIT ?2)
+           AND forwarded_at IS NULL ORDER BY seq"
+    ))?;
+    let again: Vec<StoredEvent> = again.query_map(params![after, limit], stored_event)?.collect::<Result<_, _>>()?;
+    if !again.is_empty() {
+        rows.extend(again);
+        rows.sort_by_key(|e| e.seq);
+        rows.truncate(max_rows);
+    }
+    let mut bytes = 0usize;
+    let mut keep = rows.len();
+    for (i, e) in rows.iter().enumerate() {
         bytes += row_bytes(&e.tenant, &e.device_id, &e.event_type, e.payload.get());
-        out.push(e);
         if bytes >= max_bytes {
+            keep = i + 1;
             break;
         }
     }
-    Ok(out)
+    rows.truncate(keep);
+    Ok(rows)
 }
 
 /// Moves one pending row to `dead_letter` with the central error text.
 pub fn dead_letter(conn: &Connection, seq: i64, error: &str, now_us: i64) -> Result<(usize, i64), Error> {
     let bytes: i64 = conn
-        .query_row(
-            &format!(
-                "SELECT length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD}
-                 FROM events WHERE seq = ?1 AND forwarded_at IS NULL"
-            ),
-            [seq],
-            |r| r.get(0),
-        )
+        .query_row(&format!("SELECT {} FROM events WHERE seq = ?1 AND {PENDING}", row_bytes_sql()), [seq], |r| r.get(0))
         .optional()?
         .unwrap_or(0);
     let n = conn.execute(
-        "INSERT INTO dead_letter (seq, id, tenant, device_id, event_type, payload, ts, received_at, origin_site, error, failed_at, properties)
-         SELECT seq, id, tenant, device_id, event_type, payload, ts, received_at, origin_site, ?2, ?3, properties
-         FROM events WHERE seq = ?1 AND forwarded_at IS NULL",
+        &format!(
+            "INSERT INTO dead_letter (seq, id, tenant, device_id, event_type, payload, ts, received_at, origin_site, error, failed_at, properties)
+             SELECT seq, id, tenant, device_id, event_type, payload, ts, received_at, origin_site, ?2, ?3, properties
+             FROM events WHERE seq = ?1 AND {PENDING}"
+        ),
         params![seq, error, now_us],
     )?;
-    conn.execute("DELETE FROM events WHERE seq = ?1 AND forwarded_at IS NULL", [seq])?;
+    if n > 0 {
+        conn.execute("DELETE FROM events WHERE seq = ?1", [seq])?;
+        conn.execute("DELETE FROM pending_again WHERE seq = ?1", [seq])?;
+    }
     Ok((n, bytes))
 }
 
@@ -370,24 +471,30 @@ pub fn dead_letters(conn: &Connection, tenant: Option<&str>, limit: usize) -> Re
 }
 
 /// Puts dead letters back in the queue (same seq), all or the given ones.
+/// One at or below the watermark is listed in `pending_again`.
 pub fn retry_dead_letters(conn: &Connection, seqs: Option<&[i64]>) -> Result<usize, Error> {
     bump_log_version(conn)?;
-    let select = "SELECT seq, id, tenant, device_id, event_type, payload, ts, received_at, NULL, origin_site, properties FROM dead_letter";
+    let all: Vec<i64> = conn
+        .prepare("SELECT seq FROM dead_letter ORDER BY seq")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let chosen: Vec<i64> = match seqs {
+        None => all,
+        Some(seqs) => all.into_iter().filter(|s| seqs.contains(s)).collect(),
+    };
+    let mut back = conn.prepare_cached(
+        "INSERT INTO events (seq, id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site, properties)
+         SELECT seq, id, tenant, device_id, event_type, payload, ts, received_at, NULL, origin_site, properties
+         FROM dead_letter WHERE seq = ?1",
+    )?;
+    let mut again =
+        conn.prepare_cached(&format!("INSERT OR IGNORE INTO pending_again (seq) SELECT ?1 WHERE ?1 <= {WATERMARK}"))?;
+    let mut gone = conn.prepare_cached("DELETE FROM dead_letter WHERE seq = ?1")?;
     let mut n = 0;
-    match seqs {
-        None => {
-            n += conn.execute(&format!("INSERT INTO events (seq, id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site, properties) {select}"), [])?;
-            conn.execute("DELETE FROM dead_letter", [])?;
-        }
-        Some(seqs) => {
-            for seq in seqs {
-                n += conn.execute(
-                    &format!("INSERT INTO events (seq, id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site, properties) {select} WHERE seq = ?1"),
-                    [seq],
-                )?;
-                conn.execute("DELETE FROM dead_letter WHERE seq = ?1", [seq])?;
-            }
-        }
+    for seq in chosen {
+        n += back.execute([seq])?;
+        again.execute([seq])?;
+        gone.execute([seq])?;
     }
     Ok(n)
 }
@@ -408,24 +515,41 @@ pub fn purge_dead_letters(conn: &Connection, seqs: Option<&[i64]>) -> Result<usi
 }
 
 /// Marks up to `chunk` forwarded rows of this site received in `[since, until)`
-/// pending again. Remote events (other origins) are never sent back up.
+/// with a seq after `after` pending again. Remote events (other origins) are
+/// never sent back up. Returns how many, and the last seq looked at: the
+/// next chunk starts after it, so a row the forwarder already sent again
+/// is not replayed twice.
 pub fn replay_chunk(
     conn: &Connection,
     site: &str,
     since_us: i64,
     until_us: i64,
     tenant: Option<&str>,
+    after: i64,
     chunk: usize,
-) -> Result<usize, Error> {
+) -> Result<(usize, Option<i64>), Error> {
     bump_log_version(conn)?;
-    let mut stmt = conn.prepare_cached(
-        "UPDATE events SET forwarded_at = NULL WHERE seq IN (
-            SELECT seq FROM events
-            WHERE forwarded_at IS NOT NULL AND origin_site = ?1
-              AND received_at >= ?2 AND received_at < ?3 AND (?4 IS NULL OR tenant = ?4)
-            LIMIT ?5)",
-    )?;
-    Ok(stmt.execute(params![site, since_us, until_us, tenant, i64::try_from(chunk).unwrap_or(i64::MAX)])?)
+    let seqs: Vec<(i64, bool)> = conn
+        .prepare_cached(&format!(
+            "SELECT seq, {PENDING} FROM events
+             WHERE seq > ?6 AND origin_site = ?1 AND received_at >= ?2 AND received_at < ?3 AND (?4 IS NULL OR tenant = ?4)
+             ORDER BY seq LIMIT ?5"
+        ))?
+        .query_map(
+            params![site, since_us, until_us, tenant, i64::try_from(chunk).unwrap_or(i64::MAX), after],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?
+        .collect::<Result<_, _>>()?;
+    let last = seqs.last().map(|(s, _)| *s);
+    let seqs: Vec<i64> = seqs.into_iter().filter(|(_, pending)| !pending).map(|(s, _)| s).collect();
+    let mut clear = conn.prepare_cached("UPDATE events SET forwarded_at = NULL WHERE seq = ?1")?;
+    let mut again =
+        conn.prepare_cached(&format!("INSERT OR IGNORE INTO pending_again (seq) SELECT ?1 WHERE ?1 <= {WATERMARK}"))?;
+    for seq in &seqs {
+        clear.execute([seq])?;
+        again.execute([seq])?;
+    }
+    Ok((seqs.len(), last))
 }
 
 /// Advances the catch-up cursor of (tenant, site) to at least `seq`.
@@ -476,8 +600,9 @@ pub struct Query {
 
 /// Events of a tenant after a cursor, in `seq` order.
 pub fn query(conn: &Connection, q: &Query) -> Result<Vec<StoredEvent>, Error> {
+    let cols = event_columns();
     let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM events
+        "SELECT {cols} FROM events
          WHERE tenant = ?1 AND seq > ?2
            AND (?3 IS NULL OR device_id = ?3)
            AND (?4 IS NULL OR event_type = ?4)
@@ -504,7 +629,8 @@ pub fn query(conn: &Connection, q: &Query) -> Result<Vec<StoredEvent>, Error> {
 /// Every row of the log, in `seq` order (tests).
 #[cfg(any(test, feature = "test-util"))]
 pub fn all_events(conn: &Connection) -> Result<Vec<StoredEvent>, Error> {
-    let mut stmt = conn.prepare(&format!("SELECT {EVENT_COLUMNS} FROM events ORDER BY seq"))?;
+    let cols = event_columns();
+    let mut stmt = conn.prepare(&format!("SELECT {cols} FROM events ORDER BY seq"))?;
     let rows = stmt.query_map([], stored_event)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -644,10 +770,12 @@ pub fn scan(conn: &Connection, site_id: Option<&str>) -> Result<Scan, Error> {
         )?,
         None => 0,
     };
+    // Above the watermark (a range of the pending index), plus pending again.
     let (backlog_rows, backlog_bytes): (i64, i64) = conn.query_row(
         &format!(
-            "SELECT count(*), coalesce(sum(length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD}), 0)
-             FROM events WHERE forwarded_at IS NULL"
+            "SELECT count(*), coalesce(sum({}), 0) FROM events
+             WHERE forwarded_at IS NULL AND (seq > {WATERMARK} OR seq IN (SELECT seq FROM pending_again))",
+            row_bytes_sql()
         ),
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
@@ -679,12 +807,23 @@ fn bump_log_version(conn: &Connection) -> Result<(), Error> {
 }
 
 /// The status from gauges already counted, plus what is cheap to ask:
-/// the oldest pending row (first entry of the pending index), the device
+/// the oldest pending row (the first above the watermark, or the first
+/// pending again), the device
 /// counts (a small table) and the size (page counts).
 pub fn status_from(conn: &Connection, counted: Scan, now_us: i64) -> Result<LogStatus, Error> {
     let oldest: Option<i64> = conn
-        .query_row("SELECT received_at FROM events WHERE forwarded_at IS NULL ORDER BY seq LIMIT 1", [], |r| r.get(0))
-        .optional()?;
+        .query_row(
+            &format!(
+                "SELECT min(t) FROM (
+                    SELECT (SELECT received_at FROM events WHERE seq > {WATERMARK} AND forwarded_at IS NULL
+                            ORDER BY seq LIMIT 1) AS t
+                    UNION ALL SELECT (SELECT received_at FROM events WHERE seq = (SELECT min(seq) FROM pending_again)))"
+            ),
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
     let (devices, devices_revoked): (i64, i64) =
         conn.query_row("SELECT count(*), count(revoked_at) FROM devices", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(LogStatus {

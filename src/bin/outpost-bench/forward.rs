@@ -103,10 +103,7 @@ pub async fn run(args: ForwardArgs, config: Config) -> anyhow::Result<()> {
     });
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let pending = |c: &rusqlite::Connection| -> Result<bool, log::Error> {
-            Ok(c.query_row("SELECT EXISTS (SELECT 1 FROM events WHERE forwarded_at IS NULL)", [], |r| r.get(0))?)
-        };
-        if !readers.with(pending).await? {
+        if !readers.with(log::schema::has_pending).await? {
             break;
         }
     }

@@ -106,7 +106,13 @@ async fn http_load(
     let raw = if args.no_raw { None } else { Some(report_raw(&config, args.payload_bytes, accepted_rate).await?) };
     // Single posts at a set rate commit about one request each: compare
     // with 1-row transactions; batches with transactions of their size.
-    let raw_rows = if args.batch >= 1000 { 1000 } else if args.batch >= 100 { 100 } else { 1 };
+    let raw_rows = if args.batch >= 1000 {
+        1000
+    } else if args.batch >= 100 {
+        100
+    } else {
+        1
+    };
     wear.print_since(&wear_before, raw.as_ref(), raw_rows);
     Ok(())
 }

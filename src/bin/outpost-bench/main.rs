@@ -271,7 +271,13 @@ pub async fn raw_commit_rate(
                     for _ in 0..rows {
                         let id = uuid::Uuid::now_v7();
                         let device = format!("dev-{}", total % 64);
-                        insert.execute(rusqlite::params![&id.as_bytes()[..], device, "bench.raw", now_us(), payload])?;
+                        insert.execute(rusqlite::params![
+                            &id.as_bytes()[..],
+                            device,
+                            "bench.raw",
+                            now_us(),
+                            payload
+                        ])?;
                         total += 1;
                     }
                 }

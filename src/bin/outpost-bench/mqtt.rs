@@ -85,11 +85,8 @@ pub async fn run(args: MqttArgs, config: Config) -> anyhow::Result<()> {
         if args.plain { " (plain broker)" } else { "" }
     );
     // What the appliance writes to storage over the whole run (not a plain broker).
-    let metrics = if args.plain {
-        None
-    } else {
-        Some((reqwest::Client::new(), admin_token(args.admin_token.clone(), &config)?))
-    };
+    let metrics =
+        if args.plain { None } else { Some((reqwest::Client::new(), admin_token(args.admin_token.clone(), &config)?)) };
     let base = args.url.trim_end_matches('/').to_string();
     let wear_before = match &metrics {
         Some((client, admin)) => Some(Wear::read(client, &base, admin).await?),

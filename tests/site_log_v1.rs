@@ -1,0 +1,60 @@
+//! A site log written by the v1 code (before the forwarding watermark of
+//! migration 7) is carried forward with its pending events.
+//!
+//! `tests/fixtures/site-log-v1.sqlite` was written by the release binary of
+//! commit e13787e with `tests/fixtures/make-site-log-v1.sh`: six events of
+//! `acme/pump-1` (payload `{"i": n}`, seq n). 1-4 were forwarded to a real
+//! PostgreSQL, then `outpost replay` made 1 and 2 pending again, and 5 and 6
+//! arrived with no uplink. So pending rows (1, 2) come before forwarded ones
+//! (3, 4), which v1 could hold and the watermark alone cannot say.
+
+use std::sync::Arc;
+
+use outpost::event::now_us;
+use outpost::log::{self, WriterConfig, schema, writer};
+use outpost::metrics::Metrics;
+
+fn payload_i(e: &outpost::event::StoredEvent) -> i64 {
+    serde_json::from_str::<serde_json::Value>(e.payload.get()).unwrap()["i"].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn a_v1_log_keeps_its_pending_events_in_order_and_forwards_them_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("site-log.sqlite");
+    std::fs::copy("tests/fixtures/site-log-v1.sqlite", &path).unwrap();
+    let conn = log::open_and_migrate(&path).unwrap();
+
+    let pending: Vec<i64> = schema::pending(&conn, 100).unwrap().iter().map(payload_i).collect();
+    assert_eq!(pending, [1, 2, 5, 6], "v1's pending rows, in seq order");
+    let rows = schema::all_events(&conn).unwrap();
+    let forwarded: Vec<i64> = rows.iter().filter(|e| e.forwarded_at.is_some()).map(payload_i).collect();
+    assert_eq!(forwarded, [3, 4], "v1's forwarded rows keep their time");
+    let counted = schema::scan(&conn, Some("fixture-site")).unwrap();
+    assert_eq!((counted.backlog_rows, counted.total_rows, counted.last_seq), (4, 6, 6));
+    assert_eq!(schema::watermark(&conn).unwrap(), 0, "the watermark starts below the first pending row");
+
+    // The forwarder sends the four; one mark moves the watermark past all six.
+    let cfg = WriterConfig {
+        max_bytes: 1 << 30,
+        remote_max_bytes: 1 << 28,
+        site_id: "fixture-site".into(),
+        commit_max_rows: 1000,
+        commit_max_bytes: 1 << 20,
+        commit_delay: std::time::Duration::ZERO,
+        queue_capacity: 16,
+    };
+    let (handle, thread) =
+        writer::spawn(conn, cfg, Arc::new(Metrics::new()), Arc::new(tokio::sync::Notify::new()), Vec::new()).unwrap();
+    let seqs: Vec<i64> = rows.iter().filter(|e| e.forwarded_at.is_none()).map(|e| e.seq).collect();
+    assert_eq!(handle.mark_forwarded(seqs).await.unwrap(), 4);
+    assert_eq!(handle.counters().backlog_rows, 0);
+    let check = log::open(&path, true).unwrap();
+    assert!(schema::pending(&check, 100).unwrap().is_empty());
+    assert_eq!(schema::watermark(&check).unwrap(), 6);
+    assert!(schema::all_events(&check).unwrap().iter().all(|e| e.forwarded_at.is_some()));
+    // Retention takes all six once they are old enough; new events follow on.
+    assert_eq!(handle.prune(now_us() + 3_600_000_000, 1000).await.unwrap(), 6);
+    drop(handle);
+    tokio::task::spawn_blocking(move || thread.join()).await.unwrap();
+}
