@@ -177,6 +177,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         None => tracing::info!("central.url not set: buffering locally, nothing is forwarded"),
     }
     stages.spawn("retention", log::retention::run(log.clone(), config.log.retention, stages.shutdown.clone()));
+    stages.spawn("device-counters", log::writer::flush_devices(log.clone(), stages.shutdown.clone()));
     stages.spawn("watchdog", systemd::run_watchdog(log.clone(), stages.shutdown.clone()));
     stages.spawn("site-log", watch_writer(log, stages.shutdown.clone()));
     stages.tracker.close();

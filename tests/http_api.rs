@@ -146,6 +146,19 @@ async fn commits_for_spread_posts(delay: Duration) -> u64 {
 }
 
 #[tokio::test]
+async fn device_counters_reach_the_table_within_ten_seconds_when_idle() {
+    let app = TestApp::start().await;
+    let t = app.device("acme", "d1").await;
+    assert_eq!(app.post_event("acme", &t, "d1", json!({})).await.status, 201);
+    let stored = || async {
+        let conn = outpost::log::open(&app.config.log_path(), true).unwrap();
+        let devices = outpost::log::schema::devices(&conn, Some("acme")).unwrap();
+        devices.iter().any(|d| d.device_id == "d1" && d.event_count == 1 && d.last_seen.is_some())
+    };
+    assert!(common::eventually(Duration::from_secs(20), stored).await, "event_count not stored while idle");
+}
+
+#[tokio::test]
 async fn commit_delay_gathers_spread_requests_into_one_commit() {
     assert_eq!(commits_for_spread_posts(Duration::from_secs(1)).await, 1);
     assert_eq!(commits_for_spread_posts(Duration::ZERO).await, 5);
@@ -508,7 +521,7 @@ async fn restart_keeps_every_event_and_device() {
 
 #[tokio::test]
 async fn device_admin_endpoints_register_list_and_revoke() {
-    let app = TestApp::start().await;
+    let mut app = TestApp::start().await;
     let r = app
         .post(
             "/api/v1/realtime/acme/device/register",
@@ -547,6 +560,13 @@ async fn device_admin_endpoints_register_list_and_revoke() {
     assert_eq!(p7["event_count"], 3);
     assert!(p7["last_seen"].is_string());
     assert_eq!(p7["name"], "Pump 7");
+    // The counters are stored every 10 s, and at a clean stop: another
+    // process (the CLI) sees them after this restart.
+    app.restart().await;
+    let (ok, out, err) = common::cli(app.dir.path(), &["device", "list", "--tenant", "acme"]);
+    assert!(ok, "{err}");
+    let line = out.lines().find(|l| l.contains("pump-7")).unwrap_or_else(|| panic!("{out}"));
+    assert!(line.split_whitespace().any(|w| w == "3"), "event_count 3 stored: {out}");
     let r =
         app.client.delete(app.url("/api/v1/realtime/acme/device/nobody")).bearer_auth(&app.admin).send().await.unwrap();
     Resp::from(r).await.assert_error(404, "device_not_found", None);

@@ -82,7 +82,8 @@ async fn list_devices(
     State(state): State<ApiState>,
     AdminAccess { tenant }: AdminAccess,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let devices = state.readers.with(move |c| schema::devices(c, Some(&tenant))).await?;
+    let mut devices = state.readers.with(move |c| schema::devices(c, Some(&tenant))).await?;
+    state.log.overlay_devices(&mut devices);
     Ok(Json(serde_json::json!({ "devices": devices })))
 }
 

@@ -119,10 +119,11 @@ async fn log_status(state: &ApiState) -> Result<(LogStatus, Arc<Vec<DeviceView>>
         return Ok((s.clone(), d.clone()));
     }
     let counted = state.log.counters();
-    let (s, devices) = state
+    let (s, mut devices) = state
         .readers
         .with(move |c| Ok((schema::status_from(c, counted, now_us())?, schema::devices(c, None)?)))
         .await?;
+    state.log.overlay_devices(&mut devices);
     let devices = Arc::new(device_views(devices));
     *cache = Some((Instant::now(), s.clone(), devices.clone()));
     Ok((s, devices))

@@ -9,8 +9,8 @@
 //! When the queue is full, `LogHandle` callers wait for room (backpressure).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -94,6 +94,7 @@ pub struct LogHandle {
     tx: mpsc::Sender<Command>,
     full: Arc<AtomicBool>,
     counters: Arc<super::Counters>,
+    unflushed: Arc<Mutex<DeviceCounts>>,
 }
 
 /// The running writer thread; `join` after every handle is dropped.
@@ -107,6 +108,23 @@ impl WriterThread {
     pub fn join(self) {
         if self.thread.join().is_err() {
             tracing::error!("site log writer thread panicked");
+        }
+    }
+}
+
+/// Pokes the writer while device counters wait in memory, so an idle log
+/// stores them within [`DEVICE_FLUSH`] too (a busy one does at its commits).
+pub async fn flush_devices(log: LogHandle, shutdown: tokio_util::sync::CancellationToken) -> Result<(), Error> {
+    let mut tick = tokio::time::interval(DEVICE_FLUSH / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let waiting = !log.unflushed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_empty();
+        if waiting && let Err(e) = log.ping().await {
+            tracing::warn!(error = %e, "device counters not stored; will retry");
         }
     }
 }
@@ -130,6 +148,8 @@ pub fn spawn(
     counters.set(&schema::scan(&conn, Some(&config.site_id))?);
     let log_version = schema::log_version(&conn)?;
     let writer_counters = counters.clone();
+    let unflushed = Arc::new(Mutex::new(DeviceCounts::new()));
+    let writer_unflushed = unflushed.clone();
     let thread = std::thread::Builder::new()
         .name("site-log-writer".into())
         .spawn(move || {
@@ -142,11 +162,13 @@ pub fn spawn(
                 observers,
                 counters: writer_counters,
                 log_version,
+                unflushed: writer_unflushed,
+                flushed_at: Instant::now(),
             }
             .run(rx)
         })
         .map_err(|e| Error::Commit(format!("cannot start writer thread: {e}")))?;
-    Ok((LogHandle { tx, full, counters }, WriterThread { thread }))
+    Ok((LogHandle { tx, full, counters, unflushed }, WriterThread { thread }))
 }
 
 impl LogHandle {
@@ -187,6 +209,27 @@ impl LogHandle {
     /// by the writer: reading them costs nothing.
     pub fn counters(&self) -> super::schema::Scan {
         self.counters.get()
+    }
+
+    /// Device counters committed but not yet stored in the devices table
+    /// (see [`DEVICE_FLUSH`]).
+    pub fn unflushed_devices(&self) -> DeviceCounts {
+        self.unflushed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Adds the counters not yet stored to `devices` read from the table.
+    pub fn overlay_devices(&self, devices: &mut [schema::Device]) {
+        let unflushed = self.unflushed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if unflushed.is_empty() {
+            return;
+        }
+        for d in devices {
+            if let Some(&(count, last)) = unflushed.get(&(d.tenant.clone(), d.device_id.clone())) {
+                d.event_count += count;
+                let last = crate::event::from_us(last);
+                d.last_seen = Some(d.last_seen.map_or(last, |seen| seen.max(last)));
+            }
+        }
     }
 
     /// True while the log is at its byte budget (appends would be refused).
@@ -242,6 +285,9 @@ struct Writer {
     /// `meta.log_version` last seen: another process changed the events
     /// when it moves, and the gauges are counted again.
     log_version: i64,
+    /// Device counters of committed groups not yet in the devices table.
+    unflushed: Arc<Mutex<DeviceCounts>>,
+    flushed_at: Instant,
 }
 
 /// A result computed inside the transaction, sent only after the commit.
@@ -286,6 +332,9 @@ impl Writer {
             }
             self.commit_group(group);
         }
+        // Stopping: store the device counters still in memory.
+        self.flushed_at = Instant::now() - DEVICE_FLUSH;
+        self.commit_group(Vec::new());
         tracing::debug!("site log writer: queue closed, stopping");
     }
 
@@ -495,11 +544,21 @@ impl Writer {
                 Command::Ping { reply } => g.delivers.push(deliver(reply, Ok(()))),
             }
         }
-        // Device counters once per group, not once per request.
-        for ((tenant, device), (count, last)) in &seen {
-            schema::bump_device(&tx, tenant, device, *count, *last)?;
+        // Device counters: kept in memory, stored every DEVICE_FLUSH.
+        let flush = self.flushed_at.elapsed() >= DEVICE_FLUSH;
+        if flush {
+            let unflushed = self.unflushed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for ((tenant, device), (count, last)) in unflushed.iter() {
+                schema::bump_device(&tx, tenant, device, *count, *last)?;
+            }
         }
         tx.commit()?;
+        let mut unflushed = self.unflushed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if flush {
+            unflushed.clear();
+            self.flushed_at = Instant::now();
+        }
+        merge_counts(&mut unflushed, seen);
         self.full.store(projected + 64 * 1024 > max_bytes, Ordering::Relaxed);
         Ok(())
     }
@@ -572,7 +631,15 @@ fn append_remote(
 
 /// Appends one request's events inside its savepoint.
 /// New rows and newest receive time per (tenant, device) in a group.
-type DeviceCounts = HashMap<(String, String), (i64, i64)>;
+/// Per (tenant, device): events added and the latest receive time.
+pub type DeviceCounts = HashMap<(String, String), (i64, i64)>;
+
+/// How long device counters (`event_count`, `last_seen`) may stay in memory
+/// before the writer stores them. Writing them at every commit touched one
+/// page of the devices table per device in the group: at a trickle, one
+/// page per event. A kill loses at most this much of the counters (never
+/// an event); readers of this process add what is not stored yet.
+pub const DEVICE_FLUSH: Duration = Duration::from_secs(10);
 
 fn merge_counts(into: &mut DeviceCounts, from: DeviceCounts) {
     for (k, (n, last)) in from {
