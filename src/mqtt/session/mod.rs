@@ -104,6 +104,9 @@ struct Out {
     client_qos: u8,
 }
 
+/// Initial read and write buffer of a connection.
+const SESSION_BUF: usize = 1024;
+
 pub(super) struct Session<'a> {
     deps: &'a MqttDeps,
     peer: SocketAddr,
@@ -178,8 +181,10 @@ impl<'a> Session<'a> {
             peer,
             reader,
             writer,
-            read_buf: BytesMut::with_capacity(8 * 1024),
-            write_buf: BytesMut::with_capacity(8 * 1024),
+            // Small to start (a thousand idle devices are a thousand of
+            // these); both grow to what a connection actually sends.
+            read_buf: BytesMut::with_capacity(SESSION_BUF),
+            write_buf: BytesMut::with_capacity(SESSION_BUF),
             codec: Codec { version: Version::V311 },
             tenant: String::new(),
             device_id: String::new(),
