@@ -24,6 +24,8 @@ async fn a_v1_log_keeps_its_pending_events_in_order_and_forwards_them_once() {
     let path = dir.path().join("site-log.sqlite");
     std::fs::copy("tests/fixtures/site-log-v1.sqlite", &path).unwrap();
     let conn = log::open_and_migrate(&path).unwrap();
+    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
+    assert_eq!(page_size, 4096, "an existing log keeps its page size");
 
     let pending: Vec<i64> = schema::pending(&conn, 100).unwrap().iter().map(payload_i).collect();
     assert_eq!(pending, [1, 2, 5, 6], "v1's pending rows, in seq order");
@@ -57,4 +59,14 @@ async fn a_v1_log_keeps_its_pending_events_in_order_and_forwards_them_once() {
     assert_eq!(handle.prune(now_us() + 3_600_000_000, 1000).await.unwrap(), 6);
     drop(handle);
     tokio::task::spawn_blocking(move || thread.join()).await.unwrap();
+}
+
+#[test]
+fn a_new_log_uses_small_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = log::open_and_migrate(&dir.path().join("new.sqlite")).unwrap();
+    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
+    assert_eq!(page_size, log::PAGE_SIZE);
+    let journal: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    assert_eq!(journal, "wal");
 }

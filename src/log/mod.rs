@@ -107,6 +107,13 @@ pub enum Error {
     Join(String),
 }
 
+/// Page size of a new site log. A commit writes every page it touched to
+/// the WAL, so at a trickle (an event or two per commit) small pages write
+/// less: measured at 100 events/s with forwarding on, about 10 KB per
+/// commit with 1 KiB pages, 14 KB with 2 KiB and 21 KB with 4 KiB, and no
+/// more per event in batches (README, performance).
+pub const PAGE_SIZE: i64 = 1024;
+
 /// Opens a connection with the pragmas every connection needs. The caller
 /// decides whether it is the writer (`synchronous=FULL` matters there).
 pub fn open(path: &Path, read_only: bool) -> Result<Connection, Error> {
@@ -118,6 +125,9 @@ pub fn open(path: &Path, read_only: bool) -> Result<Connection, Error> {
     let conn = Connection::open_with_flags(path, flags)?;
     conn.busy_timeout(Duration::from_secs(10))?;
     if !read_only {
+        // A new log only (an existing one keeps its size: WAL mode cannot
+        // change it without rewriting the file).
+        conn.pragma_update(None, "page_size", PAGE_SIZE)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // Durable acks: fsync the WAL at every commit.
         conn.pragma_update(None, "synchronous", "FULL")?;
