@@ -289,11 +289,14 @@ pub fn prune(conn: &Connection, cutoff_us: i64, limit: usize, site_id: &str) -> 
         )
         .optional()?
         .flatten();
+    // Looked for only below the first pending row: a backlog older than the
+    // cutoff (uplink down for longer than the retention) is not walked.
+    let pending_bound = first_pending.unwrap_or(i64::MAX);
     let first_young: Option<i64> = conn
-        .prepare_cached("SELECT seq FROM events WHERE received_at >= ?1 ORDER BY seq LIMIT 1")?
-        .query_row([cutoff_us], |r| r.get(0))
+        .prepare_cached("SELECT seq FROM events WHERE seq < ?2 AND received_at >= ?1 ORDER BY seq LIMIT 1")?
+        .query_row(params![cutoff_us, pending_bound], |r| r.get(0))
         .optional()?;
-    let bound = [first_pending, first_young].into_iter().flatten().min().unwrap_or(i64::MAX);
+    let bound = first_young.unwrap_or(pending_bound).min(pending_bound);
     let mut stmt = conn.prepare_cached(&format!(
         "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE seq < ?1 ORDER BY seq LIMIT ?2)
          RETURNING CASE WHEN origin_site != ?3 THEN {} ELSE 0 END",
