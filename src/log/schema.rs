@@ -277,18 +277,7 @@ pub fn mark_forwarded(conn: &Connection, seqs: &[i64], now_us: i64) -> Result<(u
 /// (uplink down for weeks) is not walked again at every prune.
 /// Returns the rows deleted and the bytes of other sites' events among them.
 pub fn prune(conn: &Connection, cutoff_us: i64, limit: usize, site_id: &str) -> Result<(usize, i64), Error> {
-    let first_pending: Option<i64> = conn
-        .query_row(
-            &format!(
-                "SELECT min(s) FROM (
-                    SELECT (SELECT seq FROM events WHERE seq > {WATERMARK} AND forwarded_at IS NULL ORDER BY seq LIMIT 1) AS s
-                    UNION ALL SELECT (SELECT min(seq) FROM pending_again))"
-            ),
-            [],
-            |r| r.get(0),
-        )
-        .optional()?
-        .flatten();
+    let first_pending = first_pending(conn)?;
     // Looked for only below the first pending row: a backlog older than the
     // cutoff (uplink down for longer than the retention) is not walked.
     let pending_bound = first_pending.unwrap_or(i64::MAX);
@@ -315,12 +304,18 @@ pub fn prune(conn: &Connection, cutoff_us: i64, limit: usize, site_id: &str) -> 
 }
 
 /// The forwarding watermark: every row of this site at or below it was
-/// committed centrally, except those in `pending_again`.
-const WATERMARK: &str = "(SELECT coalesce(max(upto), 0) FROM forward_marks)";
+/// committed centrally, except those in `pending_again`. A macro so that
+/// [`PENDING`] can be built from the same text.
+macro_rules! watermark_sql {
+    () => {
+        "(SELECT coalesce(max(upto), 0) FROM forward_marks)"
+    };
+}
+const WATERMARK: &str = watermark_sql!();
 
 /// A row still to be forwarded (see migration 7).
-const PENDING: &str = "forwarded_at IS NULL AND (seq > (SELECT coalesce(max(upto), 0) FROM forward_marks)
-                       OR seq IN (SELECT seq FROM pending_again))";
+const PENDING: &str =
+    concat!("forwarded_at IS NULL AND (seq > ", watermark_sql!(), " OR seq IN (SELECT seq FROM pending_again))");
 
 /// When a row was forwarded: its own time, else that of the first mark that
 /// moved the watermark past it; NULL while pending.
@@ -335,6 +330,27 @@ fn event_columns() -> String {
 /// The bytes a row counts for in the budget and the gauges, as SQL.
 fn row_bytes_sql() -> String {
     format!("length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD}")
+}
+
+/// The oldest row still to be forwarded: the first above the watermark (a
+/// range of the pending index) or the first pending again, whichever is
+/// older.
+fn first_pending(conn: &Connection) -> Result<Option<i64>, Error> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT min(s) FROM (
+                SELECT (SELECT seq FROM events WHERE seq > {WATERMARK} AND forwarded_at IS NULL ORDER BY seq LIMIT 1) AS s
+                UNION ALL SELECT (SELECT min(seq) FROM pending_again))"
+        ))?
+        .query_row([], |r| r.get(0))?)
+}
+
+/// Lists `seq` in `pending_again` when it is at or below the watermark
+/// (above it, a row with `forwarded_at` NULL is pending anyway).
+fn pend_again(conn: &Connection, seq: i64) -> Result<(), Error> {
+    conn.prepare_cached(&format!("INSERT OR IGNORE INTO pending_again (seq) SELECT ?1 WHERE ?1 <= {WATERMARK}"))?
+        .execute([seq])?;
+    Ok(())
 }
 
 /// The forwarding watermark (see [`WATERMARK`]).
@@ -490,13 +506,11 @@ pub fn retry_dead_letters(conn: &Connection, seqs: Option<&[i64]>) -> Result<usi
          SELECT seq, id, tenant, device_id, event_type, payload, ts, received_at, NULL, origin_site, properties
          FROM dead_letter WHERE seq = ?1",
     )?;
-    let mut again =
-        conn.prepare_cached(&format!("INSERT OR IGNORE INTO pending_again (seq) SELECT ?1 WHERE ?1 <= {WATERMARK}"))?;
     let mut gone = conn.prepare_cached("DELETE FROM dead_letter WHERE seq = ?1")?;
     let mut n = 0;
     for seq in chosen {
         n += back.execute([seq])?;
-        again.execute([seq])?;
+        pend_again(conn, seq)?;
         gone.execute([seq])?;
     }
     Ok(n)
@@ -546,11 +560,9 @@ pub fn replay_chunk(
     let last = seqs.last().map(|(s, _)| *s);
     let seqs: Vec<i64> = seqs.into_iter().filter(|(_, pending)| !pending).map(|(s, _)| s).collect();
     let mut clear = conn.prepare_cached("UPDATE events SET forwarded_at = NULL WHERE seq = ?1")?;
-    let mut again =
-        conn.prepare_cached(&format!("INSERT OR IGNORE INTO pending_again (seq) SELECT ?1 WHERE ?1 <= {WATERMARK}"))?;
-    for seq in &seqs {
+    for &seq in &seqs {
         clear.execute([seq])?;
-        again.execute([seq])?;
+        pend_again(conn, seq)?;
     }
     Ok((seqs.len(), last))
 }
@@ -764,10 +776,7 @@ pub struct Scan {
 pub fn scan(conn: &Connection, site_id: Option<&str>) -> Result<Scan, Error> {
     let remote_bytes: i64 = match site_id {
         Some(site) => conn.query_row(
-            &format!(
-                "SELECT coalesce(sum(length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD}), 0)
-                 FROM events WHERE origin_site != ?1"
-            ),
+            &format!("SELECT coalesce(sum({}), 0) FROM events WHERE origin_site != ?1", row_bytes_sql()),
             [site],
             |r| r.get(0),
         )?,
@@ -775,11 +784,7 @@ pub fn scan(conn: &Connection, site_id: Option<&str>) -> Result<Scan, Error> {
     };
     // Above the watermark (a range of the pending index), plus pending again.
     let (backlog_rows, backlog_bytes): (i64, i64) = conn.query_row(
-        &format!(
-            "SELECT count(*), coalesce(sum({}), 0) FROM events
-             WHERE forwarded_at IS NULL AND (seq > {WATERMARK} OR seq IN (SELECT seq FROM pending_again))",
-            row_bytes_sql()
-        ),
+        &format!("SELECT count(*), coalesce(sum({}), 0) FROM events WHERE {PENDING}", row_bytes_sql()),
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
@@ -814,19 +819,10 @@ fn bump_log_version(conn: &Connection) -> Result<(), Error> {
 /// pending again), the device
 /// counts (a small table) and the size (page counts).
 pub fn status_from(conn: &Connection, counted: Scan, now_us: i64) -> Result<LogStatus, Error> {
-    let oldest: Option<i64> = conn
-        .query_row(
-            &format!(
-                "SELECT min(t) FROM (
-                    SELECT (SELECT received_at FROM events WHERE seq > {WATERMARK} AND forwarded_at IS NULL
-                            ORDER BY seq LIMIT 1) AS t
-                    UNION ALL SELECT (SELECT received_at FROM events WHERE seq = (SELECT min(seq) FROM pending_again)))"
-            ),
-            [],
-            |r| r.get(0),
-        )
-        .optional()?
-        .flatten();
+    let oldest: Option<i64> = match first_pending(conn)? {
+        Some(seq) => conn.query_row("SELECT received_at FROM events WHERE seq = ?1", [seq], |r| r.get(0)).optional()?,
+        None => None,
+    };
     let (devices, devices_revoked): (i64, i64) =
         conn.query_row("SELECT count(*), count(revoked_at) FROM devices", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(LogStatus {
@@ -868,7 +864,8 @@ pub fn status(conn: &Connection, now_us: i64) -> Result<LogStatus, Error> {
 pub fn evict_remote(conn: &Connection, site_id: &str, need: i64) -> Result<(usize, i64), Error> {
     let mut stmt = conn.prepare_cached(&format!(
         "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE origin_site != ?1 ORDER BY seq LIMIT 256)
-         RETURNING length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD}"
+         RETURNING {}",
+        row_bytes_sql()
     ))?;
     let (mut rows, mut bytes) = (0, 0i64);
     while bytes < need {
