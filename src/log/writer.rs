@@ -172,6 +172,7 @@ pub fn spawn(
                 log_version,
                 unflushed: writer_unflushed,
                 flushed_at: Instant::now(),
+                stopping: false,
             }
             .run(rx)
         })
@@ -217,12 +218,6 @@ impl LogHandle {
     /// by the writer: reading them costs nothing.
     pub fn counters(&self) -> super::schema::Scan {
         self.counters.get()
-    }
-
-    /// Device counters committed but not yet stored in the devices table
-    /// (see [`DEVICE_FLUSH`]).
-    pub fn unflushed_devices(&self) -> DeviceCounts {
-        self.unflushed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Adds the counters not yet stored to `devices` read from the table.
@@ -296,6 +291,8 @@ struct Writer {
     /// Device counters of committed groups not yet in the devices table.
     unflushed: Arc<Mutex<DeviceCounts>>,
     flushed_at: Instant,
+    /// Set when the queue closed: the last group stores the counters.
+    stopping: bool,
 }
 
 /// A result computed inside the transaction, sent only after the commit.
@@ -341,7 +338,7 @@ impl Writer {
             self.commit_group(group);
         }
         // Stopping: store the device counters still in memory.
-        self.flushed_at = Instant::now() - DEVICE_FLUSH;
+        self.stopping = true;
         self.commit_group(Vec::new());
         tracing::debug!("site log writer: queue closed, stopping");
     }
@@ -553,7 +550,7 @@ impl Writer {
             }
         }
         // Device counters: kept in memory, stored every DEVICE_FLUSH.
-        let flush = self.flushed_at.elapsed() >= DEVICE_FLUSH;
+        let flush = self.stopping || self.flushed_at.elapsed() >= DEVICE_FLUSH;
         if flush {
             let unflushed = self.unflushed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             for ((tenant, device), (count, last)) in unflushed.iter() {
@@ -637,10 +634,8 @@ fn append_remote(
     Ok(added)
 }
 
-/// Appends one request's events inside its savepoint.
-/// New rows and newest receive time per (tenant, device) in a group.
 /// Per (tenant, device): events added and the latest receive time.
-pub type DeviceCounts = HashMap<(String, String), (i64, i64)>;
+type DeviceCounts = HashMap<(String, String), (i64, i64)>;
 
 /// How long device counters (`event_count`, `last_seen`) may stay in memory
 /// before the writer stores them. Writing them at every commit touched one
