@@ -112,15 +112,6 @@ async fn batch_accepts_json_array_and_ndjson_in_one_commit() {
     assert!(m.contains("outpost_commit_batch_rows_bucket{le=\"20.0\"}"), "{m}");
 }
 
-/// `outpost_commit_batch_rows_count`: group commits so far.
-async fn commits(app: &TestApp) -> u64 {
-    let m = app.get("/metrics", None).await.text;
-    m.lines()
-        .find_map(|l| l.strip_prefix("outpost_commit_batch_rows_count "))
-        .and_then(|v| v.parse().ok())
-        .expect("outpost_commit_batch_rows_count")
-}
-
 /// Five posts arriving 40 ms apart: one commit under `log.commit_delay`, one
 /// each without it (every post is acked before the next arrives).
 async fn commits_for_spread_posts(delay: Duration) -> u64 {
@@ -130,7 +121,8 @@ async fn commits_for_spread_posts(delay: Duration) -> u64 {
     })
     .await;
     let t = app.device("acme", "d1").await;
-    let before = commits(&app).await;
+    // Group commits so far.
+    let before = app.metric("outpost_commit_batch_rows_count").await;
     let posts = (0..5u64).map(|i| {
         let (app, t) = (&app, &t);
         async move {
@@ -142,7 +134,7 @@ async fn commits_for_spread_posts(delay: Duration) -> u64 {
         assert_eq!(r.status, 201, "{}", r.text);
     }
     assert_eq!(app.log_rows().len(), 5);
-    commits(&app).await - before
+    app.metric("outpost_commit_batch_rows_count").await - before
 }
 
 #[tokio::test]

@@ -67,14 +67,8 @@ async fn status_json_adds_ingest_disk_devices_and_buffering_only() {
     // Three events written in the window, on a real disk: bytes per event.
     assert!(s["disk"]["write_bytes_per_event"].as_f64().is_some_and(|b| b > 0.0), "{s}");
     // The wear counters behind it.
-    let metrics = app.client.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.lines().any(|l| l == "outpost_log_events_written_total 3"), "{metrics}");
-    let written: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("outpost_log_write_bytes_total "))
-        .and_then(|v| v.parse().ok())
-        .expect("outpost_log_write_bytes_total");
-    assert!(written > 0, "{metrics}");
+    assert_eq!(app.metric("outpost_log_events_written_total").await, 3);
+    assert!(app.metric("outpost_log_write_bytes_total").await > 0);
     // Most recently seen first; a device never seen comes last.
     let devices = s["devices"].as_array().unwrap();
     assert_eq!(devices.len(), 2, "{s}");

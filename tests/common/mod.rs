@@ -149,6 +149,16 @@ impl TestApp {
         Resp::from(req.send().await.unwrap()).await
     }
 
+    /// The value of the unlabelled metric `name` in `/metrics` (panics when
+    /// it is missing or not a whole number).
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = self.get("/metrics", None).await.text;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in /metrics: {text}"))
+    }
+
     /// Posts one event for `device` and returns the response.
     pub async fn post_event(&self, tenant: &str, token: &str, device: &str, payload: Value) -> Resp {
         self.post(
