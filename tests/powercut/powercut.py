@@ -4,7 +4,7 @@
 The site log lives on a virtual disk served by nbdkit's cache filter in
 writeback mode: whatever the guest has not flushed is really gone when
 nbdkit is SIGKILLed together with qemu. A self-test shows that first (an
-unflushed O_DIRECT write is lost at a cut, an fsync'ed one survives), so the
+unflushed O_DIRECT write is lost at a cut, a flushed one survives), so the
 proof cannot pass vacuously. Then, CUTS times: boot the appliance, check
 that every event acked so far is there exactly once and in per-device order,
 drive continuous HTTP + MQTT QoS 1 load from several devices, and cut the
@@ -130,9 +130,8 @@ def prepare():
         os.unlink(stamp)
     build_initramfs(os.path.join(CACHE, "initramfs.gz"))
     build_disk_template(os.path.join(CACHE, "disk-template.img"), os.path.join(CACHE, "tokens.json"))
-    with tempfile.TemporaryDirectory() as empty:
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", empty, os.path.join(CACHE, "selftest-template.img"), "16M"],
-                       check=True)
+    with open(os.path.join(CACHE, "selftest-template.img"), "wb") as f:
+        f.truncate(16 << 20)  # a raw disk: the self-test mounts no filesystem
     with open(os.path.join(CACHE, "accel"), "w") as f:
         f.write(probe_accel())
     with open(stamp, "w") as f:
@@ -250,30 +249,33 @@ class VM:
 # ---------------------------------------------------------------- self-test
 
 def selftest(work, accel):
-    """The harness can fail: an unflushed write must be lost, an fsync'ed one kept."""
+    """The harness can fail: an unflushed write must be lost, a flushed one kept.
+
+    Done on the raw disk with no filesystem mounted, so no journal commit in
+    the guest can flush the second write however late the cut lands.
+    """
     disk = os.path.join(work, "selftest.img")
     shutil.copy(os.path.join(CACHE, "selftest-template.img"), disk)
     vm = VM(work, disk, accel, "selftest")
     nonce = uuid.uuid4().hex[:12]
     vm.start("selftest", nonce)
     vm.wait_serial("OUTPOST-SELFTEST-WRITTEN", 120)
+    if f"OUTPOST-READBACK=UNSYNCED-{nonce}" not in vm.serial_text():
+        vm.cut()
+        die(f"self-test: the unflushed write did not reach the virtual disk; serial:\n{vm.serial_text()[-3000:]}")
     vm.cut()
     vm.start("selftest-check")
-    vm.wait_serial("OUTPOST-UMOUNTED", 120)
+    vm.wait_serial("OUTPOST-SELFTEST-READ", 120)
     vm.wait_poweroff(60)
     text = vm.serial_text()
     synced = f"OUTPOST-SYNCED=SYNCED-{nonce}" in text
     unsynced_kept = f"OUTPOST-UNSYNCED=UNSYNCED-{nonce}" in text
-    fsck = subprocess.run(["e2fsck", "-fn", disk], capture_output=True, text=True)
-    log(f"self-test: fsync'ed write {'survived' if synced else 'LOST'}, "
-        f"unflushed O_DIRECT write {'SURVIVED' if unsynced_kept else 'lost'}, "
-        f"e2fsck {'clean' if fsck.returncode == 0 else 'NOT CLEAN'}")
+    log(f"self-test: flushed write {'survived' if synced else 'LOST'}, "
+        f"unflushed O_DIRECT write {'SURVIVED' if unsynced_kept else 'lost'} (it was in the disk's cache before the cut)")
     if not synced:
-        die("self-test: an fsync'ed write did not survive a cut; the virtual disk loses flushed data")
+        die("self-test: a flushed write did not survive a cut; the virtual disk loses flushed data")
     if unsynced_kept:
         die("self-test: an unflushed write survived the cut; this harness could not detect loss")
-    if fsck.returncode != 0:
-        die(f"self-test: e2fsck after the cut:\n{fsck.stdout}")
 
 
 # ---------------------------------------------------------------- load
