@@ -153,6 +153,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     if let Some(deps) = &mqtt_deps {
         router = router.merge(mqtt::ws::routes(deps.clone(), stages.tracker.clone(), stages.shutdown.clone()));
     }
+    let router = http::finish(router, config.stream.cors_origin.as_deref());
     let s = stages.shutdown.clone();
     let limits = http::Limits {
         header_timeout: config.http.header_timeout,
@@ -292,7 +293,7 @@ async fn bind(config: &Config) -> anyhow::Result<(TcpListener, Option<TcpListene
     Ok((http, mqtt))
 }
 
-/// Every stage's routes, merged, with the JSON fallbacks and CORS.
+/// Every stage's routes, merged (the caller adds `/mqtt`, then `http::finish`).
 #[allow(clippy::too_many_arguments)]
 fn routes(
     config: &Config,
@@ -343,7 +344,7 @@ fn routes(
         log_max_bytes: config.log.max_bytes,
         shutdown: stages.shutdown.clone(),
     });
-    http::finish(ingest_routes.merge(stream_routes).merge(api_routes), config.stream.cors_origin.as_deref())
+    ingest_routes.merge(stream_routes).merge(api_routes)
 }
 
 /// Fails when the writer thread is gone while the appliance is not stopping

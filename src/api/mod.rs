@@ -4,6 +4,7 @@
 //! forwarder's uplink status, and writes only device registrations.
 
 pub mod devices;
+pub mod openapi;
 pub mod query;
 pub mod sampler;
 pub mod status;
@@ -58,5 +59,6 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/v1/realtime/{tenant}/events", get(query::query_events))
         .merge(devices::routes())
         .merge(status_page::routes(&state))
+        .merge(openapi::routes(&state.limits, state.max_body))
         .with_state(state)
 }
