@@ -189,6 +189,25 @@ async fn one_invalid_item_rejects_the_whole_batch_naming_its_index() {
     assert_eq!(app.log_rows().len(), 1, "only d2's event is in the log");
 }
 
+/// serde's derive reads a struct from an array of its fields in order; the
+/// API takes objects only (found by schemathesis: `[null, null]` registered
+/// a device).
+#[tokio::test]
+async fn an_array_of_field_values_is_not_an_object() {
+    let app = TestApp::start().await;
+    let t = app.device("acme", "d1").await;
+    let event = json!(["d1", "b", {}]);
+    app.post("/api/v1/realtime/acme/event", Some(&t), &event).await.assert_error(400, "invalid_json", None);
+    let r = app.post(EVENTS, Some(&t), &json!([{"device_id": "d1", "event_type": "b", "payload": {}}, event])).await;
+    r.assert_error(400, "invalid_json", None);
+    assert_eq!(r.body["index"], 1);
+    let r = app.post("/api/v1/realtime/acme/device/register", Some(&app.admin), &json!([null, null])).await;
+    r.assert_error(400, "invalid_json", None);
+    assert!(app.log_rows().is_empty());
+    let devices = app.get("/api/v1/realtime/acme/devices", Some(&app.admin)).await;
+    assert_eq!(devices.body["devices"].as_array().unwrap().len(), 1, "only d1: {}", devices.text);
+}
+
 #[tokio::test]
 async fn oversized_batch_is_refused() {
     let app = TestApp::start_with(|c| {

@@ -11,7 +11,7 @@ use super::ApiState;
 use crate::auth::{Perm, Principal, parse_perms, parse_ttl};
 use crate::event::{new_device_id, validate_device_id};
 use crate::http::auth::ReadConfig;
-use crate::http::extract::{parse_json, read_body, require_json};
+use crate::http::extract::{Object, parse_json, read_body, require_json};
 use crate::http::{AdminAccess, ApiError, TenantAccess};
 use crate::log::schema::{self, Device};
 
@@ -46,8 +46,11 @@ async fn register_device(
 ) -> Result<(StatusCode, Json<Registered>), ApiError> {
     require_json(&headers, false)?;
     let bytes = read_body(&headers, body, 64 * 1024).await?;
-    let req: RegisterRequest =
-        if bytes.iter().all(u8::is_ascii_whitespace) { parse_json(b"{}")? } else { parse_json(&bytes)? };
+    let Object(req) = if bytes.iter().all(u8::is_ascii_whitespace) {
+        parse_json::<Object<RegisterRequest>>(b"{}")?
+    } else {
+        parse_json(&bytes)?
+    };
     let device_id = req.device_id.unwrap_or_else(new_device_id);
     validate_device_id(&device_id).map_err(|e| ApiError::bad_field(e.field, e.message))?;
     if req.name.as_ref().is_some_and(|n| n.len() > 255) {

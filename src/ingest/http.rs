@@ -16,7 +16,7 @@ use super::{Error, FULL_RETRY_AFTER, IngestHandle};
 use crate::auth::Authenticator;
 use crate::event::EventInput;
 use crate::http::auth::Write;
-use crate::http::extract::{BodyLimit, parse_json, read_body, require_json, split_index};
+use crate::http::extract::{BodyLimit, Object, parse_json, read_body, require_json, split_index};
 use crate::http::{ApiError, TenantAccess};
 use crate::log::Appended;
 
@@ -57,7 +57,7 @@ async fn post_event(
     let access = writer(&state, access)?;
     require_json(&headers, false)?;
     let bytes = read_body(&headers, body, state.max_body.0).await?;
-    let input: EventInput = parse_json(&bytes)?;
+    let Object(input) = parse_json::<Object<EventInput>>(&bytes)?;
     let mut appended = state.ingest.submit(&access.principal, &access.tenant, vec![input], false, PROTOCOL).await?;
     let first = appended.pop().ok_or_else(|| ApiError::internal("append", &"empty result"))?;
     Ok((StatusCode::CREATED, Json(first)))
@@ -102,14 +102,15 @@ pub fn parse_array(bytes: &[u8]) -> Result<Vec<EventInput>, ApiError> {
             "body must be a JSON array of events (or NDJSON with Content-Type: application/x-ndjson)",
         ));
     }
-    parse_json::<Vec<EventInput>>(bytes).map_err(|mut e| {
+    let items = parse_json::<Vec<Object<EventInput>>>(bytes).map_err(|mut e| {
         if let Some(f) = e.field.take() {
             let (index, field) = split_index(&f);
             e.field = Some(field);
             e.index = index;
         }
         e
-    })
+    })?;
+    Ok(items.into_iter().map(|Object(i)| i).collect())
 }
 
 /// NDJSON, one event per line (blank lines skipped), at most `max_batch`.
@@ -127,7 +128,7 @@ pub fn parse_ndjson(bytes: &[u8], max_batch: usize) -> Result<Vec<EventInput>, A
             ));
         }
         let index = out.len();
-        out.push(parse_json::<EventInput>(line).map_err(|e| e.with_index(Some(index)))?);
+        out.push(parse_json::<Object<EventInput>>(line).map_err(|e| e.with_index(Some(index)))?.0);
     }
     Ok(out)
 }

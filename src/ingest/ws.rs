@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use super::IngestHandle;
 use crate::auth::{Perm, Principal};
 use crate::event::{EventInput, Tenant};
-use crate::http::extract::parse_json;
+use crate::http::extract::{Object, parse_json};
 use crate::http::{ApiError, EventFrames, error_frame};
 
 const PROTOCOL: &str = "ws";
@@ -29,8 +29,8 @@ impl EventFrames for IngestHandle {
                 self.count_rejected(PROTOCOL, "forbidden");
                 return error_frame("missing_permission", "token lacks permission write_events", None);
             }
-            let input: EventInput = match parse_json(event.get().as_bytes()) {
-                Ok(i) => i,
+            let input = match parse_json::<Object<EventInput>>(event.get().as_bytes()) {
+                Ok(Object(i)) => i,
                 Err(e) => return error_frame(e.code, &e.message, e.field.as_deref()),
             };
             match self.submit(principal, tenant, vec![input], false, PROTOCOL).await {
