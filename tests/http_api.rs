@@ -208,6 +208,17 @@ async fn an_array_of_field_values_is_not_an_object() {
     assert_eq!(devices.body["devices"].as_array().unwrap().len(), 1, "only d1: {}", devices.text);
 }
 
+/// A device name is up to 255 characters, not bytes (found by schemathesis).
+#[tokio::test]
+async fn device_names_are_limited_in_characters() {
+    let app = TestApp::start().await;
+    let reg = "/api/v1/realtime/acme/device/register";
+    let r = app.post(reg, Some(&app.admin), &json!({"device_id": "n1", "name": "é".repeat(255)})).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let r = app.post(reg, Some(&app.admin), &json!({"device_id": "n2", "name": "é".repeat(256)})).await;
+    r.assert_error(400, "invalid", Some("name"));
+}
+
 #[tokio::test]
 async fn oversized_batch_is_refused() {
     let app = TestApp::start_with(|c| {

@@ -53,7 +53,7 @@ async fn register_device(
     };
     let device_id = req.device_id.unwrap_or_else(new_device_id);
     validate_device_id(&device_id).map_err(|e| ApiError::bad_field(e.field, e.message))?;
-    if req.name.as_ref().is_some_and(|n| n.len() > 255) {
+    if req.name.as_ref().is_some_and(|n| n.chars().count() > 255) {
         return Err(ApiError::bad_field("name", "must be at most 255 characters"));
     }
     let perms = match &req.perms {

@@ -188,15 +188,23 @@ async fn poll(
     let Opened { mut sub, mut ended, .. } = open(&state, access, &params, &headers, "poll").await?;
     let mut events = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
+    // Events already in the log after the cursor are there now, even at
+    // `timeout=0`: read the first replay page before the clock can win.
+    if sub.fill().await.is_err() {
+        return Err(ApiError::internal("long-poll replay", &"site log read failed"));
+    }
     loop {
         // After the first event, take only what is ready within a few ms.
         let wait_until =
             if events.is_empty() { deadline } else { tokio::time::Instant::now() + Duration::from_millis(5) };
+        // Biased: events already waiting are taken before a due timeout
+        // (`timeout=0` returns what is there instead of a coin flip).
         let next = tokio::select! {
+            biased;
             _ = state.shutdown.cancelled() => break,
             _ = &mut ended => break,
-            _ = tokio::time::sleep_until(wait_until) => break,
             n = sub.next() => n,
+            _ = tokio::time::sleep_until(wait_until) => break,
         };
         match next {
             Ok(Item::Event(e)) => {

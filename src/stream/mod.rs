@@ -313,19 +313,7 @@ impl Subscription {
                 return Ok(Item::Event(e));
             }
             if self.replaying {
-                let (tenant, after) = (self.tenant.clone(), self.replayed_to);
-                let q = schema::Query { tenant, after, limit: REPLAY_PAGE, ..Default::default() };
-                let rows = self.readers.with(move |c| schema::query(c, &q)).await.map_err(|_| Closed::Gone)?;
-                self.replaying = rows.len() == REPLAY_PAGE;
-                if let Some(last) = rows.last() {
-                    self.replayed_to = last.seq;
-                }
-                self.backlog.extend(
-                    rows.iter()
-                        .filter(|r| self.filter.matches_event(&r.device_id, &r.event_type))
-                        .filter_map(EventItem::from_stored)
-                        .map(Arc::new),
-                );
+                self.fill().await?;
                 continue;
             }
             match self.rx.recv().await {
@@ -341,6 +329,28 @@ impl Subscription {
                 Err(broadcast::error::RecvError::Closed) => return Err(Closed::Gone),
             }
         }
+    }
+
+    /// Reads the next replay page (up to 500 rows) into the backlog; nothing
+    /// once the replay has caught up with the log.
+    pub async fn fill(&mut self) -> Result<(), Closed> {
+        if !self.replaying {
+            return Ok(());
+        }
+        let (tenant, after) = (self.tenant.clone(), self.replayed_to);
+        let q = schema::Query { tenant, after, limit: REPLAY_PAGE, ..Default::default() };
+        let rows = self.readers.with(move |c| schema::query(c, &q)).await.map_err(|_| Closed::Gone)?;
+        self.replaying = rows.len() == REPLAY_PAGE;
+        if let Some(last) = rows.last() {
+            self.replayed_to = last.seq;
+        }
+        self.backlog.extend(
+            rows.iter()
+                .filter(|r| self.filter.matches_event(&r.device_id, &r.event_type))
+                .filter_map(EventItem::from_stored)
+                .map(Arc::new),
+        );
+        Ok(())
     }
 
     /// Replaces the filters (WS `subscribe` frame); the cursor stays.
