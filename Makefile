@@ -10,6 +10,7 @@
 #   make test-chaos     SIGKILL loop + central crashes under mixed load (KILLS=100 EVENTS=100000)
 #   make test-network   slow-uplink drain (10 MB over 1 Mbit/s) through the fault proxy
 #   make test-browser  the status page in headless Chromium (screenshots in target/browser/)
+#   make test-api  schemathesis against a running appliance, from its OpenAPI document (ST_EXAMPLES=100)
 #   make fuzz     run every fuzz target for FUZZ_SECONDS (default 60) each; fails on a crash
 
 SHELL := /bin/bash
@@ -28,13 +29,17 @@ TEST_PKGS := postgresql mosquitto-clients python3-paho-mqtt python3-websockets p
 # (both protocol versions, and its WebSocket transport), from PyPI, in a venv.
 PAHO2_VENV := target/pyenv-paho2
 PAHO2_VERSION := 2.1.0
+# The HTTP API fuzzed from its OpenAPI document: schemathesis from PyPI, in a venv.
+ST_VENV := target/schemathesis-venv
+ST_VERSION := 4.32.5
+OPENAPI_VALIDATOR_VERSION := 0.9.0
 # The proofs: a VM with a disk that forgets unflushed writes (power cuts), and
 # the kill loop against a real PostgreSQL.
 POWERCUT_PKGS := qemu-system-x86 nbdkit busybox-static linux-image-cloud-amd64 cpio e2fsprogs kmod python3-paho-mqtt curl
 CHAOS_PKGS := postgresql python3-paho-mqtt python3-websockets
 CROSS_PKGS := rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static
 
-.PHONY: run build release test test-deps paho2 cross-deps unit-tests verify-unit aarch64 smoke-aarch64 install bench clean
+.PHONY: run build release test test-deps paho2 schemathesis-deps test-api cross-deps unit-tests verify-unit aarch64 smoke-aarch64 install bench clean
 .PHONY: deb deb-deps test-deb test-powercut test-chaos test-network powercut-deps chaos-deps test-browser fuzz
 
 run:
@@ -46,7 +51,7 @@ build:
 release:
 	$(CARGO) build --release
 
-test: test-deps unit-tests verify-unit test-browser smoke-aarch64
+test: test-deps unit-tests verify-unit test-api test-browser smoke-aarch64
 
 unit-tests:
 	$(CARGO) test --all-targets 2>&1
@@ -59,13 +64,25 @@ test-deps:
 	  echo "installing test dependencies:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
 	fi
-	@$(MAKE) --no-print-directory cross-deps paho2
+	@$(MAKE) --no-print-directory cross-deps paho2 schemathesis-deps
 
 paho2:
 	@if ! $(PAHO2_VENV)/bin/python -c 'import paho.mqtt, sys; sys.exit(not paho.mqtt.__version__.startswith("2."))' 2>/dev/null; then \
 	  echo "installing paho-mqtt $(PAHO2_VERSION) into $(PAHO2_VENV)"; \
 	  python3 -m venv $(PAHO2_VENV) && $(PAHO2_VENV)/bin/pip install -q paho-mqtt==$(PAHO2_VERSION); \
 	fi
+
+schemathesis-deps:
+	@if ! $(ST_VENV)/bin/python -c 'import importlib.metadata as m, sys; sys.exit(m.version("schemathesis") != "$(ST_VERSION)" or m.version("openapi-spec-validator") != "$(OPENAPI_VALIDATOR_VERSION)")' 2>/dev/null; then \
+	  echo "installing schemathesis $(ST_VERSION) into $(ST_VENV)"; \
+	  python3 -m venv --clear $(ST_VENV) && $(ST_VENV)/bin/pip install -q --disable-pip-version-check \
+	    schemathesis==$(ST_VERSION) openapi-spec-validator==$(OPENAPI_VALIDATOR_VERSION); \
+	fi
+
+# The API contract: the served OpenAPI document validates as OpenAPI 3.1, and
+# schemathesis (--checks all, every phase, fixed seed) finds 0 failures.
+test-api: build schemathesis-deps
+	ST=$(ST_VENV)/bin/st tests/api/run.sh target/debug/outpost
 
 cross-deps:
 	@if command -v cross >/dev/null && { docker info >/dev/null 2>&1 || podman info >/dev/null 2>&1; }; then exit 0; fi; \
