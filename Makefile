@@ -8,7 +8,7 @@
 #   make test-deb check both packages (lintian, install/remove/purge; needs root)
 #   make test-powercut  power cuts of a VM running the appliance (CUTS=20)
 #   make test-chaos     SIGKILL loop + central crashes under mixed load (KILLS=100 EVENTS=100000)
-#   make test-network   slow-uplink drain (10 MB over 1 Mbit/s) through the fault proxy
+#   make test-network   kernel network faults (blackhole, loss+delay, 1 Mbit/s, RSTs) under ingest; 10 MB drain
 #   make test-browser  the status page in headless Chromium (screenshots in target/browser/)
 #   make test-api  schemathesis against a running appliance, from its OpenAPI document (ST_EXAMPLES=100)
 #   make fuzz     run every fuzz target for FUZZ_SECONDS (default 60) each; fails on a crash
@@ -37,10 +37,11 @@ OPENAPI_VALIDATOR_VERSION := 0.9.0
 # the kill loop against a real PostgreSQL.
 POWERCUT_PKGS := qemu-system-x86 nbdkit busybox-static linux-image-cloud-amd64 cpio e2fsprogs kmod python3-paho-mqtt curl
 CHAOS_PKGS := postgresql python3-paho-mqtt python3-websockets
+NETWORK_PKGS := postgresql python3-paho-mqtt python3-websockets iproute2 nftables
 CROSS_PKGS := rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static
 
 .PHONY: run build release test test-deps paho2 schemathesis-deps test-api cross-deps unit-tests verify-unit aarch64 smoke-aarch64 install bench clean
-.PHONY: deb deb-deps test-deb test-powercut test-chaos test-network powercut-deps chaos-deps test-browser fuzz
+.PHONY: deb deb-deps test-deb test-powercut test-chaos test-network powercut-deps chaos-deps network-deps test-browser fuzz
 
 run:
 	$(CARGO) run --release -- run
@@ -95,8 +96,8 @@ cross-deps:
 	fi
 
 # Installs only what is missing (same pattern as test-deps).
-powercut-deps chaos-deps:
-	@pkgs="$(if $(filter powercut-deps,$@),$(POWERCUT_PKGS),$(CHAOS_PKGS))"; missing=""; \
+powercut-deps chaos-deps network-deps:
+	@pkgs="$(if $(filter powercut-deps,$@),$(POWERCUT_PKGS),$(if $(filter network-deps,$@),$(NETWORK_PKGS),$(CHAOS_PKGS)))"; missing=""; \
 	for p in $$pkgs; do dpkg -s "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
@@ -114,9 +115,12 @@ test-powercut: release powercut-deps
 test-chaos: release chaos-deps
 	/usr/bin/python3 tests/chaos/chaos.py
 
-# Network faults through the test fault proxy that take minutes: a 10 MB
-# backlog drained over a 1 Mbit/s uplink (batches halve on timeouts).
-test-network:
+# Network faults with the real kernel (namespace + veth to central;
+# nftables blackhole, loss and resets; tbf; a delaying proxy) under steady
+# ingest, then the 10 MB backlog drained over 1 Mbit/s through the test
+# fault proxy (batches halve on timeouts).
+test-network: release network-deps
+	/usr/bin/python3 tests/network/netfaults.py
 	$(CARGO) test --test forward -- --ignored --nocapture 2>&1
 
 # The unit must pass systemd-analyze verify (with ExecStart pointed at a real binary).

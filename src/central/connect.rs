@@ -56,7 +56,10 @@ impl Connector {
             .keepalives_idle(config.keepalive_idle)
             .keepalives_interval(Duration::from_secs(1))
             .keepalives_retries(3)
-            .tcp_user_timeout(config.keepalive_idle + Duration::from_secs(5))
+            // Sent data or keepalive probes unanswered this long and the
+            // kernel drops the connection, even mid-batch: a silent partition
+            // under load shows as fast as an idle one.
+            .tcp_user_timeout(config.keepalive_idle + Duration::from_secs(3))
             .options(format!(
                 "-c statement_timeout={statement_ms} -c idle_in_transaction_session_timeout={statement_ms}"
             ))

@@ -207,7 +207,7 @@ impl Default for CentralConfig {
             max_backoff: Duration::from_secs(30),
             statement_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
-            keepalive_idle: Duration::from_secs(10),
+            keepalive_idle: Duration::from_secs(4),
             ping_interval: Duration::from_secs(2),
             answer_timeout: Duration::from_secs(5),
         }
