@@ -46,6 +46,10 @@ pub struct Running {
     pub http_addr: SocketAddr,
     /// Where MQTT listens, when enabled.
     pub mqtt_addr: Option<SocketAddr>,
+    /// Where HTTPS listens, when `http.tls_listen` is set.
+    pub https_addr: Option<SocketAddr>,
+    /// Where MQTT over TLS listens, when `mqtt.tls_listen` is set.
+    pub mqtts_addr: Option<SocketAddr>,
     /// Cancel to stop the appliance.
     pub shutdown: CancellationToken,
     supervisor: JoinHandle<anyhow::Result<()>>,
@@ -122,9 +126,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         },
         config.limits.max_batch,
     );
-    let (http_listener, mqtt_listener) = bind(&config).await?;
+    let certs = (config.http.tls_listen.is_some() || (config.mqtt.enabled && config.mqtt.tls_listen.is_some()))
+        .then(|| crate::tls::Certs::load(&config.tls))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let Listeners { http: http_listener, mqtt: mqtt_listener, https: https_listener, mqtts: mqtts_listener } =
+        bind(&config).await?;
     let http_addr = http_listener.local_addr()?;
     let mqtt_addr = mqtt_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+    let https_addr = https_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+    let mqtts_addr = mqtts_listener.as_ref().map(TcpListener::local_addr).transpose()?;
 
     let status_token = config.http.status_token().map_err(anyhow::Error::msg)?;
     let stages = Stages::new();
@@ -160,16 +171,31 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         body_timeout: config.http.body_timeout,
         max_connections: config.http.max_connections,
     };
-    stages.spawn("http", http::serve(http_listener, router, s, limits));
+    if let (Some(listener), Some(certs)) = (https_listener, &certs) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(certs.server_config(&[b"http/1.1"]));
+        let s = stages.shutdown.clone();
+        stages.spawn("https", http::serve(listener, router.clone(), s, limits, Some(acceptor)));
+    }
+    stages.spawn("http", http::serve(http_listener, router, s, limits, None));
     let (r, s) = (site.readers.clone(), stages.shutdown.clone());
     stages.spawn("registry", auth::run_registry_refresh(r, site.registry, s));
-    if let (Some(listener), Some(deps)) = (mqtt_listener, mqtt_deps) {
-        let (t, s) = (stages.tracker.clone(), stages.shutdown.clone());
-        stages.spawn("mqtt", async move {
-            mqtt::run(listener, deps, t, s).await;
+    if let (Some(listener), Some(deps), Some(certs)) = (mqtts_listener, &mqtt_deps, &certs) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(certs.server_config(&[b"mqtt"]));
+        let (deps, t, s) = (deps.clone(), stages.tracker.clone(), stages.shutdown.clone());
+        stages.spawn("mqtts", async move {
+            mqtt::run(listener, deps, t, s, Some(acceptor)).await;
             Ok::<_, std::convert::Infallible>(())
         });
     }
+    if let (Some(listener), Some(deps)) = (mqtt_listener, mqtt_deps) {
+        let (t, s) = (stages.tracker.clone(), stages.shutdown.clone());
+        stages.spawn("mqtt", async move {
+            mqtt::run(listener, deps, t, s, None).await;
+            Ok::<_, std::convert::Infallible>(())
+        });
+    }
+    let hup = crate::tls::sighup().context("cannot install the SIGHUP handler")?;
+    stages.spawn("reload", crate::tls::reload_on_sighup(hup, certs, stages.shutdown.clone()));
     match connector {
         Some(connector) => {
             let central = Central { connector, uplink, committed, log: log.clone(), readers: site.readers.clone() };
@@ -183,11 +209,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     stages.spawn("site-log", watch_writer(log, stages.shutdown.clone()));
     stages.tracker.close();
 
+    let also = |name: &str, a: Option<SocketAddr>| a.map_or(String::new(), |a| format!(", {name} listening on {a}"));
     tracing::info!(site_id = config.site_id(), %http_addr, data_dir = %config.site.data_dir.display(),
-        "outpost running; http listening on {http_addr}{}", mqtt_addr.map_or(String::new(), |a| format!(", mqtt listening on {a}")));
+        "outpost running; http listening on {http_addr}{}{}{}",
+        also("https", https_addr), also("mqtt", mqtt_addr), also("mqtts", mqtts_addr));
     let shutdown = stages.shutdown.clone();
     let supervisor = tokio::spawn(stages.supervise(writer, config.shutdown_grace));
-    Ok(Running { http_addr, mqtt_addr, shutdown, supervisor })
+    Ok(Running { http_addr, mqtt_addr, https_addr, mqtts_addr, shutdown, supervisor })
 }
 
 /// What the stages that talk to the central database share.
@@ -278,19 +306,31 @@ fn start_broker(config: &Config) -> anyhow::Result<(mqtt::LinkFactory, Arc<Bridg
     Ok((links, bridge, sessions))
 }
 
-async fn bind(config: &Config) -> anyhow::Result<(TcpListener, Option<TcpListener>)> {
-    let mqtt = match config.mqtt.enabled {
-        true => Some(
-            TcpListener::bind(config.mqtt.listen)
-                .await
-                .with_context(|| format!("cannot listen on mqtt.listen = {}", config.mqtt.listen))?,
-        ),
-        false => None,
-    };
-    let http = TcpListener::bind(config.http.listen)
-        .await
-        .with_context(|| format!("cannot listen on http.listen = {}", config.http.listen))?;
-    Ok((http, mqtt))
+/// The bound sockets; the TLS ones only when configured.
+struct Listeners {
+    http: TcpListener,
+    mqtt: Option<TcpListener>,
+    https: Option<TcpListener>,
+    mqtts: Option<TcpListener>,
+}
+
+async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+    async fn listen(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
+        TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {key} = {addr}"))
+    }
+    let mqtt = config.mqtt.enabled;
+    Ok(Listeners {
+        mqtt: if mqtt { Some(listen(config.mqtt.listen, "mqtt.listen").await?) } else { None },
+        mqtts: match config.mqtt.tls_listen {
+            Some(a) if mqtt => Some(listen(a, "mqtt.tls_listen").await?),
+            _ => None,
+        },
+        https: match config.http.tls_listen {
+            Some(a) => Some(listen(a, "http.tls_listen").await?),
+            None => None,
+        },
+        http: listen(config.http.listen, "http.listen").await?,
+    })
 }
 
 /// Every stage's routes, merged (the caller adds `/mqtt`, then `http::finish`).

@@ -23,3 +23,4 @@ pub mod mqtt;
 pub mod stream;
 pub mod sysinfo;
 pub mod systemd;
+pub mod tls;

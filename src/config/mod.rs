@@ -43,6 +43,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub auth: AuthConfig,
     pub stream: StreamConfig,
+    pub tls: TlsConfig,
     /// How long a SIGTERM may take: stop accepting, commit what is queued,
     /// answer in-flight requests.
     #[serde(with = "humantime_serde")]
@@ -78,6 +79,19 @@ pub struct HttpConfig {
     /// File holding the token that guards the status page, its JSON, its
     /// event feed and `/metrics`. Unset: those need no token.
     pub status_token_file: Option<PathBuf>,
+    /// HTTPS and WSS beside `listen` (certificate from `[tls]`). Unset: none.
+    pub tls_listen: Option<SocketAddr>,
+}
+
+/// The server certificate of the TLS listeners (`http.tls_listen`,
+/// `mqtt.tls_listen`): PEM files, read at start and on SIGHUP.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
 }
 
 /// The MQTT listener for devices (3.1, 3.1.1 and 5.0; also over WebSocket at `/mqtt`).
@@ -87,6 +101,8 @@ pub struct MqttConfig {
     /// Set `enabled = false` to run without MQTT.
     pub enabled: bool,
     pub listen: SocketAddr,
+    /// MQTT over TLS beside `listen` (certificate from `[tls]`). Unset: none.
+    pub tls_listen: Option<SocketAddr>,
     /// Connections (TCP and WebSocket) beyond this get CONNACK 0x97 / 0x03.
     pub max_connections: usize,
     /// Largest packet accepted; a larger one closes that connection.
@@ -381,6 +397,7 @@ impl Default for HttpConfig {
             body_timeout: Duration::from_secs(30),
             max_connections: 1024,
             status_token_file: None,
+            tls_listen: None,
         }
     }
 }
@@ -390,6 +407,7 @@ impl Default for MqttConfig {
         Self {
             enabled: true,
             listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            tls_listen: None,
             max_connections: 1000,
             max_packet_size: 128 * 1024,
             connect_timeout: Duration::from_secs(10),
@@ -523,6 +541,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             auth: AuthConfig::default(),
             stream: StreamConfig::default(),
+            tls: TlsConfig::default(),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -665,6 +684,20 @@ mod tests {
         c.site.id = Some("bad id!".into());
         let problems = c.validate().unwrap_err();
         assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+
+    #[test]
+    fn tls_listeners_and_certificate_files_come_together() {
+        let mut c = Config::default();
+        c.http.tls_listen = Some("127.0.0.1:8443".parse().unwrap());
+        let problems = c.validate().unwrap_err();
+        assert!(problems[0].contains("tls.cert_file and tls.key_file"), "{problems:?}");
+        c.tls.cert_file = Some("/etc/outpost/tls/cert.pem".into());
+        c.tls.key_file = Some("/etc/outpost/tls/key.pem".into());
+        c.validate().unwrap();
+        c.http.tls_listen = None;
+        let problems = c.validate().unwrap_err();
+        assert!(problems[0].contains("no TLS listener"), "{problems:?}");
     }
 
     #[test]

@@ -25,8 +25,20 @@ impl Config {
         if problems.is_empty() { Ok(()) } else { Err(problems) }
     }
 
-    /// `site`, `http`, `mqtt` and `stream`.
+    /// `site`, `http`, `mqtt`, `stream` and `tls`.
     fn check_site_and_listeners(&self, problems: &mut Vec<String>) {
+        let tls_listeners = self.http.tls_listen.is_some() || (self.mqtt.enabled && self.mqtt.tls_listen.is_some());
+        let files = (self.tls.cert_file.is_some(), self.tls.key_file.is_some());
+        if tls_listeners && files != (true, true) {
+            problems.push(
+                "tls.cert_file and tls.key_file: both must be set when http.tls_listen or mqtt.tls_listen is".into(),
+            );
+        }
+        if !tls_listeners && files != (false, false) {
+            problems.push(
+                "tls.cert_file / tls.key_file are set but no TLS listener is (http.tls_listen, mqtt.tls_listen)".into(),
+            );
+        }
         if let Some(id) = &self.site.id
             && !valid_site_id(id)
         {

@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 /// The `[http]` limits the accept loop enforces.
@@ -73,6 +74,7 @@ pub async fn serve(
     router: Router,
     shutdown: CancellationToken,
     limits: Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> std::io::Result<()> {
     let router = router.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(limits.body_timeout));
     let open = Arc::new(Open::default());
@@ -105,13 +107,31 @@ pub async fn serve(
                 resp
             }
         });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
-        let (open, shutdown) = (open.clone(), shutdown.clone());
+        let (open, shutdown, tls) = (open.clone(), shutdown.clone(), tls.clone());
         tasks.spawn(async move {
+            // The TLS handshake counts against the header timeout, in this
+            // connection's task, so slow handshakes never hold up accept.
+            let io = match tls {
+                None => Either::Left(stream),
+                Some(acceptor) => match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => Either::Right(s),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "https handshake failed");
+                        open.lock().remove(&id);
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "https handshake timed out (http.header_timeout)");
+                        open.lock().remove(&id);
+                        return;
+                    }
+                },
+            };
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
             tokio::pin!(connection);
             tokio::select! {
                 r = connection.as_mut() => if let Err(e) = r {
@@ -120,7 +140,6 @@ pub async fn serve(
                 _ = conn.close.cancelled() => {
                     tracing::debug!(%peer, "http connection closed to make room (http.max_connections)");
                 }
-                // Shutdown: finish the request in flight, then close.
                 _ = shutdown.cancelled() => {
                     connection.as_mut().graceful_shutdown();
                     let _ = connection.await;

@@ -102,7 +102,15 @@ impl MqttDeps {
 }
 
 /// Accepts connections until `shutdown`; each runs on `tracker`.
-pub async fn run(listener: TcpListener, deps: MqttDeps, tracker: TaskTracker, shutdown: CancellationToken) {
+/// With `tls`, each connection first completes a TLS handshake (within
+/// `mqtt.connect_timeout`).
+pub async fn run(
+    listener: TcpListener,
+    deps: MqttDeps,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let refusing = Arc::new(AtomicUsize::new(0));
     while let Some((stream, peer)) = crate::http::accept(&listener, &shutdown, PROTOCOL).await {
         let Some(slot) = deps.slot(peer) else {
@@ -120,9 +128,24 @@ pub async fn run(listener: TcpListener, deps: MqttDeps, tracker: TaskTracker, sh
         };
         let _ = stream.set_nodelay(true);
         let (deps, shutdown) = (deps.clone(), shutdown.clone());
+        let tls = tls.clone();
         tracker.spawn(async move {
-            let (r, w) = stream.into_split();
-            session::Session::serve(Box::new(r), Box::new(w), peer, &deps, shutdown).await;
+            match tls {
+                None => {
+                    let (r, w) = stream.into_split();
+                    session::Session::serve(Box::new(r), Box::new(w), peer, &deps, shutdown).await;
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(deps.config.connect_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => {
+                            let (r, w) = tokio::io::split(s);
+                            session::Session::serve(Box::new(r), Box::new(w), peer, &deps, shutdown).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "mqtt tls handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "mqtt tls handshake timed out (mqtt.connect_timeout)"),
+                    }
+                }
+            }
             drop(slot);
         });
     }

@@ -224,6 +224,9 @@ pub struct Proc {
     pub child: Child,
     pub addr: SocketAddr,
     pub mqtt: Option<SocketAddr>,
+    /// The TLS listeners, when configured.
+    pub https: Option<SocketAddr>,
+    pub mqtts: Option<SocketAddr>,
     pub stderr_tail: std::sync::mpsc::Receiver<String>,
 }
 
@@ -292,8 +295,9 @@ impl Proc {
                     let _ = child.wait();
                     panic!("bad address in {:?}", &line[i..]);
                 };
-                let mqtt = after("mqtt listening on ");
-                return Self { child, addr, mqtt, stderr_tail: rx };
+                let (mqtt, https, mqtts) =
+                    (after("mqtt listening on "), after("https listening on "), after("mqtts listening on "));
+                return Self { child, addr, mqtt, https, mqtts, stderr_tail: rx };
             }
         }
     }

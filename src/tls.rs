@@ -1,0 +1,109 @@
+//! TLS for the device listeners (`http.tls_listen`: HTTPS and WSS;
+//! `mqtt.tls_listen`: MQTT over TLS), with rustls/ring like the uplink. The
+//! certificate chain and key come from `tls.cert_file` / `tls.key_file`
+//! (PEM), read at start (a bad file stops the start) and again on SIGHUP.
+//! A reload changes what new handshakes present; open connections keep
+//! theirs. A reload that fails keeps the old certificate and logs why.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::TlsConfig;
+
+/// The certificate new handshakes get; swapped by [`Certs::reload`].
+#[derive(Debug)]
+pub struct Certs {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl Certs {
+    /// Reads both files; errors name the file and what is wrong with it.
+    pub fn load(config: &TlsConfig) -> Result<Arc<Self>, String> {
+        let (Some(cert_file), Some(key_file)) = (&config.cert_file, &config.key_file) else {
+            return Err("tls.cert_file and tls.key_file must both be set for a TLS listener".into());
+        };
+        let key = read(cert_file, key_file)?;
+        Ok(Arc::new(Self { cert_file: cert_file.clone(), key_file: key_file.clone(), current: RwLock::new(key) }))
+    }
+
+    /// Reads the files again; on error the old certificate stays.
+    pub fn reload(&self) -> Result<(), String> {
+        let key = read(&self.cert_file, &self.key_file)?;
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = key;
+        Ok(())
+    }
+
+    /// A rustls server config presenting the current certificate, offering
+    /// `alpn` (e.g. `http/1.1`).
+    pub fn server_config(self: &Arc<Self>, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+        let mut c = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(c)
+    }
+}
+
+impl ResolvesServerCert for Certs {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+    }
+}
+
+fn read(cert_file: &Path, key_file: &Path) -> Result<Arc<CertifiedKey>, String> {
+    let certs = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("tls.cert_file {}: {e}", cert_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!("tls.cert_file {}: no PEM certificate in it", cert_file.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("tls.key_file {}: {e} (a PEM private key: PKCS#8, PKCS#1 or SEC1)", key_file.display()))?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| format!("tls.key_file {}: {e}", key_file.display()))?;
+    let certified = CertifiedKey::new(certs, signer);
+    certified.keys_match().map_err(|e| {
+        format!(
+            "tls.cert_file {} and tls.key_file {} do not belong together: {e}",
+            cert_file.display(),
+            key_file.display()
+        )
+    })?;
+    Ok(Arc::new(certified))
+}
+
+/// The SIGHUP handler, installed before the "listening" line, so a SIGHUP
+/// right after it cannot take the default action (ending the process).
+pub fn sighup() -> std::io::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+}
+
+/// Reloads the certificate on every SIGHUP until `shutdown` (`systemctl
+/// reload outpost`). Without TLS listeners there is nothing to reload, and a
+/// SIGHUP is logged and otherwise ignored.
+pub async fn reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
+    certs: Option<Arc<Certs>>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = hup.recv() => match certs.as_ref().map(|c| (c, c.reload())) {
+                None => tracing::info!("SIGHUP: nothing to reload (no TLS listener configured)"),
+                Some((c, Ok(()))) => tracing::info!(cert_file = %c.cert_file.display(), "SIGHUP: TLS certificate reloaded"),
+                Some((_, Err(e))) => tracing::error!(error = %e, "SIGHUP: TLS certificate NOT reloaded; the previous one stays"),
+            },
+        }
+    }
+}

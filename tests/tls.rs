@@ -1,0 +1,245 @@
+//! The TLS listeners (`http.tls_listen`, `mqtt.tls_listen`) with clients
+//! nobody here wrote: curl (HTTPS, and a WebSocket upgrade over it) and
+//! mosquitto_pub / mosquitto_sub (MQTT 3.1.1 and 5.0 over TLS). A client
+//! trusting another CA is refused; SIGHUP swaps the certificate for new
+//! connections while open ones stay up; a bad file at SIGHUP keeps the old
+//! one, and a bad file at start stops the start naming it.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Proc, add_device};
+
+/// A CA and a server certificate for 127.0.0.1 / localhost it signed.
+fn pki(dir: &Path, name: &str) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let (ca, ca_key) = (format!("{name}-ca.pem"), format!("{name}-ca.key"));
+    let (cert, key, csr) = (format!("{name}-cert.pem"), format!("{name}-key.pem"), format!("{name}.csr"));
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN={name} test CA"),
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca,
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        &key,
+        "-out",
+        &csr,
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        &cert,
+    ]);
+}
+
+fn curl(dir: &Path, ca: &str, url: &str) -> (bool, String) {
+    let out =
+        Command::new("curl").args(["-sS", "--max-time", "5", "--cacert", ca, url]).current_dir(dir).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn mosquitto_pub(dir: &Path, ca: &str, port: u16, token: &str, version: &str, body: &str) -> (bool, String) {
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "localhost", "-p", &port.to_string(), "--cafile", ca, "-q", "1", "-V"])
+        .args(version.split_whitespace())
+        .args(["-i", "d1", "-u", "d1", "-P", token, "-t", "acme/devices/d1/events/tls.test", "-m", body])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn sighup(app: &Proc) {
+    let pid = i32::try_from(app.child.id()).unwrap();
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+}
+
+#[test]
+fn https_wss_and_mqtts_with_real_clients_and_a_reload_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pki(d, "one");
+    pki(d, "two");
+    std::fs::copy(d.join("one-cert.pem"), d.join("cert.pem")).unwrap();
+    std::fs::copy(d.join("one-key.pem"), d.join("key.pem")).unwrap();
+    let data = d.join("data");
+    let token = add_device(&data, "acme", "d1");
+    let (cert, key) = (d.join("cert.pem").display().to_string(), d.join("key.pem").display().to_string());
+    let env = [
+        ("OUTPOST_HTTP__TLS_LISTEN", "127.0.0.1:0"),
+        ("OUTPOST_MQTT__TLS_LISTEN", "127.0.0.1:0"),
+        ("OUTPOST_TLS__CERT_FILE", cert.as_str()),
+        ("OUTPOST_TLS__KEY_FILE", key.as_str()),
+    ];
+    let app = Proc::start(&data, &env);
+    let https = app.https.expect("https listening on … in the start line");
+    let mqtts = app.mqtts.expect("mqtts listening on … in the start line").port();
+    let url = |path: &str| format!("https://localhost:{}{path}", https.port());
+
+    // HTTPS: the right CA is trusted, another CA's client refuses the server.
+    let (ok, out) = curl(d, "one-ca.pem", &url("/healthz"));
+    assert!(ok && out == "ok\n", "{out}");
+    let (ok, out) = curl(d, "two-ca.pem", &url("/healthz"));
+    assert!(!ok, "a client trusting another CA must refuse: {out}");
+
+    // WSS: the stream endpoint upgrades over TLS.
+    let out = Command::new("curl")
+        .args(["-sS", "-i", "-N", "--http1.1", "--max-time", "2", "--cacert", "one-ca.pem"])
+        .args(["-H", "Connection: Upgrade", "-H", "Upgrade: websocket", "-H", "Sec-WebSocket-Version: 13"])
+        .args(["-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="])
+        .arg(url(&format!("/api/v1/realtime/acme/stream?access_token={}", common_read_token(&data))))
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&out.stdout);
+    assert!(head.starts_with("HTTP/1.1 101"), "WSS upgrade: {head}");
+
+    // MQTT over TLS, 3.1.1 and 5.0; another CA is refused.
+    for v in ["mqttv311", "mqttv5"] {
+        let (ok, err) = mosquitto_pub(d, "one-ca.pem", mqtts, &token, v, r#"{"v":1}"#);
+        assert!(ok, "{v}: {err}");
+    }
+    let (ok, _) = mosquitto_pub(d, "two-ca.pem", mqtts, &token, "mqttv311", r#"{"v":2}"#);
+    assert!(!ok, "mosquitto_pub trusting another CA must fail");
+    assert_eq!(common::log_rows(&data.join("site-log.sqlite")).len(), 2, "one event per accepted publish");
+
+    // An MQTT-over-TLS subscriber opened before the reload…
+    let reader = common_read_token(&data);
+    let sub = Command::new("mosquitto_sub")
+        .args(["-h", "localhost", "-p", &mqtts.to_string(), "--cafile", "one-ca.pem", "-V", "mqttv311", "-q", "1"])
+        .args(["-i", "reader", "-u", "reader", "-P", &reader, "-t", "acme/events/#", "-C", "1", "-W", "30"])
+        .current_dir(d)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(until(Duration::from_secs(10), || online(&app, &reader)), "the subscriber did not connect");
+
+    // …SIGHUP with the second certificate: new handshakes get it at once.
+    std::fs::copy(d.join("two-cert.pem"), d.join("cert.pem")).unwrap();
+    std::fs::copy(d.join("two-key.pem"), d.join("key.pem")).unwrap();
+    sighup(&app);
+    assert!(until(Duration::from_secs(10), || curl(d, "two-ca.pem", &url("/healthz")).0), "reload not seen");
+    assert!(!curl(d, "one-ca.pem", &url("/healthz")).0, "the old certificate is still served");
+    // Retained, so the subscriber gets it even if its SUBSCRIBE lands after.
+    let (ok, err) = mosquitto_pub(d, "two-ca.pem", mqtts, &token, "mqttv5 -r", r#"{"after":"reload"}"#);
+    assert!(ok, "{err}");
+    // The subscriber's connection from before the reload is still up and
+    // gets the event published after it.
+    let out = sub.wait_with_output().unwrap();
+    assert!(out.status.success(), "mosquitto_sub: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(r#""after":"reload""#), "{:?}", out);
+
+    // A broken file at SIGHUP keeps the certificate in use.
+    std::fs::write(d.join("cert.pem"), "not a certificate\n").unwrap();
+    sighup(&app);
+    let logged = until(Duration::from_secs(10), || {
+        app.stderr_tail.try_iter().any(|l| l.contains("TLS certificate NOT reloaded") && l.contains("tls.cert_file"))
+    });
+    assert!(logged, "the failed reload is logged with the file");
+    assert!(curl(d, "two-ca.pem", &url("/healthz")).0, "the previous certificate must stay");
+    drop(app);
+
+    // A bad file at start stops the start and names it.
+    let mut cmd = Command::new(common::bin());
+    cmd.arg("run").env_remove("OUTPOST_CONFIG");
+    for (k, v) in common::proc_env(&data).iter().map(|(k, v)| (k.as_str(), v.as_str())).chain(env) {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tls.cert_file") && err.contains("cert.pem"), "{err}");
+}
+
+/// A device allowed to read events (the subscriber and the WSS stream).
+fn common_read_token(data: &Path) -> String {
+    if let Ok(t) = std::fs::read_to_string(data.join("reader.token")) {
+        return t;
+    }
+    let (ok, out, err) = common::cli(
+        data,
+        &["device", "add", "--tenant", "acme", "--id", "reader", "--perm", "read_events", "--perm", "write_events"],
+    );
+    assert!(ok, "{err}");
+    let t = out.trim().to_string();
+    std::fs::write(data.join("reader.token"), &t).unwrap();
+    t
+}
+
+/// Whether the reader device holds an MQTT session (its TLS handshake and
+/// CONNECT are done).
+fn online(app: &Proc, reader: &str) -> bool {
+    let out = Command::new("curl")
+        .args(["-s", "-H", &format!("Authorization: Bearer {reader}")])
+        .arg(format!("{}/api/v1/realtime/acme/presence", app.base()))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains(r#""device_id":"reader""#)
+}
+
+/// `systemctl reload` on a box without TLS listeners: the SIGHUP is logged,
+/// never the end of the process (its default action).
+#[test]
+fn sighup_without_tls_listeners_keeps_the_appliance_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = Proc::start(dir.path(), &[]);
+    sighup(&app);
+    let logged =
+        until(Duration::from_secs(10), || app.stderr_tail.try_iter().any(|l| l.contains("SIGHUP: nothing to reload")));
+    assert!(logged, "the SIGHUP is logged");
+    let out = Command::new("curl").args(["-sf", &format!("{}/healthz", app.base())]).output().unwrap();
+    assert!(out.status.success(), "the appliance must still serve after SIGHUP");
+}
