@@ -88,6 +88,9 @@ pub async fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
             for f in ports(&cfg).await {
                 report(f);
             }
+            if let Some(f) = tls(&cfg) {
+                report(f);
+            }
             for f in central(&cfg).await {
                 report(f);
             }
@@ -319,13 +322,35 @@ pub fn future_events(cfg: &Config) -> Finding {
     }
 }
 
+/// The TLS listeners' certificate and key load and belong together, as
+/// the start would check them (None without TLS listeners).
+fn tls(cfg: &Config) -> Option<Finding> {
+    if cfg.http.tls_listen.is_none() && !(cfg.mqtt.enabled && cfg.mqtt.tls_listen.is_some()) {
+        return None;
+    }
+    Some(match crate::tls::Certs::load(&cfg.tls) {
+        Ok(_) => ok("tls", "tls.cert_file and tls.key_file load and match"),
+        Err(e) => fail(
+            "tls",
+            e,
+            "point tls.cert_file at the PEM chain (leaf first) and tls.key_file at its key, readable by the service user",
+        ),
+    })
+}
+
 /// The HTTP and MQTT listen addresses can be bound, or are bound by a
 /// running outpost (then that is fine).
 pub async fn ports(cfg: &Config) -> Vec<Finding> {
     let mut out = Vec::new();
     let mut listeners = vec![("http", "http.listen", cfg.http.listen)];
+    if let Some(a) = cfg.http.tls_listen {
+        listeners.push(("https", "http.tls_listen", a));
+    }
     if cfg.mqtt.enabled {
         listeners.push(("mqtt", "mqtt.listen", cfg.mqtt.listen));
+        if let Some(a) = cfg.mqtt.tls_listen {
+            listeners.push(("mqtts", "mqtt.tls_listen", a));
+        }
     }
     let mut running: Option<Option<String>> = None;
     for (check, key, addr) in listeners {

@@ -243,3 +243,28 @@ fn sighup_without_tls_listeners_keeps_the_appliance_running() {
     let out = Command::new("curl").args(["-sf", &format!("{}/healthz", app.base())]).output().unwrap();
     assert!(out.status.success(), "the appliance must still serve after SIGHUP");
 }
+
+/// `outpost doctor` checks the certificate as the start would.
+#[test]
+fn doctor_checks_the_tls_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pki(d, "one");
+    let data = d.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let (cert, key) = (d.join("one-cert.pem").display().to_string(), d.join("one-key.pem").display().to_string());
+    let env = [
+        ("OUTPOST_HTTP__TLS_LISTEN", "127.0.0.1:0"),
+        ("OUTPOST_TLS__CERT_FILE", cert.as_str()),
+        ("OUTPOST_TLS__KEY_FILE", key.as_str()),
+    ];
+    let (_, out, _) = common::cli_env(&data, &["doctor"], &env);
+    assert!(out.lines().any(|l| l.contains("tls") && l.contains("load and match")), "{out}");
+    // A key of another certificate.
+    pki(d, "two");
+    let other = d.join("two-key.pem").display().to_string();
+    let env = [env[0], env[1], ("OUTPOST_TLS__KEY_FILE", other.as_str())];
+    let (ok, out, _) = common::cli_env(&data, &["doctor"], &env);
+    assert!(!ok, "{out}");
+    assert!(out.lines().any(|l| l.contains("do not belong together")), "{out}");
+}
