@@ -113,19 +113,25 @@ pub async fn serve(
             // connection's task, so slow handshakes never hold up accept.
             let io = match tls {
                 None => Either::Left(stream),
-                Some(acceptor) => match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => Either::Right(s),
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "https handshake failed");
-                        open.lock().remove(&id);
-                        return;
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(limits.header_timeout, acceptor.accept(stream));
+                    let outcome = tokio::select! {
+                        r = handshake => match r {
+                            Ok(Ok(s)) => Ok(s),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(_) => Err("no handshake within http.header_timeout".to_string()),
+                        },
+                        _ = shutdown.cancelled() => Err("shutting down".to_string()),
+                    };
+                    match outcome {
+                        Ok(s) => Either::Right(s),
+                        Err(why) => {
+                            tracing::debug!(%peer, why, "https handshake failed");
+                            open.lock().remove(&id);
+                            return;
+                        }
                     }
-                    Err(_) => {
-                        tracing::debug!(%peer, "https handshake timed out (http.header_timeout)");
-                        open.lock().remove(&id);
-                        return;
-                    }
-                },
+                }
             };
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -140,6 +146,7 @@ pub async fn serve(
                 _ = conn.close.cancelled() => {
                     tracing::debug!(%peer, "http connection closed to make room (http.max_connections)");
                 }
+                // Shutdown: finish the request in flight, then close.
                 _ = shutdown.cancelled() => {
                     connection.as_mut().graceful_shutdown();
                     let _ = connection.await;
