@@ -126,10 +126,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         },
         config.limits.max_batch,
     );
-    let certs = (config.http.tls_listen.is_some() || (config.mqtt.enabled && config.mqtt.tls_listen.is_some()))
-        .then(|| crate::tls::Certs::load(&config.tls))
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
+    let certs =
+        config.tls_listeners().then(|| crate::tls::Certs::load(&config.tls)).transpose().map_err(anyhow::Error::msg)?;
     let Listeners { http: http_listener, mqtt: mqtt_listener, https: https_listener, mqtts: mqtts_listener } =
         bind(&config).await?;
     let http_addr = http_listener.local_addr()?;

@@ -325,7 +325,7 @@ pub fn future_events(cfg: &Config) -> Finding {
 /// The TLS listeners' certificate and key load and belong together, as
 /// the start would check them (None without TLS listeners).
 fn tls(cfg: &Config) -> Option<Finding> {
-    if cfg.http.tls_listen.is_none() && !(cfg.mqtt.enabled && cfg.mqtt.tls_listen.is_some()) {
+    if !cfg.tls_listeners() {
         return None;
     }
     Some(match crate::tls::Certs::load(&cfg.tls) {

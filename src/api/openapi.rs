@@ -34,7 +34,8 @@ pub(super) fn routes<S: Clone + Send + Sync + 'static>(
     limits: &LimitsConfig,
     max_body_bytes: usize,
 ) -> axum::Router<S> {
-    let body = document(limits, max_body_bytes).to_string();
+    // Rendered once; each answer shares the bytes (no copy per request).
+    let body = axum::body::Bytes::from(document(limits, max_body_bytes).to_string());
     axum::Router::new().route(
         "/api/v1/openapi.json",
         axum::routing::get(move || {

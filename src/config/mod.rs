@@ -504,6 +504,13 @@ impl Config {
         Ok(config)
     }
 
+    /// Whether a TLS listener is configured (`http.tls_listen`, or
+    /// `mqtt.tls_listen` with MQTT enabled): then `[tls]` must name the
+    /// certificate, and the start and the doctor load it.
+    pub fn tls_listeners(&self) -> bool {
+        self.http.tls_listen.is_some() || (self.mqtt.enabled && self.mqtt.tls_listen.is_some())
+    }
+
     /// The site id in force: configured, else the host name.
     pub fn site_id(&self) -> String {
         if let Some(id) = &self.site.id {

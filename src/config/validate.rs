@@ -27,7 +27,7 @@ impl Config {
 
     /// `site`, `http`, `mqtt`, `stream` and `tls`.
     fn check_site_and_listeners(&self, problems: &mut Vec<String>) {
-        let tls_listeners = self.http.tls_listen.is_some() || (self.mqtt.enabled && self.mqtt.tls_listen.is_some());
+        let tls_listeners = self.tls_listeners();
         let files = (self.tls.cert_file.is_some(), self.tls.key_file.is_some());
         if tls_listeners && files != (true, true) {
             problems.push(
