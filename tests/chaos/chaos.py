@@ -21,9 +21,7 @@ import http.client
 import json
 import os
 import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,10 +32,11 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "tests", "powercut"))
-from ledger import Ledger, PahoAcks, Verdict, die, free_port, log, wait_for  # noqa: E402
+from ledger import Ledger, PahoAcks, Verdict, die, free_port, keep_or_remove, log, wait_for  # noqa: E402
 
 BIN = os.path.join(ROOT, "target/release/outpost")
 TENANT = "acme"
+SITE = "chaos-site"
 # (kind, devices, share of EVENTS)
 MIX = [("http", 2, 0.08), ("batch", 2, 0.50), ("mqtt", 3, 0.27), ("ws", 2, 0.15)]
 
@@ -88,8 +87,21 @@ class Pg:
     def crash(self):
         self.run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
 
+    def stop_quietly(self):
+        """The end of a proof: stopped at once, an error (already down) ignored."""
+        try:
+            self.crash()
+        except Exception:
+            pass
+
     def url(self):
         return f"postgres://postgres@127.0.0.1:{self.port}/postgres"
+
+    def central_rows(self, site, device=None):
+        """(device, k, site_seq, id) of every central row of `site` (or of one device of it)."""
+        where = f"site_id = '{site}'" + (f" AND device_id = '{device}'" if device else "")
+        return [(d, int(k), int(seq), i) for d, k, seq, i in self.query(
+            f"SELECT device_id, payload->>'k', site_seq, id FROM tenant_{TENANT}.events WHERE {where}")]
 
     def query(self, sql):
         out = subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "postgres",
@@ -108,7 +120,7 @@ class Appliance:
         self.http_port, self.mqtt_port = free_port(), free_port()
         self.env = dict(
             os.environ,
-            OUTPOST_SITE__DATA_DIR=self.data, OUTPOST_SITE__ID="chaos-site",
+            OUTPOST_SITE__DATA_DIR=self.data, OUTPOST_SITE__ID=SITE,
             OUTPOST_HTTP__LISTEN=f"127.0.0.1:{self.http_port}", OUTPOST_MQTT__LISTEN=f"127.0.0.1:{self.mqtt_port}",
             OUTPOST_CENTRAL__URL=pg.url(), OUTPOST_CENTRAL__TLS="disable",
             OUTPOST_CENTRAL__MAX_BACKOFF="1s", OUTPOST_CENTRAL__BATCH_WAIT="20ms",
@@ -141,6 +153,29 @@ class Appliance:
             return r.status, r.read()
         finally:
             c.close()
+
+    def status(self):
+        """The parsed /api/v1/status, or None while it does not answer."""
+        try:
+            code, body = self.get("/api/v1/status")
+            return json.loads(body) if code == 200 else None
+        except (OSError, http.client.HTTPException, ValueError):
+            return None
+
+    def drain(self, timeout):
+        """Waits for the backlog to reach 0 (dies after `timeout` s); returns the status's `log` part."""
+        d0 = time.monotonic()
+        try:
+            s = wait_for(lambda: (st := self.status()) and st["log"]["backlog_rows"] == 0 and st["log"], timeout,
+                         "the backlog to drain", 0.5)
+        except TimeoutError:
+            die(f"backlog not drained in {timeout} s: {self.status()}")
+        log(f"backlog drained {time.monotonic() - d0:.1f}s after the load; dead letters {s['dead_letters']}")
+        return s
+
+    def kill_if_running(self):
+        if self.p and self.p.poll() is None:
+            self.kill()
 
     def healthy(self):
         try:
@@ -444,27 +479,11 @@ def main():
             f"WS sockets closed as lagged {devices.lagged}")
 
         # Drain: the backlog must reach 0 with the central database up.
-        def drained():
-            try:
-                status, body = app.get("/api/v1/status")
-            except (OSError, http.client.HTTPException):
-                return False
-            if status != 200:
-                return False
-            s = json.loads(body)["log"]
-            return s if s["backlog_rows"] == 0 else False
-        d0 = time.monotonic()
-        try:
-            s = wait_for(drained, 300, "the backlog to drain", 0.5)
-        except TimeoutError:
-            die(f"backlog not drained in 300 s: {app.get('/api/v1/status')[1][:500]!r}")
-        log(f"backlog drained {time.monotonic() - d0:.1f}s after the load; dead letters {s.get('dead_letters')}")
-        if s.get("dead_letters"):
+        s = app.drain(300)
+        if s["dead_letters"]:
             die(f"{s['dead_letters']} dead letters")
 
-        rows = [(d, int(k), int(seq), i) for d, k, seq, i in pg.query(
-            f"SELECT device_id, payload->>'k', site_seq, id FROM tenant_{TENANT}.events WHERE site_id = 'chaos-site'")]
-        v = Verdict(ledger.snapshot(), rows)
+        v = Verdict(ledger.snapshot(), pg.central_rows(SITE))
         for p in v.problems():
             print(p)
         log(f"wall {time.monotonic() - t0:.0f}s (appliance started {app.starts} times)")
@@ -473,17 +492,11 @@ def main():
         if not v.ok or done_kills != kills or pg_done[0] != pg_restarts:
             sys.exit(1)
     finally:
-        if app and app.p and app.p.poll() is None:
-            app.kill()
+        if app:
+            app.kill_if_running()
         if pg:
-            try:
-                pg.crash()
-            except Exception:
-                pass
-        if os.environ.get("KEEP") == "1":
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+            pg.stop_quietly()
+        keep_or_remove(work)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,7 @@ Env: RATE (events/s, default 200), HOLD (seconds per fault, default 30),
 KEEP=1 (keep the work dir).
 """
 
-import http.client
-import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "tests", "chaos"))
 sys.path.insert(0, os.path.join(ROOT, "tests", "powercut"))
 import chaos  # noqa: E402
-from ledger import Ledger, Verdict, die, log, wait_for  # noqa: E402
+from ledger import Ledger, Verdict, die, keep_or_remove, log, wait_for  # noqa: E402
 
 TENANT = chaos.TENANT
 SITE = "netfault-site"
@@ -125,9 +122,6 @@ class NsPg(chaos.Pg):
         if out.returncode != 0:
             raise RuntimeError(f"pg_ctl start: {out.stderr}")
 
-    def stop(self):
-        self.run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
-
     def url(self):
         return f"postgres://postgres@{NS_IP}:{PROXY_PORT}/postgres"
 
@@ -181,16 +175,8 @@ class Paced(chaos.Devices):
         super().count(sent, resent, dup, lagged)
 
 
-def status(app):
-    try:
-        code, body = app.get("/api/v1/status", 2)
-        return json.loads(body) if code == 200 else None
-    except (OSError, http.client.HTTPException, ValueError):
-        return None
-
-
 def uplink(app):
-    s = status(app)
+    s = app.status()
     return s["uplink"]["state"] if s else None
 
 
@@ -251,7 +237,7 @@ def main():
         try:
             wait_for(lambda: uplink(app) not in ("up", None), 10, "the blackhole to show in /api/v1/status", 0.1)
         except TimeoutError:
-            die(f"blackhole NOT noticed within 10 s: {status(app)}")
+            die(f"blackhole NOT noticed within 10 s: {app.status()}")
         noticed = time.monotonic() - b0
         log(f"blackhole: shown {uplink(app)} after {noticed:.1f} s")
         hold(hold_s - (time.monotonic() - b0), devices)
@@ -301,18 +287,10 @@ def main():
         if devices.errors:
             die("; ".join(devices.errors))
         log(f"load done: acked {len(ledger)}, resent {devices.resent}, acks marked duplicate {devices.dup_acks}")
-        d0 = time.monotonic()
-        try:
-            s = wait_for(lambda: (st := status(app)) and st["log"]["backlog_rows"] == 0 and st, 300,
-                         "the backlog to drain", 0.5)
-        except TimeoutError:
-            die(f"backlog not drained in 300 s after the last heal: {status(app)}")
-        log(f"backlog drained {time.monotonic() - d0:.1f} s after the load; dead letters {s['log']['dead_letters']}")
-        if s["log"]["dead_letters"]:
-            die(f"{s['log']['dead_letters']} dead letters")
-        rows = [(d, int(k), int(seq), i) for d, k, seq, i in pg.query(
-            f"SELECT device_id, payload->>'k', site_seq, id FROM tenant_{TENANT}.events WHERE site_id = '{SITE}'")]
-        v = Verdict(ledger.snapshot(), rows)
+        s = app.drain(300)
+        if s["dead_letters"]:
+            die(f"{s['dead_letters']} dead letters")
+        v = Verdict(ledger.snapshot(), pg.central_rows(SITE))
         for p in v.problems():
             print(p)
         log(f"wall {time.monotonic() - t0:.0f} s")
@@ -321,20 +299,14 @@ def main():
         if not v.ok:
             sys.exit(1)
     finally:
-        if app and app.p and app.p.poll() is None:
-            app.kill()
+        if app:
+            app.kill_if_running()
         if proxy:
             proxy.stop()
         if pg:
-            try:
-                pg.stop()
-            except Exception:
-                pass
+            pg.stop_quietly()
         net.down()
-        if os.environ.get("KEEP") == "1":
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        keep_or_remove(work)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """What the devices were told (acks) against what the store holds.
 
-Shared by the power-cut and chaos proofs, with their small helpers (log,
-die, wait_for, free_port). Every event carries its device's
+Shared by the power-cut, chaos, network and soak proofs, with their small
+helpers (log, die, wait_for, free_port, keep_or_remove). Every event carries its device's
 counter `k` in the payload, so it is found again whatever id it was stored
 under (MQTT publishes get their id from the appliance).
 """
 
+import os
+import shutil
 import socket
 import sys
 import threading
@@ -31,6 +33,14 @@ def wait_for(cond, timeout, what, interval=0.05):
             return v
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def keep_or_remove(work):
+    """The end of a proof: its work dir is kept with KEEP=1, else removed."""
+    if os.environ.get("KEEP") == "1":
+        log(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def free_port():

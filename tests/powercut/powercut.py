@@ -24,7 +24,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from ledger import Ledger, PahoAcks, Verdict, die, free_port, log, wait_for  # noqa: E402
+from ledger import Ledger, PahoAcks, Verdict, die, free_port, keep_or_remove, log, wait_for  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(HERE))
 BIN = os.path.join(ROOT, "target/release/outpost")
@@ -525,10 +524,7 @@ def main():
     finally:
         if vm and vm.q and vm.q.poll() is None:
             vm.cut()
-        if os.environ.get("KEEP") == "1":
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        keep_or_remove(work)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "powercut"))
 sys.path.insert(0, os.path.join(ROOT, "tests", "chaos"))
 import chaos  # noqa: E402
 from chaos import Appliance, Pg  # noqa: E402
-from ledger import PahoAcks, Verdict, die, log, wait_for  # noqa: E402
+from ledger import PahoAcks, Verdict, die, keep_or_remove, log, wait_for  # noqa: E402
 
 TENANT = chaos.TENANT
 SITE = "soak-site"
@@ -418,6 +418,14 @@ def subs_worker(cfg, kind, subs, q, stop):
 class SubState:
     def __init__(self):
         self.last = None       # seq of the last event delivered (None: none yet, start live)
+        self.attempts = 0
+
+    def connect_to(self, base, st):
+        """`base` resumed after the last seq seen; every attempt after the first counts as a reconnect."""
+        if self.attempts:
+            st.add("reconnects")
+        self.attempts += 1
+        return base if self.last is None else f"{base}&after={self.last}"
 
     def event(self, seq, st):
         if self.last is not None and seq <= self.last:
@@ -429,14 +437,9 @@ class SubState:
 async def ws_sub(cfg, i, filt, token, st):
     import websockets
     s = SubState()
-    first = True
     while True:
-        url = f"ws://127.0.0.1:{cfg['http_port']}/api/v1/realtime/{TENANT}/stream?access_token={token}&{filt}"
-        if s.last is not None:
-            url += f"&after={s.last}"
-        if not first:
-            st.add("reconnects")
-        first = False
+        url = s.connect_to(
+            f"ws://127.0.0.1:{cfg['http_port']}/api/v1/realtime/{TENANT}/stream?access_token={token}&{filt}", st)
         try:
             async with websockets.connect(url, open_timeout=20, close_timeout=2, max_queue=None,
                                           ping_interval=None) as ws:
@@ -468,14 +471,8 @@ async def ws_sub(cfg, i, filt, token, st):
 
 async def sse_sub(cfg, i, filt, token, st):
     s = SubState()
-    first = True
     while True:
-        path = f"/api/v1/realtime/{TENANT}/sse?{filt}"
-        if s.last is not None:
-            path += f"&after={s.last}"
-        if not first:
-            st.add("reconnects")
-        first = False
+        path = s.connect_to(f"/api/v1/realtime/{TENANT}/sse?{filt}", st)
         writer = None
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", cfg["http_port"]), 20)
@@ -869,18 +866,7 @@ def main():
             ok = False
 
         # ------------------------------------------------ drain and the ledger check
-        def drained():
-            try:
-                status, body = app.get("/api/v1/status")
-            except (OSError, http.client.HTTPException):
-                return False
-            return status == 200 and json.loads(body)["log"]["backlog_rows"] == 0 and json.loads(body)["log"]
-        d0 = time.monotonic()
-        try:
-            s_log = wait_for(drained, 600, "the backlog to drain", 0.5)
-        except TimeoutError:
-            die(f"backlog not drained in 600 s: {app.get('/api/v1/status')[1][:500]!r}")
-        log(f"backlog drained {time.monotonic() - d0:.1f}s after the load; dead letters {s_log.get('dead_letters')}")
+        s_log = app.drain(600)
         m_end = metrics(app)
 
         acked = lost = dup = order = stored = 0
@@ -892,10 +878,7 @@ def main():
             keys = {(dev, k): (event_id(seed, dev, k) if ids else None) for k in Bits.keys(b)}
             if len(keys) != n:
                 problems.append(f"{dev}: ledger holds {len(keys)} keys, counted {n}")
-            rows = [(d, int(k), int(sq), i_) for d, k, sq, i_ in pg.query(
-                f"SELECT device_id, payload->>'k', site_seq, id FROM tenant_{TENANT}.events "
-                f"WHERE site_id = '{SITE}' AND device_id = '{dev}'")]
-            v = Verdict(keys, rows)
+            v = Verdict(keys, pg.central_rows(SITE, dev))
             acked += v.acked
             lost += v.lost
             dup += v.duplicated
@@ -928,7 +911,6 @@ def main():
         errs = [e for n_ in ingest_names for e in stats.get(n_, {}).get("first_errors", [])]
         sub_errs = [e for k, v in stats.items() if k.startswith("subs-") for e in v.get("first_errors", [])]
         delivered = end_row["subs_delivered"]
-        sub_final = subs_sum("delivered")
         log_lines = open(os.path.join(work, "outpost.log"), "rb").read().decode(errors="replace").splitlines()
         warn_n = sum(bool(re.search(r"\bWARN", ln)) for ln in log_lines)
         err_n = sum(bool(re.search(r"\bERROR", ln)) for ln in log_lines)
@@ -998,14 +980,8 @@ def main():
             except subprocess.TimeoutExpired:
                 app.kill()
         if pg:
-            try:
-                pg.crash()
-            except Exception:
-                pass
-        if os.environ.get("KEEP") == "1":
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+            pg.stop_quietly()
+        keep_or_remove(work)
 
 
 if __name__ == "__main__":
