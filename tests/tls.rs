@@ -116,6 +116,7 @@ fn https_wss_and_mqtts_with_real_clients_and_a_reload_on_sighup() {
     std::fs::copy(d.join("one-key.pem"), d.join("key.pem")).unwrap();
     let data = d.join("data");
     let token = add_device(&data, "acme", "d1");
+    let reader = add_reader(&data);
     let (cert, key) = (d.join("cert.pem").display().to_string(), d.join("key.pem").display().to_string());
     let env = [
         ("OUTPOST_HTTP__TLS_LISTEN", "127.0.0.1:0"),
@@ -139,7 +140,7 @@ fn https_wss_and_mqtts_with_real_clients_and_a_reload_on_sighup() {
         .args(["-sS", "-i", "-N", "--http1.1", "--max-time", "2", "--cacert", "one-ca.pem"])
         .args(["-H", "Connection: Upgrade", "-H", "Upgrade: websocket", "-H", "Sec-WebSocket-Version: 13"])
         .args(["-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="])
-        .arg(url(&format!("/api/v1/realtime/acme/stream?access_token={}", common_read_token(&data))))
+        .arg(url(&format!("/api/v1/realtime/acme/stream?access_token={reader}")))
         .current_dir(d)
         .output()
         .unwrap();
@@ -156,7 +157,6 @@ fn https_wss_and_mqtts_with_real_clients_and_a_reload_on_sighup() {
     assert_eq!(common::log_rows(&data.join("site-log.sqlite")).len(), 2, "one event per accepted publish");
 
     // An MQTT-over-TLS subscriber opened before the reload…
-    let reader = common_read_token(&data);
     let sub = Command::new("mosquitto_sub")
         .args(["-h", "localhost", "-p", &mqtts.to_string(), "--cafile", "one-ca.pem", "-V", "mqttv311", "-q", "1"])
         .args(["-i", "reader", "-u", "reader", "-P", &reader, "-t", "acme/events/#", "-C", "1", "-W", "30"])
@@ -204,19 +204,15 @@ fn https_wss_and_mqtts_with_real_clients_and_a_reload_on_sighup() {
     assert!(err.contains("tls.cert_file") && err.contains("cert.pem"), "{err}");
 }
 
-/// A device allowed to read events (the subscriber and the WSS stream).
-fn common_read_token(data: &Path) -> String {
-    if let Ok(t) = std::fs::read_to_string(data.join("reader.token")) {
-        return t;
-    }
+/// Registers `reader`, a device allowed to read events (the WSS stream and
+/// the MQTT subscriber); returns its token.
+fn add_reader(data: &Path) -> String {
     let (ok, out, err) = common::cli(
         data,
         &["device", "add", "--tenant", "acme", "--id", "reader", "--perm", "read_events", "--perm", "write_events"],
     );
     assert!(ok, "{err}");
-    let t = out.trim().to_string();
-    std::fs::write(data.join("reader.token"), &t).unwrap();
-    t
+    out.trim().to_string()
 }
 
 /// Whether the reader device holds an MQTT session (its TLS handshake and
