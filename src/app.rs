@@ -53,18 +53,35 @@ pub struct Running {
     /// Cancel to stop the appliance.
     pub shutdown: CancellationToken,
     supervisor: JoinHandle<anyhow::Result<()>>,
+    mqtt: Option<MqttDeps>,
 }
 
 impl Running {
     /// Waits until the appliance has stopped (after `shutdown` or a stage failure).
     pub async fn wait(self) -> anyhow::Result<()> {
-        self.supervisor.await.context("appliance supervisor panicked")?
+        // The MQTT handles hold the log writer's queue open: dropped first,
+        // or the writer would wait out the shutdown grace for them.
+        let Running { supervisor, mqtt, .. } = self;
+        drop(mqtt);
+        supervisor.await.context("appliance supervisor panicked")?
     }
 
     /// Stops the appliance and waits for it.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.wait().await
+    }
+
+    /// Serves one MQTT connection over any byte stream, as the listener
+    /// serves a TCP one (same session code, slot and limits), until the
+    /// peer or the server closes it. For harnesses that skip the socket,
+    /// such as the `mqtt_session` fuzz target. `None` when MQTT is
+    /// disabled or at `mqtt.max_connections`.
+    pub async fn serve_mqtt<S>(&self, stream: S) -> Option<()>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Sync + Unpin + 'static,
+    {
+        mqtt::serve_stream(self.mqtt.as_ref()?, stream, self.shutdown.clone()).await
     }
 }
 
@@ -185,7 +202,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             Ok::<_, std::convert::Infallible>(())
         });
     }
-    if let (Some(listener), Some(deps)) = (mqtt_listener, mqtt_deps) {
+    if let (Some(listener), Some(deps)) = (mqtt_listener, mqtt_deps.clone()) {
         let (t, s) = (stages.tracker.clone(), stages.shutdown.clone());
         stages.spawn("mqtt", async move {
             mqtt::run(listener, deps, t, s, None).await;
@@ -213,7 +230,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         also("https", https_addr), also("mqtt", mqtt_addr), also("mqtts", mqtts_addr));
     let shutdown = stages.shutdown.clone();
     let supervisor = tokio::spawn(stages.supervise(writer, config.shutdown_grace));
-    Ok(Running { http_addr, mqtt_addr, https_addr, mqtts_addr, shutdown, supervisor })
+    Ok(Running { http_addr, mqtt_addr, https_addr, mqtts_addr, shutdown, supervisor, mqtt: mqtt_deps })
 }
 
 /// What the stages that talk to the central database share.

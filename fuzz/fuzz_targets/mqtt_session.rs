@@ -1,32 +1,36 @@
 //! The MQTT front-end of a real in-process appliance (`app::start`: real
 //! decoder, ACL, ingest submit, site log on tmpfs) fed a byte stream after a
-//! valid CONNECT.
+//! valid CONNECT, over an in-memory duplex stream (`Running::serve_mqtt`:
+//! the session code the TCP listener runs, without the socket, so a run
+//! makes tens of millions of sessions instead of one per millisecond).
 //!
 //! An input starting with `U` is an MQTT 5.0 session (5.0 CONNECT), any
 //! other a 3.1.1 one.
 //!
 //! Once per process: a data dir under /dev/shm with a registered device
 //! `acme/d1`, the appliance on 127.0.0.1:0 with raised rate limits, and a
-//! token. Per input: connect, send CONNECT + the input, half-close, read until
-//! the server closes (or 50 ms pass). Every 64 inputs, and whenever the server
-//! does not answer, a fresh CONNECT must get CONNACK 0 and `/healthz` must
-//! answer: a stage that died fails the run. Any panic in any appliance thread
-//! aborts the process (libFuzzer's panic hook), so it is reported as a crash.
+//! token. Per input: a session on a fresh duplex stream; the client half
+//! sends CONNECT + the input, half-closes and reads until the server closes
+//! (a session still open 2 s after the client's EOF is dropped and counted
+//! as a hang). Every 1,024 inputs, and after a hang, a fresh CONNECT over
+//! real TCP must get CONNACK 0 and `/healthz` must answer: a stage that died
+//! fails the run. Any panic in any appliance thread aborts the process
+//! (libFuzzer's panic hook), so it is reported as a crash.
 #![no_main]
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use outpost::auth::{Authenticator, Perm, Registry};
 use outpost::config::Config;
 
 struct App {
-    _rt: tokio::runtime::Runtime,
-    _running: outpost::app::Running,
+    rt: tokio::runtime::Runtime,
+    running: outpost::app::Running,
     mqtt: SocketAddr,
     http: SocketAddr,
     connect: Vec<u8>,
@@ -103,8 +107,8 @@ fn app() -> &'static App {
         let app = App {
             mqtt: running.mqtt_addr.expect("mqtt enabled"),
             http: running.http_addr,
-            _running: running,
-            _rt: rt,
+            running,
+            rt,
             connect: connect_packet(&token, false),
             connect5: connect_packet(&token, true),
         };
@@ -133,42 +137,37 @@ fn alive(app: &App) {
 }
 
 fuzz_target!(|data: &[u8]| {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     static RUNS: AtomicU64 = AtomicU64::new(0);
     let app = app();
-    let mut s = TcpStream::connect(app.mqtt).expect("MQTT port accepts");
-    let _ = s.set_nodelay(true);
     // A first byte 'U' makes the session MQTT 5.0; any other input is a
     // 3.1.1 byte stream (so the 3.1.1 seeds keep their meaning).
     let (connect, data) = match data.split_first() {
         Some((b'U', rest)) => (&app.connect5, rest),
         _ => (&app.connect, data),
     };
-    let mut bytes = connect.clone();
-    bytes.extend_from_slice(data);
-    // The server may close early (protocol error): later writes may fail.
-    let _ = s.write_all(&bytes);
-    let _ = s.shutdown(Shutdown::Write);
-    let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
-    let start = Instant::now();
-    let mut buf = [0u8; 4096];
-    let mut closed = false;
-    while start.elapsed() < Duration::from_millis(50) {
-        match s.read(&mut buf) {
-            Ok(0) => {
-                closed = true;
-                break;
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                closed = true;
-                break;
-            }
-            Err(_) => break,
-        }
-    }
-    drop(s);
-    if !closed || RUNS.fetch_add(1, Ordering::Relaxed) % 64 == 0 {
+    let closed = app.rt.block_on(async {
+        let (client, server) = tokio::io::duplex(16 * 1024);
+        let (mut from_server, mut to_server) = tokio::io::split(client);
+        // Sending and reading run side by side: a server blocked on a full
+        // pipe of answers must not stall the input behind it.
+        let send = async {
+            // The server may close early (protocol error): later writes fail.
+            let _ = to_server.write_all(connect).await;
+            let _ = to_server.write_all(data).await;
+            let _ = to_server.shutdown().await;
+        };
+        let drain = async {
+            let mut buf = [0u8; 4096];
+            while matches!(from_server.read(&mut buf).await, Ok(n) if n > 0) {}
+        };
+        let session = async {
+            assert!(app.running.serve_mqtt(server).await.is_some(), "a connection slot is free");
+        };
+        let all = async { tokio::join!(send, drain, session) };
+        tokio::time::timeout(Duration::from_secs(2), all).await.is_ok()
+    });
+    if !closed || RUNS.fetch_add(1, Ordering::Relaxed) % 1024 == 0 {
         alive(app);
     }
 });

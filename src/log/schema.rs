@@ -186,10 +186,10 @@ pub fn set_presence(
     online: bool,
     now_us: i64,
 ) -> Result<usize, Error> {
-    Ok(conn.execute(
+    let mut stmt = conn.prepare_cached(
         "UPDATE devices SET online = ?3, last_seen = max(coalesce(last_seen, 0), ?4) WHERE tenant = ?1 AND device_id = ?2",
-        params![tenant, device_id, online, now_us],
-    )?)
+    )?;
+    Ok(stmt.execute(params![tenant, device_id, online, now_us])?)
 }
 
 /// Who owns an event id already in the log: `(seq, tenant, device_id)`.
@@ -198,11 +198,13 @@ pub fn owner_of(conn: &Connection, id: &Uuid) -> Result<Option<(i64, String, Str
     Ok(stmt.query_row([id.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional()?)
 }
 
-/// Bytes the database's pages hold, free pages excluded.
+/// Bytes the database's pages hold, free pages excluded. The writer asks
+/// before every commit, so its statements are cached (the table-valued
+/// `pragma_page_count()` form costs more than these three).
 pub fn used_bytes(conn: &Connection) -> Result<u64, Error> {
-    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
-    let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let pragma = |sql: &str| -> Result<i64, Error> { Ok(conn.prepare_cached(sql)?.query_row([], |r| r.get(0))?) };
+    let (pages, free, size) =
+        (pragma("PRAGMA page_count")?, pragma("PRAGMA freelist_count")?, pragma("PRAGMA page_size")?);
     Ok(u64::try_from((pages - free).max(0) * size).unwrap_or(0))
 }
 
@@ -802,7 +804,8 @@ pub fn scan(conn: &Connection, site_id: Option<&str>) -> Result<Scan, Error> {
 /// Changes whenever a process other than the writer changed the events
 /// (replay, dead-letter retry or purge), so the writer counts again.
 pub fn log_version(conn: &Connection) -> Result<i64, Error> {
-    Ok(conn.query_row("SELECT coalesce((SELECT value FROM meta WHERE key = 'log_version'), 0)", [], |r| r.get(0))?)
+    let mut stmt = conn.prepare_cached("SELECT coalesce((SELECT value FROM meta WHERE key = 'log_version'), 0)")?;
+    Ok(stmt.query_row([], |r| r.get(0))?)
 }
 
 fn bump_log_version(conn: &Connection) -> Result<(), Error> {

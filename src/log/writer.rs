@@ -410,10 +410,14 @@ impl Writer {
 
     /// Runs every command of the group in one transaction and commits it.
     fn write_group(&mut self, group: Vec<Command>, g: &mut Group) -> Result<(), Error> {
-        let mut projected = schema::used_bytes(&self.conn)?;
-        g.log_version = schema::log_version(&self.conn)?;
         let (max_bytes, observed) = (self.config.max_bytes, !self.observers.is_empty());
-        let tx = self.conn.transaction()?;
+        // IMMEDIATE: the reads below see the latest snapshot (the CLI may
+        // have written from another process), which a deferred transaction
+        // could not upgrade to a write (SQLITE_BUSY_SNAPSHOT). They are made
+        // inside it because outside, each takes and drops its own lock.
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut projected = schema::used_bytes(&tx)?;
+        g.log_version = schema::log_version(&tx)?;
         let mut seen = DeviceCounts::new();
         for cmd in group {
             match cmd {

@@ -151,6 +151,20 @@ pub async fn run(
     }
 }
 
+/// One connection over any byte stream, served like a TCP one from
+/// 127.0.0.1 (same session code and slot); `None` at `max_connections`.
+pub async fn serve_stream<S>(deps: &MqttDeps, stream: S, shutdown: CancellationToken) -> Option<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Sync + Unpin + 'static,
+{
+    let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let slot = deps.slot(peer)?;
+    let (r, w) = tokio::io::split(stream);
+    session::Session::serve(Box::new(r), Box::new(w), peer, deps, shutdown).await;
+    drop(slot);
+    Some(())
+}
+
 /// Connections over `mqtt.max_connections` told so at once, at most.
 const MAX_REFUSERS: usize = 16;
 

@@ -168,6 +168,20 @@ pub(super) struct Session<'a> {
     queued: VecDeque<outbound::Delivery>,
 }
 
+/// Whether the router has dropped this link (it does on an ack it did not
+/// expect): its queue then never drains. Takes what notifications are left,
+/// which a session that has ended no longer needs.
+fn router_dropped(link_rx: &mut LinkRx) -> bool {
+    for _ in 0..1024 {
+        match link_rx.recv_deadline(std::time::Instant::now()) {
+            Ok(_) => {}
+            Err(rumqttd::local::LinkError::RecvTimeout(flume::RecvTimeoutError::Disconnected)) => return true,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
 impl<'a> Session<'a> {
     pub(super) async fn serve(
         reader: Reader,
@@ -253,7 +267,7 @@ impl<'a> Session<'a> {
         // notifies it, and a notification left over after the DISCONNECT
         // would be logged as an error for a connection already gone.
         for _ in 0..100 {
-            if link_tx.buffer().is_empty() {
+            if link_tx.buffer().is_empty() || router_dropped(&mut link_rx) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
