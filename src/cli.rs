@@ -43,6 +43,12 @@ pub enum Command {
         /// Extra tenant to migrate centrally (repeatable).
         #[arg(long = "tenant", requires = "central")]
         tenants: Vec<String>,
+        /// Also partition by time a tenant's `events` table that already
+        /// holds rows (new tenants are partitioned at once). Copies the rows
+        /// in one transaction and locks the table meanwhile: run it when
+        /// writers can wait.
+        #[arg(long, requires = "central")]
+        partition_existing: bool,
     },
     /// Mark forwarded events pending again so they are sent once more
     /// (safe: central inserts are idempotent). Only this site's own events.
@@ -191,7 +197,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run => crate::app::run(load(cli.config.as_deref())?).await,
-        Command::Migrate { central, tenants } => {
+        Command::Migrate { central, tenants, partition_existing } => {
             let cfg = load(cli.config.as_deref())?;
             let conn = open_log(&cfg)?;
             println!("site log {} is up to date", cfg.log_path().display());
@@ -208,10 +214,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 if all.is_empty() {
                     println!("no tenants known yet (no devices, central.tenants empty): nothing to migrate centrally");
                 }
-                for (t, n) in crate::forward::migrate_central(&cfg.central, &all).await? {
+                for (t, m) in crate::forward::migrate_central(&cfg.central, &all, partition_existing).await? {
+                    let partitions = match (m.partitioned, m.converted) {
+                        (true, true) => "now partitioned by time",
+                        (true, false) => "partitioned by time",
+                        (false, _) => {
+                            "NOT partitioned: its events table holds rows; --partition-existing converts it (copies the rows)"
+                        }
+                    };
                     println!(
-                        "central tenant_{t}: {} (notify = {:?})",
-                        if n == 0 { "up to date".to_string() } else { format!("{n} migration(s) applied") },
+                        "central tenant_{t}: {}, {partitions} (notify = {:?})",
+                        if m.applied == 0 {
+                            "up to date".to_string()
+                        } else {
+                            format!("{} migration(s) applied", m.applied)
+                        },
                         cfg.central.notify
                     );
                 }

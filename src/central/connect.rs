@@ -28,6 +28,8 @@ pub struct Connector {
     pub batch_timeout: Duration,
     /// How long a ping may go unanswered (`central.answer_timeout`).
     pub answer_timeout: Duration,
+    /// Width of the time partitions (`central.partition_interval`).
+    pub partition_interval: crate::config::PartitionInterval,
 }
 
 impl std::fmt::Debug for Connector {
@@ -74,6 +76,7 @@ impl Connector {
             tls,
             batch_timeout: config.statement_timeout + Duration::from_secs(5),
             answer_timeout: config.answer_timeout,
+            partition_interval: config.partition_interval,
         })
     }
 

@@ -2,18 +2,53 @@
 //! in `tenant_<t>.outpost_migrations` and serialized by a per-tenant advisory
 //! lock so many sites can migrate at once. The tenant name is validated
 //! before it is ever put into SQL.
+//!
+//! `events` is partitioned by range of `"timestamp"` (central.partition_interval):
+//! a new tenant's empty table is converted at once; a table that already
+//! holds rows is left as it is, with a warning, until
+//! `outpost migrate --central --partition-existing` copies it over.
 
 use tokio_postgres::Client;
 
 use super::Error;
-use crate::config::NotifyMode;
+use crate::config::{NotifyMode, PartitionInterval};
 use crate::event::Tenant;
 
 /// Versioned migrations, applied in order.
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_tenant_events.sql")),
     (2, include_str!("../../migrations/postgres/0002_event_properties.sql")),
+    (3, include_str!("../../migrations/postgres/0003_partitions.sql")),
 ];
+
+/// Converts an unpartitioned `events` into a partitioned one, keeping its rows.
+const PARTITION_EXISTING: &str = include_str!("../../migrations/postgres/partition_existing.sql");
+
+/// How the central schema of one tenant should look.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    pub notify: NotifyMode,
+    pub interval: PartitionInterval,
+    /// Also convert an `events` table that already holds rows (copies them).
+    pub partition_existing: bool,
+}
+
+impl Layout {
+    pub fn of(config: &crate::config::CentralConfig) -> Self {
+        Layout { notify: config.notify, interval: config.partition_interval, partition_existing: false }
+    }
+}
+
+/// What [`migrate_tenant`] did and found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migrated {
+    /// Versioned migrations applied.
+    pub applied: usize,
+    /// `events` is partitioned by time (after this call).
+    pub partitioned: bool,
+    /// `events` was converted to a partitioned table by this call.
+    pub converted: bool,
+}
 
 /// `tenant_<t>`, after checking `t`.
 pub fn schema_name(tenant: &str) -> Result<String, Error> {
@@ -26,9 +61,11 @@ pub fn channel_name(tenant: &str) -> Result<String, Error> {
     Ok(format!("{}_events", schema_name(tenant)?))
 }
 
-/// Brings one tenant's schema up to date and installs the NOTIFY trigger of
-/// `notify` (replacing the other one). Returns how many migrations ran.
-pub async fn migrate_tenant(client: &mut Client, tenant: &str, notify: NotifyMode) -> Result<usize, Error> {
+/// Brings one tenant's schema up to date: versioned migrations, then time
+/// partitions (converting an empty or, with `partition_existing`, any
+/// unpartitioned `events`; creating the current and next partition), then
+/// the NOTIFY trigger of `notify` (replacing the other one).
+pub async fn migrate_tenant(client: &mut Client, tenant: &str, layout: Layout) -> Result<Migrated, Error> {
     let schema = schema_name(tenant)?;
     let channel = channel_name(tenant)?;
     let tx = client.transaction().await?;
@@ -47,7 +84,27 @@ pub async fn migrate_tenant(client: &mut Client, tenant: &str, notify: NotifyMod
         tx.execute(&format!("INSERT INTO {schema}.outpost_migrations (version) VALUES ($1)"), &[version]).await?;
         applied += 1;
     }
-    let (want, other, ddl) = match notify {
+    let mut converted = false;
+    if !is_partitioned(&tx, &schema).await? {
+        let empty = tx.query_one(&format!("SELECT NOT EXISTS (SELECT 1 FROM {schema}.events)"), &[]).await?.get(0);
+        if empty || layout.partition_existing {
+            tx.batch_execute(
+                &PARTITION_EXISTING.replace("{{schema}}", &schema).replace("{{step}}", &layout.interval.sql()),
+            )
+            .await?;
+            converted = true;
+        }
+    }
+    let partitioned = is_partitioned(&tx, &schema).await?;
+    if partitioned {
+        let step = layout.interval.sql();
+        tx.batch_execute(&format!(
+            "SELECT {schema}.outpost_ensure_partition(now(), {step}::interval);
+             SELECT {schema}.outpost_ensure_partition(now() + {step}::interval, {step}::interval)"
+        ))
+        .await?;
+    }
+    let (want, other, ddl) = match layout.notify {
         NotifyMode::PerRow => (
             "events_notify_row",
             "events_notify_batch",
@@ -88,7 +145,26 @@ pub async fn migrate_tenant(client: &mut Client, tenant: &str, notify: NotifyMod
         tx.batch_execute(&ddl).await?;
     }
     tx.commit().await?;
-    Ok(applied)
+    Ok(Migrated { applied, partitioned, converted })
+}
+
+async fn is_partitioned(tx: &tokio_postgres::Transaction<'_>, schema: &str) -> Result<bool, Error> {
+    let row = tx
+        .query_one(
+            "SELECT c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relname = 'events'",
+            &[&schema],
+        )
+        .await?;
+    Ok(row.get::<_, String>(0) == "p")
+}
+
+/// Detaches and drops `tenant`'s partitions whose events are all older than
+/// `retention`; returns how many. Nothing when `events` is not partitioned.
+pub async fn drop_expired(client: &Client, tenant: &str, retention: std::time::Duration) -> Result<i32, Error> {
+    let schema = schema_name(tenant)?;
+    let before = std::time::SystemTime::now() - retention;
+    Ok(client.query_one(&format!("SELECT {schema}.outpost_drop_partitions($1)"), &[&before]).await?.get(0))
 }
 
 #[cfg(test)]

@@ -186,6 +186,62 @@ pub struct CentralConfig {
     /// down ("no answer from central for …") and reconnects.
     #[serde(with = "humantime_serde")]
     pub answer_timeout: Duration,
+    /// Width of the time partitions of every `tenant_<t>.events`:
+    /// `"1 month"` or a whole number of days (`"7d"`).
+    pub partition_interval: PartitionInterval,
+    /// Detach and drop partitions whose events are all older than this
+    /// (whole partitions only); unset keeps everything.
+    #[serde(with = "humantime_serde")]
+    pub retention: Option<Duration>,
+}
+
+/// `central.partition_interval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartitionInterval {
+    Month,
+    Days(u32),
+}
+
+impl PartitionInterval {
+    /// As a PostgreSQL interval literal (safe to splice: built from numbers).
+    pub fn sql(self) -> String {
+        match self {
+            PartitionInterval::Month => "'1 month'".into(),
+            PartitionInterval::Days(n) => format!("'{n} days'"),
+        }
+    }
+
+    /// A key naming the partition that holds `at` (equal keys, same partition).
+    pub fn bucket(self, at: time::OffsetDateTime) -> i64 {
+        let at = at.to_offset(time::UtcOffset::UTC);
+        match self {
+            PartitionInterval::Month => i64::from(at.year()) * 12 + i64::from(u8::from(at.month())),
+            PartitionInterval::Days(n) => at.unix_timestamp().div_euclid(86_400 * i64::from(n)),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PartitionInterval {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::str::FromStr for PartitionInterval {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if matches!(t, "1 month" | "1month" | "month" | "1 mon" | "1mon") {
+            return Ok(PartitionInterval::Month);
+        }
+        let bad = || format!("{s:?}: expected \"1 month\" or a whole number of days such as \"7d\"");
+        let d = humantime::parse_duration(t).map_err(|_| bad())?;
+        let days = d.as_secs() / 86_400;
+        if d.subsec_nanos() != 0 || d.as_secs() % 86_400 != 0 || days == 0 || days > 366 {
+            return Err(bad());
+        }
+        Ok(PartitionInterval::Days(days as u32))
+    }
 }
 
 /// TLS towards the central database.
@@ -226,6 +282,8 @@ impl Default for CentralConfig {
             keepalive_idle: Duration::from_secs(4),
             ping_interval: Duration::from_secs(2),
             answer_timeout: Duration::from_secs(5),
+            partition_interval: PartitionInterval::Month,
+            retention: None,
         }
     }
 }
@@ -618,6 +676,30 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn partition_interval_is_a_month_or_whole_days() {
+        let parse = |v: &str| Config::from_toml_str(&format!("[central]\npartition_interval = {v:?}\n"), Vec::new());
+        assert_eq!(parse("1 month").unwrap().central.partition_interval, PartitionInterval::Month);
+        assert_eq!(parse("7d").unwrap().central.partition_interval, PartitionInterval::Days(7));
+        assert_eq!(parse("48h").unwrap().central.partition_interval, PartitionInterval::Days(2));
+        for bad in ["36h", "0d", "2 months", "soon"] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("partition_interval") && e.contains("whole number of days"), "{bad}: {e}");
+        }
+        let retention = Config::from_toml_str("[central]\nretention = \"400d\"\n", Vec::new()).unwrap();
+        assert_eq!(retention.central.retention, Some(Duration::from_secs(400 * 86_400)));
+        assert_eq!(Config::default().central.retention, None);
+        let t = time::macros::datetime!(2026-11-29 23:59 UTC);
+        assert_eq!(
+            PartitionInterval::Month.bucket(t),
+            PartitionInterval::Month.bucket(time::macros::datetime!(2026-11-01 0:00 UTC))
+        );
+        assert_ne!(
+            PartitionInterval::Month.bucket(t),
+            PartitionInterval::Month.bucket(time::macros::datetime!(2026-12-01 0:00 UTC))
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@
 
 pub mod service;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -234,6 +234,13 @@ async fn settle(mark: JoinHandle<Result<usize, log::Error>>) {
 /// (`outpost replay`, `outpost dead-letter retry`), which do not signal `wake`.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
+/// How often a migrated tenant's schema is looked after again (the next
+/// time partition, `central.retention`).
+const MAINTAIN_EVERY: Duration = Duration::from_secs(3600);
+
+/// Tenants whose central schema this forwarder migrated, and when.
+type Migrated = HashMap<String, Instant>;
+
 impl Forwarder {
     /// Forwards until `shutdown`. Only configuration problems found at start
     /// are fatal; everything later is retried.
@@ -252,7 +259,7 @@ impl Forwarder {
     async fn run_pipeline(&self, p: &mut Pipeline, shutdown: CancellationToken) -> Result<(), Error> {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.config.max_backoff);
         let mut central: Option<Central> = None;
-        let mut migrated: HashSet<String> = HashSet::new();
+        let mut migrated: Migrated = HashMap::new();
         // When central last answered anything; an idle forwarder pings after
         // `ping_interval` without an answer.
         let mut last_answer = Instant::now();
@@ -405,7 +412,7 @@ impl Forwarder {
         &self,
         e: Error,
         backoff: &mut Backoff,
-        migrated: &mut HashSet<String>,
+        migrated: &mut Migrated,
         shutdown: &CancellationToken,
     ) -> bool {
         if e.is_missing_schema() {
@@ -467,7 +474,7 @@ impl Forwarder {
         Ok(Some(batch))
     }
 
-    async fn migrate_known(&self, c: &mut Central, migrated: &mut HashSet<String>) -> Result<(), Error> {
+    async fn migrate_known(&self, c: &mut Central, migrated: &mut Migrated) -> Result<(), Error> {
         let configured = self.config.tenants.clone();
         for t in self.readers.with(move |c| log::schema::known_tenants(c, &configured)).await? {
             self.ensure_migrated(c, &t, migrated).await?;
@@ -476,20 +483,39 @@ impl Forwarder {
     }
 
     /// Migrates `tenant`'s central schema once per forwarder (again after a
-    /// missing-schema error clears `migrated`).
-    async fn ensure_migrated(
-        &self,
-        c: &mut Central,
-        tenant: &str,
-        migrated: &mut HashSet<String>,
-    ) -> Result<(), Error> {
-        if !migrated.contains(tenant) {
-            let n = schema::migrate_tenant(c.client_mut(), tenant, self.config.notify).await?;
-            if n > 0 {
-                tracing::info!(tenant, migrations = n, "central schema migrated");
-            }
-            migrated.insert(tenant.to_string());
+    /// missing-schema error clears `migrated`), and again every
+    /// [`MAINTAIN_EVERY`]: that creates the next time partition ahead and
+    /// drops those past `central.retention`.
+    async fn ensure_migrated(&self, c: &mut Central, tenant: &str, migrated: &mut Migrated) -> Result<(), Error> {
+        if migrated.get(tenant).is_some_and(|at| at.elapsed() < MAINTAIN_EVERY) {
+            return Ok(());
         }
+        let first = !migrated.contains_key(tenant);
+        let m = schema::migrate_tenant(c.client_mut(), tenant, schema::Layout::of(&self.config)).await?;
+        if m.applied > 0 || m.converted {
+            tracing::info!(tenant, migrations = m.applied, partitioned = m.converted, "central schema migrated");
+        }
+        if first && !m.partitioned {
+            tracing::warn!(
+                tenant,
+                "central tenant_{tenant}.events holds rows and is not partitioned by time; \
+                 `outpost migrate --central --partition-existing` converts it (copies the rows, locking the table meanwhile)"
+            );
+        }
+        if let Some(retention) = self.config.retention
+            && m.partitioned
+        {
+            let dropped = schema::drop_expired(c.client_mut(), tenant, retention).await?;
+            if dropped > 0 {
+                tracing::info!(
+                    tenant,
+                    partitions = dropped,
+                    ?retention,
+                    "central partitions past central.retention dropped"
+                );
+            }
+        }
+        migrated.insert(tenant.to_string(), Instant::now());
         Ok(())
     }
 
@@ -502,7 +528,7 @@ impl Forwarder {
         c: &mut Central,
         p: &mut Pipeline,
         batch: &[StoredEvent],
-        migrated: &mut HashSet<String>,
+        migrated: &mut Migrated,
     ) -> Result<(), Error> {
         let mut groups: Vec<(&str, Vec<&StoredEvent>)> = Vec::new();
         for e in batch {
@@ -598,13 +624,28 @@ async fn sleep_or_stop(shutdown: &CancellationToken, d: Duration) -> bool {
     }
 }
 
-/// Connects once and migrates the given tenants (`outpost migrate --central`).
-pub async fn migrate_central(config: &CentralConfig, tenants: &[String]) -> Result<Vec<(String, usize)>, Error> {
+/// Connects once and migrates the given tenants (`outpost migrate --central
+/// [--partition-existing]`), dropping partitions past `central.retention`.
+pub async fn migrate_central(
+    config: &CentralConfig,
+    tenants: &[String],
+    partition_existing: bool,
+) -> Result<Vec<(String, schema::Migrated)>, Error> {
     let connector = Connector::new(config)?;
     let mut c = Central::open(&connector).await?;
     let mut out = Vec::new();
+    let layout = schema::Layout { partition_existing, ..schema::Layout::of(config) };
     for t in tenants {
-        out.push((t.clone(), schema::migrate_tenant(c.client_mut(), t, config.notify).await?));
+        let m = schema::migrate_tenant(c.client_mut(), t, layout).await?;
+        if let Some(retention) = config.retention
+            && m.partitioned
+        {
+            let n = schema::drop_expired(c.client_mut(), t, retention).await?;
+            if n > 0 {
+                println!("central tenant_{t}: {n} partition(s) past central.retention dropped");
+            }
+        }
+        out.push((t.clone(), m));
     }
     Ok(out)
 }

@@ -1,6 +1,9 @@
 //! Writes one tenant's batch to the central database in one transaction:
 //! COPY BINARY into a temporary stage, then `INSERT … SELECT … ON CONFLICT
-//! (id) DO NOTHING`, so a resend never duplicates.
+//! DO NOTHING`, so a resend never duplicates (the key is `id`, or
+//! `(id, "timestamp")` on a partitioned table: a resend carries both).
+//! Before the insert, the time partitions the batch needs are made sure of,
+//! once per partition and connection.
 
 use std::error::Error as StdError;
 
@@ -13,12 +16,18 @@ use tokio_postgres::types::{IsNull, ToSql, Type, accepts, to_sql_checked};
 
 use super::Error;
 use crate::central::Connector;
+use crate::config::PartitionInterval;
 use crate::event::StoredEvent;
 
 /// An open central connection.
 pub struct Central {
     client: Client,
     task: JoinHandle<()>,
+    interval: PartitionInterval,
+    /// Per schema: the partitions known to exist (by
+    /// [`PartitionInterval::bucket`]), or `None` when the schema predates
+    /// partitioning (no `outpost_ensure_partition`).
+    partitions: std::collections::HashMap<String, Option<std::collections::HashSet<i64>>>,
 }
 
 impl Drop for Central {
@@ -48,7 +57,7 @@ impl Central {
     /// Opens a connection and its staging table.
     pub async fn open(connector: &Connector) -> Result<Self, Error> {
         let (client, task) = connector.connect().await?;
-        let central = Central { client, task };
+        let central = Central { client, task, interval: connector.partition_interval, partitions: Default::default() };
         central
             .client
             .batch_execute(
@@ -78,7 +87,35 @@ impl Central {
 
     /// Writes one tenant's rows in one transaction, idempotently.
     pub async fn write(&mut self, schema: &str, rows: &[&StoredEvent]) -> Result<u64, Error> {
+        if !self.partitions.contains_key(schema) {
+            let has: bool = self
+                .client
+                .query_one(
+                    "SELECT to_regprocedure($1) IS NOT NULL",
+                    &[&format!("{schema}.outpost_ensure_partition(timestamptz,interval,text)")],
+                )
+                .await?
+                .get(0);
+            self.partitions.insert(schema.to_string(), has.then(Default::default));
+        }
+        let mut new_buckets = Vec::new();
+        if let Some(Some(known)) = self.partitions.get(schema) {
+            for r in rows {
+                let b = self.interval.bucket(r.timestamp);
+                if !known.contains(&b) && !new_buckets.iter().any(|(k, _)| *k == b) {
+                    new_buckets.push((b, r.timestamp));
+                }
+            }
+        }
         let tx = self.client.transaction().await?;
+        if !new_buckets.is_empty() {
+            // A partition that cannot be made (NULL) leaves its rows to the
+            // default partition: never an error that blocks the queue.
+            let ensure = format!("SELECT {schema}.outpost_ensure_partition($1, {}::interval)", self.interval.sql());
+            for (_, at) in &new_buckets {
+                tx.query_one(&ensure, &[at]).await?;
+            }
+        }
         let sink = tx
             .copy_in(
                 "COPY outpost_stage (id, device_id, event_type, payload, ts, site_id, site_seq, received_at, properties) \
@@ -123,12 +160,15 @@ impl Central {
                     "INSERT INTO {schema}.events (id, device_id, event_type, payload, \"timestamp\", site_id, site_seq, received_at, properties)
                      SELECT id, device_id, event_type, payload, ts, site_id, site_seq, received_at, properties
                      FROM outpost_stage ORDER BY site_seq
-                     ON CONFLICT (id) DO NOTHING"
+                     ON CONFLICT DO NOTHING"
                 ),
                 &[],
             )
             .await?;
         tx.commit().await?;
+        if let Some(Some(known)) = self.partitions.get_mut(schema) {
+            known.extend(new_buckets.iter().map(|(b, _)| *b));
+        }
         Ok(inserted)
     }
 }

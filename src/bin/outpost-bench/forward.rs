@@ -51,7 +51,12 @@ pub async fn run(args: ForwardArgs, config: Config) -> anyhow::Result<()> {
         })
         .await??
     };
-    central_schema::migrate_tenant(admin.client_mut(), "benchraw", NotifyMode::PerBatch).await?;
+    let layout = |notify| central_schema::Layout {
+        notify,
+        interval: outpost::config::PartitionInterval::Month,
+        partition_existing: false,
+    };
+    central_schema::migrate_tenant(admin.client_mut(), "benchraw", layout(NotifyMode::PerBatch)).await?;
     let started = Instant::now();
     for chunk in rows.chunks(central.batch_rows) {
         let refs: Vec<&outpost::event::StoredEvent> = chunk.iter().collect();
@@ -135,7 +140,8 @@ pub async fn run(args: ForwardArgs, config: Config) -> anyhow::Result<()> {
         for (i, (name, mode)) in modes.iter().enumerate() {
             let tenant = format!("benchtrig_{name}");
             admin.client_mut().batch_execute(&format!("DROP SCHEMA IF EXISTS tenant_{tenant} CASCADE")).await?;
-            central_schema::migrate_tenant(admin.client_mut(), &tenant, mode.unwrap_or(NotifyMode::PerBatch)).await?;
+            central_schema::migrate_tenant(admin.client_mut(), &tenant, layout(mode.unwrap_or(NotifyMode::PerBatch)))
+                .await?;
             if mode.is_none() {
                 admin
                     .client_mut()
