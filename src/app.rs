@@ -124,7 +124,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .transpose()?;
     let uplink = Arc::new(ForwardStatus::new(if connector.is_some() { Uplink::Connecting } else { Uplink::Disabled }));
     let hub = Hub::new(config.stream.queue, config.stream.max_subscribers, metrics.clone());
-    let broker = config.mqtt.enabled.then(|| start_broker(&config)).transpose()?;
+    let broker = config.mqtt.enabled.then(|| start_broker(&config, &hub)).transpose()?;
     let mut observers: Vec<Arc<dyn CommitObserver>> = vec![hub.clone()];
     if let Some((_, bridge, _)) = &broker {
         observers.push(bridge.clone());
@@ -213,7 +213,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     stages.spawn("reload", crate::tls::reload_on_sighup(hup, certs, stages.shutdown.clone()));
     match connector {
         Some(connector) => {
-            let central = Central { connector, uplink, committed, log: log.clone(), readers: site.readers.clone() };
+            let central = Central {
+                connector,
+                uplink,
+                committed,
+                log: log.clone(),
+                readers: site.readers.clone(),
+                interest: hub.interest.clone(),
+            };
             spawn_central(&stages, &config, central, metrics);
         }
         None => tracing::info!("central.url not set: buffering locally, nothing is forwarded"),
@@ -240,6 +247,7 @@ struct Central {
     committed: Arc<Notify>,
     log: LogHandle,
     readers: Readers,
+    interest: Arc<crate::stream::interest::Interest>,
 }
 
 /// The LISTEN connection (other sites' events) and the forwarder.
@@ -251,6 +259,7 @@ fn spawn_central(stages: &Stages, config: &Config, c: Central, metrics: Arc<Metr
         log: c.log.clone(),
         readers: c.readers.clone(),
         metrics: metrics.clone(),
+        interest: c.interest.clone(),
     };
     stages.spawn("listen", listener.run(stages.shutdown.clone()));
     let forwarder = Forwarder {
@@ -314,10 +323,14 @@ fn writer_config(config: &Config) -> WriterConfig {
 
 /// The embedded MQTT router and the bridge that feeds it committed
 /// non-MQTT events.
-fn start_broker(config: &Config) -> anyhow::Result<(mqtt::LinkFactory, Arc<Bridge>, Arc<mqtt::state::Sessions>)> {
+fn start_broker(
+    config: &Config,
+    hub: &Hub,
+) -> anyhow::Result<(mqtt::LinkFactory, Arc<Bridge>, Arc<mqtt::state::Sessions>)> {
     let links = mqtt::start_router(config.mqtt.max_connections);
     let sessions = Arc::new(mqtt::state::Sessions::new(&config.mqtt));
-    let bridge = Bridge::open(&links, sessions.clone()).map_err(|e| anyhow::anyhow!("mqtt router: {e}"))?;
+    let bridge = Bridge::open(&links, sessions.clone(), hub.interest.clone())
+        .map_err(|e| anyhow::anyhow!("mqtt router: {e}"))?;
     Ok((links, bridge, sessions))
 }
 

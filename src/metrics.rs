@@ -61,6 +61,9 @@ pub struct Metrics {
     pub listen_up: Gauge,
     pub remote_catchup_rows: Counter,
     pub remote_events: Counter,
+    /// Queries for other sites' events sent to central (only for tenants
+    /// someone here subscribes to).
+    pub remote_fetches: Counter,
     pub remote_evicted: Counter,
 }
 
@@ -151,6 +154,7 @@ impl Metrics {
         let listen_up = Gauge::default();
         let remote_catchup_rows = Counter::default();
         let remote_events = Counter::default();
+        let remote_fetches = Counter::default();
         let remote_evicted = Counter::default();
         registry.register("stream_subscribers", "Open stream subscribers by kind", stream_subscribers.clone());
         registry.register("stream_delivered", "Events delivered to stream subscribers", stream_delivered.clone());
@@ -168,6 +172,11 @@ impl Metrics {
         );
         registry.register("remote_events", "Remote events stored from the central database", remote_events.clone());
         registry.register(
+            "remote_fetches",
+            "Queries for other sites' events sent to the central database (only for tenants with a local subscriber)",
+            remote_fetches.clone(),
+        );
+        registry.register(
             "remote_evicted",
             "Remote events evicted to keep them within log.remote_max_bytes (they stay in the central database)",
             remote_evicted.clone(),
@@ -181,6 +190,7 @@ impl Metrics {
             listen_up,
             remote_catchup_rows,
             remote_events,
+            remote_fetches,
             remote_evicted,
             mqtt_connections,
             mqtt_commit_wait,

@@ -320,6 +320,14 @@ async fn two_sites_into_one_tenant_plus_replay_stay_exactly_once() {
     assert_exactly_once(&rows, &HashMap::from([("a1".to_string(), ia), ("b1".to_string(), ib)]));
     let sites: HashSet<&str> = rows.iter().map(|r| r.2.as_str()).collect();
     assert_eq!(sites, HashSet::from(["site-a", "site-b"]));
+    // Each site keeps its row in `sites`, at the last seq it committed.
+    let c = pg.client().await;
+    for site in ["site-a", "site-b"] {
+        let last: i64 =
+            c.query_one("SELECT last_seq FROM tenant_acme.sites WHERE site_id = $1", &[&site]).await.unwrap().get(0);
+        let max = rows.iter().filter(|r| r.2 == site).map(|r| r.3).max().unwrap();
+        assert_eq!(last, max, "{site}");
+    }
     let (ok, _, err) = cli(a.dir.path(), &["replay", "--since", "yesterday-ish"]);
     assert!(!ok && err.contains("--since"), "{err}");
 }
@@ -416,14 +424,14 @@ async fn migrate_central_is_idempotent_and_safe_from_many_sites_at_once() {
         let (ok, out, err) = h.join().unwrap();
         assert!(ok, "{err}");
         // Every migration of a tenant is applied by one site; the others find none to apply.
-        applied += out.matches("3 migration(s) applied, now partitioned by time").count();
+        applied += out.matches("4 migration(s) applied, now partitioned by time").count();
     }
     assert_eq!(applied, 2, "each tenant migrated exactly once across 4 concurrent sites");
     let c = pg.client().await;
     for t in ["acme", "globex"] {
         let n: i64 =
             c.query_one(&format!("SELECT count(*) FROM tenant_{t}.outpost_migrations"), &[]).await.unwrap().get(0);
-        assert_eq!(n, 3, "every migration recorded once");
+        assert_eq!(n, 4, "every migration recorded once");
     }
     let (ok, _, err) = cli_env(
         dirs[0].path(),

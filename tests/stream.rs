@@ -535,6 +535,8 @@ async fn other_sites_events_stay_within_their_share_and_never_block_local_ingest
     let ta = a.device("acme", "local-1").await;
     let tb = b.device("acme", "busy").await;
     assert!(eventually(T, || async { a.get("/metrics", None).await.text.contains("outpost_listen_up 1") }).await);
+    // Someone at A watches acme, so A reads other sites' acme events.
+    let _watching = ws(&a, "acme", "", &ta).await;
     // Site B sends 2 MiB of acme events: twice site A's whole budget.
     let filler = "x".repeat(1000);
     for batch in 0..20 {
@@ -582,4 +584,51 @@ async fn other_sites_events_stay_within_their_share_and_never_block_local_ingest
         .sum();
     assert!(remote as u64 <= share, "remote events take {remote} bytes, over the {share}-byte share");
     assert_eq!(rows.iter().filter(|r| r.origin_site == "site-a").count(), 50, "no local event evicted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_reads_other_sites_events_only_for_tenants_someone_there_watches() {
+    let pg = Pg::start();
+    let a = TestApp::start_with(|c| central(c, &pg.url(), "site-a")).await;
+    let b = TestApp::start_with(|c| central(c, &pg.url(), "site-b")).await;
+    let (a_acme, a_globex) = (a.device("acme", "a1").await, a.device("globex", "g1").await);
+    let (b_acme, b_globex) = (b.device("acme", "b1").await, b.device("globex", "gb").await);
+    for s in [&a, &b] {
+        assert!(eventually(T, || async { s.metric("outpost_listen_up").await == 1 }).await);
+    }
+    assert_eq!(b.metric("outpost_remote_fetches_total").await, 0, "nobody at B subscribes: no fetch at all");
+
+    // B watches globex only. A sends acme events, then a globex one: once
+    // B has the globex one, B would have had the acme ones had it listened
+    // (notifications arrive in commit order).
+    let mut globex_at_b = ws(&b, "globex", "", &b_globex).await;
+    let mut early = Vec::new();
+    for k in 0..5 {
+        early.push(post(&a, "acme", &a_acme, "a1", "reading", k).await["id"].as_str().unwrap().to_string());
+    }
+    assert!(eventually(T, || async { a.pending() == 0 }).await);
+    post(&a, "globex", &a_globex, "g1", "reading", 0).await;
+    assert_eq!(next_event(&mut globex_at_b).await["event"]["device_id"], "g1");
+    assert_eq!(b.metric("outpost_remote_events_total").await, 1, "only the globex event was read");
+    let fetches = b.metric("outpost_remote_fetches_total").await;
+    assert!((1..=3).contains(&fetches), "globex's catch-up and notification only: {fetches}");
+    assert!(b.log_rows().iter().all(|r| r.tenant != "acme"), "nothing of acme at B");
+
+    // Someone at B subscribes to acme: B catches up on what A sent before
+    // (no gap), then follows live.
+    let mut acme_at_b = ws(&b, "acme", "", &b_acme).await;
+    let mut late = Vec::new();
+    for k in 5..10 {
+        late.push(post(&a, "acme", &a_acme, "a1", "reading", k).await["id"].as_str().unwrap().to_string());
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 10 {
+        let e = next_event(&mut acme_at_b).await;
+        seen.push(e["event"]["id"].as_str().unwrap().to_string());
+    }
+    let mut want: Vec<String> = early.into_iter().chain(late).collect();
+    want.sort();
+    seen.sort();
+    assert_eq!(seen, want, "every acme event of A reaches B's new subscriber once");
+    assert_eq!(b.log_rows().iter().filter(|r| r.tenant == "acme" && r.origin_site == "site-a").count(), 10);
 }

@@ -19,6 +19,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_tenant_events.sql")),
     (2, include_str!("../../migrations/postgres/0002_event_properties.sql")),
     (3, include_str!("../../migrations/postgres/0003_partitions.sql")),
+    (4, include_str!("../../migrations/postgres/0004_sites.sql")),
 ];
 
 /// Converts an unpartitioned `events` into a partitioned one, keeping its rows.

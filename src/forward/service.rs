@@ -24,6 +24,8 @@ pub struct Central {
     client: Client,
     task: JoinHandle<()>,
     interval: PartitionInterval,
+    /// Schemas known to have (true) or lack (false) the `sites` table.
+    sites: std::collections::HashMap<String, bool>,
     /// Per schema: the partitions known to exist (by
     /// [`PartitionInterval::bucket`]), or `None` when the schema predates
     /// partitioning (no `outpost_ensure_partition`).
@@ -57,7 +59,13 @@ impl Central {
     /// Opens a connection and its staging table.
     pub async fn open(connector: &Connector) -> Result<Self, Error> {
         let (client, task) = connector.connect().await?;
-        let central = Central { client, task, interval: connector.partition_interval, partitions: Default::default() };
+        let central = Central {
+            client,
+            task,
+            interval: connector.partition_interval,
+            sites: Default::default(),
+            partitions: Default::default(),
+        };
         central
             .client
             .batch_execute(
@@ -85,6 +93,18 @@ impl Central {
         &mut self.client
     }
 
+    /// Whether `schema` has the `sites` table (migration 4), asked once per
+    /// connection and schema.
+    async fn has_sites(&mut self, schema: &str) -> Result<bool, Error> {
+        if let Some(has) = self.sites.get(schema) {
+            return Ok(*has);
+        }
+        let has: bool =
+            self.client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("{schema}.sites")]).await?.get(0);
+        self.sites.insert(schema.to_string(), has);
+        Ok(has)
+    }
+
     /// Writes one tenant's rows in one transaction, idempotently.
     pub async fn write(&mut self, schema: &str, rows: &[&StoredEvent]) -> Result<u64, Error> {
         if !self.partitions.contains_key(schema) {
@@ -107,6 +127,7 @@ impl Central {
                 }
             }
         }
+        let has_sites = self.has_sites(schema).await?;
         let tx = self.client.transaction().await?;
         if !new_buckets.is_empty() {
             // A partition that cannot be made (NULL) leaves its rows to the
@@ -154,17 +175,26 @@ impl Central {
                 .await?;
         }
         writer.finish().await?;
-        let inserted = tx
-            .execute(
-                &format!(
-                    "INSERT INTO {schema}.events (id, device_id, event_type, payload, \"timestamp\", site_id, site_seq, received_at, properties)
-                     SELECT id, device_id, event_type, payload, ts, site_id, site_seq, received_at, properties
-                     FROM outpost_stage ORDER BY site_seq
-                     ON CONFLICT DO NOTHING"
-                ),
-                &[],
-            )
-            .await?;
+        let insert = format!(
+            "INSERT INTO {schema}.events (id, device_id, event_type, payload, \"timestamp\", site_id, site_seq, received_at, properties)
+             SELECT id, device_id, event_type, payload, ts, site_id, site_seq, received_at, properties
+             FROM outpost_stage ORDER BY site_seq
+             ON CONFLICT DO NOTHING"
+        );
+        // The site's row in `sites` (when the schema has it), pipelined with
+        // the insert: no extra round trip on a slow uplink.
+        let site = rows.iter().max_by_key(|r| r.seq).map(|r| (r.origin_site.as_str(), r.seq));
+        let upsert = format!(
+            "INSERT INTO {schema}.sites (site_id, last_seen, last_seq) VALUES ($1, now(), $2)
+             ON CONFLICT (site_id) DO UPDATE SET last_seen = now(), last_seq = greatest({schema}.sites.last_seq, excluded.last_seq)"
+        );
+        let seen = async {
+            match site {
+                Some((id, seq)) if has_sites => tx.execute(&upsert, &[&id, &seq]).await.map(|_| ()),
+                _ => Ok(()),
+            }
+        };
+        let (inserted, ()) = futures_util::try_join!(tx.execute(&insert, &[]), seen)?;
         tx.commit().await?;
         if let Some(Some(known)) = self.partitions.get_mut(schema) {
             known.extend(new_buckets.iter().map(|(b, _)| *b));

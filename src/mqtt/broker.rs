@@ -88,6 +88,8 @@ pub struct Bridge {
     /// nothing is published into the router.
     subscribed: RwLock<HashMap<String, usize>>,
     sessions: Arc<super::state::Sessions>,
+    /// The site's tenants-with-subscribers, which MQTT subscribers join.
+    interest: Arc<crate::stream::interest::Interest>,
 }
 
 /// The bridge's router client id. rumqttd refuses `+$#/` in client ids, so
@@ -97,9 +99,13 @@ const BRIDGE_CLIENT_ID: &str = "!outpost-bridge";
 
 impl Bridge {
     /// Opens the bridge's link.
-    pub fn open(links: &LinkFactory, sessions: Arc<super::state::Sessions>) -> Result<Arc<Self>, String> {
+    pub fn open(
+        links: &LinkFactory,
+        sessions: Arc<super::state::Sessions>,
+        interest: Arc<crate::stream::interest::Interest>,
+    ) -> Result<Arc<Self>, String> {
         let (tx, rx, _) = links(BRIDGE_CLIENT_ID.to_string(), true)?;
-        Ok(Arc::new(Self { link: Mutex::new((tx, rx)), subscribed: RwLock::new(HashMap::new()), sessions }))
+        Ok(Arc::new(Self { link: Mutex::new((tx, rx)), subscribed: RwLock::new(HashMap::new()), sessions, interest }))
     }
 
     /// An MQTT session of `tenant` gained (`true`) or dropped (`false`) its
@@ -108,6 +114,11 @@ impl Bridge {
         let mut m = self.subscribed.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         let n = m.entry(tenant.to_string()).or_insert(0);
         *n = if subscribed { *n + 1 } else { n.saturating_sub(1) };
+        if subscribed {
+            self.interest.enter(tenant);
+        } else {
+            self.interest.leave(tenant);
+        }
     }
 
     /// Puts the retained messages kept in the site log back into the router

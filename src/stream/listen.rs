@@ -1,4 +1,7 @@
-//! The central LISTEN connection: other sites' events of this site's tenants.
+//! The central LISTEN connection: other sites' events of the tenants someone
+//! at this site subscribes to ([`Interest`]: WebSocket, SSE, long-poll or
+//! MQTT, and for [`LISTEN_LINGER`] after the last one leaves). A tenant
+//! nobody here watches is not listened to and nothing of it is fetched.
 //!
 //! On a notification it fetches the new rows (by site id + seq range for
 //! `per_batch`, by id for `per_row`), skips this site's own, and stores the
@@ -17,6 +20,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::interest::Interest;
 use crate::central::{Backoff, Connector, schema as central_schema};
 use crate::config::CentralConfig;
 use crate::event::Event;
@@ -25,10 +29,13 @@ use crate::metrics::Metrics;
 
 /// Rows fetched per catch-up query.
 const CATCHUP_PAGE: i64 = 5000;
-/// A (tenant, site) never seen before is caught up only this far back.
-const FIRST_CATCHUP: Duration = Duration::from_secs(3600);
-/// How often at most the listener looks for tenants registered since it
-/// started (and pings central, every `central.ping_interval` if sooner).
+/// Catch-up reaches back this far at most (by the rows' `received_at`).
+const CATCHUP_WINDOW: Duration = Duration::from_secs(3600);
+/// A tenant stays listened to this long after its last local subscriber
+/// left (a long-poll client between requests, a device reconnecting).
+pub const LISTEN_LINGER: Duration = Duration::from_secs(60);
+/// How often at most the listener looks again at which tenants are wanted
+/// (and pings central, every `central.ping_interval` if sooner).
 const TENANT_POLL: Duration = Duration::from_secs(5);
 
 /// Why the LISTEN connection failed (it reconnects with backoff).
@@ -42,6 +49,7 @@ pub struct Listener {
     pub log: LogHandle,
     pub readers: Readers,
     pub metrics: Arc<Metrics>,
+    pub interest: Arc<Interest>,
 }
 
 const COLUMNS: &str = "id, device_id, event_type, payload::text, \"timestamp\", site_id, site_seq, coalesce(received_at, \"timestamp\"), properties::text";
@@ -101,9 +109,9 @@ impl Listener {
         }
     }
 
-    async fn tenants(&self) -> Result<Vec<String>, Error> {
-        let configured = self.config.tenants.clone();
-        Ok(self.readers.with(move |c| log::schema::known_tenants(c, &configured)).await?)
+    /// Tenants with a local subscriber (or one within the linger).
+    fn wanted(&self) -> HashSet<String> {
+        self.interest.wanted(LISTEN_LINGER).into_iter().filter(|t| central_schema::schema_name(t).is_ok()).collect()
     }
 
     /// One connection's life; returns when it closes.
@@ -114,7 +122,13 @@ impl Listener {
         let mut tick = tokio::time::interval(TENANT_POLL.min(self.config.ping_interval));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let new: Vec<String> = self.tenants().await?.into_iter().filter(|t| !listening.contains(t)).collect();
+            let wanted = self.wanted();
+            for t in listening.difference(&wanted).cloned().collect::<Vec<_>>() {
+                client.batch_execute(&format!("UNLISTEN {}", central_schema::channel_name(&t)?)).await?;
+                listening.remove(&t);
+                tracing::debug!(tenant = t, "no local subscriber: stopped listening");
+            }
+            let new: Vec<String> = wanted.into_iter().filter(|t| !listening.contains(t)).collect();
             for t in &new {
                 client.batch_execute(&format!("LISTEN {}", central_schema::channel_name(t)?)).await?;
             }
@@ -134,6 +148,7 @@ impl Listener {
                     None => return Ok(()),
                 },
                 _ = tick.tick() => crate::central::connect::ping(&client, self.config.answer_timeout).await?,
+                _ = self.interest.changed() => {}
             }
             // Drain what queued up while we worked.
             while let Ok((channel, payload)) = notes.try_recv() {
@@ -182,6 +197,7 @@ impl Listener {
             if site == self.site_id {
                 return Ok(());
             }
+            self.metrics.remote_fetches.inc();
             let (first, last) = (v["first_seq"].as_i64().unwrap_or(0), v["last_seq"].as_i64().unwrap_or(0));
             client
                 .query(
@@ -190,6 +206,7 @@ impl Listener {
                 )
                 .await?
         } else if let Some(id) = v["id"].as_str().and_then(|s| uuid::Uuid::parse_str(s).ok()) {
+            self.metrics.remote_fetches.inc();
             client
                 .query(
                     &format!("SELECT {COLUMNS} FROM {schema}.events WHERE id = $1 AND site_id IS DISTINCT FROM $2"),
@@ -208,49 +225,41 @@ impl Listener {
         Ok(())
     }
 
-    /// Copies what other sites committed after our cursors.
+    /// Copies what other sites committed after our cursors (within
+    /// [`CATCHUP_WINDOW`]), asking only the sites whose last seq is past them.
     async fn catch_up(&self, client: &tokio_postgres::Client, tenant: &str) -> Result<usize, Error> {
         let schema = central_schema::schema_name(tenant)?;
+        self.metrics.remote_fetches.inc();
         let sites = match client
-            .query(
-                &format!("SELECT DISTINCT site_id FROM {schema}.events WHERE site_id IS DISTINCT FROM $1"),
-                &[&self.site_id],
-            )
+            .query(&format!("SELECT site_id, last_seq FROM {schema}.sites WHERE site_id <> $1"), &[&self.site_id])
             .await
         {
             Ok(rows) => rows,
-            // The tenant's schema does not exist yet: nothing to catch up.
+            // The tenant's schema (or its sites table) does not exist yet:
+            // nothing to catch up.
             Err(e) if matches!(e.code().map(|c| c.code()), Some("42P01" | "3F000")) => return Ok(0),
             Err(e) => return Err(e.into()),
         };
         let t = tenant.to_string();
         let cursors = self.readers.with(move |c| log::schema::remote_cursors(c, &t)).await?;
+        let since = time::OffsetDateTime::now_utc() - CATCHUP_WINDOW;
         let mut total = 0;
         for row in sites {
-            let Some(site): Option<String> = row.get(0) else { continue };
-            let mut after = cursors.get(&site).copied();
-            loop {
-                let rows = match after {
-                    Some(seq) => {
-                        client
-                            .query(
-                                &format!("SELECT {COLUMNS} FROM {schema}.events WHERE site_id = $1 AND site_seq > $2 ORDER BY site_seq LIMIT $3"),
-                                &[&site, &seq, &CATCHUP_PAGE],
-                            )
-                            .await?
-                    }
-                    None => {
-                        let since = time::OffsetDateTime::now_utc() - FIRST_CATCHUP;
-                        client
-                            .query(
-                                &format!("SELECT {COLUMNS} FROM {schema}.events WHERE site_id = $1 AND received_at > $2 ORDER BY site_seq LIMIT $3"),
-                                &[&site, &since, &CATCHUP_PAGE],
-                            )
-                            .await?
-                    }
-                };
+            let (site, last_seq): (String, i64) = (row.get(0), row.get(1));
+            let mut after = cursors.get(&site).copied().unwrap_or(0);
+            while after < last_seq {
+                self.metrics.remote_fetches.inc();
+                let rows = client
+                    .query(
+                        &format!(
+                            "SELECT {COLUMNS} FROM {schema}.events
+                             WHERE site_id = $1 AND site_seq > $2 AND received_at > $3 ORDER BY site_seq LIMIT $4"
+                        ),
+                        &[&site, &after, &since, &CATCHUP_PAGE],
+                    )
+                    .await?;
                 let Some(last) = rows.last() else { break };
-                after = Some(last.get::<_, Option<i64>>(6).unwrap_or(0));
+                after = last.get::<_, Option<i64>>(6).unwrap_or(last_seq);
                 let full = rows.len() as i64 == CATCHUP_PAGE;
                 let events: Vec<RemoteEvent> = rows.iter().map(|r| remote(tenant, r)).collect();
                 let n = self.log.append_remote(events).await?;

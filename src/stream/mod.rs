@@ -12,6 +12,7 @@
 //! - Tenants never share a channel.
 
 pub mod http;
+pub mod interest;
 pub mod listen;
 pub mod tail;
 pub mod ws;
@@ -181,6 +182,8 @@ pub struct Hub {
     pub metrics: Arc<Metrics>,
     /// Site-wide, payload-free tail for the status page.
     pub tail: tail::Tail,
+    /// Tenants with a local subscriber (the central listener reads these).
+    pub interest: Arc<interest::Interest>,
 }
 
 /// Why a subscription ended early.
@@ -215,6 +218,7 @@ impl Hub {
             max_subscribers,
             metrics,
             tail: tail::Tail::default(),
+            interest: Default::default(),
         })
     }
 
@@ -283,6 +287,7 @@ pub struct Subscription {
     readers: Readers,
     replaying: bool,
     _slot: Slot,
+    _interest: interest::Held,
 }
 
 /// Rows read per replay page.
@@ -302,6 +307,7 @@ impl Subscription {
             readers,
             replaying: true,
             _slot: slot,
+            _interest: hub.interest.hold(tenant),
         }
     }
 
