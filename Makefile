@@ -3,6 +3,7 @@
 #   make test     install what the tests need if missing, then run every test
 #   make aarch64  stripped release binary for aarch64 boxes
 #   make bench    the outpost-bench load generators (target/release/outpost-bench)
+#   make bench-fleet  N = 10, 25, 50 appliances against one PostgreSQL (docs/scaling.md)
 #   make install  install binary, config and systemd unit on this machine
 #   make deb      target/debian/outpost_<version>_{amd64,arm64}.deb
 #   make test-deb check both packages (lintian, install/remove/purge; needs root)
@@ -41,7 +42,7 @@ CHAOS_PKGS := postgresql python3-paho-mqtt python3-websockets
 NETWORK_PKGS := postgresql python3-paho-mqtt python3-websockets iproute2 nftables
 CROSS_PKGS := rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static
 
-.PHONY: run build release test test-deps paho2 schemathesis-deps test-api cross-deps unit-tests verify-unit aarch64 smoke-aarch64 install bench clean
+.PHONY: run build release test test-deps paho2 schemathesis-deps test-api cross-deps unit-tests verify-unit aarch64 smoke-aarch64 install bench bench-fleet clean
 .PHONY: deb deb-deps test-deb test-powercut test-chaos test-soak test-network powercut-deps chaos-deps network-deps test-browser fuzz
 
 run:
@@ -203,6 +204,11 @@ test-deb: deb
 	$(SUDO) bash tests/deb/test_deb.sh $(DEB_DIR) $(VERSION)
 
 # The load generators are their own binary (feature `bench`), never in the product.
+# The fleet bench (issue #14): one row per N, numbers for docs/scaling.md.
+FLEET_SITES ?= 10 25 50
+bench-fleet: release chaos-deps
+	@for n in $(FLEET_SITES); do /usr/bin/python3 tests/bench/fleet.py --sites $$n || exit 1; done
+
 bench: release
 	$(CARGO) build --release --features bench --bin outpost-bench
 	@echo "start the appliance with raised limits, e.g.:"
