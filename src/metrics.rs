@@ -164,7 +164,11 @@ impl Metrics {
             "From an event's receipt (at its origin site) to its delivery",
             stream_latency.clone(),
         );
-        registry.register("listen_up", "1 while the central LISTEN connection is up", listen_up.clone());
+        registry.register(
+            "listen_up",
+            "0 while the central LISTEN connection is down (it is only open while someone here subscribes)",
+            listen_up.clone(),
+        );
         registry.register(
             "remote_catchup_rows",
             "Remote events copied by catch-up after (re)connects",

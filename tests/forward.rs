@@ -647,6 +647,9 @@ async fn a_silent_partition_shows_down_within_10_s_and_up_within_2_s_of_the_heal
     let token = common::add_device(dir.path(), "acme", "d1");
     let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
     let proc = Proc::start(dir.path(), &proc_central_env(&url, &[]));
+    // Someone at the site subscribes, so the LISTEN connection is open too.
+    let ws = format!("{}/api/v1/realtime/acme/stream?access_token={token}", proc.base().replace("http://", "ws://"));
+    let _watching = tokio_tungstenite::connect_async(ws).await.expect("ws connect");
     let mut ids = proc_ingest(&proc, &token, "d1", 100, 10).await;
     assert!(eventually(Duration::from_secs(20), || async { proc_pending(dir.path()) == 0 }).await);
     assert_eq!(proc_uplink(&proc).await["state"], "up");

@@ -597,11 +597,17 @@ async fn a_site_reads_other_sites_events_only_for_tenants_someone_there_watches(
         assert!(eventually(T, || async { s.metric("outpost_listen_up").await == 1 }).await);
     }
     assert_eq!(b.metric("outpost_remote_fetches_total").await, 0, "nobody at B subscribes: no fetch at all");
+    let listeners = || async {
+        let sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'outpost-listen'";
+        pg.client().await.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
+    };
+    assert_eq!(listeners().await, 0, "and no LISTEN connection from either site");
 
     // B watches globex only. A sends acme events, then a globex one: once
     // B has the globex one, B would have had the acme ones had it listened
     // (notifications arrive in commit order).
     let mut globex_at_b = ws(&b, "globex", "", &b_globex).await;
+    assert!(eventually(T, || async { listeners().await == 1 }).await, "B listens once someone there subscribes");
     let mut early = Vec::new();
     for k in 0..5 {
         early.push(post(&a, "acme", &a_acme, "a1", "reading", k).await["id"].as_str().unwrap().to_string());

@@ -43,6 +43,14 @@ const TENANT_POLL: Duration = Duration::from_secs(5);
 /// Why the LISTEN connection failed (it reconnects with backoff).
 pub use crate::central::StageError as Error;
 
+/// How a LISTEN connection's life ended without an error.
+enum Ended {
+    /// The server closed it.
+    Closed,
+    /// Nobody here subscribes any more: closed on purpose.
+    Idle,
+}
+
 /// The LISTEN stage.
 pub struct Listener {
     pub connector: Connector,
@@ -85,10 +93,25 @@ impl Listener {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.config.max_backoff);
         loop {
+            if self.wanted().is_empty() {
+                // Nobody here subscribes: no connection at all (a fleet's
+                // central holds one per watching site, not one per site)
+                // until a tenant gains a subscriber. Nothing is missed: the
+                // catch-up after LISTEN covers the time in between.
+                self.metrics.listen_up.set(1);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = self.interest.changed() => continue,
+                }
+            }
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 r = self.session(&mut backoff) => r,
             };
+            if matches!(result, Ok(Ended::Idle)) {
+                tracing::debug!("no local subscriber left: LISTEN connection closed");
+                continue;
+            }
             self.metrics.listen_up.set(0);
             let mut delay = backoff.next_delay();
             if result.as_ref().is_err_and(Error::is_no_answer) {
@@ -96,7 +119,7 @@ impl Listener {
                 delay = delay.min(Duration::from_secs(1));
             }
             match result {
-                Ok(()) => tracing::warn!(
+                Ok(_) => tracing::warn!(
                     retry_in_ms = delay.as_millis() as u64,
                     "central LISTEN connection closed; reconnecting"
                 ),
@@ -116,8 +139,9 @@ impl Listener {
         self.interest.wanted(LISTEN_LINGER).into_iter().filter(|t| central_schema::schema_name(t).is_ok()).collect()
     }
 
-    /// One connection's life; returns when it closes.
-    async fn session(&self, backoff: &mut Backoff) -> Result<(), Error> {
+    /// One connection's life; returns when it closes, or when the site has
+    /// had no subscriber for [`LISTEN_LINGER`].
+    async fn session(&self, backoff: &mut Backoff) -> Result<Ended, Error> {
         let (client, mut notes) = self.connect().await?;
         let mut listening: HashSet<String> = HashSet::new();
         // Pings keep a silent partition from passing for a live connection.
@@ -125,6 +149,9 @@ impl Listener {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let wanted = self.wanted();
+            if wanted.is_empty() {
+                return Ok(Ended::Idle);
+            }
             for t in listening.difference(&wanted).cloned().collect::<Vec<_>>() {
                 client.batch_execute(&format!("UNLISTEN {}", central_schema::channel_name(&t)?)).await?;
                 listening.remove(&t);
@@ -148,7 +175,7 @@ impl Listener {
             tokio::select! {
                 n = notes.recv() => match n {
                     Some(note) => burst.push(note),
-                    None => return Ok(()),
+                    None => return Ok(Ended::Closed),
                 },
                 _ = tick.tick() => crate::central::connect::ping(&client, self.config.answer_timeout).await?,
                 _ = self.interest.changed() => {}
@@ -231,7 +258,9 @@ impl Listener {
             self.metrics.remote_fetches.inc();
             let rows = client
                 .query(
-                    &format!("SELECT {COLUMNS} FROM {schema}.events WHERE id = ANY($1) AND site_id IS DISTINCT FROM $2"),
+                    &format!(
+                        "SELECT {COLUMNS} FROM {schema}.events WHERE id = ANY($1) AND site_id IS DISTINCT FROM $2"
+                    ),
                     &[&ids, &self.site_id],
                 )
                 .await?;
