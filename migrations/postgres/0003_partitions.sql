@@ -11,16 +11,20 @@
 --   * the default partition holds rows of that range.
 -- Partitions are created under a per-tenant advisory lock, so many sites
 -- may ask at once.
+-- Both functions compute in UTC whatever the session's time zone (a month
+-- or a day in local time would shift across DST and leave gaps).
 CREATE OR REPLACE FUNCTION {{schema}}.outpost_ensure_partition(
     at timestamptz, step interval, parent text DEFAULT 'events') RETURNS text
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET timezone = 'UTC' AS $$
 DECLARE lo timestamptz; hi timestamptz; name text;
 BEGIN
     IF (SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = '{{schema}}' AND c.relname = parent) IS DISTINCT FROM 'p' THEN
         RETURN NULL;
     END IF;
-    IF step = interval '1 month' THEN
+    -- Not `step = interval '1 month'`: PostgreSQL counts a month as 30 days
+    -- there, so '30 days' would compare equal.
+    IF date_part('month', step) = 1 AND date_part('day', step) = 0 AND date_part('epoch', step - interval '1 month') = 0 THEN
         lo := date_trunc('month', at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
     ELSE
         lo := 'epoch'::timestamptz
@@ -48,7 +52,7 @@ END $$;
 -- of {{schema}}.events whose upper bound is at or before `before`
 -- (central.retention). Returns how many it dropped.
 CREATE OR REPLACE FUNCTION {{schema}}.outpost_drop_partitions(before timestamptz) RETURNS int
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET timezone = 'UTC' AS $$
 DECLARE r record; n int := 0;
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('outpost:partition:{{schema}}'));

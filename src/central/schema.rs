@@ -87,6 +87,10 @@ pub async fn migrate_tenant(client: &mut Client, tenant: &str, layout: Layout) -
     }
     let mut converted = false;
     if !is_partitioned(&tx, &schema).await? {
+        // Writers wait (readers do not) until this transaction ends: no
+        // insert may land between the emptiness check or the copy and the
+        // swap, or it would be lost with the old table.
+        tx.batch_execute(&format!("LOCK TABLE {schema}.events IN EXCLUSIVE MODE")).await?;
         let empty = tx.query_one(&format!("SELECT NOT EXISTS (SELECT 1 FROM {schema}.events)"), &[]).await?.get(0);
         if empty || layout.partition_existing {
             tx.batch_execute(

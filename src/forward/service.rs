@@ -128,15 +128,18 @@ impl Central {
             }
         }
         let has_sites = self.has_sites(schema).await?;
-        let tx = self.client.transaction().await?;
         if !new_buckets.is_empty() {
-            // A partition that cannot be made (NULL) leaves its rows to the
-            // default partition: never an error that blocks the queue.
+            // Each in its own short transaction, before the batch's: creating
+            // a partition locks the whole table, which must not last through
+            // a COPY over a slow uplink. A partition that cannot be made
+            // (NULL) leaves its rows to the default partition: never an error
+            // that blocks the queue.
             let ensure = format!("SELECT {schema}.outpost_ensure_partition($1, {}::interval)", self.interval.sql());
             for (_, at) in &new_buckets {
-                tx.query_one(&ensure, &[at]).await?;
+                self.client.query_one(&ensure, &[at]).await?;
             }
         }
+        let tx = self.client.transaction().await?;
         let sink = tx
             .copy_in(
                 "COPY outpost_stage (id, device_id, event_type, payload, ts, site_id, site_seq, received_at, properties) \

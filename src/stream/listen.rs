@@ -31,8 +31,9 @@ use crate::metrics::Metrics;
 const MAX_BURST: usize = 4096;
 /// Rows fetched per catch-up query.
 const CATCHUP_PAGE: i64 = 5000;
-/// Catch-up reaches back this far at most (by the rows' `received_at`).
-const CATCHUP_WINDOW: Duration = Duration::from_secs(3600);
+/// A (tenant, site) never seen before is caught up only this far back (by
+/// the rows' `received_at`); one with a cursor from the cursor on.
+const FIRST_CATCHUP: Duration = Duration::from_secs(3600);
 /// A tenant stays listened to this long after its last local subscriber
 /// left (a long-poll client between requests, a device reconnecting).
 pub const LISTEN_LINGER: Duration = Duration::from_secs(60);
@@ -86,6 +87,19 @@ fn remote(tenant: &str, row: &tokio_postgres::Row) -> RemoteEvent {
         },
         site_seq: row.get::<_, Option<i64>>(6).unwrap_or(0),
     }
+}
+
+/// Sorted seq ranges with the overlapping and adjacent ones merged.
+fn coalesce(mut spans: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
+    spans.sort_unstable();
+    let mut out: Vec<(i64, i64)> = Vec::with_capacity(spans.len());
+    for (first, last) in spans {
+        match out.last_mut() {
+            Some(prev) if first <= prev.1.saturating_add(1) => prev.1 = prev.1.max(last),
+            _ => out.push((first, last)),
+        }
+    }
+    out
 }
 
 impl Listener {
@@ -220,7 +234,7 @@ impl Listener {
     /// all of it. A busy fleet sends hundreds of notifications a second; one
     /// fetch and one fsync each would fall behind.
     async fn on_notifications(&self, client: &tokio_postgres::Client, notes: &[(String, String)]) -> Result<(), Error> {
-        let mut ranges: BTreeMap<(&str, String), (i64, i64)> = BTreeMap::new();
+        let mut ranges: BTreeMap<(&str, String), Vec<(i64, i64)>> = BTreeMap::new();
         let mut ids: BTreeMap<&str, Vec<uuid::Uuid>> = BTreeMap::new();
         for (channel, payload) in notes {
             let Some(tenant) = channel.strip_prefix("tenant_").and_then(|c| c.strip_suffix("_events")) else {
@@ -235,23 +249,27 @@ impl Listener {
                     continue;
                 }
                 let (first, last) = (v["first_seq"].as_i64().unwrap_or(0), v["last_seq"].as_i64().unwrap_or(0));
-                let r = ranges.entry((tenant, site.to_string())).or_insert((first, last));
-                *r = (r.0.min(first), r.1.max(last));
+                ranges.entry((tenant, site.to_string())).or_default().push((first, last));
             } else if let Some(id) = v["id"].as_str().and_then(|s| uuid::Uuid::parse_str(s).ok()) {
                 ids.entry(tenant).or_default().push(id);
             }
         }
         let mut events: Vec<RemoteEvent> = Vec::new();
-        for ((tenant, site), (first, last)) in ranges {
+        for ((tenant, site), spans) in ranges {
             let schema = central_schema::schema_name(tenant)?;
-            self.metrics.remote_fetches.inc();
-            let rows = client
-                .query(
-                    &format!("SELECT {COLUMNS} FROM {schema}.events WHERE site_id = $1 AND site_seq BETWEEN $2 AND $3 ORDER BY site_seq"),
-                    &[&site, &first, &last],
-                )
-                .await?;
-            events.extend(rows.iter().map(|r| remote(tenant, r)));
+            // Overlapping or adjacent ranges become one; a gap (say, an old
+            // range sent again by a retry beside current traffic) stays a
+            // gap, so no query spans rows nobody announced.
+            for (first, last) in coalesce(spans) {
+                self.metrics.remote_fetches.inc();
+                let rows = client
+                    .query(
+                        &format!("SELECT {COLUMNS} FROM {schema}.events WHERE site_id = $1 AND site_seq BETWEEN $2 AND $3 ORDER BY site_seq"),
+                        &[&site, &first, &last],
+                    )
+                    .await?;
+                events.extend(rows.iter().map(|r| remote(tenant, r)));
+            }
         }
         for (tenant, ids) in ids {
             let schema = central_schema::schema_name(tenant)?;
@@ -274,8 +292,8 @@ impl Listener {
         Ok(())
     }
 
-    /// Copies what other sites committed after our cursors (within
-    /// [`CATCHUP_WINDOW`]), asking only the sites whose last seq is past them.
+    /// Copies what other sites committed after our cursors, asking only the
+    /// sites whose last seq is past them.
     async fn catch_up(&self, client: &tokio_postgres::Client, tenant: &str) -> Result<usize, Error> {
         let schema = central_schema::schema_name(tenant)?;
         self.metrics.remote_fetches.inc();
@@ -291,24 +309,41 @@ impl Listener {
         };
         let t = tenant.to_string();
         let cursors = self.readers.with(move |c| log::schema::remote_cursors(c, &t)).await?;
-        let since = time::OffsetDateTime::now_utc() - CATCHUP_WINDOW;
+        let since = time::OffsetDateTime::now_utc() - FIRST_CATCHUP;
         let mut total = 0;
         for row in sites {
             let (site, last_seq): (String, i64) = (row.get(0), row.get(1));
-            let mut after = cursors.get(&site).copied().unwrap_or(0);
-            while after < last_seq {
+            // From the cursor, without a gap; a site never seen before only
+            // FIRST_CATCHUP back.
+            let mut after = cursors.get(&site).copied();
+            while after.is_none_or(|a| a < last_seq) {
                 self.metrics.remote_fetches.inc();
-                let rows = client
-                    .query(
-                        &format!(
-                            "SELECT {COLUMNS} FROM {schema}.events
-                             WHERE site_id = $1 AND site_seq > $2 AND received_at > $3 ORDER BY site_seq LIMIT $4"
-                        ),
-                        &[&site, &after, &since, &CATCHUP_PAGE],
-                    )
-                    .await?;
+                let rows = match after {
+                    Some(seq) => {
+                        client
+                            .query(
+                                &format!(
+                                    "SELECT {COLUMNS} FROM {schema}.events
+                                     WHERE site_id = $1 AND site_seq > $2 ORDER BY site_seq LIMIT $3"
+                                ),
+                                &[&site, &seq, &CATCHUP_PAGE],
+                            )
+                            .await?
+                    }
+                    None => {
+                        client
+                            .query(
+                                &format!(
+                                    "SELECT {COLUMNS} FROM {schema}.events
+                                     WHERE site_id = $1 AND received_at > $2 ORDER BY site_seq LIMIT $3"
+                                ),
+                                &[&site, &since, &CATCHUP_PAGE],
+                            )
+                            .await?
+                    }
+                };
                 let Some(last) = rows.last() else { break };
-                after = last.get::<_, Option<i64>>(6).unwrap_or(last_seq);
+                after = Some(last.get::<_, Option<i64>>(6).unwrap_or(last_seq));
                 let full = rows.len() as i64 == CATCHUP_PAGE;
                 let events: Vec<RemoteEvent> = rows.iter().map(|r| remote(tenant, r)).collect();
                 let n = self.log.append_remote(events).await?;
@@ -320,5 +355,15 @@ impl Listener {
             }
         }
         Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_overlapping_or_adjacent_ranges_merge() {
+        let merged = super::coalesce(vec![(11, 20), (1, 10), (5, 7), (1_000_000, 1_000_010), (21, 21)]);
+        assert_eq!(merged, [(1, 21), (1_000_000, 1_000_010)]);
+        assert!(super::coalesce(Vec::new()).is_empty());
     }
 }

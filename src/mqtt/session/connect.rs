@@ -268,6 +268,13 @@ impl Session<'_> {
             ..Default::default()
         };
         self.connack(ConnectReturnCode::Success, present, Some(connack_props)).await;
+        if present && !self.subscribed {
+            // A resumed session may hold subscriptions it will not send
+            // again: it counts as a subscriber of its tenant (other sites'
+            // events are read for it) until it ends.
+            self.subscribed = true;
+            self.deps.bridge.subscriber(&self.tenant, true);
+        }
         tracing::info!(peer = %self.peer, tenant = self.tenant, device_id = self.device_id, client_id,
             protocol = self.codec.version.as_str(), "mqtt device connected");
         let will = will.map(|message| {
