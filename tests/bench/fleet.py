@@ -40,12 +40,6 @@ CLK = os.sysconf("SC_CLK_TCK")
 
 
 class Pg(chaos.Pg):
-    def up(self):
-        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                f"-c full_page_writes=off -c max_connections=400")
-        self.run("pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "server.log"), "-o", opts, "-w", "-t", "60",
-                 "start")
-
     def cpu_seconds(self):
         """utime + stime of the postmaster and its children (backends, walwriter, ...)."""
         with open(os.path.join(self.data, "postmaster.pid")) as f:
@@ -62,14 +56,6 @@ class Pg(chaos.Pg):
             if int(pid) == master or int(fields[1]) == master:
                 total += int(fields[11]) + int(fields[12])
         return total / CLK
-
-
-def metric(app, name):
-    code, body = app.get("/metrics")
-    for line in body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
 
 
 async def device(app, i, token, rate, stop, sent):
@@ -121,14 +107,14 @@ async def run(args, pg, apps, tokens):
     devs = [asyncio.create_task(device(a, i, tokens[i], args.rate, stop, sent)) for i, a in enumerate(apps)]
     await asyncio.sleep(args.warmup)
     rows0 = int(pg.query(f"SELECT count(*) FROM tenant_{TENANT}.events")[0][0])
-    batches0 = sum(metric(a, "outpost_forward_batches_total") for a in apps)
+    batches0 = sum(a.metrics().get("outpost_forward_batches_total", 0.0) for a in apps)
     cpu0, t0, sent0 = pg.cpu_seconds(), time.monotonic(), sent[0]
     measuring.set()
     await asyncio.sleep(args.seconds)
     measuring.clear()
     rows1 = int(pg.query(f"SELECT count(*) FROM tenant_{TENANT}.events")[0][0])
     cpu1, t1, sent1 = pg.cpu_seconds(), time.monotonic(), sent[0]
-    batches1 = sum(metric(a, "outpost_forward_batches_total") for a in apps)
+    batches1 = sum(a.metrics().get("outpost_forward_batches_total", 0.0) for a in apps)
     conns = int(pg.query("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'outpost%'")[0][0])
     stop.set()
     for d in devs:
@@ -154,6 +140,7 @@ def main():
     os.system(f"rm -rf {work}")
     os.makedirs(work)
     pg = Pg(work)
+    pg.max_connections = 400  # 2 per site at most, plus the bench's own
     pg.up()
     apps, tokens = [], []
     try:
@@ -179,7 +166,7 @@ def main():
             kept = "yes"
         except TimeoutError:
             kept = "NO"
-        fetches = sum(metric(a, "outpost_remote_fetches_total") for a in apps)
+        fetches = sum(a.metrics().get("outpost_remote_fetches_total", 0.0) for a in apps)
         print(f"sites {r['sites']:3d}  subscribers {r['subs']:2d}  offered {r['offered']:7.0f} ev/s  "
               f"central {r['rows_s']:7.0f} rows/s  NOTIFY {r['notify_s']:6.0f}/s  connections {r['conns']:3d}  "
               f"central CPU {r['cpu_ms_per_1000']:6.0f} ms/1000 ev ({r['cpu_pct']:4.0f}% of a core)  "

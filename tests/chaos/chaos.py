@@ -57,6 +57,7 @@ class Pg:
         self.dir = os.path.join(work, "pg")
         os.makedirs(self.dir)
         self.port = free_port()
+        self.listen, self.max_connections = "127.0.0.1", 50
         self.bindir = pg_bindir()
         self.root = os.geteuid() == 0
         if self.root:
@@ -78,11 +79,14 @@ class Pg:
             raise RuntimeError(f"{tool}: {out.stderr}")
         return out.stdout
 
+    def options(self):
+        """The server's settings: durability off (the proofs cut the appliance, not the server)."""
+        return (f"-p {self.port} -k {self.dir} -c listen_addresses={self.listen} -c fsync=off "
+                f"-c full_page_writes=off -c max_connections={self.max_connections}")
+
     def up(self):
-        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                f"-c full_page_writes=off -c max_connections=50")
-        self.run("pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "server.log"), "-o", opts, "-w", "-t", "60",
-                 "start")
+        self.run("pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "server.log"), "-o", self.options(), "-w",
+                 "-t", "60", "start")
 
     def crash(self):
         self.run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
@@ -176,6 +180,20 @@ class Appliance:
     def kill_if_running(self):
         if self.p and self.p.poll() is None:
             self.kill()
+
+    def metrics(self):
+        """/metrics as {"name{labels}": value}."""
+        _, body = self.get("/metrics")
+        out = {}
+        for line in body.decode().splitlines():
+            if not line or line.startswith("#"):
+                continue
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+        return out
 
     def healthy(self):
         try:

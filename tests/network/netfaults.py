@@ -109,15 +109,14 @@ class NsPg(chaos.Pg):
 
     def __init__(self, work):
         super().__init__(work)
-        self.port = PG_PORT
+        self.port, self.listen = PG_PORT, NS_IP
         with open(os.path.join(self.data, "pg_hba.conf"), "a") as f:
             f.write(f"host all all {HOST_IP}/30 trust\n")
 
     def up(self):
-        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses={NS_IP} -c fsync=off "
-                f"-c full_page_writes=off -c max_connections=50")
         cmd = ["ip", "netns", "exec", NS, "runuser", "-u", "postgres", "--", os.path.join(self.bindir, "pg_ctl"),
-               "-D", self.data, "-l", os.path.join(self.dir, "server.log"), "-o", opts, "-w", "-t", "60", "start"]
+               "-D", self.data, "-l", os.path.join(self.dir, "server.log"), "-o", self.options(), "-w", "-t", "60",
+               "start"]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"pg_ctl start: {out.stderr}")

@@ -590,20 +590,6 @@ def fd_counts(pid):
     return len(names), sockets
 
 
-def metrics(app):
-    status, body = app.get("/metrics")
-    out = {}
-    for line in body.decode().splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, _, value = line.rpartition(" ")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            pass
-    return out
-
-
 def accepted(m, proto):
     return m.get(f'outpost_events_accepted_total{{protocol="{proto}"}}', 0.0)
 
@@ -733,7 +719,7 @@ def main():
             wait_for(subs_connected, 120, f"{n_subs} subscribers to connect", 0.5)
         except TimeoutError:
             die(f"only {subs_sum('connected')} of {n_subs} subscribers connected: {stats}")
-        m0 = metrics(app)
+        m0 = app.metrics()
         log(f"{subs_sum('connected')} subscribers connected (appliance: "
             f"{metric_sum(m0, 'outpost_stream_subscribers'):.0f} stream subscribers)")
 
@@ -783,7 +769,7 @@ def main():
             ps = proc_status(pid)
             fds, socks = fd_counts(pid)
             try:
-                m = metrics(app)
+                m = app.metrics()
                 s = json.loads(app.get("/api/v1/status")[1])
             except (OSError, http.client.HTTPException, ValueError) as e:
                 log(f"sample at {t:.0f}s: /metrics or /api/v1/status failed: {e}")
@@ -867,7 +853,7 @@ def main():
 
         # ------------------------------------------------ drain and the ledger check
         s_log = app.drain(600)
-        m_end = metrics(app)
+        m_end = app.metrics()
 
         acked = lost = dup = order = stored = 0
         problems = []
