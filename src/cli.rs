@@ -231,6 +231,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         },
                         cfg.central.notify
                     );
+                    if m.dropped > 0 {
+                        println!("central tenant_{t}: {} partition(s) past central.retention dropped", m.dropped);
+                    }
                 }
             }
             Ok(())

@@ -32,11 +32,18 @@ pub struct Layout {
     pub interval: PartitionInterval,
     /// Also convert an `events` table that already holds rows (copies them).
     pub partition_existing: bool,
+    /// Drop partitions whose events are all older than this (`central.retention`).
+    pub retention: Option<std::time::Duration>,
 }
 
 impl Layout {
     pub fn of(config: &crate::config::CentralConfig) -> Self {
-        Layout { notify: config.notify, interval: config.partition_interval, partition_existing: false }
+        Layout {
+            notify: config.notify,
+            interval: config.partition_interval,
+            partition_existing: false,
+            retention: config.retention,
+        }
     }
 }
 
@@ -49,6 +56,8 @@ pub struct Migrated {
     pub partitioned: bool,
     /// `events` was converted to a partitioned table by this call.
     pub converted: bool,
+    /// Partitions dropped as past `retention`.
+    pub dropped: i32,
 }
 
 /// `tenant_<t>`, after checking `t`.
@@ -64,8 +73,9 @@ pub fn channel_name(tenant: &str) -> Result<String, Error> {
 
 /// Brings one tenant's schema up to date: versioned migrations, then time
 /// partitions (converting an empty or, with `partition_existing`, any
-/// unpartitioned `events`; creating the current and next partition), then
-/// the NOTIFY trigger of `notify` (replacing the other one).
+/// unpartitioned `events`; creating the current and next partition;
+/// dropping those past `retention`), then the NOTIFY trigger of `notify`
+/// (replacing the other one).
 pub async fn migrate_tenant(client: &mut Client, tenant: &str, layout: Layout) -> Result<Migrated, Error> {
     let schema = schema_name(tenant)?;
     let channel = channel_name(tenant)?;
@@ -109,6 +119,11 @@ pub async fn migrate_tenant(client: &mut Client, tenant: &str, layout: Layout) -
         ))
         .await?;
     }
+    let mut dropped = 0;
+    if let (true, Some(retention)) = (partitioned, layout.retention) {
+        let before = std::time::SystemTime::now() - retention;
+        dropped = tx.query_one(&format!("SELECT {schema}.outpost_drop_partitions($1)"), &[&before]).await?.get(0);
+    }
     let (want, other, ddl) = match layout.notify {
         NotifyMode::PerRow => (
             "events_notify_row",
@@ -150,7 +165,7 @@ pub async fn migrate_tenant(client: &mut Client, tenant: &str, layout: Layout) -
         tx.batch_execute(&ddl).await?;
     }
     tx.commit().await?;
-    Ok(Migrated { applied, partitioned, converted })
+    Ok(Migrated { applied, partitioned, converted, dropped })
 }
 
 async fn is_partitioned(tx: &tokio_postgres::Transaction<'_>, schema: &str) -> Result<bool, Error> {
@@ -162,14 +177,6 @@ async fn is_partitioned(tx: &tokio_postgres::Transaction<'_>, schema: &str) -> R
         )
         .await?;
     Ok(row.get::<_, String>(0) == "p")
-}
-
-/// Detaches and drops `tenant`'s partitions whose events are all older than
-/// `retention`; returns how many. Nothing when `events` is not partitioned.
-pub async fn drop_expired(client: &Client, tenant: &str, retention: std::time::Duration) -> Result<i32, Error> {
-    let schema = schema_name(tenant)?;
-    let before = std::time::SystemTime::now() - retention;
-    Ok(client.query_one(&format!("SELECT {schema}.outpost_drop_partitions($1)"), &[&before]).await?.get(0))
 }
 
 #[cfg(test)]

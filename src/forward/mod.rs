@@ -502,18 +502,13 @@ impl Forwarder {
                  `outpost migrate --central --partition-existing` converts it (copies the rows, locking the table meanwhile)"
             );
         }
-        if let Some(retention) = self.config.retention
-            && m.partitioned
-        {
-            let dropped = schema::drop_expired(c.client_mut(), tenant, retention).await?;
-            if dropped > 0 {
-                tracing::info!(
-                    tenant,
-                    partitions = dropped,
-                    ?retention,
-                    "central partitions past central.retention dropped"
-                );
-            }
+        if m.dropped > 0 {
+            tracing::info!(
+                tenant,
+                partitions = m.dropped,
+                retention = ?self.config.retention,
+                "central partitions past central.retention dropped"
+            );
         }
         migrated.insert(tenant.to_string(), Instant::now());
         Ok(())
@@ -636,16 +631,7 @@ pub async fn migrate_central(
     let mut out = Vec::new();
     let layout = schema::Layout { partition_existing, ..schema::Layout::of(config) };
     for t in tenants {
-        let m = schema::migrate_tenant(c.client_mut(), t, layout).await?;
-        if let Some(retention) = config.retention
-            && m.partitioned
-        {
-            let n = schema::drop_expired(c.client_mut(), t, retention).await?;
-            if n > 0 {
-                println!("central tenant_{t}: {n} partition(s) past central.retention dropped");
-            }
-        }
-        out.push((t.clone(), m));
+        out.push((t.clone(), schema::migrate_tenant(c.client_mut(), t, layout).await?));
     }
     Ok(out)
 }

@@ -24,12 +24,17 @@ pub struct Central {
     client: Client,
     task: JoinHandle<()>,
     interval: PartitionInterval,
-    /// Schemas known to have (true) or lack (false) the `sites` table.
-    sites: std::collections::HashMap<String, bool>,
-    /// Per schema: the partitions known to exist (by
-    /// [`PartitionInterval::bucket`]), or `None` when the schema predates
-    /// partitioning (no `outpost_ensure_partition`).
-    partitions: std::collections::HashMap<String, Option<std::collections::HashSet<i64>>>,
+    /// What each schema written to has, asked once per connection.
+    schemas: std::collections::HashMap<String, Schema>,
+}
+
+/// A tenant schema's parts that came with later migrations.
+struct Schema {
+    /// The `sites` table (migration 4).
+    sites: bool,
+    /// The partitions known to exist (by [`PartitionInterval::bucket`]), or
+    /// `None` when the schema predates partitioning (migration 3).
+    partitions: Option<std::collections::HashSet<i64>>,
 }
 
 impl Drop for Central {
@@ -59,13 +64,7 @@ impl Central {
     /// Opens a connection and its staging table.
     pub async fn open(connector: &Connector) -> Result<Self, Error> {
         let (client, task) = connector.connect().await?;
-        let central = Central {
-            client,
-            task,
-            interval: connector.partition_interval,
-            sites: Default::default(),
-            partitions: Default::default(),
-        };
+        let central = Central { client, task, interval: connector.partition_interval, schemas: Default::default() };
         central
             .client
             .batch_execute(
@@ -93,41 +92,39 @@ impl Central {
         &mut self.client
     }
 
-    /// Whether `schema` has the `sites` table (migration 4), asked once per
-    /// connection and schema.
-    async fn has_sites(&mut self, schema: &str) -> Result<bool, Error> {
-        if let Some(has) = self.sites.get(schema) {
-            return Ok(*has);
+    /// What `schema` has: one query, once per connection and schema.
+    async fn schema(&mut self, schema: &str) -> Result<&mut Schema, Error> {
+        if !self.schemas.contains_key(schema) {
+            let row = self
+                .client
+                .query_one(
+                    "SELECT to_regclass($1) IS NOT NULL, to_regprocedure($2) IS NOT NULL",
+                    &[
+                        &format!("{schema}.sites"),
+                        &format!("{schema}.outpost_ensure_partition(timestamptz,interval,text)"),
+                    ],
+                )
+                .await?;
+            let found = Schema { sites: row.get(0), partitions: row.get::<_, bool>(1).then(Default::default) };
+            self.schemas.insert(schema.to_string(), found);
         }
-        let has: bool =
-            self.client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("{schema}.sites")]).await?.get(0);
-        self.sites.insert(schema.to_string(), has);
-        Ok(has)
+        Ok(self.schemas.get_mut(schema).expect("inserted above"))
     }
 
     /// Writes one tenant's rows in one transaction, idempotently.
     pub async fn write(&mut self, schema: &str, rows: &[&StoredEvent]) -> Result<u64, Error> {
-        if !self.partitions.contains_key(schema) {
-            let has: bool = self
-                .client
-                .query_one(
-                    "SELECT to_regprocedure($1) IS NOT NULL",
-                    &[&format!("{schema}.outpost_ensure_partition(timestamptz,interval,text)")],
-                )
-                .await?
-                .get(0);
-            self.partitions.insert(schema.to_string(), has.then(Default::default));
-        }
+        let interval = self.interval;
+        let found = self.schema(schema).await?;
+        let has_sites = found.sites;
         let mut new_buckets = Vec::new();
-        if let Some(Some(known)) = self.partitions.get(schema) {
+        if let Some(known) = &found.partitions {
             for r in rows {
-                let b = self.interval.bucket(r.timestamp);
+                let b = interval.bucket(r.timestamp);
                 if !known.contains(&b) && !new_buckets.iter().any(|(k, _)| *k == b) {
                     new_buckets.push((b, r.timestamp));
                 }
             }
         }
-        let has_sites = self.has_sites(schema).await?;
         if !new_buckets.is_empty() {
             // Each in its own short transaction, before the batch's: creating
             // a partition locks the whole table, which must not last through
@@ -199,7 +196,7 @@ impl Central {
         };
         let (inserted, ()) = futures_util::try_join!(tx.execute(&insert, &[]), seen)?;
         tx.commit().await?;
-        if let Some(Some(known)) = self.partitions.get_mut(schema) {
+        if let Some(known) = self.schemas.get_mut(schema).and_then(|s| s.partitions.as_mut()) {
             known.extend(new_buckets.iter().map(|(b, _)| *b));
         }
         Ok(inserted)

@@ -55,6 +55,7 @@ pub async fn run(args: ForwardArgs, config: Config) -> anyhow::Result<()> {
         notify,
         interval: outpost::config::PartitionInterval::Month,
         partition_existing: false,
+        retention: None,
     };
     central_schema::migrate_tenant(admin.client_mut(), "benchraw", layout(NotifyMode::PerBatch)).await?;
     let started = Instant::now();
