@@ -615,6 +615,8 @@ async fn a_site_reads_other_sites_events_only_for_tenants_someone_there_watches(
     assert!(eventually(T, || async { a.pending() == 0 }).await);
     post(&a, "globex", &a_globex, "g1", "reading", 0).await;
     assert_eq!(next_event(&mut globex_at_b).await["event"]["device_id"], "g1");
+    // The counter moves just after the store hands the event to subscribers.
+    assert!(eventually(T, || async { b.metric("outpost_remote_events_total").await >= 1 }).await);
     assert_eq!(b.metric("outpost_remote_events_total").await, 1, "only the globex event was read");
     let fetches = b.metric("outpost_remote_fetches_total").await;
     assert!((1..=3).contains(&fetches), "globex's catch-up and notification only: {fetches}");
