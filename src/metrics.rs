@@ -52,6 +52,7 @@ pub struct Metrics {
     pub forward_rate: Gauge<f64, AtomicU64>,
     pub drain_eta_seconds: Gauge<f64, AtomicU64>,
     pub mqtt_connections: Gauge,
+    pub mqtt_router_links: Gauge,
     pub mqtt_commit_wait: Histogram,
     pub mqtt_throttled: Counter,
     pub stream_subscribers: Family<KindLabel, Gauge>,
@@ -137,6 +138,12 @@ impl Metrics {
         let mqtt_commit_wait = Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0]);
         let mqtt_throttled = Counter::default();
         registry.register("mqtt_connections", "Open MQTT connections", mqtt_connections.clone());
+        let mqtt_router_links = Gauge::default();
+        registry.register(
+            "mqtt_router_links",
+            "MQTT connections with a link into the embedded broker (subscribers, persistent sessions, publishers someone receives)",
+            mqtt_router_links.clone(),
+        );
         registry.register(
             "mqtt_commit_wait_seconds",
             "From reading a PUBLISH to its commit (the PUBACK follows)",
@@ -197,6 +204,7 @@ impl Metrics {
             remote_fetches,
             remote_evicted,
             mqtt_connections,
+            mqtt_router_links,
             mqtt_commit_wait,
             mqtt_throttled,
             backlog_bytes,

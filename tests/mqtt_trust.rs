@@ -264,6 +264,9 @@ async fn no_log_line_at_trace_level_carries_a_token() {
     // …a second CONNECT on a live connection (its Debug output had the password)…
     let (mut c, code) = Raw::connect(mqtt, "leak-1", "leak-1", &token, 30, None).await;
     assert_eq!(code, 0);
+    // (subscribed first, so the session has a router link and rumqttd traces too)
+    c.subscribe(1, &["acme/devices/leak-1/events/#"]).await;
+    assert!(c.read_kind(9, T).await.is_some(), "SUBACK");
     c.send(&connect_packet("leak-1", "leak-1", &token, 30, None, true)).await;
     assert!(c.closed(T).await);
     // …a foreign topic, a bad payload, a malformed packet.

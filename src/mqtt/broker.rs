@@ -149,7 +149,8 @@ impl Bridge {
         n
     }
 
-    fn has_subscribers(&self, tenant: &str) -> bool {
+    /// True while an MQTT session of `tenant` may receive its events.
+    pub fn has_subscribers(&self, tenant: &str) -> bool {
         let m = self.subscribed.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         m.get(tenant).is_some_and(|n| *n > 0) || self.sessions.has_persistent(tenant)
     }

@@ -6,6 +6,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::config::MqttConfig;
 
 /// Shared by every connection of the listener.
@@ -53,6 +55,9 @@ struct Device {
     /// The newest lease of each client id still connected or persistent:
     /// tells a client that came back (will delay, session expiry).
     generations: HashMap<String, u64>,
+    /// Live connections by client id: (generation, take-over signal). A
+    /// connection without a router link learns of its take-over here.
+    live_by_client: HashMap<String, (u64, CancellationToken)>,
 }
 
 /// The router client id a connection uses, and what to do before using it.
@@ -65,6 +70,8 @@ pub struct Lease {
     /// The router keeps this session after the connection (a persistent
     /// session, or one resumed: it is then expired by the front-end).
     pub persistent: bool,
+    /// Cancelled when a later connection takes the client id over.
+    pub taken_over: CancellationToken,
     tenant: String,
     device_id: String,
     client_id: String,
@@ -124,7 +131,7 @@ impl Sessions {
         let Some(d) = g.devices.get_mut(&key) else { return true };
         d.live = d.live.saturating_sub(1);
         let last = d.live == 0;
-        if last && d.persistent.is_empty() && d.clean.is_empty() {
+        if last && d.persistent.is_empty() && d.clean.is_empty() && d.live_by_client.is_empty() {
             g.devices.remove(&key);
         }
         last
@@ -141,6 +148,10 @@ impl Sessions {
         let max = self.max_persistent;
         let d = g.devices.entry((tenant.to_string(), device_id.to_string())).or_default();
         d.generations.insert(client_id.to_string(), generation);
+        let taken_over = CancellationToken::new();
+        if let Some((_, older)) = d.live_by_client.insert(client_id.to_string(), (generation, taken_over.clone())) {
+            older.cancel();
+        }
         let known = d.persistent.iter().position(|(c, _)| c == client_id);
         let persistent = persistent || (resume && known.is_some());
         let (slot, wipe) = if persistent {
@@ -189,6 +200,7 @@ impl Sessions {
             device_id: device_id.to_string(),
             client_id: client_id.to_string(),
             generation,
+            taken_over,
         }
     }
 
@@ -202,6 +214,9 @@ impl Sessions {
         {
             d.clean.remove(&lease.client_id);
             d.clean_free.push(slot);
+        }
+        if d.live_by_client.get(&lease.client_id).is_some_and(|(g, _)| *g == lease.generation) {
+            d.live_by_client.remove(&lease.client_id);
         }
         let persistent = d.persistent.iter().any(|(c, _)| *c == lease.client_id);
         if !persistent && d.generations.get(&lease.client_id) == Some(&lease.generation) {
@@ -321,6 +336,8 @@ mod tests {
         assert_eq!((a.router_id.as_str(), b.router_id.as_str()), ("acme|d1|c0", "acme|d1|c1"));
         let a2 = s.lease("acme", "d1", "d1", false, false);
         assert_eq!(a2.router_id, "acme|d1|c0", "same client id: same router id, so the router takes over");
+        assert!(a.taken_over.is_cancelled() && !a2.taken_over.is_cancelled(), "the older connection is told");
+        assert!(!b.taken_over.is_cancelled());
         s.release(&a); // the old connection ends after the take-over: its slot stays with a2
         assert_eq!(s.lease("acme", "d1", "d1-y", false, false).router_id, "acme|d1|c2");
         s.release(&a2);

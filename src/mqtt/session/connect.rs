@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectProperties, ConnectReturnCode, LastWill, LastWillProperties, Packet,
 };
@@ -15,6 +14,7 @@ use super::super::PROTOCOL;
 use super::super::acl::{client_id_allowed, event_topic};
 use super::super::codec::{Hello, Version, hello};
 use super::Session;
+use super::link::Link;
 use crate::auth::{Perm, Principal};
 use crate::log::MqttOp;
 
@@ -118,9 +118,10 @@ impl Session<'_> {
         self.connack(code, false, Some(props)).await;
     }
 
-    /// Reads and checks the CONNECT, opens the router link and answers the
-    /// CONNACK. `None` when the connection ends here (refused, timed out).
-    pub(super) async fn handshake(&mut self, shutdown: &CancellationToken) -> Option<(LinkTx, LinkRx, Option<Will>)> {
+    /// Reads and checks the CONNECT, opens the router link of a persistent
+    /// session and answers the CONNACK. `None` when the connection ends here
+    /// (refused, timed out).
+    pub(super) async fn handshake(&mut self, shutdown: &CancellationToken) -> Option<(Link, Option<Will>)> {
         let connect = tokio::select! {
             _ = shutdown.cancelled() => return None,
             r = tokio::time::timeout(self.deps.config.connect_timeout, self.first_packet()) => r,
@@ -234,24 +235,32 @@ impl Session<'_> {
         let wipe = lease.wipe.then(|| lease.router_id.clone());
         self.lease = Some(lease);
         let router_id = self.router_id.clone();
-        let built = tokio::task::spawn_blocking(move || {
-            if let Some(old) = wipe {
-                crate::mqtt::broker::drop_session(&links, old);
-            }
-            links(router_id, !persistent)
-        })
-        .await;
-        let (link_tx, link_rx, router_connack) = match built {
-            Ok(Ok(l)) => l,
-            other => {
-                tracing::error!(peer = %self.peer, device_id = self.device_id, result = ?other.err(), "mqtt: router refused the link");
-                self.connack(ConnectReturnCode::ServiceUnavailable, false, None).await;
-                return None;
-            }
-        };
-        let present = match Option::<Packet>::from(router_connack) {
-            Some(Packet::ConnAck(ack, _)) => ack.session_present,
-            _ => false,
+        // A clean session opens its link when it first needs the router (see `link`).
+        let (link, present) = if persistent {
+            let built = tokio::task::spawn_blocking(move || {
+                if let Some(old) = wipe {
+                    crate::mqtt::broker::drop_session(&links, old);
+                }
+                links(router_id, false)
+            })
+            .await;
+            let (link_tx, link_rx, router_connack) = match built {
+                Ok(Ok(l)) => l,
+                other => {
+                    tracing::error!(peer = %self.peer, device_id = self.device_id, result = ?other.err(), "mqtt: router refused the link");
+                    self.connack(ConnectReturnCode::ServiceUnavailable, false, None).await;
+                    return None;
+                }
+            };
+            let present = match Option::<Packet>::from(router_connack) {
+                Some(Packet::ConnAck(ack, _)) => ack.session_present,
+                _ => false,
+            };
+            let gauge = self.deps.metrics.mqtt_router_links.clone();
+            (Link::opened((link_tx, link_rx), self.deps.links.clone(), self.router_id.clone(), false, gauge), present)
+        } else {
+            let gauge = self.deps.metrics.mqtt_router_links.clone();
+            (Link::closed(self.deps.links.clone(), self.router_id.clone(), true, gauge), false)
         };
         let connack_props = ConnAckProperties {
             session_expiry_interval: (self.session_expiry != asked && asked != 0).then_some(self.session_expiry),
@@ -281,7 +290,7 @@ impl Session<'_> {
             let delay = will_props.as_ref().and_then(|p| p.delay_interval).unwrap_or(0).min(self.session_expiry);
             Will { message, props: will_props, delay: Duration::from_secs(u64::from(delay)) }
         });
-        Some((link_tx, link_rx, will))
+        Some((link, will))
     }
 
     /// CONNECT checks; returns the validated will, or the CONNACK refusal.

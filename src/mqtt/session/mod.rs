@@ -2,6 +2,7 @@
 //! publish FIFO (here), subscriptions, deliveries and the will (`outbound`).
 
 mod connect;
+mod link;
 mod outbound;
 
 use std::collections::{HashMap, VecDeque};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::local::LinkRx;
 use rumqttd::protocol::{
     Disconnect, DisconnectProperties, DisconnectReasonCode, Packet, PingResp, PubAck, PubAckProperties, PubAckReason,
     PubComp, PubCompReason, PubRec, PubRecProperties, PubRecReason, Publish, PublishProperties,
@@ -28,6 +29,7 @@ use crate::auth::{Perm, Principal, SessionEnd};
 use crate::event::{EventInput, MqttFacts, Redelivery, fnv1a64};
 use crate::ingest::Error as IngestError;
 use crate::log::{Appended, MqttOp};
+use link::Link;
 
 /// Why a session ended.
 #[derive(Debug)]
@@ -227,7 +229,7 @@ impl<'a> Session<'a> {
             open_qos2: Default::default(),
             queued: VecDeque::new(),
         };
-        let Some((mut link_tx, mut link_rx, will)) = s.handshake(&shutdown).await else {
+        let Some((mut link, will)) = s.handshake(&shutdown).await else {
             if let Some(lease) = &s.lease {
                 deps.sessions.release(lease);
             }
@@ -236,7 +238,7 @@ impl<'a> Session<'a> {
         if deps.sessions.connected(&s.tenant, &s.device_id) {
             s.presence(true).await;
         }
-        let end = s.session(&mut link_tx, &mut link_rx, &shutdown).await;
+        let end = s.session(&mut link, &shutdown).await;
         let fire_will = match &end {
             End::Unclean(reason, code) => {
                 tracing::info!(%peer, device_id = s.device_id, reason, "mqtt device dropped");
@@ -260,20 +262,22 @@ impl<'a> Session<'a> {
             }
         };
         if fire_will && let Some(will) = will {
-            s.publish_will(&mut link_tx, will, &shutdown).await;
+            s.publish_will(&mut link, will, &shutdown).await;
         }
         // A clean close of the local link (the router drops its state; wills
         // are ours). Sent once the router took what is queued: each send
         // notifies it, and a notification left over after the DISCONNECT
         // would be logged as an error for a connection already gone.
-        for _ in 0..100 {
-            if link_tx.buffer().is_empty() || router_dropped(&mut link_rx) {
-                break;
+        if let Some((link_tx, link_rx)) = link.pair() {
+            for _ in 0..100 {
+                if link_tx.buffer().is_empty() || router_dropped(link_rx) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            let disconnect = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
+            let _ = link_tx.send(Packet::Disconnect(disconnect, None)).await;
         }
-        let disconnect = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
-        let _ = link_tx.send(Packet::Disconnect(disconnect, None)).await;
         if s.subscribed {
             deps.bridge.subscriber(&s.tenant, false);
         }
@@ -339,7 +343,7 @@ impl<'a> Session<'a> {
     }
 
     /// The connected session: returns how it ended.
-    async fn session(&mut self, link_tx: &mut LinkTx, link_rx: &mut LinkRx, shutdown: &CancellationToken) -> End {
+    async fn session(&mut self, link: &mut Link, shutdown: &CancellationToken) -> End {
         let mut fifo: FuturesOrdered<Pending> = FuturesOrdered::new();
         // A publish held back by a rate limit or a full log, and when to retry it.
         let mut held: Option<Inbound> = None;
@@ -353,6 +357,7 @@ impl<'a> Session<'a> {
         let (auth, principal) = (self.deps.auth.clone(), self.principal.clone());
         let ended = auth.session_end(&principal, self.expires_at);
         tokio::pin!(ended);
+        let taken_over = self.lease.as_ref().map(|l| l.taken_over.clone()).unwrap_or_default();
         let end = loop {
             // Bytes already buffered (they may have come with the CONNECT, or
             // several packets in one segment) are decoded before any new read.
@@ -361,7 +366,7 @@ impl<'a> Session<'a> {
             }
             // Admit held and already-read publishes while the limits allow.
             if let Err(end) =
-                self.admit(&mut packets, &mut held, &mut resume_at, &mut fifo, link_tx, &mut suback_merge).await
+                self.admit(&mut packets, &mut held, &mut resume_at, &mut fifo, link, &mut suback_merge).await
             {
                 break end;
             }
@@ -388,6 +393,11 @@ impl<'a> Session<'a> {
                 _ = shutdown.cancelled() => break End::Shutdown,
                 // Revoked or expired: what is not committed yet is never acked.
                 why = &mut ended => return End::Ended(why),
+                // A session with a router link also hears it from the router.
+                _ = taken_over.cancelled() => break End::coded(
+                    DisconnectReasonCode::SessionTakenOver,
+                    "session taken over by a new connection with the same client id",
+                ),
                 _ = ka, if can_read => break End::coded(
                     DisconnectReasonCode::KeepAliveTimeout,
                     "keep-alive expired (no packet within 1.5 × keep-alive)",
@@ -398,11 +408,11 @@ impl<'a> Session<'a> {
                     Err(e) => break End::unclean(format!("read: {e}")),
                     Ok(_) => deadline = self.keep_alive.map(|k| tokio::time::Instant::now() + k),
                 },
-                Some(done) = fifo.next() => if let Err(end) = self.settle(done, link_tx).await {
+                Some(done) = fifo.next() => if let Err(end) = self.settle(done, link).await {
                     break end;
                 },
-                n = link_rx.next() => match n {
-                    Ok(Some(notification)) => if let Err(end) = self.deliver(notification, link_tx, link_rx, &mut suback_merge).await {
+                n = link.next() => match n {
+                    Ok(Some(notification)) => if let Err(end) = self.deliver(notification, link, &mut suback_merge).await {
                         break end;
                     },
                     Ok(None) => {}
@@ -422,7 +432,7 @@ impl<'a> Session<'a> {
             if let Done::Event(inbound, Ok(appended)) = done
                 && !appended.iter().all(|a| a.duplicate)
             {
-                let _ = self.fan_out(inbound, link_tx).await;
+                let _ = self.fan_out(inbound, link).await;
             }
         }
         end
@@ -459,7 +469,7 @@ impl<'a> Session<'a> {
         held: &mut Option<Inbound>,
         resume_at: &mut tokio::time::Instant,
         fifo: &mut FuturesOrdered<Pending>,
-        link_tx: &mut LinkTx,
+        link: &mut Link,
         suback_merge: &mut HashMap<u16, Vec<Option<rumqttd::protocol::SubscribeReasonCode>>>,
     ) -> Result<(), End> {
         loop {
@@ -516,19 +526,16 @@ impl<'a> Session<'a> {
                     fifo.push_back(Box::pin(async move { Done::Released(rel.pkid, log.mqtt(op).await) }));
                 }
                 Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)).await.map_err(End::unclean)?,
-                Packet::Subscribe(sub, props) => self.subscribe(sub, props, link_tx, suback_merge).await?,
+                Packet::Subscribe(sub, props) => self.subscribe(sub, props, link, suback_merge).await?,
                 Packet::Unsubscribe(u, props) => {
                     for f in &u.filters {
                         self.filters.remove(f);
                     }
-                    link_tx
-                        .send(Packet::Unsubscribe(u, props))
-                        .await
-                        .map_err(|e| End::unclean(format!("router link: {e}")))?;
+                    link.send(Packet::Unsubscribe(u, props)).await?;
                 }
-                Packet::PubAck(ack, _) => self.client_completed(ack.pkid, 1, link_tx).await?,
-                Packet::PubRec(rec, _) => self.client_completed(rec.pkid, 2, link_tx).await?,
-                Packet::PubComp(comp, _) => self.client_completed(comp.pkid, 3, link_tx).await?,
+                Packet::PubAck(ack, _) => self.client_completed(ack.pkid, 1, link).await?,
+                Packet::PubRec(rec, _) => self.client_completed(rec.pkid, 2, link).await?,
+                Packet::PubComp(comp, _) => self.client_completed(comp.pkid, 3, link).await?,
                 Packet::Disconnect(d, props) => {
                     // 5.0: the DISCONNECT may change the session expiry, but
                     // not give one to a session that had none [MQTT-3.14.2-2].
@@ -706,7 +713,7 @@ impl<'a> Session<'a> {
 
     /// Answers a settled FIFO entry: the ack (after the commit), and the
     /// fan-out of a new event to subscribers.
-    async fn settle(&mut self, done: Done, link_tx: &mut LinkTx) -> Result<(), End> {
+    async fn settle(&mut self, done: Done, link: &mut Link) -> Result<(), End> {
         match done {
             Done::Event(inbound, result) => {
                 self.deps.metrics.mqtt_commit_wait.observe(inbound.read_at.elapsed().as_secs_f64());
@@ -715,7 +722,7 @@ impl<'a> Session<'a> {
                         self.ack(inbound.qos, inbound.pkid, PubAckReason::Success, None).await?;
                         // A redelivery (QoS 1 DUP, QoS 2 held packet id) went out the first time.
                         if !appended.iter().all(|a| a.duplicate) {
-                            self.fan_out(inbound, link_tx).await?;
+                            self.fan_out(inbound, link).await?;
                         }
                         Ok(())
                     }
@@ -738,7 +745,7 @@ impl<'a> Session<'a> {
             Done::Cleared(inbound, result) => match result {
                 Ok(_) => {
                     self.ack(inbound.qos, inbound.pkid, PubAckReason::Success, None).await?;
-                    self.fan_out(inbound, link_tx).await
+                    self.fan_out(inbound, link).await
                 }
                 Err(e) => Err(End::unclean(format!("retained message not cleared, not acked: {e}"))),
             },
@@ -783,18 +790,19 @@ impl<'a> Session<'a> {
     }
 
     /// Hands a committed publish to the router (QoS 0 there: the device was
-    /// acked by us), marked with its QoS and RETAIN for the deliveries.
-    async fn fan_out(&self, inbound: Inbound, link_tx: &mut LinkTx) -> Result<(), End> {
+    /// acked by us), marked with its QoS and RETAIN for the deliveries. Not
+    /// when nobody can receive it: no MQTT subscriber of the tenant, not
+    /// retained, and no link open (a session with a link may subscribe itself).
+    async fn fan_out(&self, inbound: Inbound, link: &mut Link) -> Result<(), End> {
+        if !link.is_open() && !inbound.publish.retain && !self.deps.bridge.has_subscribers(&self.tenant) {
+            return Ok(());
+        }
         let mut props = inbound.props.unwrap_or_default();
         props.topic_alias = None;
         codec::mark(&mut props, inbound.qos, inbound.publish.retain, &self.router_id);
         let publish =
             codec::publish(0, false, inbound.publish.retain, 0, &inbound.publish.topic, &inbound.publish.payload);
-        link_tx
-            .send(Packet::Publish(publish, Some(props)))
-            .await
-            .map(|_| ())
-            .map_err(|e| End::unclean(format!("router link: {e}")))
+        link.send(Packet::Publish(publish, Some(props))).await
     }
 }
 

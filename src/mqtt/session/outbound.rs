@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use rumqttd::Notification;
-use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish, PublishProperties,
     RetainForwardRule, SubAck, Subscribe, SubscribeReasonCode,
@@ -18,6 +17,7 @@ use super::super::PROTOCOL;
 use super::super::acl::{delivery_allowed, subscribe_allowed, topic_matches};
 use super::super::codec;
 use super::connect::Will;
+use super::link::Link;
 use super::{End, Out, Session, SubOpts, WILL_WAIT};
 use crate::auth::Perm;
 
@@ -28,7 +28,7 @@ impl Session<'_> {
         &mut self,
         sub: Subscribe,
         props: Option<rumqttd::protocol::SubscribeProperties>,
-        link_tx: &mut LinkTx,
+        link: &mut Link,
         suback_merge: &mut Merge,
     ) -> Result<(), End> {
         let readable = self.can(Perm::ReadEvents);
@@ -88,31 +88,27 @@ impl Session<'_> {
             // no publish falls between the two.
             self.swallow_unsuback.insert(pkid);
             let unsub = rumqttd::protocol::Unsubscribe { pkid, filters: again };
-            link_tx
-                .send(Packet::Unsubscribe(unsub, None))
-                .await
-                .map_err(|e| End::unclean(format!("router link: {e}")))?;
+            link.send(Packet::Unsubscribe(unsub, None)).await?;
         }
-        link_tx.send(Packet::Subscribe(allowed, props)).await.map_err(|e| End::unclean(format!("router link: {e}")))?;
-        Ok(())
+        link.send(Packet::Subscribe(allowed, props)).await
     }
 
     /// Handles what the router sends this connection.
     pub(super) async fn deliver(
         &mut self,
         notification: Notification,
-        link_tx: &mut LinkTx,
-        link_rx: &mut LinkRx,
+        link: &mut Link,
         suback_merge: &mut Merge,
     ) -> Result<(), End> {
         if matches!(notification, Notification::Unschedule) {
             // The router paused this link (its buffer filled): resume it.
+            let Some((_, link_rx)) = link.pair() else { return Ok(()) };
             return link_rx.wake().await.map_err(|e| End::unclean(format!("router link: {e}")));
         }
         let packet: Option<Packet> = notification.into();
         let Some(packet) = packet else { return Ok(()) };
         match packet {
-            Packet::Publish(p, props) => self.deliver_publish(p, props, link_tx).await,
+            Packet::Publish(p, props) => self.deliver_publish(p, props, link).await,
             Packet::SubAck(mut ack, props) => {
                 if let Some(refused) = suback_merge.remove(&ack.pkid) {
                     let mut granted = std::mem::take(&mut ack.return_codes).into_iter();
@@ -123,7 +119,7 @@ impl Session<'_> {
                 }
                 self.write(Packet::SubAck(ack, props)).await.map_err(End::unclean)
             }
-            Packet::PubRel(rel, props) => self.router_pubrel(rel, props, link_tx).await,
+            Packet::PubRel(rel, props) => self.router_pubrel(rel, props, link).await,
             Packet::Disconnect(..) => Err(End::coded(
                 rumqttd::protocol::DisconnectReasonCode::SessionTakenOver,
                 "session taken over by a new connection with the same client id",
@@ -141,7 +137,7 @@ impl Session<'_> {
         &mut self,
         p: Publish,
         mut props: Option<PublishProperties>,
-        link_tx: &mut LinkTx,
+        link: &mut Link,
     ) -> Result<(), End> {
         let (router_qos, dup, retain, pkid) = codec::publish_flags(&p);
         let origin = codec::unmark(&mut props);
@@ -192,7 +188,7 @@ impl Session<'_> {
             self.router_acks.push_back((pkid, false));
             if client_qos == 0 {
                 // The client is done at once (QoS 0, or nothing to send).
-                self.ack_due(pkid, link_tx).await?;
+                self.ack_due(pkid, link).await?;
             }
         }
         if skip || too_large {
@@ -236,7 +232,7 @@ impl Session<'_> {
 
     /// The router's PUBACK (router QoS 1) or PUBREC (QoS 2) of `pkid` is due;
     /// sends every due one at the head of the router's order.
-    async fn ack_due(&mut self, pkid: u16, link_tx: &mut LinkTx) -> Result<(), End> {
+    async fn ack_due(&mut self, pkid: u16, link: &mut Link) -> Result<(), End> {
         if let Some(e) = self.router_acks.iter_mut().find(|(p, _)| *p == pkid) {
             e.1 = true;
         }
@@ -252,30 +248,26 @@ impl Session<'_> {
                     Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None)
                 }
             };
-            link_tx.send(packet).await.map_err(|e| End::unclean(format!("router link: {e}")))?;
+            link.send(packet).await?;
         }
         Ok(())
     }
 
     /// The router's PUBCOMP of `pkid` is due; sends every due one in order.
-    async fn comp_due(&mut self, pkid: u16, link_tx: &mut LinkTx) -> Result<(), End> {
+    async fn comp_due(&mut self, pkid: u16, link: &mut Link) -> Result<(), End> {
         match self.router_comps.iter_mut().find(|(p, _)| *p == pkid) {
             Some(e) => e.1 = true,
             // Not tracked here (a PUBREL the router resent after a reconnect).
             None => {
                 let comp = PubComp { pkid, reason: PubCompReason::Success };
-                return link_tx
-                    .send(Packet::PubComp(comp, None))
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| End::unclean(format!("router link: {e}")));
+                return link.send(Packet::PubComp(comp, None)).await;
             }
         }
         while let Some(&(pkid, true)) = self.router_comps.front() {
             self.router_comps.pop_front();
             self.out.remove(&pkid);
             let comp = PubComp { pkid, reason: PubCompReason::Success };
-            link_tx.send(Packet::PubComp(comp, None)).await.map_err(|e| End::unclean(format!("router link: {e}")))?;
+            link.send(Packet::PubComp(comp, None)).await?;
         }
         Ok(())
     }
@@ -286,36 +278,40 @@ impl Session<'_> {
         &mut self,
         rel: rumqttd::protocol::PubRel,
         props: Option<rumqttd::protocol::PubRelProperties>,
-        link_tx: &mut LinkTx,
+        link: &mut Link,
     ) -> Result<(), End> {
         match self.out.get(&rel.pkid) {
-            Some(o) if o.client_qos < 2 => self.comp_due(rel.pkid, link_tx).await,
+            Some(o) if o.client_qos < 2 => self.comp_due(rel.pkid, link).await,
             _ => self.write(Packet::PubRel(rel, props)).await.map_err(End::unclean),
         }
     }
 
     /// The client's PUBACK (`step` 1), PUBREC (2) or PUBCOMP (3) of a delivery.
-    pub(super) async fn client_completed(&mut self, pkid: u16, step: u8, link_tx: &mut LinkTx) -> Result<(), End> {
+    pub(super) async fn client_completed(&mut self, pkid: u16, step: u8, link: &mut Link) -> Result<(), End> {
         let Some(o) = self.out.get(&pkid).copied() else {
-            // Not tracked here (sent before a reconnect): the router's.
+            // Not tracked here (sent before a reconnect): the router's. A
+            // session without a link was sent nothing: nothing to complete.
+            if !link.is_open() {
+                return Ok(());
+            }
             let packet = match step {
                 1 => Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None),
                 2 => Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None),
                 _ => Packet::PubComp(PubComp { pkid, reason: PubCompReason::Success }, None),
             };
-            return link_tx.send(packet).await.map(|_| ()).map_err(|e| End::unclean(format!("router link: {e}")));
+            return link.send(packet).await;
         };
         let finished = match (step, o.client_qos) {
             (1, 1) => {
-                self.ack_due(pkid, link_tx).await?;
+                self.ack_due(pkid, link).await?;
                 true
             }
             (2, 2) => {
-                self.ack_due(pkid, link_tx).await?;
+                self.ack_due(pkid, link).await?;
                 false
             }
             (3, 2) => {
-                self.comp_due(pkid, link_tx).await?;
+                self.comp_due(pkid, link).await?;
                 true
             }
             _ => {
@@ -337,7 +333,7 @@ impl Session<'_> {
 
     /// Stores the will as an event, then publishes it to subscribers (after
     /// its 5.0 Will Delay, unless the client came back in the meantime).
-    pub(super) async fn publish_will(&self, link_tx: &mut LinkTx, will: Will, shutdown: &CancellationToken) {
+    pub(super) async fn publish_will(&self, link: &mut Link, will: Will, shutdown: &CancellationToken) {
         let Will { message: will, props, delay } = will;
         if !delay.is_zero() {
             // A shutdown ends the wait: the will is published now.
@@ -407,8 +403,14 @@ impl Session<'_> {
                 };
                 codec::mark(&mut pp, will.qos as u8, retain, &self.router_id);
                 let publish = codec::publish(0, false, retain, 0, &Bytes::from(stream_topic), &will.message);
-                if let Err(e) = link_tx.send(Packet::Publish(publish, Some(pp))).await {
-                    tracing::warn!(error = %e, device_id = self.device_id, "will stored but not published");
+                if !link.is_open() && !retain && !self.deps.bridge.has_subscribers(&self.tenant) {
+                    tracing::info!(
+                        device_id = self.device_id,
+                        topic,
+                        "will stored (no MQTT subscriber to publish it to)"
+                    );
+                } else if let Err(e) = link.send(Packet::Publish(publish, Some(pp))).await {
+                    tracing::warn!(error = ?e, device_id = self.device_id, "will stored but not published");
                 } else {
                     tracing::info!(device_id = self.device_id, topic, "will stored and published");
                 }
