@@ -37,12 +37,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-app() { # extra environment for this row
+app() { # extra environment for this row; LOCAL=1: no central (PostgreSQL elsewhere)
   rm -rf "$W/data"; mkdir -p "$W/data"
+  local central=(OUTPOST_CENTRAL__URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres" OUTPOST_CENTRAL__TLS=disable)
+  [ "${LOCAL:-0}" = 1 ] && central=()
   env OUTPOST_SITE__DATA_DIR="$W/data" OUTPOST_SITE__ID=figures OUTPOST_HTTP__LISTEN=127.0.0.1:28491 \
       OUTPOST_MQTT__LISTEN=127.0.0.1:28492 OUTPOST_MQTT__MAX_CONNECTS_PER_MINUTE=0 OUTPOST_MQTT__MAX_CONNECTIONS=5000 \
       OUTPOST_LIMITS__PER_SECOND=1000000 OUTPOST_LIMITS__PER_MINUTE=100000000 OUTPOST_LIMITS__PER_HOUR=1000000000 \
-      OUTPOST_CENTRAL__URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres" OUTPOST_CENTRAL__TLS=disable "$@" \
+      "${central[@]}" "$@" \
       "$BIN" run > "$W/app-$(date +%s%N).log" 2>&1 &
   PID=$!
   for _ in $(seq 100); do curl -sf http://127.0.0.1:28491/healthz >/dev/null && return; sleep 0.1; done
@@ -57,6 +59,9 @@ RAW=../shared/bench/raw_append.py
 [ -f "$RAW" ] && python3 "$RAW" --dir "$W" --seconds 3 --rows 1,100,1000 >> "$OUT" 2>&1
 app; row "HTTP batches of 100, 64 devices, max" http --devices 64 --batch 100 --duration 10s; stop
 app; row "MQTT QoS 1, 100 devices, max" mqtt --port 28492 --devices 100 --duration 10s --no-raw; stop
+# Ingest alone, as on a site whose PostgreSQL is elsewhere (here it shares the two cores).
+LOCAL=1 app; row "HTTP batches of 100, 64 devices, max, no central" http --devices 64 --batch 100 --duration 10s; stop
+LOCAL=1 app; row "MQTT QoS 1, 100 devices, max, no central" mqtt --port 28492 --devices 100 --duration 10s --no-raw; stop
 app; row "HTTP single posts, 64 devices, 5,000 ev/s" http --devices 64 --rate 5000 --duration 10s --no-raw; stop
 app; row "MQTT QoS 1, 100 devices, 5,000 ev/s" mqtt --port 28492 --devices 100 --rate 5000 --duration 10s --no-raw; stop
 app; row "MQTT QoS 1, 1,000 devices, 5,000 ev/s (VmHWM)" mqtt --port 28492 --devices 1000 --rate 5000 --duration 20s --no-raw; stop

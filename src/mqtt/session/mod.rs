@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use rumqttd::local::LinkRx;
 use rumqttd::protocol::{
@@ -408,9 +409,21 @@ impl<'a> Session<'a> {
                     Err(e) => break End::unclean(format!("read: {e}")),
                     Ok(_) => deadline = self.keep_alive.map(|k| tokio::time::Instant::now() + k),
                 },
-                Some(done) = fifo.next() => if let Err(end) = self.settle(done, link).await {
-                    break end;
-                },
+                Some(done) = fifo.next() => {
+                    // Everything the same commit settled is answered in one
+                    // write: one send per commit, not one per PUBACK.
+                    let (mut next, mut failed) = (Some(done), None);
+                    while let Some(done) = next.take() {
+                        if let Err(end) = self.settle(done, link).await {
+                            failed = Some(end);
+                            break;
+                        }
+                        next = fifo.next().now_or_never().flatten();
+                    }
+                    if let Some(end) = failed {
+                        break end;
+                    }
+                }
                 n = link.next() => match n {
                     Ok(Some(notification)) => if let Err(end) = self.deliver(notification, link, &mut suback_merge).await {
                         break end;
