@@ -379,9 +379,16 @@ async fn tally(
     let mut sent: HashMap<u16, Instant> = HashMap::new();
     let mut c = Counts::default();
     let stop = deadline + Duration::from_secs(5);
+    // rumqttc's poll is not cancel-safe while it connects: a timeout there
+    // drops a connection whose CONNECT the server may take after the retry's,
+    // and that stale one then takes the session over. Connecting gets long.
+    let mut connecting = true;
     while Instant::now() < stop {
         let settled = c.acked + c.rejected;
-        match tokio::time::timeout(Duration::from_secs(1), conn.next()).await {
+        let wait = Duration::from_secs(if connecting { 30 } else { 1 });
+        let step = tokio::time::timeout(wait, conn.next()).await;
+        connecting = matches!(step, Ok(Err(_)));
+        match step {
             Ok(Ok(Step::Sent(_))) if qos == 0 => c.completed(None),
             Ok(Ok(Step::Sent(pkid))) => {
                 sent.insert(pkid, Instant::now());
