@@ -42,7 +42,7 @@ CHAOS_PKGS := postgresql python3-paho-mqtt python3-websockets
 NETWORK_PKGS := postgresql python3-paho-mqtt python3-websockets iproute2 nftables
 CROSS_PKGS := rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static
 
-.PHONY: run build release test test-deps paho2 schemathesis-deps test-api cross-deps unit-tests verify-unit aarch64 smoke-aarch64 install bench bench-fleet clean
+.PHONY: debug-bin run build release test test-deps paho2 schemathesis-deps test-api cross-deps unit-tests verify-unit aarch64 smoke-aarch64 install bench bench-fleet clean
 .PHONY: deb deb-deps test-deb test-powercut test-chaos test-soak test-network powercut-deps chaos-deps network-deps test-browser fuzz
 
 run:
@@ -50,6 +50,15 @@ run:
 
 build:
 	$(CARGO) build
+
+# target/debug/outpost for the black-box targets. `cargo test` (unit-tests)
+# builds it too, with the dev-dependencies' features; `cargo build` would
+# rebuild it with its own (about a minute on 2 cores), so it runs only when
+# the binary is missing or older than a source.
+debug-bin:
+	@if [ ! -x target/debug/outpost ] || [ -n "$$(find src migrations Cargo.toml Cargo.lock -newer target/debug/outpost -print -quit)" ]; then \
+	  $(CARGO) build; \
+	fi
 
 release:
 	$(CARGO) build --release
@@ -84,7 +93,7 @@ schemathesis-deps:
 
 # The API contract: the served OpenAPI document validates as OpenAPI 3.1, and
 # schemathesis (--checks all, every phase, fixed seed) finds 0 failures.
-test-api: build schemathesis-deps
+test-api: debug-bin schemathesis-deps
 	ST=$(ST_VENV)/bin/st tests/api/run.sh target/debug/outpost
 
 cross-deps:
@@ -132,7 +141,7 @@ test-network: release network-deps
 	$(CARGO) test --test forward -- --ignored --nocapture 2>&1
 
 # The unit must pass systemd-analyze verify (with ExecStart pointed at a real binary).
-verify-unit: build
+verify-unit: debug-bin
 	@tmp=$$(mktemp -d); \
 	sed "s|^ExecStart=/usr/local/bin/outpost|ExecStart=$$PWD/target/debug/outpost|" systemd/outpost.service > $$tmp/outpost.service; \
 	out=$$(systemd-analyze verify $$tmp/outpost.service 2>&1 | grep -v -e "^$$" -e "Failed to resolve user" -e "Cannot add dependency job" || true); \
@@ -174,7 +183,7 @@ install: release
 # and 1280 px in target/browser/. Debian's chromium; no browser download.
 BROWSER_PKGS := chromium mosquitto-clients python3-websockets
 
-test-browser: build
+test-browser: debug-bin
 	@missing=""; \
 	for p in $(BROWSER_PKGS); do dpkg -s "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
