@@ -41,15 +41,18 @@ struct Inner {
 /// session (at most `max_sessions_per_device`, recycled oldest first) or
 /// `<tenant>|<device>|c<n>` for a clean one (recycled as connections end).
 /// The router's state is then bounded by slots, not by client ids ever
-/// seen, and a client id already connected maps to its slot again, so
-/// take-over still works.
+/// seen. A take-over of a client id still connected gets a slot of its own
+/// too: the older connection may still open its router link while it ends
+/// (a will, a last fan-out; see `session::link`), and under the same
+/// router id that would drop the newer one's link. Take-over itself is the
+/// lease's `taken_over` signal.
 #[derive(Default)]
 struct Device {
     live: usize,
     /// Persistent sessions, oldest first: (client id, slot).
     persistent: VecDeque<(String, usize)>,
-    /// Live clean sessions: client id → (slot, generation).
-    clean: HashMap<String, (usize, u64)>,
+    /// Live clean sessions: lease generation → slot.
+    clean: HashMap<u64, usize>,
     clean_free: Vec<usize>,
     clean_next: usize,
     /// The newest lease of each client id still connected or persistent:
@@ -182,14 +185,11 @@ impl Sessions {
                 d.persistent.remove(i);
                 self.count_persistent(tenant, false);
             }
-            let slot = match d.clean.get(client_id) {
-                Some((slot, _)) => *slot, // take-over: the same router id
-                None => d.clean_free.pop().unwrap_or_else(|| {
-                    d.clean_next += 1;
-                    d.clean_next - 1
-                }),
-            };
-            d.clean.insert(client_id.to_string(), (slot, generation));
+            let slot = d.clean_free.pop().unwrap_or_else(|| {
+                d.clean_next += 1;
+                d.clean_next - 1
+            });
+            d.clean.insert(generation, slot);
             (format!("c{slot}"), false)
         };
         Lease {
@@ -204,15 +204,11 @@ impl Sessions {
         }
     }
 
-    /// A connection ended: a clean session's slot is free again, unless a
-    /// newer connection of the same client id took it over.
+    /// A connection ended: a clean session's slot is free again.
     pub fn release(&self, lease: &Lease) {
         let mut g = self.lock();
         let Some(d) = g.devices.get_mut(&(lease.tenant.clone(), lease.device_id.clone())) else { return };
-        if let Some((slot, generation)) = d.clean.get(&lease.client_id).copied()
-            && generation == lease.generation
-        {
-            d.clean.remove(&lease.client_id);
+        if let Some(slot) = d.clean.remove(&lease.generation) {
             d.clean_free.push(slot);
         }
         if d.live_by_client.get(&lease.client_id).is_some_and(|(g, _)| *g == lease.generation) {
@@ -335,11 +331,14 @@ mod tests {
         let b = s.lease("acme", "d1", "d1-x", false, false);
         assert_eq!((a.router_id.as_str(), b.router_id.as_str()), ("acme|d1|c0", "acme|d1|c1"));
         let a2 = s.lease("acme", "d1", "d1", false, false);
-        assert_eq!(a2.router_id, "acme|d1|c0", "same client id: same router id, so the router takes over");
+        // A take-over: the older connection is told, and the newer one has a
+        // router id of its own (a link the older one opens while it ends
+        // must not drop the newer one's).
+        assert_eq!(a2.router_id, "acme|d1|c2");
         assert!(a.taken_over.is_cancelled() && !a2.taken_over.is_cancelled(), "the older connection is told");
         assert!(!b.taken_over.is_cancelled());
-        s.release(&a); // the old connection ends after the take-over: its slot stays with a2
-        assert_eq!(s.lease("acme", "d1", "d1-y", false, false).router_id, "acme|d1|c2");
+        s.release(&a); // the old connection ends after the take-over: its slot is free again
+        assert_eq!(s.lease("acme", "d1", "d1-y", false, false).router_id, "acme|d1|c0");
         s.release(&a2);
         s.release(&b);
         // Thousands of distinct client ids, one at a time: two slots in all.
