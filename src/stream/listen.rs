@@ -318,30 +318,20 @@ impl Listener {
             let mut after = cursors.get(&site).copied();
             while after.is_none_or(|a| a < last_seq) {
                 self.metrics.remote_fetches.inc();
-                let rows = match after {
-                    Some(seq) => {
-                        client
-                            .query(
-                                &format!(
-                                    "SELECT {COLUMNS} FROM {schema}.events
-                                     WHERE site_id = $1 AND site_seq > $2 ORDER BY site_seq LIMIT $3"
-                                ),
-                                &[&site, &seq, &CATCHUP_PAGE],
-                            )
-                            .await?
-                    }
-                    None => {
-                        client
-                            .query(
-                                &format!(
-                                    "SELECT {COLUMNS} FROM {schema}.events
-                                     WHERE site_id = $1 AND received_at > $2 ORDER BY site_seq LIMIT $3"
-                                ),
-                                &[&site, &since, &CATCHUP_PAGE],
-                            )
-                            .await?
-                    }
+                let from_seq = after.unwrap_or_default();
+                let (cond, from): (&str, &(dyn tokio_postgres::types::ToSql + Sync)) = match after {
+                    Some(_) => ("site_seq > $2", &from_seq),
+                    None => ("received_at > $2", &since),
                 };
+                let rows = client
+                    .query(
+                        &format!(
+                            "SELECT {COLUMNS} FROM {schema}.events
+                             WHERE site_id = $1 AND {cond} ORDER BY site_seq LIMIT $3"
+                        ),
+                        &[&site, from, &CATCHUP_PAGE],
+                    )
+                    .await?;
                 let Some(last) = rows.last() else { break };
                 after = Some(last.get::<_, Option<i64>>(6).unwrap_or(last_seq));
                 let full = rows.len() as i64 == CATCHUP_PAGE;

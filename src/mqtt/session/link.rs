@@ -50,14 +50,10 @@ impl Link {
         if self.pair.is_none() {
             let (links, id, clean) = (self.links.clone(), self.router_id.clone(), self.clean);
             // The router answers a new link on its own thread: wait off the runtime.
-            match tokio::task::spawn_blocking(move || links(id, clean)).await {
-                Ok(Ok((tx, rx, _))) => {
-                    self.open_links.inc();
-                    self.pair = Some((tx, rx));
-                }
-                Ok(Err(e)) => return Err(End::unclean(format!("router link: {e}"))),
-                Err(e) => return Err(End::unclean(format!("router link: {e}"))),
-            }
+            let built = tokio::task::spawn_blocking(move || links(id, clean)).await.map_err(|e| e.to_string());
+            let (tx, rx, _) = built.and_then(|r| r).map_err(|e| End::unclean(format!("router link: {e}")))?;
+            self.open_links.inc();
+            self.pair = Some((tx, rx));
         }
         Ok(&mut self.pair.as_mut().expect("opened above").0)
     }

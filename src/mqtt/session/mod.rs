@@ -802,12 +802,19 @@ impl<'a> Session<'a> {
         self.write(packet).await.map_err(End::unclean)
     }
 
+    /// Whether a publish of this session may have a receiver in the router:
+    /// a link already open (the session may subscribe itself), a retained
+    /// message, or an MQTT subscriber or persistent session of the tenant.
+    fn may_reach_someone(&self, link: &Link, retain: bool) -> bool {
+        link.is_open() || retain || self.deps.bridge.has_subscribers(&self.tenant)
+    }
+
     /// Hands a committed publish to the router (QoS 0 there: the device was
     /// acked by us), marked with its QoS and RETAIN for the deliveries. Not
     /// when nobody can receive it: no MQTT subscriber of the tenant, not
     /// retained, and no link open (a session with a link may subscribe itself).
     async fn fan_out(&self, inbound: Inbound, link: &mut Link) -> Result<(), End> {
-        if !link.is_open() && !inbound.publish.retain && !self.deps.bridge.has_subscribers(&self.tenant) {
+        if !self.may_reach_someone(link, inbound.publish.retain) {
             return Ok(());
         }
         let mut props = inbound.props.unwrap_or_default();

@@ -403,7 +403,7 @@ impl Session<'_> {
                 };
                 codec::mark(&mut pp, will.qos as u8, retain, &self.router_id);
                 let publish = codec::publish(0, false, retain, 0, &Bytes::from(stream_topic), &will.message);
-                if !link.is_open() && !retain && !self.deps.bridge.has_subscribers(&self.tenant) {
+                if !self.may_reach_someone(link, retain) {
                     tracing::info!(
                         device_id = self.device_id,
                         topic,
