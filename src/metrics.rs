@@ -37,6 +37,7 @@ pub struct Metrics {
     pub events_rejected: Family<RejectLabels, Counter>,
     pub commit_rows: Histogram,
     pub commit_seconds: Histogram,
+    pub checkpoint_seconds: Histogram,
     pub backlog_rows: Gauge,
     pub oldest_pending_seconds: Gauge<f64, AtomicU64>,
     pub log_bytes: Gauge,
@@ -77,6 +78,7 @@ impl Metrics {
         let events_rejected = Family::<RejectLabels, Counter>::default();
         let commit_rows = Histogram::new([1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0]);
         let commit_seconds = Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0]);
+        let checkpoint_seconds = Histogram::new([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0]);
         let backlog_rows = Gauge::default();
         let oldest_pending_seconds = Gauge::<f64, AtomicU64>::default();
         let log_bytes = Gauge::default();
@@ -89,6 +91,11 @@ impl Metrics {
         registry.register("events_rejected", "Events refused, by reason", events_rejected.clone());
         registry.register("commit_batch_rows", "Rows written per group commit", commit_rows.clone());
         registry.register("commit_duration_seconds", "Group commit latency", commit_seconds.clone());
+        registry.register(
+            "log_checkpoint_duration_seconds",
+            "WAL checkpoints of the site log (run after the group that filled the WAL is answered)",
+            checkpoint_seconds.clone(),
+        );
         registry.register("backlog_rows", "Events not yet forwarded", backlog_rows.clone());
         registry.register(
             "oldest_pending_age_seconds",
@@ -221,6 +228,7 @@ impl Metrics {
             events_rejected,
             commit_rows,
             commit_seconds,
+            checkpoint_seconds,
             backlog_rows,
             oldest_pending_seconds,
             log_bytes,

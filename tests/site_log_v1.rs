@@ -70,3 +70,57 @@ fn a_new_log_uses_small_pages() {
     let journal: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
     assert_eq!(journal, "wal");
 }
+
+/// The writer checkpoints the WAL itself (after answering the group that
+/// filled it, not inside its commit): the WAL starts over instead of
+/// growing with every event, and each checkpoint shows in /metrics.
+#[tokio::test]
+async fn the_writer_checkpoints_the_wal_once_it_holds_4_mib() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("site-log.sqlite");
+    let conn = log::open_and_migrate(&path).unwrap();
+    let cfg = WriterConfig {
+        max_bytes: 1 << 30,
+        remote_max_bytes: 1 << 28,
+        site_id: "site-a".into(),
+        commit_max_rows: 1000,
+        commit_max_bytes: 1 << 20,
+        commit_delay: std::time::Duration::ZERO,
+        queue_capacity: 16,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let (handle, thread) =
+        writer::spawn(conn, cfg, metrics.clone(), Arc::new(tokio::sync::Notify::new()), Vec::new()).unwrap();
+    // 12 MiB of events in 100-event groups: three times the checkpoint size.
+    let payload = format!(r#"{{"pad": "{}"}}"#, "x".repeat(1000));
+    for _ in 0..120 {
+        let events = (0..100)
+            .map(|_| outpost::event::Event {
+                id: uuid::Uuid::now_v7(),
+                tenant: "acme".into(),
+                device_id: "pump-1".into(),
+                event_type: "wal".into(),
+                payload: payload.clone(),
+                timestamp_us: now_us(),
+                received_at_us: now_us(),
+                origin_site: "site-a".into(),
+                redelivery: None,
+                mqtt: None,
+                properties: None,
+                protocol: "test",
+            })
+            .collect();
+        handle.append(events).await.unwrap();
+    }
+    let wal = std::fs::metadata(dir.path().join("site-log.sqlite-wal")).unwrap().len();
+    assert!(wal < 6 << 20, "the WAL started over after its checkpoints: {wal} bytes");
+    let rendered = metrics.render();
+    let count = rendered
+        .lines()
+        .find_map(|l| l.strip_prefix("outpost_log_checkpoint_duration_seconds_count "))
+        .map(|n| n.parse::<f64>().unwrap())
+        .unwrap_or_else(|| panic!("no checkpoint histogram in:\n{rendered}"));
+    assert!(count >= 2.0, "12 MiB of WAL took at least two checkpoints, counted {count}");
+    drop(handle);
+    tokio::task::spawn_blocking(move || thread.join()).await.unwrap();
+}
