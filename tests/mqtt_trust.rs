@@ -112,6 +112,41 @@ async fn dup_redelivery_matches_topic_and_payload_not_the_packet_id_alone() {
     assert_eq!(types, ["door.open", "door.close", "door.close"]);
 }
 
+/// A DUP=1 resend is found by walking back from the device's newest event
+/// (kept in memory, stored every 10 s): after a SIGKILL the appliance finds
+/// the newest events again in the log, so a resend of an older one is still
+/// recognised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dup_redelivery_walks_back_past_newer_events_after_a_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), &[]);
+    let token = add(dir.path(), "acme", "door-1");
+    let (mut c, _) = Raw::connect(p.mqtt.unwrap(), "door-1", "door-1", &token, 30, None).await;
+    let topic = "acme/devices/door-1/events/door.open";
+    for pkid in 1..=5u16 {
+        c.publish(topic, format!(r#"{{"v":{pkid}}}"#).as_bytes(), 1, pkid, false, false).await;
+        assert_eq!(c.read_kind(4, T).await.unwrap().pkid(), pkid);
+    }
+    // Killed well within the 10 s after which the heads would be stored.
+    p.kill9();
+    let p = start(dir.path(), &[]);
+    let (mut c, _) = Raw::connect(p.mqtt.unwrap(), "door-1", "door-1", &token, 30, None).await;
+    // Resends of the fourth and the second: acked, not stored again.
+    for pkid in [4u16, 2] {
+        c.publish(topic, format!(r#"{{"v":{pkid}}}"#).as_bytes(), 1, pkid, true, false).await;
+        assert_eq!(c.read_kind(4, T).await.unwrap().pkid(), pkid);
+    }
+    assert_eq!(rows(dir.path()).len(), 5, "resends after the kill are recognised");
+    // The packet id of the first with another payload: a new event, which
+    // is now the newest; the one before it is still found behind it.
+    c.publish(topic, br#"{"v":"new"}"#, 1, 1, true, false).await;
+    c.read_kind(4, T).await.unwrap();
+    c.publish(topic, br#"{"v":3}"#, 1, 3, true, false).await;
+    c.read_kind(4, T).await.unwrap();
+    let payloads: Vec<String> = rows(dir.path()).iter().map(|r| r.payload.get().to_string()).collect();
+    assert_eq!(payloads, [r#"{"v":1}"#, r#"{"v":2}"#, r#"{"v":3}"#, r#"{"v":4}"#, r#"{"v":5}"#, r#"{"v":"new"}"#]);
+}
+
 /// Opens a WebSocket stream, an SSE stream and a long-poll for `token`.
 async fn open_streams(
     p: &Proc,

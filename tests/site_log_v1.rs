@@ -124,3 +124,82 @@ async fn the_writer_checkpoints_the_wal_once_it_holds_4_mib() {
     drop(handle);
     tokio::task::spawn_blocking(move || thread.join()).await.unwrap();
 }
+
+/// Migration 8 replaces the per-device MQTT index with a chain: a log
+/// written before it keeps its DUP=1 window. Built here with migrations 1-7
+/// (the code of that time) and MQTT rows of two devices, interleaved.
+#[test]
+fn a_log_from_before_the_mqtt_chain_keeps_its_redelivery_window() {
+    use rusqlite_migration::{M, Migrations};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("site-log.sqlite");
+    let mut conn = log::open(&path, false).unwrap();
+    Migrations::new(vec![
+        M::up(include_str!("../migrations/sqlite/0001_site_log.sql")),
+        M::up(include_str!("../migrations/sqlite/0002_dead_letter.sql")),
+        M::up(include_str!("../migrations/sqlite/0003_mqtt_redelivery.sql")),
+        M::up(include_str!("../migrations/sqlite/0004_remote_cursor.sql")),
+        M::up(include_str!("../migrations/sqlite/0005_mqtt_session.sql")),
+        M::up(include_str!("../migrations/sqlite/0006_event_properties.sql")),
+        M::up(include_str!("../migrations/sqlite/0007_forward_watermark.sql")),
+    ])
+    .to_latest(&mut conn)
+    .unwrap();
+    let now = now_us();
+    // seq 1-6: d1 pkids 10, 11, 12 and d2 pkids 10, 11, 12, alternating;
+    // seq 7: an HTTP event of d1 (no packet id).
+    for (i, (device, pkid)) in
+        [("d1", 10), ("d2", 10), ("d1", 11), ("d2", 11), ("d1", 12), ("d2", 12)].iter().enumerate()
+    {
+        conn.execute(
+            "INSERT INTO events (id, tenant, device_id, event_type, payload, ts, received_at, origin_site, mqtt_pkid, mqtt_digest)
+             VALUES (?1, 'acme', ?2, 't', '{}', ?3, ?3, 'site-a', ?4, ?5)",
+            rusqlite::params![uuid::Uuid::now_v7().as_bytes(), device, now, pkid, 100 + i as i64],
+        )
+        .unwrap();
+    }
+    conn.execute(
+        "INSERT INTO events (id, tenant, device_id, event_type, payload, ts, received_at, origin_site)
+         VALUES (?1, 'acme', 'd1', 't', '{}', ?2, ?2, 'site-a')",
+        rusqlite::params![uuid::Uuid::now_v7().as_bytes(), now],
+    )
+    .unwrap();
+    drop(conn);
+
+    let conn = log::open_and_migrate(&path).unwrap();
+    let (mut heads, upto) = schema::mqtt_heads(&conn).unwrap();
+    heads.sort();
+    assert_eq!(heads, [("acme".into(), "d1".into(), 5), ("acme".into(), "d2".into(), 6)]);
+    assert_eq!(upto, 7, "the heads are complete up to the last row");
+    let chain: Vec<Option<i64>> = conn
+        .prepare("SELECT mqtt_prev FROM events ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(chain, [None, None, Some(1), Some(2), Some(3), Some(4), None]);
+    // d1's first event (pkid 10, digest 100) is found behind its two newer ones.
+    let resend = |device: &str, pkid: u16, digest: i64| outpost::event::Event {
+        id: uuid::Uuid::now_v7(),
+        tenant: "acme".into(),
+        device_id: device.into(),
+        event_type: "t".into(),
+        payload: "{}".into(),
+        timestamp_us: now,
+        received_at_us: now,
+        origin_site: "site-a".into(),
+        redelivery: Some(outpost::event::Redelivery { pkid, digest, check: true }),
+        mqtt: None,
+        properties: None,
+        protocol: "test",
+    };
+    let found = |device: &str, pkid: u16, digest: i64, head: i64| {
+        let e = resend(device, pkid, digest);
+        schema::find_redelivered(&conn, &e, e.redelivery.as_ref().unwrap(), Some(head)).unwrap().map(|(seq, _)| seq)
+    };
+    assert_eq!(found("d1", 10, 100, 5), Some(1));
+    assert_eq!(found("d2", 11, 103, 6), Some(4));
+    assert_eq!(found("d1", 10, 999, 5), None, "another payload is a new event");
+    assert_eq!(found("d1", 10, 101, 5), None, "d2's event is not d1's");
+}

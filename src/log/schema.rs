@@ -22,6 +22,7 @@ pub fn migrate(conn: &mut Connection) -> Result<(), Error> {
         M::up(include_str!("../../migrations/sqlite/0005_mqtt_session.sql")),
         M::up(include_str!("../../migrations/sqlite/0006_event_properties.sql")),
         M::up(include_str!("../../migrations/sqlite/0007_forward_watermark.sql")),
+        M::up(include_str!("../../migrations/sqlite/0008_mqtt_chain.sql")),
     ]);
     migrations.to_latest(conn)?;
     Ok(())
@@ -31,12 +32,18 @@ pub fn migrate(conn: &mut Connection) -> Result<(), Error> {
 /// `RETURNING seq`: SQLite buffers RETURNING rows in an ephemeral table it
 /// opens and closes per statement, which cost the writer thread about a
 /// fifth of its time in HTTP batches; the new row's seq is the
-/// connection's last rowid.)
-pub fn insert_event(conn: &Connection, e: &Event, forwarded_at: Option<i64>) -> Result<Option<i64>, Error> {
+/// connection's last rowid.) `mqtt_prev`: the device's previous event with
+/// a packet id, for one that has one (see [`find_redelivered`]).
+pub fn insert_event(
+    conn: &Connection,
+    e: &Event,
+    forwarded_at: Option<i64>,
+    mqtt_prev: Option<i64>,
+) -> Result<Option<i64>, Error> {
     let mut stmt = conn.prepare_cached(
         "INSERT INTO events (id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site,
-                             mqtt_pkid, mqtt_digest, properties)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                             mqtt_pkid, mqtt_digest, properties, mqtt_prev)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
          ON CONFLICT (id) DO NOTHING",
     )?;
     let inserted = stmt.execute(params![
@@ -51,7 +58,8 @@ pub fn insert_event(conn: &Connection, e: &Event, forwarded_at: Option<i64>) -> 
         e.origin_site,
         e.redelivery.map(|r| r.pkid),
         e.redelivery.map(|r| r.digest),
-        e.properties
+        e.properties,
+        mqtt_prev
     ])?;
     Ok((inserted == 1).then(|| conn.last_insert_rowid()))
 }
@@ -82,31 +90,89 @@ pub const REDELIVERY_WINDOW_US: i64 = 600_000_000;
 /// payload to the device's previous publish under the same packet id within
 /// the window: devices that send identical events back to back should give
 /// them distinct content (a counter or timestamp).
+///
+/// The device's events with a packet id form a chain, newest first: `head`
+/// (the writer keeps each device's newest in memory) and each row's
+/// `mqtt_prev`. The walk stops at the window's edge, at a row no longer in
+/// the log (retention, dead letters) or at a row of another device (a seq
+/// a failed commit handed out and a later one reused).
 pub fn find_redelivered(
     conn: &Connection,
     e: &Event,
     r: &crate::event::Redelivery,
+    head: Option<i64>,
 ) -> Result<Option<(i64, Uuid)>, Error> {
     let mut stmt = conn.prepare_cached(
-        "SELECT seq, id, event_type, mqtt_digest, received_at FROM (
-            SELECT seq, id, event_type, mqtt_pkid, mqtt_digest, received_at FROM events
-            WHERE tenant = ?1 AND device_id = ?2 AND mqtt_pkid IS NOT NULL ORDER BY seq DESC LIMIT ?4)
-         WHERE mqtt_pkid = ?3 ORDER BY seq DESC LIMIT 1",
+        "SELECT id, tenant, device_id, event_type, mqtt_pkid, mqtt_digest, received_at, mqtt_prev
+         FROM events WHERE seq = ?1",
     )?;
-    let latest = stmt
-        .query_row(params![e.tenant, e.device_id, r.pkid, REDELIVERY_EVENTS], |row| {
-            let id: [u8; 16] = row.get(1)?;
-            let (event_type, digest, received): (String, Option<i64>, i64) = (row.get(2)?, row.get(3)?, row.get(4)?);
-            Ok((row.get::<_, i64>(0)?, Uuid::from_bytes(id), event_type, digest, received))
-        })
-        .optional()?;
-    Ok(latest
-        .filter(|(_, _, event_type, digest, received)| {
-            *event_type == e.event_type
-                && *digest == Some(r.digest)
-                && *received >= e.received_at_us - REDELIVERY_WINDOW_US
-        })
-        .map(|(seq, id, ..)| (seq, id)))
+    let mut next = head;
+    for _ in 0..REDELIVERY_EVENTS {
+        let Some(seq) = next else { break };
+        let row = stmt
+            .query_row([seq], |row| {
+                let id: [u8; 16] = row.get(0)?;
+                let (tenant, device, event_type): (String, String, String) = (row.get(1)?, row.get(2)?, row.get(3)?);
+                let (pkid, digest): (Option<i64>, Option<i64>) = (row.get(4)?, row.get(5)?);
+                let (received, prev): (i64, Option<i64>) = (row.get(6)?, row.get(7)?);
+                Ok((Uuid::from_bytes(id), tenant, device, event_type, pkid, digest, received, prev))
+            })
+            .optional()?;
+        let Some((id, tenant, device, event_type, pkid, digest, received, prev)) = row else { break };
+        if tenant != e.tenant || device != e.device_id || received < e.received_at_us - REDELIVERY_WINDOW_US {
+            break;
+        }
+        if pkid == Some(i64::from(r.pkid)) {
+            let same = event_type == e.event_type && digest == Some(r.digest);
+            return Ok(same.then_some((seq, id)));
+        }
+        next = prev;
+    }
+    Ok(None)
+}
+
+/// `(tenant, device_id, seq)` of a device's event.
+pub type DeviceSeq = (String, String, i64);
+
+/// Each device's newest event with a packet id, as last stored, and the seq
+/// up to which that is complete.
+pub fn mqtt_heads(conn: &Connection) -> Result<(Vec<DeviceSeq>, i64), Error> {
+    let heads = conn
+        .prepare("SELECT tenant, device_id, seq FROM mqtt_heads")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let upto =
+        conn.query_row("SELECT coalesce((SELECT value FROM meta WHERE key = 'mqtt_heads_upto'), 0)", [], |r| r.get(0))?;
+    Ok((heads, upto))
+}
+
+/// Events with a packet id above `upto`, in seq order. After a crash, the
+/// heads stored last miss these.
+pub fn mqtt_events_after(conn: &Connection, upto: i64) -> Result<Vec<DeviceSeq>, Error> {
+    Ok(conn
+        .prepare("SELECT tenant, device_id, seq FROM events WHERE seq > ?1 AND mqtt_pkid IS NOT NULL ORDER BY seq")?
+        .query_map([upto], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Stores device heads and marks them complete up to the log's last seq.
+pub fn store_mqtt_heads<'a>(
+    conn: &Connection,
+    heads: impl Iterator<Item = (&'a str, &'a str, i64)>,
+) -> Result<(), Error> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO mqtt_heads (tenant, device_id, seq) VALUES (?1, ?2, ?3)
+         ON CONFLICT (tenant, device_id) DO UPDATE SET seq = excluded.seq",
+    )?;
+    for (tenant, device, seq) in heads {
+        stmt.execute(params![tenant, device, seq])?;
+    }
+    conn.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES ('mqtt_heads_upto', coalesce((SELECT max(seq) FROM events), 0))
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute([])?;
+    Ok(())
 }
 
 /// The event already stored for a QoS 2 packet id not yet released.

@@ -163,6 +163,7 @@ pub fn spawn(
     let counters = Arc::new(super::Counters::default());
     counters.set(&schema::scan(&conn, Some(&config.site_id))?);
     let log_version = schema::log_version(&conn)?;
+    let heads = MqttHeads::load(&conn)?;
     let writer_counters = counters.clone();
     let unflushed = Arc::new(Mutex::new(DeviceCounts::new()));
     let writer_unflushed = unflushed.clone();
@@ -184,6 +185,7 @@ pub fn spawn(
                 counters: writer_counters,
                 log_version,
                 unflushed: writer_unflushed,
+                heads,
                 flushed_at: Instant::now(),
                 stopping: false,
             }
@@ -306,6 +308,64 @@ struct Writer {
     flushed_at: Instant,
     /// Set when the queue closed: the last group stores the counters.
     stopping: bool,
+    heads: MqttHeads,
+}
+
+/// Each device's newest event with a packet id: where a DUP=1 lookup starts
+/// walking back through `events.mqtt_prev` (see `schema::find_redelivered`).
+/// Kept here, stored with the device counters, and completed from the
+/// log's tail after a crash. Nested maps: looking up by `&str` allocates
+/// nothing.
+#[derive(Default)]
+struct MqttHeads {
+    seq: HashMap<String, HashMap<String, i64>>,
+    /// What the open transaction changed, oldest first, with the seq before:
+    /// undone if it does not commit.
+    undo: Vec<(String, String, Option<i64>)>,
+    /// Devices whose head moved since the heads were last stored.
+    dirty: std::collections::HashSet<(String, String)>,
+}
+
+impl MqttHeads {
+    fn load(conn: &Connection) -> Result<Self, Error> {
+        let (stored, upto) = schema::mqtt_heads(conn)?;
+        let mut heads = MqttHeads::default();
+        for (tenant, device, seq) in stored {
+            heads.seq.entry(tenant).or_default().insert(device, seq);
+        }
+        let after = schema::mqtt_events_after(conn, upto)?;
+        if !after.is_empty() {
+            tracing::info!(events = after.len(), "MQTT redelivery chain: heads found again past the last stored ones");
+        }
+        for (tenant, device, seq) in after {
+            heads.dirty.insert((tenant.clone(), device.clone()));
+            heads.seq.entry(tenant).or_default().insert(device, seq);
+        }
+        Ok(heads)
+    }
+
+    fn get(&self, tenant: &str, device: &str) -> Option<i64> {
+        self.seq.get(tenant)?.get(device).copied()
+    }
+
+    fn set(&mut self, tenant: &str, device: &str, seq: i64) {
+        let before = self.seq.entry(tenant.to_owned()).or_default().insert(device.to_owned(), seq);
+        self.undo.push((tenant.to_owned(), device.to_owned(), before));
+        self.dirty.insert((tenant.to_owned(), device.to_owned()));
+    }
+
+    /// Undoes the changes after the first `keep` (a rolled-back request or
+    /// transaction).
+    fn undo_to(&mut self, keep: usize) {
+        while self.undo.len() > keep {
+            let Some((tenant, device, before)) = self.undo.pop() else { break };
+            let devices = self.seq.entry(tenant).or_default();
+            match before {
+                Some(seq) => devices.insert(device, seq),
+                None => devices.remove(&device),
+            };
+        }
+    }
 }
 
 /// A result computed inside the transaction, sent only after the commit.
@@ -450,6 +510,8 @@ impl Writer {
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut projected = schema::used_bytes(&tx)?;
         g.log_version = schema::log_version(&tx)?;
+        // Anything left from a transaction that failed is undone.
+        self.heads.undo_to(0);
         let mut seen = DeviceCounts::new();
         for cmd in group {
             match cmd {
@@ -459,7 +521,7 @@ impl Writer {
                         g.delivers.push(deliver(reply, Err(Error::Full { used: projected, budget: max_bytes })));
                         continue;
                     }
-                    let result = append_request(&tx, &events, &mut seen)?;
+                    let result = append_request(&tx, &events, &mut seen, &mut self.heads)?;
                     if let Ok(r) = &result {
                         projected += size;
                         let new = r.iter().zip(&events).filter(|(a, _)| !a.duplicate);
@@ -592,8 +654,15 @@ impl Writer {
             for ((tenant, device), (count, last)) in unflushed.iter() {
                 schema::bump_device(&tx, tenant, device, *count, *last)?;
             }
+            let heads = &self.heads;
+            let dirty = heads.dirty.iter().filter_map(|(t, d)| Some((t.as_str(), d.as_str(), heads.get(t, d)?)));
+            schema::store_mqtt_heads(&tx, dirty)?;
         }
         tx.commit()?;
+        self.heads.undo.clear();
+        if flush {
+            self.heads.dirty.clear();
+        }
         let mut unflushed = self.unflushed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if flush {
             unflushed.clear();
@@ -633,19 +702,24 @@ fn append_request(
     tx: &Connection,
     events: &[Event],
     seen: &mut DeviceCounts,
+    heads: &mut MqttHeads,
 ) -> Result<Result<Vec<Appended>, Error>, Error> {
     if events.len() == 1 {
-        return Ok(append(tx, events, seen));
+        return Ok(append(tx, events, seen, heads));
     }
     tx.execute_batch("SAVEPOINT request")?;
     let mut sp_seen = DeviceCounts::new();
-    let r = append(tx, events, &mut sp_seen);
+    let keep = heads.undo.len();
+    let r = append(tx, events, &mut sp_seen, heads);
     match &r {
         Ok(_) => {
             tx.execute_batch("RELEASE request")?;
             merge_counts(seen, sp_seen);
         }
-        Err(_) => tx.execute_batch("ROLLBACK TO request; RELEASE request")?,
+        Err(_) => {
+            tx.execute_batch("ROLLBACK TO request; RELEASE request")?;
+            heads.undo_to(keep);
+        }
     }
     Ok(r)
 }
@@ -660,7 +734,7 @@ fn append_remote(
     let now = now_us();
     let mut added = 0;
     for r in events {
-        let seq = schema::insert_event(tx, &r.event, Some(now))?;
+        let seq = schema::insert_event(tx, &r.event, Some(now), None)?;
         schema::advance_remote_cursor(tx, &r.event.tenant, &r.event.origin_site, r.site_seq)?;
         if let Some(seq) = seq {
             added += 1;
@@ -689,12 +763,17 @@ fn merge_counts(into: &mut DeviceCounts, from: DeviceCounts) {
 }
 
 /// Appends one request's events; counts new rows per device into `seen`.
-fn append(conn: &Connection, events: &[Event], seen: &mut DeviceCounts) -> Result<Vec<Appended>, Error> {
+fn append(
+    conn: &Connection,
+    events: &[Event],
+    seen: &mut DeviceCounts,
+    heads: &mut MqttHeads,
+) -> Result<Vec<Appended>, Error> {
     let mut out = Vec::with_capacity(events.len());
     let mut per_device = DeviceCounts::new();
     for (index, e) in events.iter().enumerate() {
         if let Some(r) = e.redelivery.as_ref().filter(|r| r.check)
-            && let Some((seq, id)) = schema::find_redelivered(conn, e, r)?
+            && let Some((seq, id)) = schema::find_redelivered(conn, e, r, heads.get(&e.tenant, &e.device_id))?
         {
             out.push(Appended { id, seq, duplicate: true });
             continue;
@@ -706,8 +785,12 @@ fn append(conn: &Connection, events: &[Event], seen: &mut DeviceCounts) -> Resul
             out.push(Appended { id, seq, duplicate: true });
             continue;
         }
-        match schema::insert_event(conn, e, None)? {
+        let prev = e.redelivery.and_then(|_| heads.get(&e.tenant, &e.device_id));
+        match schema::insert_event(conn, e, None, prev)? {
             Some(seq) => {
+                if e.redelivery.is_some() {
+                    heads.set(&e.tenant, &e.device_id, seq);
+                }
                 if let Some((client_id, pkid)) = qos2 {
                     schema::hold_qos2(conn, e, client_id, pkid, seq)?;
                 }
