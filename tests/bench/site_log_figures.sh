@@ -64,6 +64,8 @@ LOCAL=1 app; row "HTTP batches of 100, 64 devices, max, no central" http --devic
 LOCAL=1 app; row "MQTT QoS 1, 100 devices, max, no central" mqtt --port 28492 --devices 100 --duration 10s --no-raw; stop
 app; row "HTTP single posts, 64 devices, 5,000 ev/s" http --devices 64 --rate 5000 --duration 10s --no-raw; stop
 app; row "MQTT QoS 1, 100 devices, 5,000 ev/s" mqtt --port 28492 --devices 100 --rate 5000 --duration 10s --no-raw; stop
+LOCAL=1 app; row "HTTP single posts, 64 devices, 5,000 ev/s, no central" http --devices 64 --rate 5000 --duration 10s --no-raw; stop
+LOCAL=1 app; row "MQTT QoS 1, 100 devices, 5,000 ev/s, no central" mqtt --port 28492 --devices 100 --rate 5000 --duration 10s --no-raw; stop
 app; row "MQTT QoS 1, 1,000 devices, 5,000 ev/s (VmHWM)" mqtt --port 28492 --devices 1000 --rate 5000 --duration 20s --no-raw; stop
 app; row "trickle: 100 ev/s, 20 devices, single posts" http --devices 20 --rate 100 --duration 30s; stop
 app OUTPOST_LOG__COMMIT_DELAY=250ms
