@@ -147,6 +147,40 @@ async fn dup_redelivery_walks_back_past_newer_events_after_a_sigkill() {
     assert_eq!(payloads, [r#"{"v":1}"#, r#"{"v":2}"#, r#"{"v":3}"#, r#"{"v":4}"#, r#"{"v":5}"#, r#"{"v":"new"}"#]);
 }
 
+/// The heads stored at a clean stop, then newer events the kill kept from
+/// being stored: the newest event under a packet id is the one found after
+/// the restart. A stale head would match the older event with that id, and
+/// a new publish would be acked without being stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_sigkill_the_newest_event_under_a_packet_id_is_the_one_matched() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = start(dir.path(), &[]);
+    let token = add(dir.path(), "acme", "door-1");
+    let topic = "acme/devices/door-1/events/door.open";
+    let (mut c, _) = Raw::connect(p.mqtt.unwrap(), "door-1", "door-1", &token, 30, None).await;
+    c.publish(topic, br#"{"v":"a"}"#, 1, 1, false, false).await;
+    c.read_kind(4, T).await.unwrap();
+    drop(c);
+    assert!(p.terminate_in_place().success(), "a clean stop stores the heads");
+    let p = start(dir.path(), &[]);
+    let (mut c, _) = Raw::connect(p.mqtt.unwrap(), "door-1", "door-1", &token, 30, None).await;
+    c.publish(topic, br#"{"v":"b"}"#, 1, 2, false, false).await;
+    c.read_kind(4, T).await.unwrap();
+    c.publish(topic, br#"{"v":"c"}"#, 1, 1, false, false).await;
+    c.read_kind(4, T).await.unwrap();
+    p.kill9();
+    let p = start(dir.path(), &[]);
+    let (mut c, _) = Raw::connect(p.mqtt.unwrap(), "door-1", "door-1", &token, 30, None).await;
+    // Packet id 1 now belongs to "c": a resend of "c" is recognised, and
+    // "a" under packet id 1 is a new event.
+    c.publish(topic, br#"{"v":"c"}"#, 1, 1, true, false).await;
+    c.read_kind(4, T).await.unwrap();
+    c.publish(topic, br#"{"v":"a"}"#, 1, 1, true, false).await;
+    c.read_kind(4, T).await.unwrap();
+    let payloads: Vec<String> = rows(dir.path()).iter().map(|r| r.payload.get().to_string()).collect();
+    assert_eq!(payloads, [r#"{"v":"a"}"#, r#"{"v":"b"}"#, r#"{"v":"c"}"#, r#"{"v":"a"}"#]);
+}
+
 /// Opens a WebSocket stream, an SSE stream and a long-poll for `token`.
 async fn open_streams(
     p: &Proc,

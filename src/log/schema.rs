@@ -146,11 +146,14 @@ pub fn mqtt_heads(conn: &Connection) -> Result<(Vec<DeviceSeq>, i64), Error> {
     Ok((heads, upto))
 }
 
-/// Events with a packet id above `upto`, in seq order. After a crash, the
-/// heads stored last miss these.
-pub fn mqtt_events_after(conn: &Connection, upto: i64) -> Result<Vec<DeviceSeq>, Error> {
+/// Each device's newest event with a packet id above `upto`. After a
+/// crash, the heads stored last miss these.
+pub fn mqtt_heads_after(conn: &Connection, upto: i64) -> Result<Vec<DeviceSeq>, Error> {
     Ok(conn
-        .prepare("SELECT tenant, device_id, seq FROM events WHERE seq > ?1 AND mqtt_pkid IS NOT NULL ORDER BY seq")?
+        .prepare(
+            "SELECT tenant, device_id, max(seq) FROM events
+             WHERE seq > ?1 AND mqtt_pkid IS NOT NULL GROUP BY tenant, device_id",
+        )?
         .query_map([upto], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<Vec<_>, _>>()?)
 }

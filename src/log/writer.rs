@@ -112,9 +112,9 @@ impl WriterThread {
     }
 }
 
-/// WAL pages at which the writer checkpoints (4 MiB of 1 KiB pages, as
-/// SQLite's default of 1,000 was with 4 KiB pages).
-const CHECKPOINT_PAGES: i32 = 4096;
+/// WAL bytes at which the writer checkpoints (about what SQLite's default
+/// of 1,000 pages was with 4 KiB pages).
+const CHECKPOINT_BYTES: i64 = 4 << 20;
 
 thread_local! {
     /// Pages in the WAL after the writer thread's last commit (its WAL hook).
@@ -172,6 +172,9 @@ pub fn spawn(
     // page) to the database again, so fewer of them write less: 4 MiB. The
     // writer runs them itself once a group is answered (`note_wal_pages`).
     conn.wal_hook(Some(note_wal_pages));
+    // In pages of this log (1 KiB for new ones, 4 KiB for logs from before).
+    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let checkpoint_pages = i32::try_from(CHECKPOINT_BYTES / page_size.max(512)).unwrap_or(i32::MAX);
     let thread = std::thread::Builder::new()
         .name("site-log-writer".into())
         .spawn(move || {
@@ -186,6 +189,7 @@ pub fn spawn(
                 log_version,
                 unflushed: writer_unflushed,
                 heads,
+                checkpoint_pages,
                 flushed_at: Instant::now(),
                 stopping: false,
             }
@@ -309,6 +313,8 @@ struct Writer {
     /// Set when the queue closed: the last group stores the counters.
     stopping: bool,
     heads: MqttHeads,
+    /// WAL pages at which the writer checkpoints (`CHECKPOINT_BYTES`).
+    checkpoint_pages: i32,
 }
 
 /// Each device's newest event with a packet id: where a DUP=1 lookup starts
@@ -333,9 +339,12 @@ impl MqttHeads {
         for (tenant, device, seq) in stored {
             heads.seq.entry(tenant).or_default().insert(device, seq);
         }
-        let after = schema::mqtt_events_after(conn, upto)?;
+        let after = schema::mqtt_heads_after(conn, upto)?;
         if !after.is_empty() {
-            tracing::info!(events = after.len(), "MQTT redelivery chain: heads found again past the last stored ones");
+            tracing::info!(
+                devices = after.len(),
+                "MQTT redelivery: newest events found again past the last stored ones"
+            );
         }
         for (tenant, device, seq) in after {
             heads.dirty.insert((tenant.clone(), device.clone()));
@@ -457,13 +466,13 @@ impl Writer {
     }
 
     /// Copies the WAL back into the database once it holds
-    /// `CHECKPOINT_PAGES`, as SQLite's autocheckpoint would (passive: never
+    /// `CHECKPOINT_BYTES`, as SQLite's autocheckpoint would (passive: never
     /// waits for a reader), but after the group's answers. Its fsync of the
     /// database file (5-10 ms for 4 MiB of WAL here) is the slowest thing
     /// the writer does; inside the commit, the group that filled the WAL
     /// waited for it on top of its own commit.
     fn checkpoint_if_due(&mut self) {
-        if WAL_PAGES.get() < CHECKPOINT_PAGES {
+        if WAL_PAGES.get() < self.checkpoint_pages {
             return;
         }
         WAL_PAGES.set(0);
