@@ -706,7 +706,9 @@ struct Group {
 /// One append request inside the group's transaction. The outer `Result`
 /// fails the group (SQLite error); the inner one is this request's answer.
 /// A single event needs no savepoint: its only refusal (an id owned by
-/// another device) writes nothing. A batch is all-or-nothing.
+/// another device) writes nothing, and any other error (SQLite, possibly
+/// after its row was inserted) fails the group, so nothing is half-stored.
+/// A batch is all-or-nothing.
 fn append_request(
     tx: &Connection,
     events: &[Event],
@@ -714,7 +716,10 @@ fn append_request(
     heads: &mut MqttHeads,
 ) -> Result<Result<Vec<Appended>, Error>, Error> {
     if events.len() == 1 {
-        return Ok(append(tx, events, seen, heads));
+        return match append(tx, events, seen, heads) {
+            Err(e) if !matches!(e, Error::IdConflict { .. }) => Err(e),
+            answer => Ok(answer),
+        };
     }
     tx.execute_batch("SAVEPOINT request")?;
     let mut sp_seen = DeviceCounts::new();
@@ -821,4 +826,34 @@ fn append(
     }
     merge_counts(seen, per_device);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MqttHeads;
+
+    /// A rolled-back request or transaction leaves the heads as they were
+    /// before it: a head pointing at a seq that was never committed would
+    /// be handed out again to another event and cut the device's chain.
+    #[test]
+    fn heads_changed_by_what_did_not_commit_are_undone() {
+        let mut h = MqttHeads::default();
+        h.set("acme", "d1", 1);
+        h.undo.clear(); // committed
+        let keep = h.undo.len();
+        h.set("acme", "d1", 2);
+        h.set("acme", "d2", 3);
+        assert_eq!((h.get("acme", "d1"), h.get("acme", "d2")), (Some(2), Some(3)));
+        h.undo_to(keep);
+        assert_eq!((h.get("acme", "d1"), h.get("acme", "d2")), (Some(1), None));
+        // Within one transaction, a later request's rollback keeps the earlier one's.
+        h.set("acme", "d1", 4);
+        let keep = h.undo.len();
+        h.set("acme", "d1", 5);
+        h.undo_to(keep);
+        assert_eq!(h.get("acme", "d1"), Some(4));
+        h.undo_to(0);
+        assert_eq!(h.get("acme", "d1"), Some(1));
+        assert_eq!(h.get("globex", "d1"), None, "heads are per tenant");
+    }
 }
