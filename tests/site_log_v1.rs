@@ -10,9 +10,40 @@
 
 use std::sync::Arc;
 
-use outpost::event::now_us;
+use outpost::event::{Event, Redelivery, now_us};
 use outpost::log::{self, WriterConfig, schema, writer};
 use outpost::metrics::Metrics;
+
+/// The writer's limits in these tests: none that they reach.
+fn writer_config(site_id: &str) -> WriterConfig {
+    WriterConfig {
+        max_bytes: 1 << 30,
+        remote_max_bytes: 1 << 28,
+        site_id: site_id.into(),
+        commit_max_rows: 1000,
+        commit_max_bytes: 1 << 20,
+        commit_delay: std::time::Duration::ZERO,
+        queue_capacity: 16,
+    }
+}
+
+/// An event of `acme/<device>` received now at site-a.
+fn event(device: &str, event_type: &str, payload: &str, redelivery: Option<Redelivery>) -> Event {
+    Event {
+        id: uuid::Uuid::now_v7(),
+        tenant: "acme".into(),
+        device_id: device.into(),
+        event_type: event_type.into(),
+        payload: payload.into(),
+        timestamp_us: now_us(),
+        received_at_us: now_us(),
+        origin_site: "site-a".into(),
+        redelivery,
+        mqtt: None,
+        properties: None,
+        protocol: "test",
+    }
+}
 
 fn payload_i(e: &outpost::event::StoredEvent) -> i64 {
     serde_json::from_str::<serde_json::Value>(e.payload.get()).unwrap()["i"].as_i64().unwrap()
@@ -37,15 +68,7 @@ async fn a_v1_log_keeps_its_pending_events_in_order_and_forwards_them_once() {
     assert_eq!(schema::watermark(&conn).unwrap(), 0, "the watermark starts below the first pending row");
 
     // The forwarder sends the four; one mark moves the watermark past all six.
-    let cfg = WriterConfig {
-        max_bytes: 1 << 30,
-        remote_max_bytes: 1 << 28,
-        site_id: "fixture-site".into(),
-        commit_max_rows: 1000,
-        commit_max_bytes: 1 << 20,
-        commit_delay: std::time::Duration::ZERO,
-        queue_capacity: 16,
-    };
+    let cfg = writer_config("fixture-site");
     let (handle, thread) =
         writer::spawn(conn, cfg, Arc::new(Metrics::new()), Arc::new(tokio::sync::Notify::new()), Vec::new()).unwrap();
     let seqs: Vec<i64> = rows.iter().filter(|e| e.forwarded_at.is_none()).map(|e| e.seq).collect();
@@ -79,37 +102,14 @@ async fn the_writer_checkpoints_the_wal_once_it_holds_4_mib() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("site-log.sqlite");
     let conn = log::open_and_migrate(&path).unwrap();
-    let cfg = WriterConfig {
-        max_bytes: 1 << 30,
-        remote_max_bytes: 1 << 28,
-        site_id: "site-a".into(),
-        commit_max_rows: 1000,
-        commit_max_bytes: 1 << 20,
-        commit_delay: std::time::Duration::ZERO,
-        queue_capacity: 16,
-    };
+    let cfg = writer_config("site-a");
     let metrics = Arc::new(Metrics::new());
     let (handle, thread) =
         writer::spawn(conn, cfg, metrics.clone(), Arc::new(tokio::sync::Notify::new()), Vec::new()).unwrap();
     // 12 MiB of events in 100-event groups: three times the checkpoint size.
     let payload = format!(r#"{{"pad": "{}"}}"#, "x".repeat(1000));
     for _ in 0..120 {
-        let events = (0..100)
-            .map(|_| outpost::event::Event {
-                id: uuid::Uuid::now_v7(),
-                tenant: "acme".into(),
-                device_id: "pump-1".into(),
-                event_type: "wal".into(),
-                payload: payload.clone(),
-                timestamp_us: now_us(),
-                received_at_us: now_us(),
-                origin_site: "site-a".into(),
-                redelivery: None,
-                mqtt: None,
-                properties: None,
-                protocol: "test",
-            })
-            .collect();
+        let events = (0..100).map(|_| event("pump-1", "wal", &payload, None)).collect();
         handle.append(events).await.unwrap();
     }
     let wal = std::fs::metadata(dir.path().join("site-log.sqlite-wal")).unwrap().len();
@@ -130,21 +130,10 @@ async fn the_writer_checkpoints_the_wal_once_it_holds_4_mib() {
 /// (the code of that time) and MQTT rows of two devices, interleaved.
 #[test]
 fn a_log_from_before_the_mqtt_chain_keeps_its_redelivery_window() {
-    use rusqlite_migration::{M, Migrations};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("site-log.sqlite");
     let mut conn = log::open(&path, false).unwrap();
-    Migrations::new(vec![
-        M::up(include_str!("../migrations/sqlite/0001_site_log.sql")),
-        M::up(include_str!("../migrations/sqlite/0002_dead_letter.sql")),
-        M::up(include_str!("../migrations/sqlite/0003_mqtt_redelivery.sql")),
-        M::up(include_str!("../migrations/sqlite/0004_remote_cursor.sql")),
-        M::up(include_str!("../migrations/sqlite/0005_mqtt_session.sql")),
-        M::up(include_str!("../migrations/sqlite/0006_event_properties.sql")),
-        M::up(include_str!("../migrations/sqlite/0007_forward_watermark.sql")),
-    ])
-    .to_latest(&mut conn)
-    .unwrap();
+    schema::migrations().to_version(&mut conn, 7).unwrap();
     let now = now_us();
     // seq 1-6: d1 pkids 10, 11, 12 and d2 pkids 10, 11, 12, alternating;
     // seq 7: an HTTP event of d1 (no packet id).
@@ -180,22 +169,8 @@ fn a_log_from_before_the_mqtt_chain_keeps_its_redelivery_window() {
         .collect();
     assert_eq!(chain, [None, None, Some(1), Some(2), Some(3), Some(4), None]);
     // d1's first event (pkid 10, digest 100) is found behind its two newer ones.
-    let resend = |device: &str, pkid: u16, digest: i64| outpost::event::Event {
-        id: uuid::Uuid::now_v7(),
-        tenant: "acme".into(),
-        device_id: device.into(),
-        event_type: "t".into(),
-        payload: "{}".into(),
-        timestamp_us: now,
-        received_at_us: now,
-        origin_site: "site-a".into(),
-        redelivery: Some(outpost::event::Redelivery { pkid, digest, check: true }),
-        mqtt: None,
-        properties: None,
-        protocol: "test",
-    };
     let found = |device: &str, pkid: u16, digest: i64, head: i64| {
-        let e = resend(device, pkid, digest);
+        let e = event(device, "t", "{}", Some(Redelivery { pkid, digest, check: true }));
         schema::find_redelivered(&conn, &e, e.redelivery.as_ref().unwrap(), Some(head)).unwrap().map(|(seq, _)| seq)
     };
     assert_eq!(found("d1", 10, 100, 5), Some(1));

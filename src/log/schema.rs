@@ -11,10 +11,10 @@ use uuid::Uuid;
 use super::Error;
 use crate::event::{Event, ROW_OVERHEAD, StoredEvent, from_us, row_bytes};
 
-/// Applies pending migrations from `migrations/sqlite/` (tracked in
+/// The site log's migrations, from `migrations/sqlite/` (tracked in
 /// `user_version`, so none is applied twice).
-pub fn migrate(conn: &mut Connection) -> Result<(), Error> {
-    let migrations = Migrations::new(vec![
+pub fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![
         M::up(include_str!("../../migrations/sqlite/0001_site_log.sql")),
         M::up(include_str!("../../migrations/sqlite/0002_dead_letter.sql")),
         M::up(include_str!("../../migrations/sqlite/0003_mqtt_redelivery.sql")),
@@ -23,8 +23,12 @@ pub fn migrate(conn: &mut Connection) -> Result<(), Error> {
         M::up(include_str!("../../migrations/sqlite/0006_event_properties.sql")),
         M::up(include_str!("../../migrations/sqlite/0007_forward_watermark.sql")),
         M::up(include_str!("../../migrations/sqlite/0008_mqtt_chain.sql")),
-    ]);
-    migrations.to_latest(conn)?;
+    ])
+}
+
+/// Applies pending migrations.
+pub fn migrate(conn: &mut Connection) -> Result<(), Error> {
+    migrations().to_latest(conn)?;
     Ok(())
 }
 
