@@ -85,28 +85,23 @@ async fn dup_redelivery_matches_topic_and_payload_not_the_packet_id_alone() {
     let dir = tempfile::tempdir().unwrap();
     let p = start(dir.path(), &[]);
     let token = add(dir.path(), "acme", "door-1");
-    let (mut c, code) = Raw::connect(p.mqtt.unwrap(), "door-1", "door-1", &token, 30, None).await;
-    assert_eq!(code, 0);
+    let mut c = door(&p, &token).await;
     let open = "acme/devices/door-1/events/door.open";
     let close = "acme/devices/door-1/events/door.close";
     let expect_rows = |n: usize, what: &str| {
         let got = rows(dir.path()).len();
         assert_eq!(got, n, "{what}");
     };
-    c.publish(open, br#"{"v":1}"#, 1, 7, false, false).await;
-    assert_eq!(c.read_kind(4, T).await.unwrap().pkid(), 7);
+    publish_acked(&mut c, open, br#"{"v":1}"#, 7, false).await;
     expect_rows(1, "first publish");
     // Same packet id and payload, another topic: a new event.
-    c.publish(close, br#"{"v":1}"#, 1, 7, true, false).await;
-    assert_eq!(c.read_kind(4, T).await.unwrap().pkid(), 7);
+    publish_acked(&mut c, close, br#"{"v":1}"#, 7, true).await;
     expect_rows(2, "same payload on another topic is stored");
     // Same packet id and topic, another payload: a new event.
-    c.publish(close, br#"{"v":2}"#, 1, 7, true, false).await;
-    assert_eq!(c.read_kind(4, T).await.unwrap().pkid(), 7);
+    publish_acked(&mut c, close, br#"{"v":2}"#, 7, true).await;
     expect_rows(3, "same topic with another payload is stored");
     // A true resend of the latest: acked, not stored again.
-    c.publish(close, br#"{"v":2}"#, 1, 7, true, false).await;
-    assert_eq!(c.read_kind(4, T).await.unwrap().pkid(), 7);
+    publish_acked(&mut c, close, br#"{"v":2}"#, 7, true).await;
     expect_rows(3, "the resend is recognised");
     let types: Vec<String> = rows(dir.path()).iter().map(|r| r.event_type.clone()).collect();
     assert_eq!(types, ["door.open", "door.close", "door.close"]);
@@ -121,30 +116,28 @@ async fn dup_redelivery_walks_back_past_newer_events_after_a_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let p = start(dir.path(), &[]);
     let token = add(dir.path(), "acme", "door-1");
-    let (mut c, _) = Raw::connect(p.mqtt.unwrap(), "door-1", "door-1", &token, 30, None).await;
+    let mut c = door(&p, &token).await;
     let topic = "acme/devices/door-1/events/door.open";
     for pkid in 1..=5u16 {
-        c.publish(topic, format!(r#"{{"v":{pkid}}}"#).as_bytes(), 1, pkid, false, false).await;
-        assert_eq!(c.read_kind(4, T).await.unwrap().pkid(), pkid);
+        publish_acked(&mut c, topic, format!(r#"{{"v":{pkid}}}"#).as_bytes(), pkid, false).await;
     }
     // Killed well within the 10 s after which the heads would be stored.
     p.kill9();
     let p = start(dir.path(), &[]);
-    let (mut c, _) = Raw::connect(p.mqtt.unwrap(), "door-1", "door-1", &token, 30, None).await;
+    let mut c = door(&p, &token).await;
     // Resends of the fourth and the second: acked, not stored again.
     for pkid in [4u16, 2] {
-        c.publish(topic, format!(r#"{{"v":{pkid}}}"#).as_bytes(), 1, pkid, true, false).await;
-        assert_eq!(c.read_kind(4, T).await.unwrap().pkid(), pkid);
+        publish_acked(&mut c, topic, format!(r#"{{"v":{pkid}}}"#).as_bytes(), pkid, true).await;
     }
     assert_eq!(rows(dir.path()).len(), 5, "resends after the kill are recognised");
     // The packet id of the first with another payload: a new event, which
     // is now the newest; the one before it is still found behind it.
-    c.publish(topic, br#"{"v":"new"}"#, 1, 1, true, false).await;
-    c.read_kind(4, T).await.unwrap();
-    c.publish(topic, br#"{"v":3}"#, 1, 3, true, false).await;
-    c.read_kind(4, T).await.unwrap();
-    let payloads: Vec<String> = rows(dir.path()).iter().map(|r| r.payload.get().to_string()).collect();
-    assert_eq!(payloads, [r#"{"v":1}"#, r#"{"v":2}"#, r#"{"v":3}"#, r#"{"v":4}"#, r#"{"v":5}"#, r#"{"v":"new"}"#]);
+    publish_acked(&mut c, topic, br#"{"v":"new"}"#, 1, true).await;
+    publish_acked(&mut c, topic, br#"{"v":3}"#, 3, true).await;
+    assert_eq!(
+        payloads(dir.path()),
+        [r#"{"v":1}"#, r#"{"v":2}"#, r#"{"v":3}"#, r#"{"v":4}"#, r#"{"v":5}"#, r#"{"v":"new"}"#]
+    );
 }
 
 /// The heads stored at a clean stop, then newer events the kill kept from
@@ -157,28 +150,40 @@ async fn after_a_sigkill_the_newest_event_under_a_packet_id_is_the_one_matched()
     let mut p = start(dir.path(), &[]);
     let token = add(dir.path(), "acme", "door-1");
     let topic = "acme/devices/door-1/events/door.open";
-    let (mut c, _) = Raw::connect(p.mqtt.unwrap(), "door-1", "door-1", &token, 30, None).await;
-    c.publish(topic, br#"{"v":"a"}"#, 1, 1, false, false).await;
-    c.read_kind(4, T).await.unwrap();
+    let mut c = door(&p, &token).await;
+    publish_acked(&mut c, topic, br#"{"v":"a"}"#, 1, false).await;
     drop(c);
     assert!(p.terminate_in_place().success(), "a clean stop stores the heads");
     let p = start(dir.path(), &[]);
-    let (mut c, _) = Raw::connect(p.mqtt.unwrap(), "door-1", "door-1", &token, 30, None).await;
-    c.publish(topic, br#"{"v":"b"}"#, 1, 2, false, false).await;
-    c.read_kind(4, T).await.unwrap();
-    c.publish(topic, br#"{"v":"c"}"#, 1, 1, false, false).await;
-    c.read_kind(4, T).await.unwrap();
+    let mut c = door(&p, &token).await;
+    publish_acked(&mut c, topic, br#"{"v":"b"}"#, 2, false).await;
+    publish_acked(&mut c, topic, br#"{"v":"c"}"#, 1, false).await;
     p.kill9();
     let p = start(dir.path(), &[]);
-    let (mut c, _) = Raw::connect(p.mqtt.unwrap(), "door-1", "door-1", &token, 30, None).await;
+    let mut c = door(&p, &token).await;
     // Packet id 1 now belongs to "c": a resend of "c" is recognised, and
     // "a" under packet id 1 is a new event.
-    c.publish(topic, br#"{"v":"c"}"#, 1, 1, true, false).await;
-    c.read_kind(4, T).await.unwrap();
-    c.publish(topic, br#"{"v":"a"}"#, 1, 1, true, false).await;
-    c.read_kind(4, T).await.unwrap();
-    let payloads: Vec<String> = rows(dir.path()).iter().map(|r| r.payload.get().to_string()).collect();
-    assert_eq!(payloads, [r#"{"v":"a"}"#, r#"{"v":"b"}"#, r#"{"v":"c"}"#, r#"{"v":"a"}"#]);
+    publish_acked(&mut c, topic, br#"{"v":"c"}"#, 1, true).await;
+    publish_acked(&mut c, topic, br#"{"v":"a"}"#, 1, true).await;
+    assert_eq!(payloads(dir.path()), [r#"{"v":"a"}"#, r#"{"v":"b"}"#, r#"{"v":"c"}"#, r#"{"v":"a"}"#]);
+}
+
+/// door-1's clean MQTT 3.1.1 connection to `p`.
+async fn door(p: &Proc, token: &str) -> Raw {
+    let (c, code) = Raw::connect(p.mqtt.unwrap(), "door-1", "door-1", token, 30, None).await;
+    assert_eq!(code, 0);
+    c
+}
+
+/// Publishes at QoS 1 and waits for its PUBACK.
+async fn publish_acked(c: &mut Raw, topic: &str, payload: &[u8], pkid: u16, dup: bool) {
+    c.publish(topic, payload, 1, pkid, dup, false).await;
+    assert_eq!(c.read_kind(4, T).await.unwrap().pkid(), pkid);
+}
+
+/// The stored events' payloads, in seq order.
+fn payloads(dir: &Path) -> Vec<String> {
+    rows(dir).iter().map(|r| r.payload.get().to_string()).collect()
 }
 
 /// Opens a WebSocket stream, an SSE stream and a long-poll for `token`.
