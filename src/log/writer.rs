@@ -324,12 +324,17 @@ struct Writer {
 /// nothing.
 #[derive(Default)]
 struct MqttHeads {
-    seq: HashMap<String, HashMap<String, i64>>,
-    /// What the open transaction changed, oldest first, with the seq before:
-    /// undone if it does not commit.
-    undo: Vec<(String, String, Option<i64>)>,
-    /// Devices whose head moved since the heads were last stored.
-    dirty: std::collections::HashSet<(String, String)>,
+    devices: HashMap<String, HashMap<String, Head>>,
+    /// What the open transaction changed, oldest first, with the head
+    /// before: undone if it does not commit.
+    undo: Vec<(String, String, Option<Head>)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Head {
+    seq: i64,
+    /// `mqtt_heads` holds this seq.
+    stored: bool,
 }
 
 impl MqttHeads {
@@ -337,7 +342,7 @@ impl MqttHeads {
         let (stored, upto) = schema::mqtt_heads(conn)?;
         let mut heads = MqttHeads::default();
         for (tenant, device, seq) in stored {
-            heads.seq.entry(tenant).or_default().insert(device, seq);
+            heads.devices.entry(tenant).or_default().insert(device, Head { seq, stored: true });
         }
         let after = schema::mqtt_heads_after(conn, upto)?;
         if !after.is_empty() {
@@ -347,20 +352,26 @@ impl MqttHeads {
             );
         }
         for (tenant, device, seq) in after {
-            heads.dirty.insert((tenant.clone(), device.clone()));
-            heads.seq.entry(tenant).or_default().insert(device, seq);
+            heads.devices.entry(tenant).or_default().insert(device, Head { seq, stored: false });
         }
         Ok(heads)
     }
 
     fn get(&self, tenant: &str, device: &str) -> Option<i64> {
-        self.seq.get(tenant)?.get(device).copied()
+        Some(self.devices.get(tenant)?.get(device)?.seq)
     }
 
     fn set(&mut self, tenant: &str, device: &str, seq: i64) {
-        let before = self.seq.entry(tenant.to_owned()).or_default().insert(device.to_owned(), seq);
+        let head = Head { seq, stored: false };
+        if !self.devices.contains_key(tenant) {
+            self.devices.insert(tenant.to_owned(), HashMap::new());
+        }
+        let devices = self.devices.get_mut(tenant).expect("inserted above");
+        let before = match devices.get_mut(device) {
+            Some(h) => Some(std::mem::replace(h, head)),
+            None => devices.insert(device.to_owned(), head),
+        };
         self.undo.push((tenant.to_owned(), device.to_owned(), before));
-        self.dirty.insert((tenant.to_owned(), device.to_owned()));
     }
 
     /// Undoes the changes after the first `keep` (a rolled-back request or
@@ -368,12 +379,24 @@ impl MqttHeads {
     fn undo_to(&mut self, keep: usize) {
         while self.undo.len() > keep {
             let Some((tenant, device, before)) = self.undo.pop() else { break };
-            let devices = self.seq.entry(tenant).or_default();
+            let devices = self.devices.entry(tenant).or_default();
             match before {
-                Some(seq) => devices.insert(device, seq),
+                Some(head) => devices.insert(device, head),
                 None => devices.remove(&device),
             };
         }
+    }
+
+    /// Heads `mqtt_heads` does not hold yet: `(tenant, device, seq)`.
+    fn unstored(&self) -> impl Iterator<Item = (&str, &str, i64)> {
+        self.devices.iter().flat_map(|(tenant, devices)| {
+            devices.iter().filter(|(_, h)| !h.stored).map(move |(device, h)| (tenant.as_str(), device.as_str(), h.seq))
+        })
+    }
+
+    /// After the commit that stored every head.
+    fn mark_stored(&mut self) {
+        self.devices.values_mut().flat_map(HashMap::values_mut).for_each(|h| h.stored = true);
     }
 }
 
@@ -663,14 +686,12 @@ impl Writer {
             for ((tenant, device), (count, last)) in unflushed.iter() {
                 schema::bump_device(&tx, tenant, device, *count, *last)?;
             }
-            let heads = &self.heads;
-            let dirty = heads.dirty.iter().filter_map(|(t, d)| Some((t.as_str(), d.as_str(), heads.get(t, d)?)));
-            schema::store_mqtt_heads(&tx, dirty)?;
+            schema::store_mqtt_heads(&tx, self.heads.unstored())?;
         }
         tx.commit()?;
         self.heads.undo.clear();
         if flush {
-            self.heads.dirty.clear();
+            self.heads.mark_stored();
         }
         let mut unflushed = self.unflushed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if flush {
@@ -786,8 +807,10 @@ fn append(
     let mut out = Vec::with_capacity(events.len());
     let mut per_device = DeviceCounts::new();
     for (index, e) in events.iter().enumerate() {
+        // The device's newest event with a packet id, for one that has one.
+        let head = e.redelivery.and_then(|_| heads.get(&e.tenant, &e.device_id));
         if let Some(r) = e.redelivery.as_ref().filter(|r| r.check)
-            && let Some((seq, id)) = schema::find_redelivered(conn, e, r, heads.get(&e.tenant, &e.device_id))?
+            && let Some((seq, id)) = schema::find_redelivered(conn, e, r, head)?
         {
             out.push(Appended { id, seq, duplicate: true });
             continue;
@@ -799,8 +822,7 @@ fn append(
             out.push(Appended { id, seq, duplicate: true });
             continue;
         }
-        let prev = e.redelivery.and_then(|_| heads.get(&e.tenant, &e.device_id));
-        match schema::insert_event(conn, e, None, prev)? {
+        match schema::insert_event(conn, e, None, head)? {
             Some(seq) => {
                 if e.redelivery.is_some() {
                     heads.set(&e.tenant, &e.device_id, seq);
@@ -855,5 +877,12 @@ mod tests {
         h.undo_to(0);
         assert_eq!(h.get("acme", "d1"), Some(1));
         assert_eq!(h.get("globex", "d1"), None, "heads are per tenant");
+        // What is stored at a flush: the heads the table does not hold yet.
+        assert_eq!(h.unstored().collect::<Vec<_>>(), [("acme", "d1", 1)]);
+        h.mark_stored();
+        assert_eq!(h.unstored().count(), 0);
+        h.set("acme", "d1", 6);
+        h.undo_to(0);
+        assert_eq!(h.unstored().count(), 0, "an undone change leaves the head stored");
     }
 }
