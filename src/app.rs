@@ -285,7 +285,7 @@ struct Site {
 
 async fn open_site(config: &Config) -> anyhow::Result<Site> {
     let data_dir = &config.site.data_dir;
-    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    config.create_data_dir().with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let log_path = config.log_path();
     let conn = {
         let p = log_path.clone();

@@ -250,8 +250,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn open_log(cfg: &Config) -> anyhow::Result<rusqlite::Connection> {
-    std::fs::create_dir_all(&cfg.site.data_dir)
-        .with_context(|| format!("cannot create {}", cfg.site.data_dir.display()))?;
+    cfg.create_data_dir().with_context(|| format!("cannot create {}", cfg.site.data_dir.display()))?;
     log::open_and_migrate(&cfg.log_path()).with_context(|| format!("cannot open {}", cfg.log_path().display()))
 }
 

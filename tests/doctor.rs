@@ -7,7 +7,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 
 use common::pg::Pg;
-use common::{Proc, cli_env};
+use common::{Proc, add_device, cli_env};
 
 fn doctor(dir: &std::path::Path, env: &[(&str, &str)]) -> (bool, String, String) {
     cli_env(dir, &["doctor"], env)
@@ -90,6 +90,49 @@ fn a_port_taken_by_another_program_fails_but_one_held_by_the_running_outpost_is_
     assert!(line(&out, "data dir").starts_with("ok"), "{out}");
     assert!(line(&out, "jwt.secret").starts_with("ok"), "{out}");
     assert!(app.terminate().success());
+}
+
+/// The zero-config path (`make run`): `outpost run` in an empty directory
+/// makes `./data` itself, and its own doctor finds nothing to fail there.
+#[test]
+fn a_first_start_in_an_empty_directory_leaves_nothing_the_doctor_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(common::bin());
+    cmd.current_dir(dir.path())
+        .env_remove("OUTPOST_SITE__DATA_DIR")
+        .env("OUTPOST_HTTP__LISTEN", "127.0.0.1:0")
+        .env("OUTPOST_MQTT__LISTEN", "127.0.0.1:0")
+        .env("OUTPOST_LOG", "info")
+        .env("NO_COLOR", "1");
+    let app = Proc::spawn(cmd);
+    assert!(app.terminate().success());
+
+    let data = dir.path().join("data");
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700, "the first start made ./data with mode {mode:04o}");
+    let out = std::process::Command::new(common::bin())
+        .arg("doctor")
+        .current_dir(dir.path())
+        .env_remove("OUTPOST_CONFIG")
+        .env_remove("OUTPOST_SITE__DATA_DIR")
+        .env("OUTPOST_HTTP__LISTEN", "127.0.0.1:0")
+        .env("OUTPOST_MQTT__LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!stdout.lines().any(|l| l.starts_with("FAIL")), "{stdout}");
+    assert!(line(&stdout, "data dir").starts_with("ok"), "{stdout}");
+    assert!(line(&stdout, "jwt.secret").starts_with("ok"), "{stdout}");
+
+    // The CLI's first use (before any start) makes the same directory.
+    let other = tempfile::tempdir().unwrap();
+    let data = other.path().join("nested").join("data");
+    add_device(&data, "acme", "pump-1");
+    for d in [other.path().join("nested"), data] {
+        let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "{} made with mode {mode:04o}", d.display());
+    }
 }
 
 #[test]

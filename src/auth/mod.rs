@@ -194,7 +194,7 @@ pub fn load_or_create_secret(path: &Path) -> Result<(Vec<u8>, bool), Error> {
             getrandom::fill(&mut raw).map_err(|e| key_err(path, format!("no randomness: {e}")))?;
             let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| key_err(path, e.to_string()))?;
+                crate::config::create_private_dir(dir).map_err(|e| key_err(path, e.to_string()))?;
             }
             let mut f = std::fs::OpenOptions::new()
                 .write(true)

@@ -593,6 +593,20 @@ impl Config {
     pub fn secret_path(&self) -> PathBuf {
         self.auth.secret_file.clone().unwrap_or_else(|| self.site.data_dir.join("jwt.secret"))
     }
+
+    /// Creates the data dir (and missing parents) readable by its owner
+    /// only, the mode `outpost doctor` asks for: it holds the site log and
+    /// the signing secret. An existing directory keeps its mode.
+    pub fn create_data_dir(&self) -> std::io::Result<()> {
+        create_private_dir(&self.site.data_dir)
+    }
+}
+
+/// `mkdir -p -m 0700`: directories this call creates are private to their
+/// owner (whatever the umask allows beyond that is not granted).
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }
 
 impl Default for Config {

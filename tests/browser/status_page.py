@@ -4,9 +4,10 @@
 Starts the appliance binary with a temp data dir, registers devices with
 `outpost device add`, opens http://127.0.0.1:<port>/ in Chromium driven over
 the DevTools protocol, and checks:
-  a) the page shows what /api/v1/status says (uplink, backlog, dead letters,
-     disk, ingest, devices in order, the device filter), with no horizontal
-     scroll at 360 px;
+  a) the page shows what the /api/v1/status it rendered says (uplink,
+     backlog, dead letters, disk, ingest, devices in order, the device
+     filter), read in one evaluation with the DOM, with no horizontal scroll
+     at 360 px;
   b) an MQTT publish (mosquitto_pub) shows its device and type in the live
      tail within 2 s, without a reload;
   c) screenshots at 360 px and 1280 px wide: target/browser/*.png.
@@ -15,7 +16,9 @@ python3-websockets (Debian packages).
 """
 import asyncio
 import base64
+import decimal
 import json
+import math
 import os
 import shutil
 import socket
@@ -124,6 +127,7 @@ READ_PAGE = """(() => {
       [r.dataset.device, r.children[1].textContent, r.children[2].textContent]),
     tail: [...document.querySelectorAll('#tail li[data-seq]')].map(l => l.textContent),
     overflow: document.documentElement.scrollWidth - window.innerWidth,
+    status: window.outpostStatus,
   };
 })()"""
 
@@ -134,6 +138,11 @@ def human(n):
     while n >= 1024 and i < len(units) - 1:
         n, i = n / 1024, i + 1
     return f"{n:.1f} {units[i]}" if i else f"{n} B"
+
+
+def js_fixed2(x):
+    """JavaScript's x.toFixed(2): the exact binary value, ties away from zero."""
+    return str(decimal.Decimal(x).quantize(decimal.Decimal("0.01"), rounding=decimal.ROUND_HALF_UP))
 
 
 def check_against_status(page, s):
@@ -148,9 +157,10 @@ def check_against_status(page, s):
     if w is None:
         assert page["diskWrite"] == "n/a", page
     elif per_event is None:
-        assert page["diskWrite"].endswith(" GB/day"), page
+        assert page["diskWrite"] == f"{js_fixed2(w / 1e9)} GB/day", page
     else:
-        assert " GB/day, " in page["diskWrite"] and page["diskWrite"].endswith(" B/event"), page
+        want = f"{js_fixed2(w / 1e9)} GB/day, {math.floor(per_event + 0.5):,} B/event"
+        assert page["diskWrite"] == want, (page["diskWrite"], want, s["disk"])
     assert page["http"] != "—" and float(page["http"]) >= 0.0, page
     want = [d["device_id"] for d in s["devices"]]
     assert [d[0] for d in page["devices"]] == want, (page["devices"], want)
@@ -169,11 +179,23 @@ async def drive(base, ws_url, mqtt_port, token):
         await cdp.until("the event feed to open", "document.getElementById('live').textContent === 'live'")
         await cdp.until("the HTTP event in the tail", "document.querySelectorAll('#tail li[data-seq]').length >= 1")
 
-        # a) the page against /api/v1/status (after one poll refreshed it)
-        await cdp.until("a poll", "document.getElementById('updated').textContent.startsWith('updated')")
+        # a) the page against the /api/v1/status it rendered: the DOM and the
+        # status it was drawn from are read in one evaluation, so no poll can
+        # land between them. First wait (polls come every 3 s) until the page
+        # has rendered a status with every value checked below: the write
+        # rate needs half a second of samples, which the status embedded at
+        # page load may not have had yet.
+        await cdp.until("a rendered status with a disk write rate",
+                        "window.outpostStatus && window.outpostStatus.disk.write_bytes_per_day !== null"
+                        " && window.outpostStatus.disk.write_bytes_per_event !== null", timeout=15)
         page = await cdp.eval(READ_PAGE)
-        check_against_status(page, http_json(base + "/api/v1/status"))
-        print("a) page matches /api/v1/status:", json.dumps({k: page[k] for k in ("uplink", "backlog", "dead", "diskLog", "diskWrite", "devCount")}))
+        rendered = page.pop("status")
+        check_against_status(page, rendered)
+        # ... and that status is what the API serves (same site, same devices).
+        served = http_json(base + "/api/v1/status")
+        assert served["site_id"] == rendered["site_id"], (served["site_id"], rendered["site_id"])
+        assert [d["device_id"] for d in served["devices"]] == [d["device_id"] for d in rendered["devices"]], served
+        print("a) page matches the /api/v1/status it rendered:", json.dumps({k: page[k] for k in ("uplink", "backlog", "dead", "diskLog", "diskWrite", "devCount")}))
         await cdp.eval("(() => { const f = document.getElementById('filter'); f.value = 'PUMP-2'; f.dispatchEvent(new Event('input')); })()")
         rows = await cdp.eval(READ_PAGE)
         assert [d[0] for d in rows["devices"]] == ["pump-2"], rows["devices"]

@@ -254,13 +254,19 @@ impl Proc {
     /// Starts `outpost run` and waits for its "http listening on" line.
     pub fn start(data_dir: &Path, extra_env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(bin());
-        cmd.arg("run").stdout(Stdio::null()).stderr(Stdio::piped()).env_remove("OUTPOST_CONFIG");
         for (k, v) in proc_env(data_dir) {
             cmd.env(k, v);
         }
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
+        Self::spawn(cmd)
+    }
+
+    /// Starts `cmd` (the binary, with its environment and directory set) as
+    /// `outpost run` and waits for its "http listening on" line.
+    pub fn spawn(mut cmd: Command) -> Self {
+        cmd.arg("run").stdout(Stdio::null()).stderr(Stdio::piped()).env_remove("OUTPOST_CONFIG");
         let mut child = cmd.spawn().unwrap();
         let Some(stderr) = child.stderr.take() else {
             let _ = child.kill();

@@ -106,6 +106,9 @@
   }
 
   function render(s) {
+    // The status this page shows, for scripts (and the browser test) that
+    // compare the page with the data it was drawn from.
+    window.outpostStatus = s;
     renderNumbers(s);
     devices = s.devices;
     renderDevices();
