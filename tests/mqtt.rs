@@ -214,9 +214,11 @@ async fn keep_alive_expiry_drops_the_device_and_fires_its_will() {
     sub.read_kind(9, T).await.unwrap();
     // keep-alive 1 s, then silence: dropped after 1.5 s, the will is stored and published.
     let will = Will("acme/devices/d1/events/status.lost", b"{\"online\":false}", false);
+    // Timed from before the CONNECT: the appliance's keep-alive starts after
+    // it (once the CONNACK is written), so it can never have run longer.
+    let started = Instant::now();
     let (mut dev, code) = Raw::connect(app.mqtt, "d1", "d1", &t1, 1, Some(will)).await;
     assert_eq!(code, 0);
-    let started = Instant::now();
     assert!(dev.closed(Duration::from_secs(10)).await, "not dropped after keep-alive expiry");
     assert!(started.elapsed() >= Duration::from_millis(1400), "dropped too early: {:?}", started.elapsed());
     let p = sub.read_kind(3, T).await.expect("will delivered");
@@ -374,7 +376,7 @@ async fn mosquitto_clients_publish_subscribe_and_retain() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(app.log_rows().len(), 1, "acked by mosquitto_pub means stored");
     // mosquitto_sub gets the retained one, then a live one.
-    let sub = tokio::process::Command::new("mosquitto_sub")
+    let mut sub = tokio::process::Command::new("mosquitto_sub")
         .args([
             "-h",
             "127.0.0.1",
@@ -396,16 +398,16 @@ async fn mosquitto_clients_publish_subscribe_and_retain() {
         ])
         .args(["-t", "acme/events/#"])
         .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
-    // Wait until the subscriber is connected (presence), then publish live.
-    assert!(
-        eventually(T, || async {
-            let devs = app.get("/api/v1/realtime/acme/devices", Some(&app.admin)).await;
-            devs.body["devices"].as_array().unwrap().iter().any(|d| d["device_id"] == "d2" && d["online"] == true)
-        })
-        .await
-    );
+    // The retained message arrives first: then the subscription is live
+    // (a device shown online has not necessarily subscribed yet), and a live
+    // publish must reach it.
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(sub.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(T, lines.next_line()).await.expect("no retained message").unwrap();
+    assert_eq!(first.as_deref(), Some("acme/events/d1/config {\"v\":1}"));
     let out = tokio::process::Command::new("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", &port, "-i", "d1", "-u", "d1", "-P", &t1, "-q", "1"])
         .args(["-t", "acme/devices/d1/events/temp", "-m", "{\"c\":20}"])
@@ -413,10 +415,9 @@ async fn mosquitto_clients_publish_subscribe_and_retain() {
         .await
         .unwrap();
     assert!(out.status.success());
-    let out = sub.wait_with_output().await.unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("acme/events/d1/config {\"v\":1}"), "{text}");
-    assert!(text.contains("acme/events/d1/temp {\"c\":20}"), "{text}");
+    let second = tokio::time::timeout(T, lines.next_line()).await.expect("no live message").unwrap();
+    assert_eq!(second.as_deref(), Some("acme/events/d1/temp {\"c\":20}"));
+    assert!(sub.wait().await.unwrap().success(), "mosquitto_sub -C 2 exits after two messages");
     // A wrong password is refused with the right code (mosquitto_pub exits non-zero).
     let out = tokio::process::Command::new("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", &port, "-i", "d1", "-u", "d1", "-P", "nope", "-q", "1"])

@@ -85,8 +85,18 @@ async fn list_devices(
     State(state): State<ApiState>,
     AdminAccess { tenant }: AdminAccess,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let mut devices = state.readers.with(move |c| schema::devices(c, Some(&tenant))).await?;
-    state.log.overlay_devices(&mut devices);
+    // The counters still in memory are added to the table's; a flush
+    // between the read and the overlay makes it read again.
+    let mut tries = 0;
+    let devices = loop {
+        let flushes = state.log.device_flushes();
+        let t = tenant.clone();
+        let mut devices = state.readers.with(move |c| schema::devices(c, Some(&t))).await?;
+        tries += 1;
+        if state.log.overlay_devices(&mut devices, flushes) || tries == 5 {
+            break devices;
+        }
+    };
     Ok(Json(serde_json::json!({ "devices": devices })))
 }
 

@@ -118,12 +118,21 @@ async fn log_status(state: &ApiState) -> Result<(LogStatus, Arc<Vec<DeviceView>>
     {
         return Ok((s.clone(), d.clone()));
     }
-    let counted = state.log.counters();
-    let (s, mut devices) = state
-        .readers
-        .with(move |c| Ok((schema::status_from(c, counted, now_us())?, schema::devices(c, None)?)))
-        .await?;
-    state.log.overlay_devices(&mut devices);
+    // The counters still in memory are added to the table's; a flush
+    // between the read and the overlay makes it read again.
+    let mut tries = 0;
+    let (s, devices) = loop {
+        let flushes = state.log.device_flushes();
+        let counted = state.log.counters();
+        let (s, mut devices) = state
+            .readers
+            .with(move |c| Ok((schema::status_from(c, counted, now_us())?, schema::devices(c, None)?)))
+            .await?;
+        tries += 1;
+        if state.log.overlay_devices(&mut devices, flushes) || tries == 5 {
+            break (s, devices);
+        }
+    };
     let devices = Arc::new(device_views(devices));
     *cache = Some((Instant::now(), s.clone(), devices.clone()));
     Ok((s, devices))

@@ -95,6 +95,11 @@ pub struct LogHandle {
     full: Arc<AtomicBool>,
     counters: Arc<super::Counters>,
     unflushed: Arc<Mutex<DeviceCounts>>,
+    /// Bumped before a group that stores the device counters commits (odd
+    /// while it may be committing) and after `unflushed` was cleared:
+    /// readers that add `unflushed` to the table's counters retry when it
+    /// moved, so they never count a flush twice or not at all.
+    device_flushes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The running writer thread; `join` after every handle is dropped.
@@ -167,6 +172,8 @@ pub fn spawn(
     let writer_counters = counters.clone();
     let unflushed = Arc::new(Mutex::new(DeviceCounts::new()));
     let writer_unflushed = unflushed.clone();
+    let device_flushes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer_flushes = device_flushes.clone();
     // SQLite's default checkpoints every 1,000 pages: 1 MiB with 1 KiB pages.
     // Every checkpoint writes the hot pages (index tails, the table's last
     // page) to the database again, so fewer of them write less: 4 MiB. The
@@ -188,6 +195,7 @@ pub fn spawn(
                 counters: writer_counters,
                 log_version,
                 unflushed: writer_unflushed,
+                device_flushes: writer_flushes,
                 heads,
                 checkpoint_pages,
                 flushed_at: Instant::now(),
@@ -196,7 +204,7 @@ pub fn spawn(
             .run(rx)
         })
         .map_err(|e| Error::Commit(format!("cannot start writer thread: {e}")))?;
-    Ok((LogHandle { tx, full, counters, unflushed }, WriterThread { thread }))
+    Ok((LogHandle { tx, full, counters, unflushed, device_flushes }, WriterThread { thread }))
 }
 
 impl LogHandle {
@@ -240,10 +248,11 @@ impl LogHandle {
     }
 
     /// Adds the counters not yet stored to `devices` read from the table.
-    pub fn overlay_devices(&self, devices: &mut [schema::Device]) {
+    pub fn overlay_devices(&self, devices: &mut [schema::Device], flushes: u64) -> bool {
         let unflushed = self.unflushed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if unflushed.is_empty() {
-            return;
+        let now = self.device_flushes.load(Ordering::SeqCst);
+        if now != flushes || now % 2 == 1 {
+            return false;
         }
         for d in devices {
             if let Some(&(count, last)) = unflushed.get(&(d.tenant.clone(), d.device_id.clone())) {
@@ -252,6 +261,12 @@ impl LogHandle {
                 d.last_seen = Some(d.last_seen.map_or(last, |seen| seen.max(last)));
             }
         }
+        true
+    }
+
+    /// Read before the devices table: see [`overlay_devices`](Self::overlay_devices).
+    pub fn device_flushes(&self) -> u64 {
+        self.device_flushes.load(Ordering::SeqCst)
     }
 
     /// True while the log is at its byte budget (appends would be refused).
@@ -309,6 +324,8 @@ struct Writer {
     log_version: i64,
     /// Device counters of committed groups not yet in the devices table.
     unflushed: Arc<Mutex<DeviceCounts>>,
+    /// See `LogHandle::device_flushes`.
+    device_flushes: Arc<std::sync::atomic::AtomicU64>,
     flushed_at: Instant,
     /// Set when the queue closed: the last group stores the counters.
     stopping: bool,
@@ -687,8 +704,13 @@ impl Writer {
                 schema::bump_device(&tx, tenant, device, *count, *last)?;
             }
             schema::store_mqtt_heads(&tx, self.heads.unstored())?;
+            self.device_flushes.fetch_add(1, Ordering::SeqCst);
         }
-        tx.commit()?;
+        let committed = tx.commit();
+        if committed.is_err() && flush {
+            self.device_flushes.fetch_add(1, Ordering::SeqCst); // the counters stay in memory
+        }
+        committed?;
         self.heads.undo.clear();
         if flush {
             self.heads.mark_stored();
@@ -696,6 +718,7 @@ impl Writer {
         let mut unflushed = self.unflushed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if flush {
             unflushed.clear();
+            self.device_flushes.fetch_add(1, Ordering::SeqCst);
             self.flushed_at = Instant::now();
         }
         merge_counts(&mut unflushed, seen);
@@ -852,7 +875,54 @@ fn append(
 
 #[cfg(test)]
 mod tests {
-    use super::MqttHeads;
+    use super::*;
+
+    /// What a reader of the devices table sees against a flush of the
+    /// counters: the writer bumps `device_flushes` before the flush commits
+    /// and again once `unflushed` is cleared, and the overlay refuses (the
+    /// reader reads again) when it moved or is odd.
+    #[test]
+    fn a_reader_never_counts_a_device_flush_twice_or_not_at_all() {
+        let (tx, _rx) = mpsc::channel(1);
+        let log = LogHandle {
+            tx,
+            full: Arc::default(),
+            counters: Arc::default(),
+            unflushed: Arc::default(),
+            device_flushes: Arc::default(),
+        };
+        log.unflushed.lock().unwrap().insert(("acme".into(), "d1".into()), (3, 1_000_000));
+        let table = |count| {
+            vec![schema::Device {
+                tenant: "acme".into(),
+                device_id: "d1".into(),
+                name: None,
+                created_at: time::OffsetDateTime::UNIX_EPOCH,
+                revoked_at: None,
+                last_seen: None,
+                online: false,
+                event_count: count,
+            }]
+        };
+        // No flush: the table's 2 and the 3 in memory.
+        let mut d = table(2);
+        assert!(log.overlay_devices(&mut d, log.device_flushes()));
+        assert_eq!(d[0].event_count, 5);
+        // A flush committing while the table is read (it may or may not
+        // hold the 3): refused.
+        let seen = log.device_flushes();
+        log.device_flushes.fetch_add(1, Ordering::SeqCst);
+        assert!(!log.overlay_devices(&mut table(5), seen));
+        assert!(!log.overlay_devices(&mut table(5), log.device_flushes()), "odd: a flush may be committing");
+        // The flush is done: the table read before it may lack the 3,
+        // the memory no longer has them: refused too.
+        log.unflushed.lock().unwrap().clear();
+        log.device_flushes.fetch_add(1, Ordering::SeqCst);
+        assert!(!log.overlay_devices(&mut table(2), seen));
+        let mut d = table(5);
+        assert!(log.overlay_devices(&mut d, log.device_flushes()));
+        assert_eq!(d[0].event_count, 5);
+    }
 
     /// A rolled-back request or transaction leaves the heads as they were
     /// before it: a head pointing at a seq that was never committed would

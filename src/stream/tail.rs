@@ -61,12 +61,14 @@ impl Default for Tail {
 impl Tail {
     /// Called after each commit, with the committed rows in seq order.
     pub fn committed(&self, events: &[(i64, Event)]) {
+        // Whether anyone watches is read under the lock `subscribe` takes:
+        // a watcher then either finds these items in its copy of `recent`
+        // or is sent them live, never neither.
+        let mut recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let live = self.tx.receiver_count() > 0;
         // Without a watcher only the last RECENT rows are worth building.
         let skip = if live { 0 } else { events.len().saturating_sub(RECENT) };
-        let items: Vec<Arc<TailItem>> =
-            events[skip..].iter().filter_map(|(seq, e)| TailItem::new(*seq, e)).map(Arc::new).collect();
-        let mut recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let items = events[skip..].iter().filter_map(|(seq, e)| TailItem::new(*seq, e)).map(Arc::new);
         for item in items {
             if recent.len() == RECENT {
                 recent.pop_front();
@@ -81,8 +83,8 @@ impl Tail {
     /// Subscribes, then copies the recent events (oldest first); live items
     /// with a seq at or below the last recent one are repeats to skip.
     pub fn subscribe(&self) -> (Vec<Arc<TailItem>>, broadcast::Receiver<Arc<TailItem>>) {
-        let rx = self.tx.subscribe();
         let recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let rx = self.tx.subscribe();
         (recent.iter().cloned().collect(), rx)
     }
 }
