@@ -113,7 +113,7 @@ fn signals() -> std::io::Result<(tokio::signal::unix::Signal, tokio::signal::uni
 
 /// Starts every stage and returns once the sockets are bound.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
-    let site = open_site(&config).await?;
+    let mut site = open_site(&config).await?;
     let metrics = Arc::new(Metrics::new());
     // Configuration errors of the uplink stop the start, with the reason.
     let connector = config
@@ -156,12 +156,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let stages = Stages::new();
     let mqtt_deps = match broker {
         Some((links, bridge, sessions)) => {
-            let retained = site.readers.with(crate::log::schema::retained).await?;
+            let retained = site.readers.with(crate::log::mqtt::retained).await?;
             if !retained.is_empty() {
                 let n = bridge.restore_retained(&sessions, retained);
                 tracing::info!(messages = n, "mqtt retained messages restored from the site log");
             }
-            Some(MqttDeps {
+            let deps = MqttDeps {
                 ingest: ingest.clone(),
                 auth: site.auth.clone(),
                 links,
@@ -170,7 +170,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 bridge,
                 sessions,
                 connections: Default::default(),
-            })
+            };
+            let stored = std::mem::take(&mut site.mqtt_sessions);
+            mqtt::resume_stored_sessions(&deps, stored, &stages.shutdown).await?;
+            Some(deps)
         }
         None => None,
     };
@@ -278,6 +281,8 @@ fn spawn_central(stages: &Stages, config: &Config, c: Central, metrics: Arc<Metr
 /// registry and the token keys.
 struct Site {
     conn: rusqlite::Connection,
+    /// MQTT sessions still waiting for their clients (see `log::mqtt`).
+    mqtt_sessions: Vec<crate::log::mqtt::StoredSession>,
     readers: Readers,
     registry: Arc<Registry>,
     auth: Arc<Authenticator>,
@@ -294,6 +299,9 @@ async fn open_site(config: &Config) -> anyhow::Result<Site> {
             .context("migration task panicked")?
             .with_context(|| format!("cannot open site log {}", log_path.display()))?
     };
+    let max_expiry = config.mqtt.max_session_expiry.as_secs().min(u64::from(u32::MAX - 1)) as u32;
+    let mqtt_sessions = crate::log::mqtt::start_sessions(&conn, crate::event::now_us(), max_expiry)
+        .context("cannot read the MQTT sessions kept in the site log")?;
     let readers = Readers::new(log_path.clone());
     let registry = Arc::new(Registry::for_log(log_path));
     let reg = registry.clone();
@@ -306,7 +314,7 @@ async fn open_site(config: &Config) -> anyhow::Result<Site> {
              outpost device add --tenant <tenant> --id <device-id>   (admin token: outpost token issue --admin)"
         );
     }
-    Ok(Site { conn, readers, registry, auth: Arc::new(auth) })
+    Ok(Site { conn, mqtt_sessions, readers, registry, auth: Arc::new(auth) })
 }
 
 fn writer_config(config: &Config) -> WriterConfig {

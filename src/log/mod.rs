@@ -12,6 +12,7 @@
 //!   only once forwarded.
 //! - At the byte budget appends are refused (`Error::Full`), never dropped.
 
+pub mod mqtt;
 pub mod reader;
 pub mod retention;
 pub mod schema;
@@ -80,7 +81,8 @@ pub struct RemoteEvent {
     pub event: crate::event::Event,
     pub site_seq: i64,
 }
-pub use writer::{Appended, LogHandle, MqttOp, WriterConfig};
+pub use mqtt::MqttOp;
+pub use writer::{Appended, LogHandle, WriterConfig};
 
 /// Why a site-log operation failed.
 #[derive(Debug, thiserror::Error)]

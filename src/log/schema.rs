@@ -23,6 +23,7 @@ pub fn migrations() -> Migrations<'static> {
         M::up(include_str!("../../migrations/sqlite/0006_event_properties.sql")),
         M::up(include_str!("../../migrations/sqlite/0007_forward_watermark.sql")),
         M::up(include_str!("../../migrations/sqlite/0008_mqtt_chain.sql")),
+        M::up(include_str!("../../migrations/sqlite/0009_mqtt_sessions.sql")),
     ])
 }
 
@@ -180,74 +181,6 @@ pub fn store_mqtt_heads<'a>(
     )?
     .execute([])?;
     Ok(())
-}
-
-/// The event already stored for a QoS 2 packet id not yet released.
-pub fn held_qos2(conn: &Connection, tenant: &str, client_id: &str, pkid: u16) -> Result<Option<(i64, Uuid)>, Error> {
-    let mut stmt =
-        conn.prepare_cached("SELECT seq, id FROM mqtt_qos2 WHERE tenant = ?1 AND client_id = ?2 AND pkid = ?3")?;
-    Ok(stmt
-        .query_row(params![tenant, client_id, pkid], |r| {
-            let id: [u8; 16] = r.get(1)?;
-            Ok((r.get(0)?, Uuid::from_bytes(id)))
-        })
-        .optional()?)
-}
-
-/// Holds a QoS 2 packet id until its PUBREL.
-pub fn hold_qos2(conn: &Connection, e: &Event, client_id: &str, pkid: u16, seq: i64) -> Result<(), Error> {
-    let mut stmt = conn.prepare_cached(
-        "INSERT OR REPLACE INTO mqtt_qos2 (tenant, client_id, pkid, seq, id, received_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?;
-    stmt.execute(params![e.tenant, client_id, pkid, seq, e.id.as_bytes(), e.received_at_us])?;
-    Ok(())
-}
-
-/// Releases one held QoS 2 packet id (PUBREL), or all of a client's
-/// (`pkid` `None`: a clean start discards the session).
-pub fn release_qos2(conn: &Connection, tenant: &str, client_id: &str, pkid: Option<u16>) -> Result<usize, Error> {
-    Ok(match pkid {
-        Some(p) => conn
-            .prepare_cached("DELETE FROM mqtt_qos2 WHERE tenant = ?1 AND client_id = ?2 AND pkid = ?3")?
-            .execute(params![tenant, client_id, p])?,
-        None => conn
-            .prepare_cached("DELETE FROM mqtt_qos2 WHERE tenant = ?1 AND client_id = ?2")?
-            .execute(params![tenant, client_id])?,
-    })
-}
-
-/// Held QoS 2 packet ids older than `cutoff_us` (their sessions are long
-/// gone) are dropped by retention.
-pub fn prune_qos2(conn: &Connection, cutoff_us: i64) -> Result<usize, Error> {
-    Ok(conn.prepare_cached("DELETE FROM mqtt_qos2 WHERE received_at < ?1")?.execute([cutoff_us])?)
-}
-
-/// Sets (`Some`) or clears (`None`) the retained message of a stream topic.
-pub fn set_retained(
-    conn: &Connection,
-    tenant: &str,
-    topic: &str,
-    payload: Option<&[u8]>,
-    now_us: i64,
-) -> Result<usize, Error> {
-    Ok(match payload {
-        Some(p) => conn
-            .prepare_cached(
-                "INSERT INTO mqtt_retained (tenant, topic, payload, updated_at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (tenant, topic) DO UPDATE SET payload = excluded.payload, updated_at = excluded.updated_at",
-            )?
-            .execute(params![tenant, topic, p, now_us])?,
-        None => conn
-            .prepare_cached("DELETE FROM mqtt_retained WHERE tenant = ?1 AND topic = ?2")?
-            .execute(params![tenant, topic])?,
-    })
-}
-
-/// Every retained message: `(tenant, topic, payload)`, oldest first.
-pub fn retained(conn: &Connection) -> Result<Vec<(String, String, Vec<u8>)>, Error> {
-    let mut stmt = conn.prepare("SELECT tenant, topic, payload FROM mqtt_retained ORDER BY updated_at")?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Marks a device online or offline and refreshes its last-seen time.

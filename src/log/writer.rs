@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{Error, schema};
+use super::{Error, MqttOp, schema};
 use crate::event::{Event, now_us};
 use crate::metrics::Metrics;
 
@@ -64,17 +64,6 @@ enum Command {
     RevokeDevice { tenant: String, device_id: String, reply: Reply<schema::Device> },
     Mqtt { op: MqttOp, reply: Reply<usize> },
     Ping { reply: Reply<()> },
-}
-
-/// MQTT session state kept in the site log beside the events.
-#[derive(Debug, Clone)]
-pub enum MqttOp {
-    /// PUBREL: the QoS 2 packet id may be used for a new message again.
-    Release { tenant: String, client_id: String, pkid: u16 },
-    /// A clean start: the client's held QoS 2 packet ids go with its session.
-    ClearSession { tenant: String, client_id: String },
-    /// A zero-byte retained publish: the topic keeps no retained message.
-    ClearRetained { tenant: String, topic: String },
 }
 
 impl Command {
@@ -665,8 +654,6 @@ impl Writer {
                     g.delivers.push(deliver(reply, r));
                 }
                 Command::Prune { cutoff_us, limit, reply } => {
-                    // Held QoS 2 packet ids as old as pruned events belong to sessions long gone.
-                    schema::prune_qos2(&tx, cutoff_us)?;
                     let r = schema::prune(&tx, cutoff_us, limit, &self.config.site_id).map(|(n, remote)| {
                         g.d_total_rows -= n as i64;
                         g.d_remote_bytes -= remote;
@@ -681,18 +668,7 @@ impl Writer {
                 Command::RevokeDevice { tenant, device_id, reply } => {
                     g.delivers.push(deliver(reply, schema::revoke_device(&tx, &tenant, &device_id, now_us())));
                 }
-                Command::Mqtt { op, reply } => {
-                    let r = match op {
-                        MqttOp::Release { tenant, client_id, pkid } => {
-                            schema::release_qos2(&tx, &tenant, &client_id, Some(pkid))
-                        }
-                        MqttOp::ClearSession { tenant, client_id } => {
-                            schema::release_qos2(&tx, &tenant, &client_id, None)
-                        }
-                        MqttOp::ClearRetained { tenant, topic } => schema::set_retained(&tx, &tenant, &topic, None, 0),
-                    };
-                    g.delivers.push(deliver(reply, r));
-                }
+                Command::Mqtt { op, reply } => g.delivers.push(deliver(reply, op.apply(&tx, now_us()))),
                 Command::Ping { reply } => g.delivers.push(deliver(reply, Ok(()))),
             }
         }
@@ -840,7 +816,7 @@ fn append(
         }
         let qos2 = e.mqtt.as_ref().and_then(|m| m.qos2_client.as_deref()).zip(e.redelivery.map(|r| r.pkid));
         if let Some((client_id, pkid)) = qos2
-            && let Some((seq, id)) = schema::held_qos2(conn, &e.tenant, client_id, pkid)?
+            && let Some((seq, id)) = super::mqtt::held_qos2(conn, e, client_id, pkid)?
         {
             out.push(Appended { id, seq, duplicate: true });
             continue;
@@ -851,10 +827,10 @@ fn append(
                     heads.set(&e.tenant, &e.device_id, seq);
                 }
                 if let Some((client_id, pkid)) = qos2 {
-                    schema::hold_qos2(conn, e, client_id, pkid, seq)?;
+                    super::mqtt::hold_qos2(conn, e, client_id, pkid, seq)?;
                 }
                 if let Some(topic) = e.mqtt.as_ref().and_then(|m| m.retain_topic.as_deref()) {
-                    schema::set_retained(conn, &e.tenant, topic, Some(e.payload.as_bytes()), e.received_at_us)?;
+                    super::mqtt::set_retained(conn, &e.tenant, topic, Some(e.payload.as_bytes()), e.received_at_us)?;
                 }
                 out.push(Appended { id: e.id, seq, duplicate: false });
                 let c = per_device.entry((e.tenant.clone(), e.device_id.clone())).or_insert((0, 0));

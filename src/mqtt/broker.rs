@@ -62,17 +62,29 @@ pub fn drop_session(links: &LinkFactory, router_id: String) {
 
 /// Forgets a persistent session `after` its connection ended (its Session
 /// Expiry Interval), unless its client connected again: the router's queue
-/// and subscriptions, and its held QoS 2 packet ids in the site log.
-pub fn expire_later(deps: &super::MqttDeps, lease: super::state::Lease, after: std::time::Duration) {
+/// and subscriptions, and its state in the site log (held QoS 2 packet ids,
+/// subscriptions).
+/// At shutdown the timer just ends: the session stays in the site log and
+/// is judged again at the next start.
+pub fn expire_later(
+    deps: &super::MqttDeps,
+    lease: super::state::Lease,
+    after: std::time::Duration,
+    shutdown: &tokio_util::sync::CancellationToken,
+) {
     let (sessions, links, log) = (deps.sessions.clone(), deps.links.clone(), deps.ingest.log().clone());
+    let shutdown = shutdown.clone();
     tokio::spawn(async move {
-        tokio::time::sleep(after).await;
+        tokio::select! {
+            () = tokio::time::sleep(after) => {}
+            () = shutdown.cancelled() => return,
+        }
         let Some(router_id) = sessions.expire(&lease) else { return };
-        let (tenant, client_id) = super::state::Sessions::client_of(&lease);
-        tracing::info!(router_id, client_id, "mqtt session expired");
-        let op = crate::log::MqttOp::ClearSession { tenant: tenant.to_string(), client_id: client_id.to_string() };
-        if let Err(e) = log.mqtt(op).await {
-            tracing::warn!(error = %e, "expired session's QoS 2 state not cleared");
+        let key = super::state::Sessions::key_of(&lease);
+        tracing::info!(router_id, client_id = key.client_id, "mqtt session expired");
+        let generation = Some(super::state::Sessions::generation_of(&lease));
+        if let Err(e) = log.mqtt(crate::log::MqttOp::DropSession { key, generation }).await {
+            tracing::warn!(error = %e, "expired session's state not cleared from the site log");
         }
         let _ = tokio::task::spawn_blocking(move || drop_session(&links, router_id)).await;
     });

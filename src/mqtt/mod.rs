@@ -165,6 +165,35 @@ where
     Some(())
 }
 
+/// Takes in the sessions the site log kept over a restart: each waits for
+/// its client until its expiry, as if its connection had just ended (the
+/// log dropped those that expired while the appliance was down).
+pub async fn resume_stored_sessions(
+    deps: &MqttDeps,
+    stored: Vec<crate::log::mqtt::StoredSession>,
+    shutdown: &CancellationToken,
+) -> Result<(), crate::log::Error> {
+    if stored.is_empty() {
+        return Ok(());
+    }
+    let (kept, dropped) = deps.sessions.load(stored, crate::event::now_us());
+    for key in dropped {
+        tracing::info!(
+            tenant = key.tenant,
+            device_id = key.device_id,
+            client_id = key.client_id,
+            max = deps.config.max_sessions_per_device,
+            "stored mqtt session over mqtt.max_sessions_per_device; dropped"
+        );
+        deps.ingest.log().mqtt(crate::log::MqttOp::DropSession { key, generation: None }).await?;
+    }
+    tracing::info!(sessions = kept.len(), "mqtt sessions kept in the site log wait for their clients");
+    for (lease, left) in kept {
+        broker::expire_later(deps, lease, left, shutdown);
+    }
+    Ok(())
+}
+
 /// Connections over `mqtt.max_connections` told so at once, at most.
 const MAX_REFUSERS: usize = 16;
 

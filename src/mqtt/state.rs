@@ -5,10 +5,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
+use crate::log::mqtt::{SessionKey, StoredSession};
 
 /// Shared by every connection of the listener.
 pub struct Sessions {
@@ -49,8 +52,8 @@ struct Inner {
 #[derive(Default)]
 struct Device {
     live: usize,
-    /// Persistent sessions, oldest first: (client id, slot).
-    persistent: VecDeque<(String, usize)>,
+    /// Persistent sessions, oldest first.
+    persistent: VecDeque<Persistent>,
     /// Live clean sessions: lease generation → slot.
     clean: HashMap<u64, usize>,
     clean_free: Vec<usize>,
@@ -61,6 +64,43 @@ struct Device {
     /// Live connections by client id: (generation, take-over signal). A
     /// connection without a router link learns of its take-over here.
     live_by_client: HashMap<String, (u64, CancellationToken)>,
+}
+
+/// A persistent session: its client id, router slot and subscriptions.
+#[derive(Debug, Clone, Default)]
+struct Persistent {
+    client_id: String,
+    slot: usize,
+    subs: Vec<StoredSub>,
+}
+
+/// One subscription of a session, as kept for its resume (in memory, and
+/// in the site log for a resume after a restart).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSub {
+    #[serde(rename = "f")]
+    pub filter: String,
+    #[serde(rename = "q")]
+    pub qos: u8,
+    #[serde(rename = "nl", default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_local: bool,
+    #[serde(rename = "rap", default, skip_serializing_if = "std::ops::Not::not")]
+    pub retain_as_published: bool,
+}
+
+/// The site log's encoding of a session's subscriptions.
+pub fn encode_subs(subs: &[StoredSub]) -> String {
+    serde_json::to_string(subs).unwrap_or_default()
+}
+
+fn decode_subs(encoded: &str) -> Vec<StoredSub> {
+    if encoded.is_empty() {
+        return Vec::new();
+    }
+    serde_json::from_str(encoded).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "a stored MQTT session's subscriptions are unreadable; resumed without them");
+        Vec::new()
+    })
 }
 
 /// The router client id a connection uses, and what to do before using it.
@@ -75,6 +115,13 @@ pub struct Lease {
     pub persistent: bool,
     /// Cancelled when a later connection takes the client id over.
     pub taken_over: CancellationToken,
+    /// The connection resumes a session the appliance holds (CONNACK
+    /// session present): its held QoS 2 ids and `subs` stay.
+    pub present: bool,
+    /// The resumed session's subscriptions.
+    pub subs: Vec<StoredSub>,
+    /// The device's oldest persistent session, dropped to make room.
+    pub evicted: Option<SessionKey>,
     tenant: String,
     device_id: String,
     client_id: String,
@@ -155,27 +202,39 @@ impl Sessions {
         if let Some((_, older)) = d.live_by_client.insert(client_id.to_string(), (generation, taken_over.clone())) {
             older.cancel();
         }
-        let known = d.persistent.iter().position(|(c, _)| c == client_id);
-        let persistent = persistent || (resume && known.is_some());
+        let known = d.persistent.iter().position(|p| p.client_id == client_id);
+        let present = resume && known.is_some();
+        let persistent = persistent || present;
+        let mut subs = Vec::new();
+        let mut evicted = None;
         let (slot, wipe) = if persistent {
             match known {
                 // Resumes its own session, or starts it afresh in the same slot.
                 Some(i) => {
-                    let entry = d.persistent.remove(i).unwrap_or_default();
-                    d.persistent.push_back(entry.clone());
-                    (format!("p{}", entry.1), !resume)
+                    let mut entry = d.persistent.remove(i).unwrap_or_default();
+                    if resume {
+                        subs = entry.subs.clone();
+                    } else {
+                        entry.subs.clear();
+                    }
+                    let slot = entry.slot;
+                    d.persistent.push_back(entry);
+                    (format!("p{slot}"), !resume)
                 }
                 None => {
-                    let used: Vec<usize> = d.persistent.iter().map(|(_, s)| *s).collect();
+                    let used: Vec<usize> = d.persistent.iter().map(|p| p.slot).collect();
                     let slot = match (0..max).find(|s| !used.contains(s)) {
                         Some(s) => {
                             self.count_persistent(tenant, true);
                             s
                         }
                         // Full: the oldest session is dropped, its slot reused.
-                        None => d.persistent.pop_front().map_or(0, |(_, s)| s),
+                        None => d.persistent.pop_front().map_or(0, |p| {
+                            evicted = Some(p.client_id);
+                            p.slot
+                        }),
                     };
-                    d.persistent.push_back((client_id.to_string(), slot));
+                    d.persistent.push_back(Persistent { client_id: client_id.to_string(), slot, subs: Vec::new() });
                     (format!("p{slot}"), true)
                 }
             }
@@ -192,15 +251,85 @@ impl Sessions {
             d.clean.insert(generation, slot);
             (format!("c{slot}"), false)
         };
+        let key =
+            |client_id: String| SessionKey { tenant: tenant.to_string(), device_id: device_id.to_string(), client_id };
         Lease {
             router_id: format!("{tenant}|{device_id}|{slot}"),
             wipe,
             persistent,
+            present,
+            subs,
+            evicted: evicted.map(key),
             tenant: tenant.to_string(),
             device_id: device_id.to_string(),
             client_id: client_id.to_string(),
             generation,
             taken_over,
+        }
+    }
+
+    /// Takes in the sessions the site log held at start (oldest first): each
+    /// is a persistent session waiting for its client. Returns a lease per
+    /// session kept, with the time left until it expires, and the keys of
+    /// sessions over the device's bound (dropped, oldest first).
+    pub fn load(&self, stored: Vec<StoredSession>, now_us: i64) -> (Vec<(Lease, Duration)>, Vec<SessionKey>) {
+        let mut g = self.lock();
+        let mut kept = Vec::new();
+        let mut dropped = Vec::new();
+        for s in stored {
+            g.generation = g.generation.max(s.generation);
+            let d = g.devices.entry((s.key.tenant.clone(), s.key.device_id.clone())).or_default();
+            if d.persistent.iter().any(|p| p.client_id == s.key.client_id) {
+                continue;
+            }
+            let used: Vec<usize> = d.persistent.iter().map(|p| p.slot).collect();
+            let Some(slot) = (0..self.max_persistent).find(|s| !used.contains(s)) else {
+                dropped.push(s.key);
+                continue;
+            };
+            d.persistent.push_back(Persistent {
+                client_id: s.key.client_id.clone(),
+                slot,
+                subs: decode_subs(&s.subscriptions),
+            });
+            d.generations.insert(s.key.client_id.clone(), s.generation);
+            self.count_persistent(&s.key.tenant, true);
+            let expires_at = s.ended_at_us.saturating_add(i64::from(s.expiry) * 1_000_000);
+            let left = Duration::from_micros(u64::try_from(expires_at.saturating_sub(now_us)).unwrap_or(0));
+            kept.push((
+                Lease {
+                    router_id: format!("{}|{}|p{slot}", s.key.tenant, s.key.device_id),
+                    wipe: false,
+                    persistent: true,
+                    present: false,
+                    subs: Vec::new(),
+                    evicted: None,
+                    tenant: s.key.tenant,
+                    device_id: s.key.device_id,
+                    client_id: s.key.client_id,
+                    generation: s.generation,
+                    taken_over: CancellationToken::new(),
+                },
+                left,
+            ));
+        }
+        (kept, dropped)
+    }
+
+    /// A persistent session's subscriptions changed (kept for its resume);
+    /// false when the lease no longer owns the session.
+    pub fn set_subs(&self, lease: &Lease, subs: Vec<StoredSub>) -> bool {
+        let mut g = self.lock();
+        let Some(d) = g.devices.get_mut(&(lease.tenant.clone(), lease.device_id.clone())) else { return false };
+        if d.generations.get(&lease.client_id) != Some(&lease.generation) {
+            return false;
+        }
+        match d.persistent.iter_mut().find(|p| p.client_id == lease.client_id) {
+            Some(p) => {
+                p.subs = subs;
+                true
+            }
+            None => false,
         }
     }
 
@@ -214,7 +343,7 @@ impl Sessions {
         if d.live_by_client.get(&lease.client_id).is_some_and(|(g, _)| *g == lease.generation) {
             d.live_by_client.remove(&lease.client_id);
         }
-        let persistent = d.persistent.iter().any(|(c, _)| *c == lease.client_id);
+        let persistent = d.persistent.iter().any(|p| p.client_id == lease.client_id);
         if !persistent && d.generations.get(&lease.client_id) == Some(&lease.generation) {
             d.generations.remove(&lease.client_id);
         }
@@ -238,7 +367,7 @@ impl Sessions {
             return None;
         }
         d.generations.remove(&lease.client_id);
-        let at = d.persistent.iter().position(|(c, _)| *c == lease.client_id)?;
+        let at = d.persistent.iter().position(|p| p.client_id == lease.client_id)?;
         d.persistent.remove(at);
         self.count_persistent(&lease.tenant, false);
         Some(lease.router_id.clone())
@@ -259,9 +388,18 @@ impl Sessions {
         m.contains_key(tenant)
     }
 
-    /// The tenant and client id a lease was given for.
-    pub fn client_of(lease: &Lease) -> (&str, &str) {
-        (&lease.tenant, &lease.client_id)
+    /// Whose session state a lease stands for, in the site log.
+    pub fn key_of(lease: &Lease) -> SessionKey {
+        SessionKey {
+            tenant: lease.tenant.clone(),
+            device_id: lease.device_id.clone(),
+            client_id: lease.client_id.clone(),
+        }
+    }
+
+    /// The lease's generation: the site log's session row carries it.
+    pub fn generation_of(lease: &Lease) -> u64 {
+        lease.generation
     }
 
     /// A retained publish of `bytes` on `topic` (0 clears it). False when the

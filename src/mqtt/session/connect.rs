@@ -13,10 +13,11 @@ use tokio_util::sync::CancellationToken;
 use super::super::PROTOCOL;
 use super::super::acl::{client_id_allowed, event_topic};
 use super::super::codec::{Hello, Version, hello};
-use super::Session;
 use super::link::Link;
+use super::{Session, SubOpts};
 use crate::auth::{Perm, Principal};
 use crate::log::MqttOp;
+use crate::mqtt::state::{Lease, Sessions};
 
 /// The will a session fires on an unclean end: its message, 5.0
 /// properties, and how long it waits first (Will Delay Interval).
@@ -25,6 +26,10 @@ pub(super) struct Will {
     pub props: Option<LastWillProperties>,
     pub delay: Duration,
 }
+
+/// Packet id of the router SUBSCRIBE that restores a resumed session's
+/// subscriptions (sent before the client can send any of its own).
+const RESTORE_PKID: u16 = 1;
 
 fn refuse_code(e: &crate::auth::Error) -> ConnectReturnCode {
     if e.is_unauthenticated() { ConnectReturnCode::BadUserNamePassword } else { ConnectReturnCode::NotAuthorized }
@@ -212,15 +217,6 @@ impl Session<'_> {
         };
         self.session_expiry = asked.min(max_expiry);
         let persistent = self.session_expiry > 0;
-        // A clean start discards the client's session, with its held QoS 2 ids.
-        if connect.clean_session {
-            let op = MqttOp::ClearSession { tenant: self.tenant.clone(), client_id: client_id.clone() };
-            if let Err(e) = self.deps.ingest.log().mqtt(op).await {
-                tracing::error!(error = %e, "mqtt: cannot clear the session's QoS 2 state");
-                self.connack(ConnectReturnCode::ServiceUnavailable, false, None).await;
-                return None;
-            }
-        }
 
         // The router's session namespace is global, and it never forgets a
         // client id: connections get bounded slot ids, namespaced by tenant
@@ -230,13 +226,24 @@ impl Session<'_> {
             self.deps.sessions.lease(&self.tenant, &self.device_id, &client_id, persistent, !connect.clean_session);
         self.router_id = lease.router_id.clone();
         self.persistent = lease.persistent;
+        // The session's state in the site log: a resumed session keeps its
+        // held QoS 2 ids, a new one starts with none (a clean start, or a
+        // session that ended), so CONNACK's session present is true of it.
+        if let Err(e) = self.open_session(&lease).await {
+            tracing::error!(error = %e, "mqtt: cannot record the session in the site log");
+            self.lease = Some(lease);
+            self.connack(ConnectReturnCode::ServiceUnavailable, false, None).await;
+            return None;
+        }
+        let present = lease.present;
+        self.filters = lease.subs.iter().map(|s| (s.filter.clone(), SubOpts::resumed(s))).collect();
         let persistent = lease.persistent;
         let links = self.deps.links.clone();
         let wipe = lease.wipe.then(|| lease.router_id.clone());
         self.lease = Some(lease);
         let router_id = self.router_id.clone();
         // A clean session opens its link when it first needs the router (see `link`).
-        let (link, present) = if persistent {
+        let (mut link, router_present) = if persistent {
             let built = tokio::task::spawn_blocking(move || {
                 if let Some(old) = wipe {
                     crate::mqtt::broker::drop_session(&links, old);
@@ -262,6 +269,15 @@ impl Session<'_> {
             let gauge = self.deps.metrics.mqtt_router_links.clone();
             (Link::closed(self.deps.links.clone(), self.router_id.clone(), true, gauge), false)
         };
+        if present && !router_present && !self.filters.is_empty() {
+            // Resumed after a restart: the router lost the session's
+            // subscriptions with the process; the site log kept them.
+            if let Err(e) = self.restore_subscriptions(&mut link).await {
+                tracing::error!(peer = %self.peer, device_id = self.device_id, error = ?e, "mqtt: cannot restore the session's subscriptions");
+                self.connack(ConnectReturnCode::ServiceUnavailable, false, None).await;
+                return None;
+            }
+        }
         let connack_props = ConnAckProperties {
             session_expiry_interval: (self.session_expiry != asked && asked != 0).then_some(self.session_expiry),
             receive_max: Some(self.deps.config.max_inflight.min(usize::from(u16::MAX)) as u16),
@@ -291,6 +307,44 @@ impl Session<'_> {
             Will { message, props: will_props, delay: Duration::from_secs(u64::from(delay)) }
         });
         Some((link, will))
+    }
+
+    /// Records the session in the site log (see `log::mqtt`), and drops the
+    /// device's oldest persistent session when this one took its place.
+    async fn open_session(&self, lease: &Lease) -> Result<(), crate::log::Error> {
+        let log = self.deps.ingest.log();
+        if let Some(key) = lease.evicted.clone() {
+            log.mqtt(MqttOp::DropSession { key, generation: None }).await?;
+        }
+        let op = MqttOp::OpenSession {
+            key: Sessions::key_of(lease),
+            generation: Sessions::generation_of(lease),
+            expiry: self.session_expiry,
+            resume: lease.present,
+        };
+        log.mqtt(op).await.map(|_| ())
+    }
+
+    /// Subscribes the router link to the resumed session's filters again.
+    /// No retained messages are sent for them (a resumed subscription is
+    /// not a new one), and the router's SUBACK is not the client's.
+    async fn restore_subscriptions(&mut self, link: &mut Link) -> Result<(), super::End> {
+        use rumqttd::protocol::{Filter, RetainForwardRule, Subscribe};
+        let filters = self
+            .filters
+            .iter()
+            .map(|(path, o)| Filter {
+                path: path.clone(),
+                qos: rumqttd::protocol::qos(o.qos).unwrap_or_default(),
+                nolocal: o.no_local,
+                preserve_retain: o.retain_as_published,
+                retain_forward_rule: RetainForwardRule::Never,
+            })
+            .collect();
+        self.swallow_suback.insert(RESTORE_PKID);
+        self.subscribed = true;
+        self.deps.bridge.subscriber(&self.tenant, true);
+        link.send(Packet::Subscribe(Subscribe { pkid: RESTORE_PKID, filters }, None)).await
     }
 
     /// CONNECT checks; returns the validated will, or the CONNACK refusal.

@@ -93,10 +93,20 @@ type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
 /// A subscription's 5.0 options, as the front-end applies them.
 #[derive(Debug, Clone, Copy)]
 struct SubOpts {
+    /// The QoS granted.
+    qos: u8,
     no_local: bool,
     retain_as_published: bool,
     /// Retained messages sent at this subscribe are wanted (Retain Handling).
     retained_wanted: bool,
+}
+
+impl SubOpts {
+    /// A subscription of a resumed session (no retained messages: it is
+    /// not a new subscribe).
+    fn resumed(s: &super::state::StoredSub) -> Self {
+        Self { qos: s.qos, no_local: s.no_local, retain_as_published: s.retain_as_published, retained_wanted: false }
+    }
 }
 
 /// A delivery the client has not completed: the QoS the router sent it
@@ -106,6 +116,9 @@ struct Out {
     router_qos: u8,
     client_qos: u8,
 }
+
+/// Most bytes a connection taken over still reads of what had arrived.
+const ARRIVED_MAX: usize = 1 << 20;
 
 /// Initial read and write buffer of a connection.
 const SESSION_BUF: usize = 1024;
@@ -147,6 +160,9 @@ pub(super) struct Session<'a> {
     /// UNSUBACKs of our own router unsubscribes (a Retain Handling 0
     /// re-subscribe): not the client's.
     swallow_unsuback: std::collections::HashSet<u16>,
+    /// SUBACKs of our own router subscribes (a resumed session's
+    /// subscriptions restored after a restart): not the client's.
+    swallow_suback: std::collections::HashSet<u16>,
     /// Session expiry granted, seconds (0: the session ends with the connection).
     session_expiry: u32,
     /// The router keeps this connection's session after it ends.
@@ -220,6 +236,7 @@ impl<'a> Session<'a> {
             out_aliases: HashMap::new(),
             client_alias_max: 0,
             swallow_unsuback: Default::default(),
+            swallow_suback: Default::default(),
             session_expiry: 0,
             persistent: false,
             out: HashMap::new(),
@@ -284,16 +301,69 @@ impl<'a> Session<'a> {
         }
         if let Some(lease) = &s.lease {
             deps.sessions.release(lease);
+            // The session's state in the site log ends with it (expiry 0),
+            // or waits for its client (a newer connection's is untouched).
+            let op = MqttOp::EndSession {
+                key: super::state::Sessions::key_of(lease),
+                generation: super::state::Sessions::generation_of(lease),
+                expiry: if s.persistent { s.session_expiry } else { 0 },
+            };
+            if let Err(e) = deps.ingest.log().mqtt(op).await {
+                tracing::warn!(error = %e, device_id = s.device_id, "mqtt: session end not recorded in the site log");
+            }
             // A persistent session outlives its connection by its expiry
             // (which the DISCONNECT may have changed, down to 0: at once).
             if s.persistent {
-                super::broker::expire_later(deps, lease.clone(), Duration::from_secs(u64::from(s.session_expiry)));
+                let after = Duration::from_secs(u64::from(s.session_expiry));
+                super::broker::expire_later(deps, lease.clone(), after, &shutdown);
             }
         }
         // Online until the device's last session ends.
         if deps.sessions.disconnected(&s.tenant, &s.device_id) {
             s.presence(false).await;
         }
+    }
+
+    /// Whose session state this connection holds in the site log.
+    fn session_key(&self) -> crate::log::mqtt::SessionKey {
+        crate::log::mqtt::SessionKey {
+            tenant: self.tenant.clone(),
+            device_id: self.device_id.clone(),
+            client_id: self.client_id.clone(),
+        }
+    }
+
+    /// A persistent session keeps its subscriptions for its resume: in
+    /// memory, and in the site log (committed before the SUBACK or UNSUBACK,
+    /// so a session reported present after a restart has them).
+    async fn keep_subscriptions(&self) -> Result<(), End> {
+        let Some(lease) = self.lease.as_ref().filter(|_| self.persistent) else { return Ok(()) };
+        let subs: Vec<_> = self
+            .filters
+            .iter()
+            .map(|(f, o)| super::state::StoredSub {
+                filter: f.clone(),
+                qos: o.qos,
+                no_local: o.no_local,
+                retain_as_published: o.retain_as_published,
+            })
+            .collect();
+        let encoded = super::state::encode_subs(&subs);
+        if !self.deps.sessions.set_subs(lease, subs) {
+            return Ok(()); // taken over: the newer connection owns the session
+        }
+        let op = MqttOp::Subscriptions {
+            key: self.session_key(),
+            generation: super::state::Sessions::generation_of(lease),
+            encoded,
+        };
+        self.deps
+            .ingest
+            .log()
+            .mqtt(op)
+            .await
+            .map(|_| ())
+            .map_err(|e| End::unclean(format!("subscriptions not recorded: {e}")))
     }
 
     fn can(&self, perm: Perm) -> bool {
@@ -353,8 +423,10 @@ impl<'a> Session<'a> {
         let mut suback_merge: HashMap<u16, Vec<Option<rumqttd::protocol::SubscribeReasonCode>>> = HashMap::new();
         let mut deadline = self.keep_alive.map(|k| tokio::time::Instant::now() + k);
         let mut packets: VecDeque<Decoded> = VecDeque::new();
-        // The device closed its side: finish what it sent, then end.
+        // The device closed its side, or a newer connection took the
+        // client id over: finish what it sent, then end.
         let mut eof = false;
+        let mut taken = false;
         let (auth, principal) = (self.deps.auth.clone(), self.principal.clone());
         let ended = auth.session_end(&principal, self.expires_at);
         tokio::pin!(ended);
@@ -375,7 +447,14 @@ impl<'a> Session<'a> {
                 break End::unclean(e);
             }
             if eof && packets.is_empty() && held.is_none() {
-                break End::unclean("connection closed by the device");
+                break if taken {
+                    End::coded(
+                        DisconnectReasonCode::SessionTakenOver,
+                        "session taken over by a new connection with the same client id",
+                    )
+                } else {
+                    End::unclean("connection closed by the device")
+                };
             }
             let can_read = !eof && held.is_none() && packets.is_empty() && fifo.len() < self.deps.config.max_inflight;
             if !can_read {
@@ -395,10 +474,15 @@ impl<'a> Session<'a> {
                 // Revoked or expired: what is not committed yet is never acked.
                 why = &mut ended => return End::Ended(why),
                 // A session with a router link also hears it from the router.
-                _ = taken_over.cancelled() => break End::coded(
-                    DisconnectReasonCode::SessionTakenOver,
-                    "session taken over by a new connection with the same client id",
-                ),
+                // What the device sent before its new connection (already
+                // here, e.g. a QoS 0 PUBLISH and DISCONNECT) is still
+                // processed: it is read up to what has arrived, then the
+                // session ends as if the device had closed it.
+                _ = taken_over.cancelled(), if !taken => {
+                    taken = true;
+                    self.read_arrived();
+                    eof = true;
+                }
                 _ = ka, if can_read => break End::coded(
                     DisconnectReasonCode::KeepAliveTimeout,
                     "keep-alive expired (no packet within 1.5 × keep-alive)",
@@ -449,6 +533,18 @@ impl<'a> Session<'a> {
             }
         }
         end
+    }
+
+    /// Reads what has already arrived, without waiting (at most
+    /// [`ARRIVED_MAX`] bytes).
+    fn read_arrived(&mut self) {
+        let start = self.read_buf.len();
+        while self.read_buf.len() - start < ARRIVED_MAX {
+            match self.reader.read_buf(&mut self.read_buf).now_or_never() {
+                Some(Ok(n)) if n > 0 => {}
+                _ => break,
+            }
+        }
     }
 
     /// Decodes every complete packet in the read buffer, after checking the
@@ -531,11 +627,7 @@ impl<'a> Session<'a> {
                 }
                 Packet::PubRel(rel, _) => {
                     let log = self.deps.ingest.log().clone();
-                    let op = MqttOp::Release {
-                        tenant: self.tenant.clone(),
-                        client_id: self.client_id.clone(),
-                        pkid: rel.pkid,
-                    };
+                    let op = MqttOp::Release { key: self.session_key(), pkid: rel.pkid };
                     fifo.push_back(Box::pin(async move { Done::Released(rel.pkid, log.mqtt(op).await) }));
                 }
                 Packet::PingReq(_) => self.write(Packet::PingResp(PingResp)).await.map_err(End::unclean)?,
@@ -544,6 +636,7 @@ impl<'a> Session<'a> {
                     for f in &u.filters {
                         self.filters.remove(f);
                     }
+                    self.keep_subscriptions().await?;
                     link.send(Packet::Unsubscribe(u, props)).await?;
                 }
                 Packet::PubAck(ack, _) => self.client_completed(ack.pkid, 1, link).await?,

@@ -52,7 +52,12 @@ impl Session<'_> {
                     RetainForwardRule::OnNewSubscribe => new,
                     RetainForwardRule::Never => false,
                 };
-                let opts = SubOpts { no_local: f.nolocal, retain_as_published: f.preserve_retain, retained_wanted };
+                let opts = SubOpts {
+                    qos: f.qos as u8,
+                    no_local: f.nolocal,
+                    retain_as_published: f.preserve_retain,
+                    retained_wanted,
+                };
                 self.filters.insert(f.path.clone(), opts);
                 None
             };
@@ -82,6 +87,7 @@ impl Session<'_> {
             self.subscribed = true;
             self.deps.bridge.subscriber(&self.tenant, true);
         }
+        self.keep_subscriptions().await?;
         again.retain(|f| allowed.filters.iter().any(|a| a.path == *f));
         if !again.is_empty() {
             // The router handles one link's packets in order, in one pass:
@@ -109,6 +115,7 @@ impl Session<'_> {
         let Some(packet) = packet else { return Ok(()) };
         match packet {
             Packet::Publish(p, props) => self.deliver_publish(p, props, link).await,
+            Packet::SubAck(ack, _) if self.swallow_suback.remove(&ack.pkid) => Ok(()),
             Packet::SubAck(mut ack, props) => {
                 if let Some(refused) = suback_merge.remove(&ack.pkid) {
                     let mut granted = std::mem::take(&mut ack.return_codes).into_iter();

@@ -1,0 +1,344 @@
+//! MQTT session state kept in the site log beside the events, so that what
+//! a CONNACK says about a session holds across restarts and kills:
+//! sessions (one row per live connection or persistent session waiting for
+//! its client), the QoS 2 packet ids they hold until PUBREL, and retained
+//! messages.
+//!
+//! Invariants:
+//! - Everything is keyed by (tenant, device, client id): no device can
+//!   read, release or wipe another device's state, whatever client ids
+//!   they choose.
+//! - Held QoS 2 ids belong to a session row and go with it: a session that
+//!   ends (expiry 0 at its end, its expiry elapsed, a clean start, evicted)
+//!   leaves nothing a later session could mistake for its own.
+//! - A session row carries the generation of the connection that owns it;
+//!   an older connection ending after a newer one took the client id over
+//!   changes nothing.
+//! - At start, sessions whose expiry elapsed while the appliance was down
+//!   (and those that ended with the process, expiry 0) are dropped with
+//!   their held ids.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use uuid::Uuid;
+
+use super::Error;
+use crate::event::Event;
+
+/// Whose session state: a client id of one device of one tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub tenant: String,
+    pub device_id: String,
+    pub client_id: String,
+}
+
+/// A session the log holds, as read at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSession {
+    pub key: SessionKey,
+    pub generation: u64,
+    /// Seconds after `ended_at_us` the session expires.
+    pub expiry: u32,
+    pub ended_at_us: i64,
+    /// The front-end's encoding of the session's subscriptions.
+    pub subscriptions: String,
+}
+
+/// A change to MQTT state, applied in the writer's transaction.
+#[derive(Debug, Clone)]
+pub enum MqttOp {
+    /// A connection starts a session, or resumes the one it held
+    /// (`resume`); a new session drops any ids the client id still held.
+    OpenSession { key: SessionKey, generation: u64, expiry: u32, resume: bool },
+    /// The connection of `generation` ended: with expiry 0 the session
+    /// ends with it, else it waits `expiry` seconds for its client.
+    EndSession { key: SessionKey, generation: u64, expiry: u32 },
+    /// The session expired (its `generation`), or was evicted (`None`).
+    DropSession { key: SessionKey, generation: Option<u64> },
+    /// A persistent session's subscriptions changed.
+    Subscriptions { key: SessionKey, generation: u64, encoded: String },
+    /// PUBREL: the QoS 2 packet id may be used for a new message again.
+    Release { key: SessionKey, pkid: u16 },
+    /// A zero-byte retained publish: the topic keeps no retained message.
+    ClearRetained { tenant: String, topic: String },
+}
+
+impl MqttOp {
+    /// Applies the change; the count is what it touched (for `Release`, 0
+    /// when the packet id was not held).
+    pub(super) fn apply(self, conn: &Connection, now_us: i64) -> Result<usize, Error> {
+        match self {
+            MqttOp::OpenSession { key, generation, expiry, resume } => {
+                open_session(conn, &key, generation, expiry, resume)
+            }
+            MqttOp::EndSession { key, generation, expiry } => end_session(conn, &key, generation, expiry, now_us),
+            MqttOp::DropSession { key, generation } => drop_session(conn, &key, generation),
+            MqttOp::Subscriptions { key, generation, encoded } => Ok(conn
+                .prepare_cached(
+                    "UPDATE mqtt_sessions SET subscriptions = ?4
+                     WHERE tenant = ?1 AND device_id = ?2 AND client_id = ?3 AND generation = ?5",
+                )?
+                .execute(params![key.tenant, key.device_id, key.client_id, encoded, generation as i64])?),
+            MqttOp::Release { key, pkid } => Ok(conn
+                .prepare_cached(
+                    "DELETE FROM mqtt_qos2 WHERE tenant = ?1 AND device_id = ?2 AND client_id = ?3 AND pkid = ?4",
+                )?
+                .execute(params![key.tenant, key.device_id, key.client_id, pkid])?),
+            MqttOp::ClearRetained { tenant, topic } => set_retained(conn, &tenant, &topic, None, 0),
+        }
+    }
+}
+
+fn drop_holds(conn: &Connection, key: &SessionKey) -> Result<usize, Error> {
+    Ok(conn
+        .prepare_cached("DELETE FROM mqtt_qos2 WHERE tenant = ?1 AND device_id = ?2 AND client_id = ?3")?
+        .execute(params![key.tenant, key.device_id, key.client_id])?)
+}
+
+fn open_session(
+    conn: &Connection,
+    key: &SessionKey,
+    generation: u64,
+    expiry: u32,
+    resume: bool,
+) -> Result<usize, Error> {
+    if !resume {
+        drop_holds(conn, key)?;
+    }
+    Ok(conn
+        .prepare_cached(
+            "INSERT INTO mqtt_sessions (tenant, device_id, client_id, generation, expiry, ended_at, subscriptions)
+             VALUES (?1, ?2, ?3, ?4, ?5, NULL, '')
+             ON CONFLICT (tenant, device_id, client_id) DO UPDATE SET
+               generation = excluded.generation, expiry = excluded.expiry, ended_at = NULL,
+               subscriptions = CASE WHEN ?6 THEN subscriptions ELSE '' END",
+        )?
+        .execute(params![key.tenant, key.device_id, key.client_id, generation as i64, expiry, resume])?)
+}
+
+fn end_session(conn: &Connection, key: &SessionKey, generation: u64, expiry: u32, now_us: i64) -> Result<usize, Error> {
+    if expiry == 0 {
+        return drop_session(conn, key, Some(generation));
+    }
+    Ok(conn
+        .prepare_cached(
+            "UPDATE mqtt_sessions SET expiry = ?4, ended_at = ?5
+             WHERE tenant = ?1 AND device_id = ?2 AND client_id = ?3 AND generation = ?6",
+        )?
+        .execute(params![key.tenant, key.device_id, key.client_id, expiry, now_us, generation as i64])?)
+}
+
+/// Drops the session row (only the one of `generation`, when given) and,
+/// when it went, the ids it held.
+fn drop_session(conn: &Connection, key: &SessionKey, generation: Option<u64>) -> Result<usize, Error> {
+    let n = conn
+        .prepare_cached(
+            "DELETE FROM mqtt_sessions WHERE tenant = ?1 AND device_id = ?2 AND client_id = ?3
+               AND (?4 IS NULL OR generation = ?4)",
+        )?
+        .execute(params![key.tenant, key.device_id, key.client_id, generation.map(|g| g as i64)])?;
+    if n > 0 || generation.is_none() {
+        drop_holds(conn, key)?;
+    }
+    Ok(n)
+}
+
+/// At start, before any connection: sessions the process held when it
+/// stopped end now (`now_us`); those with expiry 0, or whose expiry has
+/// elapsed, are dropped with their held ids (and so are ids no session
+/// holds); expiries are held to `max_expiry`. Returns the sessions left.
+pub fn start_sessions(conn: &Connection, now_us: i64, max_expiry: u32) -> Result<Vec<StoredSession>, Error> {
+    conn.execute("UPDATE mqtt_sessions SET ended_at = ?1 WHERE ended_at IS NULL", [now_us])?;
+    conn.execute("UPDATE mqtt_sessions SET expiry = ?1 WHERE expiry > ?1", [max_expiry])?;
+    conn.execute("DELETE FROM mqtt_sessions WHERE expiry = 0 OR ended_at + expiry * 1000000 <= ?1", [now_us])?;
+    conn.execute(
+        "DELETE FROM mqtt_qos2 WHERE NOT EXISTS (SELECT 1 FROM mqtt_sessions s
+           WHERE s.tenant = mqtt_qos2.tenant AND s.device_id = mqtt_qos2.device_id
+             AND s.client_id = mqtt_qos2.client_id)",
+        [],
+    )?;
+    let mut stmt = conn.prepare(
+        "SELECT tenant, device_id, client_id, generation, expiry, ended_at, subscriptions
+         FROM mqtt_sessions ORDER BY ended_at, generation",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(StoredSession {
+            key: SessionKey { tenant: r.get(0)?, device_id: r.get(1)?, client_id: r.get(2)? },
+            generation: r.get::<_, i64>(3)?.max(0) as u64,
+            expiry: r.get(4)?,
+            ended_at_us: r.get(5)?,
+            subscriptions: r.get(6)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The event already stored for a QoS 2 packet id the client still holds.
+pub(super) fn held_qos2(
+    conn: &Connection,
+    e: &Event,
+    client_id: &str,
+    pkid: u16,
+) -> Result<Option<(i64, Uuid)>, Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, id FROM mqtt_qos2 WHERE tenant = ?1 AND device_id = ?2 AND client_id = ?3 AND pkid = ?4",
+    )?;
+    Ok(stmt
+        .query_row(params![e.tenant, e.device_id, client_id, pkid], |r| {
+            let id: [u8; 16] = r.get(1)?;
+            Ok((r.get(0)?, Uuid::from_bytes(id)))
+        })
+        .optional()?)
+}
+
+/// Holds a QoS 2 packet id of the event's device until its PUBREL.
+pub(super) fn hold_qos2(conn: &Connection, e: &Event, client_id: &str, pkid: u16, seq: i64) -> Result<(), Error> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT OR REPLACE INTO mqtt_qos2 (tenant, device_id, client_id, pkid, seq, id, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    stmt.execute(params![e.tenant, e.device_id, client_id, pkid, seq, e.id.as_bytes(), e.received_at_us])?;
+    Ok(())
+}
+
+/// Sets (`Some`) or clears (`None`) the retained message of a stream topic.
+pub(super) fn set_retained(
+    conn: &Connection,
+    tenant: &str,
+    topic: &str,
+    payload: Option<&[u8]>,
+    now_us: i64,
+) -> Result<usize, Error> {
+    Ok(match payload {
+        Some(p) => conn
+            .prepare_cached(
+                "INSERT INTO mqtt_retained (tenant, topic, payload, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (tenant, topic) DO UPDATE SET payload = excluded.payload, updated_at = excluded.updated_at",
+            )?
+            .execute(params![tenant, topic, p, now_us])?,
+        None => conn
+            .prepare_cached("DELETE FROM mqtt_retained WHERE tenant = ?1 AND topic = ?2")?
+            .execute(params![tenant, topic])?,
+    })
+}
+
+/// Every retained message: `(tenant, topic, payload)`, oldest first.
+pub fn retained(conn: &Connection) -> Result<Vec<(String, String, Vec<u8>)>, Error> {
+    let mut stmt = conn.prepare("SELECT tenant, topic, payload FROM mqtt_retained ORDER BY updated_at")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log() -> Connection {
+        let mut c = Connection::open_in_memory().unwrap();
+        super::super::schema::migrate(&mut c).unwrap();
+        c
+    }
+
+    fn key(device: &str, client: &str) -> SessionKey {
+        SessionKey { tenant: "acme".into(), device_id: device.into(), client_id: client.into() }
+    }
+
+    fn hold(c: &Connection, k: &SessionKey, pkid: u16) {
+        c.execute(
+            "INSERT INTO mqtt_qos2 (tenant, device_id, client_id, pkid, seq, id, received_at)
+             VALUES (?1, ?2, ?3, ?4, 1, x'00', 0)",
+            params![k.tenant, k.device_id, k.client_id, pkid],
+        )
+        .unwrap();
+    }
+
+    fn holds(c: &Connection) -> Vec<(String, String, u16)> {
+        let mut s = c.prepare("SELECT device_id, client_id, pkid FROM mqtt_qos2 ORDER BY 1, 2, 3").unwrap();
+        s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap().map(Result::unwrap).collect()
+    }
+
+    fn open(c: &Connection, k: &SessionKey, generation: u64, expiry: u32, resume: bool) {
+        MqttOp::OpenSession { key: k.clone(), generation, expiry, resume }.apply(c, 0).unwrap();
+    }
+
+    #[test]
+    fn a_device_never_touches_another_devices_state_under_the_same_client_id() {
+        let c = log();
+        let (theirs, mine) = (key("pump-1-x", "pump-1-x"), key("pump-1", "pump-1-x"));
+        open(&c, &theirs, 1, 0, false);
+        hold(&c, &theirs, 5);
+        open(&c, &mine, 2, 0, false); // a clean start of the other device's client id
+        hold(&c, &mine, 5);
+        MqttOp::Release { key: mine.clone(), pkid: 5 }.apply(&c, 0).unwrap();
+        MqttOp::EndSession { key: mine, generation: 2, expiry: 0 }.apply(&c, 0).unwrap();
+        assert_eq!(holds(&c), [("pump-1-x".into(), "pump-1-x".into(), 5)]);
+    }
+
+    #[test]
+    fn held_ids_live_exactly_as_long_as_their_session() {
+        let c = log();
+        let k = key("d1", "d1");
+        // Expiry 0: the ids end with the connection.
+        open(&c, &k, 1, 0, false);
+        hold(&c, &k, 1);
+        MqttOp::EndSession { key: k.clone(), generation: 1, expiry: 0 }.apply(&c, 10).unwrap();
+        assert!(holds(&c).is_empty());
+        // A persistent session keeps them while it waits, a resume keeps them,
+        // a new session (no resume) drops them.
+        open(&c, &k, 2, 60, false);
+        hold(&c, &k, 1);
+        MqttOp::EndSession { key: k.clone(), generation: 2, expiry: 60 }.apply(&c, 10).unwrap();
+        open(&c, &k, 3, 60, true);
+        assert_eq!(holds(&c).len(), 1);
+        open(&c, &k, 4, 60, false);
+        assert!(holds(&c).is_empty());
+        // An older connection ending after a take-over changes nothing.
+        hold(&c, &k, 2);
+        MqttOp::EndSession { key: k.clone(), generation: 3, expiry: 0 }.apply(&c, 10).unwrap();
+        MqttOp::DropSession { key: k.clone(), generation: Some(3) }.apply(&c, 10).unwrap();
+        assert_eq!(holds(&c).len(), 1);
+        MqttOp::DropSession { key: k, generation: Some(4) }.apply(&c, 10).unwrap();
+        assert!(holds(&c).is_empty());
+    }
+
+    #[test]
+    fn an_upgraded_log_keeps_its_held_ids_under_the_device_that_stored_them() {
+        let mut c = Connection::open_in_memory().unwrap();
+        super::super::schema::migrations().to_version(&mut c, 8).unwrap();
+        c.execute_batch(
+            "INSERT INTO events (seq, id, tenant, device_id, event_type, payload, ts, received_at, origin_site)
+               VALUES (41, x'01', 'acme', 'pump-1', 't', '{}', 0, 0, 'site-a');
+             INSERT INTO mqtt_qos2 (tenant, client_id, pkid, seq, id, received_at)
+               VALUES ('acme', 'pump-1-x', 5, 41, x'01', 0),
+                      ('acme', 'gone', 6, 40, x'02', 0);",
+        )
+        .unwrap();
+        super::super::schema::migrate(&mut c).unwrap();
+        assert_eq!(holds(&c), [("pump-1".into(), "pump-1-x".into(), 5)], "an id whose event is gone is dropped");
+        let left = start_sessions(&c, crate::event::now_us(), 86_400).unwrap();
+        assert_eq!(left.len(), 1, "its session waits a day for its client");
+        assert_eq!((left[0].key.clone(), left[0].expiry), (key("pump-1", "pump-1-x"), 86_400));
+    }
+
+    #[test]
+    fn a_start_drops_what_ended_with_the_process_or_expired_while_down() {
+        let c = log();
+        let s = 1_000_000;
+        let (live0, live60, waiting, expired) = (key("d1", "a"), key("d1", "b"), key("d1", "c"), key("d1", "d"));
+        open(&c, &live0, 1, 0, false); // connected when the process died, expiry 0
+        open(&c, &live60, 2, 60, false); // connected, persistent
+        open(&c, &waiting, 3, 60, false);
+        MqttOp::EndSession { key: waiting.clone(), generation: 3, expiry: 60 }.apply(&c, 100 * s).unwrap();
+        open(&c, &expired, 4, 60, false);
+        MqttOp::EndSession { key: expired.clone(), generation: 4, expiry: 60 }.apply(&c, 10 * s).unwrap();
+        for k in [&live0, &live60, &waiting, &expired] {
+            hold(&c, k, 7);
+        }
+        hold(&c, &key("d2", "orphan"), 7);
+        let left = start_sessions(&c, 100 * s, 30).unwrap();
+        let kept: Vec<_> = left.iter().map(|s| (s.key.client_id.as_str(), s.expiry, s.ended_at_us)).collect();
+        assert_eq!(kept, [("b", 30, 100 * s), ("c", 30, 100 * s)], "held to the maximum expiry");
+        let clients: Vec<_> = holds(&c).into_iter().map(|(_, c, _)| c).collect();
+        assert_eq!(clients, ["b", "c"]);
+    }
+}
