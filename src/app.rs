@@ -34,7 +34,7 @@ use crate::ingest::http::IngestState;
 use crate::limits::Limiter;
 use crate::log::{self, CommitObserver, LogHandle, Readers, WriterConfig};
 use crate::metrics::Metrics;
-use crate::mqtt::{self, Bridge, MqttDeps};
+use crate::mqtt::{self, MqttDeps};
 use crate::stream::Hub;
 use crate::stream::http::StreamState;
 use crate::stream::listen::Listener;
@@ -124,10 +124,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .transpose()?;
     let uplink = Arc::new(ForwardStatus::new(if connector.is_some() { Uplink::Connecting } else { Uplink::Disabled }));
     let hub = Hub::new(config.stream.queue, config.stream.max_subscribers, metrics.clone());
-    let broker = config.mqtt.enabled.then(|| start_broker(&config, &hub)).transpose()?;
+    let broker = config.mqtt.enabled.then(|| start_broker(&config, &hub, &metrics));
     let mut observers: Vec<Arc<dyn CommitObserver>> = vec![hub.clone()];
-    if let Some((_, bridge, _)) = &broker {
-        observers.push(bridge.clone());
+    if let Some(b) = &broker {
+        observers.push(b.feed.clone());
     }
     let committed = Arc::new(Notify::new());
     let (log, writer) =
@@ -155,21 +155,28 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let status_token = config.http.status_token().map_err(anyhow::Error::msg)?;
     let stages = Stages::new();
     let mqtt_deps = match broker {
-        Some((links, bridge, sessions)) => {
+        Some(b) => {
             let retained = site.readers.with(crate::log::mqtt::retained).await?;
             if !retained.is_empty() {
-                let n = bridge.restore_retained(&sessions, retained);
+                let n = mqtt::restore_retained(b.sessions.fanout(), retained);
                 tracing::info!(messages = n, "mqtt retained messages restored from the site log");
             }
+            let s = stages.shutdown.clone();
+            stages.spawn("mqtt-fanout", async move {
+                tokio::select! {
+                    () = b.fanout_task => {}
+                    () = s.cancelled() => {}
+                }
+                Ok::<(), anyhow::Error>(())
+            });
             let deps = MqttDeps {
                 ingest: ingest.clone(),
                 auth: site.auth.clone(),
-                links,
                 metrics: metrics.clone(),
                 config: config.mqtt.clone(),
-                bridge,
-                sessions,
+                sessions: b.sessions,
                 connections: Default::default(),
+                tasks: stages.tracker.clone(),
             };
             let stored = std::mem::take(&mut site.mqtt_sessions);
             mqtt::resume_stored_sessions(&deps, stored, &stages.shutdown).await?;
@@ -329,17 +336,19 @@ fn writer_config(config: &Config) -> WriterConfig {
     }
 }
 
-/// The embedded MQTT router and the bridge that feeds it committed
-/// non-MQTT events.
-fn start_broker(
-    config: &Config,
-    hub: &Hub,
-) -> anyhow::Result<(mqtt::LinkFactory, Arc<Bridge>, Arc<mqtt::state::Sessions>)> {
-    let links = mqtt::start_router(config.mqtt.max_connections);
-    let sessions = Arc::new(mqtt::state::Sessions::new(&config.mqtt));
-    let bridge = Bridge::open(&links, sessions.clone(), hub.interest.clone())
-        .map_err(|e| anyhow::anyhow!("mqtt router: {e}"))?;
-    Ok((links, bridge, sessions))
+/// The MQTT fan-out, the feed of committed events into it (and its task),
+/// and the sessions.
+struct Broker {
+    sessions: Arc<mqtt::state::Sessions>,
+    feed: Arc<mqtt::fanout::Feed>,
+    fanout_task: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+fn start_broker(config: &Config, hub: &Hub, metrics: &Arc<Metrics>) -> Broker {
+    let fanout = Arc::new(mqtt::fanout::Fanout::new(&config.mqtt, hub.interest.clone(), metrics.clone()));
+    let (feed, task) = mqtt::fanout::Feed::new(fanout.clone(), metrics.clone());
+    let sessions = Arc::new(mqtt::state::Sessions::new(&config.mqtt, fanout));
+    Broker { sessions, feed, fanout_task: Box::pin(task) }
 }
 
 /// The bound sockets; the TLS ones only when configured.

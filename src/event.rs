@@ -60,6 +60,19 @@ pub struct MqttFacts {
     pub qos2_client: Option<String>,
     /// RETAIN=1: the stream topic whose retained message this event becomes.
     pub retain_topic: Option<String>,
+    /// How the MQTT fan-out passes it on (publish QoS, RETAIN, origin
+    /// session, 5.0 properties); events without it go out like QoS 1.
+    pub published: Option<Published>,
+}
+
+/// What MQTT subscribers get of a publish besides its topic and payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Published {
+    pub qos: u8,
+    pub retain: bool,
+    /// The publishing session's mailbox id, for No Local (0: none).
+    pub origin: u64,
+    pub props: Option<rumqttd::protocol::PublishProperties>,
 }
 
 /// FNV-1a, 64 bit.

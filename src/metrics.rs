@@ -53,7 +53,10 @@ pub struct Metrics {
     pub forward_rate: Gauge<f64, AtomicU64>,
     pub drain_eta_seconds: Gauge<f64, AtomicU64>,
     pub mqtt_connections: Gauge,
-    pub mqtt_router_links: Gauge,
+    pub mqtt_subscribed_sessions: Gauge,
+    pub mqtt_deliveries_dropped: Counter,
+    pub mqtt_fanout_skipped: Counter,
+    pub mqtt_write_timeouts: Counter,
     pub mqtt_commit_wait: Histogram,
     pub mqtt_throttled: Counter,
     pub stream_subscribers: Family<KindLabel, Gauge>,
@@ -145,11 +148,29 @@ impl Metrics {
         let mqtt_commit_wait = Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0]);
         let mqtt_throttled = Counter::default();
         registry.register("mqtt_connections", "Open MQTT connections", mqtt_connections.clone());
-        let mqtt_router_links = Gauge::default();
+        let mqtt_subscribed_sessions = Gauge::default();
         registry.register(
-            "mqtt_router_links",
-            "MQTT connections with a link into the embedded broker (subscribers, persistent sessions, publishers someone receives)",
-            mqtt_router_links.clone(),
+            "mqtt_subscribed_sessions",
+            "MQTT sessions holding at least one subscription (connected, or persistent and waiting for their client)",
+            mqtt_subscribed_sessions.clone(),
+        );
+        let mqtt_deliveries_dropped = Counter::default();
+        registry.register(
+            "mqtt_deliveries_dropped",
+            "Deliveries dropped, oldest first, from a session's full mailbox (mqtt.max_queued_messages / max_queued_bytes)",
+            mqtt_deliveries_dropped.clone(),
+        );
+        let mqtt_fanout_skipped = Counter::default();
+        registry.register(
+            "mqtt_fanout_skipped",
+            "Committed events not passed to MQTT subscribers because the fan-out queue was full (they stay in the log and on the streams)",
+            mqtt_fanout_skipped.clone(),
+        );
+        let mqtt_write_timeouts = Counter::default();
+        registry.register(
+            "mqtt_write_timeouts",
+            "MQTT connections closed because their client stopped reading (mqtt.write_timeout)",
+            mqtt_write_timeouts.clone(),
         );
         registry.register(
             "mqtt_commit_wait_seconds",
@@ -211,7 +232,10 @@ impl Metrics {
             remote_fetches,
             remote_evicted,
             mqtt_connections,
-            mqtt_router_links,
+            mqtt_subscribed_sessions,
+            mqtt_deliveries_dropped,
+            mqtt_fanout_skipped,
+            mqtt_write_timeouts,
             mqtt_commit_wait,
             mqtt_throttled,
             backlog_bytes,

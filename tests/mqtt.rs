@@ -479,37 +479,38 @@ print(json.dumps(got))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publishers_get_a_router_link_only_when_someone_can_receive_and_take_over_works_without_one() {
+async fn only_sessions_that_subscribe_are_in_the_fan_out_and_take_over_works_for_any() {
     let app = TestApp::start().await;
     let (tp, ts) = (app.device("acme", "p1").await, app.device("acme", "s1").await);
-    let links = || app.metric("outpost_mqtt_router_links");
+    let subscribed = || app.metric("outpost_mqtt_subscribed_sessions");
 
     // A device that only publishes, with nobody subscribed: stored and
-    // acked, and no link into the broker.
+    // acked, and nothing of it in the fan-out.
     let (mut p, code) = Raw::connect(app.mqtt, "p1", "p1", &tp, 30, None).await;
     assert_eq!(code, 0);
     p.publish("acme/devices/p1/events/t", b"{\"n\":1}", 1, 1, false, false).await;
     assert!(p.read_kind(4, T).await.is_some(), "PUBACK");
     assert_eq!(rows_of(&app, "p1").len(), 1);
-    assert_eq!(links().await, 0, "a publisher nobody listens to has no router link");
+    assert_eq!(subscribed().await, 0, "a publisher is not in the fan-out");
 
-    // Take-over still ends the older connection of the client id.
+    // Take-over ends the older connection of the client id.
     let (mut p2, code) = Raw::connect(app.mqtt, "p1", "p1", &tp, 30, None).await;
     assert_eq!(code, 0);
     assert!(p.closed(T).await, "the taken-over connection is closed");
 
-    // A subscriber opens its link; the publisher's next event opens the
-    // publisher's link and reaches the subscriber.
+    // A subscriber is; the publisher's next event reaches it.
     let (mut s, code) = Raw::connect(app.mqtt, "s1", "s1", &ts, 30, None).await;
     assert_eq!(code, 0);
     s.subscribe(1, &["acme/events/+/#"]).await;
     assert!(s.read_kind(9, T).await.is_some(), "SUBACK");
-    assert_eq!(links().await, 1);
+    assert_eq!(subscribed().await, 1);
     p2.publish("acme/devices/p1/events/t", b"{\"n\":2}", 1, 2, false, false).await;
     assert!(p2.read_kind(4, T).await.is_some(), "PUBACK");
     let got = s.read_kind(3, T).await.expect("the subscriber gets the event");
     assert!(String::from_utf8_lossy(&got.body).contains("{\"n\":2}"));
-    assert_eq!(links().await, 2);
     drop((p2, s));
-    assert!(eventually(T, || async { links().await == 0 }).await, "links close with their connections");
+    assert!(
+        eventually(T, || async { subscribed().await == 0 }).await,
+        "a clean session leaves the fan-out with its connection"
+    );
 }

@@ -338,7 +338,7 @@ async fn no_log_line_at_trace_level_carries_a_token() {
     // …a second CONNECT on a live connection (its Debug output had the password)…
     let (mut c, code) = Raw::connect(mqtt, "leak-1", "leak-1", &token, 30, None).await;
     assert_eq!(code, 0);
-    // (subscribed first, so the session has a router link and rumqttd traces too)
+    // (subscribed first, so the fan-out has the session too)
     c.subscribe(1, &["acme/devices/leak-1/events/#"]).await;
     assert!(c.read_kind(9, T).await.is_some(), "SUBACK");
     c.send(&connect_packet("leak-1", "leak-1", &token, 30, None, true)).await;
@@ -356,7 +356,7 @@ async fn no_log_line_at_trace_level_carries_a_token() {
     let status = p.terminate_in_place();
     assert_eq!(status.code(), Some(0));
     let lines: Vec<String> = p.stderr_tail.try_iter().collect();
-    assert!(lines.len() > 20, "trace logging produced {} lines", lines.len());
+    assert!(lines.len() > 10, "trace logging produced {} lines", lines.len());
     let leaks: Vec<&String> = lines.iter().filter(|l| l.contains(&signature)).collect();
     assert!(leaks.is_empty(), "token in the log: {leaks:?}");
 }

@@ -138,6 +138,18 @@ pub struct MqttConfig {
     /// CONNACK 0x9F, 3.1.1: 0x03) so a device stuck in a reconnect loop
     /// cannot churn the broker. 0 = no limit.
     pub max_connects_per_minute: u32,
+    /// Longest topic name or filter, in bytes (publishes, subscriptions,
+    /// topic aliases, wills); checked before anything is kept.
+    pub max_topic_length: usize,
+    /// Deliveries one session may have waiting (while its client reads
+    /// slowly, or is away with a persistent session), by count and bytes;
+    /// beyond them the oldest are dropped (counted).
+    pub max_queued_messages: usize,
+    pub max_queued_bytes: usize,
+    /// A connection whose client has not taken any of what is written to it
+    /// for this long is closed (it stopped reading).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 /// The central PostgreSQL the forwarder writes to.
@@ -478,6 +490,10 @@ impl Default for MqttConfig {
             max_keep_alive: Duration::from_secs(3600),
             topic_alias_max: 32,
             max_connects_per_minute: 120,
+            max_topic_length: 512,
+            max_queued_messages: 1000,
+            max_queued_bytes: 1024 * 1024,
+            write_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -75,6 +75,8 @@ impl Config {
             ("max_filters", m.max_filters),
             ("max_retained_per_tenant", m.max_retained_per_tenant),
             ("max_retained_bytes_per_tenant", m.max_retained_bytes_per_tenant),
+            ("max_queued_messages", m.max_queued_messages),
+            ("max_queued_bytes", m.max_queued_bytes),
         ] {
             if v == 0 {
                 problems.push(format!("mqtt.{k}: must be at least 1"));
@@ -88,6 +90,12 @@ impl Config {
         }
         if m.connect_timeout < Duration::from_millis(100) {
             problems.push("mqtt.connect_timeout: must be at least 100ms".into());
+        }
+        if m.write_timeout < Duration::from_millis(100) {
+            problems.push("mqtt.write_timeout: must be at least 100ms".into());
+        }
+        if !(16..=65_535).contains(&m.max_topic_length) {
+            problems.push(format!("mqtt.max_topic_length = {}: must be 16..=65535", m.max_topic_length));
         }
         let st = &self.stream;
         if st.queue < 16 || st.queue > 1 << 20 {

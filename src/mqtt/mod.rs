@@ -34,10 +34,11 @@
 //!   out-of-order ack), whatever order the client completes its flows in.
 
 pub mod acl;
-pub mod broker;
 pub mod codec;
+mod expiry;
+pub mod fanout;
 pub mod framing;
-pub mod session;
+mod session;
 pub mod state;
 pub mod ws;
 
@@ -53,7 +54,6 @@ use crate::auth::Authenticator;
 use crate::config::MqttConfig;
 use crate::ingest::IngestHandle;
 use crate::metrics::Metrics;
-pub use broker::{Bridge, LinkFactory, start_router};
 
 const PROTOCOL: &str = "mqtt";
 
@@ -62,14 +62,15 @@ const PROTOCOL: &str = "mqtt";
 pub struct MqttDeps {
     pub ingest: IngestHandle,
     pub auth: Arc<Authenticator>,
-    pub links: LinkFactory,
     pub metrics: Arc<Metrics>,
     pub config: MqttConfig,
-    pub bridge: Arc<Bridge>,
-    /// Live, persistent and retained state across connections.
+    /// Live and persistent sessions, and (through them) the fan-out.
     pub sessions: Arc<state::Sessions>,
     /// Open connections, TCP and WebSocket (bounded by `max_connections`).
     pub connections: Arc<AtomicUsize>,
+    /// Timers that outlive a connection (delayed wills, session expiry):
+    /// shutdown waits for them.
+    pub tasks: TaskTracker,
 }
 
 /// One open connection (TCP or WebSocket), counted against
@@ -133,13 +134,13 @@ pub async fn run(
             match tls {
                 None => {
                     let (r, w) = stream.into_split();
-                    session::Session::serve(Box::new(r), Box::new(w), peer, &deps, shutdown).await;
+                    session::serve(Box::new(r), Box::new(w), peer, &deps, shutdown).await;
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(deps.config.connect_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => {
                             let (r, w) = tokio::io::split(s);
-                            session::Session::serve(Box::new(r), Box::new(w), peer, &deps, shutdown).await;
+                            session::serve(Box::new(r), Box::new(w), peer, &deps, shutdown).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "mqtt tls handshake failed"),
                         Err(_) => tracing::debug!(%peer, "mqtt tls handshake timed out (mqtt.connect_timeout)"),
@@ -160,7 +161,7 @@ where
     let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let slot = deps.slot(peer)?;
     let (r, w) = tokio::io::split(stream);
-    session::Session::serve(Box::new(r), Box::new(w), peer, deps, shutdown).await;
+    session::serve(Box::new(r), Box::new(w), peer, deps, shutdown).await;
     drop(slot);
     Some(())
 }
@@ -188,10 +189,33 @@ pub async fn resume_stored_sessions(
         deps.ingest.log().mqtt(crate::log::MqttOp::DropSession { key, generation: None }).await?;
     }
     tracing::info!(sessions = kept.len(), "mqtt sessions kept in the site log wait for their clients");
-    for (lease, left) in kept {
-        broker::expire_later(deps, lease, left, shutdown);
+    for (lease, left, waiting) in kept {
+        expiry::wait_for_client(deps, lease, left, waiting, shutdown);
     }
     Ok(())
+}
+
+/// Puts the retained messages kept in the site log back into the fan-out
+/// (at start), within the tenants' bounds. Returns how many.
+pub fn restore_retained(fanout: &fanout::Fanout, retained: Vec<(String, String, Vec<u8>)>) -> usize {
+    let mut n = 0;
+    for (tenant, topic, payload) in retained {
+        let msg = Arc::new(fanout::Message {
+            topic: bytes::Bytes::from(topic.clone()),
+            payload: bytes::Bytes::from(payload),
+            qos: 1,
+            retain: true,
+            props: None,
+            origin: 0,
+            at: std::time::Instant::now(),
+        });
+        if fanout.set_retained(&tenant, &topic, Some(msg)) {
+            n += 1;
+        } else {
+            tracing::warn!(tenant, topic, "retained message over the tenant's bounds; not restored");
+        }
+    }
+    n
 }
 
 /// Connections over `mqtt.max_connections` told so at once, at most.

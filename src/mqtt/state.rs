@@ -1,15 +1,22 @@
-//! What the front-end keeps across connections, so rumqttd's own state
-//! (which only grows) stays bounded and presence stays right:
-//! live sessions per device, persistent sessions per device, and retained
-//! messages per tenant.
+//! What the front-end keeps across connections: live sessions per device
+//! (presence, take-over), persistent sessions per device (their mailbox of
+//! subscriptions and deliveries, and the timer that waits for their
+//! client), and a CONNECT rate per device.
+//!
+//! Invariants:
+//! - Everything is per (tenant, device): client ids are a device's own
+//!   namespace, so no device can take over, resume or end another's session.
+//! - A persistent session is held by at most one waiting timer: its client's
+//!   return (or the session's end) cancels it, so reconnect churn leaves no
+//!   task behind; at most `mqtt.max_sessions_per_device` are held per device.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use super::fanout::{Fanout, Mailbox, Subscription};
 use crate::config::MqttConfig;
 use crate::log::mqtt::{SessionKey, StoredSession};
 
@@ -19,107 +26,51 @@ pub struct Sessions {
     /// CONNECTs per device in the current minute: (window start, count).
     connects: Mutex<HashMap<(String, String), (std::time::Instant, u32)>>,
     max_connects_per_minute: u32,
-    /// Persistent sessions per tenant: the router may hold subscriptions
-    /// for them while they are offline (read on the writer thread).
-    persistent_by_tenant: std::sync::RwLock<HashMap<String, usize>>,
     max_persistent: usize,
-    max_retained: usize,
-    max_retained_bytes: usize,
+    fanout: Arc<Fanout>,
 }
 
 #[derive(Default)]
 struct Inner {
     devices: HashMap<(String, String), Device>,
-    /// Retained stream topics per tenant with their payload sizes, and the total.
-    retained: HashMap<String, (HashMap<String, usize>, usize)>,
     /// Tells a connection's lease from a later one with the same client id.
     generation: u64,
 }
 
-/// One device's connections and the router client ids they use.
-///
-/// rumqttd keeps an entry per client id it ever saw (clean sessions leave
-/// their metrics behind), so devices' client ids never reach it: each
-/// connection is given a slot id, `<tenant>|<device>|p<n>` for a persistent
-/// session (at most `max_sessions_per_device`, recycled oldest first) or
-/// `<tenant>|<device>|c<n>` for a clean one (recycled as connections end).
-/// The router's state is then bounded by slots, not by client ids ever
-/// seen. A take-over of a client id still connected gets a slot of its own
-/// too: the older connection may still open its router link while it ends
-/// (a will, a last fan-out; see `session::link`), and under the same
-/// router id that would drop the newer one's link. Take-over itself is the
-/// lease's `taken_over` signal.
+/// One device's connections and persistent sessions.
 #[derive(Default)]
 struct Device {
     live: usize,
     /// Persistent sessions, oldest first.
     persistent: VecDeque<Persistent>,
-    /// Live clean sessions: lease generation → slot.
-    clean: HashMap<u64, usize>,
-    clean_free: Vec<usize>,
-    clean_next: usize,
     /// The newest lease of each client id still connected or persistent:
     /// tells a client that came back (will delay, session expiry).
     generations: HashMap<String, u64>,
-    /// Live connections by client id: (generation, take-over signal). A
-    /// connection without a router link learns of its take-over here.
+    /// Live connections by client id: (generation, take-over signal).
     live_by_client: HashMap<String, (u64, CancellationToken)>,
 }
 
-/// A persistent session: its client id, router slot and subscriptions.
-#[derive(Debug, Clone, Default)]
+/// A persistent session: its mailbox, and what waits for its client.
 struct Persistent {
     client_id: String,
-    slot: usize,
-    subs: Vec<StoredSub>,
+    mailbox: Arc<Mailbox>,
+    /// Cancelled when the client returns or the session ends: stops the
+    /// expiry timer and a delayed will of its last connection.
+    waiting: CancellationToken,
 }
 
-/// One subscription of a session, as kept for its resume (in memory, and
-/// in the site log for a resume after a restart).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredSub {
-    #[serde(rename = "f")]
-    pub filter: String,
-    #[serde(rename = "q")]
-    pub qos: u8,
-    #[serde(rename = "nl", default, skip_serializing_if = "std::ops::Not::not")]
-    pub no_local: bool,
-    #[serde(rename = "rap", default, skip_serializing_if = "std::ops::Not::not")]
-    pub retain_as_published: bool,
-}
-
-/// The site log's encoding of a session's subscriptions.
-pub fn encode_subs(subs: &[StoredSub]) -> String {
-    serde_json::to_string(subs).unwrap_or_default()
-}
-
-fn decode_subs(encoded: &str) -> Vec<StoredSub> {
-    if encoded.is_empty() {
-        return Vec::new();
-    }
-    serde_json::from_str(encoded).unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "a stored MQTT session's subscriptions are unreadable; resumed without them");
-        Vec::new()
-    })
-}
-
-/// The router client id a connection uses, and what to do before using it.
+/// A connection's claim on a client id's session.
 #[derive(Debug, Clone)]
 pub struct Lease {
-    /// `<tenant>|<device>|p<n>` or `…|c<n>`.
-    pub router_id: String,
-    /// The slot held another client's persistent session: drop it first.
-    pub wipe: bool,
-    /// The router keeps this session after the connection (a persistent
-    /// session, or one resumed: it is then expired by the front-end).
+    /// The session outlives the connection.
     pub persistent: bool,
     /// Cancelled when a later connection takes the client id over.
     pub taken_over: CancellationToken,
     /// The connection resumes a session the appliance holds (CONNACK
-    /// session present): its held QoS 2 ids and `subs` stay.
+    /// session present): its held QoS 2 ids, subscriptions and deliveries.
     pub present: bool,
-    /// The resumed session's subscriptions.
-    pub subs: Vec<StoredSub>,
+    /// The session's mailbox (a resumed session's own).
+    pub mailbox: Arc<Mailbox>,
     /// The device's oldest persistent session, dropped to make room.
     pub evicted: Option<SessionKey>,
     tenant: String,
@@ -128,22 +79,64 @@ pub struct Lease {
     generation: u64,
 }
 
+impl std::fmt::Debug for Mailbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mailbox").field("id", &self.id).field("tenant", &self.tenant).finish_non_exhaustive()
+    }
+}
+
+/// The site log's encoding of a session's subscriptions.
+pub fn encode_subs(subs: &[Subscription]) -> String {
+    let v: Vec<serde_json::Value> = subs
+        .iter()
+        .map(|s| {
+            serde_json::json!({"f": s.filter, "q": s.qos, "nl": s.no_local, "rap": s.retain_as_published, "id": s.id})
+        })
+        .collect();
+    serde_json::Value::Array(v).to_string()
+}
+
+fn decode_subs(encoded: &str) -> Vec<Subscription> {
+    if encoded.is_empty() {
+        return Vec::new();
+    }
+    let parsed: Result<Vec<serde_json::Value>, _> = serde_json::from_str(encoded);
+    let Ok(list) = parsed else {
+        tracing::warn!("a stored MQTT session's subscriptions are unreadable; resumed without them");
+        return Vec::new();
+    };
+    list.iter()
+        .filter_map(|v| {
+            Some(Subscription {
+                filter: v.get("f")?.as_str()?.to_string(),
+                qos: v.get("q").and_then(serde_json::Value::as_u64).unwrap_or(0).min(2) as u8,
+                no_local: v.get("nl").and_then(serde_json::Value::as_bool).unwrap_or(false),
+                retain_as_published: v.get("rap").and_then(serde_json::Value::as_bool).unwrap_or(false),
+                id: v.get("id").and_then(serde_json::Value::as_u64).map(|i| i as usize),
+            })
+        })
+        .collect()
+}
+
 impl Sessions {
     /// Bounds from the `[mqtt]` config.
-    pub fn new(config: &MqttConfig) -> Self {
+    pub fn new(config: &MqttConfig, fanout: Arc<Fanout>) -> Self {
         Self {
             inner: Mutex::default(),
-            persistent_by_tenant: Default::default(),
             connects: Mutex::default(),
             max_connects_per_minute: config.max_connects_per_minute,
             max_persistent: config.max_sessions_per_device,
-            max_retained: config.max_retained_per_tenant,
-            max_retained_bytes: config.max_retained_bytes_per_tenant,
+            fanout,
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The fan-out the sessions' mailboxes are in.
+    pub fn fanout(&self) -> &Arc<Fanout> {
+        &self.fanout
     }
 
     /// Counts a CONNECT of the device; false when it is over
@@ -181,14 +174,14 @@ impl Sessions {
         let Some(d) = g.devices.get_mut(&key) else { return true };
         d.live = d.live.saturating_sub(1);
         let last = d.live == 0;
-        if last && d.persistent.is_empty() && d.clean.is_empty() && d.live_by_client.is_empty() {
+        if last && d.persistent.is_empty() && d.live_by_client.is_empty() && d.generations.is_empty() {
             g.devices.remove(&key);
         }
         last
     }
 
-    /// The router client id for a connection of `client_id`. `persistent`:
-    /// the session outlives the connection; `resume` = false discards a
+    /// The session for a connection of `client_id`. `persistent`: the
+    /// session outlives the connection; `resume` = false discards a
     /// persistent session it had (a clean start), true resumes it (even a
     /// 5.0 connection whose own session expiry is 0).
     pub fn lease(&self, tenant: &str, device_id: &str, client_id: &str, persistent: bool, resume: bool) -> Lease {
@@ -202,151 +195,88 @@ impl Sessions {
         if let Some((_, older)) = d.live_by_client.insert(client_id.to_string(), (generation, taken_over.clone())) {
             older.cancel();
         }
-        let known = d.persistent.iter().position(|p| p.client_id == client_id);
-        let present = resume && known.is_some();
-        let persistent = persistent || present;
-        let mut subs = Vec::new();
-        let mut evicted = None;
-        let (slot, wipe) = if persistent {
-            match known {
-                // Resumes its own session, or starts it afresh in the same slot.
-                Some(i) => {
-                    let mut entry = d.persistent.remove(i).unwrap_or_default();
-                    if resume {
-                        subs = entry.subs.clone();
-                    } else {
-                        entry.subs.clear();
-                    }
-                    let slot = entry.slot;
-                    d.persistent.push_back(entry);
-                    (format!("p{slot}"), !resume)
-                }
-                None => {
-                    let used: Vec<usize> = d.persistent.iter().map(|p| p.slot).collect();
-                    let slot = match (0..max).find(|s| !used.contains(s)) {
-                        Some(s) => {
-                            self.count_persistent(tenant, true);
-                            s
-                        }
-                        // Full: the oldest session is dropped, its slot reused.
-                        None => d.persistent.pop_front().map_or(0, |p| {
-                            evicted = Some(p.client_id);
-                            p.slot
-                        }),
-                    };
-                    d.persistent.push_back(Persistent { client_id: client_id.to_string(), slot, subs: Vec::new() });
-                    (format!("p{slot}"), true)
-                }
-            }
-        } else {
-            // A clean session discards a persistent one of that client id.
-            if let Some(i) = known {
-                d.persistent.remove(i);
-                self.count_persistent(tenant, false);
-            }
-            let slot = d.clean_free.pop().unwrap_or_else(|| {
-                d.clean_next += 1;
-                d.clean_next - 1
-            });
-            d.clean.insert(generation, slot);
-            (format!("c{slot}"), false)
+        // The client id's persistent session: resumed, or (a clean start,
+        // or a clean session now) ended here.
+        let held = d.persistent.iter().position(|p| p.client_id == client_id).and_then(|i| d.persistent.remove(i));
+        let (resumed, old) = match held {
+            Some(entry) if resume => (Some(entry), None),
+            other => (None, other),
         };
+        let present = resumed.is_some();
+        let persistent = persistent || present;
+        let mut evicted = None;
+        let mailbox = if let Some(mut entry) = resumed {
+            entry.waiting.cancel();
+            entry.waiting = CancellationToken::new();
+            let mb = entry.mailbox.clone();
+            d.persistent.push_back(entry);
+            mb
+        } else {
+            let mb = self.fanout.mailbox(tenant);
+            if persistent {
+                if d.persistent.len() >= max
+                    && let Some(oldest) = d.persistent.pop_front()
+                {
+                    oldest.waiting.cancel();
+                    self.fanout.close(&oldest.mailbox);
+                    evicted = Some(oldest.client_id);
+                }
+                d.persistent.push_back(Persistent {
+                    client_id: client_id.to_string(),
+                    mailbox: mb.clone(),
+                    waiting: CancellationToken::new(),
+                });
+            }
+            mb
+        };
+        if let Some(old) = old {
+            old.waiting.cancel();
+            self.fanout.close(&old.mailbox);
+        }
         let key =
             |client_id: String| SessionKey { tenant: tenant.to_string(), device_id: device_id.to_string(), client_id };
         Lease {
-            router_id: format!("{tenant}|{device_id}|{slot}"),
-            wipe,
             persistent,
+            taken_over,
             present,
-            subs,
+            mailbox,
             evicted: evicted.map(key),
             tenant: tenant.to_string(),
             device_id: device_id.to_string(),
             client_id: client_id.to_string(),
             generation,
-            taken_over,
         }
     }
 
-    /// Takes in the sessions the site log held at start (oldest first): each
-    /// is a persistent session waiting for its client. Returns a lease per
-    /// session kept, with the time left until it expires, and the keys of
-    /// sessions over the device's bound (dropped, oldest first).
-    pub fn load(&self, stored: Vec<StoredSession>, now_us: i64) -> (Vec<(Lease, Duration)>, Vec<SessionKey>) {
+    /// A connection ended. A clean session ends with it (its mailbox is
+    /// closed); a persistent one, while no newer connection has its client
+    /// id, now waits for its client: the token returned is cancelled when
+    /// the client returns or the session ends (`None`: not this lease's to
+    /// wait for).
+    pub fn release(&self, lease: &Lease) -> Option<CancellationToken> {
         let mut g = self.lock();
-        let mut kept = Vec::new();
-        let mut dropped = Vec::new();
-        for s in stored {
-            g.generation = g.generation.max(s.generation);
-            let d = g.devices.entry((s.key.tenant.clone(), s.key.device_id.clone())).or_default();
-            if d.persistent.iter().any(|p| p.client_id == s.key.client_id) {
-                continue;
-            }
-            let used: Vec<usize> = d.persistent.iter().map(|p| p.slot).collect();
-            let Some(slot) = (0..self.max_persistent).find(|s| !used.contains(s)) else {
-                dropped.push(s.key);
-                continue;
-            };
-            d.persistent.push_back(Persistent {
-                client_id: s.key.client_id.clone(),
-                slot,
-                subs: decode_subs(&s.subscriptions),
-            });
-            d.generations.insert(s.key.client_id.clone(), s.generation);
-            self.count_persistent(&s.key.tenant, true);
-            let expires_at = s.ended_at_us.saturating_add(i64::from(s.expiry) * 1_000_000);
-            let left = Duration::from_micros(u64::try_from(expires_at.saturating_sub(now_us)).unwrap_or(0));
-            kept.push((
-                Lease {
-                    router_id: format!("{}|{}|p{slot}", s.key.tenant, s.key.device_id),
-                    wipe: false,
-                    persistent: true,
-                    present: false,
-                    subs: Vec::new(),
-                    evicted: None,
-                    tenant: s.key.tenant,
-                    device_id: s.key.device_id,
-                    client_id: s.key.client_id,
-                    generation: s.generation,
-                    taken_over: CancellationToken::new(),
-                },
-                left,
-            ));
-        }
-        (kept, dropped)
-    }
-
-    /// A persistent session's subscriptions changed (kept for its resume);
-    /// false when the lease no longer owns the session.
-    pub fn set_subs(&self, lease: &Lease, subs: Vec<StoredSub>) -> bool {
-        let mut g = self.lock();
-        let Some(d) = g.devices.get_mut(&(lease.tenant.clone(), lease.device_id.clone())) else { return false };
-        if d.generations.get(&lease.client_id) != Some(&lease.generation) {
-            return false;
-        }
-        match d.persistent.iter_mut().find(|p| p.client_id == lease.client_id) {
-            Some(p) => {
-                p.subs = subs;
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// A connection ended: a clean session's slot is free again.
-    pub fn release(&self, lease: &Lease) {
-        let mut g = self.lock();
-        let Some(d) = g.devices.get_mut(&(lease.tenant.clone(), lease.device_id.clone())) else { return };
-        if let Some(slot) = d.clean.remove(&lease.generation) {
-            d.clean_free.push(slot);
-        }
+        let key = (lease.tenant.clone(), lease.device_id.clone());
+        let d = g.devices.get_mut(&key)?;
         if d.live_by_client.get(&lease.client_id).is_some_and(|(g, _)| *g == lease.generation) {
             d.live_by_client.remove(&lease.client_id);
         }
-        let persistent = d.persistent.iter().any(|p| p.client_id == lease.client_id);
-        if !persistent && d.generations.get(&lease.client_id) == Some(&lease.generation) {
-            d.generations.remove(&lease.client_id);
+        let newest = d.generations.get(&lease.client_id) == Some(&lease.generation);
+        let waiting = match d.persistent.iter().find(|p| p.client_id == lease.client_id) {
+            Some(p) if newest && Arc::ptr_eq(&p.mailbox, &lease.mailbox) => Some(p.waiting.clone()),
+            _ => None,
+        };
+        if waiting.is_none() {
+            if newest {
+                d.generations.remove(&lease.client_id);
+            }
+            if !lease.persistent || !d.persistent.iter().any(|p| Arc::ptr_eq(&p.mailbox, &lease.mailbox)) {
+                self.fanout.close(&lease.mailbox);
+            }
         }
+        if d.live == 0 && d.persistent.is_empty() && d.live_by_client.is_empty() && d.generations.is_empty() {
+            g.devices.remove(&key);
+        }
+        waiting
     }
 
     /// True when the client id of `lease` connected again after it.
@@ -359,33 +289,74 @@ impl Sessions {
     }
 
     /// The persistent session of `lease` expired: unless its client came
-    /// back, it is forgotten; returns the router id whose session to drop.
-    pub fn expire(&self, lease: &Lease) -> Option<String> {
+    /// back, it is forgotten (its mailbox closed); true when it was.
+    pub fn expire(&self, lease: &Lease) -> bool {
         let mut g = self.lock();
-        let d = g.devices.get_mut(&(lease.tenant.clone(), lease.device_id.clone()))?;
+        let key = (lease.tenant.clone(), lease.device_id.clone());
+        let Some(d) = g.devices.get_mut(&key) else { return false };
         if d.generations.get(&lease.client_id) != Some(&lease.generation) {
-            return None;
+            return false;
         }
         d.generations.remove(&lease.client_id);
-        let at = d.persistent.iter().position(|p| p.client_id == lease.client_id)?;
-        d.persistent.remove(at);
-        self.count_persistent(&lease.tenant, false);
-        Some(lease.router_id.clone())
-    }
-
-    fn count_persistent(&self, tenant: &str, added: bool) {
-        let mut m = self.persistent_by_tenant.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = m.entry(tenant.to_string()).or_insert(0);
-        *n = if added { *n + 1 } else { n.saturating_sub(1) };
-        if *n == 0 {
-            m.remove(tenant);
+        let Some(at) = d.persistent.iter().position(|p| p.client_id == lease.client_id) else { return false };
+        if let Some(p) = d.persistent.remove(at) {
+            p.waiting.cancel();
+            self.fanout.close(&p.mailbox);
         }
+        if d.live == 0 && d.persistent.is_empty() && d.live_by_client.is_empty() && d.generations.is_empty() {
+            g.devices.remove(&key);
+        }
+        true
     }
 
-    /// True while `tenant` has persistent sessions (online or not).
-    pub fn has_persistent(&self, tenant: &str) -> bool {
-        let m = self.persistent_by_tenant.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        m.contains_key(tenant)
+    /// Takes in the sessions the site log held at start (oldest first): each
+    /// is a persistent session waiting for its client, its subscriptions
+    /// back in the fan-out. Returns a lease per session kept, with the time
+    /// left until it expires and the token its client's return cancels, and
+    /// the keys of sessions over the device's bound (dropped, oldest first).
+    pub fn load(
+        &self,
+        stored: Vec<StoredSession>,
+        now_us: i64,
+    ) -> (Vec<(Lease, Duration, CancellationToken)>, Vec<SessionKey>) {
+        let mut g = self.lock();
+        let mut kept = Vec::new();
+        let mut dropped = Vec::new();
+        for s in stored {
+            g.generation = g.generation.max(s.generation);
+            let d = g.devices.entry((s.key.tenant.clone(), s.key.device_id.clone())).or_default();
+            if d.persistent.iter().any(|p| p.client_id == s.key.client_id) {
+                continue;
+            }
+            if d.persistent.len() >= self.max_persistent {
+                dropped.push(s.key);
+                continue;
+            }
+            let mailbox = self.fanout.mailbox(&s.key.tenant);
+            self.fanout.restore(&mailbox, decode_subs(&s.subscriptions));
+            let waiting = CancellationToken::new();
+            d.persistent.push_back(Persistent {
+                client_id: s.key.client_id.clone(),
+                mailbox: mailbox.clone(),
+                waiting: waiting.clone(),
+            });
+            d.generations.insert(s.key.client_id.clone(), s.generation);
+            let expires_at = s.ended_at_us.saturating_add(i64::from(s.expiry) * 1_000_000);
+            let left = Duration::from_micros(u64::try_from(expires_at.saturating_sub(now_us)).unwrap_or(0));
+            let lease = Lease {
+                persistent: true,
+                taken_over: CancellationToken::new(),
+                present: false,
+                mailbox,
+                evicted: None,
+                tenant: s.key.tenant,
+                device_id: s.key.device_id,
+                client_id: s.key.client_id,
+                generation: s.generation,
+            };
+            kept.push((lease, left, waiting));
+        }
+        (kept, dropped)
     }
 
     /// Whose session state a lease stands for, in the site log.
@@ -402,26 +373,9 @@ impl Sessions {
         lease.generation
     }
 
-    /// A retained publish of `bytes` on `topic` (0 clears it). False when the
-    /// tenant's bounds leave no room: then it is delivered but not retained.
-    pub fn retain(&self, tenant: &str, topic: &str, bytes: usize) -> bool {
-        let mut g = self.lock();
-        let (topics, total) = g.retained.entry(tenant.to_string()).or_default();
-        let old = topics.get(topic).copied();
-        if bytes == 0 {
-            if let Some(old) = topics.remove(topic) {
-                *total -= old;
-            }
-            return true;
-        }
-        let count = topics.len() + usize::from(old.is_none());
-        let new_total = *total - old.unwrap_or(0) + bytes;
-        if count > self.max_retained || new_total > self.max_retained_bytes {
-            return false;
-        }
-        topics.insert(topic.to_string(), bytes);
-        *total = new_total;
-        true
+    /// Persistent sessions held, over all devices.
+    pub fn persistent_count(&self) -> usize {
+        self.lock().devices.values().map(|d| d.persistent.len()).sum()
     }
 }
 
@@ -430,12 +384,9 @@ mod tests {
     use super::*;
 
     fn sessions() -> Sessions {
-        Sessions::new(&MqttConfig {
-            max_sessions_per_device: 2,
-            max_retained_per_tenant: 2,
-            max_retained_bytes_per_tenant: 10,
-            ..MqttConfig::default()
-        })
+        let config = MqttConfig { max_sessions_per_device: 2, ..MqttConfig::default() };
+        let fanout = Arc::new(Fanout::new(&config, Arc::default(), Arc::new(crate::metrics::Metrics::new())));
+        Sessions::new(&config, fanout)
     }
 
     #[test]
@@ -453,50 +404,64 @@ mod tests {
         let s = sessions();
         let a = s.lease("acme", "d1", "d1-a", true, true);
         let b = s.lease("acme", "d1", "d1-b", true, true);
-        assert_eq!((a.router_id.as_str(), a.wipe), ("acme|d1|p0", true));
-        assert_eq!(b.router_id, "acme|d1|p1");
+        assert!(!a.present && a.evicted.is_none() && b.evicted.is_none());
         let again = s.lease("acme", "d1", "d1-a", true, true);
-        assert_eq!((again.router_id.as_str(), again.wipe), ("acme|d1|p0", false), "resumes its own session");
+        assert!(again.present, "resumes its own session");
+        assert!(Arc::ptr_eq(&again.mailbox, &a.mailbox), "with its mailbox");
         let c = s.lease("acme", "d1", "d1-c", true, true);
-        assert_eq!((c.router_id.as_str(), c.wipe), ("acme|d1|p1", true), "the oldest (d1-b) is dropped");
-        assert_eq!(s.lease("globex", "d1", "d1-a", true, true).router_id, "globex|d1|p0", "tenants apart");
+        assert_eq!(c.evicted.map(|k| k.client_id).as_deref(), Some("d1-b"), "the oldest is dropped");
+        assert!(!s.lease("globex", "d1", "d1-a", true, true).present, "tenants apart");
+        assert!(!s.lease("acme", "d2", "d1-a", true, true).present, "devices apart");
+        assert_eq!(s.persistent_count(), 4);
     }
 
     #[test]
-    fn clean_sessions_recycle_slots_and_keep_take_over() {
+    fn a_return_cancels_what_waited_for_the_client_and_a_take_over_is_told() {
         let s = sessions();
-        let a = s.lease("acme", "d1", "d1", false, false);
-        let b = s.lease("acme", "d1", "d1-x", false, false);
-        assert_eq!((a.router_id.as_str(), b.router_id.as_str()), ("acme|d1|c0", "acme|d1|c1"));
-        let a2 = s.lease("acme", "d1", "d1", false, false);
-        // A take-over: the older connection is told, and the newer one has a
-        // router id of its own (a link the older one opens while it ends
-        // must not drop the newer one's).
-        assert_eq!(a2.router_id, "acme|d1|c2");
-        assert!(a.taken_over.is_cancelled() && !a2.taken_over.is_cancelled(), "the older connection is told");
-        assert!(!b.taken_over.is_cancelled());
-        s.release(&a); // the old connection ends after the take-over: its slot is free again
-        assert_eq!(s.lease("acme", "d1", "d1-y", false, false).router_id, "acme|d1|c0");
-        s.release(&a2);
-        s.release(&b);
-        // Thousands of distinct client ids, one at a time: two slots in all.
-        for i in 0..1000 {
-            let l = s.lease("acme", "d1", &format!("d1-{i}"), false, false);
-            assert!(l.router_id == "acme|d1|c0" || l.router_id == "acme|d1|c1", "{}", l.router_id);
-            s.release(&l);
-        }
+        let a = s.lease("acme", "d1", "d1", true, true);
+        let waiting = s.release(&a).expect("a persistent session waits for its client");
+        let b = s.lease("acme", "d1", "d1", true, true);
+        assert!(waiting.is_cancelled(), "the timer of the ended connection stops at the return");
+        assert!(b.present);
+        assert!(!s.expire(&a), "an older lease expires nothing");
+        let c = s.lease("acme", "d1", "d1", false, false);
+        assert!(b.taken_over.is_cancelled() && !c.taken_over.is_cancelled(), "the older connection is told");
+        assert!(!c.present && !c.persistent, "a clean start ends the persistent session");
+        assert!(s.release(&b).is_none(), "the session it had is gone");
+        assert!(s.release(&c).is_none());
+        assert_eq!(s.persistent_count(), 0);
+        assert!(s.lock().devices.is_empty(), "nothing is left of the device");
     }
 
     #[test]
-    fn retained_messages_are_bounded_by_count_and_bytes() {
+    fn an_expired_session_is_forgotten_and_a_returned_one_is_not() {
         let s = sessions();
-        assert!(s.retain("acme", "a", 4));
-        assert!(s.retain("acme", "b", 4));
-        assert!(!s.retain("acme", "c", 1), "count");
-        assert!(!s.retain("acme", "a", 7), "bytes");
-        assert!(s.retain("acme", "a", 6), "replacing counts the difference");
-        assert!(s.retain("acme", "b", 0), "an empty retained publish clears");
-        assert!(s.retain("acme", "c", 1));
-        assert!(s.retain("globex", "a", 10), "tenants are bounded apart");
+        let a = s.lease("acme", "d1", "d1", true, true);
+        s.release(&a);
+        assert!(s.expire(&a));
+        assert!(!s.lease("acme", "d1", "d1", true, true).present);
+    }
+
+    #[test]
+    fn subscriptions_survive_their_encoding() {
+        let subs = vec![
+            Subscription {
+                filter: "acme/events/#".into(),
+                qos: 2,
+                no_local: true,
+                retain_as_published: false,
+                id: Some(7),
+            },
+            Subscription {
+                filter: "acme/devices/d1/x".into(),
+                qos: 0,
+                no_local: false,
+                retain_as_published: true,
+                id: None,
+            },
+        ];
+        assert_eq!(decode_subs(&encode_subs(&subs)), subs);
+        assert!(decode_subs("").is_empty());
+        assert!(decode_subs("not json").is_empty());
     }
 }

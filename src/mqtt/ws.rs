@@ -47,6 +47,7 @@ async fn upgrade(
 }
 
 async fn session(mut socket: WebSocket, peer: SocketAddr, s: WsState) {
+    use futures_util::{SinkExt, StreamExt};
     let deps = &s.deps;
     let Some(slot) = deps.slot(peer) else {
         let close = CloseFrame { code: 1013, reason: "mqtt.max_connections reached".into() };
@@ -56,43 +57,77 @@ async fn session(mut socket: WebSocket, peer: SocketAddr, s: WsState) {
     let (ours, theirs) = tokio::io::duplex(64 * 1024);
     let (session_r, session_w) = tokio::io::split(theirs);
     let (mut pipe_r, mut pipe_w) = tokio::io::split(ours);
-    let pump = async move {
+    let (mut ws_tx, mut ws_rx) = socket.split();
+    // Two pumps, one per direction, each waiting only on its own side: the
+    // session reads while it writes (it never blocks on a write), so
+    // neither direction can hold the other up. A pump stops the other by
+    // ending: the device's side closes, or the session ends and closes its
+    // pipe.
+    let (tx_close, mut close_rx) = tokio::sync::mpsc::channel::<CloseFrame>(1);
+    let inbound = async move {
+        while let Some(msg) = ws_rx.next().await {
+            match msg {
+                Ok(Message::Binary(b)) => {
+                    if pipe_w.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Message::Text(_)) => {
+                    let close = CloseFrame { code: 1003, reason: "MQTT over WebSocket uses binary messages".into() };
+                    let _ = tx_close.try_send(close);
+                    break;
+                }
+                Ok(Message::Ping(_) | Message::Pong(_)) => {}
+                // Closed, or too large (1009 is sent by the codec), or broken.
+                Ok(Message::Close(_)) | Err(_) => break,
+            }
+        }
+        // The session reads EOF: the device is gone.
+        let _ = pipe_w.shutdown().await;
+    };
+    let outbound = async move {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             tokio::select! {
-                msg = socket.recv() => match msg {
-                    Some(Ok(Message::Binary(b))) => {
-                        if pipe_w.write_all(&b).await.is_err() {
-                            break;
-                        }
-                    }
-                    Some(Ok(Message::Text(_))) => {
-                        let close = CloseFrame { code: 1003, reason: "MQTT over WebSocket uses binary messages".into() };
-                        let _ = socket.send(Message::Close(Some(close))).await;
-                        break;
-                    }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                    // Closed, or too large (1009 is sent by the codec), or broken.
-                    Some(Ok(Message::Close(_)) | Err(_)) | None => break,
-                },
+                close = close_rx.recv() => {
+                    let _ = ws_tx.send(Message::Close(close)).await;
+                    break;
+                }
                 n = pipe_r.read(&mut buf) => match n {
                     Ok(0) | Err(_) => {
-                        let _ = socket.send(Message::Close(None)).await;
+                        let _ = ws_tx.send(Message::Close(None)).await;
                         break;
                     }
                     Ok(n) => {
-                        if socket.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                        if ws_tx.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
                             break;
                         }
                     }
                 },
             }
         }
-        // The session reads EOF: the device is gone.
-        let _ = pipe_w.shutdown().await;
     };
-    let serve =
-        super::session::Session::serve(Box::new(session_r), Box::new(session_w), peer, deps, s.shutdown.clone());
-    tokio::join!(pump, serve);
+    // When the session ends, the pumps get a moment to pass on its last
+    // bytes and the close, then go (a client that stops reading cannot
+    // hold the connection).
+    let served = tokio_util::sync::CancellationToken::new();
+    let pumps = async {
+        tokio::select! {
+            _ = async { tokio::join!(inbound, outbound) } => {}
+            () = async {
+                served.cancelled().await;
+                tokio::time::sleep(CLOSE_GRACE).await;
+            } => {}
+        }
+    };
+    let serve = async {
+        super::session::serve(Box::new(session_r), Box::new(session_w), peer, deps, s.shutdown.clone()).await;
+        served.cancel();
+    };
+    tokio::join!(pumps, serve);
     drop(slot);
 }
+
+/// How long the pumps of an ended session may still take to pass on its
+/// last bytes and the close.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);

@@ -1,0 +1,504 @@
+//! Packets from the device, in order. A PUBLISH is checked (topic alias,
+//! ACL, size), waits for the rate limit and the log's budget, and joins a
+//! FIFO of appends; it is acked (PUBACK / PUBREC) only once its event is
+//! committed, in read order. SUBSCRIBE and UNSUBSCRIBE count against the
+//! same rate limits. Everything else is dispatched as it comes.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream::FuturesOrdered;
+use rumqttd::protocol::{
+    DisconnectReasonCode, Packet, PubAck, PubAckProperties, PubAckReason, PubComp, PubCompReason, PubRec,
+    PubRecProperties, PubRecReason, Publish, PublishProperties,
+};
+use serde_json::value::RawValue;
+
+use super::super::acl::{event_topic, stream_topic};
+use super::super::codec;
+use super::super::framing::{self, publish_header};
+use super::{End, Session};
+use crate::auth::Perm;
+use crate::event::{EventInput, MqttFacts, Published, Redelivery, fnv1a64};
+use crate::ingest::Error as IngestError;
+use crate::log::{Appended, MqttOp};
+
+/// A decoded packet and, for a PUBLISH, its (QoS, DUP, packet id).
+type Decoded = (Packet, Option<(u8, bool, u16)>);
+
+/// A publish read from the device: what it said and when.
+pub(super) struct InPublish {
+    publish: Publish,
+    props: Option<PublishProperties>,
+    qos: u8,
+    dup: bool,
+    pkid: u16,
+    read_at: Instant,
+}
+
+/// What a FIFO entry settled to, answered to the device in read order.
+pub(super) enum Done {
+    /// A publish's event was committed (or refused).
+    Event(InPublish, Result<Vec<Appended>, IngestError>),
+    /// A zero-byte retained publish cleared its topic (no event).
+    Cleared(InPublish, Result<usize, crate::log::Error>),
+    /// A 5.0 publish refused before the log: a negative PUBACK/PUBREC.
+    Refused(InPublish, PubAckReason, String),
+    /// A PUBREL: the QoS 2 packet id was released in the log.
+    Released(u16, Result<usize, crate::log::Error>),
+}
+
+type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+/// The inbound side of a connection.
+pub(super) struct Inbound {
+    /// Appends (and PUBRELs) in read order, answered as they settle.
+    pub fifo: FuturesOrdered<Pending>,
+    /// Decoded packets not handled yet.
+    packets: VecDeque<Decoded>,
+    /// A publish held back by a rate limit or a full log.
+    held: Option<InPublish>,
+    /// A SUBSCRIBE or UNSUBSCRIBE (the head of `packets`) waits for the rate limit.
+    control_held: bool,
+    /// When to try what is held again.
+    pub resume_at: tokio::time::Instant,
+    /// The device closed its side, or a newer connection took the client
+    /// id over: finish what it sent, then end.
+    pub eof: bool,
+    pub taken: bool,
+    /// QoS 1 publishes not answered yet, and QoS 2 packet ids not completed
+    /// (PUBCOMP or a negative PUBREC): together bounded by the server's
+    /// Receive Maximum (`mqtt.max_inflight`).
+    open_qos1: usize,
+    open_qos2: HashSet<u16>,
+    /// 5.0: topic aliases the client set (at most `mqtt.topic_alias_max`).
+    aliases: HashMap<u16, Bytes>,
+}
+
+impl Inbound {
+    pub fn new(alias_max: u16) -> Self {
+        Self {
+            fifo: FuturesOrdered::new(),
+            packets: VecDeque::new(),
+            held: None,
+            control_held: false,
+            resume_at: tokio::time::Instant::now(),
+            eof: false,
+            taken: false,
+            open_qos1: 0,
+            open_qos2: HashSet::new(),
+            aliases: HashMap::with_capacity(usize::from(alias_max).min(8)),
+        }
+    }
+
+    /// Whether the device may be read: nothing held, nothing decoded left,
+    /// room in the FIFO.
+    pub fn can_read(&self, max_inflight: usize) -> bool {
+        !self.eof && self.held.is_none() && self.packets.is_empty() && self.fifo.len() < max_inflight
+    }
+
+    /// Something waits for the rate limit or the log's budget.
+    pub fn waiting(&self) -> bool {
+        self.held.is_some() || self.control_held
+    }
+
+    /// How the session ends once the device closed its side (or was taken
+    /// over) and everything it sent was handled.
+    pub fn finished(&self) -> Option<End> {
+        if !(self.eof && self.packets.is_empty() && !self.waiting()) {
+            return None;
+        }
+        Some(if self.taken { End::taken_over() } else { End::unclean("connection closed by the device") })
+    }
+}
+
+impl Session<'_> {
+    /// Decodes every complete packet in the read buffer, after checking the
+    /// bytes rumqttd's codec does not.
+    pub(super) fn decode(&mut self) -> Result<(), End> {
+        loop {
+            let malformed = |s: &Self, code, why: String| {
+                s.deps.ingest.count_rejected(super::PROTOCOL, "malformed");
+                End::coded(code, format!("malformed packet: {why}"))
+            };
+            if let Err(why) = framing::check(&self.wire.read_buf) {
+                return Err(malformed(self, DisconnectReasonCode::MalformedPacket, why));
+            }
+            let header = publish_header(&self.wire.read_buf);
+            match self.wire.codec.read(&mut self.wire.read_buf, self.deps.config.max_packet_size) {
+                Ok(p) => self.inbound.packets.push_back((p, header)),
+                Err(rumqttd::protocol::Error::InsufficientBytes(_)) => return Ok(()),
+                Err(e @ rumqttd::protocol::Error::PayloadSizeLimitExceeded(_)) => {
+                    return Err(malformed(self, DisconnectReasonCode::PacketTooLarge, e.to_string()));
+                }
+                Err(e) => return Err(malformed(self, DisconnectReasonCode::MalformedPacket, e.to_string())),
+            }
+        }
+    }
+
+    /// Handles decoded packets in order; stops at one the rate limit or the
+    /// log's budget holds back.
+    pub(super) async fn admit(&mut self) -> Result<(), End> {
+        loop {
+            if let Some(publish) = self.inbound.held.take() {
+                if !self.admit_held(publish) {
+                    return Ok(());
+                }
+                continue;
+            }
+            if self.inbound.fifo.len() >= self.deps.config.max_inflight {
+                return Ok(());
+            }
+            let Some((packet, header)) = self.inbound.packets.pop_front() else { return Ok(()) };
+            match packet {
+                Packet::Publish(publish, props) => {
+                    let (qos, dup, pkid) = header.unwrap_or((0, false, 0));
+                    self.open(qos, pkid)?;
+                    let publish = InPublish { publish, props, qos, dup, pkid, read_at: Instant::now() };
+                    self.inbound.held = self.check_publish(publish)?;
+                }
+                p @ (Packet::Subscribe(..) | Packet::Unsubscribe(..)) => {
+                    self.inbound.control_held = false;
+                    if let Err(l) = self.deps.ingest.check_rate(&self.who.tenant, &self.who.device_id, 1) {
+                        self.inbound.packets.push_front((p, None));
+                        self.inbound.control_held = true;
+                        self.inbound.resume_at = tokio::time::Instant::now() + l.retry_after;
+                        self.deps.metrics.mqtt_throttled.inc();
+                        return Ok(());
+                    }
+                    self.dispatch(p).await?;
+                }
+                other => self.dispatch(other).await?,
+            }
+        }
+    }
+
+    /// A held publish goes to the log if the budget and the rate limit allow
+    /// it now; false (still held, with a time to retry) when not.
+    fn admit_held(&mut self, publish: InPublish) -> bool {
+        if self.deps.ingest.log().is_full() {
+            self.inbound.held = Some(publish);
+            self.inbound.resume_at = tokio::time::Instant::now() + Duration::from_millis(500);
+            return false;
+        }
+        if let Err(l) = self.deps.ingest.check_rate(&self.who.tenant, &self.who.device_id, 1) {
+            self.inbound.held = Some(publish);
+            self.inbound.resume_at = tokio::time::Instant::now() + l.retry_after;
+            self.deps.metrics.mqtt_throttled.inc();
+            return false;
+        }
+        self.submit(publish);
+        true
+    }
+
+    /// Counts a QoS 1 or 2 publish as open; 5.0 bounds them by the server's
+    /// Receive Maximum.
+    fn open(&mut self, qos: u8, pkid: u16) -> Result<(), End> {
+        match qos {
+            1 => self.inbound.open_qos1 += 1,
+            2 => {
+                self.inbound.open_qos2.insert(pkid);
+            }
+            _ => {}
+        }
+        let max = self.deps.config.max_inflight;
+        if self.v5() && self.inbound.open_qos1 + self.inbound.open_qos2.len() > max {
+            return Err(End::coded(
+                DisconnectReasonCode::ReceiveMaximumExceeded,
+                format!("more than Receive Maximum = {max} QoS 1 and 2 publishes unacknowledged"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A PUBREL: the packet id is released in the log, and answered in order.
+    pub(super) fn release(&mut self, pkid: u16) {
+        let log = self.deps.ingest.log().clone();
+        let op = MqttOp::Release { key: self.who.key(), pkid };
+        self.inbound.fifo.push_back(Box::pin(async move { Done::Released(pkid, log.mqtt(op).await) }));
+    }
+
+    /// Resolves the topic alias of a 5.0 publish: an alias set is kept (its
+    /// topic checked against `mqtt.max_topic_length` first), an alias used
+    /// is replaced by its topic.
+    fn resolve_alias(&mut self, publish: &mut InPublish) -> Result<(), End> {
+        let Some(alias) = publish.props.as_mut().and_then(|p| p.topic_alias.take()) else { return Ok(()) };
+        let max = self.deps.config.topic_alias_max;
+        if alias == 0 || alias > max {
+            return Err(End::coded(
+                DisconnectReasonCode::TopicAliasInvalid,
+                format!("topic alias {alias} outside 1..={max}"),
+            ));
+        }
+        if publish.publish.topic.is_empty() {
+            match self.inbound.aliases.get(&alias) {
+                Some(t) => publish.publish.topic = t.clone(),
+                None => {
+                    return Err(End::coded(
+                        DisconnectReasonCode::ProtocolError,
+                        format!("topic alias {alias} used before it was set"),
+                    ));
+                }
+            }
+        } else if publish.publish.topic.len() <= self.deps.config.max_topic_length
+            && event_topic(
+                std::str::from_utf8(&publish.publish.topic).unwrap_or(""),
+                &self.who.tenant,
+                &self.who.device_id,
+            )
+            .is_some()
+        {
+            // Only topics this device may publish to are kept: an alias of
+            // anything else is refused with its publish below.
+            self.inbound.aliases.insert(alias, Bytes::copy_from_slice(&publish.publish.topic));
+        }
+        Ok(())
+    }
+
+    /// Checks a publish from the device: topic alias, topic ACL, payload.
+    /// `Some` when it goes on to the log (through the rate limit); a refusal
+    /// closes a 3.x connection, and is a negative ack for 5.0 (QoS 0: dropped).
+    fn check_publish(&mut self, mut publish: InPublish) -> Result<Option<InPublish>, End> {
+        self.resolve_alias(&mut publish)?;
+        if publish.props.as_ref().is_some_and(|p| !p.subscription_identifiers.is_empty()) {
+            return Err(End::coded(
+                DisconnectReasonCode::ProtocolError,
+                "a PUBLISH from a client carries a subscription identifier",
+            ));
+        }
+        let max_topic = self.deps.config.max_topic_length;
+        if publish.publish.topic.len() > max_topic {
+            self.deps.ingest.count_rejected(super::PROTOCOL, "topic_length");
+            let why = format!(
+                "publish refused: topic of {} bytes is over mqtt.max_topic_length = {max_topic}",
+                publish.publish.topic.len()
+            );
+            return self.refuse(publish, PubAckReason::TopicNameInvalid, why).map(|()| None);
+        }
+        let topic = String::from_utf8_lossy(&publish.publish.topic).into_owned();
+        if !self.who.can(Perm::WriteEvents) || event_topic(&topic, &self.who.tenant, &self.who.device_id).is_none() {
+            self.deps.ingest.count_rejected(super::PROTOCOL, "forbidden_topic");
+            let why = format!(
+                "publish to {topic:?} refused: devices publish to {}/devices/{}/events/<event_type>",
+                self.who.tenant, self.who.device_id
+            );
+            return self.refuse(publish, PubAckReason::NotAuthorized, why).map(|()| None);
+        }
+        let payload = &publish.publish.payload;
+        if payload.is_empty() && publish.publish.retain {
+            return Ok(Some(publish)); // clears the retained message: no event
+        }
+        if std::str::from_utf8(payload).ok().is_none_or(|s| !s.trim_start().starts_with('{')) {
+            self.deps.ingest.count_rejected(super::PROTOCOL, "invalid");
+            let why = format!("publish to {topic:?} refused: payload is not a JSON object");
+            return self.refuse(publish, PubAckReason::PayloadFormatInvalid, why).map(|()| None);
+        }
+        Ok(Some(publish))
+    }
+
+    /// A refused publish: 3.x closes the connection (there is no negative
+    /// ack); 5.0 answers it in order with a negative PUBACK/PUBREC.
+    fn refuse(&mut self, publish: InPublish, code: PubAckReason, why: String) -> Result<(), End> {
+        if !self.v5() {
+            return Err(End::unclean(format!("{why}; not acked")));
+        }
+        tracing::info!(peer = %self.who.peer, device_id = self.who.device_id, reason = why, "mqtt publish refused");
+        if publish.qos > 0 {
+            self.inbound.fifo.push_back(Box::pin(async move { Done::Refused(publish, code, why) }));
+        }
+        Ok(())
+    }
+
+    /// Starts the append of one admitted publish; its future joins the FIFO.
+    fn submit(&mut self, mut publish: InPublish) {
+        let event_type = event_topic(
+            std::str::from_utf8(&publish.publish.topic).unwrap_or(""),
+            &self.who.tenant,
+            &self.who.device_id,
+        )
+        .unwrap_or_default()
+        .to_string();
+        let topic = stream_topic(&self.who.tenant, &self.who.device_id, &event_type);
+        if publish.publish.payload.is_empty() {
+            self.clear_retained(publish, topic);
+            return;
+        }
+        let fanout = self.deps.sessions.fanout();
+        let retain = publish.publish.retain
+            && if fanout.retain_fits(&self.who.tenant, &topic, publish.publish.payload.len()) {
+                true
+            } else {
+                tracing::warn!(
+                    device_id = self.who.device_id,
+                    topic,
+                    "retained-message bound of the tenant reached: stored and delivered, not retained"
+                );
+                publish.publish.retain = false;
+                false
+            };
+        let (qos, pkid, payload) = (publish.qos, publish.pkid, &publish.publish.payload);
+        let redelivery =
+            (qos > 0).then(|| Redelivery { pkid, digest: fnv1a64(payload), check: qos == 1 && publish.dup });
+        let mut forwarded = publish.props.clone().unwrap_or_default();
+        forwarded.topic_alias = None;
+        let properties = codec::event_properties(forwarded.content_type.as_deref(), &forwarded.user_properties);
+        let facts = MqttFacts {
+            qos2_client: (qos == 2).then(|| self.who.client_id.clone()),
+            retain_topic: retain.then_some(topic),
+            published: Some(Published {
+                qos,
+                retain,
+                origin: self.outbound.mailbox.id,
+                props: (forwarded != PublishProperties::default()).then_some(forwarded),
+            }),
+        };
+        let payload = std::str::from_utf8(payload).unwrap_or("").to_string();
+        let Ok(payload) = RawValue::from_string(payload) else {
+            // Not JSON after all: refused like any invalid payload.
+            let r = Err(IngestError::Invalid {
+                index: None,
+                invalid: crate::event::Invalid { field: "payload".into(), message: "payload is not JSON".into() },
+            });
+            self.inbound.fifo.push_back(Box::pin(async move { Done::Event(publish, r) }));
+            return;
+        };
+        let input = EventInput {
+            device_id: self.who.device_id.clone(),
+            event_type,
+            payload,
+            id: None,
+            timestamp: None,
+            redelivery,
+            mqtt: Some(Box::new(facts)),
+            properties,
+        };
+        let (ingest, principal, tenant) =
+            (self.deps.ingest.clone(), self.who.principal.clone(), self.who.tenant.clone());
+        self.inbound.fifo.push_back(Box::pin(async move {
+            let r = ingest.submit_with(&principal, &tenant, vec![input], false, super::PROTOCOL, false).await;
+            Done::Event(publish, r)
+        }));
+    }
+
+    /// A zero-byte retained publish: the topic's retained message goes (in
+    /// the log, then in memory), and subscribers get the empty message.
+    fn clear_retained(&mut self, publish: InPublish, topic: String) {
+        let log = self.deps.ingest.log().clone();
+        let op = MqttOp::ClearRetained { tenant: self.who.tenant.clone(), topic };
+        self.inbound.fifo.push_back(Box::pin(async move {
+            let r = log.mqtt(op).await;
+            Done::Cleared(publish, r)
+        }));
+    }
+
+    /// Answers a settled FIFO entry: the ack, after the commit.
+    pub(super) async fn settle(&mut self, done: Done) -> Result<(), End> {
+        match done {
+            Done::Event(publish, result) => {
+                self.deps.metrics.mqtt_commit_wait.observe(publish.read_at.elapsed().as_secs_f64());
+                match result {
+                    Ok(_) => self.ack(publish.qos, publish.pkid, PubAckReason::Success, None),
+                    Err(e) => {
+                        let code = match &e {
+                            IngestError::RateLimited(_) | IngestError::Full { .. } => PubAckReason::QuotaExceeded,
+                            IngestError::Invalid { .. } => PubAckReason::PayloadFormatInvalid,
+                            IngestError::OtherDevice { .. } => PubAckReason::NotAuthorized,
+                            _ => PubAckReason::UnspecifiedError,
+                        };
+                        let why = format!("publish refused, not acked: {e}");
+                        if !self.v5() {
+                            return Err(End::unclean(why));
+                        }
+                        tracing::info!(peer = %self.who.peer, device_id = self.who.device_id, reason = why, "mqtt publish refused");
+                        self.ack(publish.qos, publish.pkid, code, Some(why))
+                    }
+                }
+            }
+            Done::Cleared(publish, result) => match result {
+                Ok(_) => {
+                    self.ack(publish.qos, publish.pkid, PubAckReason::Success, None)?;
+                    self.pass_on_clear(&publish);
+                    Ok(())
+                }
+                Err(e) => Err(End::unclean(format!("retained message not cleared, not acked: {e}"))),
+            },
+            Done::Refused(publish, code, why) => self.ack(publish.qos, publish.pkid, code, Some(why)),
+            Done::Released(pkid, result) => match result {
+                Ok(n) => {
+                    self.inbound.open_qos2.remove(&pkid);
+                    let reason = if n == 0 && self.v5() {
+                        PubCompReason::PacketIdentifierNotFound
+                    } else {
+                        PubCompReason::Success
+                    };
+                    self.send(Packet::PubComp(PubComp { pkid, reason }, None))
+                }
+                Err(e) => Err(End::unclean(format!("PUBREL not recorded: {e}"))),
+            },
+        }
+    }
+
+    /// The cleared topic keeps no retained message; subscribers get the
+    /// empty publish like any other.
+    fn pass_on_clear(&self, publish: &InPublish) {
+        let event_type = event_topic(
+            std::str::from_utf8(&publish.publish.topic).unwrap_or(""),
+            &self.who.tenant,
+            &self.who.device_id,
+        )
+        .unwrap_or_default();
+        let topic = stream_topic(&self.who.tenant, &self.who.device_id, event_type);
+        let fanout = self.deps.sessions.fanout();
+        fanout.set_retained(&self.who.tenant, &topic, None);
+        let msg = std::sync::Arc::new(super::super::fanout::Message {
+            topic: Bytes::from(topic),
+            payload: Bytes::new(),
+            qos: publish.qos,
+            retain: true,
+            props: None,
+            origin: self.outbound.mailbox.id,
+            at: Instant::now(),
+        });
+        fanout.publish(&self.who.tenant, &msg);
+    }
+
+    /// PUBACK (QoS 1) or PUBREC (QoS 2) with `code`; nothing for QoS 0.
+    fn ack(&mut self, qos: u8, pkid: u16, code: PubAckReason, why: Option<String>) -> Result<(), End> {
+        let why = why.filter(|_| self.terms.problem_info);
+        match qos {
+            1 => self.inbound.open_qos1 = self.inbound.open_qos1.saturating_sub(1),
+            2 if code != PubAckReason::Success => {
+                self.inbound.open_qos2.remove(&pkid);
+            }
+            _ => {}
+        }
+        let packet = match qos {
+            1 => Packet::PubAck(
+                PubAck { pkid, reason: code },
+                why.map(|r| PubAckProperties { reason_string: Some(r), user_properties: vec![] }),
+            ),
+            2 => Packet::PubRec(
+                PubRec { pkid, reason: pubrec_reason(code) },
+                why.map(|r| PubRecProperties { reason_string: Some(r), user_properties: vec![] }),
+            ),
+            _ => return Ok(()),
+        };
+        self.send(packet)
+    }
+}
+
+fn pubrec_reason(code: PubAckReason) -> PubRecReason {
+    match code {
+        PubAckReason::Success => PubRecReason::Success,
+        PubAckReason::NoMatchingSubscribers => PubRecReason::NoMatchingSubscribers,
+        PubAckReason::UnspecifiedError => PubRecReason::UnspecifiedError,
+        PubAckReason::ImplementationSpecificError => PubRecReason::ImplementationSpecificError,
+        PubAckReason::NotAuthorized => PubRecReason::NotAuthorized,
+        PubAckReason::TopicNameInvalid => PubRecReason::TopicNameInvalid,
+        PubAckReason::PacketIdentifierInUse => PubRecReason::PacketIdentifierInUse,
+        PubAckReason::QuotaExceeded => PubRecReason::QuotaExceeded,
+        PubAckReason::PayloadFormatInvalid => PubRecReason::PayloadFormatInvalid,
+    }
+}

@@ -1,0 +1,150 @@
+//! A connection's bytes: the socket halves, the read and write buffers and
+//! the codec. Writing never blocks the session: packets are encoded into a
+//! bounded buffer that the session's loop drains while it also reads and
+//! watches keep-alive, revocation and shutdown; a client that takes none of
+//! it for `mqtt.write_timeout` is a client that stopped reading.
+
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use rumqttd::protocol::Packet;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::super::codec::{Codec, Hello, Version, hello};
+
+/// Byte streams a session runs over: TCP, or a WebSocket's binary frames.
+pub type Reader = Box<dyn AsyncRead + Send + Sync + Unpin>;
+pub type Writer = Box<dyn AsyncWrite + Send + Sync + Unpin>;
+
+/// Initial read and write buffer of a connection (a thousand idle devices
+/// are a thousand of these; both grow to what a connection actually sends).
+const SESSION_BUF: usize = 1024;
+
+/// Bytes waiting to be written beyond which nothing more is taken from
+/// the session's mailbox and the client is not read (so its acks cannot
+/// pile up either) until the client reads.
+pub const WRITE_HIGH: usize = 256 * 1024;
+
+/// Most bytes a connection taken over still reads of what had arrived.
+const ARRIVED_MAX: usize = 1 << 20;
+
+pub(super) struct Wire {
+    pub reader: Reader,
+    pub writer: Writer,
+    pub read_buf: BytesMut,
+    pub write_buf: BytesMut,
+    pub codec: Codec,
+    /// Since when written bytes wait without the client taking any.
+    pub stalled_since: Option<tokio::time::Instant>,
+}
+
+impl Wire {
+    pub fn new(reader: Reader, writer: Writer) -> Self {
+        Self {
+            reader,
+            writer,
+            read_buf: BytesMut::with_capacity(SESSION_BUF),
+            write_buf: BytesMut::with_capacity(SESSION_BUF),
+            codec: Codec { version: Version::V311 },
+            stalled_since: None,
+        }
+    }
+
+    pub fn version(&self) -> Version {
+        self.codec.version
+    }
+
+    /// Encodes `packet` into the write buffer (written by the session loop).
+    pub fn queue(&mut self, packet: Packet) -> Result<(), String> {
+        let was_empty = self.write_buf.is_empty();
+        self.codec.write(packet, &mut self.write_buf).map_err(|e| format!("encode: {e}"))?;
+        if was_empty && !self.write_buf.is_empty() {
+            self.stalled_since = Some(tokio::time::Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Room for more deliveries.
+    pub fn has_room(&self) -> bool {
+        self.write_buf.len() < WRITE_HIGH
+    }
+
+    /// `n` bytes were taken by the client.
+    pub fn wrote(&mut self, n: usize) {
+        self.write_buf.advance(n);
+        self.stalled_since = (!self.write_buf.is_empty()).then(tokio::time::Instant::now);
+    }
+
+    /// Writes what is buffered, within `limit` (a session ending: a final
+    /// DISCONNECT, and what was queued before it).
+    pub async fn flush_within(&mut self, limit: Duration) {
+        let write = async {
+            while !self.write_buf.is_empty() {
+                match self.writer.write(&self.write_buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => self.write_buf.advance(n),
+                }
+            }
+            let _ = self.writer.flush().await;
+        };
+        let _ = tokio::time::timeout(limit, write).await;
+    }
+
+    /// Reads the first bytes until the protocol is known; a protocol this
+    /// listener does not speak is answered with CONNACK 0x01 (3.1.1's
+    /// "unacceptable protocol version") and closed.
+    pub async fn read_hello(&mut self) -> Result<Option<Version>, String> {
+        loop {
+            match hello(&mut self.read_buf) {
+                Hello::Version(v) => return Ok(Some(v)),
+                Hello::Unsupported(why) => {
+                    if self.read_buf.first().is_some_and(|b| b >> 4 == 1) {
+                        let _ = self.writer.write_all(&[0x20, 2, 0, 1]).await;
+                        let _ = self.writer.flush().await;
+                    }
+                    return Err(why);
+                }
+                Hello::More => {}
+            }
+            if self.read_buf.len() > 16 * 1024 {
+                return Err("no protocol name and level in the first 16 KiB".into());
+            }
+            match self.reader.read_buf(&mut self.read_buf).await {
+                Ok(0) => return Ok(None),
+                Ok(_) => {}
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+    }
+
+    /// Reads one packet; `None` on a clean EOF between packets.
+    pub async fn read_packet(&mut self, max: usize) -> Result<Option<Packet>, String> {
+        loop {
+            super::super::framing::check(&self.read_buf)?;
+            match self.codec.read(&mut self.read_buf, max) {
+                Ok(p) => return Ok(Some(p)),
+                Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {}
+                Err(e) => return Err(format!("malformed packet: {e}")),
+            }
+            match self.reader.read_buf(&mut self.read_buf).await {
+                Ok(0) if self.read_buf.is_empty() => return Ok(None),
+                Ok(0) => return Err("connection closed mid-packet".into()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+    }
+
+    /// Reads what has already arrived, without waiting (at most
+    /// [`ARRIVED_MAX`] bytes).
+    pub fn read_arrived(&mut self) {
+        use futures_util::FutureExt;
+        let start = self.read_buf.len();
+        while self.read_buf.len() - start < ARRIVED_MAX {
+            match self.reader.read_buf(&mut self.read_buf).now_or_never() {
+                Some(Ok(n)) if n > 0 => {}
+                _ => break,
+            }
+        }
+    }
+}
