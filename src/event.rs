@@ -54,15 +54,24 @@ pub struct Redelivery {
 /// as its event, so an ack and its session state are durable together.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MqttFacts {
-    /// QoS 2: the (tenant-local) client id whose packet id, `redelivery.pkid`,
-    /// stays held until its PUBREL. A PUBLISH with a held packet id is the
-    /// same message again and is not stored twice.
-    pub qos2_client: Option<String>,
+    /// QoS 2: whose packet id, `redelivery.pkid`, stays held until its
+    /// PUBREL. A PUBLISH with a held packet id is the same message again
+    /// and is not stored twice.
+    pub qos2: Option<Qos2Hold>,
     /// RETAIN=1: the stream topic whose retained message this event becomes.
     pub retain_topic: Option<String>,
     /// How the MQTT fan-out passes it on (publish QoS, RETAIN, origin
     /// session, 5.0 properties); events without it go out like QoS 1.
     pub published: Option<Published>,
+}
+
+/// The session a QoS 2 packet id is held in: the device's client id, and
+/// the session of it (a new session of the same client id holds nothing
+/// of an older one's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qos2Hold {
+    pub client_id: String,
+    pub session_id: u64,
 }
 
 /// What MQTT subscribers get of a publish besides its topic and payload.

@@ -62,17 +62,22 @@ async fn connect(p: &Proc, v: V, client: &str, device: &str, token: &str, clean:
     }
 }
 
-/// A QoS 2 PUBLISH in `v` (DUP as given).
-fn qos2(v: V, device: &str, pkid: u16, payload: &str, dup: bool) -> Vec<u8> {
+/// A PUBLISH in `v` (DUP as given).
+fn publish(v: V, device: &str, qos: u8, pkid: u16, payload: &str, dup: bool) -> Vec<u8> {
     let topic = format!("acme/devices/{device}/events/t");
     let mut f = match v {
-        V::V311 => publish_packet(&topic, payload.as_bytes(), 2, pkid, dup, false),
-        V::V5 => v5::publish_packet(&topic, payload.as_bytes(), 2, pkid, false, &[]),
+        V::V311 => publish_packet(&topic, payload.as_bytes(), qos, pkid, dup, false),
+        V::V5 => v5::publish_packet(&topic, payload.as_bytes(), qos, pkid, false, &[]),
     };
     if dup {
         f[0] |= 0x08;
     }
     f
+}
+
+/// A QoS 2 PUBLISH in `v`.
+fn qos2(v: V, device: &str, pkid: u16, payload: &str, dup: bool) -> Vec<u8> {
+    publish(v, device, 2, pkid, payload, dup)
 }
 
 /// Publishes at QoS 2 and waits for the PUBREC (the event is stored).
@@ -300,7 +305,9 @@ async fn a_present_session_keeps_its_held_ids_and_subscriptions_across_restarts(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_taken_over_still_stores_what_it_sent_before() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Proc::start(dir.path(), &[]);
+    // Within its rate limits (a connection taken over does not wait for
+    // them: what it has beyond them is dropped, not acked).
+    let p = Proc::start(dir.path(), &[("OUTPOST_LIMITS__PER_SECOND", "1000")]);
     let token = add(dir.path(), "acme", "d1");
     let mut old = None;
     for i in 0..40 {
@@ -314,4 +321,118 @@ async fn a_connection_taken_over_still_stores_what_it_sent_before() {
         "QoS 0 publishes of taken-over connections lost: {} of 40 stored",
         payloads(dir.path(), "d1").len()
     );
+}
+
+/// A device over its rate limit has a QoS 2 publish held back (read, not
+/// stored yet) when it starts a clean session on a new connection (the old
+/// one left open, or closed). Whatever the old connection still does, it
+/// holds no packet id for the new session: the new session's own first
+/// message under that id is stored. (Found in review: the old connection
+/// stored its held publish later, under the client id's new session.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_connection_never_holds_ids_for_the_new_clean_session() {
+    let mut lost = Vec::new();
+    for v in [V::V311, V::V5] {
+        for close_old in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let p = Proc::start(dir.path(), &[("OUTPOST_LIMITS__PER_SECOND", "1")]);
+            let token = add(dir.path(), "acme", "d1");
+            let (a, _) = connect(&p, v, "d1", "d1", &token, true, 0).await;
+            let mut a = Some(a);
+            // The QoS 0 publish takes this second's token: the QoS 2 one is held.
+            // (one write: Nagle would hold back a second small segment)
+            let mut both = publish(v, "d1", 0, 0, "{\"n\":0}", false);
+            both.extend(publish(v, "d1", 2, 1, "{\"old\":1}", false));
+            a.as_mut().unwrap().send(&both).await;
+            assert!(eventually(T, || async { payloads(dir.path(), "d1").len() == 1 }).await);
+            if close_old {
+                drop(a.take());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // A clean session: nothing held, CONNACK session present 0.
+            let (mut b, present) = connect(&p, v, "d1", "d1", &token, true, 0).await;
+            assert!(!present);
+            // The old connection, taken over, is done with what it had
+            // (stored or dropped: either way it holds nothing for `b`).
+            if let Some(a) = a.as_mut() {
+                assert!(a.closed(T).await, "the taken-over connection ends");
+            }
+            // The new session's first QoS 2 message, packet id 1 (free for it).
+            b.send(&publish(v, "d1", 2, 1, "{\"new\":1}", false)).await;
+            let rec = b.read_kind(5, T).await.expect("PUBREC");
+            assert_eq!(rec.pkid(), 1);
+            b.send(&v5::ack_packet(0x62, 1)).await;
+            b.read_kind(7, T).await.expect("PUBCOMP");
+            let stored = payloads(dir.path(), "d1");
+            if !stored.iter().any(|s| s.contains("new")) {
+                lost.push(format!("{v:?} close_old={close_old}: PUBREC'd, stored {stored:?}"));
+            }
+            drop(a);
+        }
+    }
+    assert!(lost.is_empty(), "a PUBREC'd publish was not stored: {lost:#?}");
+}
+
+/// 5.0: a connection that resumed a persistent session with expiry 0 ends
+/// it at its close, publishing at QoS 2 and closing before its PUBREC. A
+/// reconnect at once is told session present only while the session (with
+/// its held id) is there: a resend is then the same message, never a
+/// second row. (Found in review: the log dropped the session before memory
+/// did, and a reconnect in between was told present with no held ids.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_present_is_never_said_of_a_session_whose_ids_were_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::start(
+        dir.path(),
+        &[
+            ("OUTPOST_LIMITS__PER_SECOND", "100000"),
+            ("OUTPOST_LIMITS__PER_MINUTE", "1000000"),
+            ("OUTPOST_LIMITS__PER_HOUR", "10000000"),
+            ("OUTPOST_MQTT__MAX_CONNECTS_PER_MINUTE", "0"),
+        ],
+    );
+    let token = add(dir.path(), "acme", "d1");
+    let addr = p.mqtt.unwrap();
+    let mut bad = Vec::new();
+    let mut present_after = 0;
+    const ROUNDS: u32 = 60;
+    for i in 0..ROUNDS {
+        // A persistent session waiting for its client.
+        let (mut s, _) = connect(&p, V::V5, "d1", "d1", &token, true, 3600).await;
+        s.disconnect().await;
+        assert!(s.closed(T).await);
+        // Resumed by a connection with expiry 0, which publishes at QoS 2
+        // and disconnects before it reads the PUBREC.
+        let (mut a, present) = connect(&p, V::V5, "d1", "d1", &token, false, 0).await;
+        assert!(present);
+        let msg = format!("{{\"i\":{i}}}");
+        let mut bytes = publish(V::V5, "d1", 2, 1, &msg, false);
+        bytes.extend([0xe0, 0]);
+        let mut c = Raw::connect_tcp(addr).await;
+        a.send(&bytes).await;
+        if i % 3 > 0 {
+            tokio::time::sleep(Duration::from_micros(u64::from(i % 3) * 300)).await;
+        }
+        // It connects again at once (clean start 0).
+        c.send(&v5::connect_packet("d1", "d1", &token, 30, false, &[], None)).await;
+        let ack = c.read(T).await.expect("CONNACK");
+        assert_eq!((ack.kind, ack.body[1]), (2, 0));
+        if ack.body[0] & 1 == 1 {
+            present_after += 1;
+            // Session present: the client resends what it has no PUBREC for.
+            c.send(&publish(V::V5, "d1", 2, 1, &msg, true)).await;
+            assert_eq!(c.read_kind(5, T).await.expect("PUBREC").pkid(), 1);
+            c.send(&v5::ack_packet(0x62, 1)).await;
+            c.read_kind(7, T).await.expect("PUBCOMP");
+        }
+        c.disconnect().await;
+        assert!(c.closed(T).await);
+        assert!(a.closed(T).await);
+        let n = payloads(dir.path(), "d1").iter().filter(|s| **s == msg).count();
+        if n != 1 {
+            bad.push(format!("round {i}: session present {}, message stored {n} times", ack.body[0] & 1));
+        }
+    }
+    let _ = present_after; // present or not, either is fine; storing twice is not
+    assert!(bad.is_empty(), "{bad:#?}");
 }

@@ -22,7 +22,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
 use super::Error;
-use crate::event::Event;
+use crate::event::{Event, Qos2Hold};
 
 /// Whose session state: a client id of one device of one tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -36,7 +36,10 @@ pub struct SessionKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredSession {
     pub key: SessionKey,
+    /// The connection that owned it last.
     pub generation: u64,
+    /// The session itself (kept across its resumes).
+    pub session_id: u64,
     /// Seconds after `ended_at_us` the session expires.
     pub expiry: u32,
     pub ended_at_us: i64,
@@ -47,18 +50,21 @@ pub struct StoredSession {
 /// A change to MQTT state, applied in the writer's transaction.
 #[derive(Debug, Clone)]
 pub enum MqttOp {
-    /// A connection starts a session, or resumes the one it held
-    /// (`resume`); a new session drops any ids the client id still held.
-    OpenSession { key: SessionKey, generation: u64, expiry: u32, resume: bool },
+    /// A connection (`generation`) starts session `session_id`, or resumes
+    /// it (`resume`); a new session drops any ids the client id still held.
+    OpenSession { key: SessionKey, generation: u64, session_id: u64, expiry: u32, resume: bool },
     /// The connection of `generation` ended: with expiry 0 the session
     /// ends with it, else it waits `expiry` seconds for its client.
     EndSession { key: SessionKey, generation: u64, expiry: u32 },
-    /// The session expired (its `generation`), or was evicted (`None`).
-    DropSession { key: SessionKey, generation: Option<u64> },
+    /// The session ended: expired (the row of its last connection,
+    /// `generation`), or evicted (the row of session `session_id`); both
+    /// `None`: whatever the client id holds.
+    DropSession { key: SessionKey, generation: Option<u64>, session_id: Option<u64> },
     /// A persistent session's subscriptions changed.
     Subscriptions { key: SessionKey, generation: u64, encoded: String },
-    /// PUBREL: the QoS 2 packet id may be used for a new message again.
-    Release { key: SessionKey, pkid: u16 },
+    /// PUBREL: the QoS 2 packet id may be used for a new message again
+    /// (only in the session that holds it).
+    Release { key: SessionKey, session_id: u64, pkid: u16 },
     /// A zero-byte retained publish: the topic keeps no retained message.
     ClearRetained { tenant: String, topic: String },
 }
@@ -68,22 +74,23 @@ impl MqttOp {
     /// when the packet id was not held).
     pub(super) fn apply(self, conn: &Connection, now_us: i64) -> Result<usize, Error> {
         match self {
-            MqttOp::OpenSession { key, generation, expiry, resume } => {
-                open_session(conn, &key, generation, expiry, resume)
+            MqttOp::OpenSession { key, generation, session_id, expiry, resume } => {
+                open_session(conn, &key, (generation, session_id), expiry, resume)
             }
             MqttOp::EndSession { key, generation, expiry } => end_session(conn, &key, generation, expiry, now_us),
-            MqttOp::DropSession { key, generation } => drop_session(conn, &key, generation),
+            MqttOp::DropSession { key, generation, session_id } => drop_session(conn, &key, generation, session_id),
             MqttOp::Subscriptions { key, generation, encoded } => Ok(conn
                 .prepare_cached(
                     "UPDATE mqtt_sessions SET subscriptions = ?4
                      WHERE tenant = ?1 AND device_id = ?2 AND client_id = ?3 AND generation = ?5",
                 )?
                 .execute(params![key.tenant, key.device_id, key.client_id, encoded, generation as i64])?),
-            MqttOp::Release { key, pkid } => Ok(conn
+            MqttOp::Release { key, session_id, pkid } => Ok(conn
                 .prepare_cached(
-                    "DELETE FROM mqtt_qos2 WHERE tenant = ?1 AND device_id = ?2 AND client_id = ?3 AND pkid = ?4",
+                    "DELETE FROM mqtt_qos2 WHERE tenant = ?1 AND device_id = ?2 AND client_id = ?3 AND pkid = ?4
+                       AND session_id = ?5",
                 )?
-                .execute(params![key.tenant, key.device_id, key.client_id, pkid])?),
+                .execute(params![key.tenant, key.device_id, key.client_id, pkid, session_id as i64])?),
             MqttOp::ClearRetained { tenant, topic } => set_retained(conn, &tenant, &topic, None, 0),
         }
     }
@@ -98,7 +105,7 @@ fn drop_holds(conn: &Connection, key: &SessionKey) -> Result<usize, Error> {
 fn open_session(
     conn: &Connection,
     key: &SessionKey,
-    generation: u64,
+    (generation, session_id): (u64, u64),
     expiry: u32,
     resume: bool,
 ) -> Result<usize, Error> {
@@ -107,18 +114,27 @@ fn open_session(
     }
     Ok(conn
         .prepare_cached(
-            "INSERT INTO mqtt_sessions (tenant, device_id, client_id, generation, expiry, ended_at, subscriptions)
-             VALUES (?1, ?2, ?3, ?4, ?5, NULL, '')
+            "INSERT INTO mqtt_sessions (tenant, device_id, client_id, generation, session_id, expiry, ended_at,
+                                        subscriptions)
+             VALUES (?1, ?2, ?3, ?4, ?7, ?5, NULL, '')
              ON CONFLICT (tenant, device_id, client_id) DO UPDATE SET
-               generation = excluded.generation, expiry = excluded.expiry, ended_at = NULL,
-               subscriptions = CASE WHEN ?6 THEN subscriptions ELSE '' END",
+               generation = excluded.generation, session_id = excluded.session_id, expiry = excluded.expiry,
+               ended_at = NULL, subscriptions = CASE WHEN ?6 THEN subscriptions ELSE '' END",
         )?
-        .execute(params![key.tenant, key.device_id, key.client_id, generation as i64, expiry, resume])?)
+        .execute(params![
+            key.tenant,
+            key.device_id,
+            key.client_id,
+            generation as i64,
+            expiry,
+            resume,
+            session_id as i64
+        ])?)
 }
 
 fn end_session(conn: &Connection, key: &SessionKey, generation: u64, expiry: u32, now_us: i64) -> Result<usize, Error> {
     if expiry == 0 {
-        return drop_session(conn, key, Some(generation));
+        return drop_session(conn, key, Some(generation), None);
     }
     Ok(conn
         .prepare_cached(
@@ -128,76 +144,119 @@ fn end_session(conn: &Connection, key: &SessionKey, generation: u64, expiry: u32
         .execute(params![key.tenant, key.device_id, key.client_id, expiry, now_us, generation as i64])?)
 }
 
-/// Drops the session row (only the one of `generation`, when given) and,
-/// when it went, the ids it held.
-fn drop_session(conn: &Connection, key: &SessionKey, generation: Option<u64>) -> Result<usize, Error> {
+/// Drops the session row (only the one of `generation` / `session_id`,
+/// when given) and, when it went, the ids it held.
+fn drop_session(
+    conn: &Connection,
+    key: &SessionKey,
+    generation: Option<u64>,
+    session_id: Option<u64>,
+) -> Result<usize, Error> {
     let n = conn
         .prepare_cached(
             "DELETE FROM mqtt_sessions WHERE tenant = ?1 AND device_id = ?2 AND client_id = ?3
-               AND (?4 IS NULL OR generation = ?4)",
+               AND (?4 IS NULL OR generation = ?4) AND (?5 IS NULL OR session_id = ?5)",
         )?
-        .execute(params![key.tenant, key.device_id, key.client_id, generation.map(|g| g as i64)])?;
-    if n > 0 || generation.is_none() {
+        .execute(params![
+            key.tenant,
+            key.device_id,
+            key.client_id,
+            generation.map(|g| g as i64),
+            session_id.map(|s| s as i64)
+        ])?;
+    if n > 0 || (generation.is_none() && session_id.is_none()) {
         drop_holds(conn, key)?;
     }
     Ok(n)
 }
 
 /// At start, before any connection: sessions the process held when it
-/// stopped end now (`now_us`); those with expiry 0, or whose expiry has
-/// elapsed, are dropped with their held ids (and so are ids no session
-/// holds); expiries are held to `max_expiry`. Returns the sessions left.
+/// stopped end when it was last known alive (`meta.alive_at`, stored with
+/// the device counters, else `now_us`); those with expiry 0, or whose
+/// expiry has elapsed, are dropped with their held ids (and so are ids no
+/// session holds); expiries are held to `max_expiry`. Returns the sessions
+/// left.
 pub fn start_sessions(conn: &Connection, now_us: i64, max_expiry: u32) -> Result<Vec<StoredSession>, Error> {
-    conn.execute("UPDATE mqtt_sessions SET ended_at = ?1 WHERE ended_at IS NULL", [now_us])?;
+    conn.execute(
+        "UPDATE mqtt_sessions SET ended_at = min(?1, coalesce((SELECT value FROM meta WHERE key = 'alive_at'), ?1))
+         WHERE ended_at IS NULL",
+        [now_us],
+    )?;
     conn.execute("UPDATE mqtt_sessions SET expiry = ?1 WHERE expiry > ?1", [max_expiry])?;
     conn.execute("DELETE FROM mqtt_sessions WHERE expiry = 0 OR ended_at + expiry * 1000000 <= ?1", [now_us])?;
     conn.execute(
         "DELETE FROM mqtt_qos2 WHERE NOT EXISTS (SELECT 1 FROM mqtt_sessions s
            WHERE s.tenant = mqtt_qos2.tenant AND s.device_id = mqtt_qos2.device_id
-             AND s.client_id = mqtt_qos2.client_id)",
+             AND s.client_id = mqtt_qos2.client_id AND s.session_id = mqtt_qos2.session_id)",
         [],
     )?;
     let mut stmt = conn.prepare(
-        "SELECT tenant, device_id, client_id, generation, expiry, ended_at, subscriptions
+        "SELECT tenant, device_id, client_id, generation, session_id, expiry, ended_at, subscriptions
          FROM mqtt_sessions ORDER BY ended_at, generation",
     )?;
     let rows = stmt.query_map([], |r| {
         Ok(StoredSession {
             key: SessionKey { tenant: r.get(0)?, device_id: r.get(1)?, client_id: r.get(2)? },
             generation: r.get::<_, i64>(3)?.max(0) as u64,
-            expiry: r.get(4)?,
-            ended_at_us: r.get(5)?,
-            subscriptions: r.get(6)?,
+            session_id: r.get::<_, i64>(4)?.max(0) as u64,
+            expiry: r.get(5)?,
+            ended_at_us: r.get(6)?,
+            subscriptions: r.get(7)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// The event already stored for a QoS 2 packet id the client still holds.
+/// The event already stored for a QoS 2 packet id the client's session
+/// still holds.
 pub(super) fn held_qos2(
     conn: &Connection,
     e: &Event,
-    client_id: &str,
+    hold: &Qos2Hold,
     pkid: u16,
 ) -> Result<Option<(i64, Uuid)>, Error> {
     let mut stmt = conn.prepare_cached(
-        "SELECT seq, id FROM mqtt_qos2 WHERE tenant = ?1 AND device_id = ?2 AND client_id = ?3 AND pkid = ?4",
+        "SELECT seq, id FROM mqtt_qos2 WHERE tenant = ?1 AND device_id = ?2 AND client_id = ?3 AND pkid = ?4
+           AND session_id = ?5",
     )?;
     Ok(stmt
-        .query_row(params![e.tenant, e.device_id, client_id, pkid], |r| {
+        .query_row(params![e.tenant, e.device_id, hold.client_id, pkid, hold.session_id as i64], |r| {
             let id: [u8; 16] = r.get(1)?;
             Ok((r.get(0)?, Uuid::from_bytes(id)))
         })
         .optional()?)
 }
 
-/// Holds a QoS 2 packet id of the event's device until its PUBREL.
-pub(super) fn hold_qos2(conn: &Connection, e: &Event, client_id: &str, pkid: u16, seq: i64) -> Result<(), Error> {
+/// Holds a QoS 2 packet id of the event's device until its PUBREL, in
+/// the session that is the client id's now: a connection superseded by a
+/// new session holds nothing (its event is stored, its PUBREC goes to a
+/// connection that is ending).
+pub(super) fn hold_qos2(conn: &Connection, e: &Event, hold: &Qos2Hold, pkid: u16, seq: i64) -> Result<(), Error> {
     let mut stmt = conn.prepare_cached(
-        "INSERT OR REPLACE INTO mqtt_qos2 (tenant, device_id, client_id, pkid, seq, id, received_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT OR REPLACE INTO mqtt_qos2 (tenant, device_id, client_id, pkid, session_id, seq, id, received_at)
+         SELECT ?1, ?2, ?3, ?4, ?8, ?5, ?6, ?7 WHERE EXISTS (SELECT 1 FROM mqtt_sessions
+           WHERE tenant = ?1 AND device_id = ?2 AND client_id = ?3 AND session_id = ?8)",
     )?;
-    stmt.execute(params![e.tenant, e.device_id, client_id, pkid, seq, e.id.as_bytes(), e.received_at_us])?;
+    stmt.execute(params![
+        e.tenant,
+        e.device_id,
+        hold.client_id,
+        pkid,
+        seq,
+        e.id.as_bytes(),
+        e.received_at_us,
+        hold.session_id as i64
+    ])?;
+    Ok(())
+}
+
+/// Notes that the process is alive now (with the device counters, every
+/// 10 s while it commits): a session connected when it died ends then.
+pub(super) fn note_alive(conn: &Connection, now_us: i64) -> Result<(), Error> {
+    conn.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES ('alive_at', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute([now_us])?;
     Ok(())
 }
 
@@ -243,13 +302,38 @@ mod tests {
         SessionKey { tenant: "acme".into(), device_id: device.into(), client_id: client.into() }
     }
 
+    /// An event of the key's device, held as `pkid` by `session_id`.
+    fn hold_in(c: &Connection, k: &SessionKey, session_id: u64, pkid: u16) {
+        let e = Event {
+            id: uuid::Uuid::now_v7(),
+            tenant: k.tenant.clone(),
+            device_id: k.device_id.clone(),
+            event_type: "t".into(),
+            payload: "{}".into(),
+            timestamp_us: 0,
+            received_at_us: 0,
+            origin_site: "site-a".into(),
+            redelivery: None,
+            mqtt: None,
+            properties: None,
+            protocol: "mqtt",
+        };
+        let hold = Qos2Hold { client_id: k.client_id.clone(), session_id };
+        hold_qos2(c, &e, &hold, pkid, 1).unwrap();
+    }
+
+    /// Holds `pkid` in whatever session the key has now.
     fn hold(c: &Connection, k: &SessionKey, pkid: u16) {
-        c.execute(
-            "INSERT INTO mqtt_qos2 (tenant, device_id, client_id, pkid, seq, id, received_at)
-             VALUES (?1, ?2, ?3, ?4, 1, x'00', 0)",
-            params![k.tenant, k.device_id, k.client_id, pkid],
+        hold_in(c, k, session_of(c, k), pkid);
+    }
+
+    fn session_of(c: &Connection, k: &SessionKey) -> u64 {
+        c.query_row(
+            "SELECT session_id FROM mqtt_sessions WHERE tenant = ?1 AND device_id = ?2 AND client_id = ?3",
+            params![k.tenant, k.device_id, k.client_id],
+            |r| r.get::<_, i64>(0),
         )
-        .unwrap();
+        .unwrap() as u64
     }
 
     fn holds(c: &Connection) -> Vec<(String, String, u16)> {
@@ -257,8 +341,11 @@ mod tests {
         s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap().map(Result::unwrap).collect()
     }
 
+    /// Connection `generation` opens (or resumes) a session; a new one has
+    /// session id = its generation.
     fn open(c: &Connection, k: &SessionKey, generation: u64, expiry: u32, resume: bool) {
-        MqttOp::OpenSession { key: k.clone(), generation, expiry, resume }.apply(c, 0).unwrap();
+        let session_id = if resume { session_of(c, k) } else { generation };
+        MqttOp::OpenSession { key: k.clone(), generation, session_id, expiry, resume }.apply(c, 0).unwrap();
     }
 
     #[test]
@@ -269,7 +356,7 @@ mod tests {
         hold(&c, &theirs, 5);
         open(&c, &mine, 2, 0, false); // a clean start of the other device's client id
         hold(&c, &mine, 5);
-        MqttOp::Release { key: mine.clone(), pkid: 5 }.apply(&c, 0).unwrap();
+        MqttOp::Release { key: mine.clone(), session_id: 2, pkid: 5 }.apply(&c, 0).unwrap();
         MqttOp::EndSession { key: mine, generation: 2, expiry: 0 }.apply(&c, 0).unwrap();
         assert_eq!(holds(&c), [("pump-1-x".into(), "pump-1-x".into(), 5)]);
     }
@@ -292,12 +379,47 @@ mod tests {
         assert_eq!(holds(&c).len(), 1);
         open(&c, &k, 4, 60, false);
         assert!(holds(&c).is_empty());
-        // An older connection ending after a take-over changes nothing.
+        // An older connection ending after a take-over, and an older session
+        // evicted after it, change nothing.
         hold(&c, &k, 2);
         MqttOp::EndSession { key: k.clone(), generation: 3, expiry: 0 }.apply(&c, 10).unwrap();
-        MqttOp::DropSession { key: k.clone(), generation: Some(3) }.apply(&c, 10).unwrap();
+        MqttOp::DropSession { key: k.clone(), generation: Some(3), session_id: None }.apply(&c, 10).unwrap();
+        MqttOp::DropSession { key: k.clone(), generation: None, session_id: Some(2) }.apply(&c, 10).unwrap();
         assert_eq!(holds(&c).len(), 1);
-        MqttOp::DropSession { key: k, generation: Some(4) }.apply(&c, 10).unwrap();
+        MqttOp::DropSession { key: k, generation: Some(4), session_id: None }.apply(&c, 10).unwrap();
+        assert!(holds(&c).is_empty());
+    }
+
+    #[test]
+    fn a_superseded_session_holds_finds_and_releases_nothing_in_the_new_one() {
+        let c = log();
+        let k = key("d1", "d1");
+        open(&c, &k, 1, 0, false); // session 1
+        open(&c, &k, 2, 0, false); // a clean start: session 2
+        hold_in(&c, &k, 1, 5); // session 1's connection commits its held publish late
+        assert!(holds(&c).is_empty(), "nothing held for the new session");
+        hold_in(&c, &k, 2, 5);
+        let e = |device: &str| Event {
+            id: uuid::Uuid::now_v7(),
+            tenant: "acme".into(),
+            device_id: device.into(),
+            event_type: "t".into(),
+            payload: "{}".into(),
+            timestamp_us: 0,
+            received_at_us: 0,
+            origin_site: "site-a".into(),
+            redelivery: None,
+            mqtt: None,
+            properties: None,
+            protocol: "mqtt",
+        };
+        let old = Qos2Hold { client_id: "d1".into(), session_id: 1 };
+        let new = Qos2Hold { client_id: "d1".into(), session_id: 2 };
+        assert!(held_qos2(&c, &e("d1"), &old, 5).unwrap().is_none(), "session 1 matches nothing of session 2");
+        assert!(held_qos2(&c, &e("d1"), &new, 5).unwrap().is_some());
+        MqttOp::Release { key: k.clone(), session_id: 1, pkid: 5 }.apply(&c, 0).unwrap();
+        assert_eq!(holds(&c).len(), 1, "nor releases it");
+        MqttOp::Release { key: k, session_id: 2, pkid: 5 }.apply(&c, 0).unwrap();
         assert!(holds(&c).is_empty());
     }
 
@@ -308,16 +430,25 @@ mod tests {
         c.execute_batch(
             "INSERT INTO events (seq, id, tenant, device_id, event_type, payload, ts, received_at, origin_site)
                VALUES (41, x'01', 'acme', 'pump-1', 't', '{}', 0, 0, 'site-a');
+             INSERT INTO dead_letter (seq, id, tenant, device_id, event_type, payload, ts, received_at, origin_site,
+                                      error, failed_at)
+               VALUES (39, x'03', 'acme', 'pump-2', 't', '{}', 0, 0, 'site-a', 'no', 0);
              INSERT INTO mqtt_qos2 (tenant, client_id, pkid, seq, id, received_at)
                VALUES ('acme', 'pump-1-x', 5, 41, x'01', 0),
-                      ('acme', 'gone', 6, 40, x'02', 0);",
+                      ('acme', 'gone', 6, 40, x'02', 0),
+                      ('acme', 'pump-2', 7, 39, x'03', 0);",
         )
         .unwrap();
         super::super::schema::migrate(&mut c).unwrap();
-        assert_eq!(holds(&c), [("pump-1".into(), "pump-1-x".into(), 5)], "an id whose event is gone is dropped");
+        assert_eq!(
+            holds(&c),
+            [("pump-1".into(), "pump-1-x".into(), 5), ("pump-2".into(), "pump-2".into(), 7)],
+            "an id whose event is gone is dropped; one moved to dead letters is kept"
+        );
         let left = start_sessions(&c, crate::event::now_us(), 86_400).unwrap();
-        assert_eq!(left.len(), 1, "its session waits a day for its client");
-        assert_eq!((left[0].key.clone(), left[0].expiry), (key("pump-1", "pump-1-x"), 86_400));
+        assert_eq!(left.len(), 2, "their sessions wait a day for their clients");
+        assert_eq!((left[0].expiry, left[1].expiry), (86_400, 86_400));
+        assert_eq!(holds(&c).len(), 2, "and keep their ids");
     }
 
     #[test]
@@ -334,10 +465,11 @@ mod tests {
         for k in [&live0, &live60, &waiting, &expired] {
             hold(&c, k, 7);
         }
-        hold(&c, &key("d2", "orphan"), 7);
+        // The process was last known alive at 90 s; it restarts at 100 s.
+        note_alive(&c, 90 * s).unwrap();
         let left = start_sessions(&c, 100 * s, 30).unwrap();
         let kept: Vec<_> = left.iter().map(|s| (s.key.client_id.as_str(), s.expiry, s.ended_at_us)).collect();
-        assert_eq!(kept, [("b", 30, 100 * s), ("c", 30, 100 * s)], "held to the maximum expiry");
+        assert_eq!(kept, [("b", 30, 90 * s), ("c", 30, 100 * s)], "ended when last alive, held to the maximum expiry");
         let clients: Vec<_> = holds(&c).into_iter().map(|(_, c, _)| c).collect();
         assert_eq!(clients, ["b", "c"]);
     }

@@ -680,6 +680,7 @@ impl Writer {
                 schema::bump_device(&tx, tenant, device, *count, *last)?;
             }
             schema::store_mqtt_heads(&tx, self.heads.unstored())?;
+            super::mqtt::note_alive(&tx, now_us())?;
             self.device_flushes.fetch_add(1, Ordering::SeqCst);
         }
         let committed = tx.commit();
@@ -814,9 +815,9 @@ fn append(
             out.push(Appended { id, seq, duplicate: true });
             continue;
         }
-        let qos2 = e.mqtt.as_ref().and_then(|m| m.qos2_client.as_deref()).zip(e.redelivery.map(|r| r.pkid));
-        if let Some((client_id, pkid)) = qos2
-            && let Some((seq, id)) = super::mqtt::held_qos2(conn, e, client_id, pkid)?
+        let qos2 = e.mqtt.as_ref().and_then(|m| m.qos2.as_ref()).zip(e.redelivery.map(|r| r.pkid));
+        if let Some((hold, pkid)) = qos2
+            && let Some((seq, id)) = super::mqtt::held_qos2(conn, e, hold, pkid)?
         {
             out.push(Appended { id, seq, duplicate: true });
             continue;
@@ -826,8 +827,8 @@ fn append(
                 if e.redelivery.is_some() {
                     heads.set(&e.tenant, &e.device_id, seq);
                 }
-                if let Some((client_id, pkid)) = qos2 {
-                    super::mqtt::hold_qos2(conn, e, client_id, pkid, seq)?;
+                if let Some((hold, pkid)) = qos2 {
+                    super::mqtt::hold_qos2(conn, e, hold, pkid, seq)?;
                 }
                 if let Some(topic) = e.mqtt.as_ref().and_then(|m| m.retain_topic.as_deref()) {
                     super::mqtt::set_retained(conn, &e.tenant, topic, Some(e.payload.as_bytes()), e.received_at_us)?;

@@ -41,7 +41,7 @@ pub fn wait_for_client(
             "mqtt session expired"
         );
         let generation = Some(Sessions::generation_of(&lease));
-        if let Err(e) = log.mqtt(MqttOp::DropSession { key, generation }).await {
+        if let Err(e) = log.mqtt(MqttOp::DropSession { key, generation, session_id: None }).await {
             tracing::warn!(error = %e, "expired session's state not cleared from the site log");
         }
     });

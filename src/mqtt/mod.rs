@@ -186,7 +186,7 @@ pub async fn resume_stored_sessions(
             max = deps.config.max_sessions_per_device,
             "stored mqtt session over mqtt.max_sessions_per_device; dropped"
         );
-        deps.ingest.log().mqtt(crate::log::MqttOp::DropSession { key, generation: None }).await?;
+        deps.ingest.log().mqtt(crate::log::MqttOp::DropSession { key, generation: None, session_id: None }).await?;
     }
     tracing::info!(sessions = kept.len(), "mqtt sessions kept in the site log wait for their clients");
     for (lease, left, waiting) in kept {

@@ -53,6 +53,8 @@ struct Device {
 /// A persistent session: its mailbox, and what waits for its client.
 struct Persistent {
     client_id: String,
+    /// The session (kept across its resumes; see `log::mqtt`).
+    session_id: u64,
     mailbox: Arc<Mailbox>,
     /// Cancelled when the client returns or the session ends: stops the
     /// expiry timer and a delayed will of its last connection.
@@ -71,8 +73,12 @@ pub struct Lease {
     pub present: bool,
     /// The session's mailbox (a resumed session's own).
     pub mailbox: Arc<Mailbox>,
-    /// The device's oldest persistent session, dropped to make room.
-    pub evicted: Option<SessionKey>,
+    /// The session: a resumed one keeps its id, a new one's is the
+    /// lease's generation. Held QoS 2 ids belong to it.
+    pub session_id: u64,
+    /// The device's oldest persistent session (and its id), dropped to
+    /// make room.
+    pub evicted: Option<(SessionKey, u64)>,
     tenant: String,
     device_id: String,
     client_id: String,
@@ -205,9 +211,11 @@ impl Sessions {
         let present = resumed.is_some();
         let persistent = persistent || present;
         let mut evicted = None;
+        let mut session_id = generation;
         let mailbox = if let Some(mut entry) = resumed {
             entry.waiting.cancel();
             entry.waiting = CancellationToken::new();
+            session_id = entry.session_id;
             let mb = entry.mailbox.clone();
             d.persistent.push_back(entry);
             mb
@@ -219,10 +227,11 @@ impl Sessions {
                 {
                     oldest.waiting.cancel();
                     self.fanout.close(&oldest.mailbox);
-                    evicted = Some(oldest.client_id);
+                    evicted = Some((oldest.client_id, oldest.session_id));
                 }
                 d.persistent.push_back(Persistent {
                     client_id: client_id.to_string(),
+                    session_id,
                     mailbox: mb.clone(),
                     waiting: CancellationToken::new(),
                 });
@@ -240,7 +249,8 @@ impl Sessions {
             taken_over,
             present,
             mailbox,
-            evicted: evicted.map(key),
+            session_id,
+            evicted: evicted.map(|(client_id, session_id)| (key(client_id), session_id)),
             tenant: tenant.to_string(),
             device_id: device_id.to_string(),
             client_id: client_id.to_string(),
@@ -248,12 +258,14 @@ impl Sessions {
         }
     }
 
-    /// A connection ended. A clean session ends with it (its mailbox is
-    /// closed); a persistent one, while no newer connection has its client
-    /// id, now waits for its client: the token returned is cancelled when
-    /// the client returns or the session ends (`None`: not this lease's to
-    /// wait for).
-    pub fn release(&self, lease: &Lease) -> Option<CancellationToken> {
+    /// A connection ended, its session with expiry `expiry`. A clean
+    /// session, or one whose expiry is 0, ends with it now (its mailbox is
+    /// closed), before the site log drops it, so no later connection is
+    /// told it is present; a persistent one, while no newer connection has
+    /// its client id, now waits for its client: the token returned is
+    /// cancelled when the client returns or the session ends (`None`: not
+    /// this lease's to wait for).
+    pub fn release(&self, lease: &Lease, expiry: u32) -> Option<CancellationToken> {
         let mut g = self.lock();
         let key = (lease.tenant.clone(), lease.device_id.clone());
         let d = g.devices.get_mut(&key)?;
@@ -261,6 +273,12 @@ impl Sessions {
             d.live_by_client.remove(&lease.client_id);
         }
         let newest = d.generations.get(&lease.client_id) == Some(&lease.generation);
+        if newest && expiry == 0 {
+            let at = d.persistent.iter().position(|p| Arc::ptr_eq(&p.mailbox, &lease.mailbox));
+            if let Some(p) = at.and_then(|i| d.persistent.remove(i)) {
+                p.waiting.cancel();
+            }
+        }
         let waiting = match d.persistent.iter().find(|p| p.client_id == lease.client_id) {
             Some(p) if newest && Arc::ptr_eq(&p.mailbox, &lease.mailbox) => Some(p.waiting.clone()),
             _ => None,
@@ -337,6 +355,7 @@ impl Sessions {
             let waiting = CancellationToken::new();
             d.persistent.push_back(Persistent {
                 client_id: s.key.client_id.clone(),
+                session_id: s.session_id,
                 mailbox: mailbox.clone(),
                 waiting: waiting.clone(),
             });
@@ -348,6 +367,7 @@ impl Sessions {
                 taken_over: CancellationToken::new(),
                 present: false,
                 mailbox,
+                session_id: s.session_id,
                 evicted: None,
                 tenant: s.key.tenant,
                 device_id: s.key.device_id,
@@ -409,7 +429,7 @@ mod tests {
         assert!(again.present, "resumes its own session");
         assert!(Arc::ptr_eq(&again.mailbox, &a.mailbox), "with its mailbox");
         let c = s.lease("acme", "d1", "d1-c", true, true);
-        assert_eq!(c.evicted.map(|k| k.client_id).as_deref(), Some("d1-b"), "the oldest is dropped");
+        assert_eq!(c.evicted.map(|(k, _)| k.client_id).as_deref(), Some("d1-b"), "the oldest is dropped");
         assert!(!s.lease("globex", "d1", "d1-a", true, true).present, "tenants apart");
         assert!(!s.lease("acme", "d2", "d1-a", true, true).present, "devices apart");
         assert_eq!(s.persistent_count(), 4);
@@ -419,7 +439,7 @@ mod tests {
     fn a_return_cancels_what_waited_for_the_client_and_a_take_over_is_told() {
         let s = sessions();
         let a = s.lease("acme", "d1", "d1", true, true);
-        let waiting = s.release(&a).expect("a persistent session waits for its client");
+        let waiting = s.release(&a, 60).expect("a persistent session waits for its client");
         let b = s.lease("acme", "d1", "d1", true, true);
         assert!(waiting.is_cancelled(), "the timer of the ended connection stops at the return");
         assert!(b.present);
@@ -427,8 +447,8 @@ mod tests {
         let c = s.lease("acme", "d1", "d1", false, false);
         assert!(b.taken_over.is_cancelled() && !c.taken_over.is_cancelled(), "the older connection is told");
         assert!(!c.present && !c.persistent, "a clean start ends the persistent session");
-        assert!(s.release(&b).is_none(), "the session it had is gone");
-        assert!(s.release(&c).is_none());
+        assert!(s.release(&b, 60).is_none(), "the session it had is gone");
+        assert!(s.release(&c, 0).is_none());
         assert_eq!(s.persistent_count(), 0);
         assert!(s.lock().devices.is_empty(), "nothing is left of the device");
     }
@@ -437,8 +457,13 @@ mod tests {
     fn an_expired_session_is_forgotten_and_a_returned_one_is_not() {
         let s = sessions();
         let a = s.lease("acme", "d1", "d1", true, true);
-        s.release(&a);
+        s.release(&a, 60);
         assert!(s.expire(&a));
+        let b = s.lease("acme", "d1", "d1", true, true);
+        assert!(!b.present);
+        // A session whose expiry is 0 at its end is gone at once, before its
+        // state leaves the site log: a reconnect is never told present.
+        assert!(s.release(&b, 0).is_none());
         assert!(!s.lease("acme", "d1", "d1", true, true).present);
     }
 

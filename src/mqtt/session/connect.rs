@@ -164,7 +164,7 @@ impl Handshake<'_, '_> {
         // session that ended), so CONNACK's session present is true of it.
         if let Err(e) = self.open_session(&lease, &who, terms.session_expiry).await {
             tracing::error!(error = %e, "mqtt: cannot record the session in the site log");
-            self.deps.sessions.release(&lease);
+            self.deps.sessions.release(&lease, 0);
             self.connack(ConnectReturnCode::ServiceUnavailable, false, None).await;
             return None;
         }
@@ -229,18 +229,19 @@ impl Handshake<'_, '_> {
     /// device's oldest persistent session when this one took its place.
     async fn open_session(&self, lease: &Lease, who: &Identity, expiry: u32) -> Result<(), crate::log::Error> {
         let log = self.deps.ingest.log();
-        if let Some(key) = lease.evicted.clone() {
+        if let Some((key, session_id)) = lease.evicted.clone() {
             tracing::info!(
                 device_id = who.device_id,
                 client_id = key.client_id,
                 max = self.deps.config.max_sessions_per_device,
                 "evicted the oldest persistent MQTT session of its device"
             );
-            log.mqtt(MqttOp::DropSession { key, generation: None }).await?;
+            log.mqtt(MqttOp::DropSession { key, generation: None, session_id: Some(session_id) }).await?;
         }
         let op = MqttOp::OpenSession {
             key: Sessions::key_of(lease),
             generation: Sessions::generation_of(lease),
+            session_id: lease.session_id,
             expiry: if lease.persistent { expiry } else { 0 },
             resume: lease.present,
         };

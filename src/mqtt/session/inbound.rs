@@ -21,7 +21,7 @@ use super::super::codec;
 use super::super::framing::{self, publish_header};
 use super::{End, Session};
 use crate::auth::Perm;
-use crate::event::{EventInput, MqttFacts, Published, Redelivery, fnv1a64};
+use crate::event::{EventInput, MqttFacts, Published, Qos2Hold, Redelivery, fnv1a64};
 use crate::ingest::Error as IngestError;
 use crate::log::{Appended, MqttOp};
 
@@ -162,6 +162,10 @@ impl Session<'_> {
                 p @ (Packet::Subscribe(..) | Packet::Unsubscribe(..)) => {
                     self.inbound.control_held = false;
                     if let Err(l) = self.deps.ingest.check_rate(&self.who.tenant, &self.who.device_id, 1) {
+                        if self.inbound.taken {
+                            self.inbound.packets.clear(); // see admit_held
+                            return Ok(());
+                        }
                         self.inbound.packets.push_front((p, None));
                         self.inbound.control_held = true;
                         self.inbound.resume_at = tokio::time::Instant::now() + l.retry_after;
@@ -176,21 +180,43 @@ impl Session<'_> {
     }
 
     /// A held publish goes to the log if the budget and the rate limit allow
-    /// it now; false (still held, with a time to retry) when not.
+    /// it now; false (still held, with a time to retry) when not. A
+    /// connection that was taken over does not wait: what it still has over
+    /// the limits is dropped, not acked (the device sends it again on its
+    /// new connection), so it never holds its slot for a rate window.
     fn admit_held(&mut self, publish: InPublish) -> bool {
-        if self.deps.ingest.log().is_full() {
-            self.inbound.held = Some(publish);
-            self.inbound.resume_at = tokio::time::Instant::now() + Duration::from_millis(500);
-            return false;
+        let wait = if self.deps.ingest.log().is_full() {
+            Some(Duration::from_millis(500))
+        } else {
+            match self.deps.ingest.check_rate(&self.who.tenant, &self.who.device_id, 1) {
+                Ok(()) => None,
+                Err(l) => {
+                    self.deps.metrics.mqtt_throttled.inc();
+                    Some(l.retry_after)
+                }
+            }
+        };
+        match wait {
+            None => {
+                self.submit(publish);
+                true
+            }
+            Some(_) if self.inbound.taken => {
+                tracing::info!(
+                    device_id = self.who.device_id,
+                    packets = self.inbound.packets.len() + 1,
+                    "taken over while over its rate limit or the log's budget: the rest of the old connection is dropped, not acked"
+                );
+                self.inbound.packets.clear();
+                self.inbound.control_held = false;
+                false
+            }
+            Some(after) => {
+                self.inbound.held = Some(publish);
+                self.inbound.resume_at = tokio::time::Instant::now() + after;
+                false
+            }
         }
-        if let Err(l) = self.deps.ingest.check_rate(&self.who.tenant, &self.who.device_id, 1) {
-            self.inbound.held = Some(publish);
-            self.inbound.resume_at = tokio::time::Instant::now() + l.retry_after;
-            self.deps.metrics.mqtt_throttled.inc();
-            return false;
-        }
-        self.submit(publish);
-        true
     }
 
     /// Counts a QoS 1 or 2 publish as open; 5.0 bounds them by the server's
@@ -216,7 +242,7 @@ impl Session<'_> {
     /// A PUBREL: the packet id is released in the log, and answered in order.
     pub(super) fn release(&mut self, pkid: u16) {
         let log = self.deps.ingest.log().clone();
-        let op = MqttOp::Release { key: self.who.key(), pkid };
+        let op = MqttOp::Release { key: self.who.key(), session_id: self.lease.session_id, pkid };
         self.inbound.fifo.push_back(Box::pin(async move { Done::Released(pkid, log.mqtt(op).await) }));
     }
 
@@ -345,7 +371,8 @@ impl Session<'_> {
         forwarded.topic_alias = None;
         let properties = codec::event_properties(forwarded.content_type.as_deref(), &forwarded.user_properties);
         let facts = MqttFacts {
-            qos2_client: (qos == 2).then(|| self.who.client_id.clone()),
+            qos2: (qos == 2)
+                .then(|| Qos2Hold { client_id: self.who.client_id.clone(), session_id: self.lease.session_id }),
             retain_topic: retain.then_some(topic),
             published: Some(Published {
                 qos,

@@ -356,8 +356,8 @@ impl Session<'_> {
             while self.inbound.fifo.next().await.is_some() {}
         }
         let deps = self.deps;
-        let waiting = deps.sessions.release(&self.lease);
         let expiry = if self.lease.persistent { self.terms.session_expiry } else { 0 };
+        let waiting = deps.sessions.release(&self.lease, expiry);
         // The session's state in the site log ends with it (expiry 0), or
         // waits for its client (a newer connection's is untouched).
         let op = MqttOp::EndSession {

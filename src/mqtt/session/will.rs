@@ -114,7 +114,7 @@ async fn fire(deps: &MqttDeps, who: &Identity, will: Will, origin: u64, shutdown
         redelivery: None,
         properties: codec::event_properties(forwarded.content_type.as_deref(), &forwarded.user_properties),
         mqtt: Some(Box::new(MqttFacts {
-            qos2_client: None,
+            qos2: None,
             // A retained will is kept in the site log like any retained
             // publish, so it survives a restart.
             retain_topic: retain.then_some(stream),
