@@ -57,6 +57,7 @@ pub struct Metrics {
     pub mqtt_deliveries_dropped: Counter,
     pub mqtt_fanout_skipped: Counter,
     pub mqtt_write_timeouts: Counter,
+    pub mqtt_session_timers: Gauge,
     pub mqtt_commit_wait: Histogram,
     pub mqtt_throttled: Counter,
     pub stream_subscribers: Family<KindLabel, Gauge>,
@@ -166,6 +167,12 @@ impl Metrics {
             "Committed events not passed to MQTT subscribers because the fan-out queue was full (they stay in the log and on the streams)",
             mqtt_fanout_skipped.clone(),
         );
+        let mqtt_session_timers = Gauge::default();
+        registry.register(
+            "mqtt_session_timers",
+            "Timers of ended MQTT connections: persistent sessions waiting for their client, and delayed wills",
+            mqtt_session_timers.clone(),
+        );
         let mqtt_write_timeouts = Counter::default();
         registry.register(
             "mqtt_write_timeouts",
@@ -236,6 +243,7 @@ impl Metrics {
             mqtt_deliveries_dropped,
             mqtt_fanout_skipped,
             mqtt_write_timeouts,
+            mqtt_session_timers,
             mqtt_commit_wait,
             mqtt_throttled,
             backlog_bytes,

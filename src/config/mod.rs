@@ -105,6 +105,10 @@ pub struct MqttConfig {
     pub tls_listen: Option<SocketAddr>,
     /// Connections (TCP and WebSocket) beyond this get CONNACK 0x97 / 0x03.
     pub max_connections: usize,
+    /// A device's share of `max_connections` (0: none beyond it).
+    pub max_connections_per_device: usize,
+    /// A tenant's share of `max_connections` (0: none beyond it).
+    pub max_connections_per_tenant: usize,
     /// Largest packet accepted; a larger one closes that connection.
     pub max_packet_size: usize,
     /// Time a new connection has to send its CONNECT.
@@ -479,6 +483,8 @@ impl Default for MqttConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
             tls_listen: None,
             max_connections: 1000,
+            max_connections_per_device: 16,
+            max_connections_per_tenant: 0,
             max_packet_size: 128 * 1024,
             connect_timeout: Duration::from_secs(10),
             max_inflight: 256,
@@ -492,7 +498,7 @@ impl Default for MqttConfig {
             max_connects_per_minute: 120,
             max_topic_length: 512,
             max_queued_messages: 1000,
-            max_queued_bytes: 1024 * 1024,
+            max_queued_bytes: 256 * 1024,
             write_timeout: Duration::from_secs(30),
         }
     }

@@ -24,7 +24,9 @@ pub fn wait_for_client(
     shutdown: &CancellationToken,
 ) {
     let (sessions, log, shutdown) = (deps.sessions.clone(), deps.ingest.log().clone(), shutdown.clone());
+    let gauge = super::TimerGauge::new(&deps.metrics);
     deps.tasks.spawn(async move {
+        let _gauge = gauge;
         tokio::select! {
             () = tokio::time::sleep(after) => {}
             () = waiting.cancelled() => return,

@@ -136,8 +136,10 @@ pub struct Inner {
     pub subs: Vec<Subscription>,
     pub queue: VecDeque<Queued>,
     queued_bytes: usize,
-    /// In flight by packet id, in send order.
-    pub inflight: VecDeque<(u16, Inflight)>,
+    /// In flight by packet id, in send order, and their bytes (which count
+    /// against the same bound as the queue).
+    inflight: VecDeque<(u16, Inflight)>,
+    inflight_bytes: usize,
     next_pkid: u16,
 }
 
@@ -160,6 +162,25 @@ impl Inner {
         }
     }
 
+    /// Whether another QoS > 0 delivery may go out: fewer than `max` in
+    /// flight, and their bytes within the mailbox's bound.
+    pub fn may_send_more(&self, max: usize, max_bytes: usize) -> bool {
+        self.inflight.len() < max && self.inflight_bytes < max_bytes
+    }
+
+    /// Sends `q` with a new packet id: it stays in flight until completed.
+    pub fn send(&mut self, q: &Queued) -> u16 {
+        let pkid = self.next_pkid();
+        self.inflight_bytes += q.msg.size();
+        self.inflight.push_back((pkid, Inflight { queued: q.clone(), released: false }));
+        pkid
+    }
+
+    /// What is in flight, in send order (to send again on a resume).
+    pub fn in_flight(&self) -> Vec<(u16, Inflight)> {
+        self.inflight.iter().cloned().collect()
+    }
+
     /// The in-flight delivery with packet id `pkid`.
     pub fn inflight_mut(&mut self, pkid: u16) -> Option<&mut Inflight> {
         self.inflight.iter_mut().find(|(p, _)| *p == pkid).map(|(_, i)| i)
@@ -168,7 +189,9 @@ impl Inner {
     /// Completes (removes) the in-flight delivery `pkid`.
     pub fn complete(&mut self, pkid: u16) -> Option<Inflight> {
         let at = self.inflight.iter().position(|(p, _)| *p == pkid)?;
-        self.inflight.remove(at).map(|(_, i)| i)
+        let (_, done) = self.inflight.remove(at)?;
+        self.inflight_bytes = self.inflight_bytes.saturating_sub(done.queued.msg.size());
+        Some(done)
     }
 }
 
@@ -217,11 +240,19 @@ impl Mailbox {
         self.notify.notify_one();
     }
 
-    /// Queues a delivery, dropping the oldest beyond the bounds.
+    /// The byte bound of what it holds (queued and in flight).
+    pub fn max_bytes(&self) -> usize {
+        self.limits.max_bytes
+    }
+
+    /// Queues a delivery, dropping the oldest beyond the bounds (deliveries
+    /// in flight count against the byte bound too).
     fn push(&self, inner: &mut Inner, q: Queued) {
         inner.queued_bytes += q.msg.size();
         inner.queue.push_back(q);
-        while inner.queue.len() > self.limits.max_messages || inner.queued_bytes > self.limits.max_bytes {
+        while inner.queue.len() > self.limits.max_messages
+            || inner.queued_bytes + inner.inflight_bytes > self.limits.max_bytes
+        {
             let Some(old) = inner.queue.pop_front() else { break };
             inner.queued_bytes = inner.queued_bytes.saturating_sub(old.msg.size());
             self.dropped.inc();
@@ -361,6 +392,7 @@ impl Fanout {
             inner.queue.clear();
             inner.queued_bytes = 0;
             inner.inflight.clear();
+            inner.inflight_bytes = 0;
             had
         };
         if had {

@@ -218,6 +218,23 @@ pub fn restore_retained(fanout: &fanout::Fanout, retained: Vec<(String, String, 
     n
 }
 
+/// Counts a timer of an ended connection (`mqtt_session_timers`) while
+/// it lives.
+pub(crate) struct TimerGauge(prometheus_client::metrics::gauge::Gauge);
+
+impl TimerGauge {
+    pub fn new(metrics: &Metrics) -> Self {
+        metrics.mqtt_session_timers.inc();
+        Self(metrics.mqtt_session_timers.clone())
+    }
+}
+
+impl Drop for TimerGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Connections over `mqtt.max_connections` told so at once, at most.
 const MAX_REFUSERS: usize = 16;
 

@@ -27,12 +27,17 @@ pub struct Sessions {
     connects: Mutex<HashMap<(String, String), (std::time::Instant, u32)>>,
     max_connects_per_minute: u32,
     max_persistent: usize,
+    /// Live connections per device and per tenant (0: only the global cap).
+    max_per_device: usize,
+    max_per_tenant: usize,
     fanout: Arc<Fanout>,
 }
 
 #[derive(Default)]
 struct Inner {
     devices: HashMap<(String, String), Device>,
+    /// Live connections per tenant (the devices' `live_by_client`, summed).
+    live_by_tenant: HashMap<String, usize>,
     /// Tells a connection's lease from a later one with the same client id.
     generation: u64,
 }
@@ -132,6 +137,8 @@ impl Sessions {
             connects: Mutex::default(),
             max_connects_per_minute: config.max_connects_per_minute,
             max_persistent: config.max_sessions_per_device,
+            max_per_device: config.max_connections_per_device,
+            max_per_tenant: config.max_connections_per_tenant,
             fanout,
         }
     }
@@ -190,12 +197,43 @@ impl Sessions {
     /// session outlives the connection; `resume` = false discards a
     /// persistent session it had (a clean start), true resumes it (even a
     /// 5.0 connection whose own session expiry is 0).
-    pub fn lease(&self, tenant: &str, device_id: &str, client_id: &str, persistent: bool, resume: bool) -> Lease {
+    ///
+    /// Refused (with the reason naming the share) when the device or the
+    /// tenant holds its share of live connections already
+    /// (`mqtt.max_connections_per_device` / `_per_tenant`); taking over a
+    /// client id that is connected does not count as one more.
+    pub fn lease(
+        &self,
+        tenant: &str,
+        device_id: &str,
+        client_id: &str,
+        persistent: bool,
+        resume: bool,
+    ) -> Result<Lease, String> {
         let mut g = self.lock();
+        let dev_key = (tenant.to_string(), device_id.to_string());
+        let device_live =
+            g.devices.get(&dev_key).map(|d| (d.live_by_client.len(), d.live_by_client.contains_key(client_id)));
+        if let (live, false) = device_live.unwrap_or((0, false)) {
+            if self.max_per_device > 0 && live >= self.max_per_device {
+                return Err(format!(
+                    "device {device_id:?} holds its share of connections (mqtt.max_connections_per_device = {})",
+                    self.max_per_device
+                ));
+            }
+            let tenant_live = g.live_by_tenant.get(tenant).copied().unwrap_or(0);
+            if self.max_per_tenant > 0 && tenant_live >= self.max_per_tenant {
+                return Err(format!(
+                    "tenant {tenant:?} holds its share of connections (mqtt.max_connections_per_tenant = {})",
+                    self.max_per_tenant
+                ));
+            }
+            *g.live_by_tenant.entry(tenant.to_string()).or_default() += 1;
+        }
         g.generation += 1;
         let generation = g.generation;
         let max = self.max_persistent;
-        let d = g.devices.entry((tenant.to_string(), device_id.to_string())).or_default();
+        let d = g.devices.entry(dev_key).or_default();
         d.generations.insert(client_id.to_string(), generation);
         let taken_over = CancellationToken::new();
         if let Some((_, older)) = d.live_by_client.insert(client_id.to_string(), (generation, taken_over.clone())) {
@@ -244,7 +282,7 @@ impl Sessions {
         }
         let key =
             |client_id: String| SessionKey { tenant: tenant.to_string(), device_id: device_id.to_string(), client_id };
-        Lease {
+        Ok(Lease {
             persistent,
             taken_over,
             present,
@@ -255,7 +293,7 @@ impl Sessions {
             device_id: device_id.to_string(),
             client_id: client_id.to_string(),
             generation,
-        }
+        })
     }
 
     /// A connection ended, its session with expiry `expiry`. A clean
@@ -269,8 +307,10 @@ impl Sessions {
         let mut g = self.lock();
         let key = (lease.tenant.clone(), lease.device_id.clone());
         let d = g.devices.get_mut(&key)?;
+        let mut left = false;
         if d.live_by_client.get(&lease.client_id).is_some_and(|(g, _)| *g == lease.generation) {
             d.live_by_client.remove(&lease.client_id);
+            left = true;
         }
         let newest = d.generations.get(&lease.client_id) == Some(&lease.generation);
         if newest && expiry == 0 {
@@ -293,6 +333,12 @@ impl Sessions {
         }
         if d.live == 0 && d.persistent.is_empty() && d.live_by_client.is_empty() && d.generations.is_empty() {
             g.devices.remove(&key);
+        }
+        if left && let Some(n) = g.live_by_tenant.get_mut(&lease.tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                g.live_by_tenant.remove(&lease.tenant);
+            }
         }
         waiting
     }
@@ -404,7 +450,12 @@ mod tests {
     use super::*;
 
     fn sessions() -> Sessions {
-        let config = MqttConfig { max_sessions_per_device: 2, ..MqttConfig::default() };
+        let config = MqttConfig {
+            max_sessions_per_device: 2,
+            max_connections_per_device: 3,
+            max_connections_per_tenant: 4,
+            ..MqttConfig::default()
+        };
         let fanout = Arc::new(Fanout::new(&config, Arc::default(), Arc::new(crate::metrics::Metrics::new())));
         Sessions::new(&config, fanout)
     }
@@ -422,29 +473,29 @@ mod tests {
     #[test]
     fn persistent_sessions_per_device_are_bounded_oldest_first() {
         let s = sessions();
-        let a = s.lease("acme", "d1", "d1-a", true, true);
-        let b = s.lease("acme", "d1", "d1-b", true, true);
+        let a = s.lease("acme", "d1", "d1-a", true, true).unwrap();
+        let b = s.lease("acme", "d1", "d1-b", true, true).unwrap();
         assert!(!a.present && a.evicted.is_none() && b.evicted.is_none());
-        let again = s.lease("acme", "d1", "d1-a", true, true);
+        let again = s.lease("acme", "d1", "d1-a", true, true).unwrap();
         assert!(again.present, "resumes its own session");
         assert!(Arc::ptr_eq(&again.mailbox, &a.mailbox), "with its mailbox");
-        let c = s.lease("acme", "d1", "d1-c", true, true);
+        let c = s.lease("acme", "d1", "d1-c", true, true).unwrap();
         assert_eq!(c.evicted.map(|(k, _)| k.client_id).as_deref(), Some("d1-b"), "the oldest is dropped");
-        assert!(!s.lease("globex", "d1", "d1-a", true, true).present, "tenants apart");
-        assert!(!s.lease("acme", "d2", "d1-a", true, true).present, "devices apart");
+        assert!(!s.lease("globex", "d1", "d1-a", true, true).unwrap().present, "tenants apart");
+        assert!(!s.lease("acme", "d2", "d1-a", true, true).unwrap().present, "devices apart");
         assert_eq!(s.persistent_count(), 4);
     }
 
     #[test]
     fn a_return_cancels_what_waited_for_the_client_and_a_take_over_is_told() {
         let s = sessions();
-        let a = s.lease("acme", "d1", "d1", true, true);
+        let a = s.lease("acme", "d1", "d1", true, true).unwrap();
         let waiting = s.release(&a, 60).expect("a persistent session waits for its client");
-        let b = s.lease("acme", "d1", "d1", true, true);
+        let b = s.lease("acme", "d1", "d1", true, true).unwrap();
         assert!(waiting.is_cancelled(), "the timer of the ended connection stops at the return");
         assert!(b.present);
         assert!(!s.expire(&a), "an older lease expires nothing");
-        let c = s.lease("acme", "d1", "d1", false, false);
+        let c = s.lease("acme", "d1", "d1", false, false).unwrap();
         assert!(b.taken_over.is_cancelled() && !c.taken_over.is_cancelled(), "the older connection is told");
         assert!(!c.present && !c.persistent, "a clean start ends the persistent session");
         assert!(s.release(&b, 60).is_none(), "the session it had is gone");
@@ -456,15 +507,30 @@ mod tests {
     #[test]
     fn an_expired_session_is_forgotten_and_a_returned_one_is_not() {
         let s = sessions();
-        let a = s.lease("acme", "d1", "d1", true, true);
+        let a = s.lease("acme", "d1", "d1", true, true).unwrap();
         s.release(&a, 60);
         assert!(s.expire(&a));
-        let b = s.lease("acme", "d1", "d1", true, true);
+        let b = s.lease("acme", "d1", "d1", true, true).unwrap();
         assert!(!b.present);
         // A session whose expiry is 0 at its end is gone at once, before its
         // state leaves the site log: a reconnect is never told present.
         assert!(s.release(&b, 0).is_none());
-        assert!(!s.lease("acme", "d1", "d1", true, true).present);
+        assert!(!s.lease("acme", "d1", "d1", true, true).unwrap().present);
+    }
+
+    #[test]
+    fn live_connections_are_shared_per_device_and_per_tenant() {
+        let s = sessions();
+        let a: Vec<Lease> = (0..3).map(|i| s.lease("acme", "d1", &format!("d1-{i}"), false, false).unwrap()).collect();
+        let e = s.lease("acme", "d1", "d1-3", false, false).unwrap_err();
+        assert!(e.contains("mqtt.max_connections_per_device = 3"), "{e}");
+        assert!(s.lease("acme", "d1", "d1-0", false, false).is_ok(), "a take-over is not one more");
+        assert!(s.lease("acme", "d2", "d2", false, false).is_ok(), "another device has its own share");
+        let e = s.lease("acme", "d3", "d3", false, false).unwrap_err();
+        assert!(e.contains("mqtt.max_connections_per_tenant = 4"), "{e}");
+        assert!(s.lease("globex", "d3", "d3", false, false).is_ok(), "another tenant has its own");
+        s.release(&a[1], 0);
+        assert!(s.lease("acme", "d3", "d3", false, false).is_ok(), "a slot of the tenant came free");
     }
 
     #[test]

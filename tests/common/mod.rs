@@ -263,6 +263,23 @@ impl Proc {
         Self::spawn(cmd)
     }
 
+    /// `start`, with a config file (written into the data dir) under the
+    /// environment: for what only a file can say (per-device limits).
+    pub fn start_with_config(data_dir: &Path, toml: &str, extra_env: &[(&str, &str)]) -> Self {
+        std::fs::create_dir_all(data_dir).unwrap();
+        let file = data_dir.join("outpost.toml");
+        std::fs::write(&file, toml).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.arg("--config").arg(&file);
+        for (k, v) in proc_env(data_dir) {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        Self::spawn(cmd)
+    }
+
     /// Starts `cmd` (the binary, with its environment and directory set) as
     /// `outpost run` and waits for its "http listening on" line.
     pub fn spawn(mut cmd: Command) -> Self {
@@ -310,6 +327,25 @@ impl Proc {
 
     pub fn base(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The process's resident set, in KiB (`VmRSS`).
+    pub fn rss_kb(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS in {status}"))
+    }
+
+    /// The value of the unlabelled metric `name` in its `/metrics`.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = reqwest::get(format!("{}/metrics", self.base())).await.unwrap().text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in /metrics: {text}"))
     }
 
     /// Waits up to `timeout` for the process to exit by itself.

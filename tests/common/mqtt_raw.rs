@@ -151,6 +151,11 @@ impl Raw {
         self.stream.write_all(bytes).await.unwrap();
     }
 
+    /// `send`, false once the server has closed or reset the connection.
+    pub async fn try_send(&mut self, bytes: &[u8]) -> bool {
+        self.stream.write_all(bytes).await.is_ok()
+    }
+
     /// PUBLISH with full control of QoS, packet id, DUP and retain.
     pub async fn publish(&mut self, topic: &str, payload: &[u8], qos: u8, pkid: u16, dup: bool, retain: bool) {
         let f = publish_packet(topic, payload, qos, pkid, dup, retain);

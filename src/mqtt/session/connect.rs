@@ -152,13 +152,19 @@ impl Handshake<'_, '_> {
         let assigned = (client_id != connect.client_id).then(|| client_id.clone());
         let (terms, asked, keep_alive) = self.terms(&connect, &props);
         // Client ids are a device's own namespace (see `state`).
-        let lease = self.deps.sessions.lease(
+        let lease = match self.deps.sessions.lease(
             &who.tenant,
             &who.device_id,
             &client_id,
             terms.session_expiry > 0,
             !connect.clean_session,
-        );
+        ) {
+            Ok(lease) => lease,
+            Err(why) => {
+                self.refuse(&client_id, (ConnectReturnCode::QuotaExceeded, why)).await;
+                return None;
+            }
+        };
         // The session's state in the site log: a resumed session keeps its
         // held QoS 2 ids, a new one starts with none (a clean start, or a
         // session that ended), so CONNACK's session present is true of it.

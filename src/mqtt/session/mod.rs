@@ -178,7 +178,7 @@ impl Session<'_> {
             if let Some(end) = self.inbound.finished() {
                 return end;
             }
-            let can_read = self.inbound.can_read(self.deps.config.max_inflight) && self.wire.has_room();
+            let can_read = self.inbound.can_read(self.deps.config.max_inflight) && self.wire.may_read();
             if !can_read {
                 // Keep-alive counts only while the device is read: time the
                 // appliance holds the read (rate limit, full log, commits in

@@ -165,7 +165,7 @@ impl Session<'_> {
     pub(super) fn resume_deliveries(&mut self) -> Result<(), End> {
         if self.lease.present {
             let mb = self.outbound.mailbox.clone();
-            let inflight: Vec<(u16, Inflight)> = mb.inner().inflight.iter().cloned().collect();
+            let inflight: Vec<(u16, Inflight)> = mb.inner().in_flight();
             for (pkid, i) in inflight {
                 if i.released {
                     self.send(Packet::PubRel(PubRel { pkid, reason: PubRelReason::Success }, None))?;
@@ -182,10 +182,11 @@ impl Session<'_> {
     /// their place in the order).
     pub(super) fn pull(&mut self) -> Result<(), End> {
         let mb = self.outbound.mailbox.clone();
+        let max_bytes = mb.max_bytes();
         let mut inner = mb.inner();
         while self.wire.has_room() {
             let Some(head) = inner.queue.front() else { break };
-            if head.qos > 0 && inner.inflight.len() >= self.outbound.receive_max {
+            if head.qos > 0 && !inner.may_send_more(self.outbound.receive_max, max_bytes) {
                 break;
             }
             let Some(q) = inner.pop() else { break };
@@ -205,13 +206,7 @@ impl Session<'_> {
                 );
                 continue;
             }
-            let pkid = if q.qos > 0 {
-                let p = inner.next_pkid();
-                inner.inflight.push_back((p, Inflight { queued: q.clone(), released: false }));
-                p
-            } else {
-                0
-            };
+            let pkid = if q.qos > 0 { inner.send(&q) } else { 0 };
             self.write_delivery(&q, pkid, false)?;
         }
         Ok(())

@@ -47,6 +47,7 @@ pub(super) fn fire_or_schedule(
 ) {
     let origin = lease.mailbox.id;
     let (deps, who, lease, shutdown) = (deps.clone(), who.clone(), lease.clone(), shutdown.clone());
+    let gauge = (!will.delay.is_zero()).then(|| crate::mqtt::TimerGauge::new(&deps.metrics));
     deps.tasks.clone().spawn(async move {
         if !will.delay.is_zero() {
             // No token: a newer connection had the client id already.
@@ -75,6 +76,7 @@ pub(super) fn fire_or_schedule(
                 return;
             }
         }
+        drop(gauge);
         fire(&deps, &who, will, origin, &shutdown).await;
     });
 }

@@ -21,9 +21,14 @@ pub type Writer = Box<dyn AsyncWrite + Send + Sync + Unpin>;
 const SESSION_BUF: usize = 1024;
 
 /// Bytes waiting to be written beyond which nothing more is taken from
-/// the session's mailbox and the client is not read (so its acks cannot
-/// pile up either) until the client reads.
+/// the session's mailbox until the client reads.
 pub const WRITE_HIGH: usize = 256 * 1024;
+
+/// Beyond this the client is not read either, so the acks of a client
+/// that publishes and never reads cannot pile up (its write timeout ends
+/// it). Between the two the client is still read: keep-alive and its
+/// PINGREQs keep working while deliveries wait.
+const WRITE_HARD: usize = 2 * WRITE_HIGH;
 
 /// Most bytes a connection taken over still reads of what had arrived.
 const ARRIVED_MAX: usize = 1 << 20;
@@ -67,6 +72,11 @@ impl Wire {
     /// Room for more deliveries.
     pub fn has_room(&self) -> bool {
         self.write_buf.len() < WRITE_HIGH
+    }
+
+    /// Room for what reading the client may make us write (acks, PINGRESP).
+    pub fn may_read(&self) -> bool {
+        self.write_buf.len() < WRITE_HARD
     }
 
     /// `n` bytes were taken by the client.
