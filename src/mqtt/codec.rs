@@ -1,13 +1,12 @@
 //! The wire protocols a device may speak, over rumqttd's codecs: MQTT 3.1
 //! (`MQIsdp`, level 3), 3.1.1 (level 4) and 5.0 (level 5), told apart by
 //! the CONNECT. Also what rumqttd keeps private about a PUBLISH (its QoS,
-//! DUP and packet id) and the front-end's own mark on what it hands the
-//! router.
+//! DUP and packet id).
 
 use bytes::{BufMut, Bytes, BytesMut};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
-use rumqttd::protocol::{Packet, Protocol, Publish, PublishProperties};
+use rumqttd::protocol::{Packet, Protocol, Publish};
 
 /// The protocol a connection speaks, from its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,51 +150,9 @@ pub fn publish(qos: u8, dup: bool, retain: bool, pkid: u16, topic: &Bytes, paylo
     Publish::deserialize(o.freeze())
 }
 
-/// The user property the front-end adds to what it hands the router: the
-/// publisher's QoS and RETAIN, so each delivery can be made at
-/// min(publish QoS, granted QoS) and Retain As Published can be honoured.
-/// Stripped before anything reaches a client; a client's own user property
-/// with this name is dropped on the way in.
-pub const MARK: &str = "\u{1}outpost";
-
-/// Adds the mark to `props`: the publisher's QoS, RETAIN and router id.
-pub fn mark(props: &mut PublishProperties, qos: u8, retain: bool, origin: &str) {
-    props.user_properties.retain(|(k, _)| k != MARK);
-    props.user_properties.push((MARK.to_string(), format!("{qos}{}{origin}", u8::from(retain))));
-}
-
-/// The publisher's side of a delivery, from the mark.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Origin {
-    pub qos: u8,
-    pub retain: bool,
-    /// The publishing connection's router id (for No Local).
-    pub router_id: String,
-}
-
-/// Removes the mark. Events the bridge publishes (HTTP, WebSocket, other
-/// sites) carry none: durable events, delivered like QoS 1 publishes.
-pub fn unmark(props: &mut Option<PublishProperties>) -> Origin {
-    let none = Origin { qos: 1, retain: false, router_id: String::new() };
-    let Some(p) = props else { return none };
-    let Some(at) = p.user_properties.iter().position(|(k, _)| k == MARK) else { return none };
-    let (_, v) = p.user_properties.remove(at);
-    let b = v.as_bytes();
-    let out = Origin {
-        qos: b.first().map_or(1, |q| q.saturating_sub(b'0').min(2)),
-        retain: b.get(1) == Some(&b'1'),
-        router_id: v.get(2..).unwrap_or("").to_string(),
-    };
-    if *p == PublishProperties::default() {
-        *props = None;
-    }
-    out
-}
-
 /// The 5.0 properties kept with an event (site log, central, streams):
 /// `{"content_type": …, "user_properties": [[k, v], …]}`, or `None`.
 pub fn event_properties(content_type: Option<&str>, user: &[(String, String)]) -> Option<String> {
-    let user: Vec<&(String, String)> = user.iter().filter(|(k, _)| k != MARK).collect();
     if content_type.is_none() && user.is_empty() {
         return None;
     }
@@ -248,14 +205,8 @@ mod tests {
     }
 
     #[test]
-    fn publish_flags_round_trip_and_the_mark_is_stripped() {
+    fn publish_flags_round_trip() {
         let p = publish(2, true, true, 77, &Bytes::from("t"), &Bytes::from("{}"));
         assert_eq!(publish_flags(&p), (2, true, true, 77));
-        let mut props = PublishProperties::default();
-        mark(&mut props, 0, true, "acme|d|c0");
-        let mut props = Some(props);
-        assert_eq!(unmark(&mut props), Origin { qos: 0, retain: true, router_id: "acme|d|c0".into() });
-        assert_eq!(props, None, "only the mark was there");
-        assert_eq!(unmark(&mut None).qos, 1);
     }
 }

@@ -1,24 +1,25 @@
-//! The MQTT front-end (3.1, 3.1.1 and 5.0, over TCP or WebSocket) over the
-//! embedded rumqttd router.
+//! The MQTT front-end (3.1, 3.1.1 and 5.0, over TCP or WebSocket).
 //!
-//! rumqttd acks publishes from memory before anything could persist them,
-//! so devices never talk to rumqttd's listener. This front-end decodes
-//! packets with rumqttd's v4 or v5 codec (`codec`), authenticates CONNECT
-//! (username = device id, password = device JWT, same checks as HTTP),
-//! applies the topic ACL and rate limits, and appends each PUBLISH to the
-//! site log. Only after its commit does it answer PUBACK/PUBREC and hand a
-//! QoS 0 copy to the device's rumqttd local link, under the stream topic
-//! `<tenant>/events/<device_id>/<event_type>`, marked with the publisher's
-//! QoS and RETAIN so each delivery can be made at min(publish QoS, granted
-//! QoS). Publishes awaiting their commit form a FIFO per connection, so acks
-//! keep publish order and one connection is not limited to one fsync per
-//! message.
+//! Packets are decoded with rumqttd's v4 or v5 codec (`codec`); rumqttd's
+//! router is not used: it acks from memory before anything could persist,
+//! keeps every filter it ever saw and cannot be bounded from outside. This
+//! front-end authenticates CONNECT (username = device id, password = device
+//! JWT, same checks as HTTP), applies the topic ACL and rate limits, and
+//! appends each PUBLISH to the site log; only after its commit does it
+//! answer PUBACK/PUBREC. Committed events (of any protocol) reach MQTT
+//! subscribers through `fanout`, on `<tenant>/events/<device_id>/<event_type>`,
+//! at min(publish QoS, granted QoS). Publishes awaiting their commit form a
+//! FIFO per connection, so acks keep publish order and one connection is
+//! not limited to one fsync per message.
 //!
 //! Decisions:
 //! - Client id: the device id, or `<device id>-<suffix>` (so a device can
-//!   hold several sessions, e.g. `pump-1` and `pump-1-diag`).
+//!   hold several sessions, e.g. `pump-1` and `pump-1-diag`); sessions are
+//!   per (tenant, device, client id).
 //! - QoS 2: the packet id is held in the site log with the event until
-//!   PUBREL, so a resend stores nothing, across reconnects and restarts.
+//!   PUBREL, so a resend within the session stores nothing, across
+//!   reconnects and restarts; session state lives exactly as long as its
+//!   session (`log::mqtt`).
 //! - QoS 1 redelivery: a DUP=1 publish whose packet id, topic and payload
 //!   match the device's latest event with that id is acked without a second
 //!   row (checked in the writer's transaction, so across restarts too).
@@ -27,11 +28,12 @@
 //!   log's byte budget reading stops likewise.
 //! - A forbidden or invalid publish is not acked: 3.x closes the connection
 //!   (it has no negative ack), 5.0 answers a negative PUBACK/PUBREC.
-//! - Wills are the front-end's: the router never sees them (a local link can
-//!   only be closed cleanly). On an unclean drop the will, which must be an
-//!   event of the device's own, is stored like any event and then published.
-//! - Acks to the router go in its delivery order (rumqttd drops a link on an
-//!   out-of-order ack), whatever order the client completes its flows in.
+//! - On an unclean drop the will, which must be an event of the device's
+//!   own, is stored like any event and then published (after its delay, a
+//!   timer that does not hold the connection).
+//! - Every resource a device can make the front-end hold is bounded per
+//!   session, device and tenant (see the README's table), and every session
+//!   can be ended whatever its peer does.
 
 pub mod acl;
 pub mod codec;
