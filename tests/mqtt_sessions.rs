@@ -436,3 +436,49 @@ async fn session_present_is_never_said_of_a_session_whose_ids_were_dropped() {
     let _ = present_after; // present or not, either is fine; storing twice is not
     assert!(bad.is_empty(), "{bad:#?}");
 }
+
+/// A device that reconnects while its old connection still has publishes
+/// in flight (sent, not acked) and resends them (DUP) on the new one: the
+/// old connection finishes what it had read before the new one starts, so
+/// the events are stored once each, in the order they were sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_over_keeps_the_order_the_device_sent_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::start(
+        dir.path(),
+        &[("OUTPOST_LIMITS__PER_SECOND", "100000"), ("OUTPOST_MQTT__MAX_CONNECTS_PER_MINUTE", "0")],
+    );
+    let token = add(dir.path(), "acme", "d1");
+    let mut k = 0u32;
+    let mut old: Option<Raw> = None;
+    for round in 0..20u16 {
+        let (mut c, _) = connect(&p, V::V311, "d1", "d1", &token, true, 0).await;
+        // Resend what the old connection may not have had acked, then new ones.
+        let mut bytes = Vec::new();
+        for j in k.saturating_sub(20)..k {
+            let pkid = (j % 60_000 + 1) as u16;
+            bytes.extend(publish(V::V311, "d1", 1, pkid, &format!("{{\"k\":{j}}}"), true));
+        }
+        for _ in 0..20 {
+            let pkid = (k % 60_000 + 1) as u16;
+            bytes.extend(publish(V::V311, "d1", 1, pkid, &format!("{{\"k\":{k}}}"), false));
+            k += 1;
+        }
+        c.send(&bytes).await;
+        drop(old.take());
+        old = Some(c);
+        let _ = round;
+    }
+    let mut c = old.take().unwrap();
+    let last = ((k - 1) % 60_000 + 1) as u16;
+    while c.read_kind(4, T).await.expect("PUBACK").pkid() != last {}
+    let stored: Vec<u32> = payloads(dir.path(), "d1")
+        .iter()
+        .map(|s| serde_json::from_str::<serde_json::Value>(s).unwrap()["k"].as_u64().unwrap() as u32)
+        .collect();
+    let mut sorted = stored.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(stored, sorted, "stored out of order or twice");
+    assert_eq!(stored.len() as u32, k, "every event stored once");
+}

@@ -51,8 +51,8 @@ struct Device {
     /// The newest lease of each client id still connected or persistent:
     /// tells a client that came back (will delay, session expiry).
     generations: HashMap<String, u64>,
-    /// Live connections by client id: (generation, take-over signal).
-    live_by_client: HashMap<String, (u64, CancellationToken)>,
+    /// Live connections by client id: (generation, take-over signal, end).
+    live_by_client: HashMap<String, (u64, CancellationToken, CancellationToken)>,
 }
 
 /// A persistent session: its mailbox, and what waits for its client.
@@ -73,6 +73,12 @@ pub struct Lease {
     pub persistent: bool,
     /// Cancelled when a later connection takes the client id over.
     pub taken_over: CancellationToken,
+    /// Cancelled when this lease's connection has ended (released).
+    pub ended: CancellationToken,
+    /// The connection this one took over, if any: its `ended`. A session
+    /// starts once the one it took over has finished what it had read, so
+    /// the client id's publishes are stored in the order they were sent.
+    pub previous: Option<CancellationToken>,
     /// The connection resumes a session the appliance holds (CONNACK
     /// session present): its held QoS 2 ids, subscriptions and deliveries.
     pub present: bool,
@@ -235,10 +241,12 @@ impl Sessions {
         let max = self.max_persistent;
         let d = g.devices.entry(dev_key).or_default();
         d.generations.insert(client_id.to_string(), generation);
-        let taken_over = CancellationToken::new();
-        if let Some((_, older)) = d.live_by_client.insert(client_id.to_string(), (generation, taken_over.clone())) {
-            older.cancel();
-        }
+        let (taken_over, ended) = (CancellationToken::new(), CancellationToken::new());
+        let older = d.live_by_client.insert(client_id.to_string(), (generation, taken_over.clone(), ended.clone()));
+        let previous = older.map(|(_, older_taken, older_ended)| {
+            older_taken.cancel();
+            older_ended
+        });
         // The client id's persistent session: resumed, or (a clean start,
         // or a clean session now) ended here.
         let held = d.persistent.iter().position(|p| p.client_id == client_id).and_then(|i| d.persistent.remove(i));
@@ -285,6 +293,8 @@ impl Sessions {
         Ok(Lease {
             persistent,
             taken_over,
+            ended,
+            previous,
             present,
             mailbox,
             session_id,
@@ -304,11 +314,12 @@ impl Sessions {
     /// cancelled when the client returns or the session ends (`None`: not
     /// this lease's to wait for).
     pub fn release(&self, lease: &Lease, expiry: u32) -> Option<CancellationToken> {
+        lease.ended.cancel();
         let mut g = self.lock();
         let key = (lease.tenant.clone(), lease.device_id.clone());
         let d = g.devices.get_mut(&key)?;
         let mut left = false;
-        if d.live_by_client.get(&lease.client_id).is_some_and(|(g, _)| *g == lease.generation) {
+        if d.live_by_client.get(&lease.client_id).is_some_and(|(g, _, _)| *g == lease.generation) {
             d.live_by_client.remove(&lease.client_id);
             left = true;
         }
@@ -411,6 +422,8 @@ impl Sessions {
             let lease = Lease {
                 persistent: true,
                 taken_over: CancellationToken::new(),
+                ended: CancellationToken::new(),
+                previous: None,
                 present: false,
                 mailbox,
                 session_id: s.session_id,
@@ -497,8 +510,11 @@ mod tests {
         assert!(!s.expire(&a), "an older lease expires nothing");
         let c = s.lease("acme", "d1", "d1", false, false).unwrap();
         assert!(b.taken_over.is_cancelled() && !c.taken_over.is_cancelled(), "the older connection is told");
+        let previous = c.previous.clone().expect("the newer one waits for the older one's end");
+        assert!(!previous.is_cancelled());
         assert!(!c.present && !c.persistent, "a clean start ends the persistent session");
         assert!(s.release(&b, 60).is_none(), "the session it had is gone");
+        assert!(previous.is_cancelled(), "the older one ended");
         assert!(s.release(&c, 0).is_none());
         assert_eq!(s.persistent_count(), 0);
         assert!(s.lock().devices.is_empty(), "nothing is left of the device");

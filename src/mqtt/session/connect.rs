@@ -32,6 +32,9 @@ pub(super) struct Connected {
     pub client: ClientLimits,
 }
 
+/// Longest a take-over waits for the connection it took over to end.
+const TAKE_OVER_WAIT: Duration = Duration::from_secs(5);
+
 /// A CONNECT refusal: the CONNACK code and why.
 type Refusal = (ConnectReturnCode, String);
 
@@ -165,6 +168,14 @@ impl Handshake<'_, '_> {
                 return None;
             }
         };
+        // A take-over: the connection taken over first finishes what it had
+        // read (it ends as if the device had closed it), so the client id's
+        // publishes are stored in the order they were sent.
+        if let Some(previous) = &lease.previous
+            && tokio::time::timeout(TAKE_OVER_WAIT, previous.cancelled()).await.is_err()
+        {
+            tracing::warn!(peer = %self.peer, client_id, "mqtt: the connection taken over did not end in time; going on");
+        }
         // The session's state in the site log: a resumed session keeps its
         // held QoS 2 ids, a new one starts with none (a clean start, or a
         // session that ended), so CONNACK's session present is true of it.
