@@ -446,7 +446,12 @@ async fn a_take_over_keeps_the_order_the_device_sent_in() {
     let dir = tempfile::tempdir().unwrap();
     let p = Proc::start(
         dir.path(),
-        &[("OUTPOST_LIMITS__PER_SECOND", "100000"), ("OUTPOST_MQTT__MAX_CONNECTS_PER_MINUTE", "0")],
+        &[
+            ("OUTPOST_LIMITS__PER_SECOND", "100000"),
+            ("OUTPOST_LIMITS__PER_MINUTE", "1000000"),
+            ("OUTPOST_LIMITS__PER_HOUR", "10000000"),
+            ("OUTPOST_MQTT__MAX_CONNECTS_PER_MINUTE", "0"),
+        ],
     );
     let token = add(dir.path(), "acme", "d1");
     let mut k = 0u32;

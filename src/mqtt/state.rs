@@ -66,19 +66,32 @@ struct Persistent {
     waiting: CancellationToken,
 }
 
-/// A connection's claim on a client id's session.
+/// A connection's claim on a client id, before its session is decided.
+#[derive(Debug)]
+pub struct Claim {
+    tenant: String,
+    device_id: String,
+    client_id: String,
+    generation: u64,
+    taken_over: CancellationToken,
+    ended: CancellationToken,
+    /// The end of the connection this one took over, if any: the session is
+    /// opened once that one has finished what it had read (and recorded its
+    /// end), so the client id's publishes are stored in the order they were
+    /// sent and its state is decided from what the older one left.
+    pub previous: Option<CancellationToken>,
+}
+
+/// A connection's session.
 #[derive(Debug, Clone)]
 pub struct Lease {
     /// The session outlives the connection.
     pub persistent: bool,
     /// Cancelled when a later connection takes the client id over.
     pub taken_over: CancellationToken,
-    /// Cancelled when this lease's connection has ended (released).
-    pub ended: CancellationToken,
-    /// The connection this one took over, if any: its `ended`. A session
-    /// starts once the one it took over has finished what it had read, so
-    /// the client id's publishes are stored in the order they were sent.
-    pub previous: Option<CancellationToken>,
+    /// Cancelled when this lease's connection has ended and its end is
+    /// recorded (see [`Sessions::ended`]).
+    ended: CancellationToken,
     /// The connection resumes a session the appliance holds (CONNACK
     /// session present): its held QoS 2 ids, subscriptions and deliveries.
     pub present: bool,
@@ -199,23 +212,14 @@ impl Sessions {
         last
     }
 
-    /// The session for a connection of `client_id`. `persistent`: the
-    /// session outlives the connection; `resume` = false discards a
-    /// persistent session it had (a clean start), true resumes it (even a
-    /// 5.0 connection whose own session expiry is 0).
-    ///
+    /// Claims `client_id` for a new connection: the connection holding it
+    /// is told it was taken over (its end is `Claim::previous`), and the
+    /// connection counts against the device's and the tenant's shares.
     /// Refused (with the reason naming the share) when the device or the
     /// tenant holds its share of live connections already
     /// (`mqtt.max_connections_per_device` / `_per_tenant`); taking over a
     /// client id that is connected does not count as one more.
-    pub fn lease(
-        &self,
-        tenant: &str,
-        device_id: &str,
-        client_id: &str,
-        persistent: bool,
-        resume: bool,
-    ) -> Result<Lease, String> {
+    pub fn claim(&self, tenant: &str, device_id: &str, client_id: &str) -> Result<Claim, String> {
         let mut g = self.lock();
         let dev_key = (tenant.to_string(), device_id.to_string());
         let device_live =
@@ -238,15 +242,35 @@ impl Sessions {
         }
         g.generation += 1;
         let generation = g.generation;
-        let max = self.max_persistent;
         let d = g.devices.entry(dev_key).or_default();
-        d.generations.insert(client_id.to_string(), generation);
         let (taken_over, ended) = (CancellationToken::new(), CancellationToken::new());
         let older = d.live_by_client.insert(client_id.to_string(), (generation, taken_over.clone(), ended.clone()));
         let previous = older.map(|(_, older_taken, older_ended)| {
             older_taken.cancel();
             older_ended
         });
+        Ok(Claim {
+            tenant: tenant.to_string(),
+            device_id: device_id.to_string(),
+            client_id: client_id.to_string(),
+            generation,
+            taken_over,
+            ended,
+            previous,
+        })
+    }
+
+    /// The session for a claimed client id, once the connection it took
+    /// over (if any) has ended. `persistent`: the session outlives the
+    /// connection; `resume` = false discards a persistent session it had (a
+    /// clean start), true resumes it (even a 5.0 connection whose own
+    /// session expiry is 0).
+    pub fn open(&self, claim: Claim, persistent: bool, resume: bool) -> Lease {
+        let Claim { tenant, device_id, client_id, generation, taken_over, ended, .. } = claim;
+        let mut g = self.lock();
+        let max = self.max_persistent;
+        let d = g.devices.entry((tenant.clone(), device_id.clone())).or_default();
+        d.generations.insert(client_id.clone(), generation);
         // The client id's persistent session: resumed, or (a clean start,
         // or a clean session now) ended here.
         let held = d.persistent.iter().position(|p| p.client_id == client_id).and_then(|i| d.persistent.remove(i));
@@ -266,7 +290,7 @@ impl Sessions {
             d.persistent.push_back(entry);
             mb
         } else {
-            let mb = self.fanout.mailbox(tenant);
+            let mb = self.fanout.mailbox(&tenant);
             if persistent {
                 if d.persistent.len() >= max
                     && let Some(oldest) = d.persistent.pop_front()
@@ -276,7 +300,7 @@ impl Sessions {
                     evicted = Some((oldest.client_id, oldest.session_id));
                 }
                 d.persistent.push_back(Persistent {
-                    client_id: client_id.to_string(),
+                    client_id: client_id.clone(),
                     session_id,
                     mailbox: mb.clone(),
                     waiting: CancellationToken::new(),
@@ -288,22 +312,33 @@ impl Sessions {
             old.waiting.cancel();
             self.fanout.close(&old.mailbox);
         }
-        let key =
-            |client_id: String| SessionKey { tenant: tenant.to_string(), device_id: device_id.to_string(), client_id };
-        Ok(Lease {
+        let key = |client_id: String| SessionKey { tenant: tenant.clone(), device_id: device_id.clone(), client_id };
+        Lease {
             persistent,
             taken_over,
             ended,
-            previous,
             present,
             mailbox,
             session_id,
             evicted: evicted.map(|(client_id, session_id)| (key(client_id), session_id)),
-            tenant: tenant.to_string(),
-            device_id: device_id.to_string(),
-            client_id: client_id.to_string(),
+            tenant,
+            device_id,
+            client_id,
             generation,
-        })
+        }
+    }
+
+    /// `claim` and `open` at once (no connection to wait for).
+    #[cfg(test)]
+    fn lease(
+        &self,
+        tenant: &str,
+        device_id: &str,
+        client_id: &str,
+        persistent: bool,
+        resume: bool,
+    ) -> Result<Lease, String> {
+        self.claim(tenant, device_id, client_id).map(|c| self.open(c, persistent, resume))
     }
 
     /// A connection ended, its session with expiry `expiry`. A clean
@@ -314,7 +349,6 @@ impl Sessions {
     /// cancelled when the client returns or the session ends (`None`: not
     /// this lease's to wait for).
     pub fn release(&self, lease: &Lease, expiry: u32) -> Option<CancellationToken> {
-        lease.ended.cancel();
         let mut g = self.lock();
         let key = (lease.tenant.clone(), lease.device_id.clone());
         let d = g.devices.get_mut(&key)?;
@@ -352,6 +386,12 @@ impl Sessions {
             }
         }
         waiting
+    }
+
+    /// The connection of `lease` is done: released, and its end recorded
+    /// in the site log. A connection that took it over goes on.
+    pub fn ended(&self, lease: &Lease) {
+        lease.ended.cancel();
     }
 
     /// True when the client id of `lease` connected again after it.
@@ -423,7 +463,6 @@ impl Sessions {
                 persistent: true,
                 taken_over: CancellationToken::new(),
                 ended: CancellationToken::new(),
-                previous: None,
                 present: false,
                 mailbox,
                 session_id: s.session_id,
@@ -508,12 +547,14 @@ mod tests {
         assert!(waiting.is_cancelled(), "the timer of the ended connection stops at the return");
         assert!(b.present);
         assert!(!s.expire(&a), "an older lease expires nothing");
-        let c = s.lease("acme", "d1", "d1", false, false).unwrap();
-        assert!(b.taken_over.is_cancelled() && !c.taken_over.is_cancelled(), "the older connection is told");
-        let previous = c.previous.clone().expect("the newer one waits for the older one's end");
-        assert!(!previous.is_cancelled());
+        let claim = s.claim("acme", "d1", "d1").unwrap();
+        let previous = claim.previous.clone().expect("the newer one waits for the older one's end");
+        assert!(b.taken_over.is_cancelled() && !previous.is_cancelled(), "the older connection is told");
+        let c = s.open(claim, false, false);
+        assert!(!c.taken_over.is_cancelled());
         assert!(!c.present && !c.persistent, "a clean start ends the persistent session");
         assert!(s.release(&b, 60).is_none(), "the session it had is gone");
+        s.ended(&b);
         assert!(previous.is_cancelled(), "the older one ended");
         assert!(s.release(&c, 0).is_none());
         assert_eq!(s.persistent_count(), 0);

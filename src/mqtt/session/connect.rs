@@ -155,33 +155,30 @@ impl Handshake<'_, '_> {
         let assigned = (client_id != connect.client_id).then(|| client_id.clone());
         let (terms, asked, keep_alive) = self.terms(&connect, &props);
         // Client ids are a device's own namespace (see `state`).
-        let lease = match self.deps.sessions.lease(
-            &who.tenant,
-            &who.device_id,
-            &client_id,
-            terms.session_expiry > 0,
-            !connect.clean_session,
-        ) {
-            Ok(lease) => lease,
+        let claim = match self.deps.sessions.claim(&who.tenant, &who.device_id, &client_id) {
+            Ok(claim) => claim,
             Err(why) => {
                 self.refuse(&client_id, (ConnectReturnCode::QuotaExceeded, why)).await;
                 return None;
             }
         };
         // A take-over: the connection taken over first finishes what it had
-        // read (it ends as if the device had closed it), so the client id's
-        // publishes are stored in the order they were sent.
-        if let Some(previous) = &lease.previous
+        // read (it ends as if the device had closed it) and records its end,
+        // so the client id's publishes are stored in the order they were
+        // sent and this session is decided from what it left.
+        if let Some(previous) = &claim.previous
             && tokio::time::timeout(TAKE_OVER_WAIT, previous.cancelled()).await.is_err()
         {
             tracing::warn!(peer = %self.peer, client_id, "mqtt: the connection taken over did not end in time; going on");
         }
+        let lease = self.deps.sessions.open(claim, terms.session_expiry > 0, !connect.clean_session);
         // The session's state in the site log: a resumed session keeps its
         // held QoS 2 ids, a new one starts with none (a clean start, or a
         // session that ended), so CONNACK's session present is true of it.
         if let Err(e) = self.open_session(&lease, &who, terms.session_expiry).await {
             tracing::error!(error = %e, "mqtt: cannot record the session in the site log");
             self.deps.sessions.release(&lease, 0);
+            self.deps.sessions.ended(&lease);
             self.connack(ConnectReturnCode::ServiceUnavailable, false, None).await;
             return None;
         }

@@ -212,7 +212,7 @@ impl Session<'_> {
                 // ends as if the device had closed it.
                 _ = taken_over.cancelled(), if !self.inbound.taken => {
                     self.inbound.taken = true;
-                    self.wire.read_arrived();
+                    self.wire.read_arrived().await;
                     self.inbound.eof = true;
                 }
                 _ = keep_alive, if can_read => return End::coded(
@@ -368,6 +368,8 @@ impl Session<'_> {
         if let Err(e) = deps.ingest.log().mqtt(op).await {
             tracing::warn!(error = %e, device_id = self.who.device_id, "mqtt: session end not recorded in the site log");
         }
+        // A connection that took this one over may go on now.
+        deps.sessions.ended(&self.lease);
         if let Some(waiting) = &waiting {
             super::expiry::wait_for_client(
                 deps,

@@ -33,6 +33,10 @@ const WRITE_HARD: usize = 2 * WRITE_HIGH;
 /// Most bytes a connection taken over still reads of what had arrived.
 const ARRIVED_MAX: usize = 1 << 20;
 
+/// How long a connection taken over waits for more of what had been sent
+/// (ten times this in all).
+const ARRIVED_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
 pub(super) struct Wire {
     pub reader: Reader,
     pub writer: Writer,
@@ -145,14 +149,16 @@ impl Wire {
         }
     }
 
-    /// Reads what has already arrived, without waiting (at most
-    /// [`ARRIVED_MAX`] bytes).
-    pub fn read_arrived(&mut self) {
-        use futures_util::FutureExt;
+    /// Reads what has already arrived (at most [`ARRIVED_MAX`] bytes),
+    /// waiting for more only briefly: what the client sent before it
+    /// connected again is in the socket, or on its way on a loopback or
+    /// LAN path, by the time its new CONNECT is read.
+    pub async fn read_arrived(&mut self) {
         let start = self.read_buf.len();
-        while self.read_buf.len() - start < ARRIVED_MAX {
-            match self.reader.read_buf(&mut self.read_buf).now_or_never() {
-                Some(Ok(n)) if n > 0 => {}
+        let deadline = tokio::time::Instant::now() + ARRIVED_WAIT * 10;
+        while self.read_buf.len() - start < ARRIVED_MAX && tokio::time::Instant::now() < deadline {
+            match tokio::time::timeout(ARRIVED_WAIT, self.reader.read_buf(&mut self.read_buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
                 _ => break,
             }
         }
