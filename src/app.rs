@@ -122,8 +122,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .as_ref()
         .map(|_| Connector::new(&config.central).context("central database settings"))
         .transpose()?;
-    let uplink = Arc::new(ForwardStatus::new(if connector.is_some() { Uplink::Connecting } else { Uplink::Disabled }));
-    let hub = Hub::new(config.stream.queue, config.stream.max_subscribers, metrics.clone());
+    let uplink = Arc::new(ForwardStatus::with_answer_timeout(
+        if connector.is_some() { Uplink::Connecting } else { Uplink::Disabled },
+        config.central.answer_timeout,
+    ));
+    let shares = crate::stream::Shares {
+        per_device: config.stream.max_subscribers_per_device,
+        per_tenant: config.stream.max_subscribers_per_tenant,
+        status_page: config.stream.max_status_subscribers,
+    };
+    let hub = Hub::new(config.stream.queue, config.stream.max_subscribers, shares, metrics.clone());
     let broker = config.mqtt.enabled.then(|| start_broker(&config, &hub, &metrics));
     let mut observers: Vec<Arc<dyn CommitObserver>> = vec![hub.clone()];
     if let Some(b) = &broker {
@@ -140,6 +148,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         InputLimits {
             max_payload_bytes: config.limits.max_payload_bytes,
             max_payload_depth: config.limits.max_payload_depth,
+            max_future_skew: config.limits.max_future_skew,
+            max_event_age: config.limits.max_event_age,
         },
         config.limits.max_batch,
     );
@@ -184,14 +194,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
         None => None,
     };
-    let mut router =
-        routes(&config, &site.auth, &ingest, &hub, &log, &site.readers, &metrics, &uplink, &stages, status_token);
+    let usage = tenant_usage(&hub, mqtt_deps.as_ref().map(|d| d.sessions.clone()));
+    let mut router = routes(
+        &config,
+        &site.auth,
+        &ingest,
+        &hub,
+        &log,
+        &site.readers,
+        &metrics,
+        &uplink,
+        &stages,
+        status_token,
+        usage,
+    );
     if let Some(deps) = &mqtt_deps {
         router = router.merge(mqtt::ws::routes(deps.clone(), stages.tracker.clone(), stages.shutdown.clone()));
     }
     let router = http::finish(router, config.stream.cors_origin.as_deref());
     let s = stages.shutdown.clone();
     let limits = http::Limits {
+        tls_handshake_timeout: config.http.tls_handshake_timeout,
         header_timeout: config.http.header_timeout,
         body_timeout: config.http.body_timeout,
         max_connections: config.http.max_connections,
@@ -391,6 +414,7 @@ fn routes(
     uplink: &Arc<ForwardStatus>,
     stages: &Stages,
     status_token: Option<String>,
+    tenant_usage: api::status::TenantUsage,
 ) -> axum::Router {
     let ingest_routes = crate::ingest::http::routes(IngestState {
         ingest: ingest.clone(),
@@ -428,8 +452,27 @@ fn routes(
         data_dir: Arc::new(config.site.data_dir.clone()),
         log_max_bytes: config.log.max_bytes,
         shutdown: stages.shutdown.clone(),
+        tenant_usage,
     });
     ingest_routes.merge(stream_routes).merge(api_routes)
+}
+
+/// What each tenant holds of the shared pools: MQTT connections and
+/// stream subscribers (the status page and `/metrics` show it).
+fn tenant_usage(hub: &Arc<Hub>, mqtt: Option<Arc<mqtt::state::Sessions>>) -> api::status::TenantUsage {
+    let hub = hub.clone();
+    Arc::new(move || {
+        use api::status::TenantUse;
+        let mut by: std::collections::BTreeMap<String, TenantUse> = Default::default();
+        let new = |t: &String| TenantUse { tenant: t.clone(), ..Default::default() };
+        for (t, n) in hub.subscribers_by_tenant() {
+            by.entry(t.clone()).or_insert_with(|| new(&t)).stream_subscribers = n;
+        }
+        for (t, n) in mqtt.as_ref().map(|s| s.connections_by_tenant()).unwrap_or_default() {
+            by.entry(t.clone()).or_insert_with(|| new(&t)).mqtt_connections = n;
+        }
+        by.into_values().collect()
+    })
 }
 
 /// Fails when the writer thread is gone while the appliance is not stopping

@@ -171,6 +171,10 @@ fn invalid(field: &'static str, message: impl Into<String>) -> Invalid {
 pub struct InputLimits {
     pub max_payload_bytes: usize,
     pub max_payload_depth: usize,
+    /// How far ahead of its receipt an event's timestamp may be…
+    pub max_future_skew: std::time::Duration,
+    /// …and how far behind.
+    pub max_event_age: std::time::Duration,
 }
 
 /// Checks `input` against the limits and builds the event to store.
@@ -212,8 +216,12 @@ pub fn validate(
         return Err(invalid("id", "must not be the nil UUID"));
     }
     let timestamp_us = match input.timestamp.as_deref() {
-        Some(s) => parse_rfc3339_us(s)
-            .ok_or_else(|| invalid("timestamp", "must be an RFC 3339 date-time, e.g. 2026-01-31T12:00:00Z"))?,
+        Some(s) => {
+            let t = parse_rfc3339_us(s)
+                .ok_or_else(|| invalid("timestamp", "must be an RFC 3339 date-time, e.g. 2026-01-31T12:00:00Z"))?;
+            check_event_time(t, now_us, limits)?;
+            t
+        }
         None => now_us,
     };
     Ok(Event {
@@ -230,6 +238,38 @@ pub fn validate(
         properties: input.properties,
         protocol: "",
     })
+}
+
+/// An event's time within `limits.max_future_skew` ahead of `now_us` and
+/// `limits.max_event_age` behind it.
+fn check_event_time(t: i64, now_us: i64, limits: InputLimits) -> Result<(), Invalid> {
+    let micros = |d: std::time::Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+    let human = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    if t > now_us.saturating_add(micros(limits.max_future_skew)) {
+        return Err(invalid(
+            "timestamp",
+            format!(
+                "is more than limits.max_future_skew = {} ahead of the receive time {}",
+                human(limits.max_future_skew),
+                format_us(now_us)
+            ),
+        ));
+    }
+    if t < now_us.saturating_sub(micros(limits.max_event_age)) {
+        return Err(invalid(
+            "timestamp",
+            format!(
+                "is more than limits.max_event_age = {} before the receive time {}",
+                human(limits.max_event_age),
+                format_us(now_us)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn format_us(us: i64) -> String {
+    from_us(us).format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 /// `event_type`: 1..=100 characters of `[A-Za-z0-9_.-]`.
@@ -504,7 +544,12 @@ pub fn now_us() -> i64 {
 mod tests {
     use super::*;
 
-    const LIMITS: InputLimits = InputLimits { max_payload_bytes: 64, max_payload_depth: 3 };
+    const LIMITS: InputLimits = InputLimits {
+        max_payload_bytes: 64,
+        max_payload_depth: 3,
+        max_future_skew: std::time::Duration::from_secs(3600),
+        max_event_age: std::time::Duration::from_secs(30 * 86_400),
+    };
 
     fn input(json: &str) -> EventInput {
         serde_json::from_str(json).unwrap()

@@ -22,6 +22,12 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+/// Label of per-tenant figures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabel {
+    pub tenant: String,
+}
+
 /// Labels of rejected events.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectLabels {
@@ -46,6 +52,7 @@ pub struct Metrics {
     pub backlog_bytes: Gauge,
     pub dead_letter_rows: Gauge,
     pub uplink_up: Gauge,
+    pub uplink_batch_waiting_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub forward_rows: Counter,
     pub forward_batches: Counter,
     pub forward_retries: Counter,
@@ -58,6 +65,9 @@ pub struct Metrics {
     pub mqtt_fanout_skipped: Counter,
     pub mqtt_write_timeouts: Counter,
     pub mqtt_session_timers: Gauge,
+    pub central_partitions: Family<TenantLabel, Gauge>,
+    pub tenant_mqtt_connections: Family<TenantLabel, Gauge>,
+    pub tenant_stream_subscribers: Family<TenantLabel, Gauge>,
     pub mqtt_commit_wait: Histogram,
     pub mqtt_throttled: Counter,
     pub stream_subscribers: Family<KindLabel, Gauge>,
@@ -131,6 +141,12 @@ impl Metrics {
         registry.register("backlog_bytes", "Bytes of events not yet forwarded", backlog_bytes.clone());
         registry.register("dead_letter_rows", "Events in the dead-letter table", dead_letter_rows.clone());
         registry.register("uplink_up", "1 while the central database accepts batches", uplink_up.clone());
+        let uplink_batch_waiting_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "uplink_batch_waiting_seconds",
+            "Seconds the batch in flight has waited for central's answer, once over central.answer_timeout (0 otherwise)",
+            uplink_batch_waiting_seconds.clone(),
+        );
         registry.register("forwarded_rows", "Rows committed centrally", forward_rows.clone());
         registry.register("forward_batches", "Central transactions committed", forward_batches.clone());
         registry.register(
@@ -172,6 +188,24 @@ impl Metrics {
             "mqtt_session_timers",
             "Timers of ended MQTT connections: persistent sessions waiting for their client, and delayed wills",
             mqtt_session_timers.clone(),
+        );
+        let central_partitions = Family::<TenantLabel, Gauge>::default();
+        registry.register(
+            "central_partitions",
+            "Partitions of a tenant's central events table, as the forwarder last counted them",
+            central_partitions.clone(),
+        );
+        let tenant_mqtt_connections = Family::<TenantLabel, Gauge>::default();
+        registry.register(
+            "tenant_mqtt_connections",
+            "Open MQTT connections per tenant (mqtt.max_connections_per_tenant is its share)",
+            tenant_mqtt_connections.clone(),
+        );
+        let tenant_stream_subscribers = Family::<TenantLabel, Gauge>::default();
+        registry.register(
+            "tenant_stream_subscribers",
+            "Open stream subscribers per tenant (stream.max_subscribers_per_tenant is its share)",
+            tenant_stream_subscribers.clone(),
         );
         let mqtt_write_timeouts = Counter::default();
         registry.register(
@@ -244,11 +278,15 @@ impl Metrics {
             mqtt_fanout_skipped,
             mqtt_write_timeouts,
             mqtt_session_timers,
+            central_partitions,
+            tenant_mqtt_connections,
+            tenant_stream_subscribers,
             mqtt_commit_wait,
             mqtt_throttled,
             backlog_bytes,
             dead_letter_rows,
             uplink_up,
+            uplink_batch_waiting_seconds,
             forward_rows,
             forward_batches,
             forward_retries,

@@ -23,12 +23,15 @@ async fn post_event_is_stored_and_queryable_with_filters_and_cursor() {
     assert_eq!(r.body["seq"], 1);
     let id = r.body["id"].as_str().unwrap().to_string();
     assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 7);
+    // A device's own timestamp, a day back (within limits.max_event_age).
+    let day = time::OffsetDateTime::now_utc().date().previous_day().unwrap();
+    let rfc = |d: time::Date| format!("{d}T00:00:00Z");
     let r = app
         .post(
             EVENT,
             Some(&t2),
             &json!({"device_id": "pump-2", "event_type": "alarm.high", "payload": {"c": 2},
-                    "timestamp": "2026-01-01T00:00:00Z", "id": "0f8fad5b-d9cb-469f-a165-70867728950e"}),
+                    "timestamp": rfc(day), "id": "0f8fad5b-d9cb-469f-a165-70867728950e"}),
         )
         .await;
     assert_eq!(r.status, 201, "{}", r.text);
@@ -46,11 +49,11 @@ async fn post_event_is_stored_and_queryable_with_filters_and_cursor() {
 
     let by_device = app.get(&format!("{EVENTS}?device_id=pump-2"), Some(&t1)).await;
     assert_eq!(by_device.body["events"].as_array().unwrap().len(), 1);
-    assert_eq!(by_device.body["events"][0]["timestamp"], "2026-01-01T00:00:00Z");
+    assert_eq!(by_device.body["events"][0]["timestamp"], rfc(day));
     let by_type = app.get(&format!("{EVENTS}?event_type=test.reading"), Some(&t1)).await;
     assert_eq!(by_type.body["events"].as_array().unwrap().len(), 2);
-    let by_time =
-        app.get(&format!("{EVENTS}?start_time=2025-12-31T00:00:00Z&end_time=2026-01-02T00:00:00Z"), Some(&t1)).await;
+    let (from, to) = (rfc(day.previous_day().unwrap()), rfc(day.next_day().unwrap()));
+    let by_time = app.get(&format!("{EVENTS}?start_time={from}&end_time={to}"), Some(&t1)).await;
     assert_eq!(by_time.body["events"].as_array().unwrap().len(), 1);
 
     let page1 = app.get(&format!("{EVENTS}?limit=2"), Some(&t1)).await;

@@ -75,7 +75,11 @@ async fn new_tenants_are_partitioned_and_rows_outside_every_partition_land_exact
     // Partitions are UTC months whatever the server's zone: in New York,
     // "March + 1 month" in local time would end on March 28 23:00 UTC.
     pg.client().await.batch_execute("ALTER DATABASE postgres SET timezone TO 'America/New_York'").await.unwrap();
-    let app = TestApp::start_with(|c| central(c, &pg.url())).await;
+    let app = TestApp::start_with(|c| {
+        central(c, &pg.url());
+        any_time(c);
+    })
+    .await;
     let token = app.device("acme", "d1").await;
     assert!(
         eventually(DRAIN, || async {
@@ -91,19 +95,17 @@ async fn new_tenants_are_partitioned_and_rows_outside_every_partition_land_exact
         assert!(ahead.contains(&p), "{p} created ahead by the migration: {ahead:?}");
     }
 
-    // Far in the past and the future: partitions are made on demand.
+    // Far in the past and the future (the site took them: limits wide
+    // open here): outside central.partition_window no partition is made;
+    // the rows land in the default partition, each once.
     let stamps = [None, Some("1999-03-04T05:06:07Z"), Some("2100-06-15T00:00:00Z"), Some("2100-03-31T12:00:00Z")];
     let mut ids = post(&app, &token, &stamps).await;
     assert!(eventually(DRAIN, || async { app.pending() == 0 }).await);
     let made = partitions(&pg).await;
     for p in ["events_p19990301", "events_p21000601", "events_p21000301"] {
-        assert!(made.contains(p), "{p}: {made:?}");
+        assert!(!made.contains(p), "{p} made outside the window: {made:?}");
     }
-    assert_eq!(
-        count(&pg, "SELECT count(*) FROM tenant_acme.events_default").await,
-        0,
-        "nothing fell to the default partition"
-    );
+    assert_eq!(count(&pg, "SELECT count(*) FROM tenant_acme.events_default").await, 3, "the default partition");
 
     // A replay resends every row with its id and timestamp: (id, timestamp)
     // conflicts, nothing doubles.
@@ -113,14 +115,23 @@ async fn new_tenants_are_partitioned_and_rows_outside_every_partition_land_exact
     ids.sort();
     assert_eq!(central_ids(&pg).await, ids, "each acked event once");
 
-    // A partition that cannot be made does not block the queue: a one-day
-    // partition inside an existing month partition overlaps it, so its rows
-    // go to the default partition (and nothing is lost or stuck).
-    pg.client()
+    // A partition that cannot be made returns NULL instead of failing: a
+    // one-day partition inside an existing month partition overlaps it.
+    let next_day = format!("{}-{:02}-02", next.year(), u8::from(next.month()));
+    let made: Option<String> = pg
+        .client()
         .await
-        .batch_execute("SELECT tenant_acme.outpost_ensure_partition('2100-06-20', '1 day')")
+        .query_one(&format!("SELECT tenant_acme.outpost_ensure_partition('{next_day}', '1 day')"), &[])
         .await
-        .unwrap();
+        .unwrap()
+        .get(0);
+    assert_eq!(made, None);
+}
+
+/// Timestamps of any year taken at ingest (the test is about central).
+fn any_time(c: &mut outpost::config::Config) {
+    c.limits.max_event_age = Duration::from_secs(200 * 365 * 86_400);
+    c.limits.max_future_skew = Duration::from_secs(200 * 365 * 86_400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,7 +163,11 @@ async fn an_existing_table_with_rows_is_converted_only_by_partition_existing() {
     assert_eq!(relkind(&pg).await, "r", "rows are never copied without being asked");
 
     // Forwarding into the old table still works, exactly once.
-    let app = TestApp::start_with(|c| central(c, &pg.url())).await;
+    let app = TestApp::start_with(|c| {
+        central(c, &pg.url());
+        any_time(c);
+    })
+    .await;
     let token = app.device("acme", "d1").await;
     let mut ids = post(&app, &token, &[None, None, Some("2021-05-05T00:00:00Z")]).await;
     assert!(eventually(DRAIN, || async { app.pending() == 0 }).await);
@@ -189,7 +204,13 @@ async fn an_existing_table_with_rows_is_converted_only_by_partition_existing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_drops_whole_partitions_past_it() {
     let pg = Pg::start();
-    let app = TestApp::start_with(|c| central(c, &pg.url())).await;
+    let app = TestApp::start_with(|c| {
+        central(c, &pg.url());
+        any_time(c);
+        // Partitions for any year, so that old ones exist to be dropped.
+        c.central.partition_window = Duration::from_secs(200 * 365 * 86_400);
+    })
+    .await;
     let token = app.device("acme", "d1").await;
     post(&app, &token, &[None, Some("2001-01-01T00:00:00Z"), Some("2002-02-02T00:00:00Z")]).await;
     assert!(eventually(DRAIN, || async { app.pending() == 0 }).await);
@@ -207,4 +228,53 @@ async fn retention_drops_whole_partitions_past_it() {
     assert!(!left.contains("events_p20010101") && !left.contains("events_p20020201"), "{left:?}");
     assert!(left.contains(&month_partition(time::OffsetDateTime::now_utc())), "{left:?}");
     assert_eq!(count(&pg, "SELECT count(*) FROM tenant_acme.events").await, 1, "the recent event stays");
+}
+
+/// A device's clock cannot grow central without bound: 1,000 events with
+/// timestamps spread over decades either are refused at ingest (outside
+/// limits.max_event_age / max_future_skew, naming the field and the bound)
+/// or reach central, in a partition within central.partition_window or in
+/// the default one. None acked is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamps_over_the_years_make_only_the_windows_partitions() {
+    let pg = Pg::start();
+    let app = TestApp::start_with(|c| central(c, &pg.url())).await;
+    let token = app.device("acme", "d1").await;
+    assert!(
+        eventually(DRAIN, || async {
+            count(&pg, "SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_acme'").await == 1
+        })
+        .await,
+        "tenant migrated"
+    );
+    let before = partitions(&pg).await.len();
+    let now = time::OffsetDateTime::now_utc();
+    let (mut acked, mut refused) = (Vec::new(), 0);
+    for k in 0..1000i64 {
+        // From 20 years back to 20 years ahead, a few near now.
+        let offset =
+            if k % 10 == 0 { time::Duration::minutes(k % 50) } else { time::Duration::days((k * 29) % 14_600 - 7_300) };
+        let t = (now + offset).format(&time::format_description::well_known::Rfc3339).unwrap();
+        let body = json!({"device_id": "d1", "event_type": "reading", "payload": {"k": k}, "timestamp": t});
+        let r = app.post("/api/v1/realtime/acme/event", Some(&token), &body).await;
+        match r.status {
+            201 => acked.push(r.body["id"].as_str().unwrap().to_string()),
+            400 => {
+                r.assert_error(400, "invalid", Some("timestamp"));
+                let m = r.body["message"].as_str().unwrap();
+                assert!(m.contains("limits.max_event_age") || m.contains("limits.max_future_skew"), "{m}");
+                refused += 1;
+            }
+            s => panic!("{s}: {}", r.text),
+        }
+    }
+    assert!(acked.len() >= 100 && refused >= 800, "acked {} refused {refused}", acked.len());
+    assert!(eventually(DRAIN, || async { app.pending() == 0 }).await);
+    acked.sort();
+    assert_eq!(central_ids(&pg).await, acked, "every acked event is central, once");
+    // At most the window's: the current month, the one before and ahead (the
+    // migration made those), plus whatever of the last 62 days needed one.
+    let made = partitions(&pg).await;
+    assert!(made.len() <= before + 2, "{} partitions after, {before} before: {made:?}", made.len());
+    assert_eq!(app.metric_labelled("outpost_central_partitions", "tenant=\"acme\"").await, made.len() as u64);
 }

@@ -264,3 +264,82 @@ fn doctor_checks_the_tls_certificate() {
     assert!(!ok, "{out}");
     assert!(out.lines().any(|l| l.contains("do not belong together")), "{out}");
 }
+
+/// TLS handshakes are connections: with `http.max_connections = 4`, forty
+/// idle TCP connections to the HTTPS port (no handshake, no request) are
+/// closed to make room, so a real client still gets in at once; and when
+/// every connection is busy with a request, a new one is closed, never
+/// answered in plaintext on a TLS socket.
+#[test]
+fn https_handshakes_count_against_the_connection_cap_and_refusals_are_never_plaintext() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pki(d, "one");
+    let data = d.join("data");
+    let token = add_reader(&data);
+    let (cert, key) = (d.join("one-cert.pem").display().to_string(), d.join("one-key.pem").display().to_string());
+    let env = [
+        ("OUTPOST_HTTP__TLS_LISTEN", "127.0.0.1:0"),
+        ("OUTPOST_TLS__CERT_FILE", cert.as_str()),
+        ("OUTPOST_TLS__KEY_FILE", key.as_str()),
+        ("OUTPOST_HTTP__MAX_CONNECTIONS", "4"),
+    ];
+    let app = Proc::start(&data, &env);
+    let https = app.https.expect("https listening on … in the start line");
+    let url = |path: &str| format!("https://localhost:{}{path}", https.port());
+    let idle: Vec<std::net::TcpStream> = (0..40).map(|_| std::net::TcpStream::connect(https).unwrap()).collect();
+    let started = Instant::now();
+    let (ok, out) = curl(d, "one-ca.pem", &url("/healthz"));
+    assert!(ok && out == "ok\n", "a client behind 40 idle TLS connections: {out}");
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    // The idle handshakes were closed to make room, not held.
+    let closed = idle
+        .iter()
+        .filter(|c| {
+            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            matches!((&mut &**c).read(&mut [0u8; 16]), Ok(0) | Err(_))
+        })
+        .count();
+    assert!(closed >= 36, "{closed} of 40 idle TLS connections closed (cap 4)");
+    drop(idle);
+
+    // Four long-polls keep every connection busy.
+    let polls: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new("curl")
+                .args(["-sS", "--max-time", "20", "--cacert", "one-ca.pem", "-H"])
+                .arg(format!("Authorization: Bearer {token}"))
+                .arg(url("/api/v1/realtime/acme/poll?timeout=15"))
+                .current_dir(d)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let polling = until(Duration::from_secs(10), || {
+        let m = Command::new("curl").args(["-sS", &format!("{}/metrics", app.base())]).output().unwrap();
+        String::from_utf8_lossy(&m.stdout).contains("outpost_stream_subscribers{kind=\"poll\"} 4")
+    });
+    assert!(polling, "the four long-polls never held their connections");
+    // Every connection is busy: a new one (whatever it sends) is closed,
+    // with no plaintext answer on the TLS socket, and a real client fails.
+    let mut c = std::net::TcpStream::connect(https).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got);
+    assert!(
+        got.is_empty(),
+        "an answer on the TLS port while every connection is busy: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    let (ok, out) = curl(d, "one-ca.pem", &url("/healthz"));
+    assert!(!ok, "{out}");
+    for mut p in polls {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    let _ = token;
+}

@@ -6,7 +6,12 @@ use libfuzzer_sys::fuzz_target;
 use outpost::event::{InputLimits, validate};
 use outpost::ingest::http::{parse_array, parse_ndjson};
 
-const LIMITS: InputLimits = InputLimits { max_payload_bytes: 64 * 1024, max_payload_depth: 32 };
+const LIMITS: InputLimits = InputLimits {
+    max_payload_bytes: 64 * 1024,
+    max_payload_depth: 32,
+    max_future_skew: std::time::Duration::from_secs(3600),
+    max_event_age: std::time::Duration::from_secs(30 * 86_400),
+};
 const MAX_BATCH: usize = 1000;
 const NOW_US: i64 = 1_764_000_000_000_000;
 

@@ -50,6 +50,8 @@ pub struct ApiState {
     pub log_max_bytes: u64,
     /// Ends the page's event feeds at shutdown.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// The tenants' use of the shared pools (status page, `/metrics`).
+    pub tenant_usage: status::TenantUsage,
 }
 
 /// Every route of this module.

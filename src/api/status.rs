@@ -52,7 +52,24 @@ pub struct Status {
     pub disk: Disk,
     /// Registered devices, most recently seen first (at most [`DEVICES_SHOWN`]).
     pub devices: Vec<DeviceView>,
+    /// What each tenant holds of the shared pools now (tenants holding
+    /// nothing are left out).
+    pub tenants: Vec<TenantUse>,
 }
+
+/// One tenant's use of the pools its devices draw from.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct TenantUse {
+    pub tenant: String,
+    /// Open MQTT connections (`mqtt.max_connections_per_tenant`).
+    pub mqtt_connections: usize,
+    /// Open stream subscribers: WebSocket, SSE, long-poll
+    /// (`stream.max_subscribers_per_tenant`).
+    pub stream_subscribers: usize,
+}
+
+/// Reads the tenants' use of the pools (composed where the pools are).
+pub type TenantUsage = std::sync::Arc<dyn Fn() -> Vec<TenantUse> + Send + Sync>;
 
 /// Storage figures.
 #[derive(Debug, Clone, Serialize)]
@@ -149,6 +166,7 @@ pub(super) async fn current_status(state: &ApiState) -> Result<Status, ApiError>
     let uplink = state.uplink.snapshot();
     // The gauge shows the same state as the status document and the page.
     state.metrics.uplink_up.set(i64::from(uplink.state == Uplink::Up));
+    state.metrics.uplink_batch_waiting_seconds.set(uplink.batch_waiting_seconds.unwrap_or(0.0));
     let rate = uplink.forwarded_rows_per_second;
     let drain_eta_seconds = (rate > 0.0).then(|| log.backlog_rows as f64 / rate);
     state.metrics.forward_rate.set(rate);
@@ -166,7 +184,14 @@ pub(super) async fn current_status(state: &ApiState) -> Result<Status, ApiError>
         sampler.sample(reading)
     };
     let space = crate::sysinfo::fs_space(&state.data_dir);
+    let tenants = (state.tenant_usage)();
+    for t in &tenants {
+        let label = crate::metrics::TenantLabel { tenant: t.tenant.clone() };
+        state.metrics.tenant_mqtt_connections.get_or_create(&label).set(t.mqtt_connections as i64);
+        state.metrics.tenant_stream_subscribers.get_or_create(&label).set(t.stream_subscribers as i64);
+    }
     Ok(Status {
+        tenants,
         site_id: state.site_id.to_string(),
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: state.started.elapsed().as_secs(),

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -63,6 +62,7 @@ fn first_paint(s: &Status) -> [(&'static str, String); 6] {
         Uplink::Up => "up",
         Uplink::Connecting => "connecting",
         Uplink::Down => "DOWN",
+        Uplink::Stalled => "STALLED",
         Uplink::Disabled => "not configured",
     };
     let reason = match (&u.last_error, u.state) {
@@ -113,11 +113,9 @@ async fn index(State(state): State<ApiState>) -> Result<Response, ApiError> {
 /// `event` frames `{seq, tenant, device_id, event_type, received_at}` —
 /// the recent ones first, then live. Never a payload.
 async fn feed(State(state): State<ApiState>) -> Result<Response, ApiError> {
-    // Counted with the other subscribers, so open pages are bounded by
-    // `stream.max_subscribers` too.
-    let slot = state.hub.slot("status").ok_or_else(|| {
-        ApiError::unavailable("too_many_subscribers", "stream.max_subscribers reached", Duration::from_secs(5))
-    })?;
+    // A pool of its own (`stream.max_status_subscribers`): no device can
+    // take the installer's page away, nor the page the devices' slots.
+    let slot = state.hub.slot("status", crate::stream::Owner::StatusPage).map_err(|full| full.api_error())?;
     let (recent, rx) = state.hub.tail.subscribe();
     let last = recent.last().map_or(0, |i| i.seq);
     let shutdown = state.shutdown.clone();

@@ -30,6 +30,8 @@ pub struct Connector {
     pub answer_timeout: Duration,
     /// Width of the time partitions (`central.partition_interval`).
     pub partition_interval: crate::config::PartitionInterval,
+    /// How far back from now partitions are made (`central.partition_window`).
+    pub partition_window: Duration,
 }
 
 impl std::fmt::Debug for Connector {
@@ -77,6 +79,7 @@ impl Connector {
             batch_timeout: config.statement_timeout + Duration::from_secs(5),
             answer_timeout: config.answer_timeout,
             partition_interval: config.partition_interval,
+            partition_window: config.partition_window,
         })
     }
 

@@ -81,6 +81,9 @@ pub struct HttpConfig {
     pub status_token_file: Option<PathBuf>,
     /// HTTPS and WSS beside `listen` (certificate from `[tls]`). Unset: none.
     pub tls_listen: Option<SocketAddr>,
+    /// Time a TLS connection has to complete its handshake.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
 }
 
 /// The server certificate of the TLS listeners (`http.tls_listen`,
@@ -205,6 +208,11 @@ pub struct CentralConfig {
     /// Width of the time partitions of every `tenant_<t>.events`:
     /// `"1 month"` or a whole number of days (`"7d"`).
     pub partition_interval: PartitionInterval,
+    /// Partitions are made only for events within this far back from now
+    /// (and one interval ahead); rows outside go to the default partition,
+    /// so no input can make more than a few partitions.
+    #[serde(with = "humantime_serde")]
+    pub partition_window: Duration,
     /// Detach and drop partitions whose events are all older than this
     /// (whole partitions only); unset keeps everything.
     #[serde(with = "humantime_serde")]
@@ -225,6 +233,20 @@ impl PartitionInterval {
             PartitionInterval::Month => "'1 month'".into(),
             PartitionInterval::Days(n) => format!("'{n} days'"),
         }
+    }
+
+    /// About one interval (a month counts 31 days).
+    pub fn approx(self) -> std::time::Duration {
+        match self {
+            PartitionInterval::Month => std::time::Duration::from_secs(31 * 86_400),
+            PartitionInterval::Days(n) => std::time::Duration::from_secs(u64::from(n) * 86_400),
+        }
+    }
+
+    /// The buckets (see [`bucket`](Self::bucket)) partitions are made for
+    /// at `now`: from `window` back to one interval ahead.
+    pub fn window(self, now: time::OffsetDateTime, window: std::time::Duration) -> std::ops::RangeInclusive<i64> {
+        self.bucket(now - window)..=self.bucket(now + self.approx())
     }
 
     /// A key naming the partition that holds `at` (equal keys, same partition).
@@ -299,6 +321,7 @@ impl Default for CentralConfig {
             ping_interval: Duration::from_secs(2),
             answer_timeout: Duration::from_secs(5),
             partition_interval: PartitionInterval::Month,
+            partition_window: Duration::from_secs(62 * 86_400),
             retention: None,
         }
     }
@@ -355,6 +378,12 @@ pub struct LimitsConfig {
     pub max_payload_bytes: usize,
     /// Deepest nesting of a payload.
     pub max_payload_depth: usize,
+    /// An event's `timestamp` may be at most this far ahead of its receipt…
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
+    /// …and at most this far behind it.
+    #[serde(with = "humantime_serde")]
+    pub max_event_age: Duration,
     /// Per-tenant overrides of the three windows.
     pub tenants: BTreeMap<String, RateOverride>,
     /// Per-device overrides, keyed `"<tenant>/<device_id>"`.
@@ -406,6 +435,12 @@ pub struct StreamConfig {
     pub queue: usize,
     /// Subscribers beyond this are refused (503).
     pub max_subscribers: usize,
+    /// A device's share of them, and a tenant's (0: none beyond the
+    /// global cap); over one: 429 naming it.
+    pub max_subscribers_per_device: usize,
+    pub max_subscribers_per_tenant: usize,
+    /// Status-page feeds (`/api/v1/status/events`): a pool of their own.
+    pub max_status_subscribers: usize,
     /// Idle WebSockets are pinged this often; silent for two of these: closed.
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
@@ -421,6 +456,9 @@ impl Default for StreamConfig {
         Self {
             queue: 1024,
             max_subscribers: 1000,
+            max_subscribers_per_device: 16,
+            max_subscribers_per_tenant: 0,
+            max_status_subscribers: 16,
             ping_interval: Duration::from_secs(30),
             sse_heartbeat: Duration::from_secs(15),
             cors_origin: None,
@@ -472,6 +510,7 @@ impl Default for HttpConfig {
             max_connections: 1024,
             status_token_file: None,
             tls_listen: None,
+            tls_handshake_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -536,6 +575,8 @@ impl Default for LimitsConfig {
             max_batch: 1000,
             max_payload_bytes: 64 * 1024,
             max_payload_depth: 32,
+            max_future_skew: Duration::from_secs(3600),
+            max_event_age: Duration::from_secs(30 * 86_400),
             tenants: BTreeMap::new(),
             devices: BTreeMap::new(),
         }

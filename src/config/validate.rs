@@ -60,6 +60,9 @@ impl Config {
         if h.header_timeout < Duration::from_millis(100) || h.body_timeout < Duration::from_millis(100) {
             problems.push("http.header_timeout and http.body_timeout: must be at least 100ms".into());
         }
+        if h.tls_handshake_timeout < Duration::from_millis(100) {
+            problems.push("http.tls_handshake_timeout: must be at least 100ms".into());
+        }
         let m = &self.mqtt;
         if m.max_connections == 0 {
             problems.push("mqtt.max_connections: must be at least 1".into());

@@ -49,6 +49,10 @@ pub enum Uplink {
     Disabled,
     Connecting,
     Up,
+    /// Connected, but a batch has had no answer for `central.answer_timeout`
+    /// (a hung server or a middlebox that stopped passing bytes): nothing
+    /// moves, though the connection may still come back.
+    Stalled,
     Down,
 }
 
@@ -63,6 +67,10 @@ struct StatusInner {
     last_error: Option<String>,
     /// (when, rows) of recent successful batches, for the drain rate.
     recent: VecDeque<(Instant, usize)>,
+    /// A batch sent to central and not answered yet: since when.
+    waiting: Option<(Instant, time::OffsetDateTime)>,
+    /// How long a batch may wait before the uplink shows stalled.
+    answer_timeout: Duration,
 }
 
 /// Window of the drain-rate estimate.
@@ -77,19 +85,36 @@ pub struct UplinkSnapshot {
     pub last_error: Option<String>,
     /// Rows forwarded per second over the last 10 s.
     pub forwarded_rows_per_second: f64,
+    /// Seconds the batch in flight has waited for central's answer, once
+    /// that is longer than `central.answer_timeout` (`null` otherwise).
+    pub batch_waiting_seconds: Option<f64>,
 }
 
 impl ForwardStatus {
     /// Starts in `state`.
     pub fn new(state: Uplink) -> Self {
+        Self::with_answer_timeout(state, Duration::from_secs(5))
+    }
+
+    /// Starts in `state`; a batch unanswered for `answer_timeout` shows as
+    /// stalled.
+    pub fn with_answer_timeout(state: Uplink, answer_timeout: Duration) -> Self {
         Self {
             inner: Mutex::new(StatusInner {
                 state,
                 since: time::OffsetDateTime::now_utc(),
                 last_error: None,
                 recent: VecDeque::new(),
+                waiting: None,
+                answer_timeout,
             }),
         }
+    }
+
+    /// A batch went to central (`true`), or its answer came (`false`).
+    fn waiting(&self, on: bool) {
+        let mut s = self.lock();
+        s.waiting = on.then(|| (Instant::now(), time::OffsetDateTime::now_utc()));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, StatusInner> {
@@ -124,16 +149,28 @@ impl ForwardStatus {
         }
     }
 
-    /// Current state, error and drain rate.
+    /// Current state, error and drain rate. An uplink whose batch has had
+    /// no answer for `central.answer_timeout` is never shown up.
     pub fn snapshot(&self) -> UplinkSnapshot {
         let s = self.lock();
         let now = Instant::now();
         let rows: usize = s.recent.iter().filter(|(t, _)| now.duration_since(*t) <= RATE_WINDOW).map(|(_, r)| r).sum();
+        let stalled = s.waiting.filter(|(at, _)| now.duration_since(*at) > s.answer_timeout);
+        let (state, since, last_error) = match stalled {
+            Some((at, wall)) if s.state == Uplink::Up => {
+                let waited = now.duration_since(at).as_secs_f64();
+                let why =
+                    format!("no answer from central for {waited:.0} s: a batch is waiting (central.answer_timeout)");
+                (Uplink::Stalled, wall, Some(why))
+            }
+            _ => (s.state, s.since, s.last_error.clone()),
+        };
         UplinkSnapshot {
-            state: s.state,
-            since: s.since,
-            last_error: s.last_error.clone(),
+            state,
+            since,
+            last_error,
             forwarded_rows_per_second: rows as f64 / RATE_WINDOW.as_secs_f64(),
+            batch_waiting_seconds: stalled.map(|(at, _)| now.duration_since(at).as_secs_f64()),
         }
     }
 }
@@ -562,6 +599,32 @@ impl Forwarder {
         result
     }
 
+    /// One batch write, bounded by the batch timeout; the status shows it
+    /// waiting from the moment it is sent, and a warning says so once it has
+    /// waited `central.answer_timeout`.
+    async fn write_watched(&self, c: &mut Central, schema: &str, part: &[&StoredEvent]) -> Result<u64, Error> {
+        self.status.waiting(true);
+        let write = tokio::time::timeout(self.connector.batch_timeout, c.write(schema, part));
+        tokio::pin!(write);
+        let answer = tokio::select! {
+            r = &mut write => Some(r),
+            () = tokio::time::sleep(self.connector.answer_timeout) => None,
+        };
+        let answer = match answer {
+            Some(r) => r,
+            None => {
+                tracing::warn!(rows = part.len(), after = ?self.connector.answer_timeout,
+                    "no answer from central for a batch yet; still waiting (the status shows the uplink stalled)");
+                write.await
+            }
+        };
+        self.status.waiting(false);
+        match answer {
+            Ok(r) => r,
+            Err(_) => Err(central::Error::Timeout("batch write").into()),
+        }
+    }
+
     /// Writes `rows`; on a data error splits them until each poison row is
     /// alone, dead-letters it, and forwards the rest in order. The seqs
     /// central committed are added to `committed`.
@@ -575,15 +638,16 @@ impl Forwarder {
         let mut stack = vec![(0, rows.len())];
         while let Some((a, b)) = stack.pop() {
             let part = &rows[a..b];
-            let result = match tokio::time::timeout(self.connector.batch_timeout, c.write(schema, part)).await {
-                Ok(r) => r,
-                Err(_) => Err(central::Error::Timeout("batch write").into()),
-            };
+            let result = self.write_watched(c, schema, part).await;
             match result {
                 Ok(inserted) => {
                     // Central has the rows; the site log does not know yet.
                     crate::failpoint::fire("after_central_commit");
                     committed.extend(part.iter().map(|r| r.seq));
+                    if let (Some(n), Some(row)) = (c.partition_count(schema), part.first()) {
+                        let tenant = crate::metrics::TenantLabel { tenant: row.tenant.clone() };
+                        self.metrics.central_partitions.get_or_create(&tenant).set(n);
+                    }
                     self.status.forwarded(part.len());
                     self.metrics.forward_rows.inc_by(part.len() as u64);
                     self.metrics.forward_batches.inc();

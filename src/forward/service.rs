@@ -24,6 +24,8 @@ pub struct Central {
     client: Client,
     task: JoinHandle<()>,
     interval: PartitionInterval,
+    /// Partitions are made only this far back (and one interval ahead).
+    window: std::time::Duration,
     /// What each schema written to has, asked once per connection.
     schemas: std::collections::HashMap<String, Schema>,
 }
@@ -35,6 +37,8 @@ struct Schema {
     /// The partitions known to exist (by [`PartitionInterval::bucket`]), or
     /// `None` when the schema predates partitioning (migration 3).
     partitions: Option<std::collections::HashSet<i64>>,
+    /// How many partitions `events` has, as last counted.
+    partition_count: i64,
 }
 
 impl Drop for Central {
@@ -42,6 +46,12 @@ impl Drop for Central {
         // A blackholed socket would otherwise linger until keepalives give up.
         self.task.abort();
     }
+}
+
+/// Partitions of `schema`.events (the default one included).
+async fn count_partitions(client: &Client, schema: &str) -> Result<i64, Error> {
+    let sql = "SELECT count(*) FROM pg_inherits WHERE inhparent = to_regclass($1)";
+    Ok(client.query_one(sql, &[&format!("{schema}.events")]).await?.get(0))
 }
 
 /// JSON text sent as `jsonb` (binary format: version byte 1, then the text).
@@ -64,7 +74,13 @@ impl Central {
     /// Opens a connection and its staging table.
     pub async fn open(connector: &Connector) -> Result<Self, Error> {
         let (client, task) = connector.connect().await?;
-        let central = Central { client, task, interval: connector.partition_interval, schemas: Default::default() };
+        let central = Central {
+            client,
+            task,
+            interval: connector.partition_interval,
+            window: connector.partition_window,
+            schemas: Default::default(),
+        };
         central
             .client
             .batch_execute(
@@ -105,22 +121,34 @@ impl Central {
                     ],
                 )
                 .await?;
-            let found = Schema { sites: row.get(0), partitions: row.get::<_, bool>(1).then(Default::default) };
+            let partitioned = row.get::<_, bool>(1);
+            let count = if partitioned { count_partitions(&self.client, schema).await? } else { 0 };
+            let found =
+                Schema { sites: row.get(0), partitions: partitioned.then(Default::default), partition_count: count };
             self.schemas.insert(schema.to_string(), found);
         }
         Ok(self.schemas.get_mut(schema).expect("inserted above"))
     }
 
+    /// How many partitions `schema`'s events table had when last counted.
+    pub fn partition_count(&self, schema: &str) -> Option<i64> {
+        self.schemas.get(schema).map(|s| s.partition_count)
+    }
+
     /// Writes one tenant's rows in one transaction, idempotently.
     pub async fn write(&mut self, schema: &str, rows: &[&StoredEvent]) -> Result<u64, Error> {
         let interval = self.interval;
+        // Partitions only within the window: a device's clock (or an old
+        // backlog) cannot make more than a few; the rest go to the default
+        // partition, which takes any timestamp.
+        let window = interval.window(time::OffsetDateTime::now_utc(), self.window);
         let found = self.schema(schema).await?;
         let has_sites = found.sites;
         let mut new_buckets = Vec::new();
         if let Some(known) = &found.partitions {
             for r in rows {
                 let b = interval.bucket(r.timestamp);
-                if !known.contains(&b) && !new_buckets.iter().any(|(k, _)| *k == b) {
+                if window.contains(&b) && !known.contains(&b) && !new_buckets.iter().any(|(k, _)| *k == b) {
                     new_buckets.push((b, r.timestamp));
                 }
             }
@@ -134,6 +162,10 @@ impl Central {
             let ensure = format!("SELECT {schema}.outpost_ensure_partition($1, {}::interval)", self.interval.sql());
             for (_, at) in &new_buckets {
                 self.client.query_one(&ensure, &[at]).await?;
+            }
+            let count = count_partitions(&self.client, schema).await?;
+            if let Some(found) = self.schemas.get_mut(schema) {
+                found.partition_count = count;
             }
         }
         let tx = self.client.transaction().await?;

@@ -95,8 +95,22 @@ impl IntoResponse for ApiError {
         if let Some(secs) = retry {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
+        if self.status == StatusCode::UPGRADE_REQUIRED {
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        }
         resp
     }
+}
+
+/// 426 for a plain request to a WebSocket endpoint (with `Upgrade:
+/// websocket`), naming what is missing.
+pub fn upgrade_required(why: &axum::extract::ws::rejection::WebSocketUpgradeRejection) -> ApiError {
+    ApiError::new(
+        StatusCode::UPGRADE_REQUIRED,
+        "upgrade_required",
+        format!("this endpoint is a WebSocket: open it with a WebSocket client ({why})"),
+    )
 }
 
 impl From<auth::Error> for ApiError {

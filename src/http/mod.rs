@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+mod line_guard;
 mod serve;
 
 use std::time::Duration;

@@ -3,9 +3,12 @@
 //! slowloris cannot fill. `axum::serve` has none of these.
 //!
 //! At `http.max_connections`, a new connection makes room by closing the
-//! oldest connection that has not yet sent a complete request (a half-sent
-//! request), else the oldest idle keep-alive one. Only when every
-//! connection is busy with a request is the new one answered 503.
+//! oldest connection that has not yet sent a complete request (a TLS
+//! handshake in progress, a half-sent request), else the oldest idle
+//! keep-alive one. Only when every connection is busy with a request is the
+//! new one refused: answered 503 on plain HTTP, closed on HTTPS (a
+//! plaintext answer on a TLS socket is only garbage to the client). A TLS
+//! handshake has `http.tls_handshake_timeout`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -24,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 /// The `[http]` limits the accept loop enforces.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    pub tls_handshake_timeout: Duration,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub max_connections: usize,
@@ -83,8 +87,13 @@ pub async fn serve(
     while let Some((stream, peer)) = accept(&listener, &shutdown, "http").await {
         let _ = stream.set_nodelay(true);
         if open.lock().len() >= limits.max_connections && !open.evict() {
-            tracing::warn!(%peer, max = limits.max_connections, "http.max_connections reached, every connection busy; answering 503");
-            tokio::spawn(busy(stream));
+            if tls.is_some() {
+                tracing::warn!(%peer, max = limits.max_connections, "http.max_connections reached, every connection busy; closing the new TLS connection");
+                drop(stream);
+            } else {
+                tracing::warn!(%peer, max = limits.max_connections, "http.max_connections reached, every connection busy; answering 503");
+                tokio::spawn(busy(stream));
+            }
             continue;
         }
         next_id += 1;
@@ -109,18 +118,21 @@ pub async fn serve(
         });
         let (open, shutdown, tls) = (open.clone(), shutdown.clone(), tls.clone());
         tasks.spawn(async move {
-            // The TLS handshake counts against the header timeout, in this
-            // connection's task, so slow handshakes never hold up accept.
+            // The TLS handshake, in this connection's task (slow handshakes
+            // never hold up accept), is a connection like any other: it
+            // counts against http.max_connections and can be closed to make
+            // room; it has its own timeout.
             let io = match tls {
                 None => Either::Left(stream),
                 Some(acceptor) => {
-                    let handshake = tokio::time::timeout(limits.header_timeout, acceptor.accept(stream));
+                    let handshake = tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream));
                     let outcome = tokio::select! {
                         r = handshake => match r {
                             Ok(Ok(s)) => Ok(s),
                             Ok(Err(e)) => Err(e.to_string()),
-                            Err(_) => Err("no handshake within http.header_timeout".to_string()),
+                            Err(_) => Err("no handshake within http.tls_handshake_timeout".to_string()),
                         },
+                        _ = conn.close.cancelled() => Err("closed to make room (http.max_connections)".to_string()),
                         _ = shutdown.cancelled() => Err("shutting down".to_string()),
                     };
                     match outcome {
@@ -136,7 +148,7 @@ pub async fn serve(
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
-                .serve_connection(TokioIo::new(io), service)
+                .serve_connection(TokioIo::new(super::line_guard::LineGuard::new(io)), service)
                 .with_upgrades();
             tokio::pin!(connection);
             tokio::select! {

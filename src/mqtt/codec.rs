@@ -88,6 +88,9 @@ pub enum Hello {
 /// A 3.1 CONNECT is rewritten in place as the 3.1.1 one it is otherwise
 /// identical to (name `MQTT`, level 4), so one decoder serves both.
 pub fn hello(buf: &mut BytesMut) -> Hello {
+    if crate::mqtt::framing::overlong_length(buf) {
+        return Hello::Unsupported("malformed packet: remaining length encoded in more than 4 bytes".into());
+    }
     let Some((first, body)) = crate::mqtt::framing::fixed_header(buf) else { return Hello::More };
     if first >> 4 != 1 {
         return Hello::Unsupported("first packet is not CONNECT".into());

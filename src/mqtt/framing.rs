@@ -19,10 +19,20 @@ pub fn fixed_header(buf: &[u8]) -> Option<(u8, usize)> {
     Some((first, i + 1))
 }
 
-/// Checks the packet at the head of `buf` before it is decoded: the flags
-/// each packet type must carry, and CONNECT's reserved flag. `Ok` when the
-/// bytes so far are fine (or too few to tell).
+/// True when the remaining length at the head of `buf` is malformed: a
+/// fourth byte that still says "more" (MQTT allows at most four).
+pub fn overlong_length(buf: &[u8]) -> bool {
+    buf.len() >= 5 && buf[1..5].iter().all(|b| b & 0x80 != 0)
+}
+
+/// Checks the packet at the head of `buf` before it is decoded: the
+/// remaining length's encoding, the flags each packet type must carry, and
+/// CONNECT's reserved flag. `Ok` when the bytes so far are fine (or too few
+/// to tell).
 pub fn check(buf: &[u8]) -> Result<(), String> {
+    if overlong_length(buf) {
+        return Err("remaining length encoded in more than 4 bytes".into());
+    }
     let Some((first, body)) = fixed_header(buf) else { return Ok(()) };
     let (kind, flags) = (first >> 4, first & 0x0f);
     let required = match kind {

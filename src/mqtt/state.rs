@@ -491,6 +491,11 @@ impl Sessions {
         lease.generation
     }
 
+    /// Live connections per tenant.
+    pub fn connections_by_tenant(&self) -> Vec<(String, usize)> {
+        self.lock().live_by_tenant.iter().map(|(t, n)| (t.clone(), *n)).collect()
+    }
+
     /// Persistent sessions held, over all devices.
     pub fn persistent_count(&self) -> usize {
         self.lock().devices.values().map(|d| d.persistent.len()).sum()

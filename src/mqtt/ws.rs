@@ -32,8 +32,12 @@ pub fn routes(deps: MqttDeps, tracker: TaskTracker, shutdown: CancellationToken)
 async fn upgrade(
     State(s): State<WsState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(e) => return axum::response::IntoResponse::into_response(crate::http::error::upgrade_required(&e)),
+    };
     // A message or frame holds at most one packet of mqtt.max_packet_size
     // (clients may split packets across messages, never need more).
     let max = s.deps.config.max_packet_size + 8;

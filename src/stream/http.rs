@@ -73,6 +73,21 @@ pub(super) struct Opened {
 /// A session's end: revocation or token expiry (see `Authenticator::session_end`).
 pub(super) type SessionEnded = std::pin::Pin<Box<dyn Future<Output = SessionEnd> + Send>>;
 
+/// The filter and the cursor of a stream request, checked as the OpenAPI
+/// document declares them (`None` cursor: none given).
+pub(super) fn check_params(params: &Params, headers: &HeaderMap) -> Result<(Filter, Option<i64>), ApiError> {
+    let filter =
+        Filter::from_query(params.get("device_id").map(String::as_str), params.get("event_types").map(String::as_str))
+            .map_err(|(field, m)| ApiError::bad_field(field, m))?;
+    let after = params
+        .get("after")
+        .map(String::as_str)
+        .or_else(|| headers.get("last-event-id").and_then(|v| v.to_str().ok()))
+        .map(|v| parse_cursor(v).map_err(|e| ApiError::bad_field(e.field, e.message)))
+        .transpose()?;
+    Ok((filter, after))
+}
+
 /// Auth, filters, cursor and a subscriber slot; `after` from the query, else
 /// `Last-Event-ID`, else "from now".
 pub(super) async fn open(
@@ -83,23 +98,13 @@ pub(super) async fn open(
     kind: &'static str,
 ) -> Result<Opened, ApiError> {
     let TenantAccess { tenant, principal, expires_at, .. } = access;
-    let filter =
-        Filter::parse(params.get("device_id").map(String::as_str), params.get("event_types").map(String::as_str))
-            .map_err(|m| ApiError::bad_field("event_types", m))?;
-    let after = params
-        .get("after")
-        .map(String::as_str)
-        .or_else(|| headers.get("last-event-id").and_then(|v| v.to_str().ok()))
-        .map(|v| parse_cursor(v).map_err(|e| ApiError::bad_field(e.field, e.message)))
-        .transpose()?;
+    let (filter, after) = check_params(params, headers)?;
     let after = match after {
         Some(a) => a,
         // Live only: read the head before subscribing; the replay closes the gap.
         None => state.readers.with(schema::last_seq).await?,
     };
-    let slot = state.hub.slot(kind).ok_or_else(|| {
-        ApiError::unavailable("too_many_subscribers", "stream.max_subscribers reached", Duration::from_secs(5))
-    })?;
+    let slot = state.hub.slot(kind, super::Owner::of(&principal, &tenant)).map_err(|full| full.api_error())?;
     let sub = Subscription::new(&state.hub, slot, state.readers.clone(), &tenant, filter, after);
     let (auth, p) = (state.auth.clone(), principal.clone());
     let ended = Box::pin(async move { auth.session_end(&p, expires_at).await });

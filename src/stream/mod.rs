@@ -142,13 +142,56 @@ pub fn type_matches(pattern: &str, value: &str) -> bool {
     }
 }
 
+/// Longest `event_types` query parameter: 64 patterns and their commas.
+pub const MAX_EVENT_TYPES_PARAM: usize = 6400;
+
 impl Filter {
-    /// Parses `device_id` and a comma-separated `event_types` list.
+    /// The `device_id` and `event_types` query parameters of the stream
+    /// routes, exactly as the OpenAPI document declares them: `device_id` a
+    /// device id (`^[A-Za-z0-9_.:-]{1,255}$`); `event_types` empty, or up
+    /// to 64 comma-separated patterns without spaces, each dot-separated
+    /// segments of `[A-Za-z0-9_-]+` or `*`, at most
+    /// [`MAX_EVENT_TYPES_PARAM`] characters in all. `Err((field, why))`.
+    pub fn from_query(device_id: Option<&str>, event_types: Option<&str>) -> Result<Self, (&'static str, String)> {
+        if let Some(d) = device_id {
+            crate::event::validate_device_id(d).map_err(|e| ("device_id", e.message))?;
+        }
+        if let Some(t) = event_types.filter(|t| !t.is_empty()) {
+            if t.len() > MAX_EVENT_TYPES_PARAM {
+                return Err(("event_types", format!("at most {MAX_EVENT_TYPES_PARAM} characters")));
+            }
+            let items: Vec<&str> = t.split(',').collect();
+            if items.len() > 64 {
+                return Err(("event_types", "at most 64 patterns".into()));
+            }
+            for p in items {
+                let segment_ok = |seg: &str| {
+                    seg == "*"
+                        || (!seg.is_empty() && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+                };
+                if !p.split('.').all(segment_ok) {
+                    return Err((
+                        "event_types",
+                        format!(
+                            "pattern {p:?}: dot-separated segments of [A-Za-z0-9_-] or a whole `*` \
+                             (e.g. alarm.*), comma-separated without spaces"
+                        ),
+                    ));
+                }
+            }
+        }
+        Self::parse(device_id, event_types).map_err(|m| ("event_types", m))
+    }
+
+    /// Parses `device_id` and a comma-separated `event_types` list (as a
+    /// WebSocket `subscribe` frame gives them: spaces around items allowed).
     pub fn parse(device_id: Option<&str>, event_types: Option<&str>) -> Result<Self, String> {
         let mut types = Vec::new();
         for t in event_types.unwrap_or("").split(',').map(str::trim).filter(|t| !t.is_empty()) {
             let plain = t.replace('*', "x");
-            crate::event::validate_event_type(&plain).map_err(|e| format!("event_types {t:?}: {}", e.message))?;
+            if plain.len() <= crate::event::MAX_EVENT_TYPE {
+                crate::event::validate_event_type(&plain).map_err(|e| format!("event_types {t:?}: {}", e.message))?;
+            }
             if t.split('.').any(|seg| seg.contains('*') && seg != "*") {
                 return Err(format!("event_types {t:?}: `*` must be a whole segment, e.g. alarm.*"));
             }
@@ -179,6 +222,9 @@ pub struct Hub {
     tenants: RwLock<HashMap<String, broadcast::Sender<Item>>>,
     subscribers: AtomicUsize,
     max_subscribers: usize,
+    shares: Shares,
+    /// Open subscribers per device and per tenant, and the status page's.
+    held: std::sync::Mutex<Held>,
     pub metrics: Arc<Metrics>,
     /// Site-wide, payload-free tail for the status page.
     pub tail: tail::Tail,
@@ -199,23 +245,113 @@ pub enum Closed {
 pub struct Slot {
     hub: Arc<Hub>,
     kind: &'static str,
+    owner: Owner,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.hub.subscribers.fetch_sub(1, Ordering::Relaxed);
         self.hub.metrics.stream_subscribers.get_or_create(&crate::metrics::KindLabel { kind: self.kind }).dec();
+        self.hub.held().release(&self.owner);
+    }
+}
+
+/// Who holds a subscriber slot: a device of a tenant, an admin token of a
+/// tenant, or the status page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    Device { tenant: String, device_id: String },
+    Admin { tenant: String },
+    StatusPage,
+}
+
+impl Owner {
+    /// Who a principal subscribing to `tenant` is.
+    pub fn of(principal: &crate::auth::Principal, tenant: &str) -> Self {
+        match principal {
+            crate::auth::Principal::Device { device_id, .. } => {
+                Owner::Device { tenant: tenant.to_string(), device_id: device_id.clone() }
+            }
+            crate::auth::Principal::Admin => Owner::Admin { tenant: tenant.to_string() },
+        }
+    }
+
+    fn tenant(&self) -> Option<&str> {
+        match self {
+            Owner::Device { tenant, .. } | Owner::Admin { tenant } => Some(tenant),
+            Owner::StatusPage => None,
+        }
+    }
+}
+
+/// The shares of `stream.max_subscribers` (0: none beyond it).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shares {
+    pub per_device: usize,
+    pub per_tenant: usize,
+    /// The status page's feeds: a pool of their own.
+    pub status_page: usize,
+}
+
+#[derive(Default)]
+struct Held {
+    devices: HashMap<(String, String), usize>,
+    tenants: HashMap<String, usize>,
+    status_page: usize,
+}
+
+impl Held {
+    fn release(&mut self, owner: &Owner) {
+        fn dec<K: std::hash::Hash + Eq>(m: &mut HashMap<K, usize>, k: &K) {
+            if let Some(n) = m.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(k);
+                }
+            }
+        }
+        match owner {
+            Owner::Device { tenant, device_id } => dec(&mut self.devices, &(tenant.clone(), device_id.clone())),
+            Owner::Admin { .. } => {}
+            Owner::StatusPage => self.status_page = self.status_page.saturating_sub(1),
+        }
+        if let Some(t) = owner.tenant() {
+            dec(&mut self.tenants, &t.to_string());
+        }
+    }
+}
+
+/// Why no slot: the share (config key) that is full, and its limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Full {
+    pub share: &'static str,
+    pub limit: usize,
+    /// A share of one device or tenant (429), or the whole pool (503).
+    pub own: bool,
+}
+
+impl Full {
+    /// The HTTP refusal: the share and its limit, in the message and `field`.
+    pub fn api_error(&self) -> crate::http::ApiError {
+        use axum::http::StatusCode;
+        let message = format!("{} = {} subscribers reached; retry later", self.share, self.limit);
+        let status = if self.own { StatusCode::TOO_MANY_REQUESTS } else { StatusCode::SERVICE_UNAVAILABLE };
+        let mut e = crate::http::ApiError::new(status, "too_many_subscribers", message).with_field(self.share);
+        e.retry_after = Some(std::time::Duration::from_secs(5));
+        e
     }
 }
 
 impl Hub {
     /// A hub whose subscribers each hold up to `capacity` undelivered items.
-    pub fn new(capacity: usize, max_subscribers: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(capacity: usize, max_subscribers: usize, shares: Shares, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             capacity,
             tenants: RwLock::new(HashMap::new()),
             subscribers: AtomicUsize::new(0),
             max_subscribers,
+            shares,
+            held: std::sync::Mutex::default(),
             metrics,
             tail: tail::Tail::default(),
             interest: Default::default(),
@@ -230,15 +366,63 @@ impl Hub {
         map.entry(tenant.to_string()).or_insert_with(|| broadcast::channel(self.capacity).0).clone()
     }
 
-    /// Takes a subscriber slot (`None` beyond `stream.max_subscribers`).
-    pub fn slot(self: &Arc<Self>, kind: &'static str) -> Option<Slot> {
-        let n = self.subscribers.fetch_add(1, Ordering::Relaxed);
-        if n >= self.max_subscribers {
-            self.subscribers.fetch_sub(1, Ordering::Relaxed);
-            return None;
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes a subscriber slot for `owner`: refused over the device's or
+    /// the tenant's share (`stream.max_subscribers_per_device` /
+    /// `_per_tenant`), over the status page's pool
+    /// (`stream.max_status_subscribers`), or beyond `stream.max_subscribers`
+    /// (the status page's feeds are not counted there: no device can take
+    /// the installer's page away).
+    pub fn slot(self: &Arc<Self>, kind: &'static str, owner: Owner) -> Result<Slot, Full> {
+        let mut held = self.held();
+        let share = |share, limit, n: usize| (limit > 0 && n >= limit).then_some(Full { share, limit, own: true });
+        let refused = match &owner {
+            Owner::Device { tenant, device_id } => {
+                let n = held.devices.get(&(tenant.clone(), device_id.clone())).copied().unwrap_or(0);
+                share("stream.max_subscribers_per_device", self.shares.per_device, n)
+            }
+            Owner::Admin { .. } => None,
+            Owner::StatusPage => share("stream.max_status_subscribers", self.shares.status_page, held.status_page),
         }
+        .or_else(|| {
+            let n = owner.tenant().and_then(|t| held.tenants.get(t)).copied().unwrap_or(0);
+            owner.tenant().and_then(|_| share("stream.max_subscribers_per_tenant", self.shares.per_tenant, n))
+        });
+        if let Some(full) = refused {
+            return Err(full);
+        }
+        if owner != Owner::StatusPage {
+            let n = self.subscribers.fetch_add(1, Ordering::Relaxed);
+            if n >= self.max_subscribers {
+                self.subscribers.fetch_sub(1, Ordering::Relaxed);
+                return Err(Full { share: "stream.max_subscribers", limit: self.max_subscribers, own: false });
+            }
+        } else {
+            self.subscribers.fetch_add(1, Ordering::Relaxed); // released like any slot
+        }
+        match &owner {
+            Owner::Device { tenant, device_id } => {
+                *held.devices.entry((tenant.clone(), device_id.clone())).or_default() += 1;
+            }
+            Owner::Admin { .. } => {}
+            Owner::StatusPage => held.status_page += 1,
+        }
+        if let Some(t) = owner.tenant() {
+            *held.tenants.entry(t.to_string()).or_default() += 1;
+        }
+        drop(held);
         self.metrics.stream_subscribers.get_or_create(&crate::metrics::KindLabel { kind }).inc();
-        Some(Slot { hub: self.clone(), kind })
+        Ok(Slot { hub: self.clone(), kind, owner })
+    }
+
+    /// Open subscribers per tenant (status page, `/metrics`).
+    pub fn subscribers_by_tenant(&self) -> Vec<(String, usize)> {
+        let mut v: Vec<_> = self.held().tenants.iter().map(|(t, n)| (t.clone(), *n)).collect();
+        v.sort();
+        v
     }
 
     /// A live receiver for a tenant.
@@ -389,5 +573,16 @@ mod tests {
         assert!(Filter::parse(None, Some("al*rm")).is_err());
         assert!(Filter::parse(None, Some("a b")).is_err());
         assert!(Filter::parse(None, None).unwrap().matches_event("x", "y"));
+        // The query parameters, exactly as the document declares them.
+        assert!(Filter::from_query(Some("d1"), Some("alarm.*,temp")).is_ok());
+        assert!(Filter::from_query(None, Some("")).is_ok(), "empty: no filter");
+        for bad in ["alarm.*, temp", "a,,b", "a..b", ".a", "al*rm", "a b"] {
+            assert_eq!(Filter::from_query(None, Some(bad)).unwrap_err().0, "event_types", "{bad:?}");
+        }
+        for bad in ["", "d 1", "d/1", &"d".repeat(256)] {
+            assert_eq!(Filter::from_query(Some(bad), None).unwrap_err().0, "device_id", "{bad:?}");
+        }
+        let many = vec!["a"; 65].join(",");
+        assert!(Filter::from_query(None, Some(&many)).is_err());
     }
 }

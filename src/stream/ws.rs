@@ -25,8 +25,16 @@ pub(super) async fn ws(
     access: TenantAccess<Subscribe>,
     Query(params): Query<Params>,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    // Bad parameters are named (400) before a missing upgrade is (426).
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(e) => {
+            super::http::check_params(&params, &headers)?;
+            return Err(crate::http::error::upgrade_required(&e));
+        }
+    };
     let opened = open(&state, access, &params, &headers, "ws").await?;
     // Tracked, so shutdown waits for the session's close handshake.
     let tracker = state.tracker.clone();

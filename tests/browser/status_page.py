@@ -126,6 +126,8 @@ READ_PAGE = """(() => {
     devices: [...document.querySelectorAll('#devices tbody tr')].map(r =>
       [r.dataset.device, r.children[1].textContent, r.children[2].textContent]),
     tail: [...document.querySelectorAll('#tail li[data-seq]')].map(l => l.textContent),
+    tenants: [...document.querySelectorAll('#tenants tbody tr[data-tenant]')].map(r =>
+      [...r.children].map(c => c.textContent)),
     overflow: document.documentElement.scrollWidth - window.innerWidth,
     status: window.outpostStatus,
   };
@@ -166,6 +168,8 @@ def check_against_status(page, s):
     assert [d[0] for d in page["devices"]] == want, (page["devices"], want)
     for shown, d in zip(page["devices"], s["devices"]):
         assert shown[1] == ("online" if d["online"] else "offline"), (shown, d)
+    want_tenants = [[t["tenant"], str(t["mqtt_connections"]), str(t["stream_subscribers"])] for t in s["tenants"]]
+    assert page["tenants"] == want_tenants, (page["tenants"], want_tenants)
     online = sum(d["online"] for d in s["devices"])
     assert page["devCount"] == f"{online} online · {len(want) - online} offline", page
 

@@ -159,6 +159,17 @@ impl TestApp {
             .unwrap_or_else(|| panic!("{name} not in /metrics: {text}"))
     }
 
+    /// The value of metric `name` with the labels `labels` (e.g.
+    /// `tenant="acme"`) in `/metrics`.
+    pub async fn metric_labelled(&self, name: &str, labels: &str) -> u64 {
+        let text = self.get("/metrics", None).await.text;
+        let prefix = format!("{name}{{{labels}}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{prefix} not in /metrics: {text}"))
+    }
+
     /// Posts one event for `device` and returns the response.
     pub async fn post_event(&self, tenant: &str, token: &str, device: &str, payload: Value) -> Resp {
         self.post(

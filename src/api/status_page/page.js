@@ -38,7 +38,7 @@
   }
   function rate(r) { return r < 10 ? r.toFixed(2) : r.toFixed(1); }
 
-  var UPLINK = { up: ['up', 'ok'], connecting: ['connecting', 'warn'], down: ['DOWN', 'bad'], disabled: ['not configured', 'dim'] };
+  var UPLINK = { up: ['up', 'ok'], connecting: ['connecting', 'warn'], stalled: ['STALLED', 'bad'], down: ['DOWN', 'bad'], disabled: ['not configured', 'dim'] };
 
   function renderUplink(s) {
     var u = s.uplink, look = UPLINK[u.state] || [u.state, ''];
@@ -105,11 +105,29 @@
     body.replaceChildren.apply(body, rows);
   }
 
+  function renderTenants(list) {
+    var body = $('tenants').tBodies[0], rows = [];
+    (list || []).forEach(function (t) {
+      var tr = document.createElement('tr');
+      tr.dataset.tenant = t.tenant;
+      [t.tenant, String(t.mqtt_connections), String(t.stream_subscribers)].forEach(function (v) {
+        var td = document.createElement('td'); td.textContent = v; tr.appendChild(td);
+      });
+      rows.push(tr);
+    });
+    if (!rows.length) {
+      var tr = document.createElement('tr'), td = document.createElement('td');
+      tr.className = 'empty'; td.colSpan = 3; td.textContent = 'none connected'; tr.appendChild(td); rows.push(tr);
+    }
+    body.replaceChildren.apply(body, rows);
+  }
+
   function render(s) {
     // The status this page shows, for scripts (and the browser test) that
     // compare the page with the data it was drawn from.
     window.outpostStatus = s;
     renderNumbers(s);
+    renderTenants(s.tenants);
     devices = s.devices;
     renderDevices();
   }
