@@ -76,6 +76,41 @@ async fn one_device_holding_its_shares_leaves_other_tenants_their_streams_and_co
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_holding_its_share_of_persistent_sessions_gets_no_more() {
+    let app = TestApp::start_with(|c| {
+        c.mqtt.max_sessions_per_tenant = 2;
+        c.mqtt.max_connects_per_minute = 0;
+    })
+    .await;
+    let expiry = v5::prop_u32(0x11, 3600);
+    let t1 = app.device("acme", "a1").await;
+    let t2 = app.device("acme", "a2").await;
+    for (d, t) in [("a1", &t1), ("a2", &t2)] {
+        let (mut c, ack) = Raw::connect_v5(app.mqtt, d, d, t, 30, false, &expiry).await;
+        assert_eq!(ack.body[1], 0, "{d}");
+        c.disconnect().await;
+    }
+    // Both sessions are held while their devices are away: a third
+    // device's persistent session would be one more (5.0 and 3.1.1).
+    let t3 = app.device("acme", "a3").await;
+    let (_, ack) = Raw::connect_v5(app.mqtt, "a3", "a3", &t3, 30, false, &expiry).await;
+    assert_eq!(ack.body[1], 0x97, "over the tenant's share: quota exceeded");
+    let reason = v5::prop_string(&v5::props(&ack.body, 2), 0x1f).unwrap_or_default();
+    assert!(reason.contains("mqtt.max_sessions_per_tenant = 2"), "{reason}");
+    let (_, code, _) = Raw::connect_session(app.mqtt, "a3", "a3", &t3, 30, None, false).await;
+    assert_eq!(code, 3, "3.1.1: server unavailable");
+    // A clean session is not held; a held session resumes; another
+    // tenant has its own share.
+    let (_, code) = Raw::connect(app.mqtt, "a3", "a3", &t3, 30, None).await;
+    assert_eq!(code, 0);
+    let (_, ack) = Raw::connect_v5(app.mqtt, "a1", "a1", &t1, 30, false, &expiry).await;
+    assert_eq!((ack.body[1], ack.body[0] & 1), (0, 1), "resumed: session present");
+    let g = app.device("globex", "g1").await;
+    let (_, code, _) = Raw::connect_session(app.mqtt, "g1", "g1", &g, 30, None, false).await;
+    assert_eq!(code, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_request_to_a_websocket_route_gets_426_with_upgrade() {
     let app = TestApp::start().await;
     let t = app.device("acme", "d1").await;

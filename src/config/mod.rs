@@ -120,9 +120,12 @@ pub struct MqttConfig {
     /// Publishes of one connection awaiting their commit; at the limit the
     /// connection is not read until one commits.
     pub max_inflight: usize,
-    /// Persistent sessions (clean_session = 0) the router keeps per device;
-    /// one more evicts the device's oldest.
+    /// Persistent sessions (clean_session = 0) kept per device; one more
+    /// evicts the device's oldest.
     pub max_sessions_per_device: usize,
+    /// Persistent sessions kept per tenant (0: none beyond the devices'
+    /// own); a CONNECT that would be one more gets CONNACK 0x97.
+    pub max_sessions_per_tenant: usize,
     /// Subscription filters one connection may hold; more get SUBACK 0x80.
     pub max_filters: usize,
     /// Retained messages per tenant; beyond this a retained publish is
@@ -528,6 +531,7 @@ impl Default for MqttConfig {
             connect_timeout: Duration::from_secs(10),
             max_inflight: 256,
             max_sessions_per_device: 4,
+            max_sessions_per_tenant: 0,
             max_filters: 32,
             max_retained_per_tenant: 1000,
             max_retained_bytes_per_tenant: 4 * 1024 * 1024,

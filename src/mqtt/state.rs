@@ -27,6 +27,8 @@ pub struct Sessions {
     connects: Mutex<HashMap<(String, String), (std::time::Instant, u32)>>,
     max_connects_per_minute: u32,
     max_persistent: usize,
+    /// Persistent sessions per tenant (0: none beyond the devices' own).
+    max_persistent_per_tenant: usize,
     /// Live connections per device and per tenant (0: only the global cap).
     max_per_device: usize,
     max_per_tenant: usize,
@@ -156,6 +158,7 @@ impl Sessions {
             connects: Mutex::default(),
             max_connects_per_minute: config.max_connects_per_minute,
             max_persistent: config.max_sessions_per_device,
+            max_persistent_per_tenant: config.max_sessions_per_tenant,
             max_per_device: config.max_connections_per_device,
             max_per_tenant: config.max_connections_per_tenant,
             fanout,
@@ -264,11 +267,19 @@ impl Sessions {
     /// over (if any) has ended. `persistent`: the session outlives the
     /// connection; `resume` = false discards a persistent session it had (a
     /// clean start), true resumes it (even a 5.0 connection whose own
-    /// session expiry is 0).
-    pub fn open(&self, claim: Claim, persistent: bool, resume: bool) -> Lease {
+    /// session expiry is 0). Refused (the claim given up, the reason naming
+    /// the share) when it would be one persistent session more than the
+    /// tenant's share (`mqtt.max_sessions_per_tenant`); a device at its own
+    /// bound replaces its oldest instead, which is not one more.
+    pub fn open(&self, claim: Claim, persistent: bool, resume: bool) -> Result<Lease, String> {
         let Claim { tenant, device_id, client_id, generation, taken_over, ended, .. } = claim;
         let mut g = self.lock();
         let max = self.max_persistent;
+        if persistent && let Err(why) = self.persistent_fits(&g, &tenant, &device_id, &client_id) {
+            Self::unclaim(&mut g, &tenant, &device_id, &client_id, generation);
+            ended.cancel();
+            return Err(why);
+        }
         let d = g.devices.entry((tenant.clone(), device_id.clone())).or_default();
         d.generations.insert(client_id.clone(), generation);
         // The client id's persistent session: resumed, or (a clean start,
@@ -313,7 +324,7 @@ impl Sessions {
             self.fanout.close(&old.mailbox);
         }
         let key = |client_id: String| SessionKey { tenant: tenant.clone(), device_id: device_id.clone(), client_id };
-        Lease {
+        Ok(Lease {
             persistent,
             taken_over,
             ended,
@@ -325,6 +336,57 @@ impl Sessions {
             device_id,
             client_id,
             generation,
+        })
+    }
+
+    /// Whether one more persistent session for `client_id` fits the
+    /// tenant's share: it does when the client id holds one already, or the
+    /// device is at its own bound (its oldest makes room).
+    fn persistent_fits(&self, g: &Inner, tenant: &str, device_id: &str, client_id: &str) -> Result<(), String> {
+        if self.max_persistent_per_tenant == 0 {
+            return Ok(());
+        }
+        if let Some(d) = g.devices.get(&(tenant.to_string(), device_id.to_string()))
+            && (d.persistent.iter().any(|p| p.client_id == client_id) || d.persistent.len() >= self.max_persistent)
+        {
+            return Ok(());
+        }
+        if Self::persistent_of(g, tenant) < self.max_persistent_per_tenant {
+            return Ok(());
+        }
+        Err(format!(
+            "tenant {tenant:?} holds its share of persistent sessions (mqtt.max_sessions_per_tenant = {})",
+            self.max_persistent_per_tenant
+        ))
+    }
+
+    /// Persistent sessions the tenant's devices hold (counted, not kept:
+    /// a count kept beside every place a session ends could drift).
+    fn persistent_of(g: &Inner, tenant: &str) -> usize {
+        g.devices.iter().filter(|((t, _), _)| t == tenant).map(|(_, d)| d.persistent.len()).sum()
+    }
+
+    /// Gives up a claim that opened no session: the client id is free again
+    /// and the connection no longer counts against the shares.
+    fn unclaim(g: &mut Inner, tenant: &str, device_id: &str, client_id: &str, generation: u64) {
+        let key = (tenant.to_string(), device_id.to_string());
+        let Some(d) = g.devices.get_mut(&key) else { return };
+        if d.live_by_client.get(client_id).is_some_and(|(g, _, _)| *g == generation) {
+            d.live_by_client.remove(client_id);
+            if let Some(n) = g.live_by_tenant.get_mut(tenant) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    g.live_by_tenant.remove(tenant);
+                }
+            }
+        }
+        if let Some(d) = g.devices.get(&key)
+            && d.live == 0
+            && d.persistent.is_empty()
+            && d.live_by_client.is_empty()
+            && d.generations.is_empty()
+        {
+            g.devices.remove(&key);
         }
     }
 
@@ -338,7 +400,7 @@ impl Sessions {
         persistent: bool,
         resume: bool,
     ) -> Result<Lease, String> {
-        self.claim(tenant, device_id, client_id).map(|c| self.open(c, persistent, resume))
+        self.claim(tenant, device_id, client_id).and_then(|c| self.open(c, persistent, resume))
     }
 
     /// A connection ended, its session with expiry `expiry`. A clean
@@ -447,6 +509,13 @@ impl Sessions {
                 dropped.push(s.key);
                 continue;
             }
+            if self.max_persistent_per_tenant > 0
+                && Self::persistent_of(&g, &s.key.tenant) >= self.max_persistent_per_tenant
+            {
+                dropped.push(s.key);
+                continue;
+            }
+            let d = g.devices.entry((s.key.tenant.clone(), s.key.device_id.clone())).or_default();
             let mailbox = self.fanout.mailbox(&s.key.tenant);
             self.fanout.restore(&mailbox, decode_subs(&s.subscriptions));
             let waiting = CancellationToken::new();
@@ -509,6 +578,7 @@ mod tests {
     fn sessions() -> Sessions {
         let config = MqttConfig {
             max_sessions_per_device: 2,
+            max_sessions_per_tenant: 3,
             max_connections_per_device: 3,
             max_connections_per_tenant: 4,
             ..MqttConfig::default()
@@ -555,7 +625,7 @@ mod tests {
         let claim = s.claim("acme", "d1", "d1").unwrap();
         let previous = claim.previous.clone().expect("the newer one waits for the older one's end");
         assert!(b.taken_over.is_cancelled() && !previous.is_cancelled(), "the older connection is told");
-        let c = s.open(claim, false, false);
+        let c = s.open(claim, false, false).unwrap();
         assert!(!c.taken_over.is_cancelled());
         assert!(!c.present && !c.persistent, "a clean start ends the persistent session");
         assert!(s.release(&b, 60).is_none(), "the session it had is gone");
@@ -593,6 +663,22 @@ mod tests {
         assert!(s.lease("globex", "d3", "d3", false, false).is_ok(), "another tenant has its own");
         s.release(&a[1], 0);
         assert!(s.lease("acme", "d3", "d3", false, false).is_ok(), "a slot of the tenant came free");
+    }
+
+    #[test]
+    fn persistent_sessions_are_shared_per_tenant() {
+        let s = sessions();
+        let _a = s.lease("acme", "d1", "d1-a", true, true).unwrap();
+        let _b = s.lease("acme", "d2", "d2-a", true, true).unwrap();
+        let _c = s.lease("acme", "d3", "d3-a", true, true).unwrap();
+        let e = s.lease("acme", "d4", "d4-a", true, true).unwrap_err();
+        assert!(e.contains("mqtt.max_sessions_per_tenant = 3"), "{e}");
+        // The refused claim was given up: it holds no connection slot.
+        assert_eq!(s.lock().live_by_tenant["acme"], 3);
+        assert!(!s.lock().devices.contains_key(&("acme".to_string(), "d4".to_string())));
+        assert!(s.lease("acme", "d4", "d4-a", false, false).is_ok(), "a clean session is not held");
+        assert!(s.lease("acme", "d1", "d1-a", true, true).unwrap().present, "its own session resumes");
+        assert!(s.lease("globex", "d4", "d4-a", true, true).is_ok(), "another tenant has its own");
     }
 
     #[test]

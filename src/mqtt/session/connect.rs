@@ -171,7 +171,13 @@ impl Handshake<'_, '_> {
         {
             tracing::warn!(peer = %self.peer, client_id, "mqtt: the connection taken over did not end in time; going on");
         }
-        let lease = self.deps.sessions.open(claim, terms.session_expiry > 0, !connect.clean_session);
+        let lease = match self.deps.sessions.open(claim, terms.session_expiry > 0, !connect.clean_session) {
+            Ok(lease) => lease,
+            Err(why) => {
+                self.refuse(&client_id, (ConnectReturnCode::QuotaExceeded, why)).await;
+                return None;
+            }
+        };
         // The session's state in the site log: a resumed session keeps its
         // held QoS 2 ids, a new one starts with none (a clean start, or a
         // session that ended), so CONNACK's session present is true of it.
