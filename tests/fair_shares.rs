@@ -42,7 +42,9 @@ async fn one_device_holding_its_shares_leaves_other_tenants_their_streams_and_co
         assert_eq!(r.status(), 200);
         held.push(r);
     }
-    let r = common::Resp::from(sse(&app, "acme", &a).await).await;
+    let over = sse(&app, "acme", &a).await;
+    assert_eq!(over.status(), 429, "one stream over the device's share");
+    let r = common::Resp::from(over).await;
     r.assert_error(429, "too_many_subscribers", Some("stream.max_subscribers_per_device"));
     assert!(r.header("retry-after").is_some());
     // globex's device still streams (SSE and long-poll), and the status
