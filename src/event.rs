@@ -28,63 +28,13 @@ pub struct Event {
     pub received_at_us: i64,
     /// The site that accepted it from the device.
     pub origin_site: String,
-    /// MQTT QoS 1 packet id and payload digest, for redelivery detection.
-    pub redelivery: Option<Redelivery>,
-    /// MQTT session facts recorded in the event's own transaction.
-    pub mqtt: Option<Box<MqttFacts>>,
     /// MQTT 5.0 content type and user properties, as a JSON object
     /// (`{"content_type": …, "user_properties": [[k, v], …]}`), if any.
     pub properties: Option<String>,
-    /// How it arrived: "http", "ws", "mqtt", "remote" (not stored). The hub
-    /// republishes to MQTT subscribers what did not come in over MQTT.
-    pub protocol: &'static str,
 }
 
-/// What identifies an MQTT QoS 1 publish for redelivery detection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Redelivery {
-    pub pkid: u16,
-    /// FNV-1a 64 of the payload (stable across versions: it is stored).
-    pub digest: i64,
-    /// DUP=1: look for an earlier copy before writing.
-    pub check: bool,
-}
-
-/// What the MQTT front-end records with a publish, in the same transaction
-/// as its event, so an ack and its session state are durable together.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct MqttFacts {
-    /// QoS 2: whose packet id, `redelivery.pkid`, stays held until its
-    /// PUBREL. A PUBLISH with a held packet id is the same message again
-    /// and is not stored twice.
-    pub qos2: Option<Qos2Hold>,
-    /// RETAIN=1: the stream topic whose retained message this event becomes.
-    pub retain_topic: Option<String>,
-    /// How the MQTT fan-out passes it on (publish QoS, RETAIN, origin
-    /// session, 5.0 properties); events without it go out like QoS 1.
-    pub published: Option<Published>,
-}
-
-/// The session a QoS 2 packet id is held in: the device's client id, and
-/// the session of it (a new session of the same client id holds nothing
-/// of an older one's).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Qos2Hold {
-    pub client_id: String,
-    pub session_id: u64,
-}
-
-/// What MQTT subscribers get of a publish besides its topic and payload.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Published {
-    pub qos: u8,
-    pub retain: bool,
-    /// The publishing session's mailbox id, for No Local (0: none).
-    pub origin: u64,
-    pub props: Option<rumqttd::protocol::PublishProperties>,
-}
-
-/// FNV-1a, 64 bit.
+/// FNV-1a, 64 bit: the payload digest of redelivery detection (stable
+/// across versions: it is stored).
 pub fn fnv1a64(bytes: &[u8]) -> i64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
@@ -122,11 +72,6 @@ pub struct EventInput {
     pub id: Option<String>,
     #[serde(default)]
     pub timestamp: Option<String>,
-    /// Set by the MQTT front-end, never read from JSON.
-    #[serde(skip)]
-    pub redelivery: Option<Redelivery>,
-    #[serde(skip)]
-    pub mqtt: Option<Box<MqttFacts>>,
     /// Set by the MQTT front-end (5.0 properties), never read from JSON.
     #[serde(skip)]
     pub properties: Option<String>,
@@ -233,10 +178,7 @@ pub fn validate(
         timestamp_us,
         received_at_us: now_us,
         origin_site: origin_site.to_string(),
-        redelivery: input.redelivery,
-        mqtt: input.mqtt,
         properties: input.properties,
-        protocol: "",
     })
 }
 

@@ -10,6 +10,26 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+/// How events arrive at ingest: the `protocol` label of the ingest
+/// metrics, and nothing else (the site log stores no protocol).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    WebSocket,
+    Mqtt,
+}
+
+impl Protocol {
+    /// The metric label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::WebSocket => "ws",
+            Protocol::Mqtt => "mqtt",
+        }
+    }
+}
+
 /// Label of accepted events.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProtocolLabel {
@@ -308,8 +328,8 @@ impl Metrics {
     }
 
     /// Counts `n` rejected events.
-    pub fn reject(&self, protocol: &'static str, reason: &'static str, n: u64) {
-        self.events_rejected.get_or_create(&RejectLabels { protocol, reason }).inc_by(n);
+    pub fn reject(&self, protocol: Protocol, reason: &'static str, n: u64) {
+        self.events_rejected.get_or_create(&RejectLabels { protocol: protocol.as_str(), reason }).inc_by(n);
     }
 
     /// Moves `log_write_bytes` up to `total`, a fresh reading of the

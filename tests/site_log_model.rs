@@ -95,10 +95,7 @@ fn event(device: &str, id: Uuid) -> Event {
         timestamp_us: now_us(),
         received_at_us: now_us(),
         origin_site: "site-a".into(),
-        redelivery: None,
-        mqtt: None,
         properties: None,
-        protocol: "test",
     }
 }
 

@@ -10,7 +10,8 @@
 
 use std::sync::Arc;
 
-use outpost::event::{Event, Redelivery, now_us};
+use outpost::event::{Event, now_us};
+use outpost::log::mqtt::{self, Redelivery};
 use outpost::log::{self, WriterConfig, schema, writer};
 use outpost::metrics::Metrics;
 
@@ -28,7 +29,7 @@ fn writer_config(site_id: &str) -> WriterConfig {
 }
 
 /// An event of `acme/<device>` received now at site-a.
-fn event(device: &str, event_type: &str, payload: &str, redelivery: Option<Redelivery>) -> Event {
+fn event(device: &str, event_type: &str, payload: &str) -> Event {
     Event {
         id: uuid::Uuid::now_v7(),
         tenant: "acme".into(),
@@ -38,10 +39,7 @@ fn event(device: &str, event_type: &str, payload: &str, redelivery: Option<Redel
         timestamp_us: now_us(),
         received_at_us: now_us(),
         origin_site: "site-a".into(),
-        redelivery,
-        mqtt: None,
         properties: None,
-        protocol: "test",
     }
 }
 
@@ -109,7 +107,7 @@ async fn the_writer_checkpoints_the_wal_once_it_holds_4_mib() {
     // 12 MiB of events in 100-event groups: three times the checkpoint size.
     let payload = format!(r#"{{"pad": "{}"}}"#, "x".repeat(1000));
     for _ in 0..120 {
-        let events = (0..100).map(|_| event("pump-1", "wal", &payload, None)).collect();
+        let events = (0..100).map(|_| event("pump-1", "wal", &payload)).collect();
         handle.append(events).await.unwrap();
     }
     let wal = std::fs::metadata(dir.path().join("site-log.sqlite-wal")).unwrap().len();
@@ -156,7 +154,7 @@ fn a_log_from_before_the_mqtt_chain_keeps_its_redelivery_window() {
     drop(conn);
 
     let conn = log::open_and_migrate(&path).unwrap();
-    let (mut heads, upto) = schema::mqtt_heads(&conn).unwrap();
+    let (mut heads, upto) = mqtt::mqtt_heads(&conn).unwrap();
     heads.sort();
     assert_eq!(heads, [("acme".into(), "d1".into(), 5), ("acme".into(), "d2".into(), 6)]);
     assert_eq!(upto, 7, "the heads are complete up to the last row");
@@ -170,8 +168,9 @@ fn a_log_from_before_the_mqtt_chain_keeps_its_redelivery_window() {
     assert_eq!(chain, [None, None, Some(1), Some(2), Some(3), Some(4), None]);
     // d1's first event (pkid 10, digest 100) is found behind its two newer ones.
     let found = |device: &str, pkid: u16, digest: i64, head: i64| {
-        let e = event(device, "t", "{}", Some(Redelivery { pkid, digest, check: true }));
-        schema::find_redelivered(&conn, &e, e.redelivery.as_ref().unwrap(), Some(head)).unwrap().map(|(seq, _)| seq)
+        let e = event(device, "t", "{}");
+        let r = Redelivery { pkid, digest, check: true };
+        mqtt::find_redelivered(&conn, &e, &r, Some(head)).unwrap().map(|(seq, _)| seq)
     };
     assert_eq!(found("d1", 10, 100, 5), Some(1));
     assert_eq!(found("d2", 11, 103, 6), Some(4));

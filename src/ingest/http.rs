@@ -19,8 +19,9 @@ use crate::http::auth::Write;
 use crate::http::extract::{BodyLimit, Object, parse_json, read_body, require_json, split_index};
 use crate::http::{ApiError, TenantAccess};
 use crate::log::Appended;
+use crate::metrics::Protocol;
 
-const PROTOCOL: &str = "http";
+const PROTOCOL: Protocol = Protocol::Http;
 
 /// What the ingest routes need.
 #[derive(Clone, FromRef)]

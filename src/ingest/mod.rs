@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::Principal;
-use crate::event::{EventInput, InputLimits, Invalid, now_us, validate};
+use crate::event::{Event, EventInput, InputLimits, Invalid, now_us, validate};
 use crate::limits::{Limited, Limiter};
 use crate::log::{self, Appended, LogHandle};
-use crate::metrics::{Metrics, ProtocolLabel};
+use crate::metrics::{Metrics, Protocol, ProtocolLabel};
 
 /// What a client is told to wait when the log is full.
 pub const FULL_RETRY_AFTER: Duration = Duration::from_secs(30);
@@ -98,7 +98,7 @@ impl IngestHandle {
     }
 
     /// Counts a refusal decided outside `submit` (e.g. an MQTT ACL).
-    pub fn count_rejected(&self, protocol: &'static str, reason: &'static str) {
+    pub fn count_rejected(&self, protocol: Protocol, reason: &'static str) {
         self.inner.metrics.reject(protocol, reason, 1);
     }
 
@@ -110,7 +110,7 @@ impl IngestHandle {
         tenant: &str,
         inputs: Vec<EventInput>,
         batch: bool,
-        protocol: &'static str,
+        protocol: Protocol,
     ) -> Result<Vec<Appended>, Error> {
         self.submit_with(principal, tenant, inputs, batch, protocol, true).await
     }
@@ -123,23 +123,44 @@ impl IngestHandle {
         tenant: &str,
         inputs: Vec<EventInput>,
         batch: bool,
-        protocol: &'static str,
+        protocol: Protocol,
         charge_rate: bool,
     ) -> Result<Vec<Appended>, Error> {
         let n = inputs.len();
-        let result = self.submit_inner(principal, tenant, inputs, batch, charge_rate, protocol).await;
+        let result = self.submit_inner(principal, tenant, inputs, batch, charge_rate).await;
+        self.count(protocol, n, result.as_deref());
+        result
+    }
+
+    /// One MQTT publish (or will) and what it records beside its event in
+    /// the same transaction: validated and authorized like any event, the
+    /// rate limiter already charged by the caller through `check_rate`.
+    pub async fn submit_mqtt(
+        &self,
+        principal: &Principal,
+        tenant: &str,
+        input: EventInput,
+        facts: Box<log::mqtt::Facts>,
+    ) -> Result<Appended, Error> {
+        let result = self.submit_mqtt_inner(principal, tenant, input, facts).await;
+        self.count(Protocol::Mqtt, 1, result.as_ref().map(std::slice::from_ref));
+        result
+    }
+
+    /// The ingest metrics of one submit of `n` events.
+    fn count(&self, protocol: Protocol, n: usize, result: Result<&[Appended], &Error>) {
         let m = &self.inner.metrics;
-        match &result {
+        let label = ProtocolLabel { protocol: protocol.as_str() };
+        match result {
             Ok(appended) => {
                 let dup = appended.iter().filter(|a| a.duplicate).count() as u64;
-                m.events_accepted.get_or_create(&ProtocolLabel { protocol }).inc_by(appended.len() as u64 - dup);
+                m.events_accepted.get_or_create(&label).inc_by(appended.len() as u64 - dup);
                 if dup > 0 {
-                    m.events_duplicate.get_or_create(&ProtocolLabel { protocol }).inc_by(dup);
+                    m.events_duplicate.get_or_create(&label).inc_by(dup);
                 }
             }
             Err(e) => m.reject(protocol, e.reason(), n.max(1) as u64),
         }
-        result
     }
 
     async fn submit_inner(
@@ -149,7 +170,6 @@ impl IngestHandle {
         inputs: Vec<EventInput>,
         batch: bool,
         charge_rate: bool,
-        protocol: &'static str,
     ) -> Result<Vec<Appended>, Error> {
         let inner = &self.inner;
         if inputs.is_empty() {
@@ -162,15 +182,7 @@ impl IngestHandle {
         let now = now_us();
         let mut events = Vec::with_capacity(inputs.len());
         for (i, input) in inputs.into_iter().enumerate() {
-            if let Principal::Device { device_id, .. } = principal
-                && *device_id != input.device_id
-            {
-                return Err(Error::OtherDevice { index: index(i), device_id: input.device_id });
-            }
-            let mut e = validate(input, tenant, &inner.site_id, inner.input_limits, now)
-                .map_err(|invalid| Error::Invalid { index: index(i), invalid })?;
-            e.protocol = protocol;
-            events.push(e);
+            events.push(self.accept(principal, tenant, input, index(i), now)?);
         }
         // Charge each device once for all its events in this unit.
         let mut counts: Vec<(&str, u32)> = Vec::new();
@@ -185,10 +197,49 @@ impl IngestHandle {
                 inner.limiter.check(tenant, device, count).map_err(Error::RateLimited)?;
             }
         }
-        inner.log.append(events).await.map_err(|e| match e {
-            log::Error::Full { used, budget } => Error::Full { used, budget },
-            log::Error::IdConflict { index: i, id } => Error::IdConflict { index: index(i), id },
-            other => Error::Unavailable(other),
-        })
+        inner.log.append(events).await.map_err(|e| log_error(e, index))
+    }
+
+    async fn submit_mqtt_inner(
+        &self,
+        principal: &Principal,
+        tenant: &str,
+        input: EventInput,
+        facts: Box<log::mqtt::Facts>,
+    ) -> Result<Appended, Error> {
+        if self.inner.max_batch < 1 {
+            return Err(Error::BatchTooLarge { got: 1, max: self.inner.max_batch });
+        }
+        let event = self.accept(principal, tenant, input, None, now_us())?;
+        self.inner.log.append_mqtt(event, facts).await.map_err(|e| log_error(e, |_| None))
+    }
+
+    /// One input checked against the token's device and validated;
+    /// `index` names it in a refusal.
+    fn accept(
+        &self,
+        principal: &Principal,
+        tenant: &str,
+        input: EventInput,
+        index: Option<usize>,
+        now: i64,
+    ) -> Result<Event, Error> {
+        if let Principal::Device { device_id, .. } = principal
+            && *device_id != input.device_id
+        {
+            return Err(Error::OtherDevice { index, device_id: input.device_id });
+        }
+        validate(input, tenant, &self.inner.site_id, self.inner.input_limits, now)
+            .map_err(|invalid| Error::Invalid { index, invalid })
+    }
+}
+
+/// A refusal of the site log as ingest's; `index` names the event of an id
+/// conflict.
+fn log_error(e: log::Error, index: impl Fn(usize) -> Option<usize>) -> Error {
+    match e {
+        log::Error::Full { used, budget } => Error::Full { used, budget },
+        log::Error::IdConflict { index: i, id } => Error::IdConflict { index: index(i), id },
+        other => Error::Unavailable(other),
     }
 }

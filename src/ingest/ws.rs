@@ -12,8 +12,9 @@ use crate::auth::{Perm, Principal};
 use crate::event::{EventInput, Tenant};
 use crate::http::extract::{Object, parse_json};
 use crate::http::{ApiError, EventFrames, error_frame};
+use crate::metrics::Protocol;
 
-const PROTOCOL: &str = "ws";
+const PROTOCOL: Protocol = Protocol::WebSocket;
 
 impl EventFrames for IngestHandle {
     fn event_frame<'a>(

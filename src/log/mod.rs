@@ -12,6 +12,8 @@
 //!   only once forwarded.
 //! - At the byte budget appends are refused (`Error::Full`), never dropped.
 
+mod cmd;
+mod handle;
 pub mod mqtt;
 pub mod reader;
 pub mod retention;
@@ -32,8 +34,19 @@ pub use reader::Readers;
 /// thread: it must not block. The stream hub and the MQTT bridge are fed
 /// this way, so nothing downstream sees an event before it is durable.
 pub trait CommitObserver: Send + Sync {
-    fn committed(&self, events: &[(i64, crate::event::Event)]);
+    /// Events a group committed, in seq order.
+    fn committed(&self, events: &[Committed]);
+    /// A device went online or offline.
     fn presence(&self, _tenant: &str, _device_id: &str, _online: bool) {}
+}
+
+/// A committed event, as observers get it: its seq, and what an MQTT
+/// publish recorded beside it (none for other appends and remote events).
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub seq: i64,
+    pub event: crate::event::Event,
+    pub mqtt: Option<Box<mqtt::Facts>>,
 }
 
 /// Gauges of the log, kept by the writer as it commits, so status pages and
@@ -81,8 +94,9 @@ pub struct RemoteEvent {
     pub event: crate::event::Event,
     pub site_seq: i64,
 }
+pub use handle::{Appended, LogHandle};
 pub use mqtt::MqttOp;
-pub use writer::{Appended, LogHandle, WriterConfig};
+pub use writer::WriterConfig;
 
 /// Why a site-log operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -35,8 +35,9 @@ use tokio::sync::{Notify, mpsc};
 
 use super::acl::{stream_topic, topic_matches};
 use crate::config::MqttConfig;
-use crate::event::{Event, Published};
-use crate::log::CommitObserver;
+use crate::event::Event;
+use crate::log::mqtt::{Facts, Published};
+use crate::log::{CommitObserver, Committed};
 use crate::metrics::Metrics;
 use crate::stream::interest::Interest;
 
@@ -518,8 +519,8 @@ impl Feed {
         (Arc::new(Self { fanout, tx, metrics }), task)
     }
 
-    fn message(e: &Event) -> Arc<Message> {
-        let p = e.mqtt.as_ref().and_then(|m| m.published.clone()).unwrap_or(Published {
+    fn message(e: &Event, facts: Option<&Facts>) -> Arc<Message> {
+        let p = facts.and_then(|m| m.published.clone()).unwrap_or(Published {
             qos: 1,
             retain: false,
             origin: 0,
@@ -538,14 +539,14 @@ impl Feed {
 }
 
 impl CommitObserver for Feed {
-    fn committed(&self, events: &[(i64, Event)]) {
-        for (_, e) in events {
-            let retained_topic = e.mqtt.as_ref().and_then(|m| m.retain_topic.as_deref());
+    fn committed(&self, events: &[Committed]) {
+        for Committed { event: e, mqtt, .. } in events {
+            let retained_topic = mqtt.as_ref().and_then(|m| m.retain_topic.as_deref());
             let subscribed = self.fanout.has_subscribers(&e.tenant);
             if retained_topic.is_none() && !subscribed {
                 continue;
             }
-            let msg = Self::message(e);
+            let msg = Self::message(e, mqtt.as_deref());
             if let Some(topic) = retained_topic {
                 self.fanout.set_retained(&e.tenant, topic, Some(msg.clone()));
             }

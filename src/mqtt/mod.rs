@@ -55,9 +55,9 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::config::MqttConfig;
 use crate::ingest::IngestHandle;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Protocol};
 
-const PROTOCOL: &str = "mqtt";
+const PROTOCOL: Protocol = Protocol::Mqtt;
 
 /// What the MQTT stage needs.
 #[derive(Clone)]
@@ -115,7 +115,7 @@ pub async fn run(
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let refusing = Arc::new(AtomicUsize::new(0));
-    while let Some((stream, peer)) = crate::http::accept(&listener, &shutdown, PROTOCOL).await {
+    while let Some((stream, peer)) = crate::http::accept(&listener, &shutdown, PROTOCOL.as_str()).await {
         let Some(slot) = deps.slot(peer) else {
             // Told why (CONNACK 0x97 / 0x03) by a few bounded refusers;
             // beyond those, closed at once.

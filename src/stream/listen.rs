@@ -80,10 +80,7 @@ fn remote(tenant: &str, row: &tokio_postgres::Row) -> RemoteEvent {
             timestamp_us: ts.map_or(0, us),
             received_at_us: received.map_or(0, us),
             origin_site: site.unwrap_or_default(),
-            redelivery: None,
-            mqtt: None,
             properties: row.get(8),
-            protocol: "remote",
         },
         site_seq: row.get::<_, Option<i64>>(6).unwrap_or(0),
     }

@@ -30,7 +30,7 @@ use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 
 use crate::event::{Event, StoredEvent, from_us};
-use crate::log::{CommitObserver, Readers, schema};
+use crate::log::{CommitObserver, Committed, Readers, schema};
 use crate::metrics::Metrics;
 
 /// What subscribers receive.
@@ -432,11 +432,11 @@ impl Hub {
 }
 
 impl CommitObserver for Hub {
-    fn committed(&self, events: &[(i64, Event)]) {
+    fn committed(&self, events: &[Committed]) {
         // Runs on the writer thread: frames are built only for tenants
         // someone watches.
         let mut senders: Vec<(&str, broadcast::Sender<Item>)> = Vec::new();
-        for (seq, e) in events {
+        for Committed { seq, event: e, .. } in events {
             let tx = match senders.iter().find(|(t, _)| *t == e.tenant) {
                 Some((_, tx)) => tx,
                 None => {

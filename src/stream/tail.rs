@@ -10,6 +10,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use crate::event::{Event, from_us};
+use crate::log::Committed;
 
 /// Events kept for a page that just opened.
 pub const RECENT: usize = 20;
@@ -60,7 +61,7 @@ impl Default for Tail {
 
 impl Tail {
     /// Called after each commit, with the committed rows in seq order.
-    pub fn committed(&self, events: &[(i64, Event)]) {
+    pub fn committed(&self, events: &[Committed]) {
         // Whether anyone watches is read under the lock `subscribe` takes:
         // a watcher then either finds these items in its copy of `recent`
         // or is sent them live, never neither.
@@ -68,7 +69,7 @@ impl Tail {
         let live = self.tx.receiver_count() > 0;
         // Without a watcher only the last RECENT rows are worth building.
         let skip = if live { 0 } else { events.len().saturating_sub(RECENT) };
-        let items = events[skip..].iter().filter_map(|(seq, e)| TailItem::new(*seq, e)).map(Arc::new);
+        let items = events[skip..].iter().filter_map(|c| TailItem::new(c.seq, &c.event)).map(Arc::new);
         for item in items {
             if recent.len() == RECENT {
                 recent.pop_front();

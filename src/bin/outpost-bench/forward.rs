@@ -32,7 +32,7 @@ pub async fn run(args: ForwardArgs, config: Config) -> anyhow::Result<()> {
             for chunk in (0..n).collect::<Vec<_>>().chunks(10_000) {
                 let tx = conn.transaction()?;
                 for i in chunk {
-                    schema::insert_event(&tx, &synthetic("benchfwd", *i, &payload), None, None)?;
+                    schema::insert_event(&tx, &synthetic("benchfwd", *i, &payload), None)?;
                 }
                 tx.commit()?;
             }

@@ -508,9 +508,6 @@ fn synthetic(tenant: &str, i: usize, payload: &str) -> Event {
         timestamp_us: now,
         received_at_us: now,
         origin_site: "bench-site".into(),
-        redelivery: None,
-        mqtt: None,
         properties: None,
-        protocol: "bench",
     }
 }

@@ -21,8 +21,9 @@ use super::super::codec;
 use super::super::framing::{self, publish_header};
 use super::{End, Session};
 use crate::auth::Perm;
-use crate::event::{EventInput, MqttFacts, Published, Qos2Hold, Redelivery, fnv1a64};
+use crate::event::{EventInput, fnv1a64};
 use crate::ingest::Error as IngestError;
+use crate::log::mqtt::{Facts, Published, Qos2Hold, Redelivery};
 use crate::log::{Appended, MqttOp};
 
 /// A decoded packet and, for a PUBLISH, its (QoS, DUP, packet id).
@@ -41,7 +42,7 @@ pub(super) struct InPublish {
 /// What a FIFO entry settled to, answered to the device in read order.
 pub(super) enum Done {
     /// A publish's event was committed (or refused).
-    Event(InPublish, Result<Vec<Appended>, IngestError>),
+    Event(InPublish, Result<Appended, IngestError>),
     /// A zero-byte retained publish cleared its topic (no event).
     Cleared(InPublish, Result<usize, crate::log::Error>),
     /// A 5.0 publish refused before the log: a negative PUBACK/PUBREC.
@@ -370,7 +371,8 @@ impl Session<'_> {
         let mut forwarded = publish.props.clone().unwrap_or_default();
         forwarded.topic_alias = None;
         let properties = codec::event_properties(forwarded.content_type.as_deref(), &forwarded.user_properties);
-        let facts = MqttFacts {
+        let facts = Box::new(Facts {
+            redelivery,
             qos2: (qos == 2)
                 .then(|| Qos2Hold { client_id: self.who.client_id.clone(), session_id: self.lease.session_id }),
             retain_topic: retain.then_some(topic),
@@ -380,7 +382,7 @@ impl Session<'_> {
                 origin: self.outbound.mailbox.id,
                 props: (forwarded != PublishProperties::default()).then_some(forwarded),
             }),
-        };
+        });
         let payload = std::str::from_utf8(payload).unwrap_or("").to_string();
         let Ok(payload) = RawValue::from_string(payload) else {
             // Not JSON after all: refused like any invalid payload.
@@ -397,14 +399,12 @@ impl Session<'_> {
             payload,
             id: None,
             timestamp: None,
-            redelivery,
-            mqtt: Some(Box::new(facts)),
             properties,
         };
         let (ingest, principal, tenant) =
             (self.deps.ingest.clone(), self.who.principal.clone(), self.who.tenant.clone());
         self.inbound.fifo.push_back(Box::pin(async move {
-            let r = ingest.submit_with(&principal, &tenant, vec![input], false, super::PROTOCOL, false).await;
+            let r = ingest.submit_mqtt(&principal, &tenant, input, facts).await;
             Done::Event(publish, r)
         }));
     }

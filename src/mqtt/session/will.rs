@@ -19,7 +19,8 @@ use super::super::acl::{event_topic, stream_topic};
 use super::super::codec;
 use super::super::state::Lease;
 use super::Identity;
-use crate::event::{EventInput, MqttFacts, Published};
+use crate::event::EventInput;
+use crate::log::mqtt::{Facts, Published};
 use crate::mqtt::MqttDeps;
 
 /// Longest a will waits for the device's rate limit to allow it.
@@ -113,21 +114,21 @@ async fn fire(deps: &MqttDeps, who: &Identity, will: Will, origin: u64, shutdown
         payload,
         id: None,
         timestamp: None,
-        redelivery: None,
         properties: codec::event_properties(forwarded.content_type.as_deref(), &forwarded.user_properties),
-        mqtt: Some(Box::new(MqttFacts {
-            qos2: None,
-            // A retained will is kept in the site log like any retained
-            // publish, so it survives a restart.
-            retain_topic: retain.then_some(stream),
-            published: Some(Published {
-                qos: will.qos as u8,
-                retain,
-                origin,
-                props: (forwarded != PublishProperties::default()).then_some(forwarded),
-            }),
-        })),
     };
+    let facts = Box::new(Facts {
+        redelivery: None,
+        qos2: None,
+        // A retained will is kept in the site log like any retained
+        // publish, so it survives a restart.
+        retain_topic: retain.then_some(stream),
+        published: Some(Published {
+            qos: will.qos as u8,
+            retain,
+            origin,
+            props: (forwarded != PublishProperties::default()).then_some(forwarded),
+        }),
+    });
     // Wills count against the device's rate limits like any publish: over
     // a limit the will waits (at most WILL_WAIT) for the window to allow it.
     let waited = Instant::now();
@@ -147,7 +148,7 @@ async fn fire(deps: &MqttDeps, who: &Identity, will: Will, origin: u64, shutdown
             () = shutdown.cancelled() => {}
         }
     }
-    match deps.ingest.submit_with(&who.principal, &who.tenant, vec![input], false, super::PROTOCOL, false).await {
+    match deps.ingest.submit_mqtt(&who.principal, &who.tenant, input, facts).await {
         Ok(_) => tracing::info!(device_id = who.device_id, topic, retain, "will stored and published"),
         Err(e) => tracing::warn!(error = %e, device_id = who.device_id, "will refused"),
     }

@@ -1,8 +1,13 @@
-//! MQTT session state kept in the site log beside the events, so that what
-//! a CONNACK says about a session holds across restarts and kills:
-//! sessions (one row per live connection or persistent session waiting for
-//! its client), the QoS 2 packet ids they hold until PUBREL, and retained
-//! messages.
+//! Everything the site log keeps for MQTT, behind one interface: the facts
+//! a publish carries to the log beside its event ([`Facts`]), what the
+//! writer does with them in the event's own transaction (`append`: the
+//! redelivery chain, QoS 2 holds, retained messages, the insert with the
+//! MQTT columns), each device's chain head (`heads`), the writer commands
+//! (`cmd`), and session state kept so that what a CONNACK says about a
+//! session holds across restarts and kills: sessions (one row per live
+//! connection or persistent session waiting for its client), the QoS 2
+//! packet ids they hold until PUBREL, and retained messages. No other part
+//! of the log knows MQTT.
 //!
 //! Invariants:
 //! - Everything is keyed by (tenant, device, client id): no device can
@@ -17,12 +22,75 @@
 //! - At start, sessions whose expiry elapsed while the appliance was down
 //!   (and those that ended with the process, expiry 0) are dropped with
 //!   their held ids.
+//! - A publish and its facts (its hold, its retained message, its chain
+//!   link) commit together or not at all: an ack and its session state are
+//!   durable together.
+
+mod append;
+mod cmd;
+mod heads;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
 use super::Error;
-use crate::event::{Event, Qos2Hold};
+use crate::event::Event;
+
+pub(super) use append::append;
+pub use append::{REDELIVERY_EVENTS, REDELIVERY_WINDOW_US, find_redelivered};
+pub(super) use cmd::{AppendMqtt, ApplyOp};
+pub use heads::{DeviceSeq, mqtt_heads};
+pub(super) use heads::{MqttHeads, store};
+
+/// What the MQTT front-end records with a publish, in the same transaction
+/// as its event, so an ack and its session state are durable together.
+/// It travels beside the event (`LogHandle::append_mqtt`) and comes back
+/// with it to the commit observers (`log::Committed`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Facts {
+    /// QoS 1 and 2: the packet id and payload digest, for redelivery
+    /// detection.
+    pub redelivery: Option<Redelivery>,
+    /// QoS 2: whose packet id, `redelivery.pkid`, stays held until its
+    /// PUBREL. A PUBLISH with a held packet id is the same message again
+    /// and is not stored twice.
+    pub qos2: Option<Qos2Hold>,
+    /// RETAIN=1: the stream topic whose retained message this event becomes.
+    pub retain_topic: Option<String>,
+    /// How the MQTT fan-out passes it on (publish QoS, RETAIN, origin
+    /// session, 5.0 properties); events without it go out like QoS 1.
+    pub published: Option<Published>,
+}
+
+/// What identifies an MQTT QoS 1 publish for redelivery detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Redelivery {
+    pub pkid: u16,
+    /// FNV-1a 64 of the payload (`event::fnv1a64`; stable across versions:
+    /// it is stored).
+    pub digest: i64,
+    /// DUP=1: look for an earlier copy before writing.
+    pub check: bool,
+}
+
+/// The session a QoS 2 packet id is held in: the device's client id, and
+/// the session of it (a new session of the same client id holds nothing
+/// of an older one's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qos2Hold {
+    pub client_id: String,
+    pub session_id: u64,
+}
+
+/// What MQTT subscribers get of a publish besides its topic and payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Published {
+    pub qos: u8,
+    pub retain: bool,
+    /// The publishing session's mailbox id, for No Local (0: none).
+    pub origin: u64,
+    pub props: Option<rumqttd::protocol::PublishProperties>,
+}
 
 /// Whose session state: a client id of one device of one tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -313,10 +381,7 @@ mod tests {
             timestamp_us: 0,
             received_at_us: 0,
             origin_site: "site-a".into(),
-            redelivery: None,
-            mqtt: None,
             properties: None,
-            protocol: "mqtt",
         };
         let hold = Qos2Hold { client_id: k.client_id.clone(), session_id };
         hold_qos2(c, &e, &hold, pkid, 1).unwrap();
@@ -408,10 +473,7 @@ mod tests {
             timestamp_us: 0,
             received_at_us: 0,
             origin_site: "site-a".into(),
-            redelivery: None,
-            mqtt: None,
             properties: None,
-            protocol: "mqtt",
         };
         let old = Qos2Hold { client_id: "d1".into(), session_id: 1 };
         let new = Qos2Hold { client_id: "d1".into(), session_id: 2 };

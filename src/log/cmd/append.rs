@@ -1,0 +1,179 @@
+//! Appends: this site's events (HTTP and WebSocket requests, one
+//! all-or-nothing unit each) and other sites' events from the central
+//! stream. An MQTT publish has its own command in `log::mqtt`.
+//!
+//! Guarantees: an append is refused whole at the byte budget
+//! (`Error::Full`), never cut; a repeated id of the same device is
+//! answered with the original seq and writes nothing; other sites' events
+//! stay within their share of the budget, their oldest making room.
+
+use rusqlite::Connection;
+
+use super::{Ctx, DeviceCounts, Reply, deliver, merge_counts};
+use crate::event::{Event, now_us};
+use crate::log::{Appended, Committed, Error, RemoteEvent, schema};
+
+/// Appends events in one all-or-nothing unit.
+pub(in crate::log) struct Append {
+    pub(in crate::log) events: Vec<Event>,
+    pub(in crate::log) reply: Reply<Vec<Appended>>,
+}
+
+impl Append {
+    pub(super) fn apply(self, tx: &Connection, cx: &mut Ctx<'_>) -> Result<(), Error> {
+        let Append { events, reply } = self;
+        let size: u64 = events.iter().map(|e| e.size_hint() as u64).sum();
+        if let Some(full) = cx.over_budget(size) {
+            cx.g.delivers.push(deliver(reply, Err(full)));
+            return Ok(());
+        }
+        let result = append_request(tx, &events, &mut cx.g.seen)?;
+        if let Ok(r) = &result {
+            cx.projected += size;
+            for (a, e) in r.iter().zip(&events).filter(|(a, _)| !a.duplicate) {
+                cx.g.appended(a.seq, e.size_hint());
+            }
+            if cx.observed {
+                let new = r.iter().zip(events).filter(|(a, _)| !a.duplicate);
+                cx.g.new_events.extend(new.map(|(a, event)| Committed { seq: a.seq, event, mqtt: None }));
+            }
+        }
+        cx.g.delivers.push(deliver(reply, result));
+        Ok(())
+    }
+}
+
+/// One append request inside the group's transaction. The outer `Result`
+/// fails the group (SQLite error); the inner one is this request's answer.
+/// A single event needs no savepoint: its only refusal (an id owned by
+/// another device) writes nothing, and any other error (SQLite, possibly
+/// after its row was inserted) fails the group, so nothing is half-stored.
+/// A batch is all-or-nothing.
+fn append_request(
+    tx: &Connection,
+    events: &[Event],
+    seen: &mut DeviceCounts,
+) -> Result<Result<Vec<Appended>, Error>, Error> {
+    if events.len() == 1 {
+        return match append(tx, events, seen) {
+            Err(e) if !matches!(e, Error::IdConflict { .. }) => Err(e),
+            answer => Ok(answer),
+        };
+    }
+    tx.execute_batch("SAVEPOINT request")?;
+    let mut sp_seen = DeviceCounts::new();
+    let r = append(tx, events, &mut sp_seen);
+    match &r {
+        Ok(_) => {
+            tx.execute_batch("RELEASE request")?;
+            merge_counts(seen, sp_seen);
+        }
+        Err(_) => tx.execute_batch("ROLLBACK TO request; RELEASE request")?,
+    }
+    Ok(r)
+}
+
+/// Appends one request's events; counts new rows per device into `seen`.
+fn append(conn: &Connection, events: &[Event], seen: &mut DeviceCounts) -> Result<Vec<Appended>, Error> {
+    let mut out = Vec::with_capacity(events.len());
+    let mut per_device = DeviceCounts::new();
+    for (index, e) in events.iter().enumerate() {
+        match schema::insert_event(conn, e, None)? {
+            Some(seq) => {
+                out.push(Appended { id: e.id, seq, duplicate: false });
+                let c = per_device.entry((e.tenant.clone(), e.device_id.clone())).or_insert((0, 0));
+                c.0 += 1;
+                c.1 = c.1.max(e.received_at_us);
+            }
+            None => match schema::owner_of(conn, &e.id)? {
+                Some((seq, tenant, device)) if tenant == e.tenant && device == e.device_id => {
+                    out.push(Appended { id: e.id, seq, duplicate: true });
+                }
+                _ => return Err(Error::IdConflict { index, id: e.id }),
+            },
+        }
+    }
+    merge_counts(seen, per_device);
+    Ok(out)
+}
+
+/// Stores other sites' events (already central, so never forwarded) and
+/// advances their catch-up cursors; duplicates by id are skipped.
+/// Answers how many were new.
+pub(in crate::log) struct AppendRemote {
+    pub(in crate::log) events: Vec<RemoteEvent>,
+    pub(in crate::log) reply: Reply<usize>,
+}
+
+impl AppendRemote {
+    pub(super) fn apply(self, tx: &Connection, cx: &mut Ctx<'_>) -> Result<(), Error> {
+        let AppendRemote { mut events, reply } = self;
+        // Other sites' events stay within their share of the budget (and
+        // the budget): the oldest of them make room. A batch larger than
+        // the whole share keeps its newest part; the rest counts as
+        // evicted (its cursor moves on).
+        let mut size: i64 = events.iter().map(|r| r.event.size_hint() as i64).sum();
+        let share = cx.config.remote_max_bytes as i64;
+        let mut skip = 0;
+        while size > share && skip < events.len() {
+            size -= events[skip].event.size_hint() as i64;
+            skip += 1;
+        }
+        for r in events.drain(..skip) {
+            schema::advance_remote_cursor(tx, &r.event.tenant, &r.event.origin_site, r.site_seq)?;
+        }
+        cx.g.remote_evicted += skip;
+        if !make_room(tx, cx, size)? {
+            // This site's own events fill the budget: other sites' events
+            // wait in central (no cursor moves).
+            tracing::warn!(bytes = size, "site log full of this site's events: remote events not stored");
+            cx.g.delivers.push(deliver(reply, Ok(0)));
+            return Ok(());
+        }
+        // An error here fails the whole group: nothing half-stored.
+        let before = cx.g.new_events.len();
+        let added = append_remote(tx, events, &mut cx.g.new_events)?;
+        let new = &cx.g.new_events[before..];
+        cx.g.d_total_rows += added as i64;
+        cx.g.written_rows += added;
+        cx.g.d_remote_bytes += new.iter().map(|c| c.event.size_hint() as i64).sum::<i64>();
+        cx.projected += new.iter().map(|c| c.event.size_hint() as u64).sum::<u64>();
+        cx.g.last_seq = new.iter().map(|c| c.seq).fold(cx.g.last_seq, i64::max);
+        cx.g.delivers.push(deliver(reply, Ok(added)));
+        Ok(())
+    }
+}
+
+/// Evicts the oldest of other sites' events until `size` more bytes of
+/// them fit their share and the budget; false when they cannot.
+fn make_room(tx: &Connection, cx: &mut Ctx<'_>, size: i64) -> Result<bool, Error> {
+    let remote = cx.counters.remote_bytes.load(std::sync::atomic::Ordering::Relaxed) + cx.g.d_remote_bytes;
+    let over_share = remote + size - cx.config.remote_max_bytes as i64;
+    let over_budget = (cx.projected as i64) + size - cx.config.max_bytes as i64;
+    let need = over_share.max(over_budget);
+    if need <= 0 {
+        return Ok(true);
+    }
+    let (rows, bytes) = schema::evict_remote(tx, &cx.config.site_id, need)?;
+    cx.g.d_remote_bytes -= bytes;
+    cx.g.d_total_rows -= rows as i64;
+    cx.g.remote_evicted += rows;
+    cx.projected = cx.projected.saturating_sub(bytes as u64);
+    Ok(bytes >= need)
+}
+
+/// Stores other sites' events (already forwarded) and advances their
+/// catch-up cursors; duplicates by id are skipped. Returns how many were new.
+fn append_remote(tx: &Connection, events: Vec<RemoteEvent>, new_events: &mut Vec<Committed>) -> Result<usize, Error> {
+    let now = now_us();
+    let mut added = 0;
+    for r in events {
+        let seq = schema::insert_event(tx, &r.event, Some(now))?;
+        schema::advance_remote_cursor(tx, &r.event.tenant, &r.event.origin_site, r.site_seq)?;
+        if let Some(seq) = seq {
+            added += 1;
+            new_events.push(Committed { seq, event: r.event, mqtt: None });
+        }
+    }
+    Ok(added)
+}

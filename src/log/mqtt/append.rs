@@ -1,0 +1,175 @@
+//! The append hook: what the writer does with one MQTT publish and its
+//! [`Facts`], in the group's transaction. A DUP=1 publish that is the
+//! device's previous publish again, or a QoS 2 publish whose packet id its
+//! session still holds, is answered with the stored event and writes
+//! nothing; otherwise the event is inserted with its MQTT columns (packet
+//! id, digest, and its link in the device's chain), the chain head moves,
+//! the packet id is held, and the retained message is set, all in the same
+//! transaction as the event.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use uuid::Uuid;
+
+use super::super::cmd::DeviceCounts;
+use super::super::{Appended, Error, schema};
+use super::{Facts, MqttHeads, Redelivery, held_qos2, hold_qos2, set_retained};
+use crate::event::Event;
+
+/// Inserts one event with its MQTT columns; `None` when its id is already
+/// in the log. `mqtt_prev`: the device's previous event with a packet id,
+/// for one that has one (see [`find_redelivered`]).
+pub(in crate::log) fn insert_event(
+    conn: &Connection,
+    e: &Event,
+    redelivery: Option<Redelivery>,
+    mqtt_prev: Option<i64>,
+) -> Result<Option<i64>, Error> {
+    let mut stmt =
+        conn.prepare_cached(schema::insert_event_sql!(", mqtt_pkid, mqtt_digest, mqtt_prev", ", ?11, ?12, ?13"))?;
+    let inserted = stmt.execute(params![
+        e.id.as_bytes(),
+        e.tenant,
+        e.device_id,
+        e.event_type,
+        e.payload,
+        e.timestamp_us,
+        e.received_at_us,
+        None::<i64>,
+        e.origin_site,
+        e.properties,
+        redelivery.map(|r| r.pkid),
+        redelivery.map(|r| r.digest),
+        mqtt_prev
+    ])?;
+    Ok((inserted == 1).then(|| conn.last_insert_rowid()))
+}
+
+/// Appends one publish; counts its new row into `seen`. The outer `Result`
+/// fails the group (SQLite error); the inner one is this request's answer.
+/// No savepoint: its only refusal (an id owned by another device) writes
+/// nothing, and any other error (SQLite, possibly after its row was
+/// inserted) fails the group, so nothing is half-stored.
+pub(in crate::log) fn append(
+    tx: &Connection,
+    e: &Event,
+    facts: &Facts,
+    seen: &mut DeviceCounts,
+    heads: &mut MqttHeads,
+) -> Result<Result<Appended, Error>, Error> {
+    match append_one(tx, e, facts, seen, heads) {
+        Err(e) if !matches!(e, Error::IdConflict { .. }) => Err(e),
+        answer => Ok(answer),
+    }
+}
+
+fn append_one(
+    conn: &Connection,
+    e: &Event,
+    facts: &Facts,
+    seen: &mut DeviceCounts,
+    heads: &mut MqttHeads,
+) -> Result<Appended, Error> {
+    // The device's newest event with a packet id, for one that has one.
+    let head = facts.redelivery.and_then(|_| heads.get(&e.tenant, &e.device_id));
+    if let Some(r) = facts.redelivery.as_ref().filter(|r| r.check)
+        && let Some((seq, id)) = find_redelivered(conn, e, r, head)?
+    {
+        return Ok(Appended { id, seq, duplicate: true });
+    }
+    let qos2 = facts.qos2.as_ref().zip(facts.redelivery.map(|r| r.pkid));
+    if let Some((hold, pkid)) = qos2
+        && let Some((seq, id)) = held_qos2(conn, e, hold, pkid)?
+    {
+        return Ok(Appended { id, seq, duplicate: true });
+    }
+    match insert_event(conn, e, facts.redelivery, head)? {
+        Some(seq) => {
+            if facts.redelivery.is_some() {
+                heads.set(&e.tenant, &e.device_id, seq);
+            }
+            if let Some((hold, pkid)) = qos2 {
+                hold_qos2(conn, e, hold, pkid, seq)?;
+            }
+            if let Some(topic) = facts.retain_topic.as_deref() {
+                set_retained(conn, &e.tenant, topic, Some(e.payload.as_bytes()), e.received_at_us)?;
+            }
+            let c = seen.entry((e.tenant.clone(), e.device_id.clone())).or_insert((0, 0));
+            c.0 += 1;
+            c.1 = c.1.max(e.received_at_us);
+            Ok(Appended { id: e.id, seq, duplicate: false })
+        }
+        None => match schema::owner_of(conn, &e.id)? {
+            Some((seq, tenant, device)) if tenant == e.tenant && device == e.device_id => {
+                Ok(Appended { id: e.id, seq, duplicate: true })
+            }
+            _ => Err(Error::IdConflict { index: 0, id: e.id }),
+        },
+    }
+}
+
+/// How far back a DUP=1 publish is compared: the device's last this many
+/// events that carried a packet id, received within `REDELIVERY_WINDOW_US`.
+pub const REDELIVERY_EVENTS: i64 = 1000;
+/// Ten minutes.
+pub const REDELIVERY_WINDOW_US: i64 = 600_000_000;
+
+/// An earlier copy of a redelivered MQTT publish: `(seq, id)`.
+///
+/// The rule: a DUP=1 publish is the earlier copy of the device's most recent
+/// event that carried the same packet id (among its last
+/// `REDELIVERY_EVENTS` with a packet id, received within `REDELIVERY_WINDOW_US`) when that
+/// event has the same topic (its event type: tenant and device are the
+/// device's own) and the same payload digest. Anything else is stored.
+///
+/// Why no genuinely new publish matches: DUP=1 says the client is resending
+/// a publish it sent before and saw no PUBACK for. If that first attempt
+/// reached us, it was stored before anything else could be (acks follow the
+/// commit), and the client cannot have used the packet id again since it
+/// still awaits that PUBACK: so the most recent event with the id *is* the
+/// first attempt, and topic and payload agree. A new publish that merely
+/// reuses an old packet id with another topic or payload never matches
+/// (the near misses are tested). The one case left is a first attempt lost
+/// with a dead connection, whose resend is byte-identical in topic and
+/// payload to the device's previous publish under the same packet id within
+/// the window: devices that send identical events back to back should give
+/// them distinct content (a counter or timestamp).
+///
+/// The device's events with a packet id form a chain, newest first: `head`
+/// (the writer keeps each device's newest in memory) and each row's
+/// `mqtt_prev`. The walk stops at the window's edge, at a row no longer in
+/// the log (retention, dead letters) or at a row of another device (a seq
+/// a failed commit handed out and a later one reused).
+pub fn find_redelivered(
+    conn: &Connection,
+    e: &Event,
+    r: &Redelivery,
+    head: Option<i64>,
+) -> Result<Option<(i64, Uuid)>, Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, tenant, device_id, event_type, mqtt_pkid, mqtt_digest, received_at, mqtt_prev
+         FROM events WHERE seq = ?1",
+    )?;
+    let mut next = head;
+    for _ in 0..REDELIVERY_EVENTS {
+        let Some(seq) = next else { break };
+        let row = stmt
+            .query_row([seq], |row| {
+                let id: [u8; 16] = row.get(0)?;
+                let (tenant, device, event_type): (String, String, String) = (row.get(1)?, row.get(2)?, row.get(3)?);
+                let (pkid, digest): (Option<i64>, Option<i64>) = (row.get(4)?, row.get(5)?);
+                let (received, prev): (i64, Option<i64>) = (row.get(6)?, row.get(7)?);
+                Ok((Uuid::from_bytes(id), tenant, device, event_type, pkid, digest, received, prev))
+            })
+            .optional()?;
+        let Some((id, tenant, device, event_type, pkid, digest, received, prev)) = row else { break };
+        if tenant != e.tenant || device != e.device_id || received < e.received_at_us - REDELIVERY_WINDOW_US {
+            break;
+        }
+        if pkid == Some(i64::from(r.pkid)) {
+            let same = event_type == e.event_type && digest == Some(r.digest);
+            return Ok(same.then_some((seq, id)));
+        }
+        next = prev;
+    }
+    Ok(None)
+}

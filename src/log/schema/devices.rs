@@ -1,0 +1,140 @@
+//! The device registry: registration, revocation, presence, and the
+//! per-device counters the writer stores every `DEVICE_FLUSH`.
+//!
+//! Guarantees: a device id is registered once per tenant; a revoked id
+//! stays revoked and cannot be registered again (its old tokens must never
+//! work again); every change bumps `registry_version`, so other processes
+//! notice it.
+
+use rusqlite::{Connection, Row, params};
+use serde::Serialize;
+
+use super::super::Error;
+use super::bump_registry_version;
+use crate::event::from_us;
+
+/// A device registry row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Device {
+    pub tenant: String,
+    pub device_id: String,
+    pub name: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: time::OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<time::OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_seen: Option<time::OffsetDateTime>,
+    pub online: bool,
+    pub event_count: i64,
+}
+
+fn device(r: &Row<'_>) -> rusqlite::Result<Device> {
+    Ok(Device {
+        tenant: r.get(0)?,
+        device_id: r.get(1)?,
+        name: r.get(2)?,
+        created_at: from_us(r.get(3)?),
+        revoked_at: r.get::<_, Option<i64>>(4)?.map(from_us),
+        last_seen: r.get::<_, Option<i64>>(5)?.map(from_us),
+        online: r.get(6)?,
+        event_count: r.get(7)?,
+    })
+}
+
+/// Devices of one tenant, or of all tenants.
+pub fn devices(conn: &Connection, tenant: Option<&str>) -> Result<Vec<Device>, Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT tenant, device_id, name, created_at, revoked_at, last_seen, online, event_count
+         FROM devices WHERE ?1 IS NULL OR tenant = ?1 ORDER BY tenant, device_id",
+    )?;
+    let rows = stmt.query_map([tenant], device)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// One device, if registered.
+pub fn device_by_id(conn: &Connection, tenant: &str, device_id: &str) -> Result<Option<Device>, Error> {
+    Ok(devices_matching(conn, tenant, device_id)?.into_iter().next())
+}
+
+fn devices_matching(conn: &Connection, tenant: &str, device_id: &str) -> Result<Vec<Device>, Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT tenant, device_id, name, created_at, revoked_at, last_seen, online, event_count
+         FROM devices WHERE tenant = ?1 AND device_id = ?2",
+    )?;
+    let rows = stmt.query_map([tenant, device_id], device)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Devices online now, with last seen.
+pub fn online_devices(conn: &Connection, tenant: &str) -> Result<Vec<Device>, Error> {
+    Ok(devices(conn, Some(tenant))?.into_iter().filter(|d| d.online).collect())
+}
+
+/// Registers a device. A revoked id stays revoked.
+pub fn add_device(
+    conn: &Connection,
+    tenant: &str,
+    device_id: &str,
+    name: Option<&str>,
+    now_us: i64,
+) -> Result<Device, Error> {
+    if let Some(d) = device_by_id(conn, tenant, device_id)? {
+        return Err(if d.revoked_at.is_some() {
+            Error::DeviceRevoked { tenant: tenant.into(), device_id: device_id.into() }
+        } else {
+            Error::DeviceExists { tenant: tenant.into(), device_id: device_id.into() }
+        });
+    }
+    conn.execute(
+        "INSERT INTO devices (tenant, device_id, name, created_at) VALUES (?1, ?2, ?3, ?4)",
+        params![tenant, device_id, name, now_us],
+    )?;
+    bump_registry_version(conn)?;
+    device_by_id(conn, tenant, device_id)?
+        .ok_or_else(|| Error::DeviceNotFound { tenant: tenant.into(), device_id: device_id.into() })
+}
+
+/// Revokes a device: every token it holds stops working.
+pub fn revoke_device(conn: &Connection, tenant: &str, device_id: &str, now_us: i64) -> Result<Device, Error> {
+    let n = conn.execute(
+        "UPDATE devices SET revoked_at = coalesce(revoked_at, ?3), online = 0 WHERE tenant = ?1 AND device_id = ?2",
+        params![tenant, device_id, now_us],
+    )?;
+    if n == 0 {
+        return Err(Error::DeviceNotFound { tenant: tenant.into(), device_id: device_id.into() });
+    }
+    bump_registry_version(conn)?;
+    device_by_id(conn, tenant, device_id)?
+        .ok_or_else(|| Error::DeviceNotFound { tenant: tenant.into(), device_id: device_id.into() })
+}
+
+/// Marks a device online or offline and refreshes its last-seen time.
+pub(crate) fn set_presence(
+    conn: &Connection,
+    tenant: &str,
+    device_id: &str,
+    online: bool,
+    now_us: i64,
+) -> Result<usize, Error> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE devices SET online = ?3, last_seen = max(coalesce(last_seen, 0), ?4) WHERE tenant = ?1 AND device_id = ?2",
+    )?;
+    Ok(stmt.execute(params![tenant, device_id, online, now_us])?)
+}
+
+/// Adds `count` events and a last-seen time to a device's counters.
+pub(crate) fn bump_device(
+    conn: &Connection,
+    tenant: &str,
+    device_id: &str,
+    count: i64,
+    seen_us: i64,
+) -> Result<(), Error> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE devices SET event_count = event_count + ?3, last_seen = max(coalesce(last_seen, 0), ?4)
+         WHERE tenant = ?1 AND device_id = ?2",
+    )?;
+    stmt.execute(params![tenant, device_id, count, seen_us])?;
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! The `events` table: inserting an event, who owns an id, and reading
+//! events back (queries, test dumps) in `seq` order.
+//!
+//! Guarantees: an insert with an id already in the log writes nothing and
+//! says so (`None`); every read returns rows in `seq` order, with
+//! `forwarded_at` as the watermark dates it (see `forward`).
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use super::super::Error;
+use super::forward::FORWARDED_AT;
+use crate::event::{Event, StoredEvent, from_us};
+
+/// The `INSERT` of one event into `events`: the columns every event has,
+/// then `$cols` (`", a, b"`) bound to `$values` (`", ?11, ?12"`). A macro so
+/// that the plain insert here and the one with the MQTT module's columns
+/// share one column list and stay `&'static str` (cached statements,
+/// nothing built per call). A repeated id inserts nothing.
+macro_rules! insert_event_sql {
+    ($cols:literal, $values:literal) => {
+        concat!(
+            "INSERT INTO events (id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site,
+                                 properties",
+            $cols,
+            ")
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10",
+            $values,
+            ")
+         ON CONFLICT (id) DO NOTHING"
+        )
+    };
+}
+pub(crate) use insert_event_sql;
+
+/// Inserts one event; `None` when its id is already in the log. (No
+/// `RETURNING seq`: SQLite buffers RETURNING rows in an ephemeral table it
+/// opens and closes per statement, which cost the writer thread about a
+/// fifth of its time in HTTP batches; the new row's seq is the
+/// connection's last rowid.) `forwarded_at`: set for other sites' events,
+/// which are central already.
+pub fn insert_event(conn: &Connection, e: &Event, forwarded_at: Option<i64>) -> Result<Option<i64>, Error> {
+    let mut stmt = conn.prepare_cached(insert_event_sql!("", ""))?;
+    let inserted = stmt.execute(params![
+        e.id.as_bytes(),
+        e.tenant,
+        e.device_id,
+        e.event_type,
+        e.payload,
+        e.timestamp_us,
+        e.received_at_us,
+        forwarded_at,
+        e.origin_site,
+        e.properties
+    ])?;
+    Ok((inserted == 1).then(|| conn.last_insert_rowid()))
+}
+
+/// Who owns an event id already in the log: `(seq, tenant, device_id)`.
+pub(crate) fn owner_of(conn: &Connection, id: &Uuid) -> Result<Option<(i64, String, String)>, Error> {
+    let mut stmt = conn.prepare_cached("SELECT seq, tenant, device_id FROM events WHERE id = ?1")?;
+    Ok(stmt.query_row([id.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional()?)
+}
+
+/// Filters of an event query. Times are µs since the epoch, on the device timestamp.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    pub tenant: String,
+    pub device_id: Option<String>,
+    pub event_type: Option<String>,
+    pub start_us: Option<i64>,
+    pub end_us: Option<i64>,
+    pub after: i64,
+    pub limit: usize,
+}
+
+/// Events of a tenant after a cursor, in `seq` order.
+pub fn query(conn: &Connection, q: &Query) -> Result<Vec<StoredEvent>, Error> {
+    let cols = event_columns();
+    let sql = format!(
+        "SELECT {cols} FROM events
+         WHERE tenant = ?1 AND seq > ?2
+           AND (?3 IS NULL OR device_id = ?3)
+           AND (?4 IS NULL OR event_type = ?4)
+           AND (?5 IS NULL OR ts >= ?5)
+           AND (?6 IS NULL OR ts < ?6)
+         ORDER BY seq LIMIT ?7"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(
+        params![
+            q.tenant,
+            q.after,
+            q.device_id,
+            q.event_type,
+            q.start_us,
+            q.end_us,
+            i64::try_from(q.limit).unwrap_or(i64::MAX)
+        ],
+        stored_event,
+    )?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Every row of the log, in `seq` order (tests).
+#[cfg(any(test, feature = "test-util"))]
+pub fn all_events(conn: &Connection) -> Result<Vec<StoredEvent>, Error> {
+    let cols = event_columns();
+    let mut stmt = conn.prepare(&format!("SELECT {cols} FROM events ORDER BY seq"))?;
+    let rows = stmt.query_map([], stored_event)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The newest seq (0 for an empty log): one probe of the primary key, where a
+/// stream starts when it asks for no cursor.
+pub fn last_seq(conn: &Connection) -> Result<i64, Error> {
+    Ok(conn.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))?)
+}
+
+/// The columns [`stored_event`] reads, in its order.
+pub(super) fn event_columns() -> String {
+    format!("seq, id, tenant, device_id, event_type, payload, ts, received_at, {FORWARDED_AT}, origin_site, properties")
+}
+
+pub(super) fn stored_event(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
+    let id: [u8; 16] = r.get(1)?;
+    let payload: String = r.get(5)?;
+    let payload = RawValue::from_string(payload)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, Box::new(e)))?;
+    Ok(StoredEvent {
+        seq: r.get(0)?,
+        id: Uuid::from_bytes(id),
+        tenant: r.get(2)?,
+        device_id: r.get(3)?,
+        event_type: r.get(4)?,
+        payload,
+        timestamp: from_us(r.get(6)?),
+        received_at: from_us(r.get(7)?),
+        forwarded_at: r.get::<_, Option<i64>>(8)?.map(from_us),
+        origin_site: r.get(9)?,
+        properties: r
+            .get::<_, Option<String>>(10)?
+            .map(RawValue::from_string)
+            .transpose()
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(10, rusqlite::types::Type::Text, Box::new(e)))?,
+    })
+}

@@ -1,0 +1,335 @@
+//! Forwarding state of the events: the watermark (every row of this site
+//! at or below it was committed centrally, except those pending again),
+//! the batches the forwarder reads, dead letters, replay, and retention.
+//!
+//! Guarantees: a row is pending until `mark_forwarded` or `dead_letter`
+//! took it, whatever order batches are marked in; a dead letter retried,
+//! or a replayed row, is pending again with its own seq; retention deletes
+//! only rows that are not pending, oldest first.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::super::Error;
+use super::events::{event_columns, stored_event};
+use super::{bump_log_version, row_bytes_sql};
+use crate::event::{StoredEvent, from_us, row_bytes};
+
+/// The forwarding watermark: every row of this site at or below it was
+/// committed centrally, except those in `pending_again`. A macro so that
+/// [`PENDING`] can be built from the same text.
+macro_rules! watermark_sql {
+    () => {
+        "(SELECT coalesce(max(upto), 0) FROM forward_marks)"
+    };
+}
+const WATERMARK: &str = watermark_sql!();
+
+/// A row still to be forwarded (see migration 7).
+pub(super) const PENDING: &str =
+    concat!("forwarded_at IS NULL AND (seq > ", watermark_sql!(), " OR seq IN (SELECT seq FROM pending_again))");
+
+/// When a row was forwarded: its own time, else that of the first mark that
+/// moved the watermark past it; NULL while pending.
+pub(super) const FORWARDED_AT: &str =
+    "coalesce(forwarded_at, CASE WHEN events.seq IN (SELECT seq FROM pending_again) THEN NULL
+    ELSE (SELECT at FROM forward_marks WHERE upto >= events.seq ORDER BY upto LIMIT 1) END)";
+
+/// The oldest row still to be forwarded: the first above the watermark (a
+/// range of the pending index) or the first pending again, whichever is
+/// older.
+pub(super) fn first_pending(conn: &Connection) -> Result<Option<i64>, Error> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT min(s) FROM (
+                SELECT (SELECT seq FROM events WHERE seq > {WATERMARK} AND forwarded_at IS NULL ORDER BY seq LIMIT 1) AS s
+                UNION ALL SELECT (SELECT min(seq) FROM pending_again))"
+        ))?
+        .query_row([], |r| r.get(0))?)
+}
+
+/// Lists `seq` in `pending_again` when it is at or below the watermark
+/// (above it, a row with `forwarded_at` NULL is pending anyway).
+fn pend_again(conn: &Connection, seq: i64) -> Result<(), Error> {
+    conn.prepare_cached(&format!("INSERT OR IGNORE INTO pending_again (seq) SELECT ?1 WHERE ?1 <= {WATERMARK}"))?
+        .execute([seq])?;
+    Ok(())
+}
+
+/// The forwarding watermark (see [`WATERMARK`]).
+pub fn watermark(conn: &Connection) -> Result<i64, Error> {
+    Ok(conn.query_row(&format!("SELECT {WATERMARK}"), [], |r| r.get(0))?)
+}
+
+/// Whether any row is still to be forwarded.
+pub fn has_pending(conn: &Connection) -> Result<bool, Error> {
+    Ok(conn.query_row(&format!("SELECT EXISTS (SELECT 1 FROM events WHERE {PENDING})"), [], |r| r.get(0))?)
+}
+
+/// Oldest pending rows, in `seq` order.
+#[cfg(any(test, feature = "test-util"))]
+pub fn pending(conn: &Connection, limit: usize) -> Result<Vec<StoredEvent>, Error> {
+    pending_batch(conn, 0, limit, usize::MAX)
+}
+
+/// Oldest pending rows after `after` in `seq` order, at most `max_rows` and
+/// about `max_bytes` (always at least one row when any is pending): those
+/// above the watermark (a range of the pending index) merged with those
+/// pending again below it.
+pub fn pending_batch(
+    conn: &Connection,
+    after: i64,
+    max_rows: usize,
+    max_bytes: usize,
+) -> Result<Vec<StoredEvent>, Error> {
+    let cols = event_columns();
+    let limit = i64::try_from(max_rows).unwrap_or(i64::MAX);
+    let mut above = conn.prepare_cached(&format!(
+        "SELECT {cols} FROM events WHERE seq > max(?1, {WATERMARK}) AND forwarded_at IS NULL ORDER BY seq LIMIT ?2"
+    ))?;
+    let mut rows: Vec<StoredEvent> = above.query_map(params![after, limit], stored_event)?.collect::<Result<_, _>>()?;
+    let mut again = conn.prepare_cached(&format!(
+        "SELECT {cols} FROM events WHERE seq IN (SELECT seq FROM pending_again WHERE seq > ?1 ORDER BY seq LIMIT ?2)
+           AND forwarded_at IS NULL ORDER BY seq"
+    ))?;
+    let again: Vec<StoredEvent> = again.query_map(params![after, limit], stored_event)?.collect::<Result<_, _>>()?;
+    if !again.is_empty() {
+        rows.extend(again);
+        rows.sort_by_key(|e| e.seq);
+        rows.truncate(max_rows);
+    }
+    let mut bytes = 0usize;
+    let mut keep = rows.len();
+    for (i, e) in rows.iter().enumerate() {
+        bytes += row_bytes(&e.tenant, &e.device_id, &e.event_type, e.payload.get());
+        if bytes >= max_bytes {
+            keep = i + 1;
+            break;
+        }
+    }
+    rows.truncate(keep);
+    Ok(rows)
+}
+
+/// Marks the given rows forwarded at `now_us`; returns how many changed and
+/// their bytes.
+///
+/// The common case writes one row: when the given rows above the watermark
+/// are exactly the pending rows up to the highest of them (a batch read in
+/// seq order and committed whole), the watermark moves there. Otherwise
+/// (part of a batch, rows made pending again) the rows are marked one by
+/// one, as v1 did. Rows pending again below the watermark leave
+/// `pending_again`.
+pub(crate) fn mark_forwarded(conn: &Connection, seqs: &[i64], now_us: i64) -> Result<(usize, i64), Error> {
+    let watermark = watermark(conn)?;
+    let (mut n, mut bytes) = (0, 0i64);
+    let mut below = conn.prepare_cached(&format!(
+        "SELECT {} FROM events WHERE seq = ?1 AND forwarded_at IS NULL AND seq IN (SELECT seq FROM pending_again)",
+        row_bytes_sql()
+    ))?;
+    let mut leave = conn.prepare_cached("DELETE FROM pending_again WHERE seq = ?1")?;
+    for &seq in seqs.iter().filter(|&&s| s <= watermark) {
+        if let Some(b) = below.query_row([seq], |r| r.get::<_, i64>(0)).optional()? {
+            leave.execute([seq])?;
+            n += 1;
+            bytes += b;
+        }
+    }
+    let mut above: Vec<i64> = seqs.iter().copied().filter(|&s| s > watermark).collect();
+    above.sort_unstable();
+    above.dedup();
+    let Some(&top) = above.last() else { return Ok((n, bytes)) };
+    // The pending rows in (watermark, top]: one more than given at most, to tell.
+    let pending: Vec<(i64, i64)> = conn
+        .prepare_cached(&format!(
+            "SELECT seq, {} FROM events WHERE seq > ?1 AND seq <= ?2 AND forwarded_at IS NULL ORDER BY seq LIMIT ?3",
+            row_bytes_sql()
+        ))?
+        .query_map(params![watermark, top, above.len() as i64 + 1], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    if pending.iter().map(|(s, _)| *s).eq(above.iter().copied()) {
+        conn.prepare_cached("INSERT INTO forward_marks (upto, at) VALUES (?1, ?2)")?.execute(params![top, now_us])?;
+        n += pending.len();
+        bytes += pending.iter().map(|(_, b)| b).sum::<i64>();
+        return Ok((n, bytes));
+    }
+    let mut one = conn.prepare_cached(&format!(
+        "UPDATE events SET forwarded_at = ?2 WHERE seq = ?1 AND forwarded_at IS NULL RETURNING {}",
+        row_bytes_sql()
+    ))?;
+    for seq in above {
+        if let Some(b) = one.query_row(params![seq, now_us], |r| r.get::<_, i64>(0)).optional()? {
+            n += 1;
+            bytes += b;
+        }
+    }
+    Ok((n, bytes))
+}
+
+/// Moves one pending row to `dead_letter` with the central error text.
+pub(crate) fn dead_letter(conn: &Connection, seq: i64, error: &str, now_us: i64) -> Result<(usize, i64), Error> {
+    let bytes: i64 = conn
+        .query_row(&format!("SELECT {} FROM events WHERE seq = ?1 AND {PENDING}", row_bytes_sql()), [seq], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    let n = conn.execute(
+        &format!(
+            "INSERT INTO dead_letter (seq, id, tenant, device_id, event_type, payload, ts, received_at, origin_site, error, failed_at, properties)
+             SELECT seq, id, tenant, device_id, event_type, payload, ts, received_at, origin_site, ?2, ?3, properties
+             FROM events WHERE seq = ?1 AND {PENDING}"
+        ),
+        params![seq, error, now_us],
+    )?;
+    if n > 0 {
+        conn.execute("DELETE FROM events WHERE seq = ?1", [seq])?;
+        conn.execute("DELETE FROM pending_again WHERE seq = ?1", [seq])?;
+    }
+    Ok((n, bytes))
+}
+
+/// A dead-lettered event and why the central database refused it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    pub seq: i64,
+    pub id: Uuid,
+    pub tenant: String,
+    pub device_id: String,
+    pub event_type: String,
+    pub payload: String,
+    pub error: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub failed_at: time::OffsetDateTime,
+}
+
+/// Dead letters, oldest first.
+pub fn dead_letters(conn: &Connection, tenant: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, id, tenant, device_id, event_type, payload, error, failed_at FROM dead_letter
+         WHERE ?1 IS NULL OR tenant = ?1 ORDER BY seq LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![tenant, i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+        let id: [u8; 16] = r.get(1)?;
+        Ok(DeadLetter {
+            seq: r.get(0)?,
+            id: Uuid::from_bytes(id),
+            tenant: r.get(2)?,
+            device_id: r.get(3)?,
+            event_type: r.get(4)?,
+            payload: r.get(5)?,
+            error: r.get(6)?,
+            failed_at: from_us(r.get(7)?),
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Puts dead letters back in the queue (same seq), all or the given ones.
+/// One at or below the watermark is listed in `pending_again`.
+pub fn retry_dead_letters(conn: &Connection, seqs: Option<&[i64]>) -> Result<usize, Error> {
+    bump_log_version(conn)?;
+    let all: Vec<i64> = conn
+        .prepare("SELECT seq FROM dead_letter ORDER BY seq")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let chosen: Vec<i64> = match seqs {
+        None => all,
+        Some(seqs) => all.into_iter().filter(|s| seqs.contains(s)).collect(),
+    };
+    let mut back = conn.prepare_cached(
+        "INSERT INTO events (seq, id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site, properties)
+         SELECT seq, id, tenant, device_id, event_type, payload, ts, received_at, NULL, origin_site, properties
+         FROM dead_letter WHERE seq = ?1",
+    )?;
+    let mut gone = conn.prepare_cached("DELETE FROM dead_letter WHERE seq = ?1")?;
+    let mut n = 0;
+    for seq in chosen {
+        n += back.execute([seq])?;
+        pend_again(conn, seq)?;
+        gone.execute([seq])?;
+    }
+    Ok(n)
+}
+
+/// Deletes dead letters, all or the given ones.
+pub fn purge_dead_letters(conn: &Connection, seqs: Option<&[i64]>) -> Result<usize, Error> {
+    bump_log_version(conn)?;
+    match seqs {
+        None => Ok(conn.execute("DELETE FROM dead_letter", [])?),
+        Some(seqs) => {
+            let mut n = 0;
+            for seq in seqs {
+                n += conn.execute("DELETE FROM dead_letter WHERE seq = ?1", [seq])?;
+            }
+            Ok(n)
+        }
+    }
+}
+
+/// Marks up to `chunk` forwarded rows of this site received in `[since, until)`
+/// with a seq after `after` pending again. Remote events (other origins) are
+/// never sent back up. Returns how many, and the last seq looked at: the
+/// next chunk starts after it, so a row the forwarder already sent again
+/// is not replayed twice.
+pub fn replay_chunk(
+    conn: &Connection,
+    site: &str,
+    since_us: i64,
+    until_us: i64,
+    tenant: Option<&str>,
+    after: i64,
+    chunk: usize,
+) -> Result<(usize, Option<i64>), Error> {
+    bump_log_version(conn)?;
+    let seqs: Vec<(i64, bool)> = conn
+        .prepare_cached(&format!(
+            "SELECT seq, {PENDING} FROM events
+             WHERE seq > ?6 AND origin_site = ?1 AND received_at >= ?2 AND received_at < ?3 AND (?4 IS NULL OR tenant = ?4)
+             ORDER BY seq LIMIT ?5"
+        ))?
+        .query_map(
+            params![site, since_us, until_us, tenant, i64::try_from(chunk).unwrap_or(i64::MAX), after],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?
+        .collect::<Result<_, _>>()?;
+    let last = seqs.last().map(|(s, _)| *s);
+    let seqs: Vec<i64> = seqs.into_iter().filter(|(_, pending)| !pending).map(|(s, _)| s).collect();
+    let mut clear = conn.prepare_cached("UPDATE events SET forwarded_at = NULL WHERE seq = ?1")?;
+    for &seq in &seqs {
+        clear.execute([seq])?;
+        pend_again(conn, seq)?;
+    }
+    Ok((seqs.len(), last))
+}
+
+/// Deletes up to `limit` forwarded rows received before `cutoff_us`, oldest
+/// first, and never past the first pending row or the first row received
+/// after the cutoff: the rows it walks are all deletable, so a long backlog
+/// (uplink down for weeks) is not walked again at every prune.
+/// Returns the rows deleted and the bytes of other sites' events among them.
+pub(crate) fn prune(conn: &Connection, cutoff_us: i64, limit: usize, site_id: &str) -> Result<(usize, i64), Error> {
+    let first_pending = first_pending(conn)?;
+    // Looked for only below the first pending row: a backlog older than the
+    // cutoff (uplink down for longer than the retention) is not walked.
+    let pending_bound = first_pending.unwrap_or(i64::MAX);
+    let first_young: Option<i64> = conn
+        .prepare_cached("SELECT seq FROM events WHERE seq < ?2 AND received_at >= ?1 ORDER BY seq LIMIT 1")?
+        .query_row(params![cutoff_us, pending_bound], |r| r.get(0))
+        .optional()?;
+    let bound = first_young.unwrap_or(pending_bound).min(pending_bound);
+    let mut stmt = conn.prepare_cached(&format!(
+        "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE seq < ?1 ORDER BY seq LIMIT ?2)
+         RETURNING CASE WHEN origin_site != ?3 THEN {} ELSE 0 END",
+        row_bytes_sql()
+    ))?;
+    let freed: Vec<i64> = stmt
+        .query_map(params![bound, i64::try_from(limit).unwrap_or(i64::MAX), site_id], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    // Marks below every row left are not needed to date any (the newest stays).
+    conn.prepare_cached(
+        "DELETE FROM forward_marks WHERE upto < (SELECT max(upto) FROM forward_marks)
+           AND upto < coalesce((SELECT min(seq) FROM events), 9223372036854775807)",
+    )?
+    .execute([])?;
+    Ok((freed.len(), freed.iter().sum()))
+}

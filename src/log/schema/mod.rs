@@ -1,0 +1,101 @@
+//! The site log's schema and every SQL statement run against it, grouped
+//! by table: events, forwarding (watermark, dead letters, replay,
+//! retention), devices, other sites' events, and the gauges' scan. MQTT
+//! session state has its own statements in `log::mqtt`.
+//!
+//! Functions take a plain `&Connection` so the writer thread, the reader
+//! pool and the CLI (another process) share one definition of each
+//! operation. None of them opens a transaction: the caller's transaction
+//! (the writer's group, a CLI command) is what makes a change atomic.
+
+mod devices;
+mod events;
+mod forward;
+mod remote;
+mod scan;
+
+use rusqlite::Connection;
+use rusqlite_migration::{M, Migrations};
+
+use super::Error;
+use crate::event::ROW_OVERHEAD;
+
+pub use devices::{Device, add_device, device_by_id, devices, online_devices, revoke_device};
+pub(crate) use devices::{bump_device, set_presence};
+#[cfg(any(test, feature = "test-util"))]
+pub use events::all_events;
+pub use events::{Query, insert_event, last_seq, query};
+pub(crate) use events::{insert_event_sql, owner_of};
+#[cfg(any(test, feature = "test-util"))]
+pub use forward::pending;
+pub use forward::{
+    DeadLetter, dead_letters, has_pending, pending_batch, purge_dead_letters, replay_chunk, retry_dead_letters,
+    watermark,
+};
+pub(crate) use forward::{dead_letter, mark_forwarded, prune};
+pub(crate) use remote::{advance_remote_cursor, evict_remote};
+pub use remote::{known_tenants, remote_cursors};
+pub use scan::{LogStatus, Scan, scan, status, status_from};
+
+/// The site log's migrations, from `migrations/sqlite/` (tracked in
+/// `user_version`, so none is applied twice).
+pub fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![
+        M::up(include_str!("../../../migrations/sqlite/0001_site_log.sql")),
+        M::up(include_str!("../../../migrations/sqlite/0002_dead_letter.sql")),
+        M::up(include_str!("../../../migrations/sqlite/0003_mqtt_redelivery.sql")),
+        M::up(include_str!("../../../migrations/sqlite/0004_remote_cursor.sql")),
+        M::up(include_str!("../../../migrations/sqlite/0005_mqtt_session.sql")),
+        M::up(include_str!("../../../migrations/sqlite/0006_event_properties.sql")),
+        M::up(include_str!("../../../migrations/sqlite/0007_forward_watermark.sql")),
+        M::up(include_str!("../../../migrations/sqlite/0008_mqtt_chain.sql")),
+        M::up(include_str!("../../../migrations/sqlite/0009_mqtt_sessions.sql")),
+    ])
+}
+
+/// Applies pending migrations.
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), Error> {
+    migrations().to_latest(conn)?;
+    Ok(())
+}
+
+/// Bytes the database's pages hold, free pages excluded. The writer asks
+/// before every commit, so its statements are cached (the table-valued
+/// `pragma_page_count()` form costs more than these three).
+pub(crate) fn used_bytes(conn: &Connection) -> Result<u64, Error> {
+    let pragma = |sql: &str| -> Result<i64, Error> { Ok(conn.prepare_cached(sql)?.query_row([], |r| r.get(0))?) };
+    let (pages, free, size) =
+        (pragma("PRAGMA page_count")?, pragma("PRAGMA freelist_count")?, pragma("PRAGMA page_size")?);
+    Ok(u64::try_from((pages - free).max(0) * size).unwrap_or(0))
+}
+
+/// The bytes a row counts for in the budget and the gauges, as SQL.
+pub(super) fn row_bytes_sql() -> String {
+    format!("length(tenant) + length(device_id) + length(event_type) + length(payload) + {ROW_OVERHEAD}")
+}
+
+/// Changes whenever a process other than the writer changed the events
+/// (replay, dead-letter retry or purge), so the writer counts again.
+pub(crate) fn log_version(conn: &Connection) -> Result<i64, Error> {
+    let mut stmt = conn.prepare_cached("SELECT coalesce((SELECT value FROM meta WHERE key = 'log_version'), 0)")?;
+    Ok(stmt.query_row([], |r| r.get(0))?)
+}
+
+fn bump_log_version(conn: &Connection) -> Result<(), Error> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('log_version', 1)
+         ON CONFLICT (key) DO UPDATE SET value = value + 1",
+        [],
+    )?;
+    Ok(())
+}
+
+/// Changes with every device change, from any process.
+pub fn registry_version(conn: &Connection) -> Result<i64, Error> {
+    Ok(conn.query_row("SELECT value FROM meta WHERE key = 'registry_version'", [], |r| r.get(0))?)
+}
+
+fn bump_registry_version(conn: &Connection) -> Result<(), Error> {
+    conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'registry_version'", [])?;
+    Ok(())
+}
