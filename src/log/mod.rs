@@ -49,24 +49,31 @@ pub struct Committed {
     pub mqtt: Option<Box<mqtt::Facts>>,
 }
 
+impl Committed {
+    /// An event that carried nothing beside it.
+    fn plain(seq: i64, event: crate::event::Event) -> Self {
+        Self { seq, event, mqtt: None }
+    }
+}
+
 /// Gauges of the log, kept by the writer as it commits, so status pages and
 /// `/metrics` never scan the log. Set from a scan when the writer starts,
 /// and again after another process (the CLI's replay and dead-letter
 /// commands) changed the events, which it tells through `meta.log_version`.
 #[derive(Debug, Default)]
-pub struct Counters {
-    pub backlog_rows: AtomicI64,
-    pub remote_bytes: AtomicI64,
+struct Counters {
+    backlog_rows: AtomicI64,
+    remote_bytes: AtomicI64,
     /// Bytes of pending rows, as `event::row_bytes` counts them.
-    pub backlog_bytes: AtomicI64,
-    pub total_rows: AtomicI64,
-    pub dead_letters: AtomicI64,
-    pub last_seq: AtomicI64,
+    backlog_bytes: AtomicI64,
+    total_rows: AtomicI64,
+    dead_letters: AtomicI64,
+    last_seq: AtomicI64,
 }
 
 impl Counters {
     /// Overwrites every gauge with a scan's result.
-    pub fn set(&self, s: &schema::Scan) {
+    fn set(&self, s: &schema::Scan) {
         self.backlog_rows.store(s.backlog_rows, Ordering::Relaxed);
         self.remote_bytes.store(s.remote_bytes, Ordering::Relaxed);
         self.backlog_bytes.store(s.backlog_bytes, Ordering::Relaxed);
@@ -76,7 +83,7 @@ impl Counters {
     }
 
     /// The gauges now.
-    pub fn get(&self) -> schema::Scan {
+    fn get(&self) -> schema::Scan {
         schema::Scan {
             backlog_rows: self.backlog_rows.load(Ordering::Relaxed),
             remote_bytes: self.remote_bytes.load(Ordering::Relaxed),

@@ -35,7 +35,7 @@ impl Readers {
     }
 
     /// Runs `f` on a reader connection on this thread.
-    pub fn with_blocking<T>(&self, f: impl FnOnce(&Connection) -> Result<T, Error>) -> Result<T, Error> {
+    fn with_blocking<T>(&self, f: impl FnOnce(&Connection) -> Result<T, Error>) -> Result<T, Error> {
         let conn = self.idle.lock().ok().and_then(|mut v| v.pop());
         let conn = match conn {
             Some(c) => c,

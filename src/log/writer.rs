@@ -74,7 +74,7 @@ fn note_wal_pages(_: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite:
 }
 
 /// Pokes the writer while device counters wait in memory, so an idle log
-/// stores them within [`DEVICE_FLUSH`] too (a busy one does at its commits).
+/// stores them within `DEVICE_FLUSH` too (a busy one does at its commits).
 pub async fn flush_devices(log: LogHandle, shutdown: tokio_util::sync::CancellationToken) -> Result<(), Error> {
     let mut tick = tokio::time::interval(DEVICE_FLUSH / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -112,7 +112,7 @@ pub fn spawn(
     let writer_counters = counters.clone();
     let unflushed = Arc::new(Mutex::new(DeviceCounts::new()));
     let writer_unflushed = unflushed.clone();
-    let device_flushes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let device_flushes = Arc::new(AtomicU64::new(0));
     let writer_flushes = device_flushes.clone();
     // SQLite's default checkpoints every 1,000 pages: 1 MiB with 1 KiB pages.
     // Every checkpoint writes the hot pages (index tails, the table's last
@@ -162,7 +162,7 @@ struct Writer {
     /// Device counters of committed groups not yet in the devices table.
     unflushed: Arc<Mutex<DeviceCounts>>,
     /// See `LogHandle::device_flushes`.
-    device_flushes: Arc<std::sync::atomic::AtomicU64>,
+    device_flushes: Arc<AtomicU64>,
     flushed_at: Instant,
     /// Set when the queue closed: the last group stores the counters.
     stopping: bool,
@@ -364,4 +364,4 @@ fn store_devices(
 /// page of the devices table per device in the group: at a trickle, one
 /// page per event. A kill loses at most this much of the counters (never
 /// an event); readers of this process add what is not stored yet.
-pub const DEVICE_FLUSH: Duration = Duration::from_secs(10);
+const DEVICE_FLUSH: Duration = Duration::from_secs(10);

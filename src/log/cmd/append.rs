@@ -1,6 +1,7 @@
 //! Appends: this site's events (HTTP and WebSocket requests, one
 //! all-or-nothing unit each) and other sites' events from the central
-//! stream. An MQTT publish has its own command in `log::mqtt`.
+//! stream. A publish of the MQTT front-end has its own command, beside
+//! the rest of what the log keeps for that protocol.
 //!
 //! Guarantees: an append is refused whole at the byte budget
 //! (`Error::Full`), never cut; a repeated id of the same device is
@@ -35,7 +36,7 @@ impl Append {
             }
             if cx.observed {
                 let new = r.iter().zip(events).filter(|(a, _)| !a.duplicate);
-                cx.g.new_events.extend(new.map(|(a, event)| Committed { seq: a.seq, event, mqtt: None }));
+                cx.g.new_events.extend(new.map(|(a, event)| Committed::plain(a.seq, event)));
             }
         }
         cx.g.delivers.push(deliver(reply, result));
@@ -172,7 +173,7 @@ fn append_remote(tx: &Connection, events: Vec<RemoteEvent>, new_events: &mut Vec
         schema::advance_remote_cursor(tx, &r.event.tenant, &r.event.origin_site, r.site_seq)?;
         if let Some(seq) = seq {
             added += 1;
-            new_events.push(Committed { seq, event: r.event, mqtt: None });
+            new_events.push(Committed::plain(seq, r.event));
         }
     }
     Ok(added)

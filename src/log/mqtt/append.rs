@@ -109,9 +109,9 @@ fn append_one(
 
 /// How far back a DUP=1 publish is compared: the device's last this many
 /// events that carried a packet id, received within `REDELIVERY_WINDOW_US`.
-pub const REDELIVERY_EVENTS: i64 = 1000;
+const REDELIVERY_EVENTS: i64 = 1000;
 /// Ten minutes.
-pub const REDELIVERY_WINDOW_US: i64 = 600_000_000;
+const REDELIVERY_WINDOW_US: i64 = 600_000_000;
 
 /// An earlier copy of a redelivered MQTT publish: `(seq, id)`.
 ///
@@ -172,4 +172,66 @@ pub fn find_redelivered(
         next = prev;
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::schema::testing::{event, log, seqs};
+    use super::*;
+    use crate::event::fnv1a64;
+
+    /// A QoS 1 publish of `acme/<device>` on `topic` with `payload`.
+    fn publish(device: &str, topic: &str, payload: &str, pkid: u16, dup: bool) -> (Event, Facts) {
+        let mut e = event(device, "site-a");
+        e.event_type = topic.into();
+        e.payload = payload.into();
+        let redelivery = Some(Redelivery { pkid, digest: fnv1a64(payload.as_bytes()), check: dup });
+        (e, Facts { redelivery, ..Facts::default() })
+    }
+
+    fn store(c: &Connection, heads: &mut MqttHeads, (e, facts): (Event, Facts)) -> Appended {
+        append(c, &e, &facts, &mut DeviceCounts::new(), heads).unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_dup_finds_its_earlier_copy_and_not_a_near_miss() {
+        let c = log();
+        let mut heads = MqttHeads::default();
+        let first = store(&c, &mut heads, publish("d1", "t", r#"{"a":1}"#, 5, false));
+        store(&c, &mut heads, publish("d1", "t", r#"{"b":2}"#, 6, false));
+        store(&c, &mut heads, publish("d2", "t", r#"{"a":1}"#, 5, false));
+        // The resend of the first, behind a newer publish of its device and
+        // one of another device: found, nothing written.
+        let again = store(&c, &mut heads, publish("d1", "t", r#"{"a":1}"#, 5, true));
+        assert_eq!((again.seq, again.id, again.duplicate), (first.seq, first.id, true));
+        assert_eq!(seqs(&c), [1, 2, 3]);
+        // Near misses are new events: another payload, another topic, a
+        // packet id the device has not used, no DUP flag.
+        for near in [
+            publish("d1", "t", r#"{"a":2}"#, 5, true),
+            publish("d1", "u", r#"{"b":2}"#, 6, true),
+            publish("d1", "t", r#"{"a":1}"#, 7, true),
+            publish("d2", "t", r#"{"a":1}"#, 5, false),
+        ] {
+            assert!(!store(&c, &mut heads, near).duplicate);
+        }
+        assert_eq!(seqs(&c).len(), 7);
+    }
+
+    #[test]
+    fn the_chain_links_each_device_to_its_previous_publish() {
+        let c = log();
+        let mut heads = MqttHeads::default();
+        for (device, pkid) in [("d1", 1), ("d2", 1), ("d1", 2)] {
+            store(&c, &mut heads, publish(device, "t", "{}", pkid, false));
+        }
+        let (e, _) = publish("d1", "t", "{}", 1, true);
+        let r = Redelivery { pkid: 1, digest: fnv1a64(b"{}"), check: true };
+        assert_eq!(find_redelivered(&c, &e, &r, heads.get("acme", "d1")).unwrap().map(|(s, _)| s), Some(1));
+        assert_eq!(heads.get("acme", "d2"), Some(2));
+        // Outside the window, not found.
+        let mut late = e.clone();
+        late.received_at_us += REDELIVERY_WINDOW_US + 1;
+        assert_eq!(find_redelivered(&c, &late, &r, heads.get("acme", "d1")).unwrap(), None);
+    }
 }

@@ -34,6 +34,8 @@ struct Head {
 }
 
 impl MqttHeads {
+    /// The heads as last stored, completed from the log's tail (those of
+    /// events committed after the last store, which a kill lost).
     pub(in crate::log) fn load(conn: &Connection) -> Result<Self, Error> {
         let (stored, upto) = mqtt_heads(conn)?;
         let mut heads = MqttHeads::default();
@@ -53,10 +55,13 @@ impl MqttHeads {
         Ok(heads)
     }
 
+    /// The device's head, if it has one.
     pub(super) fn get(&self, tenant: &str, device: &str) -> Option<i64> {
         Some(self.devices.get(tenant)?.get(device)?.seq)
     }
 
+    /// Moves the device's head to `seq` (undone if the transaction does
+    /// not commit).
     pub(super) fn set(&mut self, tenant: &str, device: &str, seq: i64) {
         let head = Head { seq, stored: false };
         if !self.devices.contains_key(tenant) {

@@ -37,7 +37,7 @@ use super::Error;
 use crate::event::Event;
 
 pub(super) use append::append;
-pub use append::{REDELIVERY_EVENTS, REDELIVERY_WINDOW_US, find_redelivered};
+pub use append::find_redelivered;
 pub(super) use cmd::{AppendMqtt, ApplyOp};
 pub use heads::{DeviceSeq, mqtt_heads};
 pub(super) use heads::{MqttHeads, store};

@@ -138,3 +138,38 @@ pub(crate) fn bump_device(
     stmt.execute(params![tenant, device_id, count, seen_us])?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::registry_version;
+    use super::super::testing::log;
+    use super::*;
+
+    #[test]
+    fn a_device_is_added_once_and_a_revoked_id_is_never_reused() {
+        let c = log();
+        let v0 = registry_version(&c).unwrap();
+        let d = add_device(&c, "acme", "d1", Some("pump"), 5).unwrap();
+        assert_eq!((d.name.as_deref(), d.revoked_at, d.event_count), (Some("pump"), None, 0));
+        assert!(matches!(add_device(&c, "acme", "d1", None, 6), Err(Error::DeviceExists { .. })));
+        assert!(add_device(&c, "globex", "d1", None, 6).is_ok(), "ids are per tenant");
+        let revoked = revoke_device(&c, "acme", "d1", 7).unwrap();
+        assert_eq!(revoked.revoked_at, Some(from_us(7)));
+        assert!(matches!(add_device(&c, "acme", "d1", None, 8), Err(Error::DeviceRevoked { .. })));
+        assert!(matches!(revoke_device(&c, "acme", "nope", 8), Err(Error::DeviceNotFound { .. })));
+        assert_eq!(registry_version(&c).unwrap(), v0 + 3, "every change is seen by other processes");
+    }
+
+    #[test]
+    fn counters_and_presence_keep_the_latest_time() {
+        let c = log();
+        add_device(&c, "acme", "d1", None, 0).unwrap();
+        bump_device(&c, "acme", "d1", 3, 2_000_000).unwrap();
+        bump_device(&c, "acme", "d1", 2, 1_000_000).unwrap();
+        set_presence(&c, "acme", "d1", true, 1_500_000).unwrap();
+        let d = device_by_id(&c, "acme", "d1").unwrap().unwrap();
+        assert_eq!((d.event_count, d.last_seen, d.online), (5, Some(from_us(2_000_000)), true));
+        assert_eq!(online_devices(&c, "acme").unwrap().len(), 1);
+        assert_eq!(set_presence(&c, "acme", "unknown", true, 0).unwrap(), 0);
+    }
+}

@@ -146,3 +146,35 @@ pub(super) fn stored_event(r: &Row<'_>) -> rusqlite::Result<StoredEvent> {
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(10, rusqlite::types::Type::Text, Box::new(e)))?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{event, insert, log, seqs};
+    use super::*;
+
+    #[test]
+    fn a_repeated_id_inserts_nothing_and_its_owner_is_the_first() {
+        let c = log();
+        let e = event("d1", "site-a");
+        assert_eq!(insert_event(&c, &e, None).unwrap(), Some(1));
+        let mut again = event("d2", "site-a");
+        again.id = e.id;
+        assert_eq!(insert_event(&c, &again, None).unwrap(), None, "the same id, from any device, writes nothing");
+        assert_eq!(owner_of(&c, &e.id).unwrap(), Some((1, "acme".into(), "d1".into())));
+        assert_eq!(seqs(&c), [1]);
+        // SQLite gives the refused row its rowid before the conflict, and
+        // AUTOINCREMENT never hands it out again: seqs grow, with a gap.
+        assert_eq!(insert(&c, &event("d1", "site-a")), 3);
+        assert_eq!(last_seq(&c).unwrap(), 3);
+    }
+
+    #[test]
+    fn a_remote_event_is_stored_forwarded() {
+        let c = log();
+        insert_event(&c, &event("d1", "site-b"), Some(5)).unwrap();
+        insert(&c, &event("d1", "site-a"));
+        let rows = all_events(&c).unwrap();
+        assert_eq!(rows[0].forwarded_at, Some(from_us(5)));
+        assert_eq!(rows[1].forwarded_at, None);
+    }
+}

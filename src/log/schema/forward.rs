@@ -333,3 +333,79 @@ pub(crate) fn prune(conn: &Connection, cutoff_us: i64, limit: usize, site_id: &s
     .execute([])?;
     Ok((freed.len(), freed.iter().sum()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{event, insert, log, seqs};
+    use super::super::{dead_letters, scan};
+    use super::*;
+
+    fn pending_seqs(c: &Connection) -> Vec<i64> {
+        pending(c, 100).unwrap().iter().map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn marking_rows_forwarded_moves_the_watermark_and_the_backlog() {
+        let c = log();
+        let e = event("d1", "site-a");
+        let bytes = e.size_hint() as i64;
+        for _ in 0..4 {
+            insert(&c, &event("d1", "site-a"));
+        }
+        assert_eq!((scan(&c, None).unwrap().backlog_rows, watermark(&c).unwrap()), (4, 0));
+        // A whole batch in seq order: the watermark moves.
+        assert_eq!(mark_forwarded(&c, &[1, 2], 7).unwrap(), (2, 2 * bytes));
+        assert_eq!(watermark(&c).unwrap(), 2);
+        assert_eq!(pending_seqs(&c), [3, 4]);
+        // Part of one (4 without 3): marked one by one, the watermark stays.
+        assert_eq!(mark_forwarded(&c, &[4], 8).unwrap(), (1, bytes));
+        assert_eq!(watermark(&c).unwrap(), 2);
+        assert_eq!(pending_seqs(&c), [3]);
+        let counted = scan(&c, None).unwrap();
+        assert_eq!((counted.backlog_rows, counted.backlog_bytes), (1, bytes));
+        // Marking again changes nothing.
+        assert_eq!(mark_forwarded(&c, &[1, 4], 9).unwrap(), (0, 0));
+        assert!(has_pending(&c).unwrap());
+        assert_eq!(mark_forwarded(&c, &[3], 9).unwrap(), (1, bytes));
+        assert!(!has_pending(&c).unwrap());
+    }
+
+    #[test]
+    fn a_dead_letter_retried_is_pending_again_with_its_seq() {
+        let c = log();
+        insert(&c, &event("d1", "site-a"));
+        insert(&c, &event("d1", "site-a"));
+        let bytes = event("d1", "site-a").size_hint() as i64;
+        assert_eq!(dead_letter(&c, 1, "22P02: bad", 5).unwrap(), (1, bytes));
+        assert_eq!(seqs(&c), [2]);
+        assert_eq!(dead_letters(&c, None, 10).unwrap().iter().map(|d| d.seq).collect::<Vec<_>>(), [1]);
+        // The rest is forwarded: the watermark passes the dead letter's seq.
+        mark_forwarded(&c, &[2], 6).unwrap();
+        assert_eq!(watermark(&c).unwrap(), 2);
+        assert_eq!(dead_letter(&c, 2, "forwarded already", 7).unwrap(), (0, 0), "only a pending row");
+        assert_eq!(retry_dead_letters(&c, None).unwrap(), 1);
+        assert_eq!(pending_seqs(&c), [1], "pending again below the watermark");
+        assert!(dead_letters(&c, None, 10).unwrap().is_empty());
+        let counted = scan(&c, None).unwrap();
+        assert_eq!((counted.backlog_rows, counted.dead_letters), (1, 0));
+    }
+
+    #[test]
+    fn prune_never_deletes_a_pending_row() {
+        let c = log();
+        for _ in 0..3 {
+            insert(&c, &event("d1", "site-a"));
+        }
+        mark_forwarded(&c, &[1], 2).unwrap();
+        mark_forwarded(&c, &[3], 2).unwrap();
+        // Every row is old enough; 2 is pending.
+        assert_eq!(prune(&c, i64::MAX, 100, "site-a").unwrap(), (1, 0));
+        assert_eq!(seqs(&c), [2, 3]);
+        mark_forwarded(&c, &[2], 3).unwrap();
+        // Not past the cutoff: nothing.
+        assert_eq!(prune(&c, 0, 100, "site-a").unwrap(), (0, 0));
+        assert_eq!(prune(&c, i64::MAX, 1, "site-a").unwrap(), (1, 0), "at most the limit");
+        assert_eq!(prune(&c, i64::MAX, 100, "site-a").unwrap(), (1, 0));
+        assert!(seqs(&c).is_empty());
+    }
+}

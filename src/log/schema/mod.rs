@@ -1,7 +1,7 @@
 //! The site log's schema and every SQL statement run against it, grouped
 //! by table: events, forwarding (watermark, dead letters, replay,
 //! retention), devices, other sites' events, and the gauges' scan. MQTT
-//! session state has its own statements in `log::mqtt`.
+//! state has its own statements in the MQTT module.
 //!
 //! Functions take a plain `&Connection` so the writer thread, the reader
 //! pool and the CLI (another process) share one definition of each
@@ -98,4 +98,45 @@ pub fn registry_version(conn: &Connection) -> Result<i64, Error> {
 fn bump_registry_version(conn: &Connection) -> Result<(), Error> {
     conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'registry_version'", [])?;
     Ok(())
+}
+
+/// What the unit tests of the log share: a migrated log in memory and
+/// events to put in it.
+#[cfg(test)]
+pub(crate) mod testing {
+    use rusqlite::Connection;
+
+    use crate::event::Event;
+
+    /// An empty site log in memory, migrated.
+    pub(crate) fn log() -> Connection {
+        let mut c = Connection::open_in_memory().unwrap();
+        super::migrate(&mut c).unwrap();
+        c
+    }
+
+    /// An event of `acme/<device>` accepted at `site`, received at 1 s.
+    pub(crate) fn event(device: &str, site: &str) -> Event {
+        Event {
+            id: uuid::Uuid::now_v7(),
+            tenant: "acme".into(),
+            device_id: device.into(),
+            event_type: "t".into(),
+            payload: r#"{"a":1}"#.into(),
+            timestamp_us: 1_000_000,
+            received_at_us: 1_000_000,
+            origin_site: site.into(),
+            properties: None,
+        }
+    }
+
+    /// Inserts `e` as a local append does; its seq.
+    pub(crate) fn insert(c: &Connection, e: &Event) -> i64 {
+        super::insert_event(c, e, None).unwrap().unwrap()
+    }
+
+    /// The seqs in the log, in order.
+    pub(crate) fn seqs(c: &Connection) -> Vec<i64> {
+        super::all_events(c).unwrap().iter().map(|e| e.seq).collect()
+    }
 }

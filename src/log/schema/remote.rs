@@ -58,3 +58,37 @@ pub fn known_tenants(conn: &Connection, configured: &[String]) -> Result<Vec<Str
     all.dedup();
     Ok(all)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{event, insert, log, seqs};
+    use super::*;
+
+    #[test]
+    fn evicting_takes_only_other_sites_events_oldest_first() {
+        let c = log();
+        insert(&c, &event("d1", "site-a"));
+        for i in 0..300 {
+            insert(&c, &event("d2", if i % 2 == 0 { "site-b" } else { "site-c" }));
+        }
+        insert(&c, &event("d1", "site-a"));
+        let bytes = event("d2", "site-b").size_hint() as i64;
+        // One statement takes at most 256 rows: the oldest ones.
+        assert_eq!(evict_remote(&c, "site-a", 1).unwrap(), (256, 256 * bytes));
+        assert_eq!(seqs(&c).first(), Some(&1));
+        assert_eq!(seqs(&c)[1], 258);
+        assert_eq!(evict_remote(&c, "site-a", i64::MAX).unwrap(), (44, 44 * bytes), "all there are, no more");
+        assert_eq!(seqs(&c), [1, 302], "this site's events stay");
+    }
+
+    #[test]
+    fn a_remote_cursor_only_moves_forward() {
+        let c = log();
+        advance_remote_cursor(&c, "acme", "site-b", 10).unwrap();
+        advance_remote_cursor(&c, "acme", "site-b", 4).unwrap();
+        advance_remote_cursor(&c, "acme", "site-c", 1).unwrap();
+        let cursors = remote_cursors(&c, "acme").unwrap();
+        assert_eq!((cursors["site-b"], cursors["site-c"]), (10, 1));
+        assert!(remote_cursors(&c, "globex").unwrap().is_empty());
+    }
+}
