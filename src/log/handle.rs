@@ -43,6 +43,7 @@ pub struct LogHandle {
 }
 
 impl LogHandle {
+    /// Sends one command and waits for its answer (sent after the commit).
     pub(super) async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(make(reply)).await.map_err(|_| Error::Closed)?;

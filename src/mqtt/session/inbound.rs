@@ -371,7 +371,7 @@ impl Session<'_> {
         let mut forwarded = publish.props.clone().unwrap_or_default();
         forwarded.topic_alias = None;
         let properties = codec::event_properties(forwarded.content_type.as_deref(), &forwarded.user_properties);
-        let facts = Box::new(Facts {
+        let facts = Facts {
             redelivery,
             qos2: (qos == 2)
                 .then(|| Qos2Hold { client_id: self.who.client_id.clone(), session_id: self.lease.session_id }),
@@ -382,7 +382,7 @@ impl Session<'_> {
                 origin: self.outbound.mailbox.id,
                 props: (forwarded != PublishProperties::default()).then_some(forwarded),
             }),
-        });
+        };
         let payload = std::str::from_utf8(payload).unwrap_or("").to_string();
         let Ok(payload) = RawValue::from_string(payload) else {
             // Not JSON after all: refused like any invalid payload.
@@ -404,7 +404,7 @@ impl Session<'_> {
         let (ingest, principal, tenant) =
             (self.deps.ingest.clone(), self.who.principal.clone(), self.who.tenant.clone());
         self.inbound.fifo.push_back(Box::pin(async move {
-            let r = ingest.submit_mqtt(&principal, &tenant, input, facts).await;
+            let r = ingest.submit_mqtt(&principal, &tenant, input, Box::new(facts)).await;
             Done::Event(publish, r)
         }));
     }
