@@ -154,40 +154,13 @@ impl Handshake<'_, '_> {
         };
         let assigned = (client_id != connect.client_id).then(|| client_id.clone());
         let (terms, asked, keep_alive) = self.terms(&connect, &props);
-        // Client ids are a device's own namespace (see `state`).
-        let claim = match self.deps.sessions.claim(&who.tenant, &who.device_id, &client_id) {
-            Ok(claim) => claim,
-            Err(why) => {
-                self.refuse(&client_id, (ConnectReturnCode::QuotaExceeded, why)).await;
-                return None;
-            }
-        };
-        // A take-over: the connection taken over first finishes what it had
-        // read (it ends as if the device had closed it) and records its end,
-        // so the client id's publishes are stored in the order they were
-        // sent and this session is decided from what it left.
-        if let Some(previous) = &claim.previous
-            && tokio::time::timeout(TAKE_OVER_WAIT, previous.cancelled()).await.is_err()
-        {
-            tracing::warn!(peer = %self.peer, client_id, "mqtt: the connection taken over did not end in time; going on");
-        }
-        let lease = match self.deps.sessions.open(claim, terms.session_expiry > 0, !connect.clean_session) {
+        let lease = match self.session(&who, terms, !connect.clean_session).await {
             Ok(lease) => lease,
-            Err(why) => {
-                self.refuse(&client_id, (ConnectReturnCode::QuotaExceeded, why)).await;
+            Err(refusal) => {
+                self.refuse(&client_id, refusal).await;
                 return None;
             }
         };
-        // The session's state in the site log: a resumed session keeps its
-        // held QoS 2 ids, a new one starts with none (a clean start, or a
-        // session that ended), so CONNACK's session present is true of it.
-        if let Err(e) = self.open_session(&lease, &who, terms.session_expiry).await {
-            tracing::error!(error = %e, "mqtt: cannot record the session in the site log");
-            self.deps.sessions.release(&lease, 0);
-            self.deps.sessions.ended(&lease);
-            self.connack(ConnectReturnCode::ServiceUnavailable, false, None).await;
-            return None;
-        }
         let connack_props = ConnAckProperties {
             session_expiry_interval: (terms.session_expiry != asked && asked != 0).then_some(terms.session_expiry),
             receive_max: Some(self.deps.config.max_inflight.min(usize::from(u16::MAX)) as u16),
@@ -245,6 +218,40 @@ impl Handshake<'_, '_> {
         (terms, asked, keep_alive)
     }
 
+    /// The connection's session: its client id claimed within the shares,
+    /// the connection it took over (if any) finished, the session opened
+    /// (new or resumed) and recorded in the site log. A refusal is the
+    /// CONNACK's.
+    async fn session(&mut self, who: &Identity, terms: Terms, resume: bool) -> Result<Lease, Refusal> {
+        // Client ids are a device's own namespace (see `state`).
+        let sessions = &self.deps.sessions;
+        let claim = sessions
+            .claim(&who.tenant, &who.device_id, &who.client_id)
+            .map_err(|why| (ConnectReturnCode::QuotaExceeded, why))?;
+        // A take-over: the connection taken over first finishes what it had
+        // read (it ends as if the device had closed it) and records its end,
+        // so the client id's publishes are stored in the order they were
+        // sent and this session is decided from what it left.
+        if let Some(previous) = &claim.previous
+            && tokio::time::timeout(TAKE_OVER_WAIT, previous.cancelled()).await.is_err()
+        {
+            tracing::warn!(peer = %self.peer, client_id = who.client_id, "mqtt: the connection taken over did not end in time; going on");
+        }
+        let lease = sessions
+            .open(claim, terms.session_expiry > 0, resume)
+            .map_err(|why| (ConnectReturnCode::QuotaExceeded, why))?;
+        // The session's state in the site log: a resumed session keeps its
+        // held QoS 2 ids, a new one starts with none (a clean start, or a
+        // session that ended), so CONNACK's session present is true of it.
+        if let Err(e) = self.open_session(&lease, who, terms.session_expiry).await {
+            tracing::error!(error = %e, "mqtt: cannot record the session in the site log");
+            sessions.release(&lease, 0);
+            sessions.ended(&lease);
+            return Err((ConnectReturnCode::ServiceUnavailable, "the site log cannot record the session".into()));
+        }
+        Ok(lease)
+    }
+
     /// Records the session in the site log (see `log::mqtt`), and drops the
     /// device's oldest persistent session when this one took its place.
     async fn open_session(&self, lease: &Lease, who: &Identity, expiry: u32) -> Result<(), crate::log::Error> {
@@ -269,9 +276,7 @@ impl Handshake<'_, '_> {
     }
 
     /// CONNECT checks; returns who the connection is and its validated
-    /// will, or the CONNACK refusal. An empty client id is assigned
-    /// `<device id>-<random>` (3.x: only with a clean session, as 3.1.1
-    /// requires).
+    /// will, or the CONNACK refusal.
     fn check(
         &self,
         props: &ConnectProperties,
@@ -280,63 +285,15 @@ impl Handshake<'_, '_> {
         login: Option<(&str, &str)>,
         will: Option<LastWill>,
     ) -> Result<(Identity, Option<LastWill>), Refusal> {
-        if let Some(method) = &props.authentication_method {
-            let why = format!("authentication method {method:?} is not supported: send the device token as password");
-            return Err((ConnectReturnCode::BadAuthenticationMethod, why));
-        }
-        if props.receive_maximum == Some(0) || props.max_packet_size == Some(0) {
-            return Err((
-                ConnectReturnCode::ProtocolError,
-                "Receive Maximum and Maximum Packet Size must not be 0".into(),
-            ));
-        }
-        let bad = |r: &str| (ConnectReturnCode::BadUserNamePassword, r.to_string());
-        let (username, password) = login.ok_or_else(|| bad("no username/password"))?;
-        let (principal, expires_at) =
-            self.deps.auth.verify_expiring(password).map_err(|e| (refuse_code(&e), e.to_string()))?;
-        let Principal::Device { tenant, device_id, perms } = &principal else {
-            return Err((ConnectReturnCode::NotAuthorized, "admin tokens cannot connect as devices".into()));
-        };
-        if username != device_id {
-            return Err(bad("username must be the token's device id"));
-        }
-        if client_id.is_empty() {
-            if !clean && !self.wire.version().is_v5() {
-                return Err((
-                    ConnectReturnCode::ClientIdentifierNotValid,
-                    "an empty client id needs clean session = 1".into(),
-                ));
-            }
-            let mut r = [0u8; 6];
-            getrandom::fill(&mut r).map_err(|e| (ConnectReturnCode::ServiceUnavailable, e.to_string()))?;
-            *client_id = format!("{device_id}-{}", r.iter().map(|b| format!("{b:02x}")).collect::<String>());
-        }
-        if !client_id_allowed(client_id, device_id) {
-            return Err((
-                ConnectReturnCode::ClientIdentifierNotValid,
-                format!("client id {client_id:?} must be {device_id:?} or \"{device_id}-<suffix>\", at most 128 bytes"),
-            ));
-        }
+        check_props(props)?;
+        let (principal, expires_at) = self.authenticate(login)?;
+        let Principal::Device { tenant, device_id, perms } = &principal else { return Err(admin_refused()) };
+        self.assign_client_id(client_id, device_id, clean)?;
         if !perms.contains(&Perm::WriteEvents) && !perms.contains(&Perm::ReadEvents) {
             return Err((ConnectReturnCode::NotAuthorized, "token has neither write_events nor read_events".into()));
         }
         if let Some(w) = &will {
-            let topic = std::str::from_utf8(&w.topic).unwrap_or("");
-            if w.topic.len() > self.deps.config.max_topic_length {
-                return Err((
-                    ConnectReturnCode::TopicNameInvalid,
-                    format!("will topic of {} bytes is over mqtt.max_topic_length", w.topic.len()),
-                ));
-            }
-            if !perms.contains(&Perm::WriteEvents) || event_topic(topic, tenant, device_id).is_none() {
-                return Err((
-                    ConnectReturnCode::NotAuthorized,
-                    format!("will topic {topic:?} is not this device's event topic"),
-                ));
-            }
-            if !w.message.trim_ascii_start().starts_with(b"{") {
-                return Err((ConnectReturnCode::PayloadFormatInvalid, "will payload must be a JSON object".into()));
-            }
+            check_will(w, self.deps.config.max_topic_length, perms.contains(&Perm::WriteEvents), tenant, device_id)?;
         }
         if !self.deps.sessions.connect_allowed(tenant, device_id) {
             let why = format!(
@@ -355,4 +312,82 @@ impl Handshake<'_, '_> {
         };
         Ok((who, will))
     }
+
+    /// The device the token in the password proves, and when the token
+    /// expires; the username must be its device id.
+    fn authenticate(&self, login: Option<(&str, &str)>) -> Result<(Principal, i64), Refusal> {
+        let bad = |r: &str| (ConnectReturnCode::BadUserNamePassword, r.to_string());
+        let (username, password) = login.ok_or_else(|| bad("no username/password"))?;
+        let (principal, expires_at) =
+            self.deps.auth.verify_expiring(password).map_err(|e| (refuse_code(&e), e.to_string()))?;
+        let Principal::Device { device_id, .. } = &principal else { return Err(admin_refused()) };
+        if username != device_id {
+            return Err(bad("username must be the token's device id"));
+        }
+        Ok((principal, expires_at))
+    }
+
+    /// The client-id rule: `<device id>` or `<device id>-<suffix>`. An
+    /// empty client id is assigned `<device id>-<random>` (3.x: only with a
+    /// clean session, as 3.1.1 requires).
+    fn assign_client_id(&self, client_id: &mut String, device_id: &str, clean: bool) -> Result<(), Refusal> {
+        if client_id.is_empty() {
+            if !clean && !self.wire.version().is_v5() {
+                return Err((
+                    ConnectReturnCode::ClientIdentifierNotValid,
+                    "an empty client id needs clean session = 1".into(),
+                ));
+            }
+            let mut r = [0u8; 6];
+            getrandom::fill(&mut r).map_err(|e| (ConnectReturnCode::ServiceUnavailable, e.to_string()))?;
+            *client_id = format!("{device_id}-{}", r.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        }
+        if !client_id_allowed(client_id, device_id) {
+            return Err((
+                ConnectReturnCode::ClientIdentifierNotValid,
+                format!("client id {client_id:?} must be {device_id:?} or \"{device_id}-<suffix>\", at most 128 bytes"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn admin_refused() -> Refusal {
+    (ConnectReturnCode::NotAuthorized, "admin tokens cannot connect as devices".into())
+}
+
+/// 5.0 CONNECT properties the front-end cannot honour or that break the
+/// protocol.
+fn check_props(props: &ConnectProperties) -> Result<(), Refusal> {
+    if let Some(method) = &props.authentication_method {
+        let why = format!("authentication method {method:?} is not supported: send the device token as password");
+        return Err((ConnectReturnCode::BadAuthenticationMethod, why));
+    }
+    if props.receive_maximum == Some(0) || props.max_packet_size == Some(0) {
+        return Err((ConnectReturnCode::ProtocolError, "Receive Maximum and Maximum Packet Size must not be 0".into()));
+    }
+    Ok(())
+}
+
+/// A will must be an event of the device itself (its own event topic, a
+/// JSON object), within the topic length, and the device must be allowed
+/// to write events.
+fn check_will(w: &LastWill, max_topic: usize, may_write: bool, tenant: &str, device_id: &str) -> Result<(), Refusal> {
+    let topic = std::str::from_utf8(&w.topic).unwrap_or("");
+    if w.topic.len() > max_topic {
+        return Err((
+            ConnectReturnCode::TopicNameInvalid,
+            format!("will topic of {} bytes is over mqtt.max_topic_length", w.topic.len()),
+        ));
+    }
+    if !may_write || event_topic(topic, tenant, device_id).is_none() {
+        return Err((
+            ConnectReturnCode::NotAuthorized,
+            format!("will topic {topic:?} is not this device's event topic"),
+        ));
+    }
+    if !w.message.trim_ascii_start().starts_with(b"{") {
+        return Err((ConnectReturnCode::PayloadFormatInvalid, "will payload must be a JSON object".into()));
+    }
+    Ok(())
 }
