@@ -20,6 +20,7 @@ use super::will::Will;
 use super::wire::Wire;
 use super::{Identity, Terms};
 use crate::auth::{Perm, Principal};
+use crate::config::MqttConfig;
 use crate::log::MqttOp;
 use crate::mqtt::MqttDeps;
 
@@ -153,7 +154,7 @@ impl Handshake<'_, '_> {
             }
         };
         let assigned = (client_id != connect.client_id).then(|| client_id.clone());
-        let (terms, asked, keep_alive) = self.terms(&connect, &props);
+        let (terms, asked, keep_alive) = terms(&self.deps.config, self.wire.version(), &connect, &props);
         let lease = match self.session(&who, terms, !connect.clean_session).await {
             Ok(lease) => lease,
             Err(refusal) => {
@@ -188,34 +189,6 @@ impl Handshake<'_, '_> {
             alias_max: props.topic_alias_max.unwrap_or(0),
         };
         Some(Connected { who, terms, lease, will, client })
-    }
-
-    /// Keep-alive (held to `mqtt.max_keep_alive`; 5.0: told as Server Keep
-    /// Alive) and session expiry (3.x persistent sessions get the maximum;
-    /// 5.0 what it asked for, held to the maximum). Returns the terms, the
-    /// expiry asked for and the keep-alive granted.
-    fn terms(&self, connect: &Connect, props: &ConnectProperties) -> (Terms, u32, u16) {
-        let c = &self.deps.config;
-        let max_ka = c.max_keep_alive.as_secs().min(u64::from(u16::MAX)) as u16;
-        let keep_alive = if max_ka > 0 && (connect.keep_alive == 0 || connect.keep_alive > max_ka) {
-            max_ka
-        } else {
-            connect.keep_alive
-        };
-        let max_expiry = c.max_session_expiry.as_secs().min(u64::from(u32::MAX - 1)) as u32;
-        let asked = if self.wire.version().is_v5() {
-            props.session_expiry_interval.unwrap_or(0)
-        } else if connect.clean_session {
-            0
-        } else {
-            u32::MAX
-        };
-        let terms = Terms {
-            keep_alive: (keep_alive > 0).then(|| Duration::from_secs(u64::from(keep_alive)).mul_f32(1.5)),
-            session_expiry: asked.min(max_expiry),
-            problem_info: props.request_problem_info != Some(0),
-        };
-        (terms, asked, keep_alive)
     }
 
     /// The connection's session: its client id claimed within the shares,
@@ -352,6 +325,33 @@ impl Handshake<'_, '_> {
     }
 }
 
+/// Keep-alive (held to `mqtt.max_keep_alive`; 5.0: told as Server Keep
+/// Alive) and session expiry (3.x persistent sessions get the maximum;
+/// 5.0 what it asked for, held to the maximum). Returns the terms, the
+/// expiry asked for and the keep-alive granted.
+fn terms(c: &MqttConfig, version: Version, connect: &Connect, props: &ConnectProperties) -> (Terms, u32, u16) {
+    let max_ka = c.max_keep_alive.as_secs().min(u64::from(u16::MAX)) as u16;
+    let keep_alive = if max_ka > 0 && (connect.keep_alive == 0 || connect.keep_alive > max_ka) {
+        max_ka
+    } else {
+        connect.keep_alive
+    };
+    let max_expiry = c.max_session_expiry.as_secs().min(u64::from(u32::MAX - 1)) as u32;
+    let asked = if version.is_v5() {
+        props.session_expiry_interval.unwrap_or(0)
+    } else if connect.clean_session {
+        0
+    } else {
+        u32::MAX
+    };
+    let terms = Terms {
+        keep_alive: (keep_alive > 0).then(|| Duration::from_secs(u64::from(keep_alive)).mul_f32(1.5)),
+        session_expiry: asked.min(max_expiry),
+        problem_info: props.request_problem_info != Some(0),
+    };
+    (terms, asked, keep_alive)
+}
+
 fn admin_refused() -> Refusal {
     (ConnectReturnCode::NotAuthorized, "admin tokens cannot connect as devices".into())
 }
@@ -390,4 +390,86 @@ fn check_will(w: &LastWill, max_topic: usize, may_write: bool, tenant: &str, dev
         return Err((ConnectReturnCode::PayloadFormatInvalid, "will payload must be a JSON object".into()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use rumqttd::protocol::QoS;
+
+    fn connect(keep_alive: u16, clean_session: bool) -> Connect {
+        Connect { keep_alive, client_id: "d1".into(), clean_session }
+    }
+
+    fn props(session_expiry: Option<u32>) -> ConnectProperties {
+        ConnectProperties {
+            session_expiry_interval: session_expiry,
+            receive_maximum: None,
+            max_packet_size: None,
+            topic_alias_max: None,
+            request_response_info: None,
+            request_problem_info: None,
+            user_properties: vec![],
+            authentication_method: None,
+            authentication_data: None,
+        }
+    }
+
+    #[test]
+    fn keep_alive_and_session_expiry_are_held_to_the_maximums() {
+        let c = MqttConfig::default(); // keep-alive at most 1 h, sessions 1 day
+        let (t, asked, ka) = terms(&c, Version::V311, &connect(60, true), &props(None));
+        assert_eq!((t.keep_alive, t.session_expiry, asked, ka), (Some(Duration::from_secs(90)), 0, 0, 60));
+        let (t, _, ka) = terms(&c, Version::V311, &connect(0, true), &props(None));
+        assert_eq!((ka, t.keep_alive), (3600, Some(Duration::from_secs(5400))), "none asked: the maximum");
+        let (_, _, ka) = terms(&c, Version::V311, &connect(u16::MAX, true), &props(None));
+        assert_eq!(ka, 3600, "over the maximum: the maximum");
+        let (t, asked, _) = terms(&c, Version::V311, &connect(60, false), &props(None));
+        assert_eq!((t.session_expiry, asked), (86_400, u32::MAX), "3.1.1 persistent: the maximum");
+        let (t, asked, _) = terms(&c, Version::V5, &connect(60, false), &props(Some(600)));
+        assert_eq!((t.session_expiry, asked), (600, 600), "5.0: what it asked for");
+        let (t, _, _) = terms(&c, Version::V5, &connect(60, true), &props(Some(u32::MAX)));
+        assert_eq!(t.session_expiry, 86_400, "5.0 never-expires is held to the maximum");
+        let unlimited = MqttConfig { max_keep_alive: Duration::ZERO, ..MqttConfig::default() };
+        let (t, _, ka) = terms(&unlimited, Version::V311, &connect(0, true), &props(None));
+        assert_eq!((ka, t.keep_alive), (0, None), "no maximum: no keep-alive is none");
+    }
+
+    #[test]
+    fn finer_refusal_codes_fold_into_the_six_of_3x() {
+        use ConnectReturnCode as C;
+        assert_eq!(connack_code(Version::V5, C::QuotaExceeded), C::QuotaExceeded);
+        assert_eq!(connack_code(Version::V311, C::QuotaExceeded), C::ServiceUnavailable);
+        assert_eq!(connack_code(Version::V311, C::Banned), C::NotAuthorized);
+        assert_eq!(connack_code(Version::V311, C::BadAuthenticationMethod), C::NotAuthorized);
+        assert_eq!(connack_code(Version::V31, C::UnsupportedProtocolVersion), C::RefusedProtocolVersion);
+        assert_eq!(connack_code(Version::V311, C::BadUserNamePassword), C::BadUserNamePassword);
+    }
+
+    #[test]
+    fn connect_properties_the_front_end_cannot_honour_are_refused() {
+        assert!(check_props(&props(None)).is_ok());
+        let auth = ConnectProperties { authentication_method: Some("SCRAM-SHA-1".into()), ..props(None) };
+        assert_eq!(check_props(&auth).unwrap_err().0, ConnectReturnCode::BadAuthenticationMethod);
+        let zero = ConnectProperties { receive_maximum: Some(0), ..props(None) };
+        assert_eq!(check_props(&zero).unwrap_err().0, ConnectReturnCode::ProtocolError);
+    }
+
+    #[test]
+    fn a_will_must_be_an_event_of_the_device_itself() {
+        let will = |topic: &str, message: &str| LastWill {
+            topic: Bytes::copy_from_slice(topic.as_bytes()),
+            message: Bytes::copy_from_slice(message.as_bytes()),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+        };
+        let own = "acme/devices/d1/events/gone";
+        assert!(check_will(&will(own, r#" {"a":1}"#), 512, true, "acme", "d1").is_ok());
+        let code = |w: LastWill, max: usize, write: bool| check_will(&w, max, write, "acme", "d1").unwrap_err().0;
+        assert_eq!(code(will(own, "{}"), 10, true), ConnectReturnCode::TopicNameInvalid);
+        assert_eq!(code(will(own, "{}"), 512, false), ConnectReturnCode::NotAuthorized, "no write_events");
+        assert_eq!(code(will("acme/devices/d2/events/gone", "{}"), 512, true), ConnectReturnCode::NotAuthorized);
+        assert_eq!(code(will(own, "offline"), 512, true), ConnectReturnCode::PayloadFormatInvalid);
+    }
 }

@@ -133,6 +133,20 @@ impl Watch {
     }
 }
 
+/// The session expiry after a 5.0 DISCONNECT that may set one (`asked`),
+/// held to `max`; one that gives an expiry to a session that had none is a
+/// protocol error [MQTT-3.14.2-2].
+fn expiry_at_disconnect(granted: u32, asked: Option<u32>, max: u32) -> Result<u32, End> {
+    match asked {
+        None => Ok(granted),
+        Some(e) if granted == 0 && e > 0 => Err(End::coded(
+            DisconnectReasonCode::ProtocolError,
+            "DISCONNECT sets a session expiry on a session that had none",
+        )),
+        Some(e) => Ok(e.min(max)),
+    }
+}
+
 /// What woke a connected session's loop. It lives for one turn on the
 /// stack: boxing the settled publish would cost an allocation per ack.
 #[allow(clippy::large_enum_variant)]
@@ -356,15 +370,11 @@ impl Session<'_> {
     /// the session expiry, but not give one to a session that had none
     /// [MQTT-3.14.2-2].
     fn disconnected(&mut self, d: Disconnect, props: Option<DisconnectProperties>) -> End {
-        if let Some(e) = props.and_then(|p| p.session_expiry_interval) {
-            if self.terms.session_expiry == 0 && e > 0 {
-                return End::coded(
-                    DisconnectReasonCode::ProtocolError,
-                    "DISCONNECT sets a session expiry on a session that had none",
-                );
-            }
-            let max = self.deps.config.max_session_expiry.as_secs().min(u64::from(u32::MAX - 1)) as u32;
-            self.terms.session_expiry = e.min(max);
+        let max = self.deps.config.max_session_expiry.as_secs().min(u64::from(u32::MAX - 1)) as u32;
+        let asked = props.and_then(|p| p.session_expiry_interval);
+        match expiry_at_disconnect(self.terms.session_expiry, asked, max) {
+            Ok(expiry) => self.terms.session_expiry = expiry,
+            Err(end) => return end,
         }
         if d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
             End::unclean("DISCONNECT with will message (0x04)")
@@ -453,5 +463,36 @@ impl Session<'_> {
         if deps.sessions.disconnected(&self.who.tenant, &self.who.device_id) {
             self.presence(false).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disconnect_may_change_the_session_expiry_but_not_give_one() {
+        assert_eq!(expiry_at_disconnect(600, None, 3600).unwrap(), 600);
+        assert_eq!(expiry_at_disconnect(600, Some(0), 3600).unwrap(), 0, "the session ends with the connection");
+        assert_eq!(expiry_at_disconnect(600, Some(7200), 3600).unwrap(), 3600, "held to the maximum");
+        assert_eq!(expiry_at_disconnect(0, Some(0), 3600).unwrap(), 0);
+        let e = expiry_at_disconnect(0, Some(60), 3600).unwrap_err();
+        assert!(matches!(e, End::Unclean(_, Some(DisconnectReasonCode::ProtocolError))), "{e:?}");
+    }
+
+    #[test]
+    fn only_a_device_holding_the_permission_may_use_it() {
+        let who = |perms: Vec<Perm>| Identity {
+            peer: SocketAddr::from(([127, 0, 0, 1], 1)),
+            tenant: "acme".into(),
+            device_id: "d1".into(),
+            client_id: "d1".into(),
+            principal: Principal::Device { tenant: "acme".into(), device_id: "d1".into(), perms },
+            expires_at: 0,
+        };
+        assert!(who(vec![Perm::WriteEvents]).can(Perm::WriteEvents));
+        assert!(!who(vec![Perm::WriteEvents]).can(Perm::ReadEvents));
+        let key = who(vec![]).key();
+        assert_eq!((key.tenant.as_str(), key.device_id.as_str(), key.client_id.as_str()), ("acme", "d1", "d1"));
     }
 }
