@@ -36,7 +36,7 @@ use crate::log::{self, CommitObserver, LogHandle, Readers, WriterConfig};
 use crate::metrics::Metrics;
 use crate::mqtt::{self, MqttDeps};
 use crate::stream::Hub;
-use crate::stream::http::StreamState;
+use crate::stream::StreamState;
 use crate::stream::listen::Listener;
 use crate::systemd;
 

@@ -436,29 +436,6 @@ fn dead_letter(cmd: DeadLetterCommand, cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `/api/v1/status` of an appliance listening on `addr` (`0.0.0.0`
-/// means this machine), if it answers within a second. A plain HTTP/1.0
-/// GET: the product links no HTTP client. `http` gives the address and,
-/// when `status_token_file` is set and readable, the token to send.
-pub async fn live_status(http: &crate::config::HttpConfig) -> Option<serde_json::Value> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut addr = http.listen;
-    let auth = http.status_token().ok().flatten().map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(format!("GET /api/v1/status HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n").as_bytes()).await.ok()?;
-        let mut buf = Vec::new();
-        s.take(1 << 20).read_to_end(&mut buf).await.ok()?;
-        let at = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-        (buf.starts_with(b"HTTP/1.") && buf.get(9..12) == Some(b"200"))
-            .then(|| serde_json::from_slice(&buf[at + 4..]).ok())?
-    };
-    tokio::time::timeout(Duration::from_secs(1), fetch).await.ok()?
-}
-
 async fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
     if !cfg.log_path().exists() {
         bail!("no site log at {} (has the appliance run with this config?)", cfg.log_path().display());
@@ -480,8 +457,8 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
     match &cfg.central.url {
         None => println!("central         not configured (buffering only)"),
         Some(url) => {
-            println!("central         {}", redact_url(url));
-            match live_status(&cfg.http).await {
+            println!("central         {}", crate::config::redact_url(url));
+            match crate::live::status(&cfg.http).await {
                 Some(v) => {
                     let u = &v["uplink"];
                     println!(
@@ -501,12 +478,4 @@ async fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// A URL with any password replaced, for printing.
-pub fn redact_url(url: &str) -> String {
-    match crate::config::url_password(url) {
-        Some(r) => format!("{}***{}", &url[..r.start], &url[r.end..]),
-        None => url.to_string(),
-    }
 }

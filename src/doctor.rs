@@ -395,7 +395,7 @@ pub async fn ports(cfg: &Config) -> Vec<Finding> {
 /// The site id of an outpost answering `/api/v1/status` on `http.listen`
 /// (with the status token when one is configured).
 async fn running_outpost(http: &crate::config::HttpConfig) -> Option<String> {
-    let v = crate::cli::live_status(http).await?;
+    let v = crate::live::status(http).await?;
     v["uplink"].is_object().then(|| v["site_id"].as_str().unwrap_or("?").to_string())
 }
 
@@ -407,7 +407,7 @@ pub async fn central(cfg: &Config) -> Vec<Finding> {
     let Some(url) = &c.url else {
         return vec![ok("central", "central.url not set: the site buffers locally")];
     };
-    let shown = crate::cli::redact_url(url);
+    let shown = crate::config::redact_url(url);
     let connector = match crate::central::Connector::new(c) {
         Ok(k) => k,
         Err(e) => {

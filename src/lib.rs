@@ -16,6 +16,7 @@ pub mod forward;
 pub mod http;
 pub mod ingest;
 pub mod limits;
+pub mod live;
 pub mod log;
 pub mod logging;
 pub mod metrics;

@@ -207,6 +207,13 @@ async fn open_streams(
     let url = format!("{}/api/v1/realtime/acme/poll?timeout=30", p.base());
     let t = token.to_string();
     let poll = tokio::spawn(async move { reqwest::Client::new().get(url).bearer_auth(t).send().await.unwrap() });
+    // The long-poll is open once the appliance counts it: only then is a
+    // revocation one that must end it (before, it is answered 401).
+    let open = eventually(T, || async {
+        p.metric_labelled("outpost_tenant_stream_subscribers", "tenant=\"acme\"").await == Some(3)
+    })
+    .await;
+    assert!(open, "the three streams never all opened");
     (ws, sse, poll)
 }
 

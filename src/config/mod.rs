@@ -703,6 +703,14 @@ pub fn url_password(url: &str) -> Option<std::ops::Range<usize>> {
     Some(start + colon + 1..start + creds_len)
 }
 
+/// A URL with any password replaced, for printing.
+pub fn redact_url(url: &str) -> String {
+    match url_password(url) {
+        Some(r) => format!("{}***{}", &url[..r.start], &url[r.end..]),
+        None => url.to_string(),
+    }
+}
+
 /// True when a postgres URL carries `user:password@`.
 fn url_has_password(url: &str) -> bool {
     url_password(url).is_some()

@@ -11,7 +11,9 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
 use axum::routing::get;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -51,7 +53,6 @@ async fn upgrade(
 }
 
 async fn session(mut socket: WebSocket, peer: SocketAddr, s: WsState) {
-    use futures_util::{SinkExt, StreamExt};
     let deps = &s.deps;
     let Some(slot) = deps.slot(peer) else {
         let close = CloseFrame { code: 1013, reason: "mqtt.max_connections reached".into() };
@@ -60,64 +61,21 @@ async fn session(mut socket: WebSocket, peer: SocketAddr, s: WsState) {
     };
     let (ours, theirs) = tokio::io::duplex(64 * 1024);
     let (session_r, session_w) = tokio::io::split(theirs);
-    let (mut pipe_r, mut pipe_w) = tokio::io::split(ours);
-    let (mut ws_tx, mut ws_rx) = socket.split();
+    let (pipe_r, pipe_w) = tokio::io::split(ours);
+    let (ws_tx, ws_rx) = socket.split();
     // Two pumps, one per direction, each waiting only on its own side: the
     // session reads while it writes (it never blocks on a write), so
     // neither direction can hold the other up. A pump stops the other by
     // ending: the device's side closes, or the session ends and closes its
     // pipe.
-    let (tx_close, mut close_rx) = tokio::sync::mpsc::channel::<CloseFrame>(1);
-    let inbound = async move {
-        while let Some(msg) = ws_rx.next().await {
-            match msg {
-                Ok(Message::Binary(b)) => {
-                    if pipe_w.write_all(&b).await.is_err() {
-                        break;
-                    }
-                }
-                Ok(Message::Text(_)) => {
-                    let close = CloseFrame { code: 1003, reason: "MQTT over WebSocket uses binary messages".into() };
-                    let _ = tx_close.try_send(close);
-                    break;
-                }
-                Ok(Message::Ping(_) | Message::Pong(_)) => {}
-                // Closed, or too large (1009 is sent by the codec), or broken.
-                Ok(Message::Close(_)) | Err(_) => break,
-            }
-        }
-        // The session reads EOF: the device is gone.
-        let _ = pipe_w.shutdown().await;
-    };
-    let outbound = async move {
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            tokio::select! {
-                close = close_rx.recv() => {
-                    let _ = ws_tx.send(Message::Close(close)).await;
-                    break;
-                }
-                n = pipe_r.read(&mut buf) => match n {
-                    Ok(0) | Err(_) => {
-                        let _ = ws_tx.send(Message::Close(None)).await;
-                        break;
-                    }
-                    Ok(n) => {
-                        if ws_tx.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
-                            break;
-                        }
-                    }
-                },
-            }
-        }
-    };
+    let (tx_close, close_rx) = tokio::sync::mpsc::channel::<CloseFrame>(1);
     // When the session ends, the pumps get a moment to pass on its last
     // bytes and the close, then go (a client that stops reading cannot
     // hold the connection).
-    let served = tokio_util::sync::CancellationToken::new();
+    let served = CancellationToken::new();
     let pumps = async {
         tokio::select! {
-            _ = async { tokio::join!(inbound, outbound) } => {}
+            _ = async { tokio::join!(pump_in(ws_rx, pipe_w, tx_close), pump_out(ws_tx, pipe_r, close_rx)) } => {}
             () = async {
                 served.cancelled().await;
                 tokio::time::sleep(CLOSE_GRACE).await;
@@ -130,6 +88,63 @@ async fn session(mut socket: WebSocket, peer: SocketAddr, s: WsState) {
     };
     tokio::join!(pumps, serve);
     drop(slot);
+}
+
+/// The device's binary messages into the session's pipe; a text message
+/// asks `pump_out` to close with 1003. Ends (closing the pipe, so the
+/// session reads EOF) when the device's side closes.
+async fn pump_in(
+    mut ws_rx: SplitStream<WebSocket>,
+    mut pipe_w: WriteHalf<DuplexStream>,
+    close: tokio::sync::mpsc::Sender<CloseFrame>,
+) {
+    while let Some(msg) = ws_rx.next().await {
+        match msg {
+            Ok(Message::Binary(b)) => {
+                if pipe_w.write_all(&b).await.is_err() {
+                    break;
+                }
+            }
+            Ok(Message::Text(_)) => {
+                let _ = close
+                    .try_send(CloseFrame { code: 1003, reason: "MQTT over WebSocket uses binary messages".into() });
+                break;
+            }
+            Ok(Message::Ping(_) | Message::Pong(_)) => {}
+            // Closed, or too large (1009 is sent by the codec), or broken.
+            Ok(Message::Close(_)) | Err(_) => break,
+        }
+    }
+    let _ = pipe_w.shutdown().await;
+}
+
+/// The session's bytes out as binary messages, until the session closes
+/// its pipe (then a close frame) or `pump_in` asks for a close.
+async fn pump_out(
+    mut ws_tx: SplitSink<WebSocket, Message>,
+    mut pipe_r: ReadHalf<DuplexStream>,
+    mut close: tokio::sync::mpsc::Receiver<CloseFrame>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            frame = close.recv() => {
+                let _ = ws_tx.send(Message::Close(frame)).await;
+                break;
+            }
+            n = pipe_r.read(&mut buf) => match n {
+                Ok(0) | Err(_) => {
+                    let _ = ws_tx.send(Message::Close(None)).await;
+                    break;
+                }
+                Ok(n) => {
+                    if ws_tx.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                        break;
+                    }
+                }
+            },
+        }
+    }
 }
 
 /// How long the pumps of an ended session may still take to pass on its

@@ -14,8 +14,11 @@
 pub mod http;
 pub mod interest;
 pub mod listen;
+mod open;
 pub mod tail;
 pub mod ws;
+
+pub use open::StreamState;
 
 /// Bytes of a WebSocket `event` frame around its payload, allowed on top of
 /// `limits.max_payload_bytes` (device id, event type, id, timestamp, keys).

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use super::http::{Opened, Params, StreamState, observe, open, presence_frame};
+use super::open::{Opened, Params, StreamState, observe, open, presence_frame};
 use super::{Closed, Filter, Item, Subscription};
 use crate::auth::Principal;
 use crate::event::Tenant;
@@ -31,7 +31,7 @@ pub(super) async fn ws(
     let upgrade = match upgrade {
         Ok(u) => u,
         Err(e) => {
-            super::http::check_params(&params, &headers)?;
+            super::open::check_params(&params, &headers)?;
             return Err(crate::http::error::upgrade_required(&e));
         }
     };

@@ -359,6 +359,14 @@ impl Proc {
             .unwrap_or_else(|| panic!("{name} not in /metrics: {text}"))
     }
 
+    /// The value of metric `name` with the labels `labels` (e.g.
+    /// `tenant="acme"`) in its `/metrics`, or None while it has none.
+    pub async fn metric_labelled(&self, name: &str, labels: &str) -> Option<u64> {
+        let text = reqwest::get(format!("{}/metrics", self.base())).await.unwrap().text().await.unwrap();
+        let prefix = format!("{name}{{{labels}}} ");
+        text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.parse().ok())
+    }
+
     /// Waits up to `timeout` for the process to exit by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;

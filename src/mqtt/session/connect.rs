@@ -20,6 +20,7 @@ use super::will::Will;
 use super::wire::Wire;
 use super::{Identity, Terms};
 use crate::auth::{Perm, Principal};
+use crate::config::MqttConfig;
 use crate::log::MqttOp;
 use crate::mqtt::MqttDeps;
 
@@ -153,41 +154,14 @@ impl Handshake<'_, '_> {
             }
         };
         let assigned = (client_id != connect.client_id).then(|| client_id.clone());
-        let (terms, asked, keep_alive) = self.terms(&connect, &props);
-        // Client ids are a device's own namespace (see `state`).
-        let claim = match self.deps.sessions.claim(&who.tenant, &who.device_id, &client_id) {
-            Ok(claim) => claim,
-            Err(why) => {
-                self.refuse(&client_id, (ConnectReturnCode::QuotaExceeded, why)).await;
-                return None;
-            }
-        };
-        // A take-over: the connection taken over first finishes what it had
-        // read (it ends as if the device had closed it) and records its end,
-        // so the client id's publishes are stored in the order they were
-        // sent and this session is decided from what it left.
-        if let Some(previous) = &claim.previous
-            && tokio::time::timeout(TAKE_OVER_WAIT, previous.cancelled()).await.is_err()
-        {
-            tracing::warn!(peer = %self.peer, client_id, "mqtt: the connection taken over did not end in time; going on");
-        }
-        let lease = match self.deps.sessions.open(claim, terms.session_expiry > 0, !connect.clean_session) {
+        let (terms, asked, keep_alive) = terms(&self.deps.config, self.wire.version(), &connect, &props);
+        let lease = match self.session(&who, terms, !connect.clean_session).await {
             Ok(lease) => lease,
-            Err(why) => {
-                self.refuse(&client_id, (ConnectReturnCode::QuotaExceeded, why)).await;
+            Err(refusal) => {
+                self.refuse(&client_id, refusal).await;
                 return None;
             }
         };
-        // The session's state in the site log: a resumed session keeps its
-        // held QoS 2 ids, a new one starts with none (a clean start, or a
-        // session that ended), so CONNACK's session present is true of it.
-        if let Err(e) = self.open_session(&lease, &who, terms.session_expiry).await {
-            tracing::error!(error = %e, "mqtt: cannot record the session in the site log");
-            self.deps.sessions.release(&lease, 0);
-            self.deps.sessions.ended(&lease);
-            self.connack(ConnectReturnCode::ServiceUnavailable, false, None).await;
-            return None;
-        }
         let connack_props = ConnAckProperties {
             session_expiry_interval: (terms.session_expiry != asked && asked != 0).then_some(terms.session_expiry),
             receive_max: Some(self.deps.config.max_inflight.min(usize::from(u16::MAX)) as u16),
@@ -217,32 +191,38 @@ impl Handshake<'_, '_> {
         Some(Connected { who, terms, lease, will, client })
     }
 
-    /// Keep-alive (held to `mqtt.max_keep_alive`; 5.0: told as Server Keep
-    /// Alive) and session expiry (3.x persistent sessions get the maximum;
-    /// 5.0 what it asked for, held to the maximum). Returns the terms, the
-    /// expiry asked for and the keep-alive granted.
-    fn terms(&self, connect: &Connect, props: &ConnectProperties) -> (Terms, u32, u16) {
-        let c = &self.deps.config;
-        let max_ka = c.max_keep_alive.as_secs().min(u64::from(u16::MAX)) as u16;
-        let keep_alive = if max_ka > 0 && (connect.keep_alive == 0 || connect.keep_alive > max_ka) {
-            max_ka
-        } else {
-            connect.keep_alive
-        };
-        let max_expiry = c.max_session_expiry.as_secs().min(u64::from(u32::MAX - 1)) as u32;
-        let asked = if self.wire.version().is_v5() {
-            props.session_expiry_interval.unwrap_or(0)
-        } else if connect.clean_session {
-            0
-        } else {
-            u32::MAX
-        };
-        let terms = Terms {
-            keep_alive: (keep_alive > 0).then(|| Duration::from_secs(u64::from(keep_alive)).mul_f32(1.5)),
-            session_expiry: asked.min(max_expiry),
-            problem_info: props.request_problem_info != Some(0),
-        };
-        (terms, asked, keep_alive)
+    /// The connection's session: its client id claimed within the shares,
+    /// the connection it took over (if any) finished, the session opened
+    /// (new or resumed) and recorded in the site log. A refusal is the
+    /// CONNACK's.
+    async fn session(&mut self, who: &Identity, terms: Terms, resume: bool) -> Result<Lease, Refusal> {
+        // Client ids are a device's own namespace (see `state`).
+        let sessions = &self.deps.sessions;
+        let claim = sessions
+            .claim(&who.tenant, &who.device_id, &who.client_id)
+            .map_err(|why| (ConnectReturnCode::QuotaExceeded, why))?;
+        // A take-over: the connection taken over first finishes what it had
+        // read (it ends as if the device had closed it) and records its end,
+        // so the client id's publishes are stored in the order they were
+        // sent and this session is decided from what it left.
+        if let Some(previous) = &claim.previous
+            && tokio::time::timeout(TAKE_OVER_WAIT, previous.cancelled()).await.is_err()
+        {
+            tracing::warn!(peer = %self.peer, client_id = who.client_id, "mqtt: the connection taken over did not end in time; going on");
+        }
+        let lease = sessions
+            .open(claim, terms.session_expiry > 0, resume)
+            .map_err(|why| (ConnectReturnCode::QuotaExceeded, why))?;
+        // The session's state in the site log: a resumed session keeps its
+        // held QoS 2 ids, a new one starts with none (a clean start, or a
+        // session that ended), so CONNACK's session present is true of it.
+        if let Err(e) = self.open_session(&lease, who, terms.session_expiry).await {
+            tracing::error!(error = %e, "mqtt: cannot record the session in the site log");
+            sessions.release(&lease, 0);
+            sessions.ended(&lease);
+            return Err((ConnectReturnCode::ServiceUnavailable, "the site log cannot record the session".into()));
+        }
+        Ok(lease)
     }
 
     /// Records the session in the site log (see `log::mqtt`), and drops the
@@ -269,9 +249,7 @@ impl Handshake<'_, '_> {
     }
 
     /// CONNECT checks; returns who the connection is and its validated
-    /// will, or the CONNACK refusal. An empty client id is assigned
-    /// `<device id>-<random>` (3.x: only with a clean session, as 3.1.1
-    /// requires).
+    /// will, or the CONNACK refusal.
     fn check(
         &self,
         props: &ConnectProperties,
@@ -280,63 +258,15 @@ impl Handshake<'_, '_> {
         login: Option<(&str, &str)>,
         will: Option<LastWill>,
     ) -> Result<(Identity, Option<LastWill>), Refusal> {
-        if let Some(method) = &props.authentication_method {
-            let why = format!("authentication method {method:?} is not supported: send the device token as password");
-            return Err((ConnectReturnCode::BadAuthenticationMethod, why));
-        }
-        if props.receive_maximum == Some(0) || props.max_packet_size == Some(0) {
-            return Err((
-                ConnectReturnCode::ProtocolError,
-                "Receive Maximum and Maximum Packet Size must not be 0".into(),
-            ));
-        }
-        let bad = |r: &str| (ConnectReturnCode::BadUserNamePassword, r.to_string());
-        let (username, password) = login.ok_or_else(|| bad("no username/password"))?;
-        let (principal, expires_at) =
-            self.deps.auth.verify_expiring(password).map_err(|e| (refuse_code(&e), e.to_string()))?;
-        let Principal::Device { tenant, device_id, perms } = &principal else {
-            return Err((ConnectReturnCode::NotAuthorized, "admin tokens cannot connect as devices".into()));
-        };
-        if username != device_id {
-            return Err(bad("username must be the token's device id"));
-        }
-        if client_id.is_empty() {
-            if !clean && !self.wire.version().is_v5() {
-                return Err((
-                    ConnectReturnCode::ClientIdentifierNotValid,
-                    "an empty client id needs clean session = 1".into(),
-                ));
-            }
-            let mut r = [0u8; 6];
-            getrandom::fill(&mut r).map_err(|e| (ConnectReturnCode::ServiceUnavailable, e.to_string()))?;
-            *client_id = format!("{device_id}-{}", r.iter().map(|b| format!("{b:02x}")).collect::<String>());
-        }
-        if !client_id_allowed(client_id, device_id) {
-            return Err((
-                ConnectReturnCode::ClientIdentifierNotValid,
-                format!("client id {client_id:?} must be {device_id:?} or \"{device_id}-<suffix>\", at most 128 bytes"),
-            ));
-        }
+        check_props(props)?;
+        let (principal, expires_at) = self.authenticate(login)?;
+        let Principal::Device { tenant, device_id, perms } = &principal else { return Err(admin_refused()) };
+        self.assign_client_id(client_id, device_id, clean)?;
         if !perms.contains(&Perm::WriteEvents) && !perms.contains(&Perm::ReadEvents) {
             return Err((ConnectReturnCode::NotAuthorized, "token has neither write_events nor read_events".into()));
         }
         if let Some(w) = &will {
-            let topic = std::str::from_utf8(&w.topic).unwrap_or("");
-            if w.topic.len() > self.deps.config.max_topic_length {
-                return Err((
-                    ConnectReturnCode::TopicNameInvalid,
-                    format!("will topic of {} bytes is over mqtt.max_topic_length", w.topic.len()),
-                ));
-            }
-            if !perms.contains(&Perm::WriteEvents) || event_topic(topic, tenant, device_id).is_none() {
-                return Err((
-                    ConnectReturnCode::NotAuthorized,
-                    format!("will topic {topic:?} is not this device's event topic"),
-                ));
-            }
-            if !w.message.trim_ascii_start().starts_with(b"{") {
-                return Err((ConnectReturnCode::PayloadFormatInvalid, "will payload must be a JSON object".into()));
-            }
+            check_will(w, self.deps.config.max_topic_length, perms.contains(&Perm::WriteEvents), tenant, device_id)?;
         }
         if !self.deps.sessions.connect_allowed(tenant, device_id) {
             let why = format!(
@@ -354,5 +284,192 @@ impl Handshake<'_, '_> {
             expires_at,
         };
         Ok((who, will))
+    }
+
+    /// The device the token in the password proves, and when the token
+    /// expires; the username must be its device id.
+    fn authenticate(&self, login: Option<(&str, &str)>) -> Result<(Principal, i64), Refusal> {
+        let bad = |r: &str| (ConnectReturnCode::BadUserNamePassword, r.to_string());
+        let (username, password) = login.ok_or_else(|| bad("no username/password"))?;
+        let (principal, expires_at) =
+            self.deps.auth.verify_expiring(password).map_err(|e| (refuse_code(&e), e.to_string()))?;
+        let Principal::Device { device_id, .. } = &principal else { return Err(admin_refused()) };
+        if username != device_id {
+            return Err(bad("username must be the token's device id"));
+        }
+        Ok((principal, expires_at))
+    }
+
+    /// The client-id rule: `<device id>` or `<device id>-<suffix>`. An
+    /// empty client id is assigned `<device id>-<random>` (3.x: only with a
+    /// clean session, as 3.1.1 requires).
+    fn assign_client_id(&self, client_id: &mut String, device_id: &str, clean: bool) -> Result<(), Refusal> {
+        if client_id.is_empty() {
+            if !clean && !self.wire.version().is_v5() {
+                return Err((
+                    ConnectReturnCode::ClientIdentifierNotValid,
+                    "an empty client id needs clean session = 1".into(),
+                ));
+            }
+            let mut r = [0u8; 6];
+            getrandom::fill(&mut r).map_err(|e| (ConnectReturnCode::ServiceUnavailable, e.to_string()))?;
+            *client_id = format!("{device_id}-{}", r.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        }
+        if !client_id_allowed(client_id, device_id) {
+            return Err((
+                ConnectReturnCode::ClientIdentifierNotValid,
+                format!("client id {client_id:?} must be {device_id:?} or \"{device_id}-<suffix>\", at most 128 bytes"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Keep-alive (held to `mqtt.max_keep_alive`; 5.0: told as Server Keep
+/// Alive) and session expiry (3.x persistent sessions get the maximum;
+/// 5.0 what it asked for, held to the maximum). Returns the terms, the
+/// expiry asked for and the keep-alive granted.
+fn terms(c: &MqttConfig, version: Version, connect: &Connect, props: &ConnectProperties) -> (Terms, u32, u16) {
+    let max_ka = c.max_keep_alive.as_secs().min(u64::from(u16::MAX)) as u16;
+    let keep_alive = if max_ka > 0 && (connect.keep_alive == 0 || connect.keep_alive > max_ka) {
+        max_ka
+    } else {
+        connect.keep_alive
+    };
+    let max_expiry = c.max_session_expiry.as_secs().min(u64::from(u32::MAX - 1)) as u32;
+    let asked = if version.is_v5() {
+        props.session_expiry_interval.unwrap_or(0)
+    } else if connect.clean_session {
+        0
+    } else {
+        u32::MAX
+    };
+    let terms = Terms {
+        keep_alive: (keep_alive > 0).then(|| Duration::from_secs(u64::from(keep_alive)).mul_f32(1.5)),
+        session_expiry: asked.min(max_expiry),
+        problem_info: props.request_problem_info != Some(0),
+    };
+    (terms, asked, keep_alive)
+}
+
+fn admin_refused() -> Refusal {
+    (ConnectReturnCode::NotAuthorized, "admin tokens cannot connect as devices".into())
+}
+
+/// 5.0 CONNECT properties the front-end cannot honour or that break the
+/// protocol.
+fn check_props(props: &ConnectProperties) -> Result<(), Refusal> {
+    if let Some(method) = &props.authentication_method {
+        let why = format!("authentication method {method:?} is not supported: send the device token as password");
+        return Err((ConnectReturnCode::BadAuthenticationMethod, why));
+    }
+    if props.receive_maximum == Some(0) || props.max_packet_size == Some(0) {
+        return Err((ConnectReturnCode::ProtocolError, "Receive Maximum and Maximum Packet Size must not be 0".into()));
+    }
+    Ok(())
+}
+
+/// A will must be an event of the device itself (its own event topic, a
+/// JSON object), within the topic length, and the device must be allowed
+/// to write events.
+fn check_will(w: &LastWill, max_topic: usize, may_write: bool, tenant: &str, device_id: &str) -> Result<(), Refusal> {
+    let topic = std::str::from_utf8(&w.topic).unwrap_or("");
+    if w.topic.len() > max_topic {
+        return Err((
+            ConnectReturnCode::TopicNameInvalid,
+            format!("will topic of {} bytes is over mqtt.max_topic_length", w.topic.len()),
+        ));
+    }
+    if !may_write || event_topic(topic, tenant, device_id).is_none() {
+        return Err((
+            ConnectReturnCode::NotAuthorized,
+            format!("will topic {topic:?} is not this device's event topic"),
+        ));
+    }
+    if !w.message.trim_ascii_start().starts_with(b"{") {
+        return Err((ConnectReturnCode::PayloadFormatInvalid, "will payload must be a JSON object".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use rumqttd::protocol::QoS;
+
+    fn connect(keep_alive: u16, clean_session: bool) -> Connect {
+        Connect { keep_alive, client_id: "d1".into(), clean_session }
+    }
+
+    fn props(session_expiry: Option<u32>) -> ConnectProperties {
+        ConnectProperties {
+            session_expiry_interval: session_expiry,
+            receive_maximum: None,
+            max_packet_size: None,
+            topic_alias_max: None,
+            request_response_info: None,
+            request_problem_info: None,
+            user_properties: vec![],
+            authentication_method: None,
+            authentication_data: None,
+        }
+    }
+
+    #[test]
+    fn keep_alive_and_session_expiry_are_held_to_the_maximums() {
+        let c = MqttConfig::default(); // keep-alive at most 1 h, sessions 1 day
+        let (t, asked, ka) = terms(&c, Version::V311, &connect(60, true), &props(None));
+        assert_eq!((t.keep_alive, t.session_expiry, asked, ka), (Some(Duration::from_secs(90)), 0, 0, 60));
+        let (t, _, ka) = terms(&c, Version::V311, &connect(0, true), &props(None));
+        assert_eq!((ka, t.keep_alive), (3600, Some(Duration::from_secs(5400))), "none asked: the maximum");
+        let (_, _, ka) = terms(&c, Version::V311, &connect(u16::MAX, true), &props(None));
+        assert_eq!(ka, 3600, "over the maximum: the maximum");
+        let (t, asked, _) = terms(&c, Version::V311, &connect(60, false), &props(None));
+        assert_eq!((t.session_expiry, asked), (86_400, u32::MAX), "3.1.1 persistent: the maximum");
+        let (t, asked, _) = terms(&c, Version::V5, &connect(60, false), &props(Some(600)));
+        assert_eq!((t.session_expiry, asked), (600, 600), "5.0: what it asked for");
+        let (t, _, _) = terms(&c, Version::V5, &connect(60, true), &props(Some(u32::MAX)));
+        assert_eq!(t.session_expiry, 86_400, "5.0 never-expires is held to the maximum");
+        let unlimited = MqttConfig { max_keep_alive: Duration::ZERO, ..MqttConfig::default() };
+        let (t, _, ka) = terms(&unlimited, Version::V311, &connect(0, true), &props(None));
+        assert_eq!((ka, t.keep_alive), (0, None), "no maximum: no keep-alive is none");
+    }
+
+    #[test]
+    fn finer_refusal_codes_fold_into_the_six_of_3x() {
+        use ConnectReturnCode as C;
+        assert_eq!(connack_code(Version::V5, C::QuotaExceeded), C::QuotaExceeded);
+        assert_eq!(connack_code(Version::V311, C::QuotaExceeded), C::ServiceUnavailable);
+        assert_eq!(connack_code(Version::V311, C::Banned), C::NotAuthorized);
+        assert_eq!(connack_code(Version::V311, C::BadAuthenticationMethod), C::NotAuthorized);
+        assert_eq!(connack_code(Version::V31, C::UnsupportedProtocolVersion), C::RefusedProtocolVersion);
+        assert_eq!(connack_code(Version::V311, C::BadUserNamePassword), C::BadUserNamePassword);
+    }
+
+    #[test]
+    fn connect_properties_the_front_end_cannot_honour_are_refused() {
+        assert!(check_props(&props(None)).is_ok());
+        let auth = ConnectProperties { authentication_method: Some("SCRAM-SHA-1".into()), ..props(None) };
+        assert_eq!(check_props(&auth).unwrap_err().0, ConnectReturnCode::BadAuthenticationMethod);
+        let zero = ConnectProperties { receive_maximum: Some(0), ..props(None) };
+        assert_eq!(check_props(&zero).unwrap_err().0, ConnectReturnCode::ProtocolError);
+    }
+
+    #[test]
+    fn a_will_must_be_an_event_of_the_device_itself() {
+        let will = |topic: &str, message: &str| LastWill {
+            topic: Bytes::copy_from_slice(topic.as_bytes()),
+            message: Bytes::copy_from_slice(message.as_bytes()),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+        };
+        let own = "acme/devices/d1/events/gone";
+        assert!(check_will(&will(own, r#" {"a":1}"#), 512, true, "acme", "d1").is_ok());
+        let code = |w: LastWill, max: usize, write: bool| check_will(&w, max, write, "acme", "d1").unwrap_err().0;
+        assert_eq!(code(will(own, "{}"), 10, true), ConnectReturnCode::TopicNameInvalid);
+        assert_eq!(code(will(own, "{}"), 512, false), ConnectReturnCode::NotAuthorized, "no write_events");
+        assert_eq!(code(will("acme/devices/d2/events/gone", "{}"), 512, true), ConnectReturnCode::NotAuthorized);
+        assert_eq!(code(will(own, "offline"), 512, true), ConnectReturnCode::PayloadFormatInvalid);
     }
 }

@@ -105,6 +105,42 @@ impl Inbound {
         self.held.is_some() || self.control_held
     }
 
+    /// Counts a QoS 1 or 2 publish as open; 5.0 bounds them by the
+    /// server's Receive Maximum (`max`).
+    fn open(&mut self, qos: u8, pkid: u16, v5: bool, max: usize) -> Result<(), End> {
+        match qos {
+            1 => self.open_qos1 += 1,
+            2 => {
+                self.open_qos2.insert(pkid);
+            }
+            _ => {}
+        }
+        if v5 && self.open_qos1 + self.open_qos2.len() > max {
+            return Err(End::coded(
+                DisconnectReasonCode::ReceiveMaximumExceeded,
+                format!("more than Receive Maximum = {max} QoS 1 and 2 publishes unacknowledged"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A publish was answered: a QoS 1 one is done; a QoS 2 one only with
+    /// a negative PUBREC (else at its PUBCOMP, see [`Inbound::completed`]).
+    fn answered(&mut self, qos: u8, pkid: u16, success: bool) {
+        match qos {
+            1 => self.open_qos1 = self.open_qos1.saturating_sub(1),
+            2 if !success => {
+                self.open_qos2.remove(&pkid);
+            }
+            _ => {}
+        }
+    }
+
+    /// A QoS 2 packet id was completed (PUBCOMP sent).
+    fn completed(&mut self, pkid: u16) {
+        self.open_qos2.remove(&pkid);
+    }
+
     /// How the session ends once the device closed its side (or was taken
     /// over) and everything it sent was handled.
     pub fn finished(&self) -> Option<End> {
@@ -156,7 +192,7 @@ impl Session<'_> {
             match packet {
                 Packet::Publish(publish, props) => {
                     let (qos, dup, pkid) = header.unwrap_or((0, false, 0));
-                    self.open(qos, pkid)?;
+                    self.inbound.open(qos, pkid, self.v5(), self.deps.config.max_inflight)?;
                     let publish = InPublish { publish, props, qos, dup, pkid, read_at: Instant::now() };
                     self.inbound.held = self.check_publish(publish)?;
                 }
@@ -218,26 +254,6 @@ impl Session<'_> {
                 false
             }
         }
-    }
-
-    /// Counts a QoS 1 or 2 publish as open; 5.0 bounds them by the server's
-    /// Receive Maximum.
-    fn open(&mut self, qos: u8, pkid: u16) -> Result<(), End> {
-        match qos {
-            1 => self.inbound.open_qos1 += 1,
-            2 => {
-                self.inbound.open_qos2.insert(pkid);
-            }
-            _ => {}
-        }
-        let max = self.deps.config.max_inflight;
-        if self.v5() && self.inbound.open_qos1 + self.inbound.open_qos2.len() > max {
-            return Err(End::coded(
-                DisconnectReasonCode::ReceiveMaximumExceeded,
-                format!("more than Receive Maximum = {max} QoS 1 and 2 publishes unacknowledged"),
-            ));
-        }
-        Ok(())
     }
 
     /// A PUBREL: the packet id is released in the log, and answered in order.
@@ -454,7 +470,7 @@ impl Session<'_> {
             Done::Refused(publish, code, why) => self.ack(publish.qos, publish.pkid, code, Some(why)),
             Done::Released(pkid, result) => match result {
                 Ok(n) => {
-                    self.inbound.open_qos2.remove(&pkid);
+                    self.inbound.completed(pkid);
                     let reason = if n == 0 && self.v5() {
                         PubCompReason::PacketIdentifierNotFound
                     } else {
@@ -494,13 +510,7 @@ impl Session<'_> {
     /// PUBACK (QoS 1) or PUBREC (QoS 2) with `code`; nothing for QoS 0.
     fn ack(&mut self, qos: u8, pkid: u16, code: PubAckReason, why: Option<String>) -> Result<(), End> {
         let why = why.filter(|_| self.terms.problem_info);
-        match qos {
-            1 => self.inbound.open_qos1 = self.inbound.open_qos1.saturating_sub(1),
-            2 if code != PubAckReason::Success => {
-                self.inbound.open_qos2.remove(&pkid);
-            }
-            _ => {}
-        }
+        self.inbound.answered(qos, pkid, code == PubAckReason::Success);
         let packet = match qos {
             1 => Packet::PubAck(
                 PubAck { pkid, reason: code },
@@ -527,5 +537,56 @@ fn pubrec_reason(code: PubAckReason) -> PubRecReason {
         PubAckReason::PacketIdentifierInUse => PubRecReason::PacketIdentifierInUse,
         PubAckReason::QuotaExceeded => PubRecReason::QuotaExceeded,
         PubAckReason::PayloadFormatInvalid => PubRecReason::PayloadFormatInvalid,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_receive_maximum_counts_qos_1_until_answered_and_qos_2_until_completed() {
+        let mut i = Inbound::new(0);
+        i.open(0, 0, true, 2).unwrap();
+        i.open(1, 1, true, 2).unwrap();
+        i.open(2, 2, true, 2).unwrap();
+        let over = i.open(1, 3, true, 2).unwrap_err();
+        assert!(matches!(over, End::Unclean(_, Some(DisconnectReasonCode::ReceiveMaximumExceeded))), "{over:?}");
+        i.answered(1, 3, true);
+        i.answered(1, 1, true);
+        i.answered(2, 2, true);
+        i.open(1, 4, true, 2).unwrap();
+        assert!(i.open(1, 5, true, 2).is_err(), "a QoS 2 id stays open after a successful PUBREC");
+        i.answered(1, 5, true);
+        i.answered(1, 4, true);
+        i.completed(2);
+        i.open(1, 5, true, 2).unwrap();
+        i.open(2, 6, true, 2).unwrap();
+        i.answered(2, 6, false);
+        i.open(1, 7, true, 2).expect("a negative PUBREC ends the QoS 2 flow");
+        let mut old = Inbound::new(0);
+        for pkid in 1..10 {
+            old.open(1, pkid, false, 2).expect("3.x has no Receive Maximum to break");
+        }
+    }
+
+    #[test]
+    fn a_connection_is_read_only_while_nothing_waits_and_ends_once_all_it_sent_is_handled() {
+        let mut i = Inbound::new(0);
+        assert!(i.can_read(1) && !i.waiting() && i.finished().is_none());
+        i.packets.push_back((Packet::PingReq(rumqttd::protocol::PingReq), None));
+        assert!(!i.can_read(1), "decoded packets first");
+        i.eof = true;
+        assert!(i.finished().is_none(), "the device closed, but a packet is left");
+        i.packets.clear();
+        i.control_held = true;
+        assert!(i.waiting() && i.finished().is_none(), "a SUBSCRIBE waits for the rate limit");
+        i.control_held = false;
+        assert!(matches!(i.finished(), Some(End::Unclean(_, None))), "closed by the device: the will fires");
+        i.taken = true;
+        assert!(matches!(i.finished(), Some(End::Unclean(_, Some(DisconnectReasonCode::SessionTakenOver)))));
+        let mut full = Inbound::new(0);
+        full.fifo.push_back(Box::pin(async { Done::Released(1, Ok(1)) }));
+        assert!(!full.can_read(1) && full.can_read(2), "the FIFO is bounded by max_inflight");
     }
 }

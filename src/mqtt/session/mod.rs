@@ -100,6 +100,71 @@ pub(super) struct Terms {
     pub problem_info: bool,
 }
 
+/// What a connected session's loop watches besides its own parts.
+struct Watch {
+    /// Resolves when the device is revoked or its token expires.
+    ended: std::pin::Pin<Box<dyn Future<Output = SessionEnd> + Send>>,
+    /// Cancelled when a newer connection takes the client id over.
+    taken_over: CancellationToken,
+    /// The session's mailbox, told when a delivery is queued.
+    mailbox: std::sync::Arc<super::fanout::Mailbox>,
+    /// When keep-alive expires unless the device is heard from.
+    deadline: Option<tokio::time::Instant>,
+    write_timeout: Duration,
+}
+
+impl Watch {
+    fn new(s: &Session<'_>) -> Self {
+        let (auth, principal, expires_at) = (s.deps.auth.clone(), s.who.principal.clone(), s.who.expires_at);
+        let mut watch = Self {
+            ended: Box::pin(async move { auth.session_end(&principal, expires_at).await }),
+            taken_over: s.lease.taken_over.clone(),
+            mailbox: s.outbound.mailbox.clone(),
+            deadline: None,
+            write_timeout: s.deps.config.write_timeout,
+        };
+        watch.heard_from(s.terms.keep_alive);
+        watch
+    }
+
+    /// The device was heard from (or not read): keep-alive starts again.
+    fn heard_from(&mut self, keep_alive: Option<Duration>) {
+        self.deadline = keep_alive.map(|k| tokio::time::Instant::now() + k);
+    }
+}
+
+/// The session expiry after a 5.0 DISCONNECT that may set one (`asked`),
+/// held to `max`; one that gives an expiry to a session that had none is a
+/// protocol error [MQTT-3.14.2-2].
+fn expiry_at_disconnect(granted: u32, asked: Option<u32>, max: u32) -> Result<u32, End> {
+    match asked {
+        None => Ok(granted),
+        Some(e) if granted == 0 && e > 0 => Err(End::coded(
+            DisconnectReasonCode::ProtocolError,
+            "DISCONNECT sets a session expiry on a session that had none",
+        )),
+        Some(e) => Ok(e.min(max)),
+    }
+}
+
+/// What woke a connected session's loop. It lives for one turn on the
+/// stack: boxing the settled publish would cost an allocation per ack.
+#[allow(clippy::large_enum_variant)]
+enum Wake {
+    /// The session ends (shutdown, revocation, keep-alive, a stalled write).
+    End(End),
+    /// A newer connection has the client id.
+    TakenOver,
+    /// Time to try again what a rate limit or the full log held.
+    Retry,
+    Read(std::io::Result<usize>),
+    Wrote(std::io::Result<usize>),
+    /// The oldest entry of the inbound FIFO settled (committed or refused).
+    Settled(inbound::Done),
+    /// A delivery waits in the mailbox.
+    Queued,
+}
+
 /// A connected session.
 pub(super) struct Session<'a> {
     deps: &'a MqttDeps,
@@ -154,109 +219,125 @@ impl Session<'_> {
         self.wire.queue(packet).map_err(End::unclean)
     }
 
-    /// The connected session: returns how it ended.
+    /// The connected session: returns how it ended. Each turn handles what
+    /// is already read (decode, admit), then waits for the next thing to
+    /// happen ([`wait`](Self::wait)) and handles it ([`on`](Self::on)).
     async fn run(&mut self, shutdown: &CancellationToken) -> End {
-        let principal = self.who.principal.clone();
-        let ended = self.deps.auth.session_end(&principal, self.who.expires_at);
-        tokio::pin!(ended);
-        let taken_over = self.lease.taken_over.clone();
-        let mailbox = self.outbound.mailbox.clone();
-        let write_timeout = self.deps.config.write_timeout;
-        let mut deadline = self.terms.keep_alive.map(|k| tokio::time::Instant::now() + k);
+        let mut watch = Watch::new(self);
         if let Err(end) = self.resume_deliveries() {
             return end;
         }
         loop {
-            // Bytes already buffered (they may have come with the CONNECT, or
-            // several packets in one segment) are decoded before any new read.
-            if let Err(end) = self.decode() {
+            if let Err(end) = self.handle_read().await {
                 return end;
             }
-            if let Err(end) = self.admit().await {
+            let wake = self.wait(&mut watch, shutdown).await;
+            if let Err(end) = self.on(wake, &mut watch).await {
                 return end;
-            }
-            if let Some(end) = self.inbound.finished() {
-                return end;
-            }
-            let can_read = self.inbound.can_read(self.deps.config.max_inflight) && self.wire.may_read();
-            if !can_read {
-                // Keep-alive counts only while the device is read: time the
-                // appliance holds the read (rate limit, full log, commits in
-                // flight, a client that does not take its acks) never expires
-                // it, so throttling fires no will.
-                deadline = self.terms.keep_alive.map(|k| tokio::time::Instant::now() + k);
-            }
-            let keep_alive = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let pending = !self.wire.write_buf.is_empty();
-            let stalled = self.wire.stalled_since.unwrap_or_else(tokio::time::Instant::now) + write_timeout;
-            let pull = self.wire.has_room() && !self.inbound.taken;
-            let write = async {
-                let n = tokio::io::AsyncWriteExt::write(&mut self.wire.writer, &self.wire.write_buf).await?;
-                if n == self.wire.write_buf.len() {
-                    tokio::io::AsyncWriteExt::flush(&mut self.wire.writer).await?;
-                }
-                Ok::<usize, std::io::Error>(n)
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => return End::Shutdown,
-                // Revoked or expired: what is not committed yet is never acked.
-                why = &mut ended => return End::Ended(why),
-                // What the device sent before its new connection (already
-                // here, e.g. a QoS 0 PUBLISH and DISCONNECT) is still
-                // processed: read up to what has arrived, then the session
-                // ends as if the device had closed it.
-                _ = taken_over.cancelled(), if !self.inbound.taken => {
-                    self.inbound.taken = true;
-                    self.wire.read_arrived().await;
-                    self.inbound.eof = true;
-                }
-                _ = keep_alive, if can_read => return End::coded(
-                    DisconnectReasonCode::KeepAliveTimeout,
-                    "keep-alive expired (no packet within 1.5 × keep-alive)",
-                ),
-                _ = tokio::time::sleep_until(self.inbound.resume_at), if self.inbound.waiting() => {}
-                r = tokio::io::AsyncReadExt::read_buf(&mut self.wire.reader, &mut self.wire.read_buf), if can_read => match r {
-                    Ok(0) => self.inbound.eof = true,
-                    Err(e) => return End::unclean(format!("read: {e}")),
-                    Ok(_) => deadline = self.terms.keep_alive.map(|k| tokio::time::Instant::now() + k),
-                },
-                w = write, if pending => match w {
-                    Ok(0) => return End::unclean("write: connection closed"),
-                    Ok(n) => {
-                        self.wire.wrote(n);
-                        if let Err(end) = self.pull() {
-                            return end;
-                        }
-                    }
-                    Err(e) => return End::unclean(format!("write: {e}")),
-                },
-                _ = tokio::time::sleep_until(stalled), if pending => {
-                    self.deps.metrics.mqtt_write_timeouts.inc();
-                    return End::unclean(format!(
-                        "the client took none of what was written to it for {write_timeout:?} (mqtt.write_timeout): it stopped reading"
-                    ));
-                }
-                Some(done) = self.inbound.fifo.next() => {
-                    // Everything the same commit settled is answered in one
-                    // write: one send per commit, not one per PUBACK.
-                    let mut next = Some(done);
-                    while let Some(done) = next.take() {
-                        if let Err(end) = self.settle(done).await {
-                            return end;
-                        }
-                        next = self.inbound.fifo.next().now_or_never().flatten();
-                    }
-                }
-                _ = mailbox.queued(), if pull => if let Err(end) = self.pull() {
-                    return end;
-                },
             }
         }
+    }
+
+    /// Bytes already buffered (they may have come with the CONNECT, or
+    /// several packets in one segment) are decoded and admitted before any
+    /// new read; `Err` once the device closed and all it sent is handled.
+    async fn handle_read(&mut self) -> Result<(), End> {
+        self.decode()?;
+        self.admit().await?;
+        match self.inbound.finished() {
+            Some(end) => Err(end),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for whatever comes first: the end of the session (shutdown,
+    /// revocation, keep-alive, a client that stopped reading), a take-over,
+    /// bytes read or written, a commit settled, a delivery queued, or the
+    /// time to retry what a rate limit held.
+    async fn wait(&mut self, watch: &mut Watch, shutdown: &CancellationToken) -> Wake {
+        let can_read = self.inbound.can_read(self.deps.config.max_inflight) && self.wire.may_read();
+        if !can_read {
+            // Keep-alive counts only while the device is read: time the
+            // appliance holds the read (rate limit, full log, commits in
+            // flight, a client that does not take its acks) never expires
+            // it, so throttling fires no will.
+            watch.heard_from(self.terms.keep_alive);
+        }
+        let keep_alive = async {
+            match watch.deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let pending = !self.wire.write_buf.is_empty();
+        let stalled = self.wire.stalled_since.unwrap_or_else(tokio::time::Instant::now) + watch.write_timeout;
+        let pull = self.wire.has_room() && !self.inbound.taken;
+        let write = async {
+            let n = tokio::io::AsyncWriteExt::write(&mut self.wire.writer, &self.wire.write_buf).await?;
+            if n == self.wire.write_buf.len() {
+                tokio::io::AsyncWriteExt::flush(&mut self.wire.writer).await?;
+            }
+            Ok::<usize, std::io::Error>(n)
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => Wake::End(End::Shutdown),
+            // Revoked or expired: what is not committed yet is never acked.
+            why = &mut watch.ended => Wake::End(End::Ended(why)),
+            _ = watch.taken_over.cancelled(), if !self.inbound.taken => Wake::TakenOver,
+            _ = keep_alive, if can_read => Wake::End(End::coded(
+                DisconnectReasonCode::KeepAliveTimeout,
+                "keep-alive expired (no packet within 1.5 × keep-alive)",
+            )),
+            _ = tokio::time::sleep_until(self.inbound.resume_at), if self.inbound.waiting() => Wake::Retry,
+            r = tokio::io::AsyncReadExt::read_buf(&mut self.wire.reader, &mut self.wire.read_buf), if can_read => Wake::Read(r),
+            w = write, if pending => Wake::Wrote(w),
+            _ = tokio::time::sleep_until(stalled), if pending => {
+                self.deps.metrics.mqtt_write_timeouts.inc();
+                Wake::End(End::unclean(format!(
+                    "the client took none of what was written to it for {:?} (mqtt.write_timeout): it stopped reading",
+                    watch.write_timeout
+                )))
+            }
+            Some(done) = self.inbound.fifo.next() => Wake::Settled(done),
+            _ = watch.mailbox.queued(), if pull => Wake::Queued,
+        }
+    }
+
+    /// Handles what [`wait`](Self::wait) woke up for.
+    async fn on(&mut self, wake: Wake, watch: &mut Watch) -> Result<(), End> {
+        match wake {
+            Wake::End(end) => return Err(end),
+            // What the device sent before its new connection (already here,
+            // e.g. a QoS 0 PUBLISH and DISCONNECT) is still processed: read
+            // up to what has arrived, then the session ends as if the device
+            // had closed it.
+            Wake::TakenOver => {
+                self.inbound.taken = true;
+                self.wire.read_arrived().await;
+                self.inbound.eof = true;
+            }
+            Wake::Retry => {}
+            Wake::Read(Ok(0)) => self.inbound.eof = true,
+            Wake::Read(Ok(_)) => watch.heard_from(self.terms.keep_alive),
+            Wake::Read(Err(e)) => return Err(End::unclean(format!("read: {e}"))),
+            Wake::Wrote(Ok(0)) => return Err(End::unclean("write: connection closed")),
+            Wake::Wrote(Ok(n)) => {
+                self.wire.wrote(n);
+                self.pull()?;
+            }
+            Wake::Wrote(Err(e)) => return Err(End::unclean(format!("write: {e}"))),
+            // Everything the same commit settled is answered in one write:
+            // one send per commit, not one per PUBACK.
+            Wake::Settled(done) => {
+                let mut next = Some(done);
+                while let Some(done) = next.take() {
+                    self.settle(done).await?;
+                    next = self.inbound.fifo.next().now_or_never().flatten();
+                }
+            }
+            Wake::Queued => self.pull()?,
+        }
+        Ok(())
     }
 
     /// Handles one decoded packet other than a PUBLISH (those go through
@@ -289,15 +370,11 @@ impl Session<'_> {
     /// the session expiry, but not give one to a session that had none
     /// [MQTT-3.14.2-2].
     fn disconnected(&mut self, d: Disconnect, props: Option<DisconnectProperties>) -> End {
-        if let Some(e) = props.and_then(|p| p.session_expiry_interval) {
-            if self.terms.session_expiry == 0 && e > 0 {
-                return End::coded(
-                    DisconnectReasonCode::ProtocolError,
-                    "DISCONNECT sets a session expiry on a session that had none",
-                );
-            }
-            let max = self.deps.config.max_session_expiry.as_secs().min(u64::from(u32::MAX - 1)) as u32;
-            self.terms.session_expiry = e.min(max);
+        let max = self.deps.config.max_session_expiry.as_secs().min(u64::from(u32::MAX - 1)) as u32;
+        let asked = props.and_then(|p| p.session_expiry_interval);
+        match expiry_at_disconnect(self.terms.session_expiry, asked, max) {
+            Ok(expiry) => self.terms.session_expiry = expiry,
+            Err(end) => return end,
         }
         if d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
             End::unclean("DISCONNECT with will message (0x04)")
@@ -386,5 +463,36 @@ impl Session<'_> {
         if deps.sessions.disconnected(&self.who.tenant, &self.who.device_id) {
             self.presence(false).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disconnect_may_change_the_session_expiry_but_not_give_one() {
+        assert_eq!(expiry_at_disconnect(600, None, 3600).unwrap(), 600);
+        assert_eq!(expiry_at_disconnect(600, Some(0), 3600).unwrap(), 0, "the session ends with the connection");
+        assert_eq!(expiry_at_disconnect(600, Some(7200), 3600).unwrap(), 3600, "held to the maximum");
+        assert_eq!(expiry_at_disconnect(0, Some(0), 3600).unwrap(), 0);
+        let e = expiry_at_disconnect(0, Some(60), 3600).unwrap_err();
+        assert!(matches!(e, End::Unclean(_, Some(DisconnectReasonCode::ProtocolError))), "{e:?}");
+    }
+
+    #[test]
+    fn only_a_device_holding_the_permission_may_use_it() {
+        let who = |perms: Vec<Perm>| Identity {
+            peer: SocketAddr::from(([127, 0, 0, 1], 1)),
+            tenant: "acme".into(),
+            device_id: "d1".into(),
+            client_id: "d1".into(),
+            principal: Principal::Device { tenant: "acme".into(), device_id: "d1".into(), perms },
+            expires_at: 0,
+        };
+        assert!(who(vec![Perm::WriteEvents]).can(Perm::WriteEvents));
+        assert!(!who(vec![Perm::WriteEvents]).can(Perm::ReadEvents));
+        let key = who(vec![]).key();
+        assert_eq!((key.tenant.as_str(), key.device_id.as_str(), key.client_id.as_str()), ("acme", "d1", "d1"));
     }
 }

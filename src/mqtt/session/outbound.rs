@@ -53,6 +53,50 @@ impl Outbound {
             aliases: HashMap::new(),
         }
     }
+
+    /// The 5.0 topic alias for a delivery on `topic`: the first delivery on
+    /// a topic sets one (sent with the topic), later ones send only the
+    /// alias (`topic` emptied); none once the client's maximum is used up.
+    /// Decided at write time, so a client always sees an alias set before
+    /// it is used.
+    fn alias(&mut self, topic: &mut Bytes) -> Option<u16> {
+        if self.alias_max == 0 {
+            return None;
+        }
+        if let Some(a) = self.aliases.get(topic) {
+            *topic = Bytes::new();
+            return Some(*a);
+        }
+        if self.aliases.len() >= usize::from(self.alias_max) {
+            return None;
+        }
+        let a = self.aliases.len() as u16 + 1;
+        self.aliases.insert(topic.clone(), a);
+        Some(a)
+    }
+}
+
+/// What the client's acknowledgement of an outgoing delivery does.
+#[derive(Debug, PartialEq, Eq)]
+enum AckStep {
+    /// The delivery is done (PUBACK of QoS 1, PUBCOMP of a released QoS 2,
+    /// or a 5.0 PUBREC with an error code).
+    Complete,
+    /// A QoS 2 PUBREC: the PUBREL goes out (again, for a repeated PUBREC).
+    Release,
+    /// An acknowledgement that does not fit the delivery's QoS.
+    Mismatch,
+}
+
+/// `step`: 1 PUBACK, 2 PUBREC (with its `reason`), 3 PUBCOMP; of a
+/// delivery of `qos`, `released` when its PUBREL was sent.
+fn ack_step(step: u8, qos: u8, released: bool, reason: u8) -> AckStep {
+    match (step, qos, released) {
+        (1, 1, _) | (3, 2, true) => AckStep::Complete,
+        (2, 2, false) if reason >= 0x80 => AckStep::Complete,
+        (2, 2, _) => AckStep::Release,
+        _ => AckStep::Mismatch,
+    }
 }
 
 impl Session<'_> {
@@ -220,20 +264,17 @@ impl Session<'_> {
         let Some(i) = inner.inflight_mut(pkid) else {
             return Ok(()); // not ours (any more): nothing to complete
         };
-        match (step, i.queued.qos, i.released) {
-            (1, 1, _) | (3, 2, true) => {
+        match ack_step(step, i.queued.qos, i.released, reason) {
+            AckStep::Complete => {
                 inner.complete(pkid);
             }
-            // A 5.0 PUBREC with an error code ends the flow.
-            (2, 2, false) if reason >= 0x80 => {
-                inner.complete(pkid);
-            }
-            (2, 2, _) => {
+            AckStep::Release => {
                 i.released = true;
                 drop(inner);
                 return self.send(Packet::PubRel(PubRel { pkid, reason: PubRelReason::Success }, None));
             }
-            (_, qos, _) => {
+            AckStep::Mismatch => {
+                let qos = i.queued.qos;
                 return Err(End::coded(
                     DisconnectReasonCode::ProtocolError,
                     format!("acknowledgement of packet id {pkid} does not match its QoS {qos}"),
@@ -252,9 +293,7 @@ impl Session<'_> {
     }
 
     /// Writes a delivery, with a 5.0 topic alias when the client allows
-    /// them: the first delivery on a topic sets one, later ones send only
-    /// the alias. Decided here, at write time, so a client always sees an
-    /// alias set before it is used.
+    /// them (see [`Outbound::alias`]).
     fn write_delivery(&mut self, q: &Queued, pkid: u16, dup: bool) -> Result<(), End> {
         let mut topic = q.msg.topic.clone();
         let props = if self.v5() {
@@ -263,22 +302,7 @@ impl Session<'_> {
             if let Some(left) = q.msg.expiry_left() {
                 p.message_expiry_interval = Some(left);
             }
-            if self.outbound.alias_max > 0 {
-                let alias = match self.outbound.aliases.get(&topic) {
-                    Some(a) => {
-                        let a = *a;
-                        topic = Bytes::new();
-                        Some(a)
-                    }
-                    None if self.outbound.aliases.len() < usize::from(self.outbound.alias_max) => {
-                        let a = self.outbound.aliases.len() as u16 + 1;
-                        self.outbound.aliases.insert(topic.clone(), a);
-                        Some(a)
-                    }
-                    None => None,
-                };
-                p.topic_alias = alias;
-            }
+            p.topic_alias = self.outbound.alias(&mut topic);
             (p != PublishProperties::default()).then_some(p)
         } else {
             None
@@ -295,4 +319,54 @@ fn props_len(p: &PublishProperties) -> usize {
         + p.correlation_data.as_ref().map_or(0, |s| 3 + s.len());
     let users: usize = p.user_properties.iter().map(|(k, v)| 5 + k.len() + v.len()).sum();
     4 + strings + users + 5 * usize::from(p.message_expiry_interval.is_some()) + 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbound(alias_max: u16, receive_max: usize) -> Outbound {
+        let config = crate::config::MqttConfig::default();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let fanout = crate::mqtt::fanout::Fanout::new(&config, Arc::default(), metrics);
+        let limits = ClientLimits { receive_max, max_packet: usize::MAX, alias_max };
+        Outbound::new(fanout.mailbox("acme"), limits, 256)
+    }
+
+    #[test]
+    fn a_topic_alias_is_set_once_then_used_alone_up_to_the_clients_maximum() {
+        let mut o = outbound(2, 10);
+        let (a, b, c) =
+            (Bytes::from("acme/events/d1/x"), Bytes::from("acme/events/d1/y"), Bytes::from("acme/events/d1/z"));
+        let mut t = a.clone();
+        assert_eq!((o.alias(&mut t), &t), (Some(1), &a), "the first delivery sets the alias with its topic");
+        let mut t = a.clone();
+        assert_eq!((o.alias(&mut t), t.is_empty()), (Some(1), true), "later ones send the alias alone");
+        let mut t = b.clone();
+        assert_eq!(o.alias(&mut t), Some(2));
+        let mut t = c.clone();
+        assert_eq!((o.alias(&mut t), &t), (None, &c), "the client's maximum is used up: the topic goes whole");
+        let mut none = outbound(0, 10);
+        let mut t = a.clone();
+        assert_eq!((none.alias(&mut t), &t), (None, &a), "a client that takes no aliases gets none");
+    }
+
+    #[test]
+    fn the_receive_maximum_is_held_to_the_servers_and_is_at_least_one() {
+        assert_eq!(outbound(0, 1000).receive_max, 256);
+        assert_eq!(outbound(0, 0).receive_max, 1);
+        assert_eq!(outbound(0, 5).receive_max, 5);
+    }
+
+    #[test]
+    fn acknowledgements_complete_release_or_break_the_flow_by_qos() {
+        assert_eq!(ack_step(1, 1, false, 0), AckStep::Complete, "PUBACK of QoS 1");
+        assert_eq!(ack_step(2, 2, false, 0), AckStep::Release, "PUBREC of QoS 2: PUBREL");
+        assert_eq!(ack_step(2, 2, true, 0), AckStep::Release, "a repeated PUBREC gets the PUBREL again");
+        assert_eq!(ack_step(2, 2, false, 0x80), AckStep::Complete, "a 5.0 PUBREC with an error ends the flow");
+        assert_eq!(ack_step(3, 2, true, 0), AckStep::Complete, "PUBCOMP after the PUBREL");
+        assert_eq!(ack_step(3, 2, false, 0), AckStep::Mismatch, "PUBCOMP before any PUBREL");
+        assert_eq!(ack_step(1, 2, false, 0), AckStep::Mismatch, "PUBACK of QoS 2");
+        assert_eq!(ack_step(2, 1, false, 0), AckStep::Mismatch, "PUBREC of QoS 1");
+    }
 }

@@ -164,3 +164,61 @@ impl Wire {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttd::protocol::PingResp;
+
+    fn wire() -> (Wire, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let (r, w) = tokio::io::split(ours);
+        (Wire::new(Box::new(r), Box::new(w)), theirs)
+    }
+
+    #[tokio::test]
+    async fn what_waits_to_be_written_stops_deliveries_then_reading_and_dates_the_stall() {
+        let (mut w, _client) = wire();
+        assert!(w.has_room() && w.may_read() && w.stalled_since.is_none());
+        w.queue(Packet::PingResp(PingResp)).unwrap();
+        let since = w.stalled_since.expect("bytes wait from now");
+        assert_eq!(&w.write_buf[..], [0xd0, 0]);
+        w.write_buf.resize(WRITE_HIGH, 0);
+        assert!(!w.has_room() && w.may_read(), "over the high mark: no more deliveries, still read");
+        w.write_buf.resize(WRITE_HARD, 0);
+        assert!(!w.may_read(), "over the hard mark: not read either");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        w.wrote(WRITE_HARD - 10);
+        assert!(w.stalled_since.is_some_and(|t| t > since), "the client took some: the stall starts again");
+        w.wrote(10);
+        assert!(w.stalled_since.is_none() && w.write_buf.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_packet_split_across_reads_is_read_whole_and_a_clean_eof_is_none() {
+        use tokio::io::AsyncWriteExt;
+        let (mut w, mut client) = wire();
+        client.write_all(&[0xc0]).await.unwrap(); // PINGREQ, first byte
+        let read = tokio::spawn(async move {
+            let p = w.read_packet(1024).await;
+            (w, p)
+        });
+        client.write_all(&[0x00]).await.unwrap();
+        let (mut w, p) = read.await.unwrap();
+        assert!(matches!(p, Ok(Some(Packet::PingReq(_)))), "{p:?}");
+        drop(client);
+        assert!(matches!(w.read_packet(1024).await, Ok(None)));
+    }
+
+    #[tokio::test]
+    async fn a_protocol_it_does_not_speak_gets_connack_1_and_no_session() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut w, mut client) = wire();
+        // CONNECT of "MQTT" level 9.
+        client.write_all(&[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 9, 2, 0, 60, 0, 0]).await.unwrap();
+        assert!(w.read_hello().await.is_err());
+        let mut ack = [0u8; 4];
+        client.read_exact(&mut ack).await.unwrap();
+        assert_eq!(ack, [0x20, 2, 0, 1]);
+    }
+}
