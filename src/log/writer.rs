@@ -218,7 +218,11 @@ impl Writer {
             }
         };
         if commit_error.is_none() {
-            self.metrics.commit_rows.observe(g.appended_rows as f64);
+            if g.appended_rows > 0 {
+                // A group of bookkeeping only (device counters, sessions)
+                // is not an event commit: counting it would blur the figure.
+                self.metrics.commit_rows.observe(g.appended_rows as f64);
+            }
             self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
             self.metrics.log_events_written.inc_by(g.written_rows as u64);
             // Before the answers: an acked event is in the gauges.
