@@ -3,25 +3,25 @@
 #![deny(clippy::unwrap_used, clippy::await_holding_lock)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
-pub mod api;
+mod api;
 pub mod app;
 pub mod auth;
 pub mod central;
 pub mod cli;
 pub mod config;
-pub mod doctor;
+mod doctor;
 pub mod event;
-pub mod failpoint;
+mod failpoint;
 pub mod forward;
-pub mod http;
+mod http;
 pub mod ingest;
-pub mod limits;
-pub mod live;
+mod limits;
+mod live;
 pub mod log;
 pub mod logging;
 pub mod metrics;
-pub mod mqtt;
-pub mod stream;
+mod mqtt;
+mod stream;
 pub mod sysinfo;
-pub mod systemd;
-pub mod tls;
+mod systemd;
+mod tls;

@@ -3,7 +3,6 @@
 //! both, and the bearer token.
 
 use axum::body::Body;
-use axum::extract::{FromRef, FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode, header};
 use serde::Deserialize;
 use serde::de::{DeserializeOwned, MapAccess, Visitor};
@@ -13,27 +12,6 @@ use super::ApiError;
 /// The largest request body a stage accepts (`http.max_body_bytes`).
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize);
-
-/// A JSON body, read up to the state's [`BodyLimit`] (413 beyond it) and
-/// parsed with errors that name the field: the one way bad JSON is refused.
-pub struct Json<T>(pub T);
-
-impl<S, T> FromRequest<S> for Json<T>
-where
-    S: Send + Sync,
-    T: DeserializeOwned,
-    BodyLimit: FromRef<S>,
-{
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let BodyLimit(max) = BodyLimit::from_ref(state);
-        let (parts, body) = req.into_parts();
-        require_json(&parts.headers, false)?;
-        let bytes = read_body(&parts.headers, body, max).await?;
-        Ok(Json(parse_json(&bytes)?))
-    }
-}
 
 /// 415 unless the body is declared JSON (`application/json`, `…+json`) or,
 /// where `ndjson` allows it, NDJSON; no `Content-Type` is taken as JSON.

@@ -17,7 +17,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 pub use auth::{AdminAccess, TenantAccess};
 pub use error::ApiError;
-pub use extract::{BodyLimit, Json};
+pub use extract::BodyLimit;
 
 /// Unknown paths get the same JSON error shape.
 pub async fn not_found() -> ApiError {

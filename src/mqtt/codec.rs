@@ -134,6 +134,7 @@ pub fn hello(buf: &mut BytesMut) -> Hello {
     }
 }
 
+#[cfg(test)]
 /// QoS, DUP, RETAIN and packet id of a decoded PUBLISH (rumqttd keeps them
 /// private; its internal serialization exposes them).
 pub fn publish_flags(p: &Publish) -> (u8, bool, bool, u16) {

@@ -211,6 +211,7 @@ impl Mailbox {
         self.notify.notified().await;
     }
 
+    #[cfg(test)]
     /// Whether deliveries wait.
     pub fn has_queued(&self) -> bool {
         !self.lock().queue.is_empty()
@@ -336,6 +337,7 @@ impl Fanout {
         })
     }
 
+    #[cfg(test)]
     /// Deliveries dropped from full mailboxes so far.
     pub fn dropped(&self) -> u64 {
         self.metrics.mqtt_deliveries_dropped.get()
@@ -428,6 +430,7 @@ impl Fanout {
         self.tenants.read().unwrap_or_else(PoisonError::into_inner).contains_key(tenant)
     }
 
+    #[cfg(test)]
     /// Sessions subscribed, over all tenants.
     pub fn subscribers(&self) -> usize {
         self.tenants.read().unwrap_or_else(PoisonError::into_inner).values().map(Vec::len).sum()

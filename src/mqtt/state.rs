@@ -565,6 +565,7 @@ impl Sessions {
         self.lock().live_by_tenant.iter().map(|(t, n)| (t.clone(), *n)).collect()
     }
 
+    #[cfg(test)]
     /// Persistent sessions held, over all devices.
     pub fn persistent_count(&self) -> usize {
         self.lock().devices.values().map(|d| d.persistent.len()).sum()

@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::super::Error;
-use super::forward::FORWARDED_AT;
+use super::FORWARDED_AT;
 use crate::event::{Event, StoredEvent, from_us};
 
 /// The `INSERT` of one event into `events`: the columns every event has,

@@ -13,28 +13,8 @@ use uuid::Uuid;
 
 use super::super::Error;
 use super::events::{event_columns, stored_event};
-use super::{bump_log_version, row_bytes_sql};
+use super::{PENDING, WATERMARK, bump_log_version, row_bytes_sql};
 use crate::event::{StoredEvent, from_us, row_bytes};
-
-/// The forwarding watermark: every row of this site at or below it was
-/// committed centrally, except those in `pending_again`. A macro so that
-/// [`PENDING`] can be built from the same text.
-macro_rules! watermark_sql {
-    () => {
-        "(SELECT coalesce(max(upto), 0) FROM forward_marks)"
-    };
-}
-const WATERMARK: &str = watermark_sql!();
-
-/// A row still to be forwarded (see migration 7).
-pub(super) const PENDING: &str =
-    concat!("forwarded_at IS NULL AND (seq > ", watermark_sql!(), " OR seq IN (SELECT seq FROM pending_again))");
-
-/// When a row was forwarded: its own time, else that of the first mark that
-/// moved the watermark past it; NULL while pending.
-pub(super) const FORWARDED_AT: &str =
-    "coalesce(forwarded_at, CASE WHEN events.seq IN (SELECT seq FROM pending_again) THEN NULL
-    ELSE (SELECT at FROM forward_marks WHERE upto >= events.seq ORDER BY upto LIMIT 1) END)";
 
 /// The oldest row still to be forwarded: the first above the watermark (a
 /// range of the pending index) or the first pending again, whichever is

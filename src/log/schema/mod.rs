@@ -37,6 +37,29 @@ pub(crate) use remote::{advance_remote_cursor, evict_remote};
 pub use remote::{known_tenants, remote_cursors};
 pub use scan::{LogStatus, Scan, scan, status, status_from};
 
+// The forwarding state as SQL, shared by the events' columns and the
+// forwarding statements.
+
+/// The forwarding watermark: every row of this site at or below it was
+/// committed centrally, except those in `pending_again`. A macro so that
+/// [`PENDING`] can be built from the same text.
+macro_rules! watermark_sql {
+    () => {
+        "(SELECT coalesce(max(upto), 0) FROM forward_marks)"
+    };
+}
+pub(super) const WATERMARK: &str = watermark_sql!();
+
+/// A row still to be forwarded (see migration 7).
+pub(super) const PENDING: &str =
+    concat!("forwarded_at IS NULL AND (seq > ", watermark_sql!(), " OR seq IN (SELECT seq FROM pending_again))");
+
+/// When a row was forwarded: its own time, else that of the first mark that
+/// moved the watermark past it; NULL while pending.
+pub(super) const FORWARDED_AT: &str =
+    "coalesce(forwarded_at, CASE WHEN events.seq IN (SELECT seq FROM pending_again) THEN NULL
+    ELSE (SELECT at FROM forward_marks WHERE upto >= events.seq ORDER BY upto LIMIT 1) END)";
+
 /// The site log's migrations, from `migrations/sqlite/` (tracked in
 /// `user_version`, so none is applied twice).
 pub fn migrations() -> Migrations<'static> {

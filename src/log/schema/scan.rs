@@ -9,7 +9,8 @@ use rusqlite::{Connection, OptionalExtension};
 use serde::Serialize;
 
 use super::super::Error;
-use super::forward::{PENDING, first_pending};
+use super::PENDING;
+use super::forward::first_pending;
 use super::{row_bytes_sql, used_bytes};
 
 /// The log's gauges, counted by a scan (see `log::Counters`).
