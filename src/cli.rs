@@ -22,7 +22,7 @@ use crate::log::{self, schema};
 #[command(name = "outpost", version, about, propagate_version = true)]
 pub struct Cli {
     /// Config file (TOML). Without one, built-in defaults apply;
-    /// OUTPOST_<SECTION>__<KEY> environment variables override either.
+    /// OUTPOST_{SECTION}__{KEY} environment variables override either.
     #[arg(long, short, global = true, env = "OUTPOST_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(subcommand)]

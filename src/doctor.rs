@@ -17,7 +17,7 @@ use crate::event::now_us;
 
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Level {
+pub(crate) enum Level {
     Ok,
     Warn,
     Fail,
@@ -25,7 +25,7 @@ pub enum Level {
 
 /// One printed line: the check, what was found, and the fix for a problem.
 #[derive(Debug, Clone)]
-pub struct Finding {
+pub(crate) struct Finding {
     pub level: Level,
     pub check: &'static str,
     pub message: String,
@@ -61,7 +61,7 @@ fn fail(check: &'static str, message: impl Into<String>, fix: impl Into<String>)
 
 /// Runs every check, prints each line as it completes, and fails when any
 /// check FAILs.
-pub async fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
+pub(crate) async fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
     let mut findings = Vec::new();
     let mut report = |f: Finding| {
         println!("{f}");
@@ -112,7 +112,7 @@ fn euid() -> u32 {
 
 /// The data directory and what the service keeps in it: owned by the user
 /// running outpost, not readable by others; the HS256 secret mode 0600.
-pub fn data_dir(cfg: &Config) -> Vec<Finding> {
+pub(crate) fn data_dir(cfg: &Config) -> Vec<Finding> {
     let dir = &cfg.site.data_dir;
     let me = euid();
     let meta = match std::fs::metadata(dir) {
@@ -214,7 +214,7 @@ pub fn data_dir(cfg: &Config) -> Vec<Finding> {
 
 /// Free space on the data dir's file system against what the log may still
 /// grow by (`log.max_bytes` minus its current size).
-pub fn disk(cfg: &Config) -> Finding {
+pub(crate) fn disk(cfg: &Config) -> Finding {
     let dir = nearest_existing(&cfg.site.data_dir);
     let Some(avail) = available_bytes(&dir) else {
         return warn("disk", format!("cannot read the free space of {}", dir.display()), "check the mount with df -h");
@@ -261,7 +261,7 @@ fn available_bytes(path: &Path) -> Option<u64> {
 }
 
 /// NTP synchronisation as systemd-timesyncd / chrony report it to timedated.
-pub fn clock_sync() -> Finding {
+pub(crate) fn clock_sync() -> Finding {
     let out = std::process::Command::new("timedatectl").args(["show", "-p", "NTPSynchronized", "--value"]).output();
     match out {
         Ok(o) if o.status.success() => match String::from_utf8_lossy(&o.stdout).trim() {
@@ -293,7 +293,7 @@ pub fn clock_sync() -> Finding {
 
 /// Events this site received "in the future": the clock was ahead then, or
 /// is behind now. Either way timestamps and retention are off.
-pub fn future_events(cfg: &Config) -> Finding {
+pub(crate) fn future_events(cfg: &Config) -> Finding {
     let path = cfg.log_path();
     if !path.exists() {
         return ok("clock", "no site log yet, so no event timestamps to compare");
@@ -340,7 +340,7 @@ fn tls(cfg: &Config) -> Option<Finding> {
 
 /// The HTTP and MQTT listen addresses can be bound, or are bound by a
 /// running outpost (then that is fine).
-pub async fn ports(cfg: &Config) -> Vec<Finding> {
+pub(crate) async fn ports(cfg: &Config) -> Vec<Finding> {
     let mut out = Vec::new();
     let mut listeners = vec![("http", "http.listen", cfg.http.listen)];
     if let Some(a) = cfg.http.tls_listen {
@@ -402,7 +402,7 @@ async fn running_outpost(http: &crate::config::HttpConfig) -> Option<String> {
 /// Central reachable (with the forwarder's own connector: TLS verified
 /// against central.ca_file or the system CAs), encrypted, and allowed to
 /// create tenant schemas when central.migrate is on.
-pub async fn central(cfg: &Config) -> Vec<Finding> {
+pub(crate) async fn central(cfg: &Config) -> Vec<Finding> {
     let c = &cfg.central;
     let Some(url) = &c.url else {
         return vec![ok("central", "central.url not set: the site buffers locally")];

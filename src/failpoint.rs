@@ -9,11 +9,11 @@
 /// Reaches the failpoint `name`.
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
-pub fn fire(_name: &str) {}
+pub(crate) fn fire(_name: &str) {}
 
 /// Reaches the failpoint `name`.
 #[cfg(feature = "failpoints")]
-pub fn fire(name: &str) {
+pub(crate) fn fire(name: &str) {
     static ARMED: std::sync::OnceLock<Option<(String, String, Option<String>)>> = std::sync::OnceLock::new();
     let armed = ARMED.get_or_init(|| {
         let v = std::env::var("OUTPOST_FAILPOINT").ok()?;

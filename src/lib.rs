@@ -1,27 +1,42 @@
-//! outpost: durable event ingest for edge sites. See `shared/design.md` for
-//! the architecture; data flows ingest → site log → (forwarder, stream hub).
+//! outpost: durable event ingest for edge sites.
+//!
+//! Devices send events over MQTT (`mqtt`), HTTP and WebSocket
+//! ([`ingest`]); each is authenticated ([`auth`]), rate-limited
+//! (`limits`) and made durable in the SQLite site log ([`log`]) before it
+//! is acknowledged. From the log, the forwarder ([`forward`]) sends batches
+//! to the central PostgreSQL ([`central`]), and the stream hub (`stream`)
+//! serves local subscribers. [`app`] wires these together and supervises
+//! them; [`cli`] is the command line around it.
+//!
+//! The public modules are what the binary, the tests, the bench and the
+//! fuzz targets use: the composition root, the configuration, the event
+//! model, the site log and its CLI. The protocol front-ends (MQTT, HTTP
+//! routes, streams, status page) are private: reach them through a running
+//! [`app::Running`] and its sockets, as a device does.
 #![deny(clippy::unwrap_used, clippy::await_holding_lock)]
+#![warn(unreachable_pub)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
-mod api;
 pub mod app;
 pub mod auth;
 pub mod central;
 pub mod cli;
 pub mod config;
-mod doctor;
 pub mod event;
-mod failpoint;
 pub mod forward;
-mod http;
 pub mod ingest;
-mod limits;
-mod live;
 pub mod log;
 pub mod logging;
 pub mod metrics;
+pub mod sysinfo;
+
+mod api;
+mod doctor;
+mod failpoint;
+mod http;
+mod limits;
+mod live;
 mod mqtt;
 mod stream;
-pub mod sysinfo;
 mod systemd;
 mod tls;

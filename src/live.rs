@@ -8,7 +8,7 @@ use std::time::Duration;
 /// means this machine), if it answers within a second. A plain HTTP/1.0
 /// GET: the product links no HTTP client. `http` gives the address and,
 /// when `status_token_file` is set and readable, the token to send.
-pub async fn status(http: &crate::config::HttpConfig) -> Option<serde_json::Value> {
+pub(crate) async fn status(http: &crate::config::HttpConfig) -> Option<serde_json::Value> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut addr = http.listen;
     let auth = http.status_token().ok().flatten().map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));

@@ -123,7 +123,11 @@ impl Metrics {
             events_duplicate.clone(),
         );
         registry.register("events_rejected", "Events refused, by reason", events_rejected.clone());
-        registry.register("commit_batch_rows", "Events appended per group commit (groups that append none are not counted)", commit_rows.clone());
+        registry.register(
+            "commit_batch_rows",
+            "Events appended per group commit (groups that append none are not counted)",
+            commit_rows.clone(),
+        );
         registry.register("commit_duration_seconds", "Group commit latency", commit_seconds.clone());
         registry.register(
             "log_checkpoint_duration_seconds",

@@ -10,12 +10,12 @@ use tokio_util::sync::CancellationToken;
 use crate::log::LogHandle;
 
 /// Tells systemd the appliance is ready.
-pub fn ready() {
+pub(crate) fn ready() {
     notify(&[NotifyState::Ready]);
 }
 
 /// Tells systemd the appliance is stopping.
-pub fn stopping() {
+pub(crate) fn stopping() {
     notify(&[NotifyState::Stopping]);
 }
 
@@ -27,7 +27,7 @@ fn notify(states: &[NotifyState<'_>]) {
 
 /// Pings the watchdog at half its interval, but only after a round trip
 /// through the site-log writer succeeds: a wedged writer gets us restarted.
-pub async fn run_watchdog(log: LogHandle, shutdown: CancellationToken) -> Result<(), std::io::Error> {
+pub(crate) async fn run_watchdog(log: LogHandle, shutdown: CancellationToken) -> Result<(), std::io::Error> {
     let mut usec = 0u64;
     if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
         return Ok(());

@@ -18,7 +18,7 @@ use crate::config::TlsConfig;
 
 /// The certificate new handshakes get; swapped by [`Certs::reload`].
 #[derive(Debug)]
-pub struct Certs {
+pub(crate) struct Certs {
     cert_file: PathBuf,
     key_file: PathBuf,
     current: RwLock<Arc<CertifiedKey>>,
@@ -26,7 +26,7 @@ pub struct Certs {
 
 impl Certs {
     /// Reads both files; errors name the file and what is wrong with it.
-    pub fn load(config: &TlsConfig) -> Result<Arc<Self>, String> {
+    pub(crate) fn load(config: &TlsConfig) -> Result<Arc<Self>, String> {
         let (Some(cert_file), Some(key_file)) = (&config.cert_file, &config.key_file) else {
             return Err("tls.cert_file and tls.key_file must both be set for a TLS listener".into());
         };
@@ -35,7 +35,7 @@ impl Certs {
     }
 
     /// Reads the files again; on error the old certificate stays.
-    pub fn reload(&self) -> Result<(), String> {
+    pub(crate) fn reload(&self) -> Result<(), String> {
         let key = read(&self.cert_file, &self.key_file)?;
         *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = key;
         Ok(())
@@ -43,7 +43,7 @@ impl Certs {
 
     /// A rustls server config presenting the current certificate, offering
     /// `alpn` (e.g. `http/1.1`).
-    pub fn server_config(self: &Arc<Self>, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+    pub(crate) fn server_config(self: &Arc<Self>, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
         let mut c = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .expect("ring supports the default TLS versions")
@@ -84,14 +84,14 @@ fn read(cert_file: &Path, key_file: &Path) -> Result<Arc<CertifiedKey>, String> 
 
 /// The SIGHUP handler, installed before the "listening" line, so a SIGHUP
 /// right after it cannot take the default action (ending the process).
-pub fn sighup() -> std::io::Result<tokio::signal::unix::Signal> {
+pub(crate) fn sighup() -> std::io::Result<tokio::signal::unix::Signal> {
     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
 }
 
 /// Reloads the certificate on every SIGHUP until `shutdown` (`systemctl
 /// reload outpost`). Without TLS listeners there is nothing to reload, and a
 /// SIGHUP is logged and otherwise ignored.
-pub async fn reload_on_sighup(
+pub(crate) async fn reload_on_sighup(
     mut hup: tokio::signal::unix::Signal,
     certs: Option<Arc<Certs>>,
     shutdown: CancellationToken,

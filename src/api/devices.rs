@@ -18,7 +18,7 @@ use crate::log::schema::{self, Device};
 /// Body of `POST …/device/register`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RegisterRequest {
+pub(crate) struct RegisterRequest {
     #[serde(default)]
     pub device_id: Option<String>,
     #[serde(default)]
@@ -32,7 +32,7 @@ pub struct RegisterRequest {
 
 /// Answer of `POST …/device/register`: the device and its token (shown once).
 #[derive(Serialize)]
-pub struct Registered {
+pub(crate) struct Registered {
     pub device: Device,
     pub token: String,
 }

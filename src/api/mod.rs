@@ -3,12 +3,12 @@
 //! exports `routes()` over its own state; it reads the site log and the
 //! forwarder's uplink status, and writes only device registrations.
 
-pub mod devices;
-pub mod openapi;
-pub mod query;
-pub mod sampler;
-pub mod status;
-pub mod status_page;
+pub(crate) mod devices;
+pub(crate) mod openapi;
+pub(crate) mod query;
+pub(crate) mod sampler;
+pub(crate) mod status;
+pub(crate) mod status_page;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -55,7 +55,7 @@ pub struct ApiState {
 }
 
 /// Every route of this module.
-pub fn routes(state: ApiState) -> Router {
+pub(crate) fn routes(state: ApiState) -> Router {
     use axum::routing::get;
     Router::new()
         .route("/api/v1/realtime/{tenant}/events", get(query::query_events))

@@ -16,7 +16,7 @@ use crate::config::LimitsConfig;
 const DOCUMENT: &str = include_str!("openapi.json");
 
 /// The document with this appliance's limits and version.
-pub fn document(limits: &LimitsConfig, max_body_bytes: usize) -> Value {
+pub(crate) fn document(limits: &LimitsConfig, max_body_bytes: usize) -> Value {
     let mut doc: Value =
         serde_json::from_str(DOCUMENT).expect("src/api/openapi.json is valid JSON (a unit test checks)");
     doc["info"]["version"] = json!(env!("CARGO_PKG_VERSION"));

@@ -14,12 +14,12 @@ use crate::http::{ApiError, TenantAccess};
 use crate::log::schema;
 
 /// Default and largest page of `GET …/events`.
-pub const DEFAULT_LIMIT: usize = 100;
-pub const MAX_LIMIT: usize = 1000;
+pub(crate) const DEFAULT_LIMIT: usize = 100;
+pub(crate) const MAX_LIMIT: usize = 1000;
 
 /// A page of events and the cursor to continue from.
 #[derive(Serialize)]
-pub struct EventsPage {
+pub(crate) struct EventsPage {
     pub events: Vec<StoredEvent>,
     /// Pass as `after=` to continue; equals the request's `after` when empty.
     pub next: i64,

@@ -12,7 +12,8 @@ use serde::Serialize;
 use crate::metrics::Protocol;
 
 /// The protocols whose ingest rate is shown.
-pub const PROTOCOLS: [&str; 3] = [Protocol::Http.as_str(), Protocol::WebSocket.as_str(), Protocol::Mqtt.as_str()];
+pub(crate) const PROTOCOLS: [&str; 3] =
+    [Protocol::Http.as_str(), Protocol::WebSocket.as_str(), Protocol::Mqtt.as_str()];
 
 /// The window rates are averaged over.
 const WINDOW: Duration = Duration::from_secs(60);

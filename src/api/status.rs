@@ -37,7 +37,7 @@ async fn readyz(State(state): State<ApiState>) -> Result<&'static str, ApiError>
 
 /// The status document of `/api/v1/status` and `outpost status`.
 #[derive(Serialize)]
-pub struct Status {
+pub(crate) struct Status {
     pub site_id: String,
     pub version: &'static str,
     pub uptime_seconds: u64,
@@ -69,11 +69,11 @@ pub struct TenantUse {
 }
 
 /// Reads the tenants' use of the pools (composed where the pools are).
-pub type TenantUsage = std::sync::Arc<dyn Fn() -> Vec<TenantUse> + Send + Sync>;
+pub(crate) type TenantUsage = std::sync::Arc<dyn Fn() -> Vec<TenantUse> + Send + Sync>;
 
 /// Storage figures.
 #[derive(Debug, Clone, Serialize)]
-pub struct Disk {
+pub(crate) struct Disk {
     pub log_bytes: u64,
     /// `log.max_bytes`: at this size new events are refused (503).
     pub log_max_bytes: u64,
@@ -101,10 +101,10 @@ pub struct DeviceView {
 }
 
 /// Devices listed at most; the count in `log.devices` is always complete.
-pub const DEVICES_SHOWN: usize = 1000;
+pub(crate) const DEVICES_SHOWN: usize = 1000;
 
 /// What the log queries return, cached for [`STATUS_TTL`].
-pub type Cached = (Instant, LogStatus, Arc<Vec<DeviceView>>);
+pub(crate) type Cached = (Instant, LogStatus, Arc<Vec<DeviceView>>);
 
 /// How long a computed log status is reused: its counts scan the log, and
 /// scrapes, status pages and CLI calls must not steal the cores ingest needs.

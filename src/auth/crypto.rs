@@ -16,7 +16,7 @@ static PROVIDER: CryptoProvider =
     CryptoProvider { signer_factory: signer, verifier_factory: verifier, jwk_utils: JwkUtils::new_unimplemented() };
 
 /// Makes [`PROVIDER`] jsonwebtoken's provider (idempotent).
-pub fn install() {
+pub(super) fn install() {
     // Err means it is installed already: by an earlier call, which is fine.
     let _ = PROVIDER.install_default();
 }

@@ -17,7 +17,7 @@ use crate::auth::{Authenticator, Perm, Principal};
 use crate::event::Tenant;
 
 /// What a route requires of a device token (admins pass every check).
-pub trait Access: Send + Sync + 'static {
+pub(crate) trait Access: Send + Sync + 'static {
     /// The permission a device token must carry.
     const PERM: Perm;
     /// Whether `?access_token=` is accepted besides the header.
@@ -25,32 +25,32 @@ pub trait Access: Send + Sync + 'static {
 }
 
 /// `write_events`: ingest routes.
-pub struct Write;
+pub(crate) struct Write;
 impl Access for Write {
     const PERM: Perm = Perm::WriteEvents;
 }
 
 /// `read_events`: queries.
-pub struct Read;
+pub(crate) struct Read;
 impl Access for Read {
     const PERM: Perm = Perm::ReadEvents;
 }
 
 /// `read_events`, token also as `?access_token=`: stream endpoints.
-pub struct Subscribe;
+pub(crate) struct Subscribe;
 impl Access for Subscribe {
     const PERM: Perm = Perm::ReadEvents;
     const QUERY_TOKEN: bool = true;
 }
 
 /// `read_config`: a device reading its own limits.
-pub struct ReadConfig;
+pub(crate) struct ReadConfig;
 impl Access for ReadConfig {
     const PERM: Perm = Perm::ReadConfig;
 }
 
 /// A caller allowed `A` on the path's tenant.
-pub struct TenantAccess<A> {
+pub(crate) struct TenantAccess<A> {
     pub tenant: Tenant,
     pub principal: Principal,
     /// The token's `exp` (unix seconds): long-lived sessions end then.
@@ -59,7 +59,7 @@ pub struct TenantAccess<A> {
 }
 
 /// An admin; `tenant` is the path's, validated, when the route has one.
-pub struct AdminAccess {
+pub(crate) struct AdminAccess {
     pub tenant: Tenant,
 }
 

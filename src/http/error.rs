@@ -105,7 +105,7 @@ impl IntoResponse for ApiError {
 
 /// 426 for a plain request to a WebSocket endpoint (with `Upgrade:
 /// websocket`), naming what is missing.
-pub fn upgrade_required(why: &axum::extract::ws::rejection::WebSocketUpgradeRejection) -> ApiError {
+pub(crate) fn upgrade_required(why: &axum::extract::ws::rejection::WebSocketUpgradeRejection) -> ApiError {
     ApiError::new(
         StatusCode::UPGRADE_REQUIRED,
         "upgrade_required",

@@ -16,7 +16,7 @@ pub struct BodyLimit(pub usize);
 /// 415 unless the body is declared JSON (`application/json`, `…+json`) or,
 /// where `ndjson` allows it, NDJSON; no `Content-Type` is taken as JSON.
 /// Form and plain-text bodies are refused before they are read.
-pub fn require_json(headers: &HeaderMap, ndjson: bool) -> Result<(), ApiError> {
+pub(crate) fn require_json(headers: &HeaderMap, ndjson: bool) -> Result<(), ApiError> {
     let Some(ct) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
     let ct = ct.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     let json = ct == "application/json" || ct.ends_with("+json");
@@ -38,7 +38,7 @@ pub fn require_json(headers: &HeaderMap, ndjson: bool) -> Result<(), ApiError> {
 }
 
 /// Reads at most `max` bytes of body; a declared or actual larger body is 413.
-pub async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<axum::body::Bytes, ApiError> {
+pub(crate) async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<axum::body::Bytes, ApiError> {
     let too_large =
         || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body exceeds {max} bytes"));
     if let Some(len) =
@@ -76,7 +76,7 @@ fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stati
 }
 
 /// Parses JSON; errors name the field (`device_id`, `[3].payload`) and say why.
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -95,7 +95,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 /// as an array of its fields in order (`["d1", "t", {}]` as an event,
 /// `[null, null]` as a registration), which no client means and the API
 /// does not document: that is refused as `invalid_json`.
-pub struct Object<T>(pub T);
+pub(crate) struct Object<T>(pub T);
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -124,7 +124,7 @@ fn field_in_message(message: &str) -> Option<String> {
 }
 
 /// Splits a batch path like `[3].payload` into `(Some(3), "payload")`.
-pub fn split_index(field: &str) -> (Option<usize>, String) {
+pub(crate) fn split_index(field: &str) -> (Option<usize>, String) {
     if let Some(rest) = field.strip_prefix('[')
         && let Some(end) = rest.find(']')
         && let Ok(i) = rest[..end].parse()
@@ -136,7 +136,7 @@ pub fn split_index(field: &str) -> (Option<usize>, String) {
 }
 
 /// The `Authorization: Bearer` token, if any.
-pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())

@@ -16,7 +16,7 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Longest request line (method, target, version) this server reads.
-pub const MAX_REQUEST_LINE: usize = 16 * 1024;
+pub(super) const MAX_REQUEST_LINE: usize = 16 * 1024;
 
 /// Where the guard is in the request stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +35,7 @@ enum At {
 }
 
 /// An IO that checks request-line lengths on the way in.
-pub struct LineGuard<IO> {
+pub(super) struct LineGuard<IO> {
     io: IO,
     at: At,
     /// The current header line's first bytes (lower-cased on reading).
@@ -43,7 +43,7 @@ pub struct LineGuard<IO> {
 }
 
 impl<IO> LineGuard<IO> {
-    pub fn new(io: IO) -> Self {
+    pub(super) fn new(io: IO) -> Self {
         Self { io, at: At::Line(0), head: Vec::with_capacity(32) }
     }
 

@@ -3,9 +3,9 @@
 //! 404 and 405 in the same JSON shape, CORS, and serving. It imports no
 //! stage: each stage exports its own `routes()` and `app.rs` merges them.
 
-pub mod auth;
-pub mod error;
-pub mod extract;
+pub(crate) mod auth;
+pub(crate) mod error;
+pub(crate) mod extract;
 mod line_guard;
 mod serve;
 
@@ -15,17 +15,17 @@ use axum::Router;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-pub use auth::{AdminAccess, TenantAccess};
-pub use error::ApiError;
-pub use extract::BodyLimit;
+pub(crate) use auth::{AdminAccess, TenantAccess};
+pub(crate) use error::ApiError;
+pub(crate) use extract::BodyLimit;
 
 /// Unknown paths get the same JSON error shape.
-pub async fn not_found() -> ApiError {
+pub(crate) async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
 
 /// A known path with another method.
-pub async fn method_not_allowed() -> ApiError {
+pub(crate) async fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this endpoint does not take that method")
 }
 
@@ -33,7 +33,7 @@ pub async fn method_not_allowed() -> ApiError {
 /// `*` for any): answers preflights (OPTIONS) for requests that carry
 /// `Authorization`, and sends `Vary: Origin`. Without an origin configured
 /// no cross-origin access is granted.
-pub fn cors(origin: Option<&str>) -> CorsLayer {
+pub(crate) fn cors(origin: Option<&str>) -> CorsLayer {
     let allow = match origin {
         Some("*") => AllowOrigin::any(),
         Some(o) => match HeaderValue::from_str(o) {
@@ -52,7 +52,7 @@ pub fn cors(origin: Option<&str>) -> CorsLayer {
 }
 
 /// The merged routes of every stage, with the JSON fallbacks and CORS.
-pub fn finish(router: Router, cors_origin: Option<&str>) -> Router {
+pub(crate) fn finish(router: Router, cors_origin: Option<&str>) -> Router {
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -94,7 +94,7 @@ async fn json_errors(resp: axum::response::Response) -> axum::response::Response
     out
 }
 
-pub use serve::{Limits, accept, serve};
+pub(crate) use serve::{Limits, accept, serve};
 
 /// What a WebSocket `event` frame turns into: the ingest stage submits it and
 /// answers the `ack` (or `error`) frame. The stream stage owns the socket and
@@ -111,7 +111,7 @@ pub trait EventFrames: Send + Sync {
 
 /// `{"type":"error","code":…,"message":…,"field":…}`: the WebSocket form of
 /// an [`ApiError`].
-pub fn error_frame(code: &str, message: &str, field: Option<&str>) -> String {
+pub(crate) fn error_frame(code: &str, message: &str, field: Option<&str>) -> String {
     let mut v = serde_json::json!({"type": "error", "code": code, "message": message});
     if let Some(f) = field {
         v["field"] = serde_json::json!(f);

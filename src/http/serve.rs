@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 /// The `[http]` limits the accept loop enforces.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub tls_handshake_timeout: Duration,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
@@ -73,7 +73,7 @@ impl Open {
 
 /// Serves `router` on `listener` until `shutdown`, then lets in-flight
 /// requests finish (the caller bounds how long).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,
@@ -175,7 +175,7 @@ pub async fn serve(
 /// The next connection on `listener`, or `None` once `shutdown` fires. A
 /// failed accept (out of file descriptors and the like) pauses, never ends
 /// the loop.
-pub async fn accept(
+pub(crate) async fn accept(
     listener: &TcpListener,
     shutdown: &CancellationToken,
     protocol: &str,

@@ -1,7 +1,7 @@
 //! WebSocket ingest: an `event` frame on a stream socket becomes one submit,
 //! answered by an `ack` frame only after the commit (or an `error` frame
 //! naming the field). The socket itself belongs to the stream stage, which
-//! hands event frames here through [`EventFrames`].
+//! hands event frames here through `EventFrames`.
 
 use futures_util::future::BoxFuture;
 use serde_json::json;

@@ -7,7 +7,7 @@ use crate::event::validate_event_type;
 
 /// The event type of `<tenant>/devices/<device_id>/events/<event_type>`, if
 /// `topic` is exactly that for this device.
-pub fn event_topic<'t>(topic: &'t str, tenant: &str, device_id: &str) -> Option<&'t str> {
+pub(crate) fn event_topic<'t>(topic: &'t str, tenant: &str, device_id: &str) -> Option<&'t str> {
     let rest =
         topic.strip_prefix(tenant)?.strip_prefix("/devices/")?.strip_prefix(device_id)?.strip_prefix("/events/")?;
     validate_event_type(rest).ok().map(|()| rest)
@@ -15,13 +15,13 @@ pub fn event_topic<'t>(topic: &'t str, tenant: &str, device_id: &str) -> Option<
 
 /// The stream topic events of a device are delivered on:
 /// `<tenant>/events/<device_id>/<event_type>`.
-pub fn stream_topic(tenant: &str, device_id: &str, event_type: &str) -> String {
+pub(crate) fn stream_topic(tenant: &str, device_id: &str, event_type: &str) -> String {
     format!("{tenant}/events/{device_id}/{event_type}")
 }
 
 /// Filters a device with `read_events` may subscribe to: the tenant's event
 /// stream (`<tenant>/events/…`) and its own subtree (`<tenant>/devices/<id>/…`).
-pub fn subscribe_allowed(filter: &str, tenant: &str, device_id: &str) -> bool {
+pub(crate) fn subscribe_allowed(filter: &str, tenant: &str, device_id: &str) -> bool {
     let under = |root: String| filter == format!("{root}/#") || filter.starts_with(&format!("{root}/"));
     (under(format!("{tenant}/events")) || under(format!("{tenant}/devices/{device_id}")))
         && !filter.contains("/#/")
@@ -30,18 +30,18 @@ pub fn subscribe_allowed(filter: &str, tenant: &str, device_id: &str) -> bool {
 
 /// The client-id rule: the device id, or `<device id>-<suffix>`, at most
 /// 128 bytes. (Router client ids are then namespaced by tenant.)
-pub fn client_id_allowed(client_id: &str, device_id: &str) -> bool {
+pub(crate) fn client_id_allowed(client_id: &str, device_id: &str) -> bool {
     client_id.len() <= MAX_CLIENT_ID
         && (client_id == device_id
             || client_id.strip_prefix(device_id).is_some_and(|rest| rest.len() > 1 && rest.starts_with('-')))
 }
 
 /// Longest client id accepted.
-pub const MAX_CLIENT_ID: usize = 128;
+pub(crate) const MAX_CLIENT_ID: usize = 128;
 
 /// Topics a connection may be sent: its tenant's stream and its own
 /// subtree (what [`subscribe_allowed`] lets it subscribe to).
-pub fn delivery_allowed(topic: &str, tenant: &str, device_id: &str) -> bool {
+pub(crate) fn delivery_allowed(topic: &str, tenant: &str, device_id: &str) -> bool {
     let Some(rest) = topic.strip_prefix(tenant) else { return false };
     rest.starts_with("/events/")
         || rest.strip_prefix("/devices/").and_then(|r| r.strip_prefix(device_id)).is_some_and(|r| r.starts_with('/'))
@@ -49,7 +49,7 @@ pub fn delivery_allowed(topic: &str, tenant: &str, device_id: &str) -> bool {
 
 /// MQTT topic-filter matching (`+` one level, `#` the rest, including the
 /// parent level: `a/#` matches `a`).
-pub fn topic_matches(topic: &str, filter: &str) -> bool {
+pub(crate) fn topic_matches(topic: &str, filter: &str) -> bool {
     let mut t = topic.split('/');
     let mut f = filter.split('/');
     loop {

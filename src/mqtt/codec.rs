@@ -10,7 +10,7 @@ use rumqttd::protocol::{Packet, Protocol, Publish};
 
 /// The protocol a connection speaks, from its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Version {
+pub(crate) enum Version {
     /// MQTT 3.1: decoded as 3.1.1 (its CONNECT rewritten), answered as 3.1.
     V31,
     V311,
@@ -18,11 +18,11 @@ pub enum Version {
 }
 
 impl Version {
-    pub fn is_v5(self) -> bool {
+    pub(crate) fn is_v5(self) -> bool {
         self == Version::V5
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Version::V31 => "3.1",
             Version::V311 => "3.1.1",
@@ -32,7 +32,7 @@ impl Version {
 }
 
 /// rumqttd's v4 or v5 codec.
-pub struct Codec {
+pub(crate) struct Codec {
     pub version: Version,
 }
 
@@ -40,7 +40,7 @@ impl Codec {
     /// Decodes the packet at the head of `buf`. A packet only a server
     /// sends (CONNACK, SUBACK, UNSUBACK, PINGRESP) is an error here: rumqttd's
     /// v5 reader panics (`unreachable!`) on a CONNACK or UNSUBACK with a body.
-    pub fn read(&mut self, buf: &mut BytesMut, max: usize) -> Result<Packet, rumqttd::protocol::Error> {
+    pub(crate) fn read(&mut self, buf: &mut BytesMut, max: usize) -> Result<Packet, rumqttd::protocol::Error> {
         if let Some(&first) = buf.first() {
             let kind = first >> 4;
             if matches!(kind, 2 | 9 | 11 | 13) {
@@ -55,7 +55,7 @@ impl Codec {
 
     /// Encodes `packet`; for 3.x its properties (5.0 only) are dropped, as
     /// rumqttd's v4 encoder refuses them.
-    pub fn write(&self, packet: Packet, buf: &mut BytesMut) -> Result<usize, rumqttd::protocol::Error> {
+    pub(crate) fn write(&self, packet: Packet, buf: &mut BytesMut) -> Result<usize, rumqttd::protocol::Error> {
         if self.version.is_v5() {
             return V5.write(packet, buf);
         }
@@ -76,7 +76,7 @@ impl Codec {
 
 /// What the head of a buffer says about the CONNECT it starts with.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Hello {
+pub(crate) enum Hello {
     /// Too few bytes to tell.
     More,
     Version(Version),
@@ -87,7 +87,7 @@ pub enum Hello {
 /// Reads the protocol name and level of the CONNECT at the head of `buf`.
 /// A 3.1 CONNECT is rewritten in place as the 3.1.1 one it is otherwise
 /// identical to (name `MQTT`, level 4), so one decoder serves both.
-pub fn hello(buf: &mut BytesMut) -> Hello {
+pub(crate) fn hello(buf: &mut BytesMut) -> Hello {
     if crate::mqtt::framing::overlong_length(buf) {
         return Hello::Unsupported("malformed packet: remaining length encoded in more than 4 bytes".into());
     }
@@ -137,14 +137,14 @@ pub fn hello(buf: &mut BytesMut) -> Hello {
 #[cfg(test)]
 /// QoS, DUP, RETAIN and packet id of a decoded PUBLISH (rumqttd keeps them
 /// private; its internal serialization exposes them).
-pub fn publish_flags(p: &Publish) -> (u8, bool, bool, u16) {
+pub(crate) fn publish_flags(p: &Publish) -> (u8, bool, bool, u16) {
     let raw = p.serialize();
     let (h, pkid) = (raw[0], u16::from_be_bytes([raw[1], raw[2]]));
     ((h >> 1) & 0b11, h & 0b1000 != 0, h & 1 != 0, pkid)
 }
 
 /// A PUBLISH with the given QoS, DUP, RETAIN and packet id.
-pub fn publish(qos: u8, dup: bool, retain: bool, pkid: u16, topic: &Bytes, payload: &Bytes) -> Publish {
+pub(crate) fn publish(qos: u8, dup: bool, retain: bool, pkid: u16, topic: &Bytes, payload: &Bytes) -> Publish {
     let mut o = BytesMut::with_capacity(5 + topic.len() + payload.len());
     o.put_u8(0b0011_0000 | u8::from(retain) | (qos << 1) | (u8::from(dup) << 3));
     o.put_u16(if qos == 0 { 0 } else { pkid });
@@ -156,7 +156,7 @@ pub fn publish(qos: u8, dup: bool, retain: bool, pkid: u16, topic: &Bytes, paylo
 
 /// The 5.0 properties kept with an event (site log, central, streams):
 /// `{"content_type": …, "user_properties": [[k, v], …]}`, or `None`.
-pub fn event_properties(content_type: Option<&str>, user: &[(String, String)]) -> Option<String> {
+pub(crate) fn event_properties(content_type: Option<&str>, user: &[(String, String)]) -> Option<String> {
     if content_type.is_none() && user.is_empty() {
         return None;
     }

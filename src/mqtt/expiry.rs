@@ -16,7 +16,7 @@ use crate::log::MqttOp;
 /// Expires the session of `lease` `after` now, unless `waiting` is
 /// cancelled first: its mailbox, and its state in the site log (held QoS 2
 /// packet ids, subscriptions).
-pub fn wait_for_client(
+pub(super) fn wait_for_client(
     deps: &MqttDeps,
     lease: Lease,
     after: Duration,

@@ -43,7 +43,7 @@ use crate::stream::interest::Interest;
 
 /// A message to fan out: a committed event on its stream topic.
 #[derive(Debug)]
-pub struct Message {
+pub(crate) struct Message {
     pub topic: Bytes,
     pub payload: Bytes,
     /// The publisher's QoS (events that did not come over MQTT: 1).
@@ -61,13 +61,13 @@ pub struct Message {
 
 impl Message {
     /// Bytes it holds (what the bounds count).
-    pub fn size(&self) -> usize {
+    pub(crate) fn size(&self) -> usize {
         64 + self.topic.len() + self.payload.len() + self.props.as_ref().map_or(0, props_size)
     }
 
     /// Seconds of its Message Expiry Interval left; `None` when it has none,
     /// `Some(0)` when it expired.
-    pub fn expiry_left(&self) -> Option<u32> {
+    pub(crate) fn expiry_left(&self) -> Option<u32> {
         let interval = self.props.as_ref()?.message_expiry_interval?;
         let gone = u32::try_from(self.at.elapsed().as_secs()).unwrap_or(u32::MAX);
         Some(interval.saturating_sub(gone))
@@ -83,7 +83,7 @@ fn props_size(p: &PublishProperties) -> usize {
 
 /// One subscription of a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Subscription {
+pub(crate) struct Subscription {
     pub filter: String,
     /// The QoS granted.
     pub qos: u8,
@@ -95,7 +95,7 @@ pub struct Subscription {
 
 /// A delivery decided for a session, not yet sent.
 #[derive(Debug, Clone)]
-pub struct Queued {
+pub(crate) struct Queued {
     pub msg: Arc<Message>,
     /// min(publish QoS, granted QoS).
     pub qos: u8,
@@ -105,7 +105,7 @@ pub struct Queued {
 
 /// A delivery sent with QoS > 0 and not completed by the client.
 #[derive(Debug, Clone)]
-pub struct Inflight {
+pub(crate) struct Inflight {
     pub queued: Queued,
     /// QoS 2: PUBREC came and PUBREL was sent (a resend is the PUBREL).
     pub released: bool,
@@ -113,14 +113,14 @@ pub struct Inflight {
 
 /// Bounds of one mailbox.
 #[derive(Debug, Clone, Copy)]
-pub struct MailboxLimits {
+pub(crate) struct MailboxLimits {
     pub max_filters: usize,
     pub max_messages: usize,
     pub max_bytes: usize,
 }
 
 /// A session's subscriptions and deliveries.
-pub struct Mailbox {
+pub(crate) struct Mailbox {
     /// Unique per session (kept across its connections), for No Local.
     pub id: u64,
     pub tenant: String,
@@ -133,7 +133,7 @@ pub struct Mailbox {
 
 /// What a mailbox holds (behind its lock).
 #[derive(Default)]
-pub struct Inner {
+pub(crate) struct Inner {
     pub subs: Vec<Subscription>,
     pub queue: VecDeque<Queued>,
     queued_bytes: usize,
@@ -146,14 +146,14 @@ pub struct Inner {
 
 impl Inner {
     /// Takes the next queued delivery.
-    pub fn pop(&mut self) -> Option<Queued> {
+    pub(crate) fn pop(&mut self) -> Option<Queued> {
         let q = self.queue.pop_front()?;
         self.queued_bytes = self.queued_bytes.saturating_sub(q.msg.size());
         Some(q)
     }
 
     /// A packet id no delivery in flight uses (1..=65535).
-    pub fn next_pkid(&mut self) -> u16 {
+    pub(crate) fn next_pkid(&mut self) -> u16 {
         loop {
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
             let p = self.next_pkid;
@@ -165,12 +165,12 @@ impl Inner {
 
     /// Whether another QoS > 0 delivery may go out: fewer than `max` in
     /// flight, and their bytes within the mailbox's bound.
-    pub fn may_send_more(&self, max: usize, max_bytes: usize) -> bool {
+    pub(crate) fn may_send_more(&self, max: usize, max_bytes: usize) -> bool {
         self.inflight.len() < max && self.inflight_bytes < max_bytes
     }
 
     /// Sends `q` with a new packet id: it stays in flight until completed.
-    pub fn send(&mut self, q: &Queued) -> u16 {
+    pub(crate) fn send(&mut self, q: &Queued) -> u16 {
         let pkid = self.next_pkid();
         self.inflight_bytes += q.msg.size();
         self.inflight.push_back((pkid, Inflight { queued: q.clone(), released: false }));
@@ -178,17 +178,17 @@ impl Inner {
     }
 
     /// What is in flight, in send order (to send again on a resume).
-    pub fn in_flight(&self) -> Vec<(u16, Inflight)> {
+    pub(crate) fn in_flight(&self) -> Vec<(u16, Inflight)> {
         self.inflight.iter().cloned().collect()
     }
 
     /// The in-flight delivery with packet id `pkid`.
-    pub fn inflight_mut(&mut self, pkid: u16) -> Option<&mut Inflight> {
+    pub(crate) fn inflight_mut(&mut self, pkid: u16) -> Option<&mut Inflight> {
         self.inflight.iter_mut().find(|(p, _)| *p == pkid).map(|(_, i)| i)
     }
 
     /// Completes (removes) the in-flight delivery `pkid`.
-    pub fn complete(&mut self, pkid: u16) -> Option<Inflight> {
+    pub(crate) fn complete(&mut self, pkid: u16) -> Option<Inflight> {
         let at = self.inflight.iter().position(|(p, _)| *p == pkid)?;
         let (_, done) = self.inflight.remove(at)?;
         self.inflight_bytes = self.inflight_bytes.saturating_sub(done.queued.msg.size());
@@ -202,23 +202,23 @@ impl Mailbox {
     }
 
     /// The mailbox's state, locked (for the connection that owns it).
-    pub fn inner(&self) -> MutexGuard<'_, Inner> {
+    pub(crate) fn inner(&self) -> MutexGuard<'_, Inner> {
         self.lock()
     }
 
     /// Waits until something was queued since the last wait.
-    pub async fn queued(&self) {
+    pub(crate) async fn queued(&self) {
         self.notify.notified().await;
     }
 
     #[cfg(test)]
     /// Whether deliveries wait.
-    pub fn has_queued(&self) -> bool {
+    pub(crate) fn has_queued(&self) -> bool {
         !self.lock().queue.is_empty()
     }
 
     /// Its subscriptions now.
-    pub fn subscriptions(&self) -> Vec<Subscription> {
+    pub(crate) fn subscriptions(&self) -> Vec<Subscription> {
         self.lock().subs.clone()
     }
 
@@ -243,7 +243,7 @@ impl Mailbox {
     }
 
     /// The byte bound of what it holds (queued and in flight).
-    pub fn max_bytes(&self) -> usize {
+    pub(crate) fn max_bytes(&self) -> usize {
         self.limits.max_bytes
     }
 
@@ -262,7 +262,7 @@ impl Mailbox {
     }
 
     /// Queues retained messages for a new subscription (RETAIN set).
-    pub fn queue_retained(&self, sub: &Subscription, retained: Vec<Arc<Message>>) {
+    pub(crate) fn queue_retained(&self, sub: &Subscription, retained: Vec<Arc<Message>>) {
         if retained.is_empty() {
             return;
         }
@@ -277,7 +277,7 @@ impl Mailbox {
 }
 
 /// What a SUBSCRIBE changed.
-pub enum Subscribed {
+pub(crate) enum Subscribed {
     /// A filter the session did not have.
     New,
     /// An existing filter, its options replaced.
@@ -294,7 +294,7 @@ struct Retained {
 }
 
 /// The fan-out of one appliance.
-pub struct Fanout {
+pub(crate) struct Fanout {
     /// Mailboxes with at least one subscription, per tenant.
     tenants: RwLock<HashMap<String, Vec<Arc<Mailbox>>>>,
     retained: Mutex<HashMap<String, Retained>>,
@@ -308,7 +308,7 @@ pub struct Fanout {
 }
 
 impl Fanout {
-    pub fn new(config: &MqttConfig, interest: Arc<Interest>, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(config: &MqttConfig, interest: Arc<Interest>, metrics: Arc<Metrics>) -> Self {
         Self {
             tenants: RwLock::default(),
             retained: Mutex::default(),
@@ -326,7 +326,7 @@ impl Fanout {
     }
 
     /// A new, empty mailbox for a session of `tenant`.
-    pub fn mailbox(&self, tenant: &str) -> Arc<Mailbox> {
+    pub(crate) fn mailbox(&self, tenant: &str) -> Arc<Mailbox> {
         Arc::new(Mailbox {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             tenant: tenant.to_string(),
@@ -339,13 +339,13 @@ impl Fanout {
 
     #[cfg(test)]
     /// Deliveries dropped from full mailboxes so far.
-    pub fn dropped(&self) -> u64 {
+    pub(crate) fn dropped(&self) -> u64 {
         self.metrics.mqtt_deliveries_dropped.get()
     }
 
     /// Adds or replaces a subscription of `mb`; it then receives its tenant's
     /// messages that match.
-    pub fn subscribe(&self, mb: &Arc<Mailbox>, sub: Subscription) -> Subscribed {
+    pub(crate) fn subscribe(&self, mb: &Arc<Mailbox>, sub: Subscription) -> Subscribed {
         let mut inner = mb.lock();
         let was_empty = inner.subs.is_empty();
         let outcome = match inner.subs.iter().position(|s| s.filter == sub.filter) {
@@ -367,7 +367,7 @@ impl Fanout {
     }
 
     /// Removes a subscription; false when `mb` had no such filter.
-    pub fn unsubscribe(&self, mb: &Arc<Mailbox>, filter: &str) -> bool {
+    pub(crate) fn unsubscribe(&self, mb: &Arc<Mailbox>, filter: &str) -> bool {
         let mut inner = mb.lock();
         let Some(at) = inner.subs.iter().position(|s| s.filter == filter) else { return false };
         inner.subs.remove(at);
@@ -379,7 +379,7 @@ impl Fanout {
     }
 
     /// Puts back the subscriptions of a session resumed after a restart.
-    pub fn restore(&self, mb: &Arc<Mailbox>, subs: Vec<Subscription>) {
+    pub(crate) fn restore(&self, mb: &Arc<Mailbox>, subs: Vec<Subscription>) {
         for s in subs {
             self.subscribe(mb, s);
         }
@@ -387,7 +387,7 @@ impl Fanout {
 
     /// The session of `mb` ended: it receives nothing more, and what it
     /// held is freed once its last handle goes.
-    pub fn close(&self, mb: &Arc<Mailbox>) {
+    pub(crate) fn close(&self, mb: &Arc<Mailbox>) {
         let had = {
             let mut inner = mb.lock();
             let had = !inner.subs.is_empty();
@@ -426,18 +426,18 @@ impl Fanout {
     }
 
     /// Whether a session of `tenant` subscribes to anything.
-    pub fn has_subscribers(&self, tenant: &str) -> bool {
+    pub(crate) fn has_subscribers(&self, tenant: &str) -> bool {
         self.tenants.read().unwrap_or_else(PoisonError::into_inner).contains_key(tenant)
     }
 
     #[cfg(test)]
     /// Sessions subscribed, over all tenants.
-    pub fn subscribers(&self) -> usize {
+    pub(crate) fn subscribers(&self) -> usize {
         self.tenants.read().unwrap_or_else(PoisonError::into_inner).values().map(Vec::len).sum()
     }
 
     /// Queues `msg` for every session of `tenant` it matches.
-    pub fn publish(&self, tenant: &str, msg: &Arc<Message>) {
+    pub(crate) fn publish(&self, tenant: &str, msg: &Arc<Message>) {
         let mailboxes = match self.tenants.read().unwrap_or_else(PoisonError::into_inner).get(tenant) {
             Some(list) => list.clone(),
             None => return,
@@ -449,7 +449,7 @@ impl Fanout {
 
     /// Whether a retained message of `bytes` fits the tenant's bounds on
     /// `topic` (replacing what it holds there).
-    pub fn retain_fits(&self, tenant: &str, topic: &str, bytes: usize) -> bool {
+    pub(crate) fn retain_fits(&self, tenant: &str, topic: &str, bytes: usize) -> bool {
         let r = self.retained.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(t) = r.get(tenant) else { return bytes <= self.max_retained_bytes && self.max_retained > 0 };
         let old = t.topics.get(topic).map(|m| m.payload.len());
@@ -459,7 +459,7 @@ impl Fanout {
 
     /// Sets (a message with a payload) or clears (`None`) the retained
     /// message of a topic; false when it does not fit the tenant's bounds.
-    pub fn set_retained(&self, tenant: &str, topic: &str, msg: Option<Arc<Message>>) -> bool {
+    pub(crate) fn set_retained(&self, tenant: &str, topic: &str, msg: Option<Arc<Message>>) -> bool {
         let mut r = self.retained.lock().unwrap_or_else(PoisonError::into_inner);
         let t = r.entry(tenant.to_string()).or_default();
         let old = t.topics.get(topic).map_or(0, |m| m.payload.len());
@@ -487,7 +487,7 @@ impl Fanout {
     }
 
     /// The retained messages of `tenant` that `filter` matches.
-    pub fn retained_for(&self, tenant: &str, filter: &str) -> Vec<Arc<Message>> {
+    pub(crate) fn retained_for(&self, tenant: &str, filter: &str) -> Vec<Arc<Message>> {
         let r = self.retained.lock().unwrap_or_else(PoisonError::into_inner);
         r.get(tenant).map_or_else(Vec::new, |t| {
             t.topics.iter().filter(|(topic, _)| topic_matches(topic, filter)).map(|(_, m)| m.clone()).collect()
@@ -500,7 +500,7 @@ impl Fanout {
 /// tenants with subscribers go to the fan-out task through a bounded
 /// queue (full: skipped for MQTT subscribers and counted; the event is in
 /// the log and on the other streams).
-pub struct Feed {
+pub(crate) struct Feed {
     fanout: Arc<Fanout>,
     tx: mpsc::Sender<(String, Arc<Message>)>,
     metrics: Arc<Metrics>,
@@ -511,7 +511,10 @@ const FEED_QUEUE: usize = 4096;
 
 impl Feed {
     /// The feed and the task that fans out what it is fed.
-    pub fn new(fanout: Arc<Fanout>, metrics: Arc<Metrics>) -> (Arc<Self>, impl Future<Output = ()> + Send + 'static) {
+    pub(crate) fn new(
+        fanout: Arc<Fanout>,
+        metrics: Arc<Metrics>,
+    ) -> (Arc<Self>, impl Future<Output = ()> + Send + 'static) {
         let (tx, mut rx) = mpsc::channel::<(String, Arc<Message>)>(FEED_QUEUE);
         let f = fanout.clone();
         let task = async move {

@@ -7,7 +7,7 @@
 use rumqttd::protocol::Packet;
 
 /// The fixed header and where the variable header starts, if complete.
-pub fn fixed_header(buf: &[u8]) -> Option<(u8, usize)> {
+pub(crate) fn fixed_header(buf: &[u8]) -> Option<(u8, usize)> {
     let first = *buf.first()?;
     let mut i = 1;
     while *buf.get(i)? & 0x80 != 0 {
@@ -21,7 +21,7 @@ pub fn fixed_header(buf: &[u8]) -> Option<(u8, usize)> {
 
 /// True when the remaining length at the head of `buf` is malformed: a
 /// fourth byte that still says "more" (MQTT allows at most four).
-pub fn overlong_length(buf: &[u8]) -> bool {
+pub(crate) fn overlong_length(buf: &[u8]) -> bool {
     buf.len() >= 5 && buf[1..5].iter().all(|b| b & 0x80 != 0)
 }
 
@@ -29,7 +29,7 @@ pub fn overlong_length(buf: &[u8]) -> bool {
 /// remaining length's encoding, the flags each packet type must carry, and
 /// CONNECT's reserved flag. `Ok` when the bytes so far are fine (or too few
 /// to tell).
-pub fn check(buf: &[u8]) -> Result<(), String> {
+pub(crate) fn check(buf: &[u8]) -> Result<(), String> {
     if overlong_length(buf) {
         return Err("remaining length encoded in more than 4 bytes".into());
     }
@@ -63,7 +63,7 @@ pub fn check(buf: &[u8]) -> Result<(), String> {
 
 /// QoS, DUP and packet id of the PUBLISH at the head of `buf`, which rumqttd
 /// keeps private. Only meaningful once the codec decoded that packet.
-pub fn publish_header(buf: &[u8]) -> Option<(u8, bool, u16)> {
+pub(crate) fn publish_header(buf: &[u8]) -> Option<(u8, bool, u16)> {
     let (first, topic_at) = fixed_header(buf)?;
     if first >> 4 != 3 {
         return None;
@@ -96,7 +96,7 @@ fn kind_name(kind: u8) -> &'static str {
 }
 
 /// The packet's kind, for logs and refusals: never its fields.
-pub fn name(p: &Packet) -> &'static str {
+pub(crate) fn name(p: &Packet) -> &'static str {
     kind_name(match p {
         Packet::Connect(..) => 1,
         Packet::ConnAck(..) => 2,

@@ -35,14 +35,14 @@
 //!   session, device and tenant (see the README's table), and every session
 //!   can be ended whatever its peer does.
 
-pub mod acl;
-pub mod codec;
+pub(crate) mod acl;
+pub(crate) mod codec;
 mod expiry;
-pub mod fanout;
-pub mod framing;
+pub(crate) mod fanout;
+pub(crate) mod framing;
 mod session;
-pub mod state;
-pub mod ws;
+pub(crate) mod state;
+pub(crate) mod ws;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -61,7 +61,7 @@ const PROTOCOL: Protocol = Protocol::Mqtt;
 
 /// What the MQTT stage needs.
 #[derive(Clone)]
-pub struct MqttDeps {
+pub(crate) struct MqttDeps {
     pub ingest: IngestHandle,
     pub auth: Arc<Authenticator>,
     pub metrics: Arc<Metrics>,
@@ -107,7 +107,7 @@ impl MqttDeps {
 /// Accepts connections until `shutdown`; each runs on `tracker`.
 /// With `tls`, each connection first completes a TLS handshake (within
 /// `mqtt.connect_timeout`).
-pub async fn run(
+pub(crate) async fn run(
     listener: TcpListener,
     deps: MqttDeps,
     tracker: TaskTracker,
@@ -156,7 +156,7 @@ pub async fn run(
 
 /// One connection over any byte stream, served like a TCP one from
 /// 127.0.0.1 (same session code and slot); `None` at `max_connections`.
-pub async fn serve_stream<S>(deps: &MqttDeps, stream: S, shutdown: CancellationToken) -> Option<()>
+pub(crate) async fn serve_stream<S>(deps: &MqttDeps, stream: S, shutdown: CancellationToken) -> Option<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Sync + Unpin + 'static,
 {
@@ -171,7 +171,7 @@ where
 /// Takes in the sessions the site log kept over a restart: each waits for
 /// its client until its expiry, as if its connection had just ended (the
 /// log dropped those that expired while the appliance was down).
-pub async fn resume_stored_sessions(
+pub(crate) async fn resume_stored_sessions(
     deps: &MqttDeps,
     stored: Vec<crate::log::mqtt::StoredSession>,
     shutdown: &CancellationToken,
@@ -199,7 +199,7 @@ pub async fn resume_stored_sessions(
 
 /// Puts the retained messages kept in the site log back into the fan-out
 /// (at start), within the tenants' bounds. Returns how many.
-pub fn restore_retained(fanout: &fanout::Fanout, retained: Vec<(String, String, Vec<u8>)>) -> usize {
+pub(crate) fn restore_retained(fanout: &fanout::Fanout, retained: Vec<(String, String, Vec<u8>)>) -> usize {
     let mut n = 0;
     for (tenant, topic, payload) in retained {
         let msg = Arc::new(fanout::Message {
@@ -225,7 +225,7 @@ pub fn restore_retained(fanout: &fanout::Fanout, retained: Vec<(String, String, 
 pub(crate) struct TimerGauge(prometheus_client::metrics::gauge::Gauge);
 
 impl TimerGauge {
-    pub fn new(metrics: &Metrics) -> Self {
+    pub(crate) fn new(metrics: &Metrics) -> Self {
         metrics.mqtt_session_timers.inc();
         Self(metrics.mqtt_session_timers.clone())
     }

@@ -21,7 +21,7 @@ use crate::config::MqttConfig;
 use crate::log::mqtt::{SessionKey, StoredSession};
 
 /// Shared by every connection of the listener.
-pub struct Sessions {
+pub(crate) struct Sessions {
     inner: Mutex<Inner>,
     /// CONNECTs per device in the current minute: (window start, count).
     connects: Mutex<HashMap<(String, String), (std::time::Instant, u32)>>,
@@ -70,7 +70,7 @@ struct Persistent {
 
 /// A connection's claim on a client id, before its session is decided.
 #[derive(Debug)]
-pub struct Claim {
+pub(crate) struct Claim {
     tenant: String,
     device_id: String,
     client_id: String,
@@ -86,7 +86,7 @@ pub struct Claim {
 
 /// A connection's session.
 #[derive(Debug, Clone)]
-pub struct Lease {
+pub(crate) struct Lease {
     /// The session outlives the connection.
     pub persistent: bool,
     /// Cancelled when a later connection takes the client id over.
@@ -118,7 +118,7 @@ impl std::fmt::Debug for Mailbox {
 }
 
 /// The site log's encoding of a session's subscriptions.
-pub fn encode_subs(subs: &[Subscription]) -> String {
+pub(crate) fn encode_subs(subs: &[Subscription]) -> String {
     let v: Vec<serde_json::Value> = subs
         .iter()
         .map(|s| {
@@ -152,7 +152,7 @@ fn decode_subs(encoded: &str) -> Vec<Subscription> {
 
 impl Sessions {
     /// Bounds from the `[mqtt]` config.
-    pub fn new(config: &MqttConfig, fanout: Arc<Fanout>) -> Self {
+    pub(crate) fn new(config: &MqttConfig, fanout: Arc<Fanout>) -> Self {
         Self {
             inner: Mutex::default(),
             connects: Mutex::default(),
@@ -170,13 +170,13 @@ impl Sessions {
     }
 
     /// The fan-out the sessions' mailboxes are in.
-    pub fn fanout(&self) -> &Arc<Fanout> {
+    pub(crate) fn fanout(&self) -> &Arc<Fanout> {
         &self.fanout
     }
 
     /// Counts a CONNECT of the device; false when it is over
     /// `mqtt.max_connects_per_minute` (fixed one-minute windows).
-    pub fn connect_allowed(&self, tenant: &str, device_id: &str) -> bool {
+    pub(crate) fn connect_allowed(&self, tenant: &str, device_id: &str) -> bool {
         if self.max_connects_per_minute == 0 {
             return true;
         }
@@ -195,7 +195,7 @@ impl Sessions {
     }
 
     /// Counts a live connection; true when it is the device's first.
-    pub fn connected(&self, tenant: &str, device_id: &str) -> bool {
+    pub(crate) fn connected(&self, tenant: &str, device_id: &str) -> bool {
         let mut g = self.lock();
         let d = g.devices.entry((tenant.to_string(), device_id.to_string())).or_default();
         d.live += 1;
@@ -203,7 +203,7 @@ impl Sessions {
     }
 
     /// Uncounts a live connection; true when it was the device's last.
-    pub fn disconnected(&self, tenant: &str, device_id: &str) -> bool {
+    pub(crate) fn disconnected(&self, tenant: &str, device_id: &str) -> bool {
         let mut g = self.lock();
         let key = (tenant.to_string(), device_id.to_string());
         let Some(d) = g.devices.get_mut(&key) else { return true };
@@ -222,7 +222,7 @@ impl Sessions {
     /// tenant holds its share of live connections already
     /// (`mqtt.max_connections_per_device` / `_per_tenant`); taking over a
     /// client id that is connected does not count as one more.
-    pub fn claim(&self, tenant: &str, device_id: &str, client_id: &str) -> Result<Claim, String> {
+    pub(crate) fn claim(&self, tenant: &str, device_id: &str, client_id: &str) -> Result<Claim, String> {
         let mut g = self.lock();
         let dev_key = (tenant.to_string(), device_id.to_string());
         let device_live =
@@ -271,7 +271,7 @@ impl Sessions {
     /// the share) when it would be one persistent session more than the
     /// tenant's share (`mqtt.max_sessions_per_tenant`); a device at its own
     /// bound replaces its oldest instead, which is not one more.
-    pub fn open(&self, claim: Claim, persistent: bool, resume: bool) -> Result<Lease, String> {
+    pub(crate) fn open(&self, claim: Claim, persistent: bool, resume: bool) -> Result<Lease, String> {
         let Claim { tenant, device_id, client_id, generation, taken_over, ended, .. } = claim;
         let mut g = self.lock();
         let max = self.max_persistent;
@@ -410,7 +410,7 @@ impl Sessions {
     /// its client id, now waits for its client: the token returned is
     /// cancelled when the client returns or the session ends (`None`: not
     /// this lease's to wait for).
-    pub fn release(&self, lease: &Lease, expiry: u32) -> Option<CancellationToken> {
+    pub(crate) fn release(&self, lease: &Lease, expiry: u32) -> Option<CancellationToken> {
         let mut g = self.lock();
         let key = (lease.tenant.clone(), lease.device_id.clone());
         let d = g.devices.get_mut(&key)?;
@@ -452,12 +452,12 @@ impl Sessions {
 
     /// The connection of `lease` is done: released, and its end recorded
     /// in the site log. A connection that took it over goes on.
-    pub fn ended(&self, lease: &Lease) {
+    pub(crate) fn ended(&self, lease: &Lease) {
         lease.ended.cancel();
     }
 
     /// True when the client id of `lease` connected again after it.
-    pub fn resumed(&self, lease: &Lease) -> bool {
+    pub(crate) fn resumed(&self, lease: &Lease) -> bool {
         let g = self.lock();
         g.devices
             .get(&(lease.tenant.clone(), lease.device_id.clone()))
@@ -467,7 +467,7 @@ impl Sessions {
 
     /// The persistent session of `lease` expired: unless its client came
     /// back, it is forgotten (its mailbox closed); true when it was.
-    pub fn expire(&self, lease: &Lease) -> bool {
+    pub(crate) fn expire(&self, lease: &Lease) -> bool {
         let mut g = self.lock();
         let key = (lease.tenant.clone(), lease.device_id.clone());
         let Some(d) = g.devices.get_mut(&key) else { return false };
@@ -491,7 +491,7 @@ impl Sessions {
     /// back in the fan-out. Returns a lease per session kept, with the time
     /// left until it expires and the token its client's return cancels, and
     /// the keys of sessions over the device's bound (dropped, oldest first).
-    pub fn load(
+    pub(crate) fn load(
         &self,
         stored: Vec<StoredSession>,
         now_us: i64,
@@ -547,7 +547,7 @@ impl Sessions {
     }
 
     /// Whose session state a lease stands for, in the site log.
-    pub fn key_of(lease: &Lease) -> SessionKey {
+    pub(crate) fn key_of(lease: &Lease) -> SessionKey {
         SessionKey {
             tenant: lease.tenant.clone(),
             device_id: lease.device_id.clone(),
@@ -556,18 +556,18 @@ impl Sessions {
     }
 
     /// The lease's generation: the site log's session row carries it.
-    pub fn generation_of(lease: &Lease) -> u64 {
+    pub(crate) fn generation_of(lease: &Lease) -> u64 {
         lease.generation
     }
 
     /// Live connections per tenant.
-    pub fn connections_by_tenant(&self) -> Vec<(String, usize)> {
+    pub(crate) fn connections_by_tenant(&self) -> Vec<(String, usize)> {
         self.lock().live_by_tenant.iter().map(|(t, n)| (t.clone(), *n)).collect()
     }
 
     #[cfg(test)]
     /// Persistent sessions held, over all devices.
-    pub fn persistent_count(&self) -> usize {
+    pub(crate) fn persistent_count(&self) -> usize {
         self.lock().devices.values().map(|d| d.persistent.len()).sum()
     }
 }

@@ -27,7 +27,7 @@ struct WsState {
 }
 
 /// The `/mqtt` route.
-pub fn routes(deps: MqttDeps, tracker: TaskTracker, shutdown: CancellationToken) -> Router {
+pub(crate) fn routes(deps: MqttDeps, tracker: TaskTracker, shutdown: CancellationToken) -> Router {
     Router::new().route("/mqtt", get(upgrade)).with_state(WsState { deps, tracker, shutdown })
 }
 

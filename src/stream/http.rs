@@ -23,10 +23,10 @@ use crate::http::{ApiError, TenantAccess};
 use crate::log::schema;
 
 /// Longest long-poll wait.
-pub const MAX_POLL: Duration = Duration::from_secs(60);
+pub(crate) const MAX_POLL: Duration = Duration::from_secs(60);
 
 /// `…/stream` (WebSocket), `…/sse`, `…/poll`, `…/presence`.
-pub fn routes(state: StreamState) -> Router {
+pub(crate) fn routes(state: StreamState) -> Router {
     Router::new()
         .route("/api/v1/realtime/{tenant}/stream", get(super::ws::ws))
         .route("/api/v1/realtime/{tenant}/sse", get(sse))

@@ -36,13 +36,13 @@ const CATCHUP_PAGE: i64 = 5000;
 const FIRST_CATCHUP: Duration = Duration::from_secs(3600);
 /// A tenant stays listened to this long after its last local subscriber
 /// left (a long-poll client between requests, a device reconnecting).
-pub const LISTEN_LINGER: Duration = Duration::from_secs(60);
+pub(crate) const LISTEN_LINGER: Duration = Duration::from_secs(60);
 /// How often at most the listener looks again at which tenants are wanted
 /// (and pings central, every `central.ping_interval` if sooner).
 const TENANT_POLL: Duration = Duration::from_secs(5);
 
 /// Why the LISTEN connection failed (it reconnects with backoff).
-pub use crate::central::StageError as Error;
+pub(crate) use crate::central::StageError as Error;
 
 /// How a LISTEN connection's life ended without an error.
 enum Ended {
@@ -53,7 +53,7 @@ enum Ended {
 }
 
 /// The LISTEN stage.
-pub struct Listener {
+pub(crate) struct Listener {
     pub connector: Connector,
     pub config: CentralConfig,
     pub site_id: String,
@@ -101,7 +101,7 @@ fn coalesce(mut spans: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
 
 impl Listener {
     /// Listens until `shutdown`, reconnecting with backoff.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+    pub(crate) async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.config.max_backoff);
         loop {
             if self.wanted().is_empty() {

@@ -11,18 +11,18 @@
 //!   one replayed: no gap and no duplicate at the seam.
 //! - Tenants never share a channel.
 
-pub mod http;
-pub mod interest;
-pub mod listen;
+pub(crate) mod http;
+pub(crate) mod interest;
+pub(crate) mod listen;
 mod open;
-pub mod tail;
-pub mod ws;
+pub(crate) mod tail;
+pub(crate) mod ws;
 
-pub use open::StreamState;
+pub(crate) use open::StreamState;
 
 /// Bytes of a WebSocket `event` frame around its payload, allowed on top of
 /// `limits.max_payload_bytes` (device id, event type, id, timestamp, keys).
-pub const WS_ENVELOPE: usize = 4096;
+pub(crate) const WS_ENVELOPE: usize = 4096;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -127,13 +127,13 @@ impl EventItem {
 /// Subscriber filters: a device id, and event types with `*` standing for
 /// one dot-separated segment (`alarm.*` matches `alarm.high`, not `alarm`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Filter {
+pub(crate) struct Filter {
     pub device_id: Option<String>,
     pub event_types: Vec<String>,
 }
 
 /// `pattern` with `*` segments against a dot-separated `value`.
-pub fn type_matches(pattern: &str, value: &str) -> bool {
+pub(crate) fn type_matches(pattern: &str, value: &str) -> bool {
     let (mut p, mut v) = (pattern.split('.'), value.split('.'));
     loop {
         match (p.next(), v.next()) {
@@ -146,7 +146,7 @@ pub fn type_matches(pattern: &str, value: &str) -> bool {
 }
 
 /// Longest `event_types` query parameter: 64 patterns and their commas.
-pub const MAX_EVENT_TYPES_PARAM: usize = 6400;
+pub(crate) const MAX_EVENT_TYPES_PARAM: usize = 6400;
 
 impl Filter {
     /// The `device_id` and `event_types` query parameters of the stream
@@ -155,7 +155,10 @@ impl Filter {
     /// to 64 comma-separated patterns without spaces, each dot-separated
     /// segments of `[A-Za-z0-9_-]+` or `*`, at most
     /// [`MAX_EVENT_TYPES_PARAM`] characters in all. `Err((field, why))`.
-    pub fn from_query(device_id: Option<&str>, event_types: Option<&str>) -> Result<Self, (&'static str, String)> {
+    pub(crate) fn from_query(
+        device_id: Option<&str>,
+        event_types: Option<&str>,
+    ) -> Result<Self, (&'static str, String)> {
         if let Some(d) = device_id {
             crate::event::validate_device_id(d).map_err(|e| ("device_id", e.message))?;
         }
@@ -188,7 +191,7 @@ impl Filter {
 
     /// Parses `device_id` and a comma-separated `event_types` list (as a
     /// WebSocket `subscribe` frame gives them: spaces around items allowed).
-    pub fn parse(device_id: Option<&str>, event_types: Option<&str>) -> Result<Self, String> {
+    pub(crate) fn parse(device_id: Option<&str>, event_types: Option<&str>) -> Result<Self, String> {
         let mut types = Vec::new();
         for t in event_types.unwrap_or("").split(',').map(str::trim).filter(|t| !t.is_empty()) {
             let plain = t.replace('*', "x");
@@ -206,12 +209,12 @@ impl Filter {
         Ok(Self { device_id: device_id.filter(|d| !d.is_empty()).map(str::to_string), event_types: types })
     }
 
-    pub fn matches_event(&self, device_id: &str, event_type: &str) -> bool {
+    pub(crate) fn matches_event(&self, device_id: &str, event_type: &str) -> bool {
         self.device_id.as_deref().is_none_or(|d| d == device_id)
             && (self.event_types.is_empty() || self.event_types.iter().any(|p| type_matches(p, event_type)))
     }
 
-    pub fn matches(&self, item: &Item) -> bool {
+    pub(crate) fn matches(&self, item: &Item) -> bool {
         match item {
             Item::Event(e) => self.matches_event(&e.device_id, &e.event_type),
             Item::Presence { device_id, .. } => self.device_id.as_deref().is_none_or(|d| d == device_id),
@@ -237,7 +240,7 @@ pub struct Hub {
 
 /// Why a subscription ended early.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Closed {
+pub(crate) enum Closed {
     /// The subscriber fell more than its queue behind.
     Lagged { last_seq: i64 },
     /// The hub is gone (shutdown).
@@ -462,7 +465,7 @@ impl CommitObserver for Hub {
 }
 
 /// One subscriber: replay after a cursor, then live, filtered.
-pub struct Subscription {
+pub(crate) struct Subscription {
     rx: broadcast::Receiver<Item>,
     pub filter: Filter,
     /// Seq of the last event delivered: the cursor a client resumes from.
@@ -483,7 +486,7 @@ const REPLAY_PAGE: usize = 500;
 impl Subscription {
     /// Subscribes live first, so nothing committed from now on is missed,
     /// then replays the log after `after`.
-    pub fn new(hub: &Arc<Hub>, slot: Slot, readers: Readers, tenant: &str, filter: Filter, after: i64) -> Self {
+    pub(crate) fn new(hub: &Arc<Hub>, slot: Slot, readers: Readers, tenant: &str, filter: Filter, after: i64) -> Self {
         Self {
             rx: hub.receiver(tenant),
             filter,
@@ -499,7 +502,7 @@ impl Subscription {
     }
 
     /// The next item for this subscriber.
-    pub async fn next(&mut self) -> Result<Item, Closed> {
+    pub(crate) async fn next(&mut self) -> Result<Item, Closed> {
         loop {
             if let Some(e) = self.backlog.pop_front() {
                 self.last_seq = e.seq;
@@ -526,7 +529,7 @@ impl Subscription {
 
     /// Reads the next replay page (up to 500 rows) into the backlog; nothing
     /// once the replay has caught up with the log.
-    pub async fn fill(&mut self) -> Result<(), Closed> {
+    pub(crate) async fn fill(&mut self) -> Result<(), Closed> {
         if !self.replaying {
             return Ok(());
         }
@@ -547,7 +550,7 @@ impl Subscription {
     }
 
     /// Replaces the filters (WS `subscribe` frame); the cursor stays.
-    pub fn set_filter(&mut self, filter: Filter) {
+    pub(crate) fn set_filter(&mut self, filter: Filter) {
         self.filter = filter;
     }
 }

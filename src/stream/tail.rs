@@ -13,7 +13,7 @@ use crate::event::{Event, from_us};
 use crate::log::Committed;
 
 /// Events kept for a page that just opened.
-pub const RECENT: usize = 20;
+pub(crate) const RECENT: usize = 20;
 
 /// One line of the tail, serialized once.
 #[derive(Debug)]

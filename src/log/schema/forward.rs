@@ -37,7 +37,7 @@ fn pend_again(conn: &Connection, seq: i64) -> Result<(), Error> {
     Ok(())
 }
 
-/// The forwarding watermark (see [`WATERMARK`]).
+/// The forwarding watermark (see `WATERMARK` in the schema module).
 pub fn watermark(conn: &Connection) -> Result<i64, Error> {
     Ok(conn.query_row(&format!("SELECT {WATERMARK}"), [], |r| r.get(0))?)
 }

@@ -79,7 +79,7 @@ pub(super) struct Inbound {
 }
 
 impl Inbound {
-    pub fn new(alias_max: u16) -> Self {
+    pub(super) fn new(alias_max: u16) -> Self {
         Self {
             fifo: FuturesOrdered::new(),
             packets: VecDeque::new(),
@@ -96,12 +96,12 @@ impl Inbound {
 
     /// Whether the device may be read: nothing held, nothing decoded left,
     /// room in the FIFO.
-    pub fn can_read(&self, max_inflight: usize) -> bool {
+    pub(super) fn can_read(&self, max_inflight: usize) -> bool {
         !self.eof && self.held.is_none() && self.packets.is_empty() && self.fifo.len() < max_inflight
     }
 
     /// Something waits for the rate limit or the log's budget.
-    pub fn waiting(&self) -> bool {
+    pub(super) fn waiting(&self) -> bool {
         self.held.is_some() || self.control_held
     }
 
@@ -143,7 +143,7 @@ impl Inbound {
 
     /// How the session ends once the device closed its side (or was taken
     /// over) and everything it sent was handled.
-    pub fn finished(&self) -> Option<End> {
+    pub(super) fn finished(&self) -> Option<End> {
         if !(self.eof && self.packets.is_empty() && !self.waiting()) {
             return None;
         }

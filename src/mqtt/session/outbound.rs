@@ -44,7 +44,7 @@ pub(super) struct Outbound {
 }
 
 impl Outbound {
-    pub fn new(mailbox: Arc<Mailbox>, client: ClientLimits, max_inflight: usize) -> Self {
+    pub(super) fn new(mailbox: Arc<Mailbox>, client: ClientLimits, max_inflight: usize) -> Self {
         Self {
             mailbox,
             receive_max: client.receive_max.min(max_inflight).max(1),

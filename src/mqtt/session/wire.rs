@@ -13,8 +13,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::super::codec::{Codec, Hello, Version, hello};
 
 /// Byte streams a session runs over: TCP, or a WebSocket's binary frames.
-pub type Reader = Box<dyn AsyncRead + Send + Sync + Unpin>;
-pub type Writer = Box<dyn AsyncWrite + Send + Sync + Unpin>;
+pub(crate) type Reader = Box<dyn AsyncRead + Send + Sync + Unpin>;
+pub(crate) type Writer = Box<dyn AsyncWrite + Send + Sync + Unpin>;
 
 /// Initial read and write buffer of a connection (a thousand idle devices
 /// are a thousand of these; both grow to what a connection actually sends).
@@ -22,7 +22,7 @@ const SESSION_BUF: usize = 1024;
 
 /// Bytes waiting to be written beyond which nothing more is taken from
 /// the session's mailbox until the client reads.
-pub const WRITE_HIGH: usize = 256 * 1024;
+pub(super) const WRITE_HIGH: usize = 256 * 1024;
 
 /// Beyond this the client is not read either, so the acks of a client
 /// that publishes and never reads cannot pile up (its write timeout ends
@@ -48,7 +48,7 @@ pub(super) struct Wire {
 }
 
 impl Wire {
-    pub fn new(reader: Reader, writer: Writer) -> Self {
+    pub(super) fn new(reader: Reader, writer: Writer) -> Self {
         Self {
             reader,
             writer,
@@ -59,12 +59,12 @@ impl Wire {
         }
     }
 
-    pub fn version(&self) -> Version {
+    pub(super) fn version(&self) -> Version {
         self.codec.version
     }
 
     /// Encodes `packet` into the write buffer (written by the session loop).
-    pub fn queue(&mut self, packet: Packet) -> Result<(), String> {
+    pub(super) fn queue(&mut self, packet: Packet) -> Result<(), String> {
         let was_empty = self.write_buf.is_empty();
         self.codec.write(packet, &mut self.write_buf).map_err(|e| format!("encode: {e}"))?;
         if was_empty && !self.write_buf.is_empty() {
@@ -74,24 +74,24 @@ impl Wire {
     }
 
     /// Room for more deliveries.
-    pub fn has_room(&self) -> bool {
+    pub(super) fn has_room(&self) -> bool {
         self.write_buf.len() < WRITE_HIGH
     }
 
     /// Room for what reading the client may make us write (acks, PINGRESP).
-    pub fn may_read(&self) -> bool {
+    pub(super) fn may_read(&self) -> bool {
         self.write_buf.len() < WRITE_HARD
     }
 
     /// `n` bytes were taken by the client.
-    pub fn wrote(&mut self, n: usize) {
+    pub(super) fn wrote(&mut self, n: usize) {
         self.write_buf.advance(n);
         self.stalled_since = (!self.write_buf.is_empty()).then(tokio::time::Instant::now);
     }
 
     /// Writes what is buffered, within `limit` (a session ending: a final
     /// DISCONNECT, and what was queued before it).
-    pub async fn flush_within(&mut self, limit: Duration) {
+    pub(super) async fn flush_within(&mut self, limit: Duration) {
         let write = async {
             while !self.write_buf.is_empty() {
                 match self.writer.write(&self.write_buf).await {
@@ -107,7 +107,7 @@ impl Wire {
     /// Reads the first bytes until the protocol is known; a protocol this
     /// listener does not speak is answered with CONNACK 0x01 (3.1.1's
     /// "unacceptable protocol version") and closed.
-    pub async fn read_hello(&mut self) -> Result<Option<Version>, String> {
+    pub(super) async fn read_hello(&mut self) -> Result<Option<Version>, String> {
         loop {
             match hello(&mut self.read_buf) {
                 Hello::Version(v) => return Ok(Some(v)),
@@ -132,7 +132,7 @@ impl Wire {
     }
 
     /// Reads one packet; `None` on a clean EOF between packets.
-    pub async fn read_packet(&mut self, max: usize) -> Result<Option<Packet>, String> {
+    pub(super) async fn read_packet(&mut self, max: usize) -> Result<Option<Packet>, String> {
         loop {
             super::super::framing::check(&self.read_buf)?;
             match self.codec.read(&mut self.read_buf, max) {
@@ -153,7 +153,7 @@ impl Wire {
     /// waiting for more only briefly: what the client sent before it
     /// connected again is in the socket, or on its way on a loopback or
     /// LAN path, by the time its new CONNECT is read.
-    pub async fn read_arrived(&mut self) {
+    pub(super) async fn read_arrived(&mut self) {
         let start = self.read_buf.len();
         let deadline = tokio::time::Instant::now() + ARRIVED_WAIT * 10;
         while self.read_buf.len() - start < ARRIVED_MAX && tokio::time::Instant::now() < deadline {
