@@ -100,6 +100,13 @@ fn event(device: &str, id: Uuid) -> Event {
 }
 
 fn start(path: &std::path::Path) -> (LogHandle, writer::WriterThread) {
+    start_observed(path, Vec::new())
+}
+
+fn start_observed(
+    path: &std::path::Path,
+    observers: Vec<Arc<dyn log::CommitObserver>>,
+) -> (LogHandle, writer::WriterThread) {
     let conn = log::open_and_migrate(path).unwrap();
     let cfg = WriterConfig {
         max_bytes: 1 << 30,
@@ -110,7 +117,36 @@ fn start(path: &std::path::Path) -> (LogHandle, writer::WriterThread) {
         commit_delay: std::time::Duration::ZERO,
         queue_capacity: 16,
     };
-    writer::spawn(conn, cfg, Arc::new(Metrics::new()), Arc::new(tokio::sync::Notify::new()), Vec::new()).unwrap()
+    writer::spawn(conn, cfg, Arc::new(Metrics::new()), Arc::new(tokio::sync::Notify::new()), observers).unwrap()
+}
+
+/// An observer slow to take a commit: it records what it was told only
+/// after a pause, so an answer sent before the observers ran is caught.
+struct Slow(std::sync::Mutex<Vec<Uuid>>);
+
+impl log::CommitObserver for Slow {
+    fn committed(&self, events: &[log::Committed]) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        self.0.lock().unwrap().extend(events.iter().map(|c| c.event.id));
+    }
+}
+
+/// Whoever is answered can count on the observers having the event: a
+/// retained MQTT message is set, and a client that subscribes once acked
+/// is not sent it as a live message (tests/mqtt_protocol.rs failed at
+/// random on that while observers ran after the answers).
+#[tokio::test]
+async fn observers_have_an_event_before_its_append_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = Arc::new(Slow(std::sync::Mutex::default()));
+    let (handle, thread) = start_observed(&dir.path().join("log.sqlite"), vec![slow.clone()]);
+    for _ in 0..3 {
+        let id = Uuid::new_v4();
+        handle.append(vec![event("d1", id)]).await.unwrap();
+        assert!(slow.0.lock().unwrap().contains(&id), "answered before the observers had {id}");
+    }
+    drop(handle);
+    tokio::task::spawn_blocking(move || thread.join()).await.unwrap();
 }
 
 async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {

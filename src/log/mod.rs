@@ -31,8 +31,10 @@ pub use reader::Readers;
 /// Told about every event right after the transaction that added it committed
 /// (local appends and remote events), in commit order, and about devices
 /// going online or offline once that is recorded. Called on the writer
-/// thread: it must not block. The stream hub and the MQTT bridge are fed
-/// this way, so nothing downstream sees an event before it is durable.
+/// thread, before the group's answers: it must not block. The stream hub
+/// and the MQTT bridge are fed this way, so nothing downstream sees an
+/// event before it is durable, and whoever was answered can count on them
+/// having it.
 pub trait CommitObserver: Send + Sync {
     /// Events a group committed, in seq order.
     fn committed(&self, events: &[Committed]);

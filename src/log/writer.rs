@@ -217,28 +217,26 @@ impl Writer {
                 Some(e.to_string())
             }
         };
-        if commit_error.is_none() {
-            if g.appended_rows > 0 {
-                // A group of bookkeeping only (device counters, sessions)
-                // is not an event commit: counting it would blur the figure.
-                self.metrics.commit_rows.observe(g.appended_rows as f64);
+        if let Some(e) = commit_error {
+            for d in g.delivers {
+                d(Some(&e));
             }
-            self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
-            self.metrics.log_events_written.inc_by(g.written_rows as u64);
-            // Before the answers: an acked event is in the gauges.
-            self.count(&g);
-        }
-        for d in g.delivers {
-            d(commit_error.as_deref());
-        }
-        if commit_error.is_some() {
             // Don't spin on a persistent failure (disk gone, read-only fs).
             std::thread::sleep(Duration::from_millis(100));
             return;
         }
         if g.appended_rows > 0 {
+            // A group of bookkeeping only (device counters, sessions) is
+            // not an event commit: counting it would blur the figure.
+            self.metrics.commit_rows.observe(g.appended_rows as f64);
             self.committed.notify_one();
         }
+        self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics.log_events_written.inc_by(g.written_rows as u64);
+        // Before the answers: an acked event is in the gauges, and the
+        // observers have it (a retained message is set, and an MQTT client
+        // that subscribes once acked is not sent it as a live message).
+        self.count(&g);
         for o in &self.observers {
             if !g.new_events.is_empty() {
                 o.committed(&g.new_events);
@@ -246,6 +244,9 @@ impl Writer {
             for (tenant, device_id, online) in &g.presence {
                 o.presence(tenant, device_id, *online);
             }
+        }
+        for d in g.delivers {
+            d(None);
         }
         self.checkpoint_if_due();
     }

@@ -91,6 +91,10 @@ pub(crate) struct Subscription {
     pub retain_as_published: bool,
     /// 5.0 subscription identifier.
     pub id: Option<usize>,
+    /// The feed's number when the subscription was made (set by
+    /// `Fanout::subscribe`): messages fed up to it were published before
+    /// it, so are not for it (the retained ones reach it as retained).
+    pub since: u64,
 }
 
 /// A delivery decided for a session, not yet sent.
@@ -222,11 +226,13 @@ impl Mailbox {
         self.lock().subs.clone()
     }
 
-    /// Matches `msg` against the subscriptions and queues the delivery.
-    fn offer(&self, msg: &Arc<Message>) {
+    /// Matches `msg`, the feed's message number `fed`, against the
+    /// subscriptions made before it and queues the delivery.
+    fn offer(&self, msg: &Arc<Message>, fed: u64) {
         let mut inner = self.lock();
         let topic = std::str::from_utf8(&msg.topic).unwrap_or("");
-        let matching: Vec<&Subscription> = inner.subs.iter().filter(|s| topic_matches(topic, &s.filter)).collect();
+        let matching: Vec<&Subscription> =
+            inner.subs.iter().filter(|s| s.since < fed && topic_matches(topic, &s.filter)).collect();
         if matching.is_empty() || (msg.origin == self.id && matching.iter().all(|s| s.no_local)) {
             return;
         }
@@ -303,6 +309,9 @@ pub(crate) struct Fanout {
     max_retained: usize,
     max_retained_bytes: usize,
     next_id: AtomicU64,
+    /// Messages fed so far: each takes the next number, and a subscription
+    /// takes the current one (`Subscription::since`).
+    fed: AtomicU64,
     interest: Arc<Interest>,
     metrics: Arc<Metrics>,
 }
@@ -320,6 +329,7 @@ impl Fanout {
             max_retained: config.max_retained_per_tenant,
             max_retained_bytes: config.max_retained_bytes_per_tenant,
             next_id: AtomicU64::new(1),
+            fed: AtomicU64::new(0),
             interest,
             metrics,
         }
@@ -350,12 +360,13 @@ impl Fanout {
         let was_empty = inner.subs.is_empty();
         let outcome = match inner.subs.iter().position(|s| s.filter == sub.filter) {
             Some(at) => {
-                inner.subs[at] = sub;
+                // The filter was already subscribed: what was fed since keeps matching.
+                inner.subs[at] = Subscription { since: inner.subs[at].since, ..sub };
                 Subscribed::Replaced
             }
             None if inner.subs.len() >= mb.limits.max_filters => Subscribed::Full,
             None => {
-                inner.subs.push(sub);
+                inner.subs.push(Subscription { since: self.fed.load(Ordering::Acquire), ..sub });
                 Subscribed::New
             }
         };
@@ -436,14 +447,20 @@ impl Fanout {
         self.tenants.read().unwrap_or_else(PoisonError::into_inner).values().map(Vec::len).sum()
     }
 
-    /// Queues `msg` for every session of `tenant` it matches.
-    pub(crate) fn publish(&self, tenant: &str, msg: &Arc<Message>) {
+    /// The next message number of the feed (see `Subscription::since`).
+    pub(crate) fn number(&self) -> u64 {
+        self.fed.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Queues `msg`, numbered `fed` (by [`Fanout::number`]), for every
+    /// session of `tenant` it matches.
+    pub(crate) fn publish(&self, tenant: &str, msg: &Arc<Message>, fed: u64) {
         let mailboxes = match self.tenants.read().unwrap_or_else(PoisonError::into_inner).get(tenant) {
             Some(list) => list.clone(),
             None => return,
         };
         for mb in mailboxes {
-            mb.offer(msg);
+            mb.offer(msg, fed);
         }
     }
 
@@ -502,7 +519,7 @@ impl Fanout {
 /// the log and on the other streams).
 pub(crate) struct Feed {
     fanout: Arc<Fanout>,
-    tx: mpsc::Sender<(String, Arc<Message>)>,
+    tx: mpsc::Sender<(String, Arc<Message>, u64)>,
     metrics: Arc<Metrics>,
 }
 
@@ -515,11 +532,11 @@ impl Feed {
         fanout: Arc<Fanout>,
         metrics: Arc<Metrics>,
     ) -> (Arc<Self>, impl Future<Output = ()> + Send + 'static) {
-        let (tx, mut rx) = mpsc::channel::<(String, Arc<Message>)>(FEED_QUEUE);
+        let (tx, mut rx) = mpsc::channel::<(String, Arc<Message>, u64)>(FEED_QUEUE);
         let f = fanout.clone();
         let task = async move {
-            while let Some((tenant, msg)) = rx.recv().await {
-                f.publish(&tenant, &msg);
+            while let Some((tenant, msg, fed)) = rx.recv().await {
+                f.publish(&tenant, &msg, fed);
             }
         };
         (Arc::new(Self { fanout, tx, metrics }), task)
@@ -556,7 +573,10 @@ impl CommitObserver for Feed {
             if let Some(topic) = retained_topic {
                 self.fanout.set_retained(&e.tenant, topic, Some(msg.clone()));
             }
-            if subscribed && self.tx.try_send((e.tenant.clone(), msg)).is_err() {
+            // Numbered here, before the publisher's ack (the writer calls
+            // observers first): a subscription made after the ack is not
+            // matched by it, even if the fan-out task is behind.
+            if subscribed && self.tx.try_send((e.tenant.clone(), msg, self.fanout.number())).is_err() {
                 self.metrics.mqtt_fanout_skipped.inc();
             }
         }
@@ -580,7 +600,7 @@ mod tests {
     }
 
     fn sub(filter: &str, qos: u8) -> Subscription {
-        Subscription { filter: filter.into(), qos, no_local: false, retain_as_published: false, id: None }
+        Subscription { filter: filter.into(), qos, no_local: false, retain_as_published: false, id: None, since: 0 }
     }
 
     fn msg(topic: &str, qos: u8, origin: u64) -> Arc<Message> {
@@ -601,9 +621,9 @@ mod tests {
         let mb = f.mailbox("acme");
         f.subscribe(&mb, Subscription { id: Some(1), ..sub("acme/events/#", 1) });
         f.subscribe(&mb, Subscription { id: Some(2), ..sub("acme/events/d1/+", 2) });
-        f.publish("acme", &msg("acme/events/d1/t", 2, 0));
-        f.publish("acme", &msg("acme/events/d2/t", 2, 0));
-        f.publish("globex", &msg("acme/events/d1/t", 2, 0));
+        f.publish("acme", &msg("acme/events/d1/t", 2, 0), f.number());
+        f.publish("acme", &msg("acme/events/d2/t", 2, 0), f.number());
+        f.publish("globex", &msg("acme/events/d1/t", 2, 0), f.number());
         let mut inner = mb.inner();
         let a = inner.pop().unwrap();
         assert_eq!((a.qos, a.sub_ids.clone()), (2, vec![1, 2]));
@@ -634,7 +654,7 @@ mod tests {
         let mb = f.mailbox("acme");
         f.subscribe(&mb, sub("acme/#", 1));
         for i in 0..5 {
-            f.publish("acme", &msg(&format!("acme/events/d/{i}"), 1, 0));
+            f.publish("acme", &msg(&format!("acme/events/d/{i}"), 1, 0), f.number());
         }
         let topics: Vec<_> = std::iter::from_fn(|| mb.inner().pop()).map(|q| q.msg.topic.clone()).collect();
         assert_eq!(topics, ["acme/events/d/2", "acme/events/d/3", "acme/events/d/4"]);
@@ -642,13 +662,31 @@ mod tests {
     }
 
     #[test]
+    fn a_subscription_gets_only_what_was_fed_after_it() {
+        let f = fanout(4, 8);
+        let mb = f.mailbox("acme");
+        f.subscribe(&mb, sub("acme/events/d0/x", 1)); // the tenant has a subscriber
+        let before = f.number(); // fed (and acked) before the next subscription
+        f.subscribe(&mb, sub("acme/#", 1));
+        f.publish("acme", &msg("acme/events/d1/t", 1, 0), before);
+        assert!(mb.inner().pop().is_none(), "a message fed before the subscription was matched by it");
+        f.publish("acme", &msg("acme/events/d1/t", 1, 0), f.number());
+        assert!(mb.inner().pop().is_some());
+        // Subscribing again to the same filter keeps what it had.
+        let between = f.number();
+        f.subscribe(&mb, sub("acme/#", 2));
+        f.publish("acme", &msg("acme/events/d1/t", 1, 0), between);
+        assert!(mb.inner().pop().is_some(), "a replaced subscription lost a message fed before it was replaced");
+    }
+
+    #[test]
     fn no_local_skips_the_sessions_own_publishes() {
         let f = fanout(8, 10);
         let mb = f.mailbox("acme");
         f.subscribe(&mb, Subscription { no_local: true, ..sub("acme/#", 1) });
-        f.publish("acme", &msg("acme/events/d/t", 1, mb.id));
+        f.publish("acme", &msg("acme/events/d/t", 1, mb.id), f.number());
         assert!(!mb.has_queued());
-        f.publish("acme", &msg("acme/events/d/t", 1, mb.id + 1));
+        f.publish("acme", &msg("acme/events/d/t", 1, mb.id + 1), f.number());
         assert!(mb.has_queued());
     }
 

@@ -145,6 +145,7 @@ fn decode_subs(encoded: &str) -> Vec<Subscription> {
                 no_local: v.get("nl").and_then(serde_json::Value::as_bool).unwrap_or(false),
                 retain_as_published: v.get("rap").and_then(serde_json::Value::as_bool).unwrap_or(false),
                 id: v.get("id").and_then(serde_json::Value::as_u64).map(|i| i as usize),
+                since: 0,
             })
         })
         .collect()
@@ -691,6 +692,7 @@ mod tests {
                 no_local: true,
                 retain_as_published: false,
                 id: Some(7),
+                since: 0,
             },
             Subscription {
                 filter: "acme/devices/d1/x".into(),
@@ -698,6 +700,7 @@ mod tests {
                 no_local: false,
                 retain_as_published: true,
                 id: None,
+                since: 0,
             },
         ];
         assert_eq!(decode_subs(&encode_subs(&subs)), subs);

@@ -504,7 +504,7 @@ impl Session<'_> {
             origin: self.outbound.mailbox.id,
             at: Instant::now(),
         });
-        fanout.publish(&self.who.tenant, &msg);
+        fanout.publish(&self.who.tenant, &msg, fanout.number());
     }
 
     /// PUBACK (QoS 1) or PUBREC (QoS 2) with `code`; nothing for QoS 0.

@@ -125,6 +125,7 @@ impl Session<'_> {
                     no_local: f.nolocal,
                     retain_as_published: f.preserve_retain,
                     id: sub_id,
+                    since: 0,
                 };
                 match fanout.subscribe(&self.outbound.mailbox, s.clone()) {
                     Subscribed::Full => Some(("max_filters", SubscribeReasonCode::QuotaExceeded)),
