@@ -303,6 +303,7 @@ fn spawn_central(stages: &Stages, config: &Config, c: Central, metrics: Arc<Metr
         status: c.uplink,
         metrics,
         wake: c.committed,
+        site_id: config.site_id().to_string(),
     };
     stages.spawn("forwarder", forwarder.run(stages.shutdown.clone()));
 }

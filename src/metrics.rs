@@ -74,6 +74,7 @@ pub struct Metrics {
     pub uplink_up: Gauge,
     pub uplink_batch_waiting_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub forward_rows: Counter,
+    pub forward_resent: Counter,
     pub forward_batches: Counter,
     pub forward_retries: Counter,
     pub dead_letters: Counter,
@@ -157,6 +158,7 @@ impl Metrics {
         let dead_letter_rows = Gauge::default();
         let uplink_up = Gauge::default();
         let forward_rows = Counter::default();
+        let forward_resent = Counter::default();
         let forward_batches = Counter::default();
         let forward_retries = Counter::default();
         let dead_letters = Counter::default();
@@ -172,6 +174,11 @@ impl Metrics {
             uplink_batch_waiting_seconds.clone(),
         );
         registry.register("forwarded_rows", "Rows committed centrally", forward_rows.clone());
+        registry.register(
+            "forward_resent_rows",
+            "Forwarded rows sent again because central no longer held them (a failover)",
+            forward_resent.clone(),
+        );
         registry.register("forward_batches", "Central transactions committed", forward_batches.clone());
         registry.register(
             "forward_retries",
@@ -312,6 +319,7 @@ impl Metrics {
             uplink_up,
             uplink_batch_waiting_seconds,
             forward_rows,
+            forward_resent,
             forward_batches,
             forward_retries,
             dead_letters,

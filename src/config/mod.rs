@@ -220,6 +220,12 @@ pub struct CentralConfig {
     /// (whole partitions only); unset keeps everything.
     #[serde(with = "humantime_serde")]
     pub retention: Option<Duration>,
+    /// At every (re)connect, the events forwarded within this long before
+    /// the newest forwarding are checked against central's `sites.last_seq`
+    /// and sent again if central lost them (a failover to an asynchronous
+    /// standby). Cover the standby's replication lag; 0 turns it off.
+    #[serde(with = "humantime_serde")]
+    pub failover_window: Duration,
 }
 
 /// `central.partition_interval`.
@@ -326,6 +332,7 @@ impl Default for CentralConfig {
             partition_interval: PartitionInterval::Month,
             partition_window: Duration::from_secs(62 * 86_400),
             retention: None,
+            failover_window: Duration::from_secs(300),
         }
     }
 }

@@ -236,6 +236,12 @@ impl Config {
         if c.keepalive_idle < Duration::from_secs(1) {
             problems.push("central.keepalive_idle: must be at least 1s".into());
         }
+        if c.failover_window > Duration::from_secs(86_400) {
+            problems.push(format!(
+                "central.failover_window: {} is more than 1d (the check reads every event forwarded in it at each reconnect)",
+                humantime::format_duration(c.failover_window)
+            ));
+        }
         if c.ping_interval < Duration::from_millis(500) || c.ping_interval > Duration::from_secs(3600) {
             problems.push("central.ping_interval: must be 500ms..=1h".into());
         }

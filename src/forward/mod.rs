@@ -185,6 +185,8 @@ pub struct Forwarder {
     pub metrics: Arc<Metrics>,
     /// Signalled by the log writer after commits that appended rows.
     pub wake: Arc<Notify>,
+    /// This site: its forwarded rows are what central is checked for.
+    pub site_id: String,
 }
 
 /// Marks (site-log commits) allowed in flight behind central commits.
@@ -316,6 +318,19 @@ impl Forwarder {
                 let result = tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     r = connect => r,
+                };
+                // What central acknowledged before the connection was lost
+                // may be missing now (a standby promoted): check it first.
+                let result = match result {
+                    Ok(mut c) => {
+                        p.rewind().await;
+                        let checked = tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(()),
+                            r = self.resend_lost(&mut c) => r,
+                        };
+                        checked.map(|()| c)
+                    }
+                    Err(e) => Err(e),
                 };
                 match result {
                     Ok(c) => {
@@ -509,6 +524,45 @@ impl Forwarder {
             }));
         }
         Ok(Some(batch))
+    }
+
+    /// After a (re)connect: the rows this site forwarded within
+    /// `central.failover_window` before its newest forwarding, that central
+    /// does not hold now (its `sites.last_seq` for this site is behind
+    /// them: it failed over to a standby that had not replicated them), are
+    /// made pending again, so they are sent again (central ignores those it
+    /// has). Commits of one tenant are made in seq order on one connection,
+    /// and a standby holds a prefix of them, so `last_seq` tells what it
+    /// has.
+    async fn resend_lost(&self, c: &mut Central) -> Result<(), Error> {
+        let window = i64::try_from(self.config.failover_window.as_micros()).unwrap_or(i64::MAX);
+        if window == 0 {
+            return Ok(());
+        }
+        let site = self.site_id.clone();
+        let at_risk = self.readers.with(move |c| log::schema::at_risk(c, &site, window)).await?;
+        let mut tenants: Vec<&str> = at_risk.iter().map(|(_, t)| t.as_str()).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        let mut lost = Vec::new();
+        for tenant in tenants {
+            let Ok(schema) = schema::schema_name(tenant) else { continue };
+            let Some(last) = c.site_last_seq(&schema, &self.site_id).await? else { continue };
+            lost.extend(at_risk.iter().filter(|(seq, t)| t == tenant && *seq > last).map(|(seq, _)| *seq));
+        }
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let (first, count) = (lost[0], lost.len());
+        let resent = self.log.resend(lost).await?;
+        self.metrics.forward_resent.inc_by(resent as u64);
+        tracing::warn!(
+            events = resent,
+            first_seq = first,
+            checked = count,
+            "central lacks events it had acknowledged (a failover to a standby that had not replicated them?); sending them again"
+        );
+        Ok(())
     }
 
     async fn migrate_known(&self, c: &mut Central, migrated: &mut Migrated) -> Result<(), Error> {

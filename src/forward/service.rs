@@ -103,6 +103,19 @@ impl Central {
         self.client.is_closed()
     }
 
+    /// The newest seq of `site` that `schema` holds (`sites.last_seq`):
+    /// `Some(0)` when the site has no row there, `None` when the schema has
+    /// no `sites` table (before migration 4) or no schema at all.
+    pub async fn site_last_seq(&mut self, schema: &str, site: &str) -> Result<Option<i64>, Error> {
+        let exists: bool =
+            self.client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("{schema}.sites")]).await?.get(0);
+        if !exists {
+            return Ok(None);
+        }
+        let sql = format!("SELECT coalesce(max(last_seq), 0) FROM {schema}.sites WHERE site_id = $1");
+        Ok(Some(self.client.query_one(&sql, &[&site]).await?.get(0)))
+    }
+
     /// The client, for migrations.
     pub fn client_mut(&mut self) -> &mut Client {
         &mut self.client

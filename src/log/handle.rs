@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::cmd::{
     AddDevice, Append, AppendRemote, Command, DeadLetter, DeviceCounts, MarkForwarded, Ping, Presence, Prune, Reply,
-    RevokeDevice,
+    Resend, RevokeDevice,
 };
 use super::{Counters, Error, RemoteEvent, schema};
 use crate::event::Event;
@@ -63,6 +63,12 @@ impl LogHandle {
     /// Moves a pending row the central database refused to `dead_letter`.
     pub async fn dead_letter(&self, seq: i64, error: String) -> Result<usize, Error> {
         self.call(|reply| Command::DeadLetter(DeadLetter { seq, error, reply })).await
+    }
+
+    /// Makes forwarded rows pending again because central lacks them (a
+    /// failover to a standby that had not replicated them); returns how many.
+    pub async fn resend(&self, seqs: Vec<i64>) -> Result<usize, Error> {
+        self.call(|reply| Command::Resend(Resend { seqs, reply })).await
     }
 
     /// Records a device connecting or dropping (MQTT presence).

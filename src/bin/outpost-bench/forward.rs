@@ -100,6 +100,7 @@ pub async fn run(args: ForwardArgs, config: Config) -> anyhow::Result<()> {
         status: Arc::new(ForwardStatus::new(Uplink::Connecting)),
         metrics,
         wake,
+        site_id: "bench-site".into(),
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let started = Instant::now();

@@ -50,6 +50,24 @@ impl DeadLetter {
     }
 }
 
+/// Makes forwarded rows central lacks (after a failover) pending again.
+pub(in crate::log) struct Resend {
+    pub(in crate::log) seqs: Vec<i64>,
+    pub(in crate::log) reply: Reply<usize>,
+}
+
+impl Resend {
+    pub(super) fn apply(self, tx: &Connection, cx: &mut Ctx<'_>) -> Result<(), Error> {
+        let r = schema::resend(tx, &self.seqs).map(|(n, bytes)| {
+            cx.g.d_backlog_rows += n as i64;
+            cx.g.d_backlog_bytes += bytes;
+            n
+        });
+        cx.g.delivers.push(deliver(self.reply, r));
+        Ok(())
+    }
+}
+
 /// Deletes up to `limit` forwarded rows older than `cutoff_us`.
 pub(in crate::log) struct Prune {
     pub(in crate::log) cutoff_us: i64,

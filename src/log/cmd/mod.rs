@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 
 pub(super) use append::{Append, AppendRemote};
 pub(super) use devices::{AddDevice, Presence, RevokeDevice};
-pub(super) use forward::{DeadLetter, MarkForwarded, Prune};
+pub(super) use forward::{DeadLetter, MarkForwarded, Prune, Resend};
 
 use super::mqtt::{self, MqttHeads};
 use super::{Committed, Counters, Error, WriterConfig};
@@ -37,6 +37,7 @@ pub(super) enum Command {
     AppendRemote(AppendRemote),
     MarkForwarded(MarkForwarded),
     DeadLetter(DeadLetter),
+    Resend(Resend),
     Presence(Presence),
     Prune(Prune),
     AddDevice(AddDevice),
@@ -65,6 +66,7 @@ impl Command {
             Command::AppendRemote(c) => c.apply(tx, cx),
             Command::MarkForwarded(c) => c.apply(tx, cx),
             Command::DeadLetter(c) => c.apply(tx, cx),
+            Command::Resend(c) => c.apply(tx, cx),
             Command::Presence(c) => c.apply(tx, cx),
             Command::Prune(c) => c.apply(tx, cx),
             Command::AddDevice(c) => c.apply(tx, cx),

@@ -282,6 +282,53 @@ pub fn replay_chunk(
     Ok((seqs.len(), last))
 }
 
+/// This site's forwarded rows that central may have lost in a failover:
+/// those forwarded within `window_us` before the newest forwarding mark
+/// (the commits an asynchronous standby may not have had when it was
+/// promoted), as (seq, tenant) in seq order. Rows forwarded one by one
+/// (resends) count by their own time.
+pub fn at_risk(conn: &Connection, site: &str, window_us: i64) -> Result<Vec<(i64, String)>, Error> {
+    let newest: Option<i64> = conn.query_row(
+        "SELECT max(t) FROM (SELECT max(at) AS t FROM forward_marks UNION ALL
+           SELECT max(forwarded_at) FROM events WHERE forwarded_at IS NOT NULL AND origin_site = ?1)",
+        [site],
+        |r| r.get(0),
+    )?;
+    let Some(newest) = newest else { return Ok(Vec::new()) };
+    let since = newest.saturating_sub(window_us);
+    // The last mark before the window: every row at or below it was
+    // forwarded earlier (or one by one, counted by its own time below).
+    let floor: i64 =
+        conn.query_row("SELECT coalesce(max(upto), 0) FROM forward_marks WHERE at < ?1", [since], |r| r.get(0))?;
+    let rows = conn
+        .prepare_cached(&format!(
+            "SELECT seq, tenant FROM events
+             WHERE origin_site = ?1 AND NOT ({PENDING})
+               AND ((seq > ?2 AND forwarded_at IS NULL) OR forwarded_at >= ?3)
+             ORDER BY seq"
+        ))?
+        .query_map(params![site, floor, since], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// Makes the given forwarded rows pending again (central lacks them);
+/// returns how many changed and their bytes. Pending rows are left alone.
+pub(crate) fn resend(conn: &Connection, seqs: &[i64]) -> Result<(usize, i64), Error> {
+    let mut forwarded =
+        conn.prepare_cached(&format!("SELECT {} FROM events WHERE seq = ?1 AND NOT ({PENDING})", row_bytes_sql()))?;
+    let mut clear = conn.prepare_cached("UPDATE events SET forwarded_at = NULL WHERE seq = ?1")?;
+    let (mut n, mut bytes) = (0, 0);
+    for &seq in seqs {
+        let Some(b) = forwarded.query_row([seq], |r| r.get::<_, i64>(0)).optional()? else { continue };
+        clear.execute([seq])?;
+        pend_again(conn, seq)?;
+        n += 1;
+        bytes += b;
+    }
+    Ok((n, bytes))
+}
+
 /// Deletes up to `limit` forwarded rows received before `cutoff_us`, oldest
 /// first, and never past the first pending row or the first row received
 /// after the cutoff: the rows it walks are all deletable, so a long backlog
@@ -322,6 +369,29 @@ mod tests {
 
     fn pending_seqs(c: &Connection) -> Vec<i64> {
         pending(c, 100).unwrap().iter().map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn at_risk_is_what_was_forwarded_within_the_window_and_resend_pends_it_again() {
+        let c = log();
+        let mine: Vec<i64> = (0..5).map(|_| insert(&c, &event("d1", "site-a"))).collect();
+        let theirs = insert(&c, &event("d2", "site-b"));
+        let _ = theirs;
+        let now = crate::event::now_us();
+        mark_forwarded(&c, &mine[..3], now).unwrap();
+        mark_forwarded(&c, &mine[3..], now + 100_000_000).unwrap();
+        assert!(at_risk(&c, "site-b", 1_000_000).unwrap().is_empty(), "another site's rows are not ours to check");
+        let risk: Vec<i64> = at_risk(&c, "site-a", 1_000_000).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(risk, mine[3..].to_vec(), "only what was forwarded within the window before the newest");
+        let all: Vec<i64> = at_risk(&c, "site-a", 200_000_000).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(all, mine);
+        // Sent again: pending, in the next batch, and no longer at risk.
+        assert_eq!(resend(&c, &[mine[3], mine[4], 999]).unwrap().0, 2);
+        assert_eq!(resend(&c, &[mine[3]]).unwrap().0, 0, "a pending row is left alone");
+        let batch: Vec<i64> = pending_batch(&c, 0, 10, usize::MAX).unwrap().iter().map(|e| e.seq).collect();
+        assert!(batch.starts_with(&mine[3..]), "{batch:?}");
+        let risk: Vec<i64> = at_risk(&c, "site-a", 200_000_000).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(risk, mine[..3].to_vec());
     }
 
     #[test]

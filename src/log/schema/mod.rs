@@ -26,13 +26,14 @@ pub(crate) use devices::{bump_device, set_presence};
 pub use events::all_events;
 pub use events::{Query, insert_event, last_seq, query};
 pub(crate) use events::{insert_event_sql, owner_of};
+pub use forward::at_risk;
 #[cfg(any(test, feature = "test-util"))]
 pub use forward::pending;
 pub use forward::{
     DeadLetter, dead_letters, has_pending, pending_batch, purge_dead_letters, replay_chunk, retry_dead_letters,
     watermark,
 };
-pub(crate) use forward::{dead_letter, mark_forwarded, prune};
+pub(crate) use forward::{dead_letter, mark_forwarded, prune, resend};
 pub(crate) use remote::{advance_remote_cursor, evict_remote};
 pub use remote::{known_tenants, remote_cursors};
 pub use scan::{LogStatus, Scan, scan, status, status_from};
