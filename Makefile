@@ -11,6 +11,7 @@
 #   make test-chaos     SIGKILL loop + central crashes under mixed load (KILLS=100 EVENTS=100000)
 #   make test-soak      one hour at 2,000 ev/s with 200 subscribers: RSS drift and fds (reported, not in CI)
 #   make test-network   kernel network faults (blackhole, loss+delay, 1 Mbit/s, RSTs) under ingest; 10 MB drain
+#   make test-failover  central fails over to an asynchronous standby: nothing acked is lost (needs root)
 #   make test-browser  the status page in headless Chromium (screenshots in target/browser/)
 #   make test-api  schemathesis against a running appliance, from its OpenAPI document (ST_EXAMPLES=100)
 #   make fuzz     run every fuzz target for FUZZ_SECONDS (default 60) each; fails on a crash
@@ -43,7 +44,7 @@ NETWORK_PKGS := postgresql python3-paho-mqtt python3-websockets iproute2 nftable
 CROSS_PKGS := rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static
 
 .PHONY: debug-bin run build release test test-deps paho2 schemathesis-deps test-api cross-deps unit-tests verify-unit aarch64 smoke-aarch64 install bench bench-fleet clean
-.PHONY: deb deb-deps test-deb test-powercut test-chaos test-soak test-network powercut-deps chaos-deps network-deps test-browser fuzz
+.PHONY: deb deb-deps test-deb test-powercut test-chaos test-soak test-network test-failover powercut-deps chaos-deps network-deps test-browser fuzz
 
 run:
 	$(CARGO) run --release -- run
@@ -139,6 +140,11 @@ test-soak: release chaos-deps
 test-network: release network-deps
 	/usr/bin/python3 tests/network/netfaults.py
 	$(CARGO) test --test forward -- --ignored --nocapture 2>&1
+
+# A real primary and streaming standby; replication cut with nftables while
+# batches commit, the primary killed, the standby promoted (tests/failover.rs).
+test-failover: network-deps
+	$(CARGO) test --test failover -- --ignored --test-threads=1 2>&1
 
 # The unit must pass systemd-analyze verify (with ExecStart pointed at a real binary).
 verify-unit: debug-bin

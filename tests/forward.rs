@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::pg::Pg;
 use common::proxy::{Mode, Proxy};
-use common::{Proc, TestApp, central, cli, cli_env, eventually};
+use common::{Proc, TestApp, assert_exactly_once, central, central_rows, cli, cli_env, eventually};
 use outpost::config::{NotifyMode, TlsMode};
 use serde_json::{Value, json};
 
@@ -35,15 +35,6 @@ async fn ingest(app: &TestApp, token: &str, device: &str, n: usize, batch: usize
 }
 
 /// Central rows of tenant acme: (id, device, site, site_seq), by site and seq.
-async fn central_rows(pg: &Pg) -> Vec<(String, String, String, i64)> {
-    let c = pg.client().await;
-    let rows = c
-        .query("SELECT id::text, device_id, site_id, site_seq FROM tenant_acme.events ORDER BY site_id, site_seq", &[])
-        .await
-        .unwrap_or_default();
-    rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect()
-}
-
 async fn central_count(pg: &Pg) -> i64 {
     let Ok((c, conn)) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await else { return -1 };
     tokio::spawn(conn);
@@ -57,19 +48,6 @@ async fn central_count(pg: &Pg) -> i64 {
 async fn wait_drained(app: &TestApp, pg: &Pg, n: usize) {
     let ok = eventually(DRAIN, || async { app.pending() == 0 && central_count(pg).await == n as i64 }).await;
     assert!(ok, "not drained: {} pending locally, {} central, want {n}", app.pending(), central_count(pg).await);
-}
-
-/// Exactly the acked ids, each once; per device in ack order (by site_seq).
-fn assert_exactly_once(rows: &[(String, String, String, i64)], acked: &HashMap<String, Vec<String>>) {
-    let total: usize = acked.values().map(Vec::len).sum();
-    assert_eq!(rows.len(), total, "central row count");
-    let unique: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
-    assert_eq!(unique.len(), rows.len(), "duplicate ids centrally");
-    for (device, ids) in acked {
-        let central: Vec<&str> = rows.iter().filter(|r| &r.1 == device).map(|r| r.0.as_str()).collect();
-        let want: Vec<&str> = ids.iter().map(String::as_str).collect();
-        assert_eq!(central, want, "order or content of {device}");
-    }
 }
 
 async fn uplink_state(app: &TestApp) -> String {

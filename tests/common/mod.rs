@@ -452,3 +452,31 @@ where
 
 /// Device permissions used by tests.
 pub const RW: [Perm; 2] = Perm::DEFAULT;
+
+/// The central events of tenant acme: (id, device, site, site_seq), by site and seq.
+#[allow(dead_code)]
+pub async fn central_rows(pg: &pg::Pg) -> Vec<(String, String, String, i64)> {
+    let c = pg.client().await;
+    let rows = c
+        .query("SELECT id::text, device_id, site_id, site_seq FROM tenant_acme.events ORDER BY site_id, site_seq", &[])
+        .await
+        .unwrap_or_default();
+    rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect()
+}
+
+/// Exactly the acked ids, each once; per device in ack order (by site_seq).
+#[allow(dead_code)]
+pub fn assert_exactly_once(
+    rows: &[(String, String, String, i64)],
+    acked: &std::collections::HashMap<String, Vec<String>>,
+) {
+    let total: usize = acked.values().map(Vec::len).sum();
+    assert_eq!(rows.len(), total, "central row count");
+    let unique: std::collections::HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(unique.len(), rows.len(), "duplicate ids centrally");
+    for (device, ids) in acked {
+        let central: Vec<&str> = rows.iter().filter(|r| &r.1 == device).map(|r| r.0.as_str()).collect();
+        let want: Vec<&str> = ids.iter().map(String::as_str).collect();
+        assert_eq!(central, want, "order or content of {device}");
+    }
+}

@@ -162,6 +162,52 @@ impl Pg {
         self.up_with("");
     }
 
+    /// A primary for a streaming standby: it also listens on 127.0.0.2 (the
+    /// standby replicates through that address, so a firewall rule can cut
+    /// replication alone) and lets loopback replicate.
+    #[allow(dead_code)]
+    pub fn start_primary() -> Self {
+        let pg = Self::init();
+        let hba = pg.data().join("pg_hba.conf");
+        let mut text = std::fs::read_to_string(&hba).unwrap();
+        text.push_str("\nhost all all 127.0.0.0/8 trust\nhost replication all 127.0.0.0/8 trust\n");
+        std::fs::write(&hba, text).unwrap();
+        pg.up_with("-c listen_addresses=127.0.0.1,127.0.0.2 -c wal_level=replica -c max_wal_senders=4");
+        pg
+    }
+
+    /// A streaming standby of `primary`, copied with `pg_basebackup -R`
+    /// through 127.0.0.2, started on a port of its own (read-only until
+    /// promoted).
+    #[allow(dead_code)]
+    pub fn start_standby(primary: &Pg) -> Self {
+        let dir = tempfile::Builder::new().prefix("outpost-pg-standby").tempdir().unwrap();
+        let pg = Self { port: free_port(), bindir: bindir(), dir };
+        if is_root() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(pg.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+            let st = Command::new("chown").args(["postgres:postgres"]).arg(pg.dir.path()).status().unwrap();
+            assert!(st.success());
+        }
+        let out = pg
+            .cmd("pg_basebackup")
+            .args(["-h", "127.0.0.2", "-p", &primary.port.to_string(), "-U", "postgres", "-R", "-X", "stream"])
+            .args(["-D", &pg.data().display().to_string(), "--no-sync"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
+        pg.up();
+        pg
+    }
+
+    /// `pg_ctl promote`: the standby becomes a primary (waits until it is).
+    #[allow(dead_code)]
+    pub fn promote(&self) {
+        let out =
+            self.cmd("pg_ctl").args(["-D", &self.data().display().to_string(), "-w", "promote"]).output().unwrap();
+        assert!(out.status.success(), "pg_ctl promote: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     fn up_with(&self, extra: &str) {
         let opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=50 {extra}",
