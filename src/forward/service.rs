@@ -8,10 +8,8 @@
 use std::error::Error as StdError;
 
 use bytes::{BufMut, BytesMut};
-use futures_util::pin_mut;
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{IsNull, ToSql, Type, accepts, to_sql_checked};
 
 use super::Error;
@@ -51,7 +49,7 @@ impl Drop for Central {
 /// Partitions of `schema`.events (the default one included).
 async fn count_partitions(client: &Client, schema: &str) -> Result<i64, Error> {
     let sql = "SELECT count(*) FROM pg_inherits WHERE inhparent = to_regclass($1)";
-    Ok(client.query_one(sql, &[&format!("{schema}.events")]).await?.get(0))
+    Ok(client.query_typed_one(sql, &[(&format!("{schema}.events"), Type::TEXT)]).await?.get(0))
 }
 
 /// JSON text sent as `jsonb` (binary format: version byte 1, then the text).
@@ -71,26 +69,16 @@ impl ToSql for JsonText<'_> {
 }
 
 impl Central {
-    /// Opens a connection and its staging table.
+    /// Opens a connection.
     pub async fn open(connector: &Connector) -> Result<Self, Error> {
         let (client, task) = connector.connect().await?;
-        let central = Central {
+        Ok(Central {
             client,
             task,
             interval: connector.partition_interval,
             window: connector.partition_window,
             schemas: Default::default(),
-        };
-        central
-            .client
-            .batch_execute(
-                "CREATE TEMP TABLE IF NOT EXISTS outpost_stage (
-                    id uuid, device_id text, event_type text, payload jsonb, ts timestamptz,
-                    site_id text, site_seq bigint, received_at timestamptz, properties jsonb
-                 ) ON COMMIT DELETE ROWS",
-            )
-            .await?;
-        Ok(central)
+        })
     }
 
     /// `SELECT 1` answered within `within`, or [`crate::central::Error::NoAnswer`].
@@ -107,13 +95,16 @@ impl Central {
     /// `Some(0)` when the site has no row there, `None` when the schema has
     /// no `sites` table (before migration 4) or no schema at all.
     pub async fn site_last_seq(&mut self, schema: &str, site: &str) -> Result<Option<i64>, Error> {
-        let exists: bool =
-            self.client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("{schema}.sites")]).await?.get(0);
+        let exists: bool = self
+            .client
+            .query_typed_one("SELECT to_regclass($1) IS NOT NULL", &[(&format!("{schema}.sites"), Type::TEXT)])
+            .await?
+            .get(0);
         if !exists {
             return Ok(None);
         }
         let sql = format!("SELECT coalesce(max(last_seq), 0) FROM {schema}.sites WHERE site_id = $1");
-        Ok(Some(self.client.query_one(&sql, &[&site]).await?.get(0)))
+        Ok(Some(self.client.query_typed_one(&sql, &[(&site, Type::TEXT)]).await?.get(0)))
     }
 
     /// The client, for migrations.
@@ -126,11 +117,11 @@ impl Central {
         if !self.schemas.contains_key(schema) {
             let row = self
                 .client
-                .query_one(
+                .query_typed_one(
                     "SELECT to_regclass($1) IS NOT NULL, to_regprocedure($2) IS NOT NULL",
                     &[
-                        &format!("{schema}.sites"),
-                        &format!("{schema}.outpost_ensure_partition(timestamptz,interval,text)"),
+                        (&format!("{schema}.sites"), Type::TEXT),
+                        (&format!("{schema}.outpost_ensure_partition(timestamptz,interval,text)"), Type::TEXT),
                     ],
                 )
                 .await?;
@@ -174,73 +165,60 @@ impl Central {
             // that blocks the queue.
             let ensure = format!("SELECT {schema}.outpost_ensure_partition($1, {}::interval)", self.interval.sql());
             for (_, at) in &new_buckets {
-                self.client.query_one(&ensure, &[at]).await?;
+                self.client.query_typed_one(&ensure, &[(at, Type::TIMESTAMPTZ)]).await?;
             }
             let count = count_partitions(&self.client, schema).await?;
             if let Some(found) = self.schemas.get_mut(schema) {
                 found.partition_count = count;
             }
         }
-        let tx = self.client.transaction().await?;
-        let sink = tx
-            .copy_in(
-                "COPY outpost_stage (id, device_id, event_type, payload, ts, site_id, site_seq, received_at, properties) \
-                 FROM STDIN BINARY",
-            )
-            .await?;
-        let types = [
-            Type::UUID,
-            Type::TEXT,
-            Type::TEXT,
-            Type::JSONB,
-            Type::TIMESTAMPTZ,
-            Type::TEXT,
-            Type::INT8,
-            Type::TIMESTAMPTZ,
-            Type::JSONB,
-        ];
-        let writer = BinaryCopyInWriter::new(sink, &types);
-        pin_mut!(writer);
-        for r in rows {
-            let payload = JsonText(r.payload.get());
-            let properties = r.properties.as_ref().map(|p| JsonText(p.get()));
-            writer
-                .as_mut()
-                .write(&[
-                    &r.id,
-                    &r.device_id,
-                    &r.event_type,
-                    &payload,
-                    &r.timestamp,
-                    &r.origin_site,
-                    &r.seq,
-                    &r.received_at,
-                    &properties,
-                ])
-                .await?;
-        }
-        writer.finish().await?;
-        let insert = format!(
-            "INSERT INTO {schema}.events (id, device_id, event_type, payload, \"timestamp\", site_id, site_seq, received_at, properties)
-             SELECT id, device_id, event_type, payload, ts, site_id, site_seq, received_at, properties
-             FROM outpost_stage ORDER BY site_seq
-             ON CONFLICT DO NOTHING"
-        );
-        // The site's row in `sites` (when the schema has it), pipelined with
-        // the insert: no extra round trip on a slow uplink.
+        // One statement, one round trip, no session state (so it works
+        // through PgBouncer's transaction pooling): the rows as arrays,
+        // unnested into the insert, and the site's row in `sites` (when the
+        // schema has it) in the same statement, so in the same transaction.
         let site = rows.iter().max_by_key(|r| r.seq).map(|r| (r.origin_site.as_str(), r.seq));
-        let upsert = format!(
-            "INSERT INTO {schema}.sites (site_id, last_seen, last_seq) VALUES ($1, now(), $2)
-             ON CONFLICT (site_id) DO UPDATE SET last_seen = now(), last_seq = greatest({schema}.sites.last_seq, excluded.last_seq)"
-        );
-        let seen = async {
-            match site {
-                Some((id, seq)) if has_sites => tx.execute(&upsert, &[&id, &seq]).await.map(|_| ()),
-                _ => Ok(()),
-            }
+        let seen = match site {
+            Some(_) if has_sites => format!(
+                ", seen AS (INSERT INTO {schema}.sites (site_id, last_seen, last_seq) VALUES ($10, now(), $11)
+                 ON CONFLICT (site_id) DO UPDATE SET last_seen = now(), last_seq = greatest({schema}.sites.last_seq, excluded.last_seq))"
+            ),
+            _ => String::new(),
         };
-        let (inserted, ()) = futures_util::try_join!(tx.execute(&insert, &[]), seen)?;
-        tx.commit().await?;
+        let sql = format!(
+            "WITH ins AS (
+               INSERT INTO {schema}.events (id, device_id, event_type, payload, \"timestamp\", site_id, site_seq, received_at, properties)
+               SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9) ORDER BY 7
+               ON CONFLICT DO NOTHING RETURNING 1){seen}
+             SELECT count(*) FROM ins"
+        );
+        let ids: Vec<uuid::Uuid> = rows.iter().map(|r| r.id).collect();
+        let devices: Vec<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
+        let types: Vec<&str> = rows.iter().map(|r| r.event_type.as_str()).collect();
+        let payloads: Vec<JsonText<'_>> = rows.iter().map(|r| JsonText(r.payload.get())).collect();
+        let times: Vec<time::OffsetDateTime> = rows.iter().map(|r| r.timestamp).collect();
+        let sites: Vec<&str> = rows.iter().map(|r| r.origin_site.as_str()).collect();
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        let received: Vec<time::OffsetDateTime> = rows.iter().map(|r| r.received_at).collect();
+        let props: Vec<Option<JsonText<'_>>> =
+            rows.iter().map(|r| r.properties.as_ref().map(|p| JsonText(p.get()))).collect();
+        let (site_id, last_seq) = site.unwrap_or_default();
+        let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
+            (&ids, Type::UUID_ARRAY),
+            (&devices, Type::TEXT_ARRAY),
+            (&types, Type::TEXT_ARRAY),
+            (&payloads, Type::JSONB_ARRAY),
+            (&times, Type::TIMESTAMPTZ_ARRAY),
+            (&sites, Type::TEXT_ARRAY),
+            (&seqs, Type::INT8_ARRAY),
+            (&received, Type::TIMESTAMPTZ_ARRAY),
+            (&props, Type::JSONB_ARRAY),
+        ];
+        if !seen.is_empty() {
+            params.push((&site_id, Type::TEXT));
+            params.push((&last_seq, Type::INT8));
+        }
+        let inserted: i64 = self.client.query_typed_one(&sql, &params).await?.get(0);
+        let inserted = u64::try_from(inserted).unwrap_or(0);
         if let Some(known) = self.schemas.get_mut(schema).and_then(|s| s.partitions.as_mut()) {
             known.extend(new_buckets.iter().map(|(b, _)| *b));
         }
