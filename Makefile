@@ -25,9 +25,9 @@ AARCH64_BIN := $(CROSS_TARGET_DIR)/$(AARCH64)/release/outpost
 PREFIX ?= /usr/local
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# Debian packages the tests use: PostgreSQL server binaries, MQTT client
+# Debian packages the tests use: PostgreSQL server binaries and PgBouncer, MQTT client
 # tools, systemd-analyze, and the aarch64 cross toolchain + qemu for the smoke run.
-TEST_PKGS := postgresql mosquitto-clients python3-paho-mqtt python3-websockets python3-venv systemd curl file openssl
+TEST_PKGS := postgresql pgbouncer mosquitto-clients python3-paho-mqtt python3-websockets python3-venv systemd curl file openssl
 # Debian ships paho-mqtt 1.6; the MQTT interop tests also drive paho-mqtt 2.x
 # (both protocol versions, and its WebSocket transport), from PyPI, in a venv.
 PAHO2_VENV := target/pyenv-paho2

@@ -122,6 +122,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .as_ref()
         .map(|_| Connector::new(&config.central).context("central database settings"))
         .transpose()?;
+    // LISTEN needs PostgreSQL itself when `url` is a transaction pooler.
+    let listen_connector = match &config.central.listen_url {
+        Some(url) => Some(
+            Connector::new(&crate::config::CentralConfig { url: Some(url.clone()), ..config.central.clone() })
+                .context("central.listen_url")?,
+        ),
+        None => connector.clone(),
+    };
     let uplink = Arc::new(ForwardStatus::with_answer_timeout(
         if connector.is_some() { Uplink::Connecting } else { Uplink::Disabled },
         config.central.answer_timeout,
@@ -247,6 +255,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     match connector {
         Some(connector) => {
             let central = Central {
+                listen: listen_connector.unwrap_or_else(|| connector.clone()),
                 connector,
                 uplink,
                 committed,
@@ -276,6 +285,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 /// What the stages that talk to the central database share.
 struct Central {
     connector: Connector,
+    /// Where LISTEN connects (`central.listen_url`, else `connector`).
+    listen: Connector,
     uplink: Arc<ForwardStatus>,
     committed: Arc<Notify>,
     log: LogHandle,
@@ -286,7 +297,7 @@ struct Central {
 /// The LISTEN connection (other sites' events) and the forwarder.
 fn spawn_central(stages: &Stages, config: &Config, c: Central, metrics: Arc<Metrics>) {
     let listener = Listener {
-        connector: c.connector.clone(),
+        connector: c.listen,
         config: config.central.clone(),
         site_id: config.site_id(),
         log: c.log.clone(),

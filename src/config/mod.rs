@@ -226,6 +226,10 @@ pub struct CentralConfig {
     /// standby). Cover the standby's replication lag; 0 turns it off.
     #[serde(with = "humantime_serde")]
     pub failover_window: Duration,
+    /// Where the LISTEN connection (other sites' events) goes, when
+    /// `url` is a transaction pooler such as PgBouncer, which cannot carry
+    /// LISTEN: PostgreSQL itself. Unset: `url`.
+    pub listen_url: Option<String>,
 }
 
 /// `central.partition_interval`.
@@ -333,6 +337,7 @@ impl Default for CentralConfig {
             partition_window: Duration::from_secs(62 * 86_400),
             retention: None,
             failover_window: Duration::from_secs(300),
+            listen_url: None,
         }
     }
 }

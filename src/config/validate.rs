@@ -203,15 +203,18 @@ impl Config {
     /// `central`.
     fn check_central(&self, problems: &mut Vec<String>) {
         let c = &self.central;
-        if let Some(url) = &c.url {
+        for (key, url) in [("central.url", &c.url), ("central.listen_url", &c.listen_url)] {
+            let Some(url) = url else { continue };
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                problems.push("central.url: must start with postgres:// or postgresql://".into());
+                problems.push(format!("{key}: must start with postgres:// or postgresql://"));
             } else if url_has_password(url) {
-                problems.push(
-                    "central.url: must not contain a password; use central.password_file or OUTPOST_CENTRAL_PASSWORD"
-                        .into(),
-                );
+                problems.push(format!(
+                    "{key}: must not contain a password; use central.password_file or OUTPOST_CENTRAL_PASSWORD"
+                ));
             }
+        }
+        if c.listen_url.is_some() && c.url.is_none() {
+            problems.push("central.listen_url: set without central.url (it is only where LISTEN connects)".into());
         }
         for t in &c.tenants {
             if Tenant::parse(t).is_err() {
