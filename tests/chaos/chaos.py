@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "tests", "powercut"))
 from ledger import Ledger, PahoAcks, Verdict, die, free_port, keep_or_remove, log, wait_for  # noqa: E402
 
-BIN = os.path.join(ROOT, "target/release/outpost")
+BIN = os.environ.get("OUTPOST_BIN", os.path.join(ROOT, "target/release/outpost"))
 TENANT = "acme"
 SITE = "chaos-site"
 # (kind, devices, share of EVENTS)

@@ -283,31 +283,24 @@ pub fn replay_chunk(
 }
 
 /// This site's forwarded rows that central may have lost in a failover:
-/// those forwarded within `window_us` before the newest forwarding mark
+/// those above the watermark as it was `window_us` before its newest move
 /// (the commits an asynchronous standby may not have had when it was
-/// promoted), as (seq, tenant) in seq order. Rows forwarded one by one
-/// (resends) count by their own time.
+/// promoted), as (seq, tenant) in seq order. A range of seqs from that
+/// mark: no scan of the whole log. Rows sent again below it (`outpost
+/// replay`, a dead letter retried) are not looked at.
 pub fn at_risk(conn: &Connection, site: &str, window_us: i64) -> Result<Vec<(i64, String)>, Error> {
-    let newest: Option<i64> = conn.query_row(
-        "SELECT max(t) FROM (SELECT max(at) AS t FROM forward_marks UNION ALL
-           SELECT max(forwarded_at) FROM events WHERE forwarded_at IS NOT NULL AND origin_site = ?1)",
-        [site],
+    let newest: Option<i64> = conn.query_row("SELECT max(at) FROM forward_marks", [], |r| r.get(0))?;
+    let Some(newest) = newest else { return Ok(Vec::new()) };
+    let floor: i64 = conn.query_row(
+        "SELECT coalesce(max(upto), 0) FROM forward_marks WHERE at < ?1",
+        [newest.saturating_sub(window_us)],
         |r| r.get(0),
     )?;
-    let Some(newest) = newest else { return Ok(Vec::new()) };
-    let since = newest.saturating_sub(window_us);
-    // The last mark before the window: every row at or below it was
-    // forwarded earlier (or one by one, counted by its own time below).
-    let floor: i64 =
-        conn.query_row("SELECT coalesce(max(upto), 0) FROM forward_marks WHERE at < ?1", [since], |r| r.get(0))?;
     let rows = conn
         .prepare_cached(&format!(
-            "SELECT seq, tenant FROM events
-             WHERE origin_site = ?1 AND NOT ({PENDING})
-               AND ((seq > ?2 AND forwarded_at IS NULL) OR forwarded_at >= ?3)
-             ORDER BY seq"
+            "SELECT seq, tenant FROM events WHERE seq > ?2 AND origin_site = ?1 AND NOT ({PENDING}) ORDER BY seq"
         ))?
-        .query_map(params![site, floor, since], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .query_map(params![site, floor], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     Ok(rows)
 }
