@@ -120,7 +120,10 @@ async fn failover(window: Duration) -> (HashMap<String, Vec<String>>, Vec<String
     let cut = Cut::replication(primary.port);
     let before: Vec<String> = acked.values().flatten().cloned().collect();
     post(&app, &tokens, 20..50, &mut acked).await;
-    assert!(eventually(T, || async { count(&primary).await == 50 }).await, "primary {}", count(&primary).await);
+    // Committed on the primary and marked forwarded here: what the check
+    // (not a pending row's ordinary resend) has to find again.
+    let forwarded = eventually(T, || async { count(&primary).await == 50 && app.pending() == 0 }).await;
+    assert!(forwarded, "primary {}, {} pending", count(&primary).await, app.pending());
     assert_eq!(count(&standby).await, 20, "replication was not cut");
     let unreplicated: Vec<String> = acked.values().flatten().filter(|id| !before.contains(id)).cloned().collect();
 
