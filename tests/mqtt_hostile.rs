@@ -12,18 +12,10 @@ use std::time::{Duration, Instant};
 
 use common::mqtt_raw::v5::{self, prop_u16, prop_u32};
 use common::mqtt_raw::{Raw, frame, string};
-use common::{Proc, add_device as add, cli, eventually, log_rows};
+use common::{FAST, Proc, add_device as add, cli, eventually, log_rows};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(10);
-
-/// Limits high enough that a test's own traffic is never throttled.
-const FAST: [(&str, &str); 4] = [
-    ("OUTPOST_LIMITS__PER_SECOND", "1000000"),
-    ("OUTPOST_LIMITS__PER_MINUTE", "100000000"),
-    ("OUTPOST_LIMITS__PER_HOUR", "1000000000"),
-    ("OUTPOST_MQTT__MAX_CONNECTS_PER_MINUTE", "0"),
-];
 
 fn fast(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
     FAST.iter().copied().chain(extra.iter().copied()).collect()

@@ -382,15 +382,7 @@ async fn a_superseded_connection_never_holds_ids_for_the_new_clean_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_present_is_never_said_of_a_session_whose_ids_were_dropped() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Proc::start(
-        dir.path(),
-        &[
-            ("OUTPOST_LIMITS__PER_SECOND", "100000"),
-            ("OUTPOST_LIMITS__PER_MINUTE", "1000000"),
-            ("OUTPOST_LIMITS__PER_HOUR", "10000000"),
-            ("OUTPOST_MQTT__MAX_CONNECTS_PER_MINUTE", "0"),
-        ],
-    );
+    let p = Proc::start(dir.path(), &common::FAST);
     let token = add(dir.path(), "acme", "d1");
     let addr = p.mqtt.unwrap();
     let mut bad = Vec::new();
@@ -444,15 +436,7 @@ async fn session_present_is_never_said_of_a_session_whose_ids_were_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_take_over_keeps_the_order_the_device_sent_in() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Proc::start(
-        dir.path(),
-        &[
-            ("OUTPOST_LIMITS__PER_SECOND", "100000"),
-            ("OUTPOST_LIMITS__PER_MINUTE", "1000000"),
-            ("OUTPOST_LIMITS__PER_HOUR", "10000000"),
-            ("OUTPOST_MQTT__MAX_CONNECTS_PER_MINUTE", "0"),
-        ],
-    );
+    let p = Proc::start(dir.path(), &common::FAST);
     let token = add(dir.path(), "acme", "d1");
     let mut k = 0u32;
     let mut old: Option<Raw> = None;

@@ -450,6 +450,16 @@ where
     }
 }
 
+/// Limits high enough that a test's own traffic is never throttled (for
+/// `Proc::start`).
+#[allow(dead_code)]
+pub const FAST: [(&str, &str); 4] = [
+    ("OUTPOST_LIMITS__PER_SECOND", "1000000"),
+    ("OUTPOST_LIMITS__PER_MINUTE", "100000000"),
+    ("OUTPOST_LIMITS__PER_HOUR", "1000000000"),
+    ("OUTPOST_MQTT__MAX_CONNECTS_PER_MINUTE", "0"),
+];
+
 /// Device permissions used by tests.
 pub const RW: [Perm; 2] = Perm::DEFAULT;
 

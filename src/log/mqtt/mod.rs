@@ -358,13 +358,8 @@ pub fn retained(conn: &Connection) -> Result<Vec<(String, String, Vec<u8>)>, Err
 
 #[cfg(test)]
 mod tests {
+    use super::super::schema::testing::{event, log};
     use super::*;
-
-    fn log() -> Connection {
-        let mut c = Connection::open_in_memory().unwrap();
-        super::super::schema::migrate(&mut c).unwrap();
-        c
-    }
 
     fn key(device: &str, client: &str) -> SessionKey {
         SessionKey { tenant: "acme".into(), device_id: device.into(), client_id: client.into() }
@@ -372,17 +367,7 @@ mod tests {
 
     /// An event of the key's device, held as `pkid` by `session_id`.
     fn hold_in(c: &Connection, k: &SessionKey, session_id: u64, pkid: u16) {
-        let e = Event {
-            id: uuid::Uuid::now_v7(),
-            tenant: k.tenant.clone(),
-            device_id: k.device_id.clone(),
-            event_type: "t".into(),
-            payload: "{}".into(),
-            timestamp_us: 0,
-            received_at_us: 0,
-            origin_site: "site-a".into(),
-            properties: None,
-        };
+        let e = Event { tenant: k.tenant.clone(), ..event(&k.device_id, "site-a") };
         let hold = Qos2Hold { client_id: k.client_id.clone(), session_id };
         hold_qos2(c, &e, &hold, pkid, 1).unwrap();
     }
@@ -464,17 +449,7 @@ mod tests {
         hold_in(&c, &k, 1, 5); // session 1's connection commits its held publish late
         assert!(holds(&c).is_empty(), "nothing held for the new session");
         hold_in(&c, &k, 2, 5);
-        let e = |device: &str| Event {
-            id: uuid::Uuid::now_v7(),
-            tenant: "acme".into(),
-            device_id: device.into(),
-            event_type: "t".into(),
-            payload: "{}".into(),
-            timestamp_us: 0,
-            received_at_us: 0,
-            origin_site: "site-a".into(),
-            properties: None,
-        };
+        let e = |device: &str| event(device, "site-a");
         let old = Qos2Hold { client_id: "d1".into(), session_id: 1 };
         let new = Qos2Hold { client_id: "d1".into(), session_id: 2 };
         assert!(held_qos2(&c, &e("d1"), &old, 5).unwrap().is_none(), "session 1 matches nothing of session 2");

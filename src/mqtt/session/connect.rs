@@ -133,17 +133,7 @@ impl Handshake<'_, '_> {
         will_props: Option<LastWillProperties>,
         login: Option<Login>,
     ) -> Option<Connected> {
-        let props = props.unwrap_or(ConnectProperties {
-            session_expiry_interval: None,
-            receive_maximum: None,
-            max_packet_size: None,
-            topic_alias_max: None,
-            request_response_info: None,
-            request_problem_info: None,
-            user_properties: vec![],
-            authentication_method: None,
-            authentication_data: None,
-        });
+        let props = props.unwrap_or_else(no_props);
         let mut client_id = connect.client_id.clone();
         let login = login.as_ref().map(|l| (l.username.as_str(), l.password.as_str()));
         let (who, will) = match self.check(&props, &mut client_id, connect.clean_session, login, will) {
@@ -392,6 +382,22 @@ fn check_will(w: &LastWill, max_topic: usize, may_write: bool, tenant: &str, dev
     Ok(())
 }
 
+/// The CONNECT properties of a client that sent none (3.x, or 5.0
+/// without any): rumqttd's type has no `Default`.
+fn no_props() -> ConnectProperties {
+    ConnectProperties {
+        session_expiry_interval: None,
+        receive_maximum: None,
+        max_packet_size: None,
+        topic_alias_max: None,
+        request_response_info: None,
+        request_problem_info: None,
+        user_properties: vec![],
+        authentication_method: None,
+        authentication_data: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,17 +409,7 @@ mod tests {
     }
 
     fn props(session_expiry: Option<u32>) -> ConnectProperties {
-        ConnectProperties {
-            session_expiry_interval: session_expiry,
-            receive_maximum: None,
-            max_packet_size: None,
-            topic_alias_max: None,
-            request_response_info: None,
-            request_problem_info: None,
-            user_properties: vec![],
-            authentication_method: None,
-            authentication_data: None,
-        }
+        ConnectProperties { session_expiry_interval: session_expiry, ..no_props() }
     }
 
     #[test]
