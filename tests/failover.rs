@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::pg::Pg;
-use common::{TestApp, assert_exactly_once, central, central_rows, eventually};
+use common::{TestApp, assert_exactly_once, central, central_count as count, central_rows, eventually};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);
@@ -56,18 +56,6 @@ fn nft(args: &[&str], stdin: Option<&str>) {
     }
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "nft {args:?}: {} (root is needed)", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Rows of tenant acme on `pg`, or -1 while it cannot say (no table yet,
-/// not up).
-async fn count(pg: &Pg) -> i64 {
-    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
-    let Ok((c, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else { return -1 };
-    tokio::spawn(conn);
-    match c.query_one("SELECT count(*) FROM tenant_acme.events", &[]).await {
-        Ok(r) => r.get(0),
-        Err(_) => -1,
-    }
 }
 
 async fn answers(pg: &Pg, sql: &str) -> bool {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::pg::Pg;
 use common::proxy::{Mode, Proxy};
-use common::{Proc, TestApp, assert_exactly_once, central, central_rows, cli, cli_env, eventually};
+use common::{Proc, TestApp, assert_exactly_once, central, central_count, central_rows, cli, cli_env, eventually};
 use outpost::config::{NotifyMode, TlsMode};
 use serde_json::{Value, json};
 
@@ -32,16 +32,6 @@ async fn ingest(app: &TestApp, token: &str, device: &str, n: usize, batch: usize
         i += batch;
     }
     ids
-}
-
-/// Central rows of tenant acme: (id, device, site, site_seq), by site and seq.
-async fn central_count(pg: &Pg) -> i64 {
-    let Ok((c, conn)) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await else { return -1 };
-    tokio::spawn(conn);
-    match c.query_one("SELECT count(*) FROM tenant_acme.events", &[]).await {
-        Ok(r) => r.get(0),
-        Err(_) => -1,
-    }
 }
 
 /// Waits until nothing is pending locally and the central count is `n`.

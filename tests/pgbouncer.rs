@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::pg::Pg;
-use common::{TestApp, assert_exactly_once, central, central_rows, eventually};
+use common::{TestApp, assert_exactly_once, central, central_count as count, central_rows, eventually};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);
@@ -102,12 +102,6 @@ impl Drop for Bouncer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-async fn count(pg: &Pg) -> i64 {
-    let Ok((c, conn)) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await else { return -1 };
-    tokio::spawn(conn);
-    c.query_one("SELECT count(*) FROM tenant_acme.events", &[]).await.map(|r| r.get(0)).unwrap_or(-1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

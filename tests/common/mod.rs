@@ -463,6 +463,18 @@ pub const FAST: [(&str, &str); 4] = [
 /// Device permissions used by tests.
 pub const RW: [Perm; 2] = Perm::DEFAULT;
 
+/// Rows of tenant acme on `pg`, or -1 while it cannot say (not up, no
+/// table yet).
+#[allow(dead_code)]
+pub async fn central_count(pg: &pg::Pg) -> i64 {
+    let Ok((c, conn)) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await else { return -1 };
+    tokio::spawn(conn);
+    match c.query_one("SELECT count(*) FROM tenant_acme.events", &[]).await {
+        Ok(r) => r.get(0),
+        Err(_) => -1,
+    }
+}
+
 /// The central events of tenant acme: (id, device, site, site_seq), by site and seq.
 #[allow(dead_code)]
 pub async fn central_rows(pg: &pg::Pg) -> Vec<(String, String, String, i64)> {
