@@ -115,9 +115,13 @@ async fn failover(window: Duration) -> (HashMap<String, Vec<String>>, Vec<String
     assert_eq!(count(&standby).await, 20, "replication was not cut");
     let unreplicated: Vec<String> = acked.values().flatten().filter(|id| !before.contains(id)).cloned().collect();
 
+    // The cut stays until the standby is promoted: the killed primary's
+    // kernel still retransmits the WAL its sockets had queued, and with
+    // the cut gone the standby's receiver would take it (so the standby
+    // would have the 30 after all).
     primary.kill();
-    drop(cut);
     standby.promote();
+    drop(cut);
     post(&app, &tokens, 50..60, &mut acked).await;
 
     let want = if window.is_zero() { 30 } else { 60 };
