@@ -368,6 +368,8 @@ fn writer_config(config: &Config) -> WriterConfig {
         commit_delay: config.log.commit_delay,
         commit_max_bytes: config.log.commit_max_bytes,
         queue_capacity: config.log.queue_capacity,
+        write_budget: config.log.write_budget,
+        max_commit_delay: config.log.max_commit_delay,
     }
 }
 
@@ -463,6 +465,8 @@ fn routes(
         status_token: status_token.map(Into::into),
         data_dir: Arc::new(config.site.data_dir.clone()),
         log_max_bytes: config.log.max_bytes,
+        write_budget: config.log.write_budget,
+        endurance_tbw: config.disk.endurance_tbw,
         shutdown: stages.shutdown.clone(),
         tenant_usage,
     });

@@ -73,6 +73,10 @@ pub struct Metrics {
     pub dead_letter_rows: Gauge,
     pub uplink_up: Gauge,
     pub uplink_batch_waiting_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub log_commit_hold_seconds: Gauge<f64, AtomicU64>,
+    pub disk_write_bytes_per_day: Gauge<f64, AtomicU64>,
+    pub disk_endurance_days: Gauge<f64, AtomicU64>,
+    pub log_write_budget: Gauge,
     pub forward_rows: Counter,
     pub forward_resent: Counter,
     pub forward_batches: Counter,
@@ -142,6 +146,30 @@ impl Metrics {
             oldest_pending_seconds.clone(),
         );
         registry.register("log_bytes", "Bytes used by the site log", log_bytes.clone());
+        let log_commit_hold_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "log_commit_hold_seconds",
+            "How long the writer holds a group open after its first request now (log.commit_delay, or what log.write_budget needs)",
+            log_commit_hold_seconds.clone(),
+        );
+        let disk_write_bytes_per_day = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "disk_write_bytes_per_day",
+            "Bytes this process writes to storage per day at the rate of the last minute (against log_write_budget_bytes_per_day)",
+            disk_write_bytes_per_day.clone(),
+        );
+        let disk_endurance_days = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "disk_endurance_days",
+            "Days until the storage's rated endurance (disk.endurance_tbw) is written at that rate (0: unknown)",
+            disk_endurance_days.clone(),
+        );
+        let log_write_budget = Gauge::default();
+        registry.register(
+            "log_write_budget_bytes_per_day",
+            "log.write_budget: bytes per day the site-log writer keeps its writes within (0: no budget)",
+            log_write_budget.clone(),
+        );
         let log_write_bytes = Counter::default();
         let log_events_written = Counter::default();
         registry.register(
@@ -318,6 +346,10 @@ impl Metrics {
             dead_letter_rows,
             uplink_up,
             uplink_batch_waiting_seconds,
+            log_commit_hold_seconds,
+            disk_write_bytes_per_day,
+            disk_endurance_days,
+            log_write_budget,
             forward_rows,
             forward_resent,
             forward_batches,

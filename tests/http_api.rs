@@ -119,15 +119,25 @@ async fn batch_accepts_json_array_and_ndjson_in_one_commit() {
     assert!(bucket("20.0") - bucket("10.0") >= 1, "no group of 11-20 rows:\n{m}");
 }
 
-/// Five posts: 40 ms apart, one commit under `log.commit_delay`; without
-/// it, one commit each (each post is sent once the previous one was acked,
-/// so a slow fsync cannot put two in one group).
+/// Five posts: 40 ms apart, one commit under `log.commit_delay` (or a
+/// `log.write_budget` holding groups open); without either, one commit
+/// each (each post is sent once the previous one was acked, so a slow
+/// fsync cannot put two in one group). Returns the commits and the app.
 async fn commits_for_spread_posts(delay: Duration) -> u64 {
+    commits_for_spread_posts_with(delay, |_| {}).await.0
+}
+
+async fn commits_for_spread_posts_with(
+    delay: Duration,
+    configure: impl FnOnce(&mut outpost::config::Config),
+) -> (u64, TestApp) {
     let app = TestApp::start_with(|c| {
         c.limits.per_second = 100;
         c.log.commit_delay = delay;
+        configure(c);
     })
     .await;
+    let spread = !delay.is_zero() || app.config.log.write_budget > 0;
     let t = app.device("acme", "d1").await;
     // Group commits so far.
     let before = app.metric("outpost_commit_batch_rows_count").await;
@@ -135,7 +145,7 @@ async fn commits_for_spread_posts(delay: Duration) -> u64 {
         let (app, t) = (&app, &t);
         async move { app.post(EVENT, Some(t), &json!({"device_id": "d1", "event_type": "x", "payload": {"i": i}})).await }
     };
-    if delay.is_zero() {
+    if !spread {
         for i in 0..5u64 {
             let r = post(i).await;
             assert_eq!(r.status, 201, "{}", r.text);
@@ -153,7 +163,8 @@ async fn commits_for_spread_posts(delay: Duration) -> u64 {
         }
     }
     assert_eq!(app.log_rows().len(), 5);
-    app.metric("outpost_commit_batch_rows_count").await - before
+    let commits = app.metric("outpost_commit_batch_rows_count").await - before;
+    (commits, app)
 }
 
 #[tokio::test]
@@ -167,6 +178,37 @@ async fn device_counters_reach_the_table_within_ten_seconds_when_idle() {
         devices.iter().any(|d| d.device_id == "d1" && d.event_count == 1 && d.last_seen.is_some())
     };
     assert!(common::eventually(Duration::from_secs(20), stored).await, "event_count not stored while idle");
+}
+
+/// A write budget the ingest rate does not allow (1 byte a day) holds every
+/// group open for `log.max_commit_delay`, and never longer: the five
+/// spread posts share one commit. The budget, the hold and the projected
+/// storage life show in `/metrics` and the status.
+#[tokio::test]
+async fn a_write_budget_holds_groups_open_up_to_max_commit_delay_and_shows() {
+    let (commits, app) = commits_for_spread_posts_with(Duration::ZERO, |c| {
+        c.log.write_budget = 1;
+        c.log.max_commit_delay = Duration::from_secs(1);
+        c.disk.endurance_tbw = 30.0;
+    })
+    .await;
+    assert_eq!(commits, 1, "the budget held the group open");
+    assert_eq!(app.metric("outpost_log_write_budget_bytes_per_day").await, 1);
+    let m = app.get("/metrics", None).await.text;
+    assert!(m.lines().any(|l| l == "outpost_log_commit_hold_seconds 1.0"), "{m}");
+    let s = app.get("/api/v1/status", None).await.body;
+    assert_eq!(s["disk"]["write_budget_bytes_per_day"], 1, "{s}");
+    // Five events written on a real disk in the window: a write rate, so a
+    // projected life of 30 TB at it.
+    let (rate, life) = (s["disk"]["write_bytes_per_day"].as_f64(), s["disk"]["endurance_days"].as_f64());
+    if let Some(rate) = rate.filter(|r| *r > 0.0) {
+        let want = 30e12 / rate;
+        assert!(life.is_some_and(|d| (d - want).abs() / want < 0.5), "{s}");
+    }
+    // Without a budget: none shown, and no endurance without a rating.
+    let plain = TestApp::start().await;
+    let s = plain.get("/api/v1/status", None).await.body;
+    assert!(s["disk"]["write_budget_bytes_per_day"].is_null() && s["disk"]["endurance_days"].is_null(), "{s}");
 }
 
 #[tokio::test]

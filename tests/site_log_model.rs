@@ -4,7 +4,9 @@
 //! letters and their retry and purge, replay, prune and reopen run against
 //! the real writer and SQLite file, and against a `VecDeque` model. After
 //! every step: no acked event lost or duplicated, pending rows in ack order,
-//! `seq` strictly increasing, pruning never touches pending rows, and the
+//! `seq` strictly increasing (a new event's above every seq acked before,
+//! even when retention or dead letters took the newest rows and the log
+//! reopened), pruning never touches pending rows, and the
 //! writer's gauges equal a scan.
 
 use std::collections::{HashMap, VecDeque};
@@ -116,6 +118,8 @@ fn start_observed(
         commit_max_bytes: 1 << 20,
         commit_delay: std::time::Duration::ZERO,
         queue_capacity: 16,
+        write_budget: 0,
+        max_commit_delay: std::time::Duration::ZERO,
     };
     writer::spawn(conn, cfg, Arc::new(Metrics::new()), Arc::new(tokio::sync::Notify::new()), observers).unwrap()
 }
@@ -160,6 +164,9 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         owners: HashMap::new(),
         acked_order: Vec::new(),
     };
+    // The highest seq acked so far: a new event's is above it, even after
+    // retention, dead letters and purges emptied the log and it reopened.
+    let mut high = 0;
     for op in ops {
         match op {
             Op::Append { device, n, resend } => {
@@ -180,6 +187,8 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     prop_assert_eq!(a.id, *id);
                     prop_assert_eq!(a.duplicate, Some(*id) == resent);
                     if !a.duplicate {
+                        prop_assert!(a.seq > high, "seq {} given again (highest acked {high})", a.seq);
+                        high = a.seq;
                         m.pending.push_back(*id);
                         m.owners.insert(*id, dev.clone());
                         m.acked_order.push(*id);
@@ -306,4 +315,33 @@ proptest! {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(run(ops))?;
     }
+}
+
+/// Flash wear at a trickle (issue #29): a commit of one event appends to the
+/// WAL only the pages it changed. With `AUTOINCREMENT` every commit also
+/// rewrote `sqlite_sequence`: 4 pages, now 3 (the table's last leaf, the
+/// id index's and the pending index's). Counted from the WAL file's growth
+/// over single-event commits (the median: a leaf split adds pages to some).
+#[tokio::test]
+async fn a_one_event_commit_appends_three_pages_to_the_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.sqlite");
+    let (handle, thread) = start(&path);
+    let wal = dir.path().join("log.sqlite-wal");
+    let frame = (log::PAGE_SIZE + 24) as u64;
+    for _ in 0..50 {
+        handle.append(vec![event("d1", Uuid::now_v7())]).await.unwrap();
+    }
+    let mut frames = Vec::new();
+    for i in 0..41 {
+        let before = std::fs::metadata(&wal).unwrap().len();
+        handle.append(vec![event(&format!("d{}", i % 20), Uuid::now_v7())]).await.unwrap();
+        let grown = std::fs::metadata(&wal).unwrap().len() - before;
+        assert_eq!(grown % frame, 0, "the WAL grows by whole frames");
+        frames.push(grown / frame);
+    }
+    frames.sort_unstable();
+    assert_eq!(frames[frames.len() / 2], 3, "pages per one-event commit: {frames:?}");
+    drop(handle);
+    thread.join();
 }

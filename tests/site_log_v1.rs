@@ -25,6 +25,8 @@ fn writer_config(site_id: &str) -> WriterConfig {
         commit_max_bytes: 1 << 20,
         commit_delay: std::time::Duration::ZERO,
         queue_capacity: 16,
+        write_budget: 0,
+        max_commit_delay: std::time::Duration::ZERO,
     }
 }
 
@@ -55,6 +57,11 @@ async fn a_v1_log_keeps_its_pending_events_in_order_and_forwards_them_once() {
     let conn = log::open_and_migrate(&path).unwrap();
     let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
     assert_eq!(page_size, 4096, "an existing log keeps its page size");
+    // Migration 10 edits the table's declared SQL in place (no copy).
+    let sql: String = conn.query_row("SELECT sql FROM sqlite_schema WHERE name = 'events'", [], |r| r.get(0)).unwrap();
+    assert!(sql.contains("seq          INTEGER PRIMARY KEY,") && !sql.contains("AUTOINCREMENT"), "{sql}");
+    let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    assert_eq!(check, "ok");
 
     let pending: Vec<i64> = schema::pending(&conn, 100).unwrap().iter().map(payload_i).collect();
     assert_eq!(pending, [1, 2, 5, 6], "v1's pending rows, in seq order");
@@ -76,8 +83,22 @@ async fn a_v1_log_keeps_its_pending_events_in_order_and_forwards_them_once() {
     assert!(schema::pending(&check, 100).unwrap().is_empty());
     assert_eq!(schema::watermark(&check).unwrap(), 6);
     assert!(schema::all_events(&check).unwrap().iter().all(|e| e.forwarded_at.is_some()));
-    // Retention takes all six once they are old enough; new events follow on.
+    // Retention takes all six once they are old enough; new events follow
+    // on, also after a restart (no seq is given twice).
     assert_eq!(handle.prune(now_us() + 3_600_000_000, 1000).await.unwrap(), 6);
+    drop(handle);
+    tokio::task::spawn_blocking(move || thread.join()).await.unwrap();
+    let conn = log::open_and_migrate(&path).unwrap();
+    let (handle, thread) = writer::spawn(
+        conn,
+        writer_config("fixture-site"),
+        Arc::new(Metrics::new()),
+        Arc::new(tokio::sync::Notify::new()),
+        Vec::new(),
+    )
+    .unwrap();
+    let next = handle.append(vec![event("pump-1", "after", r#"{"i": 7}"#)]).await.unwrap();
+    assert_eq!(next[0].seq, 7, "after a log emptied by retention, seqs go on");
     drop(handle);
     tokio::task::spawn_blocking(move || thread.join()).await.unwrap();
 }

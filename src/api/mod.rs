@@ -48,6 +48,11 @@ pub struct ApiState {
     pub data_dir: Arc<PathBuf>,
     /// `log.max_bytes`.
     pub log_max_bytes: u64,
+    /// `log.write_budget` (0: none) and `disk.endurance_tbw` (0: unknown).
+    #[from_ref(skip)]
+    pub write_budget: u64,
+    #[from_ref(skip)]
+    pub endurance_tbw: f64,
     /// Ends the page's event feeds at shutdown.
     pub shutdown: tokio_util::sync::CancellationToken,
     /// The tenants' use of the shared pools (status page, `/metrics`).

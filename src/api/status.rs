@@ -86,6 +86,12 @@ pub(crate) struct Disk {
     /// Bytes written to storage per event written to the log over the last
     /// minute; `None` when no event was written in it.
     pub write_bytes_per_event: Option<f64>,
+    /// `log.write_budget`: bytes per day the writer keeps within; `None`
+    /// without a budget.
+    pub write_budget_bytes_per_day: Option<u64>,
+    /// Days until the storage's rated endurance (`disk.endurance_tbw`) is
+    /// written at the present write rate; `None` when either is unknown.
+    pub endurance_days: Option<f64>,
 }
 
 /// A device as the status page shows it (no token, no counts of others).
@@ -183,6 +189,9 @@ pub(super) async fn current_status(state: &ApiState) -> Result<Status, ApiError>
         let mut sampler = state.sampler.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         sampler.sample(reading)
     };
+    let endurance_days = endurance_days(state.endurance_tbw, rates.write_bytes_per_day);
+    state.metrics.disk_write_bytes_per_day.set(rates.write_bytes_per_day.unwrap_or(0.0));
+    state.metrics.disk_endurance_days.set(endurance_days.unwrap_or(0.0));
     let space = crate::sysinfo::fs_space(&state.data_dir);
     let tenants = (state.tenant_usage)();
     for t in &tenants {
@@ -202,6 +211,8 @@ pub(super) async fn current_status(state: &ApiState) -> Result<Status, ApiError>
             data_dir_total_bytes: space.map(|s| s.total),
             write_bytes_per_day: rates.write_bytes_per_day,
             write_bytes_per_event: rates.write_bytes_per_event,
+            write_budget_bytes_per_day: (state.write_budget > 0).then_some(state.write_budget),
+            endurance_days,
         },
         buffering_only: uplink.state == Uplink::Disabled,
         log,
@@ -210,6 +221,11 @@ pub(super) async fn current_status(state: &ApiState) -> Result<Status, ApiError>
         ingest: rates.ingest,
         devices: devices.as_ref().clone(),
     })
+}
+
+/// Days until `tbw` terabytes are written at `per_day` bytes a day.
+fn endurance_days(tbw: f64, per_day: Option<f64>) -> Option<f64> {
+    per_day.filter(|&d| tbw > 0.0 && d > 0.0).map(|d| tbw * 1e12 / d)
 }
 
 /// The `events_accepted` counters of [`PROTOCOLS`], in that order.

@@ -44,10 +44,21 @@ pub struct Config {
     pub auth: AuthConfig,
     pub stream: StreamConfig,
     pub tls: TlsConfig,
+    pub disk: DiskConfig,
     /// How long a SIGTERM may take: stop accepting, commit what is queued,
     /// answer in-flight requests.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+}
+
+/// The storage the site log lives on.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiskConfig {
+    /// Its rated endurance in terabytes written (an SD card's or SSD's TBW
+    /// from its datasheet; 0: unknown). The status page and `/metrics`
+    /// project the days left at the present write rate.
+    pub endurance_tbw: f64,
 }
 
 /// Identity of this site and where it keeps its state.
@@ -362,6 +373,14 @@ pub struct LogConfig {
     /// soon as the queue is empty). Adds up to this much to every ack.
     #[serde(with = "humantime_serde")]
     pub commit_delay: Duration,
+    /// Flash-write budget: bytes per day the site log's writer keeps its
+    /// writes within (WAL and checkpoints), by holding groups open longer
+    /// (up to `max_commit_delay`) when it writes faster. 0: no budget.
+    pub write_budget: u64,
+    /// The longest the write budget holds a group open (so the longest it
+    /// adds to an ack).
+    #[serde(with = "humantime_serde")]
+    pub max_commit_delay: Duration,
     /// Capacity of the writer's request queue (requests, not rows). When it is
     /// full, ingest waits for room: the client sees a slower ack, never a drop.
     pub queue_capacity: usize,
@@ -576,6 +595,8 @@ impl Default for LogConfig {
             commit_max_rows: 2000,
             commit_max_bytes: 8 * 1024 * 1024,
             commit_delay: Duration::ZERO,
+            write_budget: 0,
+            max_commit_delay: Duration::from_millis(500),
             queue_capacity: 4096,
             format: LogFormat::Text,
         }
@@ -700,6 +721,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             stream: StreamConfig::default(),
             tls: TlsConfig::default(),
+            disk: DiskConfig::default(),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -821,6 +843,27 @@ mod tests {
             let name = path.display().to_string();
             assert_eq!(from_file.replace(&name, "<string>"), from_str, "{text:?}");
         }
+    }
+
+    #[test]
+    fn a_write_budget_is_checked_against_its_holds_and_a_rating_must_be_a_number_of_terabytes() {
+        let mut c = Config::default();
+        c.log.write_budget = 20_000_000_000;
+        c.log.commit_delay = Duration::from_millis(100);
+        c.log.max_commit_delay = Duration::from_millis(50);
+        let problems = c.validate().unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.starts_with("log.max_commit_delay = 50ms: below log.commit_delay")),
+            "{problems:?}"
+        );
+        c.log.max_commit_delay = Duration::from_secs(2);
+        c.disk.endurance_tbw = -1.0;
+        let problems = c.validate().unwrap_err();
+        assert!(problems.iter().any(|p| p.starts_with("log.max_commit_delay = 2s: at most 1s")), "{problems:?}");
+        assert!(problems.iter().any(|p| p.starts_with("disk.endurance_tbw = -1")), "{problems:?}");
+        c.log.max_commit_delay = Duration::from_secs(1);
+        c.disk.endurance_tbw = 30.0;
+        c.validate().unwrap();
     }
 
     #[test]

@@ -124,6 +124,26 @@ impl Config {
                 humantime::format_duration(MAX_COMMIT_DELAY)
             ));
         }
+        if self.log.max_commit_delay > MAX_COMMIT_DELAY {
+            problems.push(format!(
+                "log.max_commit_delay = {}: at most {} (every ack may wait up to this long)",
+                humantime::format_duration(self.log.max_commit_delay),
+                humantime::format_duration(MAX_COMMIT_DELAY)
+            ));
+        }
+        if self.log.write_budget > 0 && self.log.max_commit_delay < self.log.commit_delay {
+            problems.push(format!(
+                "log.max_commit_delay = {}: below log.commit_delay = {} (the budget holds groups between the two)",
+                humantime::format_duration(self.log.max_commit_delay),
+                humantime::format_duration(self.log.commit_delay)
+            ));
+        }
+        if self.disk.endurance_tbw < 0.0 || !self.disk.endurance_tbw.is_finite() {
+            problems.push(format!(
+                "disk.endurance_tbw = {}: the storage's rated endurance in terabytes written (e.g. 30), or 0 if unknown",
+                self.disk.endurance_tbw
+            ));
+        }
         if self.log.commit_max_rows == 0 {
             problems.push("log.commit_max_rows: must be at least 1".into());
         }

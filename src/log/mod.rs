@@ -12,6 +12,7 @@
 //!   only once forwarded.
 //! - At the byte budget appends are refused (`Error::Full`), never dropped.
 
+mod budget;
 mod cmd;
 mod handle;
 pub mod mqtt;
@@ -81,7 +82,8 @@ impl Counters {
         self.backlog_bytes.store(s.backlog_bytes, Ordering::Relaxed);
         self.total_rows.store(s.total_rows, Ordering::Relaxed);
         self.dead_letters.store(s.dead_letters, Ordering::Relaxed);
-        self.last_seq.store(s.last_seq, Ordering::Relaxed);
+        // Never back: the writer gives the next seq from here.
+        self.last_seq.fetch_max(s.last_seq, Ordering::Relaxed);
     }
 
     /// The gauges now.

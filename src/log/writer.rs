@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use rusqlite::Connection;
 use tokio::sync::{Notify, mpsc};
 
+use super::budget::{self, Budget};
 use super::cmd::{Command, Ctx, DeviceCounts, Group, merge_counts};
 use super::{CommitObserver, Counters, Error, LogHandle, mqtt, schema};
 use crate::event::now_us;
@@ -37,6 +38,11 @@ pub struct WriterConfig {
     /// (`log.commit_delay`; zero: commit once the queue is empty).
     pub commit_delay: Duration,
     pub queue_capacity: usize,
+    /// `log.write_budget`: bytes per day the writer keeps its writes within
+    /// by holding groups open longer (0: no budget; see `budget`).
+    pub write_budget: u64,
+    /// `log.max_commit_delay`: the longest the budget holds a group open.
+    pub max_commit_delay: Duration,
 }
 
 /// How often an open group (`commit_delay`) looks at the queue again.
@@ -122,6 +128,11 @@ pub fn spawn(
     // In pages of this log (1 KiB for new ones, 4 KiB for logs from before).
     let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
     let checkpoint_pages = i32::try_from(CHECKPOINT_BYTES / page_size.max(512)).unwrap_or(i32::MAX);
+    let budget = (config.write_budget > 0)
+        .then(|| Budget::new(config.write_budget, config.commit_delay, config.max_commit_delay));
+    metrics.log_commit_hold_seconds.set(budget.as_ref().map_or(config.commit_delay, Budget::hold).as_secs_f64());
+    #[allow(clippy::cast_possible_wrap)]
+    metrics.log_write_budget.set(config.write_budget as i64);
     let thread = std::thread::Builder::new()
         .name("site-log-writer".into())
         .spawn(move || {
@@ -138,6 +149,7 @@ pub fn spawn(
                 device_flushes: writer_flushes,
                 heads,
                 checkpoint_pages,
+                budget,
                 flushed_at: Instant::now(),
                 stopping: false,
             }
@@ -170,6 +182,8 @@ struct Writer {
     heads: mqtt::MqttHeads,
     /// WAL pages at which the writer checkpoints (`CHECKPOINT_BYTES`).
     checkpoint_pages: i32,
+    /// `log.write_budget`, when set: it sets how long groups stay open.
+    budget: Option<Budget>,
 }
 
 impl Writer {
@@ -179,7 +193,7 @@ impl Writer {
             let mut group = vec![first];
             // With a commit delay the group stays open until then, polling
             // the queue: the writer has no runtime to wait with a timeout.
-            let open_until = Instant::now() + self.config.commit_delay;
+            let open_until = Instant::now() + self.hold();
             while rows < self.config.commit_max_rows && bytes < self.config.commit_max_bytes {
                 match rx.try_recv() {
                     Ok(cmd) => {
@@ -204,6 +218,21 @@ impl Writer {
         self.stopping = true;
         self.commit_group(Vec::new());
         tracing::debug!("site log writer: queue closed, stopping");
+    }
+
+    /// How long the next group stays open after its first request:
+    /// `log.commit_delay`, or what the write budget needs now (it reads the
+    /// thread's bytes written at most every 200 ms).
+    fn hold(&mut self) -> Duration {
+        let Some(b) = self.budget.as_mut() else { return self.config.commit_delay };
+        let now = Instant::now();
+        if b.due(now)
+            && let Some(written) = budget::thread_write_bytes()
+        {
+            b.observe(now, written);
+            self.metrics.log_commit_hold_seconds.set(b.hold().as_secs_f64());
+        }
+        b.hold()
     }
 
     fn commit_group(&mut self, group: Vec<Command>) {

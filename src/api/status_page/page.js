@@ -78,6 +78,13 @@
     set('disk-free', d.data_dir_free_bytes === null ? 'n/a' : bytes(d.data_dir_free_bytes) + ' of ' + bytes(d.data_dir_total_bytes));
     set('disk-write', d.write_bytes_per_day === null ? 'n/a' : (d.write_bytes_per_day / 1e9).toFixed(2) + ' GB/day' +
       (d.write_bytes_per_event === null ? '' : ', ' + Math.round(d.write_bytes_per_event).toLocaleString('en') + ' B/event'));
+    var over = d.write_budget_bytes_per_day !== null && d.write_bytes_per_day !== null &&
+      d.write_bytes_per_day > d.write_budget_bytes_per_day;
+    set('disk-budget', d.write_budget_bytes_per_day === null ? 'none' :
+      (d.write_budget_bytes_per_day / 1e9).toFixed(2) + ' GB/day' + (over ? ' (over)' : ''), over ? 'warn' : '');
+    set('disk-life', d.endurance_days === null ? 'n/a' : d.endurance_days >= 730 ?
+      (d.endurance_days / 365).toFixed(1) + ' years at this rate' : Math.round(d.endurance_days) + ' days at this rate',
+      d.endurance_days !== null && d.endurance_days < 365 ? 'warn' : '');
     set('dead', s.log.dead_letters.toLocaleString('en'), s.log.dead_letters > 0 ? 'bad' : 'ok');
   }
 

@@ -29,10 +29,11 @@ pub async fn run(args: ForwardArgs, config: Config) -> anyhow::Result<()> {
         let (path, payload, n) = (log_path.clone(), payload.clone(), args.rows);
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let mut conn = log::open_and_migrate(&path)?;
+            let mut last = schema::seq_high(&conn)?;
             for chunk in (0..n).collect::<Vec<_>>().chunks(10_000) {
                 let tx = conn.transaction()?;
                 for i in chunk {
-                    schema::insert_event(&tx, &synthetic("benchfwd", *i, &payload), None)?;
+                    schema::insert_event(&tx, &synthetic("benchfwd", *i, &payload), None, &mut last)?;
                 }
                 tx.commit()?;
             }
@@ -84,6 +85,8 @@ pub async fn run(args: ForwardArgs, config: Config) -> anyhow::Result<()> {
             commit_delay: Duration::ZERO,
             commit_max_bytes: 64 << 20,
             queue_capacity: 64,
+            write_budget: 0,
+            max_commit_delay: Duration::ZERO,
         },
         metrics.clone(),
         wake.clone(),

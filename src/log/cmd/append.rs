@@ -28,7 +28,9 @@ impl Append {
             cx.g.delivers.push(deliver(reply, Err(full)));
             return Ok(());
         }
-        let result = append_request(tx, &events, &mut cx.g.seen)?;
+        let mut last = cx.last_seq();
+        let result = append_request(tx, &events, &mut cx.g.seen, &mut last)?;
+        cx.g.last_seq = last;
         if let Ok(r) = &result {
             cx.projected += size;
             for (a, e) in r.iter().zip(&events).filter(|(a, _)| !a.duplicate) {
@@ -54,32 +56,44 @@ fn append_request(
     tx: &Connection,
     events: &[Event],
     seen: &mut DeviceCounts,
+    last: &mut i64,
 ) -> Result<Result<Vec<Appended>, Error>, Error> {
     if events.len() == 1 {
-        return match append(tx, events, seen) {
+        return match append(tx, events, seen, last) {
             Err(e) if !matches!(e, Error::IdConflict { .. }) => Err(e),
             answer => Ok(answer),
         };
     }
     tx.execute_batch("SAVEPOINT request")?;
     let mut sp_seen = DeviceCounts::new();
-    let r = append(tx, events, &mut sp_seen);
+    let before = *last;
+    let r = append(tx, events, &mut sp_seen, last);
     match &r {
         Ok(_) => {
             tx.execute_batch("RELEASE request")?;
             merge_counts(seen, sp_seen);
         }
-        Err(_) => tx.execute_batch("ROLLBACK TO request; RELEASE request")?,
+        Err(_) => {
+            tx.execute_batch("ROLLBACK TO request; RELEASE request")?;
+            // Nothing of it was stored: its seqs are free again.
+            *last = before;
+        }
     }
     Ok(r)
 }
 
-/// Appends one request's events; counts new rows per device into `seen`.
-fn append(conn: &Connection, events: &[Event], seen: &mut DeviceCounts) -> Result<Vec<Appended>, Error> {
+/// Appends one request's events, given seqs after `*last`; counts new rows
+/// per device into `seen`.
+fn append(
+    conn: &Connection,
+    events: &[Event],
+    seen: &mut DeviceCounts,
+    last: &mut i64,
+) -> Result<Vec<Appended>, Error> {
     let mut out = Vec::with_capacity(events.len());
     let mut per_device = DeviceCounts::new();
     for (index, e) in events.iter().enumerate() {
-        match schema::insert_event(conn, e, None)? {
+        match schema::insert_event(conn, e, None, last)? {
             Some(seq) => {
                 out.push(Appended { id: e.id, seq, duplicate: false });
                 let c = per_device.entry((e.tenant.clone(), e.device_id.clone())).or_insert((0, 0));
@@ -133,13 +147,14 @@ impl AppendRemote {
         }
         // An error here fails the whole group: nothing half-stored.
         let before = cx.g.new_events.len();
-        let added = append_remote(tx, events, &mut cx.g.new_events)?;
+        let mut last = cx.last_seq();
+        let added = append_remote(tx, events, &mut cx.g.new_events, &mut last)?;
+        cx.g.last_seq = last;
         let new = &cx.g.new_events[before..];
         cx.g.d_total_rows += added as i64;
         cx.g.written_rows += added;
         cx.g.d_remote_bytes += new.iter().map(|c| c.event.size_hint() as i64).sum::<i64>();
         cx.projected += new.iter().map(|c| c.event.size_hint() as u64).sum::<u64>();
-        cx.g.last_seq = new.iter().map(|c| c.seq).fold(cx.g.last_seq, i64::max);
         cx.g.delivers.push(deliver(reply, Ok(added)));
         Ok(())
     }
@@ -165,11 +180,16 @@ fn make_room(tx: &Connection, cx: &mut Ctx<'_>, size: i64) -> Result<bool, Error
 
 /// Stores other sites' events (already forwarded) and advances their
 /// catch-up cursors; duplicates by id are skipped. Returns how many were new.
-fn append_remote(tx: &Connection, events: Vec<RemoteEvent>, new_events: &mut Vec<Committed>) -> Result<usize, Error> {
+fn append_remote(
+    tx: &Connection,
+    events: Vec<RemoteEvent>,
+    new_events: &mut Vec<Committed>,
+    last: &mut i64,
+) -> Result<usize, Error> {
     let now = now_us();
     let mut added = 0;
     for r in events {
-        let seq = schema::insert_event(tx, &r.event, Some(now))?;
+        let seq = schema::insert_event(tx, &r.event, Some(now), last)?;
         schema::advance_remote_cursor(tx, &r.event.tenant, &r.event.origin_site, r.site_seq)?;
         if let Some(seq) = seq {
             added += 1;

@@ -101,6 +101,12 @@ pub(super) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// The last seq given, this group's inserts included: the next event
+    /// gets one more (see `schema::insert_event`).
+    pub(super) fn last_seq(&self) -> i64 {
+        self.counters.last_seq.load(std::sync::atomic::Ordering::Relaxed).max(self.g.last_seq)
+    }
+
     /// The refusal of `size` more bytes, when they would pass the budget.
     pub(super) fn over_budget(&self, size: u64) -> Option<Error> {
         let budget = self.config.max_bytes;

@@ -15,17 +15,20 @@ use super::super::{Appended, Error, schema};
 use super::{Facts, MqttHeads, Redelivery, held_qos2, hold_qos2, set_retained};
 use crate::event::Event;
 
-/// Inserts one event with its MQTT columns; `None` when its id is already
-/// in the log. `mqtt_prev`: the device's previous event with a packet id,
-/// for one that has one (see [`find_redelivered`]).
+/// Inserts one event with its MQTT columns as seq `*last + 1` (see
+/// `schema::insert_event`); `None` when its id is already in the log.
+/// `mqtt_prev`: the device's previous event with a packet id, for one that
+/// has one (see [`find_redelivered`]).
 pub(in crate::log) fn insert_event(
     conn: &Connection,
     e: &Event,
     redelivery: Option<Redelivery>,
     mqtt_prev: Option<i64>,
+    last: &mut i64,
 ) -> Result<Option<i64>, Error> {
     let mut stmt =
-        conn.prepare_cached(schema::insert_event_sql!(", mqtt_pkid, mqtt_digest, mqtt_prev", ", ?11, ?12, ?13"))?;
+        conn.prepare_cached(schema::insert_event_sql!(", mqtt_pkid, mqtt_digest, mqtt_prev", ", ?12, ?13, ?14"))?;
+    let seq = *last + 1;
     let inserted = stmt.execute(params![
         e.id.as_bytes(),
         e.tenant,
@@ -37,11 +40,15 @@ pub(in crate::log) fn insert_event(
         None::<i64>,
         e.origin_site,
         e.properties,
+        seq,
         redelivery.map(|r| r.pkid),
         redelivery.map(|r| r.digest),
         mqtt_prev
     ])?;
-    Ok((inserted == 1).then(|| conn.last_insert_rowid()))
+    Ok((inserted == 1).then(|| {
+        *last = seq;
+        seq
+    }))
 }
 
 /// Appends one publish; counts its new row into `seen`. The outer `Result`
@@ -55,8 +62,9 @@ pub(in crate::log) fn append(
     facts: &Facts,
     seen: &mut DeviceCounts,
     heads: &mut MqttHeads,
+    last: &mut i64,
 ) -> Result<Result<Appended, Error>, Error> {
-    match append_one(tx, e, facts, seen, heads) {
+    match append_one(tx, e, facts, seen, heads, last) {
         Err(e) if !matches!(e, Error::IdConflict { .. }) => Err(e),
         answer => Ok(answer),
     }
@@ -68,6 +76,7 @@ fn append_one(
     facts: &Facts,
     seen: &mut DeviceCounts,
     heads: &mut MqttHeads,
+    last: &mut i64,
 ) -> Result<Appended, Error> {
     // The device's newest event with a packet id, for one that has one.
     let head = facts.redelivery.and_then(|_| heads.get(&e.tenant, &e.device_id));
@@ -82,7 +91,7 @@ fn append_one(
     {
         return Ok(Appended { id, seq, duplicate: true });
     }
-    match insert_event(conn, e, facts.redelivery, head)? {
+    match insert_event(conn, e, facts.redelivery, head, last)? {
         Some(seq) => {
             if facts.redelivery.is_some() {
                 heads.set(&e.tenant, &e.device_id, seq);
@@ -190,7 +199,7 @@ mod tests {
     }
 
     fn store(c: &Connection, heads: &mut MqttHeads, (e, facts): (Event, Facts)) -> Appended {
-        append(c, &e, &facts, &mut DeviceCounts::new(), heads).unwrap().unwrap()
+        append(c, &e, &facts, &mut DeviceCounts::new(), heads, &mut schema::seq_high(c).unwrap()).unwrap().unwrap()
     }
 
     #[test]

@@ -27,7 +27,9 @@ impl AppendMqtt {
             cx.g.delivers.push(deliver(reply, Err(full)));
             return Ok(());
         }
-        let result = append(tx, &event, &facts, &mut cx.g.seen, cx.heads)?;
+        let mut last = cx.last_seq();
+        let result = append(tx, &event, &facts, &mut cx.g.seen, cx.heads, &mut last)?;
+        cx.g.last_seq = last;
         if let Ok(a) = &result {
             cx.projected += size;
             if !a.duplicate {

@@ -13,8 +13,9 @@ use super::super::Error;
 use super::FORWARDED_AT;
 use crate::event::{Event, StoredEvent, from_us};
 
-/// The `INSERT` of one event into `events`: the columns every event has,
-/// then `$cols` (`", a, b"`) bound to `$values` (`", ?11, ?12"`). A macro so
+/// The `INSERT` of one event into `events`: the columns every event has
+/// (the last, `?11`, its seq), then `$cols` (`", a, b"`) bound to `$values`
+/// (`", ?12, ?13"`). A macro so
 /// that the plain insert here and the one with the MQTT module's columns
 /// share one column list and stay `&'static str` (cached statements,
 /// nothing built per call). A repeated id inserts nothing.
@@ -22,10 +23,10 @@ macro_rules! insert_event_sql {
     ($cols:literal, $values:literal) => {
         concat!(
             "INSERT INTO events (id, tenant, device_id, event_type, payload, ts, received_at, forwarded_at, origin_site,
-                                 properties",
+                                 properties, seq",
             $cols,
             ")
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11",
             $values,
             ")
          ON CONFLICT (id) DO NOTHING"
@@ -34,14 +35,21 @@ macro_rules! insert_event_sql {
 }
 pub(crate) use insert_event_sql;
 
-/// Inserts one event; `None` when its id is already in the log. (No
-/// `RETURNING seq`: SQLite buffers RETURNING rows in an ephemeral table it
-/// opens and closes per statement, which cost the writer thread about a
-/// fifth of its time in HTTP batches; the new row's seq is the
-/// connection's last rowid.) `forwarded_at`: set for other sites' events,
+/// Inserts one event as seq `*last + 1` and moves `*last` there; `None`
+/// (and `*last` unchanged) when its id is already in the log. The caller
+/// (the writer) gives seqs: `last` starts at [`seq_high`]. (No `RETURNING
+/// seq`: SQLite buffers RETURNING rows in an ephemeral table it opens and
+/// closes per statement, which cost the writer thread about a fifth of its
+/// time in HTTP batches.) `forwarded_at`: set for other sites' events,
 /// which are central already.
-pub fn insert_event(conn: &Connection, e: &Event, forwarded_at: Option<i64>) -> Result<Option<i64>, Error> {
+pub fn insert_event(
+    conn: &Connection,
+    e: &Event,
+    forwarded_at: Option<i64>,
+    last: &mut i64,
+) -> Result<Option<i64>, Error> {
     let mut stmt = conn.prepare_cached(insert_event_sql!("", ""))?;
+    let seq = *last + 1;
     let inserted = stmt.execute(params![
         e.id.as_bytes(),
         e.tenant,
@@ -52,9 +60,42 @@ pub fn insert_event(conn: &Connection, e: &Event, forwarded_at: Option<i64>) -> 
         e.received_at_us,
         forwarded_at,
         e.origin_site,
-        e.properties
+        e.properties,
+        seq
     ])?;
-    Ok((inserted == 1).then(|| conn.last_insert_rowid()))
+    Ok((inserted == 1).then(|| {
+        *last = seq;
+        seq
+    }))
+}
+
+/// The highest seq ever given: the newest row's, a dead letter's, or the
+/// floor kept before rows were deleted (and, for a log from before
+/// migration 10, `sqlite_sequence`'s). The writer gives the next one up, so
+/// no seq comes back even after retention emptied the log.
+pub fn seq_high(conn: &Connection) -> Result<i64, Error> {
+    Ok(conn.query_row(
+        "SELECT max(coalesce((SELECT max(seq) FROM events), 0),
+                    coalesce((SELECT max(seq) FROM dead_letter), 0),
+                    coalesce((SELECT value FROM meta WHERE key = 'seq_floor'), 0),
+                    coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0))",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+/// Keeps [`seq_high`] where it is before rows are deleted (the newest row or
+/// dead letter may be among them). Called by every delete from `events` or
+/// `dead_letter`.
+pub(crate) fn keep_seq_floor(conn: &Connection) -> Result<(), Error> {
+    conn.prepare_cached(
+        "INSERT INTO meta (key, value)
+         SELECT 'seq_floor', max(coalesce((SELECT max(seq) FROM events), 0), coalesce((SELECT max(seq) FROM dead_letter), 0))
+         WHERE true
+         ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+    )?
+    .execute([])?;
+    Ok(())
 }
 
 /// Who owns an event id already in the log: `(seq, tenant, device_id)`.
@@ -156,22 +197,48 @@ mod tests {
     fn a_repeated_id_inserts_nothing_and_its_owner_is_the_first() {
         let c = log();
         let e = event("d1", "site-a");
-        assert_eq!(insert_event(&c, &e, None).unwrap(), Some(1));
+        let mut last = 0;
+        assert_eq!(insert_event(&c, &e, None, &mut last).unwrap(), Some(1));
         let mut again = event("d2", "site-a");
         again.id = e.id;
-        assert_eq!(insert_event(&c, &again, None).unwrap(), None, "the same id, from any device, writes nothing");
+        assert_eq!(
+            insert_event(&c, &again, None, &mut last).unwrap(),
+            None,
+            "the same id, from any device, writes nothing"
+        );
+        assert_eq!(last, 1, "a refused row takes no seq");
         assert_eq!(owner_of(&c, &e.id).unwrap(), Some((1, "acme".into(), "d1".into())));
         assert_eq!(seqs(&c), [1]);
-        // SQLite gives the refused row its rowid before the conflict, and
-        // AUTOINCREMENT never hands it out again: seqs grow, with a gap.
-        assert_eq!(insert(&c, &event("d1", "site-a")), 3);
-        assert_eq!(last_seq(&c).unwrap(), 3);
+        assert_eq!(insert(&c, &event("d1", "site-a")), 2);
+        assert_eq!(last_seq(&c).unwrap(), 2);
+    }
+
+    #[test]
+    fn no_seq_is_given_again_after_the_newest_rows_are_deleted() {
+        use super::super::{dead_letter, evict_remote, mark_forwarded, prune, purge_dead_letters};
+        let c = log();
+        let mine: Vec<i64> = (0..3).map(|_| insert(&c, &event("d1", "site-a"))).collect();
+        mark_forwarded(&c, &mine, 1).unwrap();
+        // Retention takes every row (all forwarded, all old).
+        assert_eq!(prune(&c, i64::MAX, 100, "site-a").unwrap().0, 3);
+        assert!(seqs(&c).is_empty());
+        assert_eq!(seq_high(&c).unwrap(), 3);
+        assert_eq!(insert(&c, &event("d1", "site-a")), 4, "a pruned seq is never given again");
+        // The newest, another site's, evicted.
+        assert_eq!(insert(&c, &event("d2", "site-b")), 5);
+        assert_eq!(evict_remote(&c, "site-a", 1).unwrap().0, 1);
+        assert_eq!(insert(&c, &event("d1", "site-a")), 6, "an evicted seq is never given again");
+        // The newest dead-lettered, then purged.
+        dead_letter(&c, 6, "refused", 1).unwrap();
+        assert_eq!(seq_high(&c).unwrap(), 6, "a dead letter keeps its seq");
+        purge_dead_letters(&c, None).unwrap();
+        assert_eq!(insert(&c, &event("d1", "site-a")), 7, "a purged dead letter's seq is never given again");
     }
 
     #[test]
     fn a_remote_event_is_stored_forwarded() {
         let c = log();
-        insert_event(&c, &event("d1", "site-b"), Some(5)).unwrap();
+        insert_event(&c, &event("d1", "site-b"), Some(5), &mut 0).unwrap();
         insert(&c, &event("d1", "site-a"));
         let rows = all_events(&c).unwrap();
         assert_eq!(rows[0].forwarded_at, Some(from_us(5)));

@@ -233,6 +233,7 @@ pub fn retry_dead_letters(conn: &Connection, seqs: Option<&[i64]>) -> Result<usi
 
 /// Deletes dead letters, all or the given ones.
 pub fn purge_dead_letters(conn: &Connection, seqs: Option<&[i64]>) -> Result<usize, Error> {
+    super::events::keep_seq_floor(conn)?;
     bump_log_version(conn)?;
     match seqs {
         None => Ok(conn.execute("DELETE FROM dead_letter", [])?),
@@ -337,6 +338,7 @@ pub(crate) fn prune(conn: &Connection, cutoff_us: i64, limit: usize, site_id: &s
         .query_row(params![cutoff_us, pending_bound], |r| r.get(0))
         .optional()?;
     let bound = first_young.unwrap_or(pending_bound).min(pending_bound);
+    super::events::keep_seq_floor(conn)?;
     let mut stmt = conn.prepare_cached(&format!(
         "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE seq < ?1 ORDER BY seq LIMIT ?2)
          RETURNING CASE WHEN origin_site != ?3 THEN {} ELSE 0 END",

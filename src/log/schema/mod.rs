@@ -24,7 +24,7 @@ pub use devices::{Device, add_device, device_by_id, devices, online_devices, rev
 pub(crate) use devices::{bump_device, set_presence};
 #[cfg(any(test, feature = "test-util"))]
 pub use events::all_events;
-pub use events::{Query, insert_event, last_seq, query};
+pub use events::{Query, insert_event, last_seq, query, seq_high};
 pub(crate) use events::{insert_event_sql, owner_of};
 pub use forward::at_risk;
 #[cfg(any(test, feature = "test-util"))]
@@ -74,7 +74,31 @@ pub fn migrations() -> Migrations<'static> {
         M::up(include_str!("../../../migrations/sqlite/0007_forward_watermark.sql")),
         M::up(include_str!("../../../migrations/sqlite/0008_mqtt_chain.sql")),
         M::up(include_str!("../../../migrations/sqlite/0009_mqtt_sessions.sql")),
+        M::up_with_hook(include_str!("../../../migrations/sqlite/0010_seq_floor.sql"), drop_autoincrement),
     ])
+}
+
+/// Migration 10's hook: `events` loses `AUTOINCREMENT` in its declared SQL
+/// only (SQLite's documented in-place schema edit, for a change that leaves
+/// the stored rows as they are), instead of being copied into a new table.
+/// The schema version is bumped so every connection reads the new SQL.
+fn drop_autoincrement(tx: &rusqlite::Transaction<'_>) -> rusqlite_migration::HookResult {
+    let version: i64 = tx.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
+    tx.pragma_update(None, "writable_schema", true)?;
+    let edited = tx.execute(
+        "UPDATE sqlite_schema SET sql = replace(sql, 'INTEGER PRIMARY KEY AUTOINCREMENT', 'INTEGER PRIMARY KEY')
+         WHERE type = 'table' AND name = 'events'",
+        [],
+    );
+    tx.pragma_update(None, "schema_version", version + 1)?;
+    tx.pragma_update(None, "writable_schema", false)?;
+    edited?;
+    let sql: String =
+        tx.query_row("SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'events'", [], |r| r.get(0))?;
+    if sql.contains("AUTOINCREMENT") {
+        return Err(rusqlite_migration::HookError::Hook(format!("events still declares AUTOINCREMENT: {sql}")));
+    }
+    Ok(())
 }
 
 /// Applies pending migrations.
@@ -156,7 +180,7 @@ pub(crate) mod testing {
 
     /// Inserts `e` as a local append does; its seq.
     pub(crate) fn insert(c: &Connection, e: &Event) -> i64 {
-        super::insert_event(c, e, None).unwrap().unwrap()
+        super::insert_event(c, e, None, &mut super::events::seq_high(c).unwrap()).unwrap().unwrap()
     }
 
     /// The seqs in the log, in order.

@@ -30,6 +30,7 @@ pub fn remote_cursors(conn: &Connection, tenant: &str) -> Result<std::collection
 /// Deletes the oldest events of other sites (already central) until at
 /// least `need` bytes are freed or none are left: `(rows, bytes)`.
 pub(crate) fn evict_remote(conn: &Connection, site_id: &str, need: i64) -> Result<(usize, i64), Error> {
+    super::events::keep_seq_floor(conn)?;
     let mut stmt = conn.prepare_cached(&format!(
         "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE origin_site != ?1 ORDER BY seq LIMIT 256)
          RETURNING {}",

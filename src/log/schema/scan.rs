@@ -45,12 +45,8 @@ pub fn scan(conn: &Connection, site_id: Option<&str>) -> Result<Scan, Error> {
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     let total_rows: i64 = conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
-    // The last seq ever given (AUTOINCREMENT keeps it even when retention
-    // pruned every row).
-    let last_seq: i64 =
-        conn.query_row("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)", [], |r| {
-            r.get(0)
-        })?;
+    // The last seq ever given, also when retention pruned every row.
+    let last_seq = super::events::seq_high(conn)?;
     let dead_letters: i64 = conn.query_row("SELECT count(*) FROM dead_letter", [], |r| r.get(0))?;
     Ok(Scan { backlog_rows, remote_bytes, backlog_bytes, total_rows, dead_letters, last_seq })
 }
