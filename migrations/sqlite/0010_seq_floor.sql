@@ -1,4 +1,4 @@
--- Site log v3: one page less per commit. `AUTOINCREMENT` rewrote
+-- Site log v3: two pages less per commit. `AUTOINCREMENT` rewrote
 -- `sqlite_sequence` at every insert: at a trickle (one event per commit)
 -- that was one 1 KiB page of the four each commit appended to the WAL, and
 -- a B-tree update per row in batches. The writer now gives each event its
@@ -17,3 +17,11 @@ INSERT INTO meta (key, value)
 SELECT 'seq_floor', max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0),
                         coalesce((SELECT max(seq) FROM events), 0),
                         coalesce((SELECT max(seq) FROM dead_letter), 0));
+
+-- The pending index listed every row of this site (the watermark leaves
+-- their forwarded_at NULL), one more leaf page per commit, only so that
+-- readers of pending rows could skip other sites' events. The watermark
+-- now moves past other sites' rows that follow it (`forward::skip_forwarded`,
+-- at every mark and every remote append), so the rows just above it are
+-- this site's pending ones and those readers walk the table by seq.
+DROP INDEX events_pending;

@@ -150,6 +150,9 @@ impl AppendRemote {
         let mut last = cx.last_seq();
         let added = append_remote(tx, events, &mut cx.g.new_events, &mut last)?;
         cx.g.last_seq = last;
+        if added > 0 {
+            schema::skip_forwarded(tx, now_us())?;
+        }
         let new = &cx.g.new_events[before..];
         cx.g.d_total_rows += added as i64;
         cx.g.written_rows += added;

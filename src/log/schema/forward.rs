@@ -129,7 +129,8 @@ pub(crate) fn mark_forwarded(conn: &Connection, seqs: &[i64], now_us: i64) -> Re
         .query_map(params![watermark, top, above.len() as i64 + 1], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     if pending.iter().map(|(s, _)| *s).eq(above.iter().copied()) {
-        conn.prepare_cached("INSERT INTO forward_marks (upto, at) VALUES (?1, ?2)")?.execute(params![top, now_us])?;
+        let upto = forwarded_run_end(conn, top)?;
+        conn.prepare_cached("INSERT INTO forward_marks (upto, at) VALUES (?1, ?2)")?.execute(params![upto, now_us])?;
         n += pending.len();
         bytes += pending.iter().map(|(_, b)| b).sum::<i64>();
         return Ok((n, bytes));
@@ -145,6 +146,37 @@ pub(crate) fn mark_forwarded(conn: &Connection, seqs: &[i64], now_us: i64) -> Re
         }
     }
     Ok((n, bytes))
+}
+
+/// Where a watermark at `from` can move without passing a pending row of
+/// this site: just below the first one above `from`, or the newest row when
+/// there is none. Only forwarded rows lie between (other sites' events,
+/// rows marked one by one), so the walk is as long as the run of them that
+/// follows `from`.
+fn forwarded_run_end(conn: &Connection, from: i64) -> Result<i64, Error> {
+    let next: Option<i64> = conn
+        .prepare_cached("SELECT seq FROM events WHERE seq > ?1 AND forwarded_at IS NULL ORDER BY seq LIMIT 1")?
+        .query_row([from], |r| r.get(0))
+        .optional()?;
+    Ok(match next {
+        Some(seq) => seq - 1,
+        None => conn.prepare_cached("SELECT coalesce(max(seq), ?1) FROM events")?.query_row([from], |r| r.get(0))?,
+    })
+}
+
+/// Moves the watermark past the forwarded rows that follow it (other
+/// sites' events just stored): so the rows just above the watermark are
+/// always this site's pending ones, and readers of pending rows (the
+/// forwarder, the status's oldest pending row) never walk over other
+/// sites' events, with no index listing the pending rows (migration 10).
+/// Writes a mark only when the watermark moves.
+pub(crate) fn skip_forwarded(conn: &Connection, now_us: i64) -> Result<(), Error> {
+    let from = watermark(conn)?;
+    let upto = forwarded_run_end(conn, from)?;
+    if upto > from {
+        conn.prepare_cached("INSERT INTO forward_marks (upto, at) VALUES (?1, ?2)")?.execute(params![upto, now_us])?;
+    }
+    Ok(())
 }
 
 /// Moves one pending row to `dead_letter` with the central error text.
@@ -359,7 +391,7 @@ pub(crate) fn prune(conn: &Connection, cutoff_us: i64, limit: usize, site_id: &s
 #[cfg(test)]
 mod tests {
     use super::super::testing::{event, insert, log, seqs};
-    use super::super::{dead_letters, scan};
+    use super::super::{dead_letters, scan, seq_high};
     use super::*;
 
     fn pending_seqs(c: &Connection) -> Vec<i64> {
@@ -387,6 +419,40 @@ mod tests {
         assert!(batch.starts_with(&mine[3..]), "{batch:?}");
         let risk: Vec<i64> = at_risk(&c, "site-a", 200_000_000).unwrap().into_iter().map(|(s, _)| s).collect();
         assert_eq!(risk, mine[..3].to_vec());
+    }
+
+    #[test]
+    fn the_watermark_moves_past_other_sites_rows_and_never_past_a_pending_one() {
+        let c = log();
+        let mine = insert(&c, &event("d1", "site-a"));
+        // Other sites' rows stored while this site has nothing pending.
+        let mut last = seq_high(&c).unwrap();
+        mark_forwarded(&c, &[mine], 1).unwrap();
+        for _ in 0..3 {
+            super::super::insert_event(&c, &event("d2", "site-b"), Some(1), &mut last).unwrap();
+        }
+        assert_eq!(watermark(&c).unwrap(), mine);
+        skip_forwarded(&c, 2).unwrap();
+        assert_eq!(watermark(&c).unwrap(), mine + 3, "past the other sites' rows");
+        assert_eq!(first_pending(&c).unwrap(), None);
+        // Now this site's rows are pending, and more of other sites' follow.
+        let a = insert(&c, &event("d1", "site-a"));
+        let mut last = seq_high(&c).unwrap();
+        let theirs = super::super::insert_event(&c, &event("d2", "site-b"), Some(1), &mut last).unwrap().unwrap();
+        let b = insert(&c, &event("d1", "site-a"));
+        skip_forwarded(&c, 3).unwrap();
+        assert_eq!(watermark(&c).unwrap(), a - 1, "never past a pending row");
+        assert_eq!(first_pending(&c).unwrap(), Some(a));
+        assert_eq!(pending_seqs(&c), [a, b]);
+        // Forwarding `a` moves the watermark past the other site's row too.
+        mark_forwarded(&c, &[a], 4).unwrap();
+        assert_eq!(watermark(&c).unwrap(), theirs);
+        assert_eq!(pending_seqs(&c), [b]);
+        mark_forwarded(&c, &[b], 5).unwrap();
+        assert_eq!(watermark(&c).unwrap(), b);
+        assert!(pending_seqs(&c).is_empty());
+        // Every row dated: this site's by the marks, the other site's by its own.
+        assert!(super::super::all_events(&c).unwrap().iter().all(|e| e.forwarded_at.is_some()));
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub use forward::{
     DeadLetter, dead_letters, has_pending, pending_batch, purge_dead_letters, replay_chunk, retry_dead_letters,
     watermark,
 };
-pub(crate) use forward::{dead_letter, mark_forwarded, prune, resend};
+pub(crate) use forward::{dead_letter, mark_forwarded, prune, resend, skip_forwarded};
 pub(crate) use remote::{advance_remote_cursor, evict_remote};
 pub use remote::{known_tenants, remote_cursors};
 pub use scan::{LogStatus, Scan, scan, status, status_from};
