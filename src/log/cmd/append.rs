@@ -92,13 +92,24 @@ fn append(
 ) -> Result<Vec<Appended>, Error> {
     let mut out = Vec::with_capacity(events.len());
     let mut per_device = DeviceCounts::new();
+    // A batch is mostly one device's: counted in runs, and a run's key is
+    // copied into the map once.
+    let mut run: Option<(&Event, i64, i64)> = None;
+    let mut insert = schema::Inserter::new(conn)?;
     for (index, e) in events.iter().enumerate() {
-        match schema::insert_event(conn, e, None, last)? {
+        match insert.insert(e, None, last)? {
             Some(seq) => {
                 out.push(Appended { id: e.id, seq, duplicate: false });
-                let c = per_device.entry((e.tenant.clone(), e.device_id.clone())).or_insert((0, 0));
-                c.0 += 1;
-                c.1 = c.1.max(e.received_at_us);
+                match &mut run {
+                    Some((first, n, at)) if first.tenant == e.tenant && first.device_id == e.device_id => {
+                        *n += 1;
+                        *at = (*at).max(e.received_at_us);
+                    }
+                    _ => {
+                        count_run(&mut per_device, run.take());
+                        run = Some((e, 1, e.received_at_us));
+                    }
+                }
             }
             None => match schema::owner_of(conn, &e.id)? {
                 Some((seq, tenant, device)) if tenant == e.tenant && device == e.device_id => {
@@ -108,8 +119,19 @@ fn append(
             },
         }
     }
+    count_run(&mut per_device, run);
     merge_counts(seen, per_device);
     Ok(out)
+}
+
+/// Adds a run of one device's new events (its first, count, latest
+/// receive time) to the counts.
+fn count_run(counts: &mut DeviceCounts, run: Option<(&Event, i64, i64)>) {
+    if let Some((e, n, at)) = run {
+        let c = counts.entry((e.tenant.clone(), e.device_id.clone())).or_insert((0, 0));
+        c.0 += n;
+        c.1 = c.1.max(at);
+    }
 }
 
 /// Stores other sites' events (already central, so never forwarded) and
@@ -191,8 +213,9 @@ fn append_remote(
 ) -> Result<usize, Error> {
     let now = now_us();
     let mut added = 0;
+    let mut insert = schema::Inserter::new(tx)?;
     for r in events {
-        let seq = schema::insert_event(tx, &r.event, Some(now), last)?;
+        let seq = insert.insert(&r.event, Some(now), last)?;
         schema::advance_remote_cursor(tx, &r.event.tenant, &r.event.origin_site, r.site_seq)?;
         if let Some(seq) = seq {
             added += 1;

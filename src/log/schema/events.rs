@@ -48,25 +48,46 @@ pub fn insert_event(
     forwarded_at: Option<i64>,
     last: &mut i64,
 ) -> Result<Option<i64>, Error> {
-    let mut stmt = conn.prepare_cached(insert_event_sql!("", ""))?;
-    let seq = *last + 1;
-    let inserted = stmt.execute(params![
-        e.id.as_bytes(),
-        e.tenant,
-        e.device_id,
-        e.event_type,
-        e.payload,
-        e.timestamp_us,
-        e.received_at_us,
-        forwarded_at,
-        e.origin_site,
-        e.properties,
-        seq
-    ])?;
-    Ok((inserted == 1).then(|| {
-        *last = seq;
-        seq
-    }))
+    Inserter::new(conn)?.insert(e, forwarded_at, last)
+}
+
+/// [`insert_event`]'s statement, taken from the statement cache once for a
+/// run of events (a request's batch) instead of once per event: a cache
+/// lookup hashes and compares the whole SQL text and copies it back in,
+/// which cost the writer more than binding the event (perf, issue #29).
+pub(crate) struct Inserter<'c>(rusqlite::CachedStatement<'c>);
+
+impl<'c> Inserter<'c> {
+    pub(crate) fn new(conn: &'c Connection) -> Result<Self, Error> {
+        Ok(Self(conn.prepare_cached(insert_event_sql!("", ""))?))
+    }
+
+    /// See [`insert_event`].
+    pub(crate) fn insert(
+        &mut self,
+        e: &Event,
+        forwarded_at: Option<i64>,
+        last: &mut i64,
+    ) -> Result<Option<i64>, Error> {
+        let seq = *last + 1;
+        let inserted = self.0.execute(params![
+            e.id.as_bytes(),
+            e.tenant,
+            e.device_id,
+            e.event_type,
+            e.payload,
+            e.timestamp_us,
+            e.received_at_us,
+            forwarded_at,
+            e.origin_site,
+            e.properties,
+            seq
+        ])?;
+        Ok((inserted == 1).then(|| {
+            *last = seq;
+            seq
+        }))
+    }
 }
 
 /// The highest seq ever given: the newest row's, a dead letter's, or the
