@@ -123,6 +123,7 @@ READ_PAGE = """(() => {
     site: t('site'), uplink: t('uplink-state'), reason: t('uplink-reason'), backlog: t('backlog-rows'),
     dead: t('dead'), http: t('rate-http'), ws: t('rate-ws'), mqtt: t('rate-mqtt'),
     diskLog: t('disk-log'), diskFree: t('disk-free'), diskWrite: t('disk-write'), devCount: t('dev-count'),
+    diskBudget: t('disk-budget'), diskLife: t('disk-life'),
     devices: [...document.querySelectorAll('#devices tbody tr')].map(r =>
       [r.dataset.device, r.children[1].textContent, r.children[2].textContent]),
     tail: [...document.querySelectorAll('#tail li[data-seq]')].map(l => l.textContent),
@@ -163,6 +164,19 @@ def check_against_status(page, s):
     else:
         want = f"{js_fixed2(w / 1e9)} GB/day, {math.floor(per_event + 0.5):,} B/event"
         assert page["diskWrite"] == want, (page["diskWrite"], want, s["disk"])
+    # The write budget (20 GB/day here) beside the rate, and the storage
+    # life at that rate (30 TBW here) once there is a rate.
+    budget = s["disk"]["write_budget_bytes_per_day"]
+    assert budget == 20_000_000_000, s["disk"]
+    over = " (over)" if w is not None and w > budget else ""
+    assert page["diskBudget"] == f"{js_fixed2(budget / 1e9)} GB/day{over}", (page["diskBudget"], s["disk"])
+    days = s["disk"]["endurance_days"]
+    if w is None or w == 0:
+        assert days is None and page["diskLife"] == "n/a", (page["diskLife"], s["disk"])
+    else:
+        assert abs(days - 30e12 / w) <= 1e-6 * days, s["disk"]
+        want = f"{days / 365:.1f} years at this rate" if days >= 730 else f"{math.floor(days + 0.5)} days at this rate"
+        assert page["diskLife"] == want, (page["diskLife"], want, s["disk"])
     assert page["http"] != "—" and float(page["http"]) >= 0.0, page
     want = [d["device_id"] for d in s["devices"]]
     assert [d[0] for d in page["devices"]] == want, (page["devices"], want)
@@ -240,7 +254,7 @@ def main():
     http_port, mqtt_port, cdp_port = free_port(), free_port(), free_port()
     env = dict(os.environ, OUTPOST_SITE__DATA_DIR=os.path.join(tmp, "data"), OUTPOST_SITE__ID="browser-site",
                OUTPOST_HTTP__LISTEN=f"127.0.0.1:{http_port}", OUTPOST_MQTT__LISTEN=f"127.0.0.1:{mqtt_port}",
-               OUTPOST_LOG="warn")
+               OUTPOST_LOG="warn", OUTPOST_LOG__WRITE_BUDGET="20000000000", OUTPOST_DISK__ENDURANCE_TBW="30")
     env.pop("OUTPOST_CONFIG", None)
     procs = []
     try:
