@@ -237,7 +237,8 @@ impl Writer {
 
     fn commit_group(&mut self, group: Vec<Command>) {
         let started = Instant::now();
-        let mut g = Group::default();
+        // Seqs go on from the last one given (see `Group::last_seq`).
+        let mut g = Group { last_seq: self.counters.last_seq.load(Ordering::Relaxed), ..Group::default() };
         let outcome = self.write_group(group, &mut g);
         let commit_error = match &outcome {
             Ok(()) => None,

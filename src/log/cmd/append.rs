@@ -28,13 +28,11 @@ impl Append {
             cx.g.delivers.push(deliver(reply, Err(full)));
             return Ok(());
         }
-        let mut last = cx.last_seq();
-        let result = append_request(tx, &events, &mut cx.g.seen, &mut last)?;
-        cx.g.last_seq = last;
+        let result = append_request(tx, &events, &mut cx.g.seen, &mut cx.g.last_seq)?;
         if let Ok(r) = &result {
             cx.projected += size;
-            for (a, e) in r.iter().zip(&events).filter(|(a, _)| !a.duplicate) {
-                cx.g.appended(a.seq, e.size_hint());
+            for (_, e) in r.iter().zip(&events).filter(|(a, _)| !a.duplicate) {
+                cx.g.appended(e.size_hint());
             }
             if cx.observed {
                 let new = r.iter().zip(events).filter(|(a, _)| !a.duplicate);
@@ -169,9 +167,7 @@ impl AppendRemote {
         }
         // An error here fails the whole group: nothing half-stored.
         let before = cx.g.new_events.len();
-        let mut last = cx.last_seq();
-        let added = append_remote(tx, events, &mut cx.g.new_events, &mut last)?;
-        cx.g.last_seq = last;
+        let added = append_remote(tx, events, &mut cx.g.new_events, &mut cx.g.last_seq)?;
         if added > 0 {
             schema::skip_forwarded(tx, now_us())?;
         }

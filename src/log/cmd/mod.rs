@@ -101,12 +101,6 @@ pub(super) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// The last seq given, this group's inserts included: the next event
-    /// gets one more (see `schema::insert_event`).
-    pub(super) fn last_seq(&self) -> i64 {
-        self.counters.last_seq.load(std::sync::atomic::Ordering::Relaxed).max(self.g.last_seq)
-    }
-
     /// The refusal of `size` more bytes, when they would pass the budget.
     pub(super) fn over_budget(&self, size: u64) -> Option<Error> {
         let budget = self.config.max_bytes;
@@ -132,6 +126,9 @@ pub(super) struct Group {
     pub(super) remote_evicted: usize,
     pub(super) d_total_rows: i64,
     pub(super) d_dead_letters: i64,
+    /// The last seq given, this group's inserts included: it starts at the
+    /// writer's gauge and every insert takes the next one (see
+    /// `schema::insert_event`).
     pub(super) last_seq: i64,
     pub(super) log_version: i64,
 }
@@ -139,11 +136,10 @@ pub(super) struct Group {
 impl Group {
     /// A new row of this site (`bytes` as `event::row_bytes` counts them):
     /// pending, counted in the gauges and the commit's metrics.
-    pub(super) fn appended(&mut self, seq: i64, bytes: usize) {
+    pub(super) fn appended(&mut self, bytes: usize) {
         self.d_backlog_rows += 1;
         self.d_total_rows += 1;
         self.d_backlog_bytes += bytes as i64;
-        self.last_seq = self.last_seq.max(seq);
         self.appended_rows += 1;
         self.written_rows += 1;
     }

@@ -27,13 +27,11 @@ impl AppendMqtt {
             cx.g.delivers.push(deliver(reply, Err(full)));
             return Ok(());
         }
-        let mut last = cx.last_seq();
-        let result = append(tx, &event, &facts, &mut cx.g.seen, cx.heads, &mut last)?;
-        cx.g.last_seq = last;
+        let result = append(tx, &event, &facts, &mut cx.g.seen, cx.heads, &mut cx.g.last_seq)?;
         if let Ok(a) = &result {
             cx.projected += size;
             if !a.duplicate {
-                cx.g.appended(a.seq, event.size_hint());
+                cx.g.appended(event.size_hint());
                 if cx.observed {
                     cx.g.new_events.push(Committed { seq: a.seq, event, mqtt: Some(facts) });
                 }
