@@ -7,7 +7,7 @@
 //! the packet id is held, and the retained message is set, all in the same
 //! transaction as the event.
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension};
 use uuid::Uuid;
 
 use super::super::cmd::DeviceCounts;
@@ -28,27 +28,8 @@ pub(in crate::log) fn insert_event(
 ) -> Result<Option<i64>, Error> {
     let mut stmt =
         conn.prepare_cached(schema::insert_event_sql!(", mqtt_pkid, mqtt_digest, mqtt_prev", ", ?12, ?13, ?14"))?;
-    let seq = *last + 1;
-    let inserted = stmt.execute(params![
-        e.id.as_bytes(),
-        e.tenant,
-        e.device_id,
-        e.event_type,
-        e.payload,
-        e.timestamp_us,
-        e.received_at_us,
-        None::<i64>,
-        e.origin_site,
-        e.properties,
-        seq,
-        redelivery.map(|r| r.pkid),
-        redelivery.map(|r| r.digest),
-        mqtt_prev
-    ])?;
-    Ok((inserted == 1).then(|| {
-        *last = seq;
-        seq
-    }))
+    let (pkid, digest) = (redelivery.map(|r| r.pkid), redelivery.map(|r| r.digest));
+    schema::run_insert(&mut stmt, e, None, &[&pkid, &digest, &mqtt_prev], last)
 }
 
 /// Appends one publish; counts its new row into `seen`. The outer `Result`

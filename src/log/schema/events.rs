@@ -5,7 +5,7 @@
 //! says so (`None`); every read returns rows in `seq` order, with
 //! `forwarded_at` as the watermark dates it (see `forward`).
 
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use rusqlite::{Connection, OptionalExtension, Row, ToSql, params};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
@@ -69,25 +69,43 @@ impl<'c> Inserter<'c> {
         forwarded_at: Option<i64>,
         last: &mut i64,
     ) -> Result<Option<i64>, Error> {
-        let seq = *last + 1;
-        let inserted = self.0.execute(params![
-            e.id.as_bytes(),
-            e.tenant,
-            e.device_id,
-            e.event_type,
-            e.payload,
-            e.timestamp_us,
-            e.received_at_us,
-            forwarded_at,
-            e.origin_site,
-            e.properties,
-            seq
-        ])?;
-        Ok((inserted == 1).then(|| {
-            *last = seq;
-            seq
-        }))
+        run_insert(&mut self.0, e, forwarded_at, &[], last)
     }
+}
+
+/// Runs a statement of [`insert_event_sql!`] for `e` as seq `*last + 1`:
+/// the columns every event has, then `extra` in the order of the macro's
+/// `$values`. Moves `*last` to the seq when the row was inserted; `None`
+/// (and `*last` unchanged) when its id is already in the log. The one
+/// place the event's values are bound, for this module's insert and the
+/// MQTT module's.
+pub(crate) fn run_insert(
+    stmt: &mut rusqlite::Statement<'_>,
+    e: &Event,
+    forwarded_at: Option<i64>,
+    extra: &[&dyn ToSql],
+    last: &mut i64,
+) -> Result<Option<i64>, Error> {
+    let seq = *last + 1;
+    let id = e.id.as_bytes();
+    let values: [&dyn ToSql; 11] = [
+        id,
+        &e.tenant,
+        &e.device_id,
+        &e.event_type,
+        &e.payload,
+        &e.timestamp_us,
+        &e.received_at_us,
+        &forwarded_at,
+        &e.origin_site,
+        &e.properties,
+        &seq,
+    ];
+    let inserted = stmt.execute(rusqlite::params_from_iter(values.iter().chain(extra)))?;
+    Ok((inserted == 1).then(|| {
+        *last = seq;
+        seq
+    }))
 }
 
 /// The highest seq ever given: the newest row's, a dead letter's, or the

@@ -22,9 +22,9 @@ use crate::event::ROW_OVERHEAD;
 
 pub use devices::{Device, add_device, device_by_id, devices, online_devices, revoke_device};
 pub(crate) use devices::{bump_device, set_presence};
-pub(crate) use events::Inserter;
 #[cfg(any(test, feature = "test-util"))]
 pub use events::all_events;
+pub(crate) use events::{Inserter, run_insert};
 pub use events::{Query, insert_event, last_seq, query, seq_high};
 pub(crate) use events::{insert_event_sql, owner_of};
 pub use forward::at_risk;
