@@ -128,12 +128,10 @@ pub fn seq_high(conn: &Connection) -> Result<i64, Error> {
 /// `dead_letter`.
 pub(crate) fn keep_seq_floor(conn: &Connection) -> Result<(), Error> {
     conn.prepare_cached(
-        "INSERT INTO meta (key, value)
-         SELECT 'seq_floor', max(coalesce((SELECT max(seq) FROM events), 0), coalesce((SELECT max(seq) FROM dead_letter), 0))
-         WHERE true
+        "INSERT INTO meta (key, value) VALUES ('seq_floor', ?1)
          ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
     )?
-    .execute([])?;
+    .execute([seq_high(conn)?])?;
     Ok(())
 }
 

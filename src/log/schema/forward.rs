@@ -129,8 +129,7 @@ pub(crate) fn mark_forwarded(conn: &Connection, seqs: &[i64], now_us: i64) -> Re
         .query_map(params![watermark, top, above.len() as i64 + 1], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     if pending.iter().map(|(s, _)| *s).eq(above.iter().copied()) {
-        let upto = forwarded_run_end(conn, top)?;
-        conn.prepare_cached("INSERT INTO forward_marks (upto, at) VALUES (?1, ?2)")?.execute(params![upto, now_us])?;
+        add_mark(conn, forwarded_run_end(conn, top)?, now_us)?;
         n += pending.len();
         bytes += pending.iter().map(|(_, b)| b).sum::<i64>();
         return Ok((n, bytes));
@@ -174,8 +173,14 @@ pub(crate) fn skip_forwarded(conn: &Connection, now_us: i64) -> Result<(), Error
     let from = watermark(conn)?;
     let upto = forwarded_run_end(conn, from)?;
     if upto > from {
-        conn.prepare_cached("INSERT INTO forward_marks (upto, at) VALUES (?1, ?2)")?.execute(params![upto, now_us])?;
+        add_mark(conn, upto, now_us)?;
     }
+    Ok(())
+}
+
+/// Moves the watermark to `upto` at `now_us`.
+fn add_mark(conn: &Connection, upto: i64, now_us: i64) -> Result<(), Error> {
+    conn.prepare_cached("INSERT INTO forward_marks (upto, at) VALUES (?1, ?2)")?.execute(params![upto, now_us])?;
     Ok(())
 }
 
