@@ -38,6 +38,7 @@ use crate::mqtt::{self, MqttDeps};
 use crate::stream::Hub;
 use crate::stream::StreamState;
 use crate::stream::listen::Listener;
+pub use crate::stream::{FedEvent, Feed};
 use crate::systemd;
 
 /// A started appliance.
@@ -54,15 +55,19 @@ pub struct Running {
     pub shutdown: CancellationToken,
     supervisor: JoinHandle<anyhow::Result<()>>,
     mqtt: Option<MqttDeps>,
+    log: LogHandle,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
 }
 
 impl Running {
     /// Waits until the appliance has stopped (after `shutdown` or a stage failure).
     pub async fn wait(self) -> anyhow::Result<()> {
-        // The MQTT handles hold the log writer's queue open: dropped first,
-        // or the writer would wait out the shutdown grace for them.
-        let Running { supervisor, mqtt, .. } = self;
-        drop(mqtt);
+        // The MQTT handles and the log handle hold the log writer's queue
+        // open: dropped first, or the writer would wait out the shutdown
+        // grace for them.
+        let Running { supervisor, mqtt, log, hub, metrics, .. } = self;
+        drop((mqtt, log, hub, metrics));
         supervisor.await.context("appliance supervisor panicked")?
     }
 
@@ -70,6 +75,23 @@ impl Running {
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.wait().await
+    }
+
+    /// The site log's writer, for in-process drivers (the fleet bench) that
+    /// append without a listener in between.
+    pub fn log(&self) -> &LogHandle {
+        &self.log
+    }
+
+    /// A live feed of what the site log commits for `tenant`, local and
+    /// remote, as a WebSocket subscriber would see it.
+    pub fn feed(&self, tenant: &str) -> Feed {
+        Feed::new(&self.hub, tenant)
+    }
+
+    /// The counters `/metrics` shows.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Serves one MQTT connection over any byte stream, as the listener
@@ -263,14 +285,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 readers: site.readers.clone(),
                 interest: hub.interest.clone(),
             };
-            spawn_central(&stages, &config, central, metrics);
+            spawn_central(&stages, &config, central, metrics.clone());
         }
         None => tracing::info!("central.url not set: buffering locally, nothing is forwarded"),
     }
     stages.spawn("retention", log::retention::run(log.clone(), config.log.retention, stages.shutdown.clone()));
     stages.spawn("device-counters", log::writer::flush_devices(log.clone(), stages.shutdown.clone()));
     stages.spawn("watchdog", systemd::run_watchdog(log.clone(), stages.shutdown.clone()));
-    stages.spawn("site-log", watch_writer(log, stages.shutdown.clone()));
+    stages.spawn("site-log", watch_writer(log.clone(), stages.shutdown.clone()));
     stages.tracker.close();
 
     let also = |name: &str, a: Option<SocketAddr>| a.map_or(String::new(), |a| format!(", {name} listening on {a}"));
@@ -279,7 +301,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         also("https", https_addr), also("mqtt", mqtt_addr), also("mqtts", mqtts_addr));
     let shutdown = stages.shutdown.clone();
     let supervisor = tokio::spawn(stages.supervise(writer, config.shutdown_grace));
-    Ok(Running { http_addr, mqtt_addr, https_addr, mqtts_addr, shutdown, supervisor, mqtt: mqtt_deps })
+    Ok(Running {
+        http_addr,
+        mqtt_addr,
+        https_addr,
+        mqtts_addr,
+        shutdown,
+        supervisor,
+        mqtt: mqtt_deps,
+        log,
+        hub,
+        metrics,
+    })
 }
 
 /// What the stages that talk to the central database share.

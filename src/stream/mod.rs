@@ -464,6 +464,46 @@ impl CommitObserver for Hub {
     }
 }
 
+/// What the site log commits for one tenant (its own events and other
+/// sites'), for in-process drivers such as the fleet bench: no slot, no
+/// replay, just the live feed a subscriber would see. While it lives the
+/// tenant counts as watched, so the site LISTENs for other sites' events.
+pub struct Feed {
+    rx: broadcast::Receiver<Item>,
+    _interest: interest::Held,
+    /// Events missed because the feed fell behind.
+    pub lagged: u64,
+}
+
+/// One event of a [`Feed`].
+#[derive(Debug)]
+pub struct FedEvent {
+    pub device_id: String,
+    /// When the site that took it in received it (for another site's event,
+    /// that site's clock).
+    pub received_at_us: i64,
+}
+
+impl Feed {
+    pub fn new(hub: &Arc<Hub>, tenant: &str) -> Self {
+        Feed { rx: hub.receiver(tenant), _interest: hub.interest.hold(tenant), lagged: 0 }
+    }
+
+    /// The next committed event; `None` once the site stopped.
+    pub async fn next(&mut self) -> Option<FedEvent> {
+        loop {
+            match self.rx.recv().await {
+                Ok(Item::Event(e)) => {
+                    return Some(FedEvent { device_id: e.device_id.clone(), received_at_us: e.received_at_us });
+                }
+                Ok(Item::Presence { .. }) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => self.lagged += n,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
 /// One subscriber: replay after a cursor, then live, filtered.
 pub(crate) struct Subscription {
     rx: broadcast::Receiver<Item>,

@@ -16,8 +16,16 @@ After WARMUP s it measures SECONDS s and prints one table row:
   latency to remote subscribers, and whether central kept up.
 
 usage: tests/bench/fleet.py --sites N [--rate 20] [--sub-every 5] [--seconds 30]
+       tests/bench/fleet.py --in-process --sites N [--tenants T] ...
 Env: BATCH_WAIT (central.batch_wait, default 20ms), KEEP=1 keeps the work dir.
 Needs target/release/outpost (make release) and PostgreSQL's server binaries.
+
+--in-process (issue #30) runs the N sites inside one `outpost-bench fleet`
+process instead (each a real appliance: its own site log, writer, forwarder
+and LISTEN connection; events appended to the log directly, subscribers as
+in-process feeds), so 1,000 sites fit on this machine and the figure is
+central's, not N processes'. Site i writes tenant `fleet<i % T>`. Needs
+target/release/outpost-bench (make bench).
 """
 
 import argparse
@@ -128,6 +136,57 @@ async def run(args, pg, apps, tokens):
                 p50=pct(lat, 0.5), p99=pct(lat, 0.99), samples=len(lat), sent=sent[0])
 
 
+def count_rows(pg, tenants):
+    parts = " UNION ALL ".join(
+        f"SELECT count(*) AS n FROM tenant_fleet{t}.events" for t in range(tenants)
+        if pg.query(f"SELECT to_regclass('tenant_fleet{t}.events') IS NOT NULL")[0][0] == "t")
+    return int(pg.query(f"SELECT coalesce(sum(n), 0) FROM ({parts}) AS c")[0][0]) if parts else 0
+
+
+def in_process(args, work):
+    """One `outpost-bench fleet` process holds every site; this measures central around it."""
+    import subprocess
+    pg = Pg(work)
+    subs = len(range(0, args.sites, args.sub_every)) if args.sub_every else 0
+    pg.max_connections = args.sites + subs + 20
+    pg.up()
+    bench = os.path.join(ROOT, "target", "release", "outpost-bench")
+    env = dict(os.environ, OUTPOST_CENTRAL__BATCH_WAIT=os.environ.get("BATCH_WAIT", "20ms"),
+               RUST_LOG=os.environ.get("RUST_LOG", "warn"))
+    cmd = [bench, "fleet", "--url", pg.url(), "--sites", str(args.sites), "--tenants", str(args.tenants),
+           "--rate", f"{args.rate:g}", "--sub-every", str(args.sub_every), "--warmup", f"{args.warmup:g}s",
+           "--seconds", f"{args.seconds:g}s", "--dir", os.path.join(work, "sites")]
+    err = open(os.path.join(work, "fleet.stderr"), "w")
+    p = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        assert p.stdout.readline().strip() == "measuring", "the fleet did not start (see fleet.stderr)"
+        rows0, cpu0, t0 = count_rows(pg, args.tenants), pg.cpu_seconds(), time.monotonic()
+        assert p.stdout.readline().strip() == "measured"
+        rows1, cpu1, t1 = count_rows(pg, args.tenants), pg.cpu_seconds(), time.monotonic()
+        conns = int(pg.query("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'outpost%'")[0][0])
+        r = json.loads(p.stdout.readline())
+        try:
+            wait_for(lambda: count_rows(pg, args.tenants) >= r["sent"], 60, "central to catch up", 0.5)
+            kept = "yes"
+        except TimeoutError:
+            kept = "NO"
+        p.stdin.write("\n")
+        p.stdin.flush()
+        p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        pg.stop_quietly()
+    dt = t1 - t0
+    print(f"sites {r['sites']:4d}  tenants {r['tenants']:3d}  subscribers {r['subscribers']:3d}  "
+          f"offered {r['offered']:7.0f} ev/s  central {(rows1 - rows0) / dt:7.0f} rows/s  "
+          f"batches {r['batches_per_s']:6.0f}/s  connections {conns:4d}  "
+          f"central CPU {(cpu1 - cpu0) * 1e6 / max(1, rows1 - rows0):6.0f} ms/1000 ev "
+          f"({(cpu1 - cpu0) / dt * 100:4.0f}% of a core)  A->B p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms "
+          f"({r['samples']} samples, {r['lagged']} lagged)  remote fetches {r['fetches_per_s']:.0f}/s  "
+          f"kept up: {kept}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sites", type=int, required=True)
@@ -135,10 +194,18 @@ def main():
     ap.add_argument("--sub-every", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--warmup", type=float, default=5)
+    ap.add_argument("--in-process", action="store_true")
+    ap.add_argument("--tenants", type=int, default=1)
     args = ap.parse_args()
     work = os.path.join(ROOT, "target", "fleet-bench")
     os.system(f"rm -rf {work}")
     os.makedirs(work)
+    if args.in_process:
+        try:
+            in_process(args, work)
+        finally:
+            keep_or_remove(work)
+        return
     pg = Pg(work)
     pg.max_connections = 400  # 2 per site at most, plus the bench's own
     pg.up()

@@ -4,6 +4,7 @@
 //! for notes, never assertions in tests. Built only with the `bench`
 //! feature (`make bench`), so the product binary carries none of it.
 
+mod fleet;
 mod forward;
 mod http;
 mod mqtt;
@@ -50,6 +51,11 @@ enum BenchCommand {
     /// the two NOTIFY trigger styles. Drops and recreates the schemas
     /// tenant_benchraw, tenant_benchfwd and tenant_benchtrig_* on that server.
     Forward(ForwardArgs),
+    /// N simulated sites in this process (each a real appliance: site log,
+    /// forwarder, LISTEN) against one central PostgreSQL; prints
+    /// `measuring`, then one JSON line. Driven by `tests/bench/fleet.py
+    /// --in-process`, which measures central's CPU.
+    Fleet(fleet::FleetArgs),
     /// Only measure the raw group-commit rate of the data dir's disk.
     Raw {
         /// Rows per transaction.
@@ -219,6 +225,7 @@ async fn run(cmd: BenchCommand, config: Config) -> anyhow::Result<()> {
         }
         BenchCommand::Http(args) => http::run(args, config).await,
         BenchCommand::Forward(args) => forward::run(args, config).await,
+        BenchCommand::Fleet(args) => fleet::run(args, config).await,
         BenchCommand::Mqtt(args) => mqtt::run(args, config).await,
         BenchCommand::Stream(args) => stream::run(args, config).await,
     }
