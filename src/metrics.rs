@@ -80,6 +80,7 @@ pub struct Metrics {
     pub forward_rows: Counter,
     pub forward_resent: Counter,
     pub forward_batches: Counter,
+    pub forward_batch_wait_seconds: Gauge<f64, AtomicU64>,
     pub forward_retries: Counter,
     pub dead_letters: Counter,
     pub forward_rate: Gauge<f64, AtomicU64>,
@@ -208,6 +209,12 @@ impl Metrics {
             forward_resent.clone(),
         );
         registry.register("forward_batches", "Central transactions committed", forward_batches.clone());
+        let forward_batch_wait_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "forward_batch_wait_seconds",
+            "How long a small batch waits to coalesce now: central.batch_wait, more while central is slow to commit",
+            forward_batch_wait_seconds.clone(),
+        );
         registry.register(
             "forward_retries",
             "Forwarding attempts that failed and were retried",
@@ -353,6 +360,7 @@ impl Metrics {
             forward_rows,
             forward_resent,
             forward_batches,
+            forward_batch_wait_seconds,
             forward_retries,
             dead_letters,
             forward_rate,

@@ -45,6 +45,35 @@ async fn uplink_state(app: &TestApp) -> String {
     s.body["uplink"]["state"].as_str().unwrap_or_default().to_string()
 }
 
+/// Forwards `n` single events one batch at a time (each waits until
+/// central has it) and returns how often central parsed the insert.
+async fn parses_of_the_insert(prepared: Option<bool>, n: usize) -> usize {
+    let pg = Pg::start_logging_statements();
+    let app = TestApp::start_with(|c| {
+        central(c, &pg.url());
+        c.central.batch_wait = Duration::from_millis(1);
+        c.central.prepared_statements = prepared;
+    })
+    .await;
+    let token = app.device("acme", "d1").await;
+    for k in 0..n {
+        ingest(&app, &token, "d1", 1, 1).await;
+        wait_drained(&app, &pg, k + 1).await;
+    }
+    // The insert's first line (`WITH ins AS (`) follows the step's name.
+    pg.server_log().lines().filter(|l| l.contains(" parse ") && l.ends_with("WITH ins AS (")).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_forwarder_parses_its_insert_once_per_connection_unless_told_it_is_behind_a_pooler() {
+    // Parsed and planned once, then only bound and executed: for batches of
+    // a row or two, planning was most of what central spent per event.
+    assert_eq!(parses_of_the_insert(None, 12).await, 1);
+    // Off (a transaction pooler before PgBouncer 1.21): every batch is one
+    // unnamed statement, parsed each time.
+    assert_eq!(parses_of_the_insert(Some(false), 12).await, 12);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_down_from_the_start_then_50000_events_arrive_exactly_once() {
     let pg = Pg::init(); // not running yet

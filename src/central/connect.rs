@@ -32,6 +32,9 @@ pub struct Connector {
     pub partition_interval: crate::config::PartitionInterval,
     /// How far back from now partitions are made (`central.partition_window`).
     pub partition_window: Duration,
+    /// Whether statements are kept prepared per connection
+    /// (`central.prepared_statements`).
+    pub prepares: bool,
 }
 
 impl std::fmt::Debug for Connector {
@@ -80,6 +83,7 @@ impl Connector {
             answer_timeout: config.answer_timeout,
             partition_interval: config.partition_interval,
             partition_window: config.partition_window,
+            prepares: config.prepares(),
         })
     }
 

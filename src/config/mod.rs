@@ -199,6 +199,11 @@ pub struct CentralConfig {
     /// Let a trickle coalesce this long before forwarding a small batch.
     #[serde(with = "humantime_serde")]
     pub batch_wait: Duration,
+    /// When central is slow to commit (busy), a small batch waits longer
+    /// than `batch_wait`, never longer than this: fewer, larger
+    /// transactions for a central that is falling behind.
+    #[serde(with = "humantime_serde")]
+    pub max_batch_wait: Duration,
     /// Cap of the exponential retry backoff (starts at 100 ms, with jitter).
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
@@ -241,6 +246,19 @@ pub struct CentralConfig {
     /// `url` is a transaction pooler such as PgBouncer, which cannot carry
     /// LISTEN: PostgreSQL itself. Unset: `url`.
     pub listen_url: Option<String>,
+    /// The forwarder keeps its insert prepared on each connection (parsed
+    /// and planned once, not per batch: most of central's CPU for small
+    /// batches). A transaction pooler before PgBouncer 1.21 cannot carry
+    /// prepared statements. Unset: on, unless `listen_url` is set (which
+    /// says `url` is such a pooler).
+    pub prepared_statements: Option<bool>,
+}
+
+impl CentralConfig {
+    /// Whether the forwarder prepares its statements (`prepared_statements`).
+    pub fn prepares(&self) -> bool {
+        self.prepared_statements.unwrap_or(self.listen_url.is_none())
+    }
 }
 
 /// `central.partition_interval`.
@@ -338,6 +356,7 @@ impl Default for CentralConfig {
             batch_rows: 5000,
             batch_bytes: 8 * 1024 * 1024,
             batch_wait: Duration::from_millis(100),
+            max_batch_wait: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
             statement_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
@@ -349,6 +368,7 @@ impl Default for CentralConfig {
             retention: None,
             failover_window: Duration::from_secs(300),
             listen_url: None,
+            prepared_statements: None,
         }
     }
 }
@@ -843,6 +863,31 @@ mod tests {
             let name = path.display().to_string();
             assert_eq!(from_file.replace(&name, "<string>"), from_str, "{text:?}");
         }
+    }
+
+    #[test]
+    fn central_batch_wait_bounds_and_prepared_statements_follow_the_pooler_hint() {
+        let mut c = Config::default();
+        c.central.url = Some("postgres://outpost@db:5432/fleet".into());
+        assert!(c.validate().is_ok());
+        assert!(c.central.prepares(), "PostgreSQL itself: prepared");
+        c.central.listen_url = Some("postgres://outpost@db:5432/fleet".into());
+        assert!(!c.central.prepares(), "listen_url says url is a transaction pooler: unnamed statements");
+        c.central.prepared_statements = Some(true);
+        assert!(c.central.prepares(), "PgBouncer 1.21+ with max_prepared_statements: on when asked");
+        c.central.listen_url = None;
+        c.central.prepared_statements = Some(false);
+        assert!(!c.central.prepares());
+        c.central.max_batch_wait = Duration::from_millis(50);
+        let problems = c.validate().unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.starts_with("central.max_batch_wait = 50ms: below central.batch_wait = 100ms")),
+            "{problems:?}"
+        );
+        let c = Config::from_toml_str("[central]\nmax_batch_wait = \"2s\"\nprepared_statements = false\n", Vec::new())
+            .unwrap();
+        assert_eq!(c.central.max_batch_wait, Duration::from_secs(2));
+        assert_eq!(c.central.prepared_statements, Some(false));
     }
 
     #[test]

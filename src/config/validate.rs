@@ -233,6 +233,13 @@ impl Config {
                 ));
             }
         }
+        if c.max_batch_wait < c.batch_wait {
+            problems.push(format!(
+                "central.max_batch_wait = {}: below central.batch_wait = {} (a busy central stretches the wait between the two)",
+                humantime::format_duration(c.max_batch_wait),
+                humantime::format_duration(c.batch_wait)
+            ));
+        }
         if c.listen_url.is_some() && c.url.is_none() {
             problems.push("central.listen_url: set without central.url (it is only where LISTEN connects)".into());
         }

@@ -189,6 +189,11 @@ pub struct Forwarder {
     pub site_id: String,
 }
 
+/// A small batch waits this many times central's recent commit time (see
+/// [`Pipeline::batch_wait`]): a site then holds central busy for at most
+/// about a tenth of the time.
+const BUSY_FACTOR: u32 = 10;
+
 /// Marks (site-log commits) allowed in flight behind central commits.
 const MAX_MARKS_IN_FLIGHT: usize = 4;
 
@@ -233,6 +238,8 @@ impl BatchLimit {
 struct Pipeline {
     /// Current batch size (see [`BatchLimit`]).
     limit: BatchLimit,
+    /// How long central took to commit recent batches (a moving average).
+    commit_time: Duration,
     cursor: i64,
     marks: VecDeque<JoinHandle<Result<usize, log::Error>>>,
     prefetch: Option<JoinHandle<Result<Vec<StoredEvent>, log::Error>>>,
@@ -240,7 +247,22 @@ struct Pipeline {
 
 impl Pipeline {
     fn new(limit: BatchLimit) -> Self {
-        Self { limit, cursor: 0, marks: VecDeque::new(), prefetch: None }
+        Self { limit, commit_time: Duration::ZERO, marks: VecDeque::new(), prefetch: None, cursor: 0 }
+    }
+
+    /// A batch committed in `took`: folded into the moving average (an
+    /// eighth per batch, so one slow commit does not swing it).
+    fn committed_in(&mut self, took: Duration) {
+        self.commit_time = (self.commit_time * 7 + took) / 8;
+    }
+
+    /// How long a small batch waits to coalesce: `batch_wait`, or
+    /// [`BUSY_FACTOR`] times the recent commit time when central is slower
+    /// than that (busy), up to `max_batch_wait`. A site then sends fewer,
+    /// larger transactions exactly while central falls behind, and quick
+    /// ones again as soon as it keeps up.
+    fn batch_wait(&self, config: &CentralConfig) -> Duration {
+        (self.commit_time * BUSY_FACTOR).clamp(config.batch_wait, config.max_batch_wait.max(config.batch_wait))
     }
 
     /// Waits for every mark in flight. A failed mark leaves its rows
@@ -397,6 +419,8 @@ impl Forwarder {
             match result {
                 Ok(()) => {
                     p.cursor = batch.last().map_or(p.cursor, |e| e.seq);
+                    p.committed_in(started.elapsed());
+                    self.metrics.forward_batch_wait_seconds.set(p.batch_wait(&self.config).as_secs_f64());
                     last_answer = Instant::now();
                     self.up(&mut backoff);
                     // Grow only when a doubled batch would likely still fit
@@ -510,8 +534,9 @@ impl Forwarder {
             };
             let received_us = crate::event::to_us(first.received_at);
             let age = Duration::from_micros(u64::try_from(now_us() - received_us).unwrap_or(0));
-            if batch.len() < max_rows && age < self.config.batch_wait {
-                tokio::time::sleep(self.config.batch_wait - age).await;
+            let wait = p.batch_wait(&self.config);
+            if batch.len() < max_rows && age < wait {
+                tokio::time::sleep(wait - age).await;
                 batch.clear();
             }
         }
@@ -776,6 +801,35 @@ mod tests {
         }
         assert_eq!(limit, max, "back to the configured caps, never above");
         assert_eq!(doublings, 13);
+    }
+
+    #[test]
+    fn a_slow_central_stretches_the_batch_wait_up_to_its_cap_and_a_quick_one_restores_it() {
+        let config = CentralConfig::default();
+        let (floor, cap) = (config.batch_wait, config.max_batch_wait);
+        let mut p = Pipeline::new(BatchLimit { rows: 5000, bytes: 1 << 20 });
+        assert_eq!(p.batch_wait(&config), floor, "nothing measured yet");
+        // Quick commits (1 ms): ten times that is below batch_wait.
+        for _ in 0..50 {
+            p.committed_in(Duration::from_millis(1));
+        }
+        assert_eq!(p.batch_wait(&config), floor);
+        // Central slows down to 25 ms a commit: the wait follows, ten times.
+        for _ in 0..100 {
+            p.committed_in(Duration::from_millis(25));
+        }
+        let wait = p.batch_wait(&config);
+        assert!(wait > Duration::from_millis(240) && wait <= Duration::from_millis(250), "{wait:?}");
+        // One very slow commit moves it by an eighth, and never past the cap.
+        p.committed_in(Duration::from_secs(5));
+        assert_eq!(p.batch_wait(&config), cap);
+        for _ in 0..100 {
+            p.committed_in(Duration::from_millis(1));
+        }
+        assert_eq!(p.batch_wait(&config), floor, "quick again: back to batch_wait");
+        // A cap below the floor (refused by validation) still never waits less.
+        let odd = CentralConfig { max_batch_wait: Duration::ZERO, ..CentralConfig::default() };
+        assert_eq!(p.batch_wait(&odd), odd.batch_wait);
     }
 
     #[test]

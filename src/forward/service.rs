@@ -26,6 +26,9 @@ pub struct Central {
     window: std::time::Duration,
     /// What each schema written to has, asked once per connection.
     schemas: std::collections::HashMap<String, Schema>,
+    /// The inserts prepared on this connection, by their text (`None` when
+    /// `central.prepared_statements` is off: every batch sends its text).
+    prepared: Option<std::collections::HashMap<String, tokio_postgres::Statement>>,
 }
 
 /// A tenant schema's parts that came with later migrations.
@@ -78,6 +81,7 @@ impl Central {
             interval: connector.partition_interval,
             window: connector.partition_window,
             schemas: Default::default(),
+            prepared: connector.prepares.then(Default::default),
         })
     }
 
@@ -217,7 +221,25 @@ impl Central {
             params.push((&site_id, Type::TEXT));
             params.push((&last_seq, Type::INT8));
         }
-        let inserted: i64 = self.client.query_typed_one(&sql, &params).await?.get(0);
+        let inserted: i64 = match &mut self.prepared {
+            // Parsed and planned once per connection and schema: for batches
+            // of a row or two, planning was most of central's work.
+            Some(prepared) => {
+                let statement = match prepared.get(&sql) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+                        let s = self.client.prepare_typed(&sql, &types).await?;
+                        prepared.insert(sql, s.clone());
+                        s
+                    }
+                };
+                let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+                self.client.query_one(&statement, &values).await?.get(0)
+            }
+            // One unnamed statement: valid through a transaction pooler.
+            None => self.client.query_typed_one(&sql, &params).await?.get(0),
+        };
         let inserted = u64::try_from(inserted).unwrap_or(0);
         if let Some(known) = self.schemas.get_mut(schema).and_then(|s| s.partitions.as_mut()) {
             known.extend(new_buckets.iter().map(|(b, _)| *b));

@@ -13,7 +13,7 @@
 //! deduplicated by id). Notifications carry ranges or ids, never payloads, so
 //! nothing large goes through NOTIFY.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +29,12 @@ use crate::metrics::Metrics;
 
 /// Notifications merged into one round of fetches at most.
 const MAX_BURST: usize = 4096;
+/// One round of fetches per this at most: what is announced within it waits
+/// for the next round and is fetched with the rest, one query per tenant.
+/// A quiet fleet is fetched at once; a busy one costs central a query per
+/// subscribing site and tenant every `FETCH_EVERY`, not one per batch any
+/// site commits.
+const FETCH_EVERY: Duration = Duration::from_millis(50);
 /// Rows fetched per catch-up query.
 const CATCHUP_PAGE: i64 = 5000;
 /// A (tenant, site) never seen before is caught up only this far back (by
@@ -155,6 +161,9 @@ impl Listener {
     async fn session(&self, backoff: &mut Backoff) -> Result<Ended, Error> {
         let (client, mut notes) = self.connect().await?;
         let mut listening: HashSet<String> = HashSet::new();
+        // The range fetch of each tenant, prepared once on this connection.
+        let mut fetches: HashMap<String, tokio_postgres::Statement> = HashMap::new();
+        let mut last_round: Option<tokio::time::Instant> = None;
         // Pings keep a silent partition from passing for a live connection.
         let mut tick = tokio::time::interval(TENANT_POLL.min(self.config.ping_interval));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -191,14 +200,28 @@ impl Listener {
                 _ = tick.tick() => crate::central::connect::ping(&client, self.config.answer_timeout).await?,
                 _ = self.interest.changed() => {}
             }
-            // With what queued up meanwhile, as one fetch per origin site.
+            // Within FETCH_EVERY of the last round, gather until it is due.
+            if let (Some(at), false) = (last_round, burst.is_empty()) {
+                let due = at + FETCH_EVERY;
+                while burst.len() < MAX_BURST {
+                    tokio::select! {
+                        n = notes.recv() => match n {
+                            Some(note) => burst.push(note),
+                            None => return Ok(Ended::Closed),
+                        },
+                        _ = tokio::time::sleep_until(due) => break,
+                    }
+                }
+            }
+            // With what queued up meanwhile, as one round of fetches.
             while burst.len() < MAX_BURST
                 && let Ok(note) = notes.try_recv()
             {
                 burst.push(note);
             }
             if !burst.is_empty() {
-                self.on_notifications(&client, &burst).await?;
+                last_round = Some(tokio::time::Instant::now());
+                self.on_notifications(&client, &mut fetches, &burst).await?;
             }
         }
     }
@@ -222,15 +245,25 @@ impl Listener {
                 }
             }
         });
+        // The range fetch is prepared (parsed once) but planned for every
+        // call: a plan cached while a partition was nearly empty (a full
+        // scan per range) would be kept as it grows.
+        client.batch_execute("SET plan_cache_mode = force_custom_plan").await?;
         Ok((client, rx))
     }
 
     /// Fetches what a burst of notifications names, merged: one query per
-    /// (tenant, origin site) over the union of their seq ranges (`per_batch`),
-    /// one per tenant for their ids (`per_row`), and one site-log commit for
-    /// all of it. A busy fleet sends hundreds of notifications a second; one
-    /// fetch and one fsync each would fall behind.
-    async fn on_notifications(&self, client: &tokio_postgres::Client, notes: &[(String, String)]) -> Result<(), Error> {
+    /// tenant over the union of each origin site's seq ranges (`per_batch`;
+    /// prepared once per connection), one per tenant for their ids
+    /// (`per_row`), and one site-log commit for all of it. A busy fleet
+    /// sends hundreds of notifications a second; one fetch and one fsync
+    /// each would fall behind.
+    async fn on_notifications(
+        &self,
+        client: &tokio_postgres::Client,
+        fetches: &mut HashMap<String, tokio_postgres::Statement>,
+        notes: &[(String, String)],
+    ) -> Result<(), Error> {
         let mut ranges: BTreeMap<(&str, String), Vec<(i64, i64)>> = BTreeMap::new();
         let mut ids: BTreeMap<&str, Vec<uuid::Uuid>> = BTreeMap::new();
         for (channel, payload) in notes {
@@ -252,21 +285,43 @@ impl Listener {
             }
         }
         let mut events: Vec<RemoteEvent> = Vec::new();
+        // Per tenant: the sites and their ranges as three arrays. Overlapping
+        // or adjacent ranges become one; a gap (say, an old range sent again
+        // by a retry beside current traffic) stays a gap, so no range spans
+        // rows nobody announced.
+        let mut by_tenant: BTreeMap<&str, (Vec<String>, Vec<i64>, Vec<i64>)> = BTreeMap::new();
         for ((tenant, site), spans) in ranges {
-            let schema = central_schema::schema_name(tenant)?;
-            // Overlapping or adjacent ranges become one; a gap (say, an old
-            // range sent again by a retry beside current traffic) stays a
-            // gap, so no query spans rows nobody announced.
+            let arrays = by_tenant.entry(tenant).or_default();
             for (first, last) in coalesce(spans) {
-                self.metrics.remote_fetches.inc();
-                let rows = client
-                    .query(
-                        &format!("SELECT {COLUMNS} FROM {schema}.events WHERE site_id = $1 AND site_seq BETWEEN $2 AND $3 ORDER BY site_seq"),
-                        &[&site, &first, &last],
-                    )
-                    .await?;
-                events.extend(rows.iter().map(|r| remote(tenant, r)));
+                arrays.0.push(site.clone());
+                arrays.1.push(first);
+                arrays.2.push(last);
             }
+        }
+        for (tenant, (sites, firsts, lasts)) in by_tenant {
+            let schema = central_schema::schema_name(tenant)?;
+            let statement = match fetches.get(&schema) {
+                Some(s) => s.clone(),
+                None => {
+                    // Each range is an index scan of its own (the
+                    // LATERAL subquery is not flattened into a join, which
+                    // on a young table the planner makes a full scan).
+                    let sql = format!(
+                        "SELECT e.* FROM unnest($1::text[], $2::int8[], $3::int8[]) WITH ORDINALITY AS r(site, first_seq, last_seq, n)
+                         CROSS JOIN LATERAL (
+                           SELECT {COLUMNS} FROM {schema}.events
+                           WHERE site_id = r.site AND site_seq BETWEEN r.first_seq AND r.last_seq
+                           ORDER BY site_seq) AS e
+                         ORDER BY r.n, 7"
+                    );
+                    let s = client.prepare(&sql).await?;
+                    fetches.insert(schema, s.clone());
+                    s
+                }
+            };
+            self.metrics.remote_fetches.inc();
+            let rows = client.query(&statement, &[&sites, &firsts, &lasts]).await?;
+            events.extend(rows.iter().map(|r| remote(tenant, r)));
         }
         for (tenant, ids) in ids {
             let schema = central_schema::schema_name(tenant)?;

@@ -85,6 +85,21 @@ impl Pg {
         }
     }
 
+    /// initdb + start, logging every statement with its protocol step
+    /// (`parse <name>`, `bind`, `execute`) to [`Pg::server_log`].
+    #[allow(dead_code)]
+    pub fn start_logging_statements() -> Self {
+        let pg = Self::init();
+        pg.up_with("-c log_min_duration_statement=0");
+        pg
+    }
+
+    /// The server's log so far.
+    #[allow(dead_code)]
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
     /// initdb + a self-signed certificate for 127.0.0.1 + start with ssl=on.
     /// Returns the server and the certificate's path (the CA to trust).
     pub fn start_tls() -> (Self, PathBuf) {
