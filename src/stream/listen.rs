@@ -92,6 +92,15 @@ fn remote(tenant: &str, row: &tokio_postgres::Row) -> RemoteEvent {
     }
 }
 
+/// One round's seq ranges of a tenant, as the fetch's three array
+/// parameters: range `i` is `firsts[i]..=lasts[i]` of site `sites[i]`.
+#[derive(Default)]
+struct Ranges {
+    sites: Vec<String>,
+    firsts: Vec<i64>,
+    lasts: Vec<i64>,
+}
+
 /// Sorted seq ranges with the overlapping and adjacent ones merged.
 fn coalesce(mut spans: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
     spans.sort_unstable();
@@ -289,16 +298,16 @@ impl Listener {
         // or adjacent ranges become one; a gap (say, an old range sent again
         // by a retry beside current traffic) stays a gap, so no range spans
         // rows nobody announced.
-        let mut by_tenant: BTreeMap<&str, (Vec<String>, Vec<i64>, Vec<i64>)> = BTreeMap::new();
+        let mut by_tenant: BTreeMap<&str, Ranges> = BTreeMap::new();
         for ((tenant, site), spans) in ranges {
-            let arrays = by_tenant.entry(tenant).or_default();
+            let r = by_tenant.entry(tenant).or_default();
             for (first, last) in coalesce(spans) {
-                arrays.0.push(site.clone());
-                arrays.1.push(first);
-                arrays.2.push(last);
+                r.sites.push(site.clone());
+                r.firsts.push(first);
+                r.lasts.push(last);
             }
         }
-        for (tenant, (sites, firsts, lasts)) in by_tenant {
+        for (tenant, Ranges { sites, firsts, lasts }) in by_tenant {
             let schema = central_schema::schema_name(tenant)?;
             let statement = match fetches.get(&schema) {
                 Some(s) => s.clone(),
