@@ -17,7 +17,8 @@ After WARMUP s it measures SECONDS s and prints one table row:
 
 usage: tests/bench/fleet.py --sites N [--rate 20] [--sub-every 5] [--seconds 30]
        tests/bench/fleet.py --in-process --sites N [--tenants T] ...
-Env: BATCH_WAIT (central.batch_wait, default 20ms), KEEP=1 keeps the work dir.
+Env: BATCH_WAIT (central.batch_wait, default 20ms), KEEP=1 keeps the work dir,
+OUTPOST_BENCH (--in-process: the outpost-bench binary, to compare builds).
 Needs target/release/outpost (make release) and PostgreSQL's server binaries.
 
 --in-process (issue #30) runs the N sites inside one `outpost-bench fleet`
@@ -150,7 +151,7 @@ def in_process(args, work):
     subs = len(range(0, args.sites, args.sub_every)) if args.sub_every else 0
     pg.max_connections = args.sites + subs + 20
     pg.up()
-    bench = os.path.join(ROOT, "target", "release", "outpost-bench")
+    bench = os.environ.get("OUTPOST_BENCH") or os.path.join(ROOT, "target", "release", "outpost-bench")
     env = dict(os.environ, OUTPOST_CENTRAL__BATCH_WAIT=os.environ.get("BATCH_WAIT", "20ms"),
                RUST_LOG=os.environ.get("RUST_LOG", "warn"))
     cmd = [bench, "fleet", "--url", pg.url(), "--sites", str(args.sites), "--tenants", str(args.tenants),
