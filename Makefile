@@ -4,6 +4,7 @@
 #   make aarch64  stripped release binary for aarch64 boxes
 #   make bench    the outpost-bench load generators (target/release/outpost-bench)
 #   make bench-fleet  N = 10, 25, 50 appliances against one PostgreSQL (docs/scaling.md)
+#   make bench-fleet-sim  N = 50, 200, 1,000 sites in one process (docs/scaling.md)
 #   make install  install binary, config and systemd unit on this machine
 #   make deb      target/debian/outpost_<version>_{amd64,arm64}.deb
 #   make test-deb check both packages (lintian, install/remove/purge; needs root)
@@ -43,7 +44,7 @@ CHAOS_PKGS := postgresql python3-paho-mqtt python3-websockets
 NETWORK_PKGS := postgresql python3-paho-mqtt python3-websockets iproute2 nftables
 CROSS_PKGS := rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static
 
-.PHONY: debug-bin run build release test test-deps paho2 schemathesis-deps test-api cross-deps unit-tests verify-unit aarch64 cross-build smoke-aarch64 install bench bench-fleet clean
+.PHONY: debug-bin run build release test test-deps paho2 schemathesis-deps test-api cross-deps unit-tests verify-unit aarch64 cross-build smoke-aarch64 install bench bench-fleet bench-fleet-sim clean
 .PHONY: deb deb-deps test-deb test-powercut test-chaos test-soak test-network test-failover powercut-deps chaos-deps network-deps test-browser fuzz
 
 run:
@@ -229,6 +230,14 @@ test-deb: deb
 FLEET_SITES ?= 10 25 50
 bench-fleet: release chaos-deps
 	@for n in $(FLEET_SITES); do /usr/bin/python3 tests/bench/fleet.py --sites $$n || exit 1; done
+
+# The in-process fleet (issue #30): N = 50, 200, 1,000 sites in one process,
+# about 1,000 ev/s in all (20, 5 and 1 ev/s a site), a subscriber at every
+# 5th site, ~50 sites per tenant. Numbers for docs/scaling.md.
+bench-fleet-sim: bench chaos-deps
+	@BATCH_WAIT=100ms /usr/bin/python3 tests/bench/fleet.py --in-process --sites 50 --rate 20
+	@BATCH_WAIT=100ms /usr/bin/python3 tests/bench/fleet.py --in-process --sites 200 --tenants 4 --rate 5
+	@BATCH_WAIT=100ms /usr/bin/python3 tests/bench/fleet.py --in-process --sites 1000 --tenants 20 --rate 1
 
 bench: release
 	$(CARGO) build --release --features bench --bin outpost-bench

@@ -75,6 +75,11 @@ pub struct EventInput {
     /// Set by the MQTT front-end (5.0 properties), never read from JSON.
     #[serde(skip)]
     pub properties: Option<String>,
+    /// For a payload that was not a JSON object and is kept wrapped in one
+    /// (`crate::payload`): the bytes the device sent, which is what
+    /// `max_payload_bytes` applies to. Never read from JSON.
+    #[serde(skip)]
+    pub sent_bytes: Option<usize>,
 }
 
 /// An event as stored in the site log and returned by queries.
@@ -134,10 +139,11 @@ pub fn validate(
     validate_device_id(&input.device_id)?;
     validate_event_type(&input.event_type)?;
     let payload = input.payload.get();
-    if payload.len() > limits.max_payload_bytes {
+    let size = input.sent_bytes.unwrap_or(payload.len());
+    if size > limits.max_payload_bytes {
         return Err(invalid(
             "payload",
-            format!("{} bytes exceeds the limit of {} bytes", payload.len(), limits.max_payload_bytes),
+            format!("{size} bytes exceeds the limit of {} bytes", limits.max_payload_bytes),
         ));
     }
     if !payload.starts_with('{') {

@@ -28,6 +28,7 @@ pub mod ingest;
 pub mod log;
 pub mod logging;
 pub mod metrics;
+pub mod payload;
 pub mod sysinfo;
 
 mod api;

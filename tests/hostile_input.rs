@@ -95,7 +95,7 @@ async fn form_and_text_bodies_get_415_and_every_4xx_has_the_json_body() {
     let token = token.trim().to_string();
     let client = reqwest::Client::new();
     for (path, ct) in [
-        ("event", "text/plain"),
+        ("event", "application/xml"),
         ("event", "application/x-www-form-urlencoded"),
         ("events", "text/plain; charset=utf-8"),
         ("events", "multipart/form-data; boundary=x"),
@@ -115,6 +115,19 @@ async fn form_and_text_bodies_get_415_and_every_4xx_has_the_json_body() {
             (Some("unsupported_media_type"), Some("content-type"))
         );
     }
+    // text/plain on the single-event route is the payload itself (issue
+    // #31): without the event's fields in the query it is a 400 naming one.
+    let r = client
+        .post(format!("{}/api/v1/realtime/acme/event", p.base()))
+        .bearer_auth(&token)
+        .header("content-type", "text/plain")
+        .body(event(r#"{"a":1}"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["field"].as_str(), Some("device_id"), "{body}");
     assert!(log_rows(&dir.path().join("site-log.sqlite")).is_empty());
     // axum's own rejections (a plain GET on the WebSocket endpoint, a bad
     // query string) carry the same body as ours.

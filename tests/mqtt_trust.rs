@@ -353,7 +353,7 @@ async fn no_log_line_at_trace_level_carries_a_token() {
     // …a foreign topic, a bad payload, a malformed packet.
     for bytes in [
         publish_packet("acme/devices/other/events/t", b"{}", 1, 1, false, false),
-        publish_packet("acme/devices/leak-1/events/t", b"nope", 1, 1, false, false),
+        publish_packet("acme/devices/leak-1/events/t", br#"{"a":"\u0000"}"#, 1, 1, false, false),
         vec![0x30, 0xff, 0xff, 0xff, 0xff, 0x7f],
     ] {
         let (mut c, _) = Raw::connect(mqtt, "leak-1", "leak-1", &token, 30, None).await;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{FromRef, State};
+use axum::extract::{FromRef, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -48,17 +48,88 @@ fn writer(state: &IngestState, access: Result<TenantAccess<Write>, ApiError>) ->
     })
 }
 
-/// `POST …/event`: one event; `201 {id, seq, duplicate}` after commit.
+/// `text/plain` or `application/octet-stream` (its parameters dropped): a
+/// single event whose body is the device's payload as it is.
+fn raw_content_type(headers: &HeaderMap) -> Option<String> {
+    let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let base = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    matches!(base.as_str(), "text/plain" | "application/octet-stream").then(|| ct.trim().to_string())
+}
+
+/// The event's fields in the query of a raw-body `POST …/event`.
+struct RawFields {
+    device_id: String,
+    event_type: String,
+    id: Option<String>,
+    timestamp: Option<String>,
+}
+
+impl RawFields {
+    fn from_query(query: Option<&str>) -> Result<Self, ApiError> {
+        let mut f = RawFields { device_id: String::new(), event_type: String::new(), id: None, timestamp: None };
+        let (mut device, mut kind) = (None, None);
+        for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match &*k {
+                "device_id" => device = Some(v.into_owned()),
+                "event_type" => kind = Some(v.into_owned()),
+                "id" => f.id = Some(v.into_owned()),
+                "timestamp" => f.timestamp = Some(v.into_owned()),
+                other => {
+                    return Err(ApiError::bad_field(
+                        other.to_string(),
+                        "unknown query parameter (a text/plain or application/octet-stream event takes device_id, event_type, id, timestamp)",
+                    ));
+                }
+            }
+        }
+        let required = |field: &'static str| {
+            ApiError::bad_field(
+                field,
+                "required in the query when the body is the payload itself (text/plain or application/octet-stream)",
+            )
+        };
+        f.device_id = device.ok_or_else(|| required("device_id"))?;
+        f.event_type = kind.ok_or_else(|| required("event_type"))?;
+        Ok(f)
+    }
+}
+
+/// `POST …/event`: one event; `201 {id, seq, duplicate}` after commit. The
+/// body is the event as JSON, or (`Content-Type: text/plain` or
+/// `application/octet-stream`) the payload itself, with `device_id` and
+/// `event_type` in the query: kept as `crate::payload` describes.
 async fn post_event(
     State(state): State<IngestState>,
     access: Result<TenantAccess<Write>, ApiError>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Appended>), ApiError> {
     let access = writer(&state, access)?;
-    require_json(&headers, false)?;
-    let bytes = read_body(&headers, body, state.max_body.0).await?;
-    let Object(input) = parse_json::<Object<EventInput>>(&bytes)?;
+    let input = match raw_content_type(&headers) {
+        // A device's own bytes: the event's fields come in the query.
+        Some(content_type) => {
+            let fields = RawFields::from_query(query.as_deref())?;
+            let bytes = read_body(&headers, body, state.max_body.0).await?;
+            let properties = Some(serde_json::json!({ "content_type": content_type }).to_string());
+            let (payload, properties, sent_bytes) = crate::payload::from_device(&bytes, properties);
+            EventInput {
+                device_id: fields.device_id,
+                event_type: fields.event_type,
+                payload,
+                id: fields.id,
+                timestamp: fields.timestamp,
+                properties,
+                sent_bytes,
+            }
+        }
+        None => {
+            require_json(&headers, false)?;
+            let bytes = read_body(&headers, body, state.max_body.0).await?;
+            let Object(input) = parse_json::<Object<EventInput>>(&bytes)?;
+            input
+        }
+    };
     let mut appended = state.ingest.submit(&access.principal, &access.tenant, vec![input], false, PROTOCOL).await?;
     let first = appended.pop().ok_or_else(|| ApiError::internal("append", &"empty result"))?;
     Ok((StatusCode::CREATED, Json(first)))

@@ -551,7 +551,8 @@ impl Feed {
         });
         Arc::new(Message {
             topic: Bytes::from(stream_topic(&e.tenant, &e.device_id, &e.event_type)),
-            payload: Bytes::copy_from_slice(e.payload.as_bytes()),
+            // What the device sent, byte for byte (see `crate::payload`).
+            payload: Bytes::copy_from_slice(&crate::payload::original(&e.payload, e.properties.as_deref())),
             qos: p.qos,
             retain: p.retain,
             props: p.props,

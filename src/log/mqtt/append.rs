@@ -81,7 +81,9 @@ fn append_one(
                 hold_qos2(conn, e, hold, pkid, seq)?;
             }
             if let Some(topic) = facts.retain_topic.as_deref() {
-                set_retained(conn, &e.tenant, topic, Some(e.payload.as_bytes()), e.received_at_us)?;
+                // The bytes the device sent (a payload kept wrapped is unwrapped).
+                let bytes = crate::payload::original(&e.payload, e.properties.as_deref());
+                set_retained(conn, &e.tenant, topic, Some(&bytes), e.received_at_us)?;
             }
             let c = seen.entry((e.tenant.clone(), e.device_id.clone())).or_insert((0, 0));
             c.0 += 1;

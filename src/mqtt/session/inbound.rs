@@ -14,7 +14,6 @@ use rumqttd::protocol::{
     DisconnectReasonCode, Packet, PubAck, PubAckProperties, PubAckReason, PubComp, PubCompReason, PubRec,
     PubRecProperties, PubRecReason, Publish, PublishProperties,
 };
-use serde_json::value::RawValue;
 
 use super::super::acl::{event_topic, stream_topic};
 use super::super::codec;
@@ -333,11 +332,8 @@ impl Session<'_> {
         if payload.is_empty() && publish.publish.retain {
             return Ok(Some(publish)); // clears the retained message: no event
         }
-        if std::str::from_utf8(payload).ok().is_none_or(|s| !s.trim_start().starts_with('{')) {
-            self.deps.ingest.count_rejected(super::PROTOCOL, "invalid");
-            let why = format!("publish to {topic:?} refused: payload is not a JSON object");
-            return self.refuse(publish, PubAckReason::PayloadFormatInvalid, why).map(|()| None);
-        }
+        // Any payload is an event: what is not a JSON object is kept
+        // byte-exact inside one (`crate::payload`).
         Ok(Some(publish))
     }
 
@@ -399,16 +395,7 @@ impl Session<'_> {
                 props: (forwarded != PublishProperties::default()).then_some(forwarded),
             }),
         };
-        let payload = std::str::from_utf8(payload).unwrap_or("").to_string();
-        let Ok(payload) = RawValue::from_string(payload) else {
-            // Not JSON after all: refused like any invalid payload.
-            let r = Err(IngestError::Invalid {
-                index: None,
-                invalid: crate::event::Invalid { field: "payload".into(), message: "payload is not JSON".into() },
-            });
-            self.inbound.fifo.push_back(Box::pin(async move { Done::Event(publish, r) }));
-            return;
-        };
+        let (payload, properties, sent_bytes) = crate::payload::from_device(payload, properties);
         let input = EventInput {
             device_id: self.who.device_id.clone(),
             event_type,
@@ -416,6 +403,7 @@ impl Session<'_> {
             id: None,
             timestamp: None,
             properties,
+            sent_bytes,
         };
         let (ingest, principal, tenant) =
             (self.deps.ingest.clone(), self.who.principal.clone(), self.who.tenant.clone());

@@ -91,11 +91,6 @@ async fn fire(deps: &MqttDeps, who: &Identity, will: Will, origin: u64, shutdown
         tracing::warn!(device_id = who.device_id, topic, "will is not an event of this device; not published");
         return;
     };
-    let Ok(payload) = serde_json::value::RawValue::from_string(String::from_utf8_lossy(&will.message).into_owned())
-    else {
-        tracing::warn!(device_id = who.device_id, topic, "will payload is not JSON; not published");
-        return;
-    };
     let stream = stream_topic(&who.tenant, &who.device_id, event_type);
     let retain = will.retain && deps.sessions.fanout().retain_fits(&who.tenant, &stream, will.message.len());
     let forwarded = PublishProperties {
@@ -108,13 +103,18 @@ async fn fire(deps: &MqttDeps, who: &Identity, will: Will, origin: u64, shutdown
         subscription_identifiers: vec![],
         content_type: props.as_ref().and_then(|p| p.content_type.clone()),
     };
+    let (payload, properties, sent_bytes) = crate::payload::from_device(
+        &will.message,
+        codec::event_properties(forwarded.content_type.as_deref(), &forwarded.user_properties),
+    );
     let input = EventInput {
         device_id: who.device_id.clone(),
         event_type: event_type.to_string(),
         payload,
         id: None,
         timestamp: None,
-        properties: codec::event_properties(forwarded.content_type.as_deref(), &forwarded.user_properties),
+        properties,
+        sent_bytes,
     };
     let facts = Box::new(Facts {
         redelivery: None,

@@ -1,0 +1,145 @@
+//! The devices that exist (issue #31), black-box with clients nobody here
+//! wrote (mosquitto 3.1.1 and 5.0): a relay that publishes `on`, a sensor
+//! that publishes `21.5`, a binary frame and CBOR are each an event, kept
+//! byte-exact at the site, in the central table, and for MQTT subscribers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::pg::Pg;
+use common::{TestApp, central, central_count, eventually};
+use tokio::io::AsyncBufReadExt;
+
+const T: Duration = Duration::from_secs(20);
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_number_binary_and_cbor_payloads_are_events_byte_exact_at_the_site_centrally_and_for_subscribers() {
+    let pg = Pg::start();
+    let app = TestApp::start_with(|c| central(c, &pg.url())).await;
+    let t1 = app.device("acme", "d1").await;
+    let t2 = app.device("acme", "d2").await;
+    let port = app.mqtt.port().to_string();
+    let binary: Vec<u8> = (0..=255u8).rev().collect(); // not UTF-8, a NUL inside
+    let cbor = vec![0xa2, 0x61, 0x74, 0xf9, 0x4d, 0x60, 0x61, 0x6f, 0xf5]; // {"t": 21.5, "o": true}
+    let mut cases: Vec<(String, Vec<u8>, &str)> = Vec::new();
+    for v in ["mqttv311", "mqttv5"] {
+        cases.push((format!("relay-{v}"), b"on".to_vec(), v));
+        cases.push((format!("number-{v}"), b"21.5".to_vec(), v));
+        cases.push((format!("binary-{v}"), binary.clone(), v));
+        cases.push((format!("cbor-{v}"), cbor.clone(), v));
+    }
+    // A subscriber that prints each message's topic and payload in hex.
+    let mut sub = tokio::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-i", "d2", "-u", "d2", "-P", &t2, "-q", "1", "-V", "mqttv311"])
+        .args(["-t", "acme/events/#", "-F", "%t %x"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(sub.stdout.take().unwrap()).lines();
+    let publish = |event_type: &str, bytes: &[u8], version: &str| {
+        let file = app.dir.path().join(format!("{event_type}.bin"));
+        std::fs::write(&file, bytes).unwrap();
+        tokio::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-i", "d1", "-u", "d1", "-P", &t1, "-q", "1", "-V", version])
+            .args(["-t", &format!("acme/devices/d1/events/{event_type}")])
+            .arg("-f")
+            .arg(file)
+            .output()
+    };
+    // Live once a warm-up message arrives (SUBACK is not visible from here).
+    let mut live = false;
+    for _ in 0..40 {
+        publish("warmup", b"{}", "mqttv311").await.unwrap();
+        if let Ok(Ok(Some(_))) = tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await {
+            live = true;
+            break;
+        }
+    }
+    assert!(live, "mosquitto_sub never received the warm-up");
+    while let Ok(Ok(Some(_))) = tokio::time::timeout(Duration::from_millis(300), lines.next_line()).await {}
+
+    for (event_type, bytes, version) in &cases {
+        let out = publish(event_type, bytes, version).await.unwrap();
+        assert!(out.status.success(), "{event_type}: {}", String::from_utf8_lossy(&out.stderr));
+        // Acked means stored; the subscriber gets the device's own bytes.
+        let line = tokio::time::timeout(T, lines.next_line()).await.expect("no message").unwrap().unwrap();
+        assert_eq!(line, format!("acme/events/d1/{event_type} {}", hex(bytes)), "{event_type}");
+    }
+    // At the site: a JSON object payload that gives the bytes back.
+    let rows = app.log_rows();
+    for (event_type, bytes, _) in &cases {
+        let row = rows.iter().find(|r| &r.event_type == event_type).expect("stored");
+        let props = row.properties.as_ref().map(|p| p.get());
+        assert_eq!(&*outpost::payload::original(row.payload.get(), props), &bytes[..], "{event_type}");
+        let want = if std::str::from_utf8(bytes).is_ok_and(|s| !s.contains('\0')) { "text" } else { "base64" };
+        assert!(
+            props.is_some_and(|p| p.contains(&format!("\"payload_format\":\"{want}\""))),
+            "{event_type}: {props:?}"
+        );
+    }
+    // Centrally: plain SQL reads them back.
+    let n = cases.len() as i64 + rows.iter().filter(|r| r.event_type == "warmup").count() as i64;
+    assert!(eventually(Duration::from_secs(60), || async { central_count(&pg).await == n }).await, "not forwarded");
+    let c = pg.client().await;
+    let sql = "SELECT event_type, properties->>'payload_format',
+                      coalesce(convert_to(payload->>'text', 'UTF8'), decode(payload->>'base64', 'base64'))
+               FROM tenant_acme.events WHERE event_type <> 'warmup'";
+    let central: Vec<(String, String, Vec<u8>)> =
+        c.query(sql, &[]).await.unwrap().iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(central.len(), cases.len());
+    for (event_type, bytes, _) in &cases {
+        let (_, format, got) = central.iter().find(|(t, _, _)| t == event_type).expect("central row");
+        assert_eq!(got, bytes, "{event_type} ({format})");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_device_posts_its_payload_as_it_is_with_the_event_fields_in_the_query() {
+    let app = TestApp::start().await;
+    let token = app.device("acme", "d1").await;
+    let post = |query: &str, content_type: &str, body: Vec<u8>| {
+        app.client
+            .post(app.url(&format!("/api/v1/realtime/acme/event{query}")))
+            .bearer_auth(&token)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let binary: Vec<u8> = vec![0x00, 0xff, 0x10, 0x80];
+    for (event_type, content_type, body) in
+        [("state", "text/plain; charset=utf-8", b"on".to_vec()), ("frame", "application/octet-stream", binary.clone())]
+    {
+        let r = post(&format!("?device_id=d1&event_type={event_type}"), content_type, body.clone()).await.unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        let rows = app.log_rows();
+        let row = rows.iter().find(|r| r.event_type == event_type).expect("stored");
+        let props = row.properties.as_ref().map(|p| p.get());
+        assert_eq!(&*outpost::payload::original(row.payload.get(), props), &body[..]);
+        assert!(props.is_some_and(|p| p.contains(content_type)), "the content type is kept: {props:?}");
+    }
+    // The fields the JSON form would carry are required, by name; nothing is written.
+    let before = app.log_rows().len();
+    for (query, field) in
+        [("?event_type=state", "device_id"), ("?device_id=d1", "event_type"), ("?device_id=d1&event_type=s&x=1", "x")]
+    {
+        let r = post(query, "text/plain", b"on".to_vec()).await.unwrap();
+        assert_eq!(r.status(), 400);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["field"], field, "{body}");
+    }
+    // Another device's id is refused as in the JSON form, and the limits hold
+    // on the bytes sent (64 KiB by default).
+    let r = post("?device_id=d2&event_type=state", "text/plain", b"on".to_vec()).await.unwrap();
+    assert_eq!(r.status(), 403);
+    let r = post("?device_id=d1&event_type=big", "application/octet-stream", vec![7u8; 70_000]).await.unwrap();
+    assert_eq!(r.status(), 400, "over limits.max_payload_bytes");
+    let r = post("?device_id=d1&event_type=fits", "application/octet-stream", vec![7u8; 60_000]).await.unwrap();
+    assert_eq!(r.status(), 201, "60,000 bytes fit, though their base64 does not");
+    assert_eq!(app.log_rows().len(), before + 1);
+}
