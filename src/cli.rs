@@ -132,8 +132,30 @@ pub enum DeviceCommand {
         id: Option<String>,
         #[arg(long)]
         name: Option<String>,
+        /// Print a short secret (24 characters, for firmware that cannot
+        /// hold a token; MQTT login: username <tenant>/<id>) instead of a
+        /// token. It has the --perm permissions and never expires.
+        #[arg(long)]
+        secret: bool,
         #[command(flatten)]
         token: TokenArgs,
+    },
+    /// Give a registered device a new secret (the old one stops working)
+    /// and print it (shown once). MQTT login: username <tenant>/<id>,
+    /// password the secret.
+    Secret {
+        /// Device id.
+        id: String,
+        #[arg(long)]
+        tenant: String,
+        /// This secret (16-32 printable ASCII characters) instead of a
+        /// generated one.
+        #[arg(long)]
+        set: Option<String>,
+        /// Permission (repeatable): write_events, read_events, read_config.
+        /// Default: write_events + read_events.
+        #[arg(long = "perm")]
+        perms: Vec<String>,
     },
     /// List registered devices.
     List {
@@ -277,14 +299,47 @@ fn check_tenant_arg(tenant: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sets a device's secret (`given`, or a generated one); returns it. Only
+/// its argon2id hash is stored.
+fn set_secret(
+    conn: &rusqlite::Connection,
+    tenant: &str,
+    id: &str,
+    given: Option<&str>,
+    perms: &[Perm],
+) -> anyhow::Result<String> {
+    let secret = match given {
+        Some(s) => {
+            crate::auth::secret::check(s).map_err(|m| anyhow::anyhow!("--set: {m}"))?;
+            s.to_string()
+        }
+        None => crate::auth::secret::generate()?,
+    };
+    let hash = crate::auth::secret::hash(&secret).map_err(|m| anyhow::anyhow!("hashing the secret: {m}"))?;
+    let perms: Vec<&str> = perms.iter().map(|p| p.as_str()).collect();
+    schema::set_device_secret(conn, tenant, id, &hash, &perms.join(","), now_us())?;
+    Ok(secret)
+}
+
 fn device(cmd: DeviceCommand, cfg: &Config) -> anyhow::Result<()> {
     let conn = open_log(cfg)?;
     match cmd {
-        DeviceCommand::Add { tenant, id, name, token } => {
+        DeviceCommand::Add { tenant, id, name, secret, token } => {
             check_tenant_arg(&tenant)?;
             let id = id.unwrap_or_else(crate::event::new_device_id);
             validate_device_id(&id).map_err(|e| anyhow::anyhow!("--id {id:?}: {}", e.message))?;
             let (perms, ttl) = token_options(&token)?;
+            if secret {
+                let d = schema::add_device(&conn, &tenant, &id, name.as_deref(), now_us())?;
+                let s = set_secret(&conn, &d.tenant, &d.device_id, None, &perms)?;
+                eprintln!(
+                    "registered device {t}/{d} — its secret (shown once; MQTT username {t}/{d}, password the secret):",
+                    t = d.tenant,
+                    d = d.device_id
+                );
+                println!("{s}");
+                return Ok(());
+            }
             let auth = authenticator(cfg)?;
             let d = schema::add_device(&conn, &tenant, &id, name.as_deref(), now_us())?;
             let t = auth.issue_device(&tenant, &id, &perms, ttl)?;
@@ -313,6 +368,18 @@ fn device(cmd: DeviceCommand, cfg: &Config) -> anyhow::Result<()> {
                 );
             }
             eprintln!("{} device(s)", devices.len());
+            Ok(())
+        }
+        DeviceCommand::Secret { id, tenant, set, perms } => {
+            check_tenant_arg(&tenant)?;
+            let perms = if perms.is_empty() {
+                Perm::DEFAULT.to_vec()
+            } else {
+                parse_perms(&perms).map_err(|m| anyhow::anyhow!("--perm: {m}"))?
+            };
+            let s = set_secret(&conn, &tenant, &id, set.as_deref(), &perms)?;
+            eprintln!("new secret of {tenant}/{id} (shown once; the old one no longer works):");
+            println!("{s}");
             Ok(())
         }
         DeviceCommand::Revoke { id, tenant } => {

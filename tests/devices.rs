@@ -143,3 +143,78 @@ async fn an_http_device_posts_its_payload_as_it_is_with_the_event_fields_in_the_
     assert_eq!(r.status(), 201, "60,000 bytes fit, though their base64 does not");
     assert_eq!(app.log_rows().len(), before + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_logs_in_with_a_24_character_secret_until_it_is_revoked() {
+    let app = TestApp::start().await;
+    let (ok, out, err) =
+        common::cli(app.dir.path(), &["device", "add", "--tenant", "acme", "--id", "relay-2", "--secret"]);
+    assert!(ok, "{err}");
+    let secret = out.trim().to_string();
+    assert_eq!(secret.len(), 24, "fits ESP-AT's 64-byte and WiseConnect's 60-byte password: {secret:?}");
+    assert!(err.contains("acme/relay-2"), "says the login: {err}");
+    let port = app.mqtt.port().to_string();
+    let publish = |user: &str, password: &str, version: &str, payload: &str| {
+        tokio::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-i", "relay-2", "-u", user, "-P", password, "-q", "1"])
+            .args(["-V", version, "-t", "acme/devices/relay-2/events/state", "-m", payload])
+            .output()
+    };
+    // 3.1.1 and 5.0; the username is <tenant>/<id>, or the id alone when
+    // one tenant has it.
+    for (user, version, payload) in [("acme/relay-2", "mqttv311", "on"), ("relay-2", "mqttv5", "off")] {
+        let out = publish(user, &secret, version, payload).await.unwrap();
+        assert!(out.status.success(), "{user} {version}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(app.log_rows().len(), 2, "acked means stored");
+    // A wrong secret, and a secret for a device that has none, are refused.
+    let out = publish("acme/relay-2", "AAAAAAAAAAAAAAAAAAAAAAAA", "mqttv311", "on").await.unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).to_lowercase().contains("bad user name or password"));
+    app.device("acme", "d9").await;
+    let out = publish("acme/d9", &secret, "mqttv311", "on").await.unwrap();
+    assert!(!out.status.success(), "d9 has no secret");
+    // An open session ends when the device is revoked (the CLI, another
+    // process: within the registry poll), and the secret stops working.
+    let (mut c, code) = common::mqtt_raw::Raw::connect(app.mqtt, "relay-2", "acme/relay-2", &secret, 30, None).await;
+    assert_eq!(code, 0);
+    let revoked_at = std::time::Instant::now();
+    let (ok, _, err) = common::cli(app.dir.path(), &["device", "revoke", "relay-2", "--tenant", "acme"]);
+    assert!(ok, "{err}");
+    assert!(c.closed(T).await, "the session outlived the revocation");
+    assert!(revoked_at.elapsed() < Duration::from_secs(2), "closed {:?} after the revoke", revoked_at.elapsed());
+    let out = publish("acme/relay-2", &secret, "mqttv311", "on").await.unwrap();
+    assert!(!out.status.success(), "a revoked device's secret no longer logs in");
+    assert_eq!(app.log_rows().len(), 2);
+    // A chosen secret is checked; the hash, never the secret, is stored.
+    let (ok, _, err) = common::cli(app.dir.path(), &["device", "secret", "d9", "--tenant", "acme", "--set", "short"]);
+    assert!(!ok && err.contains("16-32 characters"), "{err}");
+    let (ok, out, err) =
+        common::cli(app.dir.path(), &["device", "secret", "d9", "--tenant", "acme", "--set", "Kitchen-relay:2026!"]);
+    assert!(ok && out.trim() == "Kitchen-relay:2026!", "{err}");
+    let log = std::fs::read(app.dir.path().join("site-log.sqlite")).unwrap();
+    assert!(!log.windows(secret.len()).any(|w| w == secret.as_bytes()), "the secret itself is not in the site log");
+    let (_c, code) = common::mqtt_raw::Raw::connect(app.mqtt, "d9", "acme/d9", "Kitchen-relay:2026!", 30, None).await;
+    assert_eq!(code, 0, "the chosen secret logs in");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_register_api_issues_a_secret_when_asked_and_only_then() {
+    let app = TestApp::start().await;
+    let register = |body: serde_json::Value| {
+        app.client.post(app.url("/api/v1/realtime/acme/device/register")).bearer_auth(&app.admin).json(&body).send()
+    };
+    let r = register(serde_json::json!({"device_id": "plc-1", "secret": true})).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let body: serde_json::Value = r.json().await.unwrap();
+    let secret = body["secret"].as_str().expect("a secret").to_string();
+    assert_eq!(secret.len(), 24);
+    assert!(body["token"].is_string(), "the token as well");
+    let (_c, code) = common::mqtt_raw::Raw::connect(app.mqtt, "plc-1", "acme/plc-1", &secret, 30, None).await;
+    assert_eq!(code, 0, "the secret logs in at once");
+    let r = register(serde_json::json!({"device_id": "plc-2"})).await.unwrap();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(body.get("secret").is_none(), "no secret unless asked: {body}");
+    let (_c, code) = common::mqtt_raw::Raw::connect(app.mqtt, "plc-2", "acme/plc-2", &secret, 30, None).await;
+    assert_eq!(code, 4, "plc-2 has no secret: bad user name or password");
+}

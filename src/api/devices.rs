@@ -28,13 +28,20 @@ pub(crate) struct RegisterRequest {
     /// Token lifetime, e.g. "30d".
     #[serde(default)]
     pub ttl: Option<String>,
+    /// Also give the device a short secret (`crate::auth::secret`), with
+    /// the same permissions, returned once as `secret`.
+    #[serde(default)]
+    pub secret: bool,
 }
 
-/// Answer of `POST …/device/register`: the device and its token (shown once).
+/// Answer of `POST …/device/register`: the device and its token (shown once),
+/// and its secret when one was asked for (shown once).
 #[derive(Serialize)]
 pub(crate) struct Registered {
     pub device: Device,
     pub token: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
 }
 
 /// `POST …/device/register` (admin): registers a device, returns its token once.
@@ -61,11 +68,25 @@ async fn register_device(
         None => Perm::DEFAULT.to_vec(),
     };
     let ttl = req.ttl.as_deref().map(|t| parse_ttl(t).map_err(|m| ApiError::bad_field("ttl", m))).transpose()?;
-    let device = state.log.add_device(tenant.to_string(), device_id.clone(), req.name).await?;
+    // The secret is hashed here, off the log writer (argon2 takes tens of ms).
+    let secret = match req.secret {
+        true => {
+            let s = crate::auth::secret::generate().map_err(|e| ApiError::internal("secret", &e))?;
+            let (plain, names) = (s.clone(), perms.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(","));
+            let hash = tokio::task::spawn_blocking(move || crate::auth::secret::hash(&plain))
+                .await
+                .map_err(|e| ApiError::internal("secret", &e))?
+                .map_err(|e| ApiError::internal("secret", &e))?;
+            Some((s, hash, names))
+        }
+        false => None,
+    };
+    let stored = secret.as_ref().map(|(_, hash, names)| (hash.clone(), names.clone()));
+    let device = state.log.add_device(tenant.to_string(), device_id.clone(), req.name, stored).await?;
     state.auth.registry().set(&tenant, &device_id, false);
     let token = state.auth.issue_device(&tenant, &device_id, &perms, ttl)?;
-    tracing::info!(%tenant, device_id, "device registered");
-    Ok((StatusCode::CREATED, Json(Registered { device, token })))
+    tracing::info!(%tenant, device_id, secret = secret.is_some(), "device registered");
+    Ok((StatusCode::CREATED, Json(Registered { device, token, secret: secret.map(|(s, _, _)| s) })))
 }
 
 /// `DELETE …/device/{device_id}` (admin): revokes at once.

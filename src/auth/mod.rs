@@ -6,6 +6,7 @@
 
 mod crypto;
 mod registry;
+pub mod secret;
 
 pub use registry::{REGISTRY_POLL, Registry, run_registry_refresh};
 
@@ -159,6 +160,8 @@ pub struct Authenticator {
     validation: Validation,
     ttl: Duration,
     registry: Arc<Registry>,
+    /// Bounds the secret verifications running at once (each holds 19 MiB).
+    verifies: Arc<tokio::sync::Semaphore>,
 }
 
 fn jwt_alg(a: Algorithm) -> jsonwebtoken::Algorithm {
@@ -255,7 +258,11 @@ impl Authenticator {
         validation.leeway = a.leeway.as_secs();
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_aud = false;
-        Ok((Self { algorithm: a.algorithm, decoding, encoding, validation, ttl: a.token_ttl, registry }, created))
+        let verifies = Arc::new(tokio::sync::Semaphore::new(secret::CONCURRENT_VERIFIES));
+        Ok((
+            Self { algorithm: a.algorithm, decoding, encoding, validation, ttl: a.token_ttl, registry, verifies },
+            created,
+        ))
     }
 
     /// The registry this authenticator consults.
@@ -292,6 +299,40 @@ impl Authenticator {
         }
         let perms = c.perms.iter().filter_map(|p| Perm::parse(p)).collect();
         Ok((Principal::Device { tenant, device_id: c.sub, perms }, c.exp))
+    }
+
+    /// A login with a device secret (`secret::is_secret`): `username` is
+    /// `<tenant>/<device id>`, or the device id alone when one tenant has
+    /// it. The device must be registered and not revoked, like a token's.
+    /// The session it opens has no expiry of its own; revoking the device
+    /// ends it (`session_end`).
+    pub async fn verify_secret(&self, username: &str, secret: &str) -> Result<(Principal, i64), Error> {
+        let (tenant, device_id) = match username.split_once('/') {
+            Some((t, d)) => (Some(t), d),
+            None => (None, username),
+        };
+        let wrong = || Error::Invalid("unknown device or wrong secret".into());
+        let (tenant, phc, perms) = self.registry.secret(tenant, device_id).ok_or_else(wrong)?;
+        match self.registry.lookup(&tenant, device_id) {
+            None => return Err(Error::UnknownDevice(format!("{tenant}/{device_id}"))),
+            Some(true) => return Err(Error::Revoked(format!("{tenant}/{device_id}"))),
+            Some(false) => {}
+        }
+        let permit = self.verifies.clone().acquire_owned().await.map_err(|_| wrong())?;
+        let given = secret.to_string();
+        let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            secret::verify(&phc, &given)
+        })
+        .await
+        .unwrap_or(false);
+        if !ok {
+            return Err(wrong());
+        }
+        let perms = perms.split(',').filter_map(Perm::parse).collect();
+        // No expiry of its own: a century on, as far as session timers go.
+        let exp = time::OffsetDateTime::now_utc().unix_timestamp() + 100 * 365 * 86_400;
+        Ok((Principal::Device { tenant, device_id: device_id.to_string(), perms }, exp))
     }
 
     /// `verify`, then the tenant must match and the permission be held.

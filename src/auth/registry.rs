@@ -70,6 +70,18 @@ impl Registry {
         Some(revoked)
     }
 
+    /// A device's secret (tenant, argon2id hash, permissions), read from the
+    /// site log each time (a secret set by the CLI works at once). `tenant`
+    /// `None`: the one tenant that has the device id with a secret.
+    pub fn secret(&self, tenant: Option<&str>, device_id: &str) -> Option<(String, String, String)> {
+        let (path, conn) = self.log.as_ref()?;
+        let mut conn = conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if conn.is_none() {
+            *conn = log::open(path, true).ok();
+        }
+        schema::device_secret(conn.as_ref()?, tenant, device_id).ok()?
+    }
+
     /// Records a change made through this process.
     pub fn set(&self, tenant: &str, device_id: &str, revoked: bool) {
         let mut map = self.devices.write().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -127,8 +127,9 @@ impl LogHandle {
         tenant: String,
         device_id: String,
         name: Option<String>,
+        secret: Option<(String, String)>,
     ) -> Result<schema::Device, Error> {
-        self.call(|reply| Command::AddDevice(AddDevice { tenant, device_id, name, reply })).await
+        self.call(|reply| Command::AddDevice(AddDevice { tenant, device_id, name, secret, reply })).await
     }
 
     /// Revokes a device.

@@ -95,6 +95,52 @@ pub fn add_device(
         .ok_or_else(|| Error::DeviceNotFound { tenant: tenant.into(), device_id: device_id.into() })
 }
 
+/// Sets (or replaces) the secret of a registered, unrevoked device: `hash`
+/// is its argon2id PHC string, `perms` what a login with it may do
+/// (comma-separated).
+pub fn set_device_secret(
+    conn: &Connection,
+    tenant: &str,
+    device_id: &str,
+    hash: &str,
+    perms: &str,
+    now_us: i64,
+) -> Result<(), Error> {
+    match device_by_id(conn, tenant, device_id)? {
+        None => return Err(Error::DeviceNotFound { tenant: tenant.into(), device_id: device_id.into() }),
+        Some(d) if d.revoked_at.is_some() => {
+            return Err(Error::DeviceRevoked { tenant: tenant.into(), device_id: device_id.into() });
+        }
+        Some(_) => {}
+    }
+    conn.execute(
+        "INSERT INTO device_secrets (tenant, device_id, hash, perms, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (tenant, device_id) DO UPDATE SET hash = excluded.hash, perms = excluded.perms,
+           created_at = excluded.created_at",
+        params![tenant, device_id, hash, perms, now_us],
+    )?;
+    Ok(())
+}
+
+/// A device's secret: its tenant, hash and permissions. `tenant` `None`
+/// finds the device id in whichever tenant has it, if only one does.
+pub fn device_secret(
+    conn: &Connection,
+    tenant: Option<&str>,
+    device_id: &str,
+) -> Result<Option<(String, String, String)>, Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT tenant, hash, perms FROM device_secrets WHERE device_id = ?1 AND (?2 IS NULL OR tenant = ?2) LIMIT 2",
+    )?;
+    let rows: Vec<(String, String, String)> = stmt
+        .query_map(params![device_id, tenant], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(match <[_; 1]>::try_from(rows) {
+        Ok([one]) => Some(one),
+        Err(_) => None,
+    })
+}
+
 /// Revokes a device: every token it holds stops working.
 pub fn revoke_device(conn: &Connection, tenant: &str, device_id: &str, now_us: i64) -> Result<Device, Error> {
     let n = conn.execute(

@@ -20,7 +20,9 @@ use rusqlite_migration::{M, Migrations};
 use super::Error;
 use crate::event::ROW_OVERHEAD;
 
-pub use devices::{Device, add_device, device_by_id, devices, online_devices, revoke_device};
+pub use devices::{
+    Device, add_device, device_by_id, device_secret, devices, online_devices, revoke_device, set_device_secret,
+};
 pub(crate) use devices::{bump_device, set_presence};
 #[cfg(any(test, feature = "test-util"))]
 pub use events::all_events;
@@ -76,6 +78,7 @@ pub fn migrations() -> Migrations<'static> {
         M::up(include_str!("../../../migrations/sqlite/0008_mqtt_chain.sql")),
         M::up(include_str!("../../../migrations/sqlite/0009_mqtt_sessions.sql")),
         M::up_with_hook(include_str!("../../../migrations/sqlite/0010_seq_floor.sql"), drop_autoincrement),
+        M::up(include_str!("../../../migrations/sqlite/0011_device_secrets.sql")),
     ])
 }
 

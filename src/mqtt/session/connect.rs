@@ -136,7 +136,8 @@ impl Handshake<'_, '_> {
         let props = props.unwrap_or_else(no_props);
         let mut client_id = connect.client_id.clone();
         let login = login.as_ref().map(|l| (l.username.as_str(), l.password.as_str()));
-        let (who, will) = match self.check(&props, &mut client_id, connect.clean_session, login, will) {
+        let authed = self.authenticate(login).await;
+        let (who, will) = match self.check(&props, &mut client_id, connect.clean_session, authed, will) {
             Ok(ok) => ok,
             Err(refusal) => {
                 self.refuse(&client_id, refusal).await;
@@ -245,11 +246,11 @@ impl Handshake<'_, '_> {
         props: &ConnectProperties,
         client_id: &mut String,
         clean: bool,
-        login: Option<(&str, &str)>,
+        authed: Result<(Principal, i64), Refusal>,
         will: Option<LastWill>,
     ) -> Result<(Identity, Option<LastWill>), Refusal> {
         check_props(props)?;
-        let (principal, expires_at) = self.authenticate(login)?;
+        let (principal, expires_at) = authed?;
         let Principal::Device { tenant, device_id, perms } = &principal else { return Err(admin_refused()) };
         self.assign_client_id(client_id, device_id, clean)?;
         if !perms.contains(&Perm::WriteEvents) && !perms.contains(&Perm::ReadEvents) {
@@ -276,11 +277,21 @@ impl Handshake<'_, '_> {
         Ok((who, will))
     }
 
-    /// The device the token in the password proves, and when the token
-    /// expires; the username must be its device id.
-    fn authenticate(&self, login: Option<(&str, &str)>) -> Result<(Principal, i64), Refusal> {
+    /// The device the password proves, and when its login expires: a token
+    /// (the username must be its device id), or a device secret of at most
+    /// 32 characters (the username names the device: `<tenant>/<id>`, or
+    /// the id alone when one tenant has it).
+    async fn authenticate(&self, login: Option<(&str, &str)>) -> Result<(Principal, i64), Refusal> {
         let bad = |r: &str| (ConnectReturnCode::BadUserNamePassword, r.to_string());
         let (username, password) = login.ok_or_else(|| bad("no username/password"))?;
+        if crate::auth::secret::is_secret(password) {
+            return self
+                .deps
+                .auth
+                .verify_secret(username, password)
+                .await
+                .map_err(|e| (refuse_code(&e), e.to_string()));
+        }
         let (principal, expires_at) =
             self.deps.auth.verify_expiring(password).map_err(|e| (refuse_code(&e), e.to_string()))?;
         let Principal::Device { device_id, .. } = &principal else { return Err(admin_refused()) };
