@@ -215,6 +215,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 metrics: metrics.clone(),
                 config: config.mqtt.clone(),
                 sessions: b.sessions,
+                topics: Arc::new(
+                    mqtt::topic_map::TopicMaps::new(&config.mqtt.topic_maps)
+                        .map_err(|e| anyhow::anyhow!(e.join("; ")))?,
+                ),
                 connections: Default::default(),
                 tasks: stages.tracker.clone(),
             };

@@ -218,3 +218,61 @@ async fn the_register_api_issues_a_secret_when_asked_and_only_then() {
     let (_c, code) = common::mqtt_raw::Raw::connect(app.mqtt, "plc-2", "acme/plc-2", &secret, 30, None).await;
     assert_eq!(code, 4, "plc-2 has no secret: bad user name or password");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shelly_and_tasmota_devices_publish_on_their_own_topics_through_topic_maps() {
+    use common::mqtt_raw::{Raw, v5};
+    use outpost::config::TopicMapRule;
+    let app = TestApp::start_with(|c| {
+        c.mqtt.topic_maps = vec![
+            TopicMapRule { pattern: "shellies/{device}/{type..}".into(), event_type: None },
+            TopicMapRule { pattern: "tele/{device}/{type}".into(), event_type: None },
+        ];
+    })
+    .await;
+    let relay = app.device("acme", "relay-1").await;
+    let sensor = app.device("acme", "sensor-1").await;
+    let port = app.mqtt.port().to_string();
+    let pub_ = |id: &str, token: &str, version: &str, topic: &str, payload: &str, retain: bool| {
+        let mut cmd = tokio::process::Command::new("mosquitto_pub");
+        cmd.args(["-h", "127.0.0.1", "-p", &port, "-i", id, "-u", id, "-P", token, "-q", "1", "-V", version])
+            .args(["-t", topic, "-m", payload]);
+        if retain {
+            cmd.arg("-r");
+        }
+        cmd.output()
+    };
+    // A Shelly relay (3.1.1, its plain-text state, retained) and a Tasmota
+    // sensor (5.0, its JSON telemetry), each on its own layout.
+    let out = pub_("relay-1", &relay, "mqttv311", "shellies/relay-1/relay/0", "on", true).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let telemetry = r#"{"AM2301":{"Temperature":21.5,"Humidity":40}}"#;
+    let out = pub_("sensor-1", &sensor, "mqttv5", "tele/sensor-1/SENSOR", telemetry, false).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows = app.log_rows();
+    let kinds: Vec<(&str, &str)> = rows.iter().map(|r| (r.device_id.as_str(), r.event_type.as_str())).collect();
+    assert_eq!(kinds, [("relay-1", "relay.0"), ("sensor-1", "SENSOR")]);
+    assert_eq!(rows[1].payload.get(), telemetry, "a JSON object stays the payload");
+    // The retained state is the relay's, on its stream topic, as it was sent.
+    let out = tokio::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-i", "sensor-1-sub", "-u", "sensor-1", "-P", &sensor, "-q", "1"])
+        .args(["-t", "acme/events/relay-1/#", "-v", "-C", "1", "-W", "10"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "acme/events/relay-1/relay.0 on");
+    // Another device's topic of the same layout is refused naming the rule:
+    // 5.0 gets a negative PUBACK with the reason, 3.1.1 loses the connection.
+    let (mut c, ack) = Raw::connect_v5(app.mqtt, "relay-1", "relay-1", &relay, 30, true, &v5::prop_u8(0x17, 1)).await;
+    assert_eq!(ack.body[1], 0);
+    c.send(&v5::publish_packet("shellies/sensor-1/relay/0", b"off", 1, 7, false, &[])).await;
+    let puback = c.read_kind(4, T).await.expect("PUBACK");
+    assert_eq!(puback.body[2], 0x87, "not authorized");
+    let why = v5::prop_string(&v5::props(&puback.body, 3), 0x1f).unwrap_or_default();
+    assert!(why.contains("mqtt.topic_maps[0]") && why.contains("\"sensor-1\""), "{why}");
+    let (mut c, code) = Raw::connect(app.mqtt, "relay-1", "relay-1", &relay, 30, None).await;
+    assert_eq!(code, 0);
+    c.publish("tele/sensor-1/SENSOR", b"{}", 1, 9, false, false).await;
+    assert!(c.read(T).await.is_none(), "3.1.1: closed, not acked");
+    assert_eq!(app.log_rows().len(), 2, "nothing refused was written");
+}

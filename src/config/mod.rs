@@ -171,6 +171,21 @@ pub struct MqttConfig {
     /// for this long is closed (it stopped reading).
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// Devices' own topic layouts, mapped to (device, event type): see
+    /// `src/mqtt/topic_map.rs` and the README, "Connecting existing devices".
+    pub topic_maps: Vec<TopicMapRule>,
+}
+
+/// One `[[mqtt.topic_maps]]` entry, as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicMapRule {
+    /// The device's topic layout, e.g. `"shellies/{device}/{type..}"`.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// The event type, for a pattern without `{type}` / `{type..}`.
+    #[serde(default)]
+    pub event_type: Option<String>,
 }
 
 /// The central PostgreSQL the forwarder writes to.
@@ -594,6 +609,7 @@ impl Default for MqttConfig {
             max_queued_messages: 1000,
             max_queued_bytes: 256 * 1024,
             write_timeout: Duration::from_secs(30),
+            topic_maps: Vec::new(),
         }
     }
 }
@@ -863,6 +879,21 @@ mod tests {
             let name = path.display().to_string();
             assert_eq!(from_file.replace(&name, "<string>"), from_str, "{text:?}");
         }
+    }
+
+    #[test]
+    fn a_topic_map_that_would_let_a_device_publish_as_another_is_refused_by_name() {
+        let text = "[[mqtt.topic_maps]]\nmatch = \"tele/{device}/{type}\"\n[[mqtt.topic_maps]]\nmatch = \"zigbee2mqtt/{type}\"\n";
+        let err = Config::from_toml_str(text, Vec::new()).unwrap_err().to_string();
+        assert!(
+            err.contains("mqtt.topic_maps[1] (match = \"zigbee2mqtt/{type}\"): needs {device} exactly once"),
+            "{err}"
+        );
+        let ok = Config::from_toml_str(
+            "[[mqtt.topic_maps]]\nmatch = \"stat/{device}/+\"\nevent_type = \"status\"\n",
+            Vec::new(),
+        );
+        assert_eq!(ok.unwrap().mqtt.topic_maps.len(), 1);
     }
 
     #[test]

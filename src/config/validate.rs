@@ -100,6 +100,9 @@ impl Config {
         if !(16..=65_535).contains(&m.max_topic_length) {
             problems.push(format!("mqtt.max_topic_length = {}: must be 16..=65535", m.max_topic_length));
         }
+        if let Err(errors) = crate::mqtt::topic_map::TopicMaps::new(&m.topic_maps) {
+            problems.extend(errors);
+        }
         let st = &self.stream;
         if st.queue < 16 || st.queue > 1 << 20 {
             problems.push(format!("stream.queue = {}: must be 16..=1048576", st.queue));

@@ -42,6 +42,7 @@ pub(crate) mod fanout;
 pub(crate) mod framing;
 mod session;
 pub(crate) mod state;
+pub(crate) mod topic_map;
 pub(crate) mod ws;
 
 use std::sync::Arc;
@@ -68,6 +69,8 @@ pub(crate) struct MqttDeps {
     pub config: MqttConfig,
     /// Live and persistent sessions, and (through them) the fan-out.
     pub sessions: Arc<state::Sessions>,
+    /// `mqtt.topic_maps`, parsed.
+    pub topics: Arc<topic_map::TopicMaps>,
     /// Open connections, TCP and WebSocket (bounded by `max_connections`).
     pub connections: Arc<AtomicUsize>,
     /// Timers that outlive a connection (delayed wills, session expiry):

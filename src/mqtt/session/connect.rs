@@ -12,9 +12,10 @@ use rumqttd::protocol::{
 use tokio_util::sync::CancellationToken;
 
 use super::super::PROTOCOL;
-use super::super::acl::{client_id_allowed, event_topic};
+use super::super::acl::client_id_allowed;
 use super::super::codec::Version;
 use super::super::state::{Lease, Sessions};
+use super::super::topic_map::{Resolved, TopicMaps};
 use super::outbound::ClientLimits;
 use super::will::Will;
 use super::wire::Wire;
@@ -257,7 +258,8 @@ impl Handshake<'_, '_> {
             return Err((ConnectReturnCode::NotAuthorized, "token has neither write_events nor read_events".into()));
         }
         if let Some(w) = &will {
-            check_will(w, self.deps.config.max_topic_length, perms.contains(&Perm::WriteEvents), tenant, device_id)?;
+            let write = perms.contains(&Perm::WriteEvents);
+            check_will(w, self.deps.config.max_topic_length, write, &self.deps.topics, tenant, device_id)?;
         }
         if !self.deps.sessions.connect_allowed(tenant, device_id) {
             let why = format!(
@@ -373,7 +375,14 @@ fn check_props(props: &ConnectProperties) -> Result<(), Refusal> {
 /// A will must be an event of the device itself (its own event topic, a
 /// JSON object), within the topic length, and the device must be allowed
 /// to write events.
-fn check_will(w: &LastWill, max_topic: usize, may_write: bool, tenant: &str, device_id: &str) -> Result<(), Refusal> {
+fn check_will(
+    w: &LastWill,
+    max_topic: usize,
+    may_write: bool,
+    topics: &TopicMaps,
+    tenant: &str,
+    device_id: &str,
+) -> Result<(), Refusal> {
     let topic = std::str::from_utf8(&w.topic).unwrap_or("");
     if w.topic.len() > max_topic {
         return Err((
@@ -381,15 +390,15 @@ fn check_will(w: &LastWill, max_topic: usize, may_write: bool, tenant: &str, dev
             format!("will topic of {} bytes is over mqtt.max_topic_length", w.topic.len()),
         ));
     }
-    if !may_write || event_topic(topic, tenant, device_id).is_none() {
-        return Err((
-            ConnectReturnCode::NotAuthorized,
-            format!("will topic {topic:?} is not this device's event topic"),
-        ));
-    }
     // Any payload will do (`offline` is the classic one): what is not a
     // JSON object is kept wrapped in one when the will fires.
-    Ok(())
+    let why = match topics.resolve(topic, tenant, device_id) {
+        Resolved::Event(_) if may_write => return Ok(()),
+        Resolved::Event(_) => "the login lacks write_events".to_string(),
+        Resolved::NoMatch => "not this device's event topic".to_string(),
+        Resolved::Refused(why) => why,
+    };
+    Err((ConnectReturnCode::NotAuthorized, format!("will topic {topic:?}: {why}")))
 }
 
 /// The CONNECT properties of a client that sent none (3.x, or 5.0
@@ -471,11 +480,16 @@ mod tests {
             retain: false,
         };
         let own = "acme/devices/d1/events/gone";
-        assert!(check_will(&will(own, r#" {"a":1}"#), 512, true, "acme", "d1").is_ok());
-        let code = |w: LastWill, max: usize, write: bool| check_will(&w, max, write, "acme", "d1").unwrap_err().0;
+        assert!(check_will(&will(own, r#" {"a":1}"#), 512, true, &TopicMaps::default(), "acme", "d1").is_ok());
+        let code = |w: LastWill, max: usize, write: bool| {
+            check_will(&w, max, write, &TopicMaps::default(), "acme", "d1").unwrap_err().0
+        };
         assert_eq!(code(will(own, "{}"), 10, true), ConnectReturnCode::TopicNameInvalid);
         assert_eq!(code(will(own, "{}"), 512, false), ConnectReturnCode::NotAuthorized, "no write_events");
         assert_eq!(code(will("acme/devices/d2/events/gone", "{}"), 512, true), ConnectReturnCode::NotAuthorized);
-        assert!(check_will(&will(own, "offline"), 512, true, "acme", "d1").is_ok(), "any payload");
+        assert!(
+            check_will(&will(own, "offline"), 512, true, &TopicMaps::default(), "acme", "d1").is_ok(),
+            "any payload"
+        );
     }
 }

@@ -15,9 +15,10 @@ use rumqttd::protocol::{
     PubRecProperties, PubRecReason, Publish, PublishProperties,
 };
 
-use super::super::acl::{event_topic, stream_topic};
+use super::super::acl::stream_topic;
 use super::super::codec;
 use super::super::framing::{self, publish_header};
+use super::super::topic_map::Resolved;
 use super::{End, Session};
 use crate::auth::Perm;
 use crate::event::{EventInput, fnv1a64};
@@ -285,12 +286,14 @@ impl Session<'_> {
                 }
             }
         } else if publish.publish.topic.len() <= self.deps.config.max_topic_length
-            && event_topic(
-                std::str::from_utf8(&publish.publish.topic).unwrap_or(""),
-                &self.who.tenant,
-                &self.who.device_id,
+            && matches!(
+                self.deps.topics.resolve(
+                    std::str::from_utf8(&publish.publish.topic).unwrap_or(""),
+                    &self.who.tenant,
+                    &self.who.device_id,
+                ),
+                Resolved::Event(_)
             )
-            .is_some()
         {
             // Only topics this device may publish to are kept: an alias of
             // anything else is refused with its publish below.
@@ -320,12 +323,18 @@ impl Session<'_> {
             return self.refuse(publish, PubAckReason::TopicNameInvalid, why).map(|()| None);
         }
         let topic = String::from_utf8_lossy(&publish.publish.topic).into_owned();
-        if !self.who.can(Perm::WriteEvents) || event_topic(&topic, &self.who.tenant, &self.who.device_id).is_none() {
-            self.deps.ingest.count_rejected(super::PROTOCOL, "forbidden_topic");
-            let why = format!(
-                "publish to {topic:?} refused: devices publish to {}/devices/{}/events/<event_type>",
+        let refusal = match self.deps.topics.resolve(&topic, &self.who.tenant, &self.who.device_id) {
+            Resolved::Event(_) if self.who.can(Perm::WriteEvents) => None,
+            Resolved::Event(_) => Some("the login lacks write_events".to_string()),
+            Resolved::NoMatch => Some(format!(
+                "devices publish to {}/devices/{}/events/<event_type> (or a topic of mqtt.topic_maps)",
                 self.who.tenant, self.who.device_id
-            );
+            )),
+            Resolved::Refused(why) => Some(why),
+        };
+        if let Some(why) = refusal {
+            self.deps.ingest.count_rejected(super::PROTOCOL, "forbidden_topic");
+            let why = format!("publish to {topic:?} refused: {why}");
             return self.refuse(publish, PubAckReason::NotAuthorized, why).map(|()| None);
         }
         let payload = &publish.publish.payload;
@@ -350,15 +359,19 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// The event type of an admitted publish (its topic, native or mapped,
+    /// was checked in `check_publish`).
+    fn event_type_of(&self, publish: &InPublish) -> String {
+        let topic = std::str::from_utf8(&publish.publish.topic).unwrap_or("");
+        match self.deps.topics.resolve(topic, &self.who.tenant, &self.who.device_id) {
+            Resolved::Event(t) => t.into_owned(),
+            _ => String::new(),
+        }
+    }
+
     /// Starts the append of one admitted publish; its future joins the FIFO.
     fn submit(&mut self, mut publish: InPublish) {
-        let event_type = event_topic(
-            std::str::from_utf8(&publish.publish.topic).unwrap_or(""),
-            &self.who.tenant,
-            &self.who.device_id,
-        )
-        .unwrap_or_default()
-        .to_string();
+        let event_type = self.event_type_of(&publish);
         let topic = stream_topic(&self.who.tenant, &self.who.device_id, &event_type);
         if publish.publish.payload.is_empty() {
             self.clear_retained(publish, topic);
@@ -474,13 +487,8 @@ impl Session<'_> {
     /// The cleared topic keeps no retained message; subscribers get the
     /// empty publish like any other.
     fn pass_on_clear(&self, publish: &InPublish) {
-        let event_type = event_topic(
-            std::str::from_utf8(&publish.publish.topic).unwrap_or(""),
-            &self.who.tenant,
-            &self.who.device_id,
-        )
-        .unwrap_or_default();
-        let topic = stream_topic(&self.who.tenant, &self.who.device_id, event_type);
+        let event_type = self.event_type_of(publish);
+        let topic = stream_topic(&self.who.tenant, &self.who.device_id, &event_type);
         let fanout = self.deps.sessions.fanout();
         fanout.set_retained(&self.who.tenant, &topic, None);
         let msg = std::sync::Arc::new(super::super::fanout::Message {

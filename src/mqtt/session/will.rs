@@ -15,9 +15,10 @@ use futures_util::FutureExt;
 use rumqttd::protocol::{LastWill, LastWillProperties, PublishProperties};
 use tokio_util::sync::CancellationToken;
 
-use super::super::acl::{event_topic, stream_topic};
+use super::super::acl::stream_topic;
 use super::super::codec;
 use super::super::state::Lease;
+use super::super::topic_map::Resolved;
 use super::Identity;
 use crate::event::EventInput;
 use crate::log::mqtt::{Facts, Published};
@@ -87,10 +88,11 @@ pub(super) fn fire_or_schedule(
 async fn fire(deps: &MqttDeps, who: &Identity, will: Will, origin: u64, shutdown: &CancellationToken) {
     let Will { message: will, props, .. } = will;
     let topic = String::from_utf8_lossy(&will.topic).into_owned();
-    let Some(event_type) = event_topic(&topic, &who.tenant, &who.device_id) else {
+    let Resolved::Event(event_type) = deps.topics.resolve(&topic, &who.tenant, &who.device_id) else {
         tracing::warn!(device_id = who.device_id, topic, "will is not an event of this device; not published");
         return;
     };
+    let event_type: &str = &event_type;
     let stream = stream_topic(&who.tenant, &who.device_id, event_type);
     let retain = will.retain && deps.sessions.fanout().retain_fits(&who.tenant, &stream, will.message.len());
     let forwarded = PublishProperties {

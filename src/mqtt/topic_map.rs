@@ -1,0 +1,215 @@
+//! Topic maps (issue #31): devices that publish to their own topic layout
+//! (`shellies/<id>/relay/0`, `tele/<id>/SENSOR`) without being reflashed.
+//! Each `[[mqtt.topic_maps]]` rule is a pattern of `/`-separated segments:
+//!
+//! - a literal segment matches itself;
+//! - `+` matches any one segment;
+//! - `{device}` (required, once) matches one segment, which must be the
+//!   logged-in device's id: a device still publishes only as itself;
+//! - `{type}` matches one segment, `{type..}` (last) one or more, joined
+//!   with `.` into the event type (`relay/0` → `relay.0`);
+//!
+//! and a rule without `{type}` names its `event_type`. The first rule whose
+//! shape matches decides; a topic that matches a rule for another device, or
+//! whose event type is not valid, is refused naming the rule. The event is
+//! then the device's like any other: same ack, DUP and QoS 2 rules, tenant,
+//! retained message and fan-out on `<tenant>/events/<device>/<type>`.
+
+use std::borrow::Cow;
+
+use crate::config::TopicMapRule;
+use crate::event::validate_event_type;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Any,
+    Device,
+    Type,
+    TypeRest,
+}
+
+/// A rule, parsed.
+#[derive(Debug, Clone)]
+struct Rule {
+    index: usize,
+    pattern: String,
+    segments: Vec<Segment>,
+    event_type: Option<String>,
+}
+
+/// The configured rules, parsed once.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TopicMaps {
+    rules: Vec<Rule>,
+}
+
+/// What a publish topic is.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Resolved<'t> {
+    /// An event of the logged-in device, of this type.
+    Event(Cow<'t, str>),
+    /// No rule (and not the device's native event topic).
+    NoMatch,
+    /// A rule matched its shape but refuses it: the reason names the rule.
+    Refused(String),
+}
+
+fn parse(index: usize, rule: &TopicMapRule) -> Result<Rule, String> {
+    let name = format!("mqtt.topic_maps[{index}] (match = {:?})", rule.pattern);
+    let mut segments = Vec::new();
+    let parts: Vec<&str> = rule.pattern.split('/').collect();
+    for (i, p) in parts.iter().enumerate() {
+        segments.push(match *p {
+            "{device}" => Segment::Device,
+            "{type}" => Segment::Type,
+            "{type..}" if i + 1 == parts.len() => Segment::TypeRest,
+            "{type..}" => return Err(format!("{name}: {{type..}} must be the last segment")),
+            "+" => Segment::Any,
+            "" => return Err(format!("{name}: empty segment")),
+            p if p.contains(['{', '}', '#', '+']) || p.starts_with('$') => {
+                return Err(format!("{name}: segment {p:?} is not a literal, +, {{device}}, {{type}} or {{type..}}"));
+            }
+            p => Segment::Literal(p.to_string()),
+        });
+    }
+    let count = |s: &Segment| segments.iter().filter(|x| *x == s).count();
+    if count(&Segment::Device) != 1 {
+        return Err(format!("{name}: needs {{device}} exactly once (a device publishes only as itself)"));
+    }
+    let typed = count(&Segment::Type) + count(&Segment::TypeRest);
+    match (typed, &rule.event_type) {
+        (0, None) => return Err(format!("{name}: needs {{type}}, {{type..}} or an event_type")),
+        (0, Some(t)) => validate_event_type(t).map_err(|e| format!("{name}: event_type {t:?} {}", e.message))?,
+        (1, None) => {}
+        (1, Some(_)) => return Err(format!("{name}: has {{type}} and an event_type; keep one")),
+        _ => return Err(format!("{name}: {{type}} at most once")),
+    }
+    Ok(Rule { index, pattern: rule.pattern.clone(), segments, event_type: rule.event_type.clone() })
+}
+
+impl TopicMaps {
+    /// Parses the rules; errors name the rule (config validation shows them).
+    pub(crate) fn new(rules: &[TopicMapRule]) -> Result<Self, Vec<String>> {
+        let (ok, errs): (Vec<_>, Vec<_>) = rules.iter().enumerate().map(|(i, r)| parse(i, r)).partition(Result::is_ok);
+        if !errs.is_empty() {
+            return Err(errs.into_iter().filter_map(Result::err).collect());
+        }
+        Ok(Self { rules: ok.into_iter().filter_map(Result::ok).collect() })
+    }
+
+    /// The event a publish to `topic` by `device_id` of `tenant` is: the
+    /// native `<tenant>/devices/<id>/events/<type>`, else the first rule
+    /// whose shape matches.
+    pub(crate) fn resolve<'t>(&self, topic: &'t str, tenant: &str, device_id: &str) -> Resolved<'t> {
+        if let Some(t) = super::acl::event_topic(topic, tenant, device_id) {
+            return Resolved::Event(Cow::Borrowed(t));
+        }
+        let parts: Vec<&str> = topic.split('/').collect();
+        for rule in &self.rules {
+            if let Some(r) = rule.apply(&parts, device_id) {
+                return r;
+            }
+        }
+        Resolved::NoMatch
+    }
+}
+
+impl Rule {
+    /// `None` when the topic does not have this rule's shape.
+    fn apply<'t>(&self, parts: &[&'t str], device_id: &str) -> Option<Resolved<'t>> {
+        let rest = self.segments.last() == Some(&Segment::TypeRest);
+        let fixed = self.segments.len() - usize::from(rest);
+        if parts.len() < self.segments.len() || (!rest && parts.len() != self.segments.len()) {
+            return None;
+        }
+        let (mut device, mut kind): (Option<&str>, Option<Cow<'t, str>>) = (None, None);
+        for (seg, part) in self.segments[..fixed].iter().zip(parts) {
+            match seg {
+                Segment::Literal(l) if l != part => return None,
+                Segment::Device => device = Some(part),
+                Segment::Type => kind = Some(Cow::Borrowed(part)),
+                _ => {}
+            }
+        }
+        if rest {
+            kind = Some(Cow::Owned(parts[fixed..].join(".")));
+        }
+        let name = || format!("mqtt.topic_maps[{}] ({:?})", self.index, self.pattern);
+        let device = device.unwrap_or_default();
+        if device != device_id {
+            return Some(Resolved::Refused(format!(
+                "{} names device {device:?}, not the logged-in {device_id:?}",
+                name()
+            )));
+        }
+        let kind = kind.unwrap_or_else(|| Cow::Owned(self.event_type.clone().unwrap_or_default()));
+        if let Err(e) = validate_event_type(&kind) {
+            return Some(Resolved::Refused(format!("{} gives event type {kind:?}, which {}", name(), e.message)));
+        }
+        Some(Resolved::Event(kind))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(pattern: &str, event_type: Option<&str>) -> TopicMapRule {
+        TopicMapRule { pattern: pattern.into(), event_type: event_type.map(str::to_string) }
+    }
+
+    fn maps() -> TopicMaps {
+        TopicMaps::new(&[
+            rule("shellies/{device}/{type..}", None),
+            rule("tele/{device}/{type}", None),
+            rule("stat/{device}/+", Some("status")),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn shelly_and_tasmota_layouts_become_events_of_the_device() {
+        let m = maps();
+        let ev = |t: &str| Resolved::Event(Cow::Owned(t.to_string()));
+        assert_eq!(m.resolve("shellies/relay-1/relay/0", "acme", "relay-1"), ev("relay.0"));
+        assert_eq!(m.resolve("shellies/relay-1/temperature", "acme", "relay-1"), ev("temperature"));
+        assert_eq!(m.resolve("tele/sensor-1/SENSOR", "acme", "sensor-1"), ev("SENSOR"));
+        assert_eq!(m.resolve("stat/sensor-1/POWER", "acme", "sensor-1"), ev("status"));
+        // The native topic still works, and comes first.
+        assert_eq!(m.resolve("acme/devices/relay-1/events/x", "acme", "relay-1"), ev("x"));
+    }
+
+    #[test]
+    fn another_devices_topic_or_a_bad_type_is_refused_naming_the_rule_and_the_rest_does_not_match() {
+        let m = maps();
+        let refused = |r: Resolved<'_>| match r {
+            Resolved::Refused(why) => why,
+            other => panic!("not refused: {other:?}"),
+        };
+        let why = refused(m.resolve("shellies/relay-2/relay/0", "acme", "relay-1"));
+        assert!(
+            why.starts_with("mqtt.topic_maps[0] (\"shellies/{device}/{type..}\") names device \"relay-2\""),
+            "{why}"
+        );
+        let why = refused(m.resolve("tele/sensor-1/bad type", "acme", "sensor-1"));
+        assert!(why.contains("topic_maps[1]") && why.contains("[A-Za-z0-9_.-]"), "{why}");
+        assert_eq!(m.resolve("tele/sensor-1/SENSOR/extra", "acme", "sensor-1"), Resolved::NoMatch);
+        assert_eq!(m.resolve("shellies/relay-1", "acme", "relay-1"), Resolved::NoMatch);
+        assert_eq!(m.resolve("zigbee2mqtt/lamp", "acme", "relay-1"), Resolved::NoMatch);
+        assert_eq!(m.resolve("globex/devices/relay-1/events/x", "acme", "relay-1"), Resolved::NoMatch);
+    }
+
+    #[test]
+    fn rules_that_could_let_a_device_publish_as_another_are_refused_at_start() {
+        let errors = |r: TopicMapRule| TopicMaps::new(&[r]).unwrap_err().join("; ");
+        assert!(errors(rule("shellies/{type..}", None)).contains("needs {device} exactly once"));
+        assert!(errors(rule("a/{device}/{device}/{type}", None)).contains("exactly once"));
+        assert!(errors(rule("a/{device}", None)).contains("needs {type}, {type..} or an event_type"));
+        assert!(errors(rule("a/{device}/{type}", Some("x"))).contains("keep one"));
+        assert!(errors(rule("a/{type..}/{device}", None)).contains("last segment"));
+        assert!(errors(rule("a/#/{device}/{type}", None)).contains("is not a literal"));
+        assert!(errors(rule("a/{device}", Some("bad type"))).contains("event_type"));
+        assert!(errors(rule("a//{device}/{type}", None)).contains("empty segment"));
+    }
+}
