@@ -100,22 +100,24 @@ async fn text_number_binary_and_cbor_payloads_are_events_byte_exact_at_the_site_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http_device_posts_its_payload_as_it_is_with_the_event_fields_in_the_query() {
+async fn an_http_device_posts_its_payload_as_it_is_to_its_event_path() {
     let app = TestApp::start().await;
     let token = app.device("acme", "d1").await;
-    let post = |query: &str, content_type: &str, body: Vec<u8>| {
+    let post = |path: &str, content_type: &str, body: Vec<u8>| {
         app.client
-            .post(app.url(&format!("/api/v1/realtime/acme/event{query}")))
+            .post(app.url(&format!("/api/v1/realtime/acme/devices/{path}")))
             .bearer_auth(&token)
             .header("content-type", content_type)
             .body(body)
             .send()
     };
     let binary: Vec<u8> = vec![0x00, 0xff, 0x10, 0x80];
-    for (event_type, content_type, body) in
-        [("state", "text/plain; charset=utf-8", b"on".to_vec()), ("frame", "application/octet-stream", binary.clone())]
-    {
-        let r = post(&format!("?device_id=d1&event_type={event_type}"), content_type, body.clone()).await.unwrap();
+    for (event_type, content_type, body) in [
+        ("state", "text/plain; charset=utf-8", b"on".to_vec()),
+        ("frame", "application/octet-stream", binary.clone()),
+        ("reading", "application/json", br#"{"t":21.5}"#.to_vec()),
+    ] {
+        let r = post(&format!("d1/events/{event_type}"), content_type, body.clone()).await.unwrap();
         assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
         let rows = app.log_rows();
         let row = rows.iter().find(|r| r.event_type == event_type).expect("stored");
@@ -123,23 +125,19 @@ async fn an_http_device_posts_its_payload_as_it_is_with_the_event_fields_in_the_
         assert_eq!(&*outpost::payload::original(row.payload.get(), props), &body[..]);
         assert!(props.is_some_and(|p| p.contains(content_type)), "the content type is kept: {props:?}");
     }
-    // The fields the JSON form would carry are required, by name; nothing is written.
+    assert_eq!(app.log_rows()[2].payload.get(), r#"{"t":21.5}"#, "a JSON object stays the payload");
+    // Refusals name the field, as on the JSON route; nothing is written.
     let before = app.log_rows().len();
-    for (query, field) in
-        [("?event_type=state", "device_id"), ("?device_id=d1", "event_type"), ("?device_id=d1&event_type=s&x=1", "x")]
-    {
-        let r = post(query, "text/plain", b"on".to_vec()).await.unwrap();
-        assert_eq!(r.status(), 400);
-        let body: serde_json::Value = r.json().await.unwrap();
-        assert_eq!(body["field"], field, "{body}");
-    }
-    // Another device's id is refused as in the JSON form, and the limits hold
-    // on the bytes sent (64 KiB by default).
-    let r = post("?device_id=d2&event_type=state", "text/plain", b"on".to_vec()).await.unwrap();
-    assert_eq!(r.status(), 403);
-    let r = post("?device_id=d1&event_type=big", "application/octet-stream", vec![7u8; 70_000]).await.unwrap();
+    let r = post("d2/events/state", "text/plain", b"on".to_vec()).await.unwrap();
+    assert_eq!(r.status(), 403, "another device's path");
+    let r = post("d1/events/bad%20type", "text/plain", b"on".to_vec()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["field"], "event_type", "{body}");
+    // The limit holds on the bytes sent (64 KiB by default), not on their base64.
+    let r = post("d1/events/big", "application/octet-stream", vec![7u8; 70_000]).await.unwrap();
     assert_eq!(r.status(), 400, "over limits.max_payload_bytes");
-    let r = post("?device_id=d1&event_type=fits", "application/octet-stream", vec![7u8; 60_000]).await.unwrap();
+    let r = post("d1/events/fits", "application/octet-stream", vec![7u8; 60_000]).await.unwrap();
     assert_eq!(r.status(), 201, "60,000 bytes fit, though their base64 does not");
     assert_eq!(app.log_rows().len(), before + 1);
 }

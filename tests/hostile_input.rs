@@ -115,8 +115,8 @@ async fn form_and_text_bodies_get_415_and_every_4xx_has_the_json_body() {
             (Some("unsupported_media_type"), Some("content-type"))
         );
     }
-    // text/plain on the single-event route is the payload itself (issue
-    // #31): without the event's fields in the query it is a 400 naming one.
+    // text/plain on the single-event route points to the route that takes a
+    // device's payload as it is (issue #31).
     let r = client
         .post(format!("{}/api/v1/realtime/acme/event", p.base()))
         .bearer_auth(&token)
@@ -125,9 +125,12 @@ async fn form_and_text_bodies_get_415_and_every_4xx_has_the_json_body() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 400);
+    assert_eq!(r.status(), 415);
     let body: Value = r.json().await.unwrap();
-    assert_eq!(body["field"].as_str(), Some("device_id"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("/api/v1/realtime/acme/devices/<device_id>/events/<event_type>"),
+        "{body}"
+    );
     assert!(log_rows(&dir.path().join("site-log.sqlite")).is_empty());
     // axum's own rejections (a plain GET on the WebSocket endpoint, a bad
     // query string) carry the same body as ours.

@@ -1,12 +1,14 @@
-//! HTTP ingest: `POST /api/v1/realtime/{tenant}/event` (one event) and
+//! HTTP ingest: `POST /api/v1/realtime/{tenant}/event` (one event),
 //! `POST /api/v1/realtime/{tenant}/events` (a JSON array or NDJSON batch,
-//! all-or-nothing). Both answer 201 only after the site-log commit.
+//! all-or-nothing) and `POST /api/v1/realtime/{tenant}/devices/{device_id}/events/{event_type}`
+//! (one event whose body is the device's payload as it is). All answer 201
+//! only after the site-log commit.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{FromRef, RawQuery, State};
+use axum::extract::{FromRef, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -36,6 +38,7 @@ pub fn routes(state: IngestState) -> Router {
     Router::new()
         .route("/api/v1/realtime/{tenant}/event", post(post_event))
         .route("/api/v1/realtime/{tenant}/events", post(post_events))
+        .route("/api/v1/realtime/{tenant}/devices/{device_id}/events/{event_type}", post(post_device_event))
         .with_state(state)
 }
 
@@ -48,88 +51,60 @@ fn writer(state: &IngestState, access: Result<TenantAccess<Write>, ApiError>) ->
     })
 }
 
-/// `text/plain` or `application/octet-stream` (its parameters dropped): a
-/// single event whose body is the device's payload as it is.
+/// `text/plain` or `application/octet-stream` (its parameters dropped).
 fn raw_content_type(headers: &HeaderMap) -> Option<String> {
     let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
     let base = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    matches!(base.as_str(), "text/plain" | "application/octet-stream").then(|| ct.trim().to_string())
+    matches!(base.as_str(), "text/plain" | "application/octet-stream").then(|| base)
 }
 
-/// The event's fields in the query of a raw-body `POST …/event`.
-struct RawFields {
-    device_id: String,
-    event_type: String,
-    id: Option<String>,
-    timestamp: Option<String>,
-}
-
-impl RawFields {
-    fn from_query(query: Option<&str>) -> Result<Self, ApiError> {
-        let mut f = RawFields { device_id: String::new(), event_type: String::new(), id: None, timestamp: None };
-        let (mut device, mut kind) = (None, None);
-        for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-            match &*k {
-                "device_id" => device = Some(v.into_owned()),
-                "event_type" => kind = Some(v.into_owned()),
-                "id" => f.id = Some(v.into_owned()),
-                "timestamp" => f.timestamp = Some(v.into_owned()),
-                other => {
-                    return Err(ApiError::bad_field(
-                        other.to_string(),
-                        "unknown query parameter (a text/plain or application/octet-stream event takes device_id, event_type, id, timestamp)",
-                    ));
-                }
-            }
-        }
-        let required = |field: &'static str| {
-            ApiError::bad_field(
-                field,
-                "required in the query when the body is the payload itself (text/plain or application/octet-stream)",
-            )
-        };
-        f.device_id = device.ok_or_else(|| required("device_id"))?;
-        f.event_type = kind.ok_or_else(|| required("event_type"))?;
-        Ok(f)
-    }
-}
-
-/// `POST …/event`: one event; `201 {id, seq, duplicate}` after commit. The
-/// body is the event as JSON, or (`Content-Type: text/plain` or
-/// `application/octet-stream`) the payload itself, with `device_id` and
-/// `event_type` in the query: kept as `crate::payload` describes.
+/// `POST …/event`: one event as JSON; `201 {id, seq, duplicate}` after
+/// commit.
 async fn post_event(
     State(state): State<IngestState>,
     access: Result<TenantAccess<Write>, ApiError>,
-    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Appended>), ApiError> {
     let access = writer(&state, access)?;
-    let input = match raw_content_type(&headers) {
-        // A device's own bytes: the event's fields come in the query.
-        Some(content_type) => {
-            let fields = RawFields::from_query(query.as_deref())?;
-            let bytes = read_body(&headers, body, state.max_body.0).await?;
-            let properties = Some(serde_json::json!({ "content_type": content_type }).to_string());
-            let (payload, properties, sent_bytes) = crate::payload::from_device(&bytes, properties);
-            EventInput {
-                device_id: fields.device_id,
-                event_type: fields.event_type,
-                payload,
-                id: fields.id,
-                timestamp: fields.timestamp,
-                properties,
-                sent_bytes,
-            }
-        }
-        None => {
-            require_json(&headers, false)?;
-            let bytes = read_body(&headers, body, state.max_body.0).await?;
-            let Object(input) = parse_json::<Object<EventInput>>(&bytes)?;
-            input
-        }
-    };
+    if let Some(ct) = raw_content_type(&headers) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "Content-Type {ct:?} is not accepted here; send the event as application/json, or POST the payload \
+                 as it is to /api/v1/realtime/{}/devices/<device_id>/events/<event_type>",
+                access.tenant
+            ),
+        )
+        .with_field("content-type"));
+    }
+    require_json(&headers, false)?;
+    let bytes = read_body(&headers, body, state.max_body.0).await?;
+    let Object(input) = parse_json::<Object<EventInput>>(&bytes)?;
+    let mut appended = state.ingest.submit(&access.principal, &access.tenant, vec![input], false, PROTOCOL).await?;
+    let first = appended.pop().ok_or_else(|| ApiError::internal("append", &"empty result"))?;
+    Ok((StatusCode::CREATED, Json(first)))
+}
+
+/// `POST …/devices/{device_id}/events/{event_type}`: the body is the
+/// device's payload as it is, of any Content-Type (kept as
+/// `properties.content_type`), the way an MQTT device publishes to its
+/// event topic: a JSON object stays the payload, anything else is kept
+/// byte-exact (`crate::payload`). `201 {id, seq, duplicate}` after commit.
+async fn post_device_event(
+    State(state): State<IngestState>,
+    access: Result<TenantAccess<Write>, ApiError>,
+    Path((_, device_id, event_type)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Appended>), ApiError> {
+    let access = writer(&state, access)?;
+    let bytes = read_body(&headers, body, state.max_body.0).await?;
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::trim);
+    let properties = content_type.map(|ct| serde_json::json!({ "content_type": ct }).to_string());
+    let (payload, properties, sent_bytes) = crate::payload::from_device(&bytes, properties);
+    let input = EventInput { device_id, event_type, payload, id: None, timestamp: None, properties, sent_bytes };
     let mut appended = state.ingest.submit(&access.principal, &access.tenant, vec![input], false, PROTOCOL).await?;
     let first = appended.pop().ok_or_else(|| ApiError::internal("append", &"empty result"))?;
     Ok((StatusCode::CREATED, Json(first)))
