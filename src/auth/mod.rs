@@ -292,13 +292,18 @@ impl Authenticator {
             return Ok((Principal::Admin, c.exp));
         }
         let tenant = c.tenant.ok_or_else(|| Error::Invalid("missing claim tenant".into()))?;
-        match self.registry.lookup(&tenant, &c.sub) {
-            None => return Err(Error::UnknownDevice(format!("{tenant}/{}", c.sub))),
-            Some(true) => return Err(Error::Revoked(format!("{tenant}/{}", c.sub))),
-            Some(false) => {}
-        }
+        self.registered(&tenant, &c.sub)?;
         let perms = c.perms.iter().filter_map(|p| Perm::parse(p)).collect();
         Ok((Principal::Device { tenant, device_id: c.sub, perms }, c.exp))
+    }
+
+    /// A device's logins work only while it is registered and not revoked.
+    fn registered(&self, tenant: &str, device_id: &str) -> Result<(), Error> {
+        match self.registry.lookup(tenant, device_id) {
+            None => Err(Error::UnknownDevice(format!("{tenant}/{device_id}"))),
+            Some(true) => Err(Error::Revoked(format!("{tenant}/{device_id}"))),
+            Some(false) => Ok(()),
+        }
     }
 
     /// A login with a device secret (`secret::is_secret`): `username` is
@@ -313,11 +318,7 @@ impl Authenticator {
         };
         let wrong = || Error::Invalid("unknown device or wrong secret".into());
         let (tenant, phc, perms) = self.registry.secret(tenant, device_id).ok_or_else(wrong)?;
-        match self.registry.lookup(&tenant, device_id) {
-            None => return Err(Error::UnknownDevice(format!("{tenant}/{device_id}"))),
-            Some(true) => return Err(Error::Revoked(format!("{tenant}/{device_id}"))),
-            Some(false) => {}
-        }
+        self.registered(&tenant, device_id)?;
         let permit = self.verifies.clone().acquire_owned().await.map_err(|_| wrong())?;
         let given = secret.to_string();
         let ok = tokio::task::spawn_blocking(move || {

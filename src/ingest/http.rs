@@ -82,6 +82,15 @@ async fn post_event(
     require_json(&headers, false)?;
     let bytes = read_body(&headers, body, state.max_body.0).await?;
     let Object(input) = parse_json::<Object<EventInput>>(&bytes)?;
+    submit_one(&state, &access, input).await
+}
+
+/// Appends one event; `201 {id, seq, duplicate}` once it is committed.
+async fn submit_one(
+    state: &IngestState,
+    access: &TenantAccess<Write>,
+    input: EventInput,
+) -> Result<(StatusCode, Json<Appended>), ApiError> {
     let mut appended = state.ingest.submit(&access.principal, &access.tenant, vec![input], false, PROTOCOL).await?;
     let first = appended.pop().ok_or_else(|| ApiError::internal("append", &"empty result"))?;
     Ok((StatusCode::CREATED, Json(first)))
@@ -105,9 +114,7 @@ async fn post_device_event(
     let properties = content_type.map(|ct| serde_json::json!({ "content_type": ct }).to_string());
     let (payload, properties, sent_bytes) = crate::payload::from_device(&bytes, properties);
     let input = EventInput { device_id, event_type, payload, id: None, timestamp: None, properties, sent_bytes };
-    let mut appended = state.ingest.submit(&access.principal, &access.tenant, vec![input], false, PROTOCOL).await?;
-    let first = appended.pop().ok_or_else(|| ApiError::internal("append", &"empty result"))?;
-    Ok((StatusCode::CREATED, Json(first)))
+    submit_one(&state, &access, input).await
 }
 
 /// Answer to a batch.

@@ -55,6 +55,21 @@ pub(crate) enum Resolved<'t> {
     Refused(String),
 }
 
+impl Resolved<'_> {
+    /// Why the device may not publish (or leave a will) on this topic, or
+    /// `None` when it may.
+    pub(crate) fn refusal(self, may_write: bool, tenant: &str, device_id: &str) -> Option<String> {
+        match self {
+            Resolved::Event(_) if may_write => None,
+            Resolved::Event(_) => Some("the login lacks write_events".into()),
+            Resolved::NoMatch => Some(format!(
+                "devices publish to {tenant}/devices/{device_id}/events/<event_type> (or a topic of mqtt.topic_maps)"
+            )),
+            Resolved::Refused(why) => Some(why),
+        }
+    }
+}
+
 fn parse(index: usize, rule: &TopicMapRule) -> Result<Rule, String> {
     let name = format!("mqtt.topic_maps[{index}] (match = {:?})", rule.pattern);
     let mut segments = Vec::new();

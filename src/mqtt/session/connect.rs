@@ -15,7 +15,7 @@ use super::super::PROTOCOL;
 use super::super::acl::client_id_allowed;
 use super::super::codec::Version;
 use super::super::state::{Lease, Sessions};
-use super::super::topic_map::{Resolved, TopicMaps};
+use super::super::topic_map::TopicMaps;
 use super::outbound::ClientLimits;
 use super::will::Will;
 use super::wire::Wire;
@@ -392,13 +392,10 @@ fn check_will(
     }
     // Any payload will do (`offline` is the classic one): what is not a
     // JSON object is kept wrapped in one when the will fires.
-    let why = match topics.resolve(topic, tenant, device_id) {
-        Resolved::Event(_) if may_write => return Ok(()),
-        Resolved::Event(_) => "the login lacks write_events".to_string(),
-        Resolved::NoMatch => "not this device's event topic".to_string(),
-        Resolved::Refused(why) => why,
-    };
-    Err((ConnectReturnCode::NotAuthorized, format!("will topic {topic:?}: {why}")))
+    match topics.resolve(topic, tenant, device_id).refusal(may_write, tenant, device_id) {
+        None => Ok(()),
+        Some(why) => Err((ConnectReturnCode::NotAuthorized, format!("will topic {topic:?}: {why}"))),
+    }
 }
 
 /// The CONNECT properties of a client that sent none (3.x, or 5.0

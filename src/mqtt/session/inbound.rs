@@ -323,15 +323,12 @@ impl Session<'_> {
             return self.refuse(publish, PubAckReason::TopicNameInvalid, why).map(|()| None);
         }
         let topic = String::from_utf8_lossy(&publish.publish.topic).into_owned();
-        let refusal = match self.deps.topics.resolve(&topic, &self.who.tenant, &self.who.device_id) {
-            Resolved::Event(_) if self.who.can(Perm::WriteEvents) => None,
-            Resolved::Event(_) => Some("the login lacks write_events".to_string()),
-            Resolved::NoMatch => Some(format!(
-                "devices publish to {}/devices/{}/events/<event_type> (or a topic of mqtt.topic_maps)",
-                self.who.tenant, self.who.device_id
-            )),
-            Resolved::Refused(why) => Some(why),
-        };
+        let (tenant, device_id) = (&self.who.tenant, &self.who.device_id);
+        let refusal = self.deps.topics.resolve(&topic, tenant, device_id).refusal(
+            self.who.can(Perm::WriteEvents),
+            tenant,
+            device_id,
+        );
         if let Some(why) = refusal {
             self.deps.ingest.count_rejected(super::PROTOCOL, "forbidden_topic");
             let why = format!("publish to {topic:?} refused: {why}");
