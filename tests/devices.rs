@@ -274,3 +274,43 @@ async fn shelly_and_tasmota_devices_publish_on_their_own_topics_through_topic_ma
     assert!(c.read(T).await.is_none(), "3.1.1: closed, not acked");
     assert_eq!(app.log_rows().len(), 2, "nothing refused was written");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_device_authenticates_with_its_secret_as_basic_auth() {
+    let app = TestApp::start().await;
+    let (ok, out, err) =
+        common::cli(app.dir.path(), &["device", "add", "--tenant", "acme", "--id", "meter-1", "--secret"]);
+    assert!(ok, "{err}");
+    let secret = out.trim().to_string();
+    let post = |user: &str, password: &str, device: &str| {
+        app.client
+            .post(app.url(&format!("/api/v1/realtime/acme/devices/{device}/events/kwh")))
+            .basic_auth(user, Some(password))
+            .header("content-type", "text/plain")
+            .body("12.5")
+            .send()
+    };
+    assert_eq!(post("acme/meter-1", &secret, "meter-1").await.unwrap().status(), 201);
+    assert_eq!(post("meter-1", &secret, "meter-1").await.unwrap().status(), 201, "the id alone, one tenant has it");
+    assert_eq!(post("acme/meter-1", "AAAAAAAAAAAAAAAAAAAAAAAA", "meter-1").await.unwrap().status(), 401);
+    app.device("acme", "meter-2").await;
+    assert_eq!(post("acme/meter-1", &secret, "meter-2").await.unwrap().status(), 403, "only as itself");
+    let r = app
+        .client
+        .post(app.url("/api/v1/realtime/globex/devices/meter-1/events/kwh"))
+        .basic_auth("acme/meter-1", Some(&secret))
+        .body("1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "only in its tenant");
+    let (ok, _, err) = common::cli(app.dir.path(), &["device", "revoke", "meter-1", "--tenant", "acme"]);
+    assert!(ok, "{err}");
+    let revoked =
+        eventually(T, || async { post("acme/meter-1", &secret, "meter-1").await.unwrap().status() == 401 }).await;
+    assert!(revoked, "a revoked device's secret still worked");
+    // (Posts before the revocation took effect were stored; none after.)
+    let stored = app.log_rows().len();
+    assert_eq!(post("acme/meter-1", &secret, "meter-1").await.unwrap().status(), 401);
+    assert_eq!(app.log_rows().len(), stored);
+}

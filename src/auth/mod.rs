@@ -345,7 +345,14 @@ impl Authenticator {
     /// `authorize`, also returning the token's `exp`.
     pub fn authorize_expiring(&self, token: Option<&str>, tenant: &str, perm: Perm) -> Result<(Principal, i64), Error> {
         let (p, exp) = self.verify_expiring(token.ok_or(Error::Missing)?)?;
-        if let Principal::Device { tenant: t, perms, .. } = &p {
+        self.permit(&p, tenant, perm)?;
+        Ok((p, exp))
+    }
+
+    /// A verified login may act on `tenant` with `perm`: a device only in
+    /// its own tenant and with the permission; an admin anywhere.
+    pub fn permit(&self, p: &Principal, tenant: &str, perm: Perm) -> Result<(), Error> {
+        if let Principal::Device { tenant: t, perms, .. } = p {
             if t != tenant {
                 return Err(Error::WrongTenant { token: t.clone(), path: tenant.to_string() });
             }
@@ -353,7 +360,7 @@ impl Authenticator {
                 return Err(Error::MissingPermission(perm.as_str()));
             }
         }
-        Ok((p, exp))
+        Ok(())
     }
 
     /// Resolves when a session opened by `principal` with a token expiring

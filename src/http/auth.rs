@@ -2,7 +2,8 @@
 //! The tenant comes from the path (`{tenant}`) and is validated before
 //! anything else; the token from `Authorization: Bearer`, or for stream
 //! endpoints also `?access_token=` (browsers cannot set headers on
-//! WebSocket or EventSource; query strings are never logged).
+//! WebSocket or EventSource; query strings are never logged); or a device
+//! secret as `Authorization: Basic` (`<tenant>/<device id>` : secret).
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -12,7 +13,7 @@ use axum::extract::{FromRef, FromRequestParts, Query, RawPathParams};
 use axum::http::request::Parts;
 
 use super::ApiError;
-use super::extract::bearer;
+use super::extract::{basic_secret, bearer};
 use crate::auth::{Authenticator, Perm, Principal};
 use crate::event::Tenant;
 
@@ -93,6 +94,12 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let tenant = path_tenant(parts, state).await?;
         let auth = Arc::<Authenticator>::from_ref(state);
+        // A device secret, for firmware that cannot hold a token.
+        if let Some((user, secret)) = basic_secret(&parts.headers) {
+            let (principal, expires_at) = auth.verify_secret(&user, &secret).await?;
+            auth.permit(&principal, &tenant, A::PERM)?;
+            return Ok(Self { tenant, principal, expires_at, _access: PhantomData });
+        }
         let (principal, expires_at) =
             auth.authorize_expiring(token(parts, A::QUERY_TOKEN).as_deref(), &tenant, A::PERM)?;
         Ok(Self { tenant, principal, expires_at, _access: PhantomData })

@@ -142,6 +142,21 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
+/// `Authorization: Basic` credentials whose password is a device secret
+/// (`crate::auth::secret`): (username, secret). A longer password is not
+/// taken: tokens go in `Bearer`.
+pub(crate) fn basic_secret(headers: &HeaderMap) -> Option<(String, String)> {
+    use base64::Engine;
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, creds) = v.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD.decode(creds.trim()).ok()?;
+    let (user, pass) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    crate::auth::secret::is_secret(pass).then(|| (user.to_string(), pass.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

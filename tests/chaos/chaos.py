@@ -323,28 +323,48 @@ class Devices:
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(0.02, 0.2)
 
+        # paho 1.6 restarts its in-flight count at 0 on a reconnect and sends
+        # a publish made before the CONNACK right behind the CONNECT, ahead
+        # of the unacked ones it resends on the CONNACK: the appliance then
+        # stores them out of the device's order (MQTT-4.6.0-1 requires
+        # resends in their original order). So, as a device that keeps its
+        # order must, nothing new is published after a reconnect until the
+        # resends are acked.
+        resent = threading.Event()
+        resent.set()
+
         def on_ack(k):
             self.ledger.ack(dev, k)
             acked[0] += 1
             if acked[0] == quota:
                 done.set()
             window.release()
+            if inflight.unacked() == 0:
+                resent.set()
 
         inflight = PahoAcks(on_ack)
 
         def on_disconnect(_c, _u, rc):
             # paho keeps unacked QoS 1 publishes and resends them with DUP=1
             # and the same packet id after the reconnect.
+            resent.clear()
             self.count(resent=inflight.unacked())
+
+        def on_connect(_c, _u, _flags, rc):
+            if inflight.unacked() == 0:
+                resent.set()
 
         c.on_publish = lambda _c, _u, mid: inflight.acked(mid)
         c.on_disconnect = on_disconnect
+        c.on_connect = on_connect
         c.connect_async("127.0.0.1", self.app.mqtt_port, keepalive=10)
         c.loop_start()
         topic = f"{TENANT}/devices/{dev}/events/chaos.mqtt"
         for k in range(1, quota + 1):
             self.where[dev] = f"k={k} window full; connected={c.is_connected()}; unacked={inflight.unacked()}"
             window.acquire()
+            while not resent.wait(1):
+                self.where[dev] = f"k={k} waiting for resends to be acked; unacked={inflight.unacked()}"
             info = c.publish(topic, json.dumps({"k": k}), qos=1)
             inflight.sent(info.mid, k)
             self.count(sent=1)
