@@ -314,3 +314,34 @@ async fn an_http_device_authenticates_with_its_secret_as_basic_auth() {
     assert_eq!(post("acme/meter-1", &secret, "meter-1").await.unwrap().status(), 401);
     assert_eq!(app.log_rows().len(), stored);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_a_devices_secret_is_charged_to_its_connect_budget_before_any_hash() {
+    use common::mqtt_raw::Raw;
+    let app = TestApp::start_with(|c| c.mqtt.max_connects_per_minute = 3).await;
+    let (ok, out, err) =
+        common::cli(app.dir.path(), &["device", "add", "--tenant", "acme", "--id", "lock-1", "--secret"]);
+    assert!(ok, "{err}");
+    let secret = out.trim().to_string();
+    // Three wrong guesses use the minute's budget ("bad user name or
+    // password", 4); the fourth attempt, even with the right secret, is
+    // refused before hashing (3.1.1 folds "connection rate exceeded" into
+    // "server unavailable", 3).
+    for _ in 0..3 {
+        let (_c, code) = Raw::connect(app.mqtt, "lock-1", "acme/lock-1", "WRONGwrongWRONGwrong0000", 30, None).await;
+        assert_eq!(code, 4);
+    }
+    let (_c, code) = Raw::connect(app.mqtt, "lock-1", "acme/lock-1", &secret, 30, None).await;
+    assert_eq!(code, 3, "over mqtt.max_connects_per_minute");
+    // Another device's budget is its own, and a right secret counts once.
+    let (ok, out, err) =
+        common::cli(app.dir.path(), &["device", "add", "--tenant", "acme", "--id", "lock-2", "--secret"]);
+    assert!(ok, "{err}");
+    let other = out.trim().to_string();
+    for _ in 0..3 {
+        let (_c, code) = Raw::connect(app.mqtt, "lock-2", "acme/lock-2", &other, 30, None).await;
+        assert_eq!(code, 0);
+    }
+    let (_c, code) = Raw::connect(app.mqtt, "lock-2", "acme/lock-2", &other, 30, None).await;
+    assert_eq!(code, 3, "the fourth connect of the minute");
+}

@@ -152,6 +152,14 @@ impl SessionEnd {
     }
 }
 
+/// A secret login's username: `<tenant>/<device id>`, or the id alone.
+fn split_login(username: &str) -> (Option<&str>, &str) {
+    match username.split_once('/') {
+        Some((t, d)) => (Some(t), d),
+        None => (None, username),
+    }
+}
+
 /// Verifies and issues tokens.
 pub struct Authenticator {
     algorithm: Algorithm,
@@ -297,6 +305,14 @@ impl Authenticator {
         Ok((Principal::Device { tenant, device_id: c.sub, perms }, c.exp))
     }
 
+    /// The (tenant, device id) a secret login names, if that device has a
+    /// secret: known before the (costly) hash, so its connect budget can be
+    /// charged first.
+    pub fn secret_owner(&self, username: &str) -> Option<(String, String)> {
+        let (tenant, device_id) = split_login(username);
+        self.registry.secret(tenant, device_id).map(|(t, _, _)| (t, device_id.to_string()))
+    }
+
     /// A device's logins work only while it is registered and not revoked.
     fn registered(&self, tenant: &str, device_id: &str) -> Result<(), Error> {
         match self.registry.lookup(tenant, device_id) {
@@ -312,10 +328,7 @@ impl Authenticator {
     /// The session it opens has no expiry of its own; revoking the device
     /// ends it (`session_end`).
     pub async fn verify_secret(&self, username: &str, secret: &str) -> Result<(Principal, i64), Error> {
-        let (tenant, device_id) = match username.split_once('/') {
-            Some((t, d)) => (Some(t), d),
-            None => (None, username),
-        };
+        let (tenant, device_id) = split_login(username);
         let wrong = || Error::Invalid("unknown device or wrong secret".into());
         let (tenant, phc, perms) = self.registry.secret(tenant, device_id).ok_or_else(wrong)?;
         self.registered(&tenant, device_id)?;

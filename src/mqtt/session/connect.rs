@@ -247,11 +247,12 @@ impl Handshake<'_, '_> {
         props: &ConnectProperties,
         client_id: &mut String,
         clean: bool,
-        authed: Result<(Principal, i64), Refusal>,
+        authed: Result<(Principal, i64, bool), Refusal>,
         will: Option<LastWill>,
     ) -> Result<(Identity, Option<LastWill>), Refusal> {
         check_props(props)?;
-        let (principal, expires_at) = authed?;
+        // `charged`: the connect budget was already charged (secret logins).
+        let (principal, expires_at, charged) = authed?;
         let Principal::Device { tenant, device_id, perms } = &principal else { return Err(admin_refused()) };
         self.assign_client_id(client_id, device_id, clean)?;
         if !perms.contains(&Perm::WriteEvents) && !perms.contains(&Perm::ReadEvents) {
@@ -261,12 +262,8 @@ impl Handshake<'_, '_> {
             let write = perms.contains(&Perm::WriteEvents);
             check_will(w, self.deps.config.max_topic_length, write, &self.deps.topics, tenant, device_id)?;
         }
-        if !self.deps.sessions.connect_allowed(tenant, device_id) {
-            let why = format!(
-                "more than mqtt.max_connects_per_minute = {} connects of device {device_id:?} in a minute; retry later",
-                self.deps.config.max_connects_per_minute
-            );
-            return Err((ConnectReturnCode::ConnectionRateExceeded, why));
+        if !charged && !self.deps.sessions.connect_allowed(tenant, device_id) {
+            return Err(self.connect_rate_refusal(device_id));
         }
         let who = Identity {
             peer: self.peer,
@@ -283,16 +280,20 @@ impl Handshake<'_, '_> {
     /// (the username must be its device id), or a device secret of at most
     /// 32 characters (the username names the device: `<tenant>/<id>`, or
     /// the id alone when one tenant has it).
-    async fn authenticate(&self, login: Option<(&str, &str)>) -> Result<(Principal, i64), Refusal> {
+    async fn authenticate(&self, login: Option<(&str, &str)>) -> Result<(Principal, i64, bool), Refusal> {
         let bad = |r: &str| (ConnectReturnCode::BadUserNamePassword, r.to_string());
         let (username, password) = login.ok_or_else(|| bad("no username/password"))?;
         if crate::auth::secret::is_secret(password) {
-            return self
-                .deps
-                .auth
-                .verify_secret(username, password)
-                .await
-                .map_err(|e| (refuse_code(&e), e.to_string()));
+            // The device's connect budget is charged before the hash, so
+            // guessing its secret cannot keep the verifications busy.
+            if let Some((tenant, device_id)) = self.deps.auth.secret_owner(username)
+                && !self.deps.sessions.connect_allowed(&tenant, &device_id)
+            {
+                return Err(self.connect_rate_refusal(&device_id));
+            }
+            let (principal, exp) =
+                self.deps.auth.verify_secret(username, password).await.map_err(|e| (refuse_code(&e), e.to_string()))?;
+            return Ok((principal, exp, true));
         }
         let (principal, expires_at) =
             self.deps.auth.verify_expiring(password).map_err(|e| (refuse_code(&e), e.to_string()))?;
@@ -300,7 +301,16 @@ impl Handshake<'_, '_> {
         if username != device_id {
             return Err(bad("username must be the token's device id"));
         }
-        Ok((principal, expires_at))
+        Ok((principal, expires_at, false))
+    }
+
+    /// A device over `mqtt.max_connects_per_minute`.
+    fn connect_rate_refusal(&self, device_id: &str) -> Refusal {
+        let why = format!(
+            "more than mqtt.max_connects_per_minute = {} connects of device {device_id:?} in a minute; retry later",
+            self.deps.config.max_connects_per_minute
+        );
+        (ConnectReturnCode::ConnectionRateExceeded, why)
     }
 
     /// The client-id rule: `<device id>` or `<device id>-<suffix>`. An
