@@ -13,6 +13,15 @@ use tokio::io::AsyncBufReadExt;
 
 const T: Duration = Duration::from_secs(20);
 
+/// `outpost device add --secret` for `acme/<id>` on the running app's data
+/// dir: the secret it prints.
+fn add_with_secret(app: &TestApp, id: &str) -> String {
+    let (ok, out, err) = common::cli(app.dir.path(), &["device", "add", "--tenant", "acme", "--id", id, "--secret"]);
+    assert!(ok, "device add {id} --secret: {err}");
+    assert!(err.contains(&format!("acme/{id}")), "says the login: {err}");
+    out.trim().to_string()
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -145,12 +154,8 @@ async fn an_http_device_posts_its_payload_as_it_is_to_its_event_path() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_logs_in_with_a_24_character_secret_until_it_is_revoked() {
     let app = TestApp::start().await;
-    let (ok, out, err) =
-        common::cli(app.dir.path(), &["device", "add", "--tenant", "acme", "--id", "relay-2", "--secret"]);
-    assert!(ok, "{err}");
-    let secret = out.trim().to_string();
+    let secret = add_with_secret(&app, "relay-2");
     assert_eq!(secret.len(), 24, "fits ESP-AT's 64-byte and WiseConnect's 60-byte password: {secret:?}");
-    assert!(err.contains("acme/relay-2"), "says the login: {err}");
     let port = app.mqtt.port().to_string();
     let publish = |user: &str, password: &str, version: &str, payload: &str| {
         tokio::process::Command::new("mosquitto_pub")
@@ -278,10 +283,7 @@ async fn shelly_and_tasmota_devices_publish_on_their_own_topics_through_topic_ma
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_device_authenticates_with_its_secret_as_basic_auth() {
     let app = TestApp::start().await;
-    let (ok, out, err) =
-        common::cli(app.dir.path(), &["device", "add", "--tenant", "acme", "--id", "meter-1", "--secret"]);
-    assert!(ok, "{err}");
-    let secret = out.trim().to_string();
+    let secret = add_with_secret(&app, "meter-1");
     let post = |user: &str, password: &str, device: &str| {
         app.client
             .post(app.url(&format!("/api/v1/realtime/acme/devices/{device}/events/kwh")))
@@ -319,10 +321,7 @@ async fn an_http_device_authenticates_with_its_secret_as_basic_auth() {
 async fn guessing_a_devices_secret_is_charged_to_its_connect_budget_before_any_hash() {
     use common::mqtt_raw::Raw;
     let app = TestApp::start_with(|c| c.mqtt.max_connects_per_minute = 3).await;
-    let (ok, out, err) =
-        common::cli(app.dir.path(), &["device", "add", "--tenant", "acme", "--id", "lock-1", "--secret"]);
-    assert!(ok, "{err}");
-    let secret = out.trim().to_string();
+    let secret = add_with_secret(&app, "lock-1");
     // Three wrong guesses use the minute's budget ("bad user name or
     // password", 4); the fourth attempt, even with the right secret, is
     // refused before hashing (3.1.1 folds "connection rate exceeded" into
@@ -334,10 +333,7 @@ async fn guessing_a_devices_secret_is_charged_to_its_connect_budget_before_any_h
     let (_c, code) = Raw::connect(app.mqtt, "lock-1", "acme/lock-1", &secret, 30, None).await;
     assert_eq!(code, 3, "over mqtt.max_connects_per_minute");
     // Another device's budget is its own, and a right secret counts once.
-    let (ok, out, err) =
-        common::cli(app.dir.path(), &["device", "add", "--tenant", "acme", "--id", "lock-2", "--secret"]);
-    assert!(ok, "{err}");
-    let other = out.trim().to_string();
+    let other = add_with_secret(&app, "lock-2");
     for _ in 0..3 {
         let (_c, code) = Raw::connect(app.mqtt, "lock-2", "acme/lock-2", &other, 30, None).await;
         assert_eq!(code, 0);
