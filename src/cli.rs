@@ -284,12 +284,16 @@ fn authenticator(cfg: &Config) -> anyhow::Result<Authenticator> {
     Ok(a)
 }
 
+/// `--perm` flags, or the default permissions when none are given.
+fn perm_args(perms: &[String]) -> anyhow::Result<Vec<Perm>> {
+    if perms.is_empty() {
+        return Ok(Perm::DEFAULT.to_vec());
+    }
+    parse_perms(perms).map_err(|m| anyhow::anyhow!("--perm: {m}"))
+}
+
 fn token_options(args: &TokenArgs) -> anyhow::Result<(Vec<Perm>, Option<Duration>)> {
-    let perms = if args.perms.is_empty() {
-        Perm::DEFAULT.to_vec()
-    } else {
-        parse_perms(&args.perms).map_err(|m| anyhow::anyhow!("--perm: {m}"))?
-    };
+    let perms = perm_args(&args.perms)?;
     let ttl = args.ttl.as_deref().map(parse_ttl).transpose().map_err(|m| anyhow::anyhow!("--ttl: {m}"))?;
     Ok((perms, ttl))
 }
@@ -316,8 +320,8 @@ fn set_secret(
         None => crate::auth::secret::generate()?,
     };
     let hash = crate::auth::secret::hash(&secret).map_err(|m| anyhow::anyhow!("hashing the secret: {m}"))?;
-    let perms: Vec<&str> = perms.iter().map(|p| p.as_str()).collect();
-    schema::set_device_secret(conn, tenant, id, &hash, &perms.join(","), now_us())?;
+    let perms = crate::auth::secret::perms_field(perms);
+    schema::set_device_secret(conn, tenant, id, &hash, &perms, now_us())?;
     Ok(secret)
 }
 
@@ -372,11 +376,7 @@ fn device(cmd: DeviceCommand, cfg: &Config) -> anyhow::Result<()> {
         }
         DeviceCommand::Secret { id, tenant, set, perms } => {
             check_tenant_arg(&tenant)?;
-            let perms = if perms.is_empty() {
-                Perm::DEFAULT.to_vec()
-            } else {
-                parse_perms(&perms).map_err(|m| anyhow::anyhow!("--perm: {m}"))?
-            };
+            let perms = perm_args(&perms)?;
             let s = set_secret(&conn, &tenant, &id, set.as_deref(), &perms)?;
             eprintln!("new secret of {tenant}/{id} (shown once; the old one no longer works):");
             println!("{s}");

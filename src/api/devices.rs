@@ -72,7 +72,7 @@ async fn register_device(
     let secret = match req.secret {
         true => {
             let s = crate::auth::secret::generate().map_err(|e| ApiError::internal("secret", &e))?;
-            let (plain, names) = (s.clone(), perms.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(","));
+            let (plain, names) = (s.clone(), crate::auth::secret::perms_field(&perms));
             let hash = tokio::task::spawn_blocking(move || crate::auth::secret::hash(&plain))
                 .await
                 .map_err(|e| ApiError::internal("secret", &e))?

@@ -343,7 +343,7 @@ impl Authenticator {
         if !ok {
             return Err(wrong());
         }
-        let perms = perms.split(',').filter_map(Perm::parse).collect();
+        let perms = secret::parse_perms_field(&perms);
         // No expiry of its own: a century on, as far as session timers go.
         let exp = time::OffsetDateTime::now_utc().unix_timestamp() + 100 * 365 * 86_400;
         Ok((Principal::Device { tenant, device_id: device_id.to_string(), perms }, exp))

@@ -58,28 +58,28 @@ impl Registry {
 
     /// A device registered by another process since the last refresh.
     fn read_through(&self, tenant: &str, device_id: &str) -> Option<bool> {
+        let device = self.with_log(|c| schema::device_by_id(c, tenant, device_id).ok().flatten())?;
+        let revoked = device.revoked_at.is_some();
+        self.set(tenant, device_id, revoked);
+        Some(revoked)
+    }
+
+    /// `f` on the site log's read connection (opened on first use); `None`
+    /// without a log or when it cannot be opened.
+    fn with_log<T>(&self, f: impl FnOnce(&Connection) -> Option<T>) -> Option<T> {
         let (path, conn) = self.log.as_ref()?;
         let mut conn = conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if conn.is_none() {
             *conn = log::open(path, true).ok();
         }
-        let device = schema::device_by_id(conn.as_ref()?, tenant, device_id).ok()??;
-        let revoked = device.revoked_at.is_some();
-        drop(conn);
-        self.set(tenant, device_id, revoked);
-        Some(revoked)
+        f(conn.as_ref()?)
     }
 
     /// A device's secret (tenant, argon2id hash, permissions), read from the
     /// site log each time (a secret set by the CLI works at once). `tenant`
     /// `None`: the one tenant that has the device id with a secret.
     pub fn secret(&self, tenant: Option<&str>, device_id: &str) -> Option<(String, String, String)> {
-        let (path, conn) = self.log.as_ref()?;
-        let mut conn = conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if conn.is_none() {
-            *conn = log::open(path, true).ok();
-        }
-        schema::device_secret(conn.as_ref()?, tenant, device_id).ok()?
+        self.with_log(|c| schema::device_secret(c, tenant, device_id).ok().flatten())
     }
 
     /// Records a change made through this process.

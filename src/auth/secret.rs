@@ -12,6 +12,8 @@
 //! once, off the async workers.
 
 use argon2::Argon2;
+
+use super::Perm;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 
 /// Longest secret.
@@ -22,6 +24,17 @@ pub const MIN_SECRET: usize = 16;
 const GENERATED: usize = 24;
 /// Secret verifications running at once, at most (each holds 19 MiB).
 pub const CONCURRENT_VERIFIES: usize = 2;
+
+/// The permissions a secret grants, as stored beside its hash
+/// (comma-separated).
+pub fn perms_field(perms: &[Perm]) -> String {
+    perms.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(",")
+}
+
+/// [`perms_field`] read back (unknown names are dropped).
+pub fn parse_perms_field(field: &str) -> Vec<Perm> {
+    field.split(',').filter_map(Perm::parse).collect()
+}
 
 /// Whether a password is a secret rather than a token.
 pub fn is_secret(password: &str) -> bool {

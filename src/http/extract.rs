@@ -13,12 +13,18 @@ use super::ApiError;
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize);
 
+/// The Content-Type's media type, lowercased and without parameters
+/// (`text/plain; charset=utf-8` → `text/plain`); `None` without the header.
+pub(crate) fn media_type(headers: &HeaderMap) -> Option<String> {
+    let ct = headers.get(header::CONTENT_TYPE)?;
+    Some(ct.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+}
+
 /// 415 unless the body is declared JSON (`application/json`, `…+json`) or,
 /// where `ndjson` allows it, NDJSON; no `Content-Type` is taken as JSON.
 /// Form and plain-text bodies are refused before they are read.
 pub(crate) fn require_json(headers: &HeaderMap, ndjson: bool) -> Result<(), ApiError> {
-    let Some(ct) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
-    let ct = ct.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let Some(ct) = media_type(headers) else { return Ok(()) };
     let json = ct == "application/json" || ct.ends_with("+json");
     let nd = ct == "application/x-ndjson" || ct == "application/jsonl";
     if json || (ndjson && nd) {

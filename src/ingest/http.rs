@@ -18,7 +18,7 @@ use super::{Error, FULL_RETRY_AFTER, IngestHandle};
 use crate::auth::Authenticator;
 use crate::event::EventInput;
 use crate::http::auth::Write;
-use crate::http::extract::{BodyLimit, Object, parse_json, read_body, require_json, split_index};
+use crate::http::extract::{BodyLimit, Object, media_type, parse_json, read_body, require_json, split_index};
 use crate::http::{ApiError, TenantAccess};
 use crate::log::Appended;
 use crate::metrics::Protocol;
@@ -53,9 +53,7 @@ fn writer(state: &IngestState, access: Result<TenantAccess<Write>, ApiError>) ->
 
 /// `text/plain` or `application/octet-stream` (its parameters dropped).
 fn raw_content_type(headers: &HeaderMap) -> Option<String> {
-    let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
-    let base = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    matches!(base.as_str(), "text/plain" | "application/octet-stream").then(|| base)
+    media_type(headers).filter(|m| matches!(m.as_str(), "text/plain" | "application/octet-stream"))
 }
 
 /// `POST …/event`: one event as JSON; `201 {id, seq, duplicate}` after
