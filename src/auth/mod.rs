@@ -152,6 +152,19 @@ impl SessionEnd {
     }
 }
 
+/// A secret login's device, found from its username (`secret_login`).
+pub struct SecretLogin {
+    pub tenant: String,
+    pub device_id: String,
+    /// The argon2id PHC string.
+    phc: String,
+    /// `secret::perms_field`.
+    perms: String,
+}
+
+/// The refusal of a secret login, whether the device or the secret was wrong.
+const WRONG_SECRET: &str = "unknown device or wrong secret";
+
 /// A secret login's username: `<tenant>/<device id>`, or the id alone.
 fn split_login(username: &str) -> (Option<&str>, &str) {
     match username.split_once('/') {
@@ -305,12 +318,16 @@ impl Authenticator {
         Ok((Principal::Device { tenant, device_id: c.sub, perms }, c.exp))
     }
 
-    /// The (tenant, device id) a secret login names, if that device has a
-    /// secret: known before the (costly) hash, so its connect budget can be
-    /// charged first.
-    pub fn secret_owner(&self, username: &str) -> Option<(String, String)> {
+    /// The device a secret login names, with its stored hash: the device
+    /// must have a secret and be registered and not revoked. Known before
+    /// the (costly) hash, so a caller can charge the device's connect
+    /// budget first.
+    pub fn secret_login(&self, username: &str) -> Result<SecretLogin, Error> {
         let (tenant, device_id) = split_login(username);
-        self.registry.secret(tenant, device_id).map(|(t, _, _)| (t, device_id.to_string()))
+        let (tenant, phc, perms) =
+            self.registry.secret(tenant, device_id).ok_or_else(|| Error::Invalid(WRONG_SECRET.into()))?;
+        self.registered(&tenant, device_id)?;
+        Ok(SecretLogin { tenant, device_id: device_id.to_string(), phc, perms })
     }
 
     /// A device's logins work only while it is registered and not revoked.
@@ -322,18 +339,14 @@ impl Authenticator {
         }
     }
 
-    /// A login with a device secret (`secret::is_secret`): `username` is
-    /// `<tenant>/<device id>`, or the device id alone when one tenant has
-    /// it. The device must be registered and not revoked, like a token's.
-    /// The session it opens has no expiry of its own; revoking the device
-    /// ends it (`session_end`).
-    pub async fn verify_secret(&self, username: &str, secret: &str) -> Result<(Principal, i64), Error> {
-        let (tenant, device_id) = split_login(username);
-        let wrong = || Error::Invalid("unknown device or wrong secret".into());
-        let (tenant, phc, perms) = self.registry.secret(tenant, device_id).ok_or_else(wrong)?;
-        self.registered(&tenant, device_id)?;
+    /// Checks `secret` against a [`SecretLogin`] (`secret::is_secret`):
+    /// `username` was `<tenant>/<device id>`, or the device id alone when
+    /// one tenant has it. The session it opens has no expiry of its own;
+    /// revoking the device ends it (`session_end`).
+    pub async fn verify_secret(&self, login: SecretLogin, secret: &str) -> Result<(Principal, i64), Error> {
+        let wrong = || Error::Invalid(WRONG_SECRET.into());
         let permit = self.verifies.clone().acquire_owned().await.map_err(|_| wrong())?;
-        let given = secret.to_string();
+        let (phc, given) = (login.phc, secret.to_string());
         let ok = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             secret::verify(&phc, &given)
@@ -343,10 +356,10 @@ impl Authenticator {
         if !ok {
             return Err(wrong());
         }
-        let perms = secret::parse_perms_field(&perms);
+        let perms = secret::parse_perms_field(&login.perms);
         // No expiry of its own: a century on, as far as session timers go.
         let exp = time::OffsetDateTime::now_utc().unix_timestamp() + 100 * 365 * 86_400;
-        Ok((Principal::Device { tenant, device_id: device_id.to_string(), perms }, exp))
+        Ok((Principal::Device { tenant: login.tenant, device_id: login.device_id, perms }, exp))
     }
 
     /// `verify`, then the tenant must match and the permission be held.

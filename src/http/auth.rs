@@ -96,7 +96,7 @@ where
         let auth = Arc::<Authenticator>::from_ref(state);
         // A device secret, for firmware that cannot hold a token.
         if let Some((user, secret)) = basic_secret(&parts.headers) {
-            let (principal, expires_at) = auth.verify_secret(&user, &secret).await?;
+            let (principal, expires_at) = auth.verify_secret(auth.secret_login(&user)?, &secret).await?;
             auth.permit(&principal, &tenant, A::PERM)?;
             return Ok(Self { tenant, principal, expires_at, _access: PhantomData });
         }

@@ -286,13 +286,12 @@ impl Handshake<'_, '_> {
         if crate::auth::secret::is_secret(password) {
             // The device's connect budget is charged before the hash, so
             // guessing its secret cannot keep the verifications busy.
-            if let Some((tenant, device_id)) = self.deps.auth.secret_owner(username)
-                && !self.deps.sessions.connect_allowed(&tenant, &device_id)
-            {
-                return Err(self.connect_rate_refusal(&device_id));
+            let refused = |e: crate::auth::Error| (refuse_code(&e), e.to_string());
+            let login = self.deps.auth.secret_login(username).map_err(refused)?;
+            if !self.deps.sessions.connect_allowed(&login.tenant, &login.device_id) {
+                return Err(self.connect_rate_refusal(&login.device_id));
             }
-            let (principal, exp) =
-                self.deps.auth.verify_secret(username, password).await.map_err(|e| (refuse_code(&e), e.to_string()))?;
+            let (principal, exp) = self.deps.auth.verify_secret(login, password).await.map_err(refused)?;
             return Ok((principal, exp, true));
         }
         let (principal, expires_at) =
