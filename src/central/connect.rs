@@ -110,6 +110,22 @@ impl Connector {
     }
 }
 
+/// `sql` prepared on `client` once: later calls take it from `cache`
+/// (keyed by the statement's text; one cache per connection).
+pub async fn prepared(
+    client: &Client,
+    cache: &mut std::collections::HashMap<String, tokio_postgres::Statement>,
+    sql: &str,
+    types: &[tokio_postgres::types::Type],
+) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+    if let Some(s) = cache.get(sql) {
+        return Ok(s.clone());
+    }
+    let s = client.prepare_typed(sql, types).await?;
+    cache.insert(sql.to_string(), s.clone());
+    Ok(s)
+}
+
 /// `SELECT 1`, answered within `within` or [`Error::NoAnswer`].
 pub async fn ping(client: &Client, within: Duration) -> Result<(), Error> {
     match tokio::time::timeout(within, client.simple_query("SELECT 1")).await {

@@ -225,15 +225,8 @@ impl Central {
             // Parsed and planned once per connection and schema: for batches
             // of a row or two, planning was most of central's work.
             Some(prepared) => {
-                let statement = match prepared.get(&sql) {
-                    Some(s) => s.clone(),
-                    None => {
-                        let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
-                        let s = self.client.prepare_typed(&sql, &types).await?;
-                        prepared.insert(sql, s.clone());
-                        s
-                    }
-                };
+                let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+                let statement = crate::central::connect::prepared(&self.client, prepared, &sql, &types).await?;
                 let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
                 self.client.query_one(&statement, &values).await?.get(0)
             }

@@ -170,7 +170,8 @@ impl Listener {
     async fn session(&self, backoff: &mut Backoff) -> Result<Ended, Error> {
         let (client, mut notes) = self.connect().await?;
         let mut listening: HashSet<String> = HashSet::new();
-        // The range fetch of each tenant, prepared once on this connection.
+        // The range fetch of each tenant, prepared once on this connection
+        // (by its text).
         let mut fetches: HashMap<String, tokio_postgres::Statement> = HashMap::new();
         let mut last_round: Option<tokio::time::Instant> = None;
         // Pings keep a silent partition from passing for a live connection.
@@ -309,25 +310,18 @@ impl Listener {
         }
         for (tenant, Ranges { sites, firsts, lasts }) in by_tenant {
             let schema = central_schema::schema_name(tenant)?;
-            let statement = match fetches.get(&schema) {
-                Some(s) => s.clone(),
-                None => {
-                    // Each range is an index scan of its own (the
-                    // LATERAL subquery is not flattened into a join, which
-                    // on a young table the planner makes a full scan).
-                    let sql = format!(
-                        "SELECT e.* FROM unnest($1::text[], $2::int8[], $3::int8[]) WITH ORDINALITY AS r(site, first_seq, last_seq, n)
-                         CROSS JOIN LATERAL (
-                           SELECT {COLUMNS} FROM {schema}.events
-                           WHERE site_id = r.site AND site_seq BETWEEN r.first_seq AND r.last_seq
-                           ORDER BY site_seq) AS e
-                         ORDER BY r.n, 7"
-                    );
-                    let s = client.prepare(&sql).await?;
-                    fetches.insert(schema, s.clone());
-                    s
-                }
-            };
+            // Each range is an index scan of its own (the LATERAL subquery
+            // is not flattened into a join, which on a young table the
+            // planner makes a full scan).
+            let sql = format!(
+                "SELECT e.* FROM unnest($1::text[], $2::int8[], $3::int8[]) WITH ORDINALITY AS r(site, first_seq, last_seq, n)
+                 CROSS JOIN LATERAL (
+                   SELECT {COLUMNS} FROM {schema}.events
+                   WHERE site_id = r.site AND site_seq BETWEEN r.first_seq AND r.last_seq
+                   ORDER BY site_seq) AS e
+                 ORDER BY r.n, 7"
+            );
+            let statement = crate::central::connect::prepared(client, fetches, &sql, &[]).await?;
             self.metrics.remote_fetches.inc();
             let rows = client.query(&statement, &[&sites, &firsts, &lasts]).await?;
             events.extend(rows.iter().map(|r| remote(tenant, r)));
