@@ -132,19 +132,23 @@ impl IngestHandle {
         result
     }
 
-    /// One MQTT publish (or will) and what it records beside its event in
-    /// the same transaction: validated and authorized like any event, the
-    /// rate limiter already charged by the caller through `check_rate`.
+    /// MQTT publishes (or a will), each with what it records beside its
+    /// event in the same transaction: each validated and authorized like
+    /// any event and answered on its own, in order (one refused takes no
+    /// other with it); the rate limiter already charged by the caller
+    /// through `check_rate`. A connection's publishes read together go to
+    /// the log as one request.
     pub async fn submit_mqtt(
         &self,
         principal: &Principal,
         tenant: &str,
-        input: EventInput,
-        facts: Box<log::mqtt::Facts>,
-    ) -> Result<Appended, Error> {
-        let result = self.submit_mqtt_inner(principal, tenant, input, facts).await;
-        self.count(Protocol::Mqtt, 1, result.as_ref().map(std::slice::from_ref));
-        result
+        inputs: Vec<(EventInput, Box<log::mqtt::Facts>)>,
+    ) -> Vec<Result<Appended, Error>> {
+        let answers = self.submit_mqtt_inner(principal, tenant, inputs).await;
+        for a in &answers {
+            self.count(Protocol::Mqtt, 1, a.as_ref().map(std::slice::from_ref));
+        }
+        answers
     }
 
     /// The ingest metrics of one submit of `n` events.
@@ -204,14 +208,44 @@ impl IngestHandle {
         &self,
         principal: &Principal,
         tenant: &str,
-        input: EventInput,
-        facts: Box<log::mqtt::Facts>,
-    ) -> Result<Appended, Error> {
-        if self.inner.max_batch < 1 {
-            return Err(Error::BatchTooLarge { got: 1, max: self.inner.max_batch });
+        inputs: Vec<(EventInput, Box<log::mqtt::Facts>)>,
+    ) -> Vec<Result<Appended, Error>> {
+        let now = now_us();
+        // Refusals in place; `None` where the log answers.
+        let mut answers: Vec<Option<Result<Appended, Error>>> = Vec::with_capacity(inputs.len());
+        let mut events = Vec::with_capacity(inputs.len());
+        for (input, facts) in inputs {
+            if self.inner.max_batch < 1 {
+                answers.push(Some(Err(Error::BatchTooLarge { got: 1, max: self.inner.max_batch })));
+                continue;
+            }
+            match self.accept(principal, tenant, input, None, now) {
+                Ok(event) => {
+                    events.push((event, facts));
+                    answers.push(None);
+                }
+                Err(e) => answers.push(Some(Err(e))),
+            }
         }
-        let event = self.accept(principal, tenant, input, None, now_us())?;
-        self.inner.log.append_mqtt(event, facts).await.map_err(|e| log_error(e, |_| None))
+        let n = events.len();
+        let mut stored = match events.is_empty() {
+            true => Ok(Vec::new()),
+            false => self.inner.log.append_mqtt(events).await,
+        }
+        .map(Vec::into_iter);
+        answers
+            .into_iter()
+            .map(|a| {
+                a.unwrap_or_else(|| match &mut stored {
+                    Ok(each) => each
+                        .next()
+                        .unwrap_or_else(|| Err(log::Error::Commit(format!("{n} publishes, fewer answers"))))
+                        .map_err(|e| log_error(e, |_| None)),
+                    // The whole request failed (commit, writer gone): each publish says so.
+                    Err(e) => Err(log_error(e.for_each(), |_| None)),
+                })
+            })
+            .collect()
     }
 
     /// One input checked against the token's device and validated;

@@ -134,6 +134,18 @@ pub enum Error {
     Join(String),
 }
 
+impl Error {
+    /// This error again, for each of the requests one failed call carried
+    /// (the SQLite and migration errors it wraps cannot be copied: their text).
+    pub fn for_each(&self) -> Error {
+        match self {
+            Error::Full { used, budget } => Error::Full { used: *used, budget: *budget },
+            Error::Closed => Error::Closed,
+            other => Error::Commit(other.to_string()),
+        }
+    }
+}
+
 /// Page size of a new site log. A commit writes every page it touched to
 /// the WAL, so at a trickle (an event or two per commit) small pages write
 /// less: measured at 100 events/s with forwarding on, about 10 KB per

@@ -51,7 +51,7 @@ impl Command {
     pub(super) fn rows_and_bytes(&self) -> (usize, usize) {
         match self {
             Command::Append(c) => (c.events.len(), c.events.iter().map(crate::event::Event::size_hint).sum()),
-            Command::AppendMqtt(c) => (1, c.event.size_hint()),
+            Command::AppendMqtt(c) => (c.events.len(), c.events.iter().map(|(e, _)| e.size_hint()).sum()),
             Command::MarkForwarded(c) => (c.seqs.len(), c.seqs.len() * 16),
             Command::AppendRemote(c) => (c.events.len(), c.events.iter().map(|r| r.event.size_hint()).sum()),
             _ => (1, 0),

@@ -41,8 +41,8 @@ pub(super) struct InPublish {
 
 /// What a FIFO entry settled to, answered to the device in read order.
 pub(super) enum Done {
-    /// A publish's event was committed (or refused).
-    Event(InPublish, Result<Appended, IngestError>),
+    /// Publishes read together, each committed (or refused).
+    Events(Vec<(InPublish, Result<Appended, IngestError>)>),
     /// A zero-byte retained publish cleared its topic (no event).
     Cleared(InPublish, Result<usize, crate::log::Error>),
     /// A 5.0 publish refused before the log: a negative PUBACK/PUBREC.
@@ -51,12 +51,29 @@ pub(super) enum Done {
     Released(u16, Result<usize, crate::log::Error>),
 }
 
+impl Done {
+    /// What it answers of `Inbound::queued`: each publish of a batch, or one.
+    fn entries(&self) -> usize {
+        match self {
+            Done::Events(each) => each.len(),
+            _ => 1,
+        }
+    }
+}
+
 type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
 
 /// The inbound side of a connection.
 pub(super) struct Inbound {
     /// Appends (and PUBRELs) in read order, answered as they settle.
     pub fifo: FuturesOrdered<Pending>,
+    /// Publishes admitted since the last FIFO entry: they go to the log as
+    /// one request (see [`Session::flush`]).
+    batch: Vec<InPublish>,
+    inputs: Vec<(EventInput, Box<Facts>)>,
+    /// Publishes and other entries in the FIFO or the batch, not answered
+    /// yet: bounded by `mqtt.max_inflight`.
+    queued: usize,
     /// Decoded packets not handled yet.
     packets: VecDeque<Decoded>,
     /// A publish held back by a rate limit or a full log.
@@ -82,6 +99,9 @@ impl Inbound {
     pub(super) fn new(alias_max: u16) -> Self {
         Self {
             fifo: FuturesOrdered::new(),
+            batch: Vec::new(),
+            inputs: Vec::new(),
+            queued: 0,
             packets: VecDeque::new(),
             held: None,
             control_held: false,
@@ -97,7 +117,14 @@ impl Inbound {
     /// Whether the device may be read: nothing held, nothing decoded left,
     /// room in the FIFO.
     pub(super) fn can_read(&self, max_inflight: usize) -> bool {
-        !self.eof && self.held.is_none() && self.packets.is_empty() && self.fifo.len() < max_inflight
+        !self.eof && self.held.is_none() && self.packets.is_empty() && self.queued < max_inflight
+    }
+
+    /// Adds an entry to the FIFO (the batch before it goes first: see
+    /// [`Session::flush`]).
+    fn push(&mut self, entry: Pending) {
+        self.queued += 1;
+        self.fifo.push_back(entry);
     }
 
     /// Something waits for the rate limit or the log's budget.
@@ -176,8 +203,39 @@ impl Session<'_> {
     }
 
     /// Handles decoded packets in order; stops at one the rate limit or the
-    /// log's budget holds back.
+    /// log's budget holds back. The publishes admitted go to the log
+    /// together, however it stops (a DISCONNECT after them included).
     pub(super) async fn admit(&mut self) -> Result<(), End> {
+        let r = self.admit_packets().await;
+        self.flush();
+        r
+    }
+
+    /// Publishes admitted since the last FIFO entry go to the log as one
+    /// request, one FIFO entry: one trip to the writer for what one read
+    /// brought instead of one per publish. Everything else that joins the
+    /// FIFO flushes them first, so answers keep the read order.
+    pub(super) fn flush(&mut self) {
+        if self.inbound.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.inbound.batch);
+        let inputs = std::mem::take(&mut self.inbound.inputs);
+        let (ingest, principal, tenant) =
+            (self.deps.ingest.clone(), self.who.principal.clone(), self.who.tenant.clone());
+        self.inbound.fifo.push_back(Box::pin(async move {
+            let answers = ingest.submit_mqtt(&principal, &tenant, inputs).await;
+            Done::Events(batch.into_iter().zip(answers).collect())
+        }));
+    }
+
+    /// Adds a FIFO entry after the publishes admitted before it.
+    fn push(&mut self, entry: Pending) {
+        self.flush();
+        self.inbound.push(entry);
+    }
+
+    async fn admit_packets(&mut self) -> Result<(), End> {
         loop {
             if let Some(publish) = self.inbound.held.take() {
                 if !self.admit_held(publish) {
@@ -185,7 +243,7 @@ impl Session<'_> {
                 }
                 continue;
             }
-            if self.inbound.fifo.len() >= self.deps.config.max_inflight {
+            if self.inbound.queued >= self.deps.config.max_inflight {
                 return Ok(());
             }
             let Some((packet, header)) = self.inbound.packets.pop_front() else { return Ok(()) };
@@ -260,7 +318,7 @@ impl Session<'_> {
     pub(super) fn release(&mut self, pkid: u16) {
         let log = self.deps.ingest.log().clone();
         let op = MqttOp::Release { key: self.who.key(), session_id: self.lease.session_id, pkid };
-        self.inbound.fifo.push_back(Box::pin(async move { Done::Released(pkid, log.mqtt(op).await) }));
+        self.push(Box::pin(async move { Done::Released(pkid, log.mqtt(op).await) }));
     }
 
     /// Resolves the topic alias of a 5.0 publish: an alias set is kept (its
@@ -351,7 +409,7 @@ impl Session<'_> {
         }
         tracing::info!(peer = %self.who.peer, device_id = self.who.device_id, reason = why, "mqtt publish refused");
         if publish.qos > 0 {
-            self.inbound.fifo.push_back(Box::pin(async move { Done::Refused(publish, code, why) }));
+            self.push(Box::pin(async move { Done::Refused(publish, code, why) }));
         }
         Ok(())
     }
@@ -369,15 +427,20 @@ impl Session<'_> {
     /// Starts the append of one admitted publish; its future joins the FIFO.
     fn submit(&mut self, mut publish: InPublish) {
         let event_type = self.event_type_of(&publish);
-        let topic = stream_topic(&self.who.tenant, &self.who.device_id, &event_type);
+        // The stream topic only for what keeps a retained message: most
+        // publishes need none.
+        let topic = || stream_topic(&self.who.tenant, &self.who.device_id, &event_type);
         if publish.publish.payload.is_empty() {
+            let topic = topic();
             self.clear_retained(publish, topic);
             return;
         }
         let fanout = self.deps.sessions.fanout();
-        let retain = publish.publish.retain
-            && if fanout.retain_fits(&self.who.tenant, &topic, publish.publish.payload.len()) {
-                true
+        let mut retain_topic = None;
+        if publish.publish.retain {
+            let topic = topic();
+            if fanout.retain_fits(&self.who.tenant, &topic, publish.publish.payload.len()) {
+                retain_topic = Some(topic);
             } else {
                 tracing::warn!(
                     device_id = self.who.device_id,
@@ -385,8 +448,9 @@ impl Session<'_> {
                     "retained-message bound of the tenant reached: stored and delivered, not retained"
                 );
                 publish.publish.retain = false;
-                false
-            };
+            }
+        }
+        let retain = retain_topic.is_some();
         let (qos, pkid, payload) = (publish.qos, publish.pkid, &publish.publish.payload);
         let redelivery =
             (qos > 0).then(|| Redelivery { pkid, digest: fnv1a64(payload), check: qos == 1 && publish.dup });
@@ -397,7 +461,7 @@ impl Session<'_> {
             redelivery,
             qos2: (qos == 2)
                 .then(|| Qos2Hold { client_id: self.who.client_id.clone(), session_id: self.lease.session_id }),
-            retain_topic: retain.then_some(topic),
+            retain_topic,
             published: Some(Published {
                 qos,
                 retain,
@@ -415,12 +479,9 @@ impl Session<'_> {
             properties,
             sent_bytes,
         };
-        let (ingest, principal, tenant) =
-            (self.deps.ingest.clone(), self.who.principal.clone(), self.who.tenant.clone());
-        self.inbound.fifo.push_back(Box::pin(async move {
-            let r = ingest.submit_mqtt(&principal, &tenant, input, Box::new(facts)).await;
-            Done::Event(publish, r)
-        }));
+        self.inbound.queued += 1;
+        self.inbound.batch.push(publish);
+        self.inbound.inputs.push((input, Box::new(facts)));
     }
 
     /// A zero-byte retained publish: the topic's retained message goes (in
@@ -428,34 +489,21 @@ impl Session<'_> {
     fn clear_retained(&mut self, publish: InPublish, topic: String) {
         let log = self.deps.ingest.log().clone();
         let op = MqttOp::ClearRetained { tenant: self.who.tenant.clone(), topic };
-        self.inbound.fifo.push_back(Box::pin(async move {
+        self.push(Box::pin(async move {
             let r = log.mqtt(op).await;
             Done::Cleared(publish, r)
         }));
     }
 
-    /// Answers a settled FIFO entry: the ack, after the commit.
+    /// Answers a settled FIFO entry: the acks, after the commit.
     pub(super) async fn settle(&mut self, done: Done) -> Result<(), End> {
+        self.inbound.queued -= done.entries();
         match done {
-            Done::Event(publish, result) => {
-                self.deps.metrics.mqtt_commit_wait.observe(publish.read_at.elapsed().as_secs_f64());
-                match result {
-                    Ok(_) => self.ack(publish.qos, publish.pkid, PubAckReason::Success, None),
-                    Err(e) => {
-                        let code = match &e {
-                            IngestError::RateLimited(_) | IngestError::Full { .. } => PubAckReason::QuotaExceeded,
-                            IngestError::Invalid { .. } => PubAckReason::PayloadFormatInvalid,
-                            IngestError::OtherDevice { .. } => PubAckReason::NotAuthorized,
-                            _ => PubAckReason::UnspecifiedError,
-                        };
-                        let why = format!("publish refused, not acked: {e}");
-                        if !self.v5() {
-                            return Err(End::unclean(why));
-                        }
-                        tracing::info!(peer = %self.who.peer, device_id = self.who.device_id, reason = why, "mqtt publish refused");
-                        self.ack(publish.qos, publish.pkid, code, Some(why))
-                    }
+            Done::Events(each) => {
+                for (publish, result) in each {
+                    self.settle_event(publish, result)?;
                 }
+                Ok(())
             }
             Done::Cleared(publish, result) => match result {
                 Ok(_) => {
@@ -478,6 +526,28 @@ impl Session<'_> {
                 }
                 Err(e) => Err(End::unclean(format!("PUBREL not recorded: {e}"))),
             },
+        }
+    }
+
+    /// The ack of one publish's event, after its commit (or its refusal).
+    fn settle_event(&mut self, publish: InPublish, result: Result<Appended, IngestError>) -> Result<(), End> {
+        self.deps.metrics.mqtt_commit_wait.observe(publish.read_at.elapsed().as_secs_f64());
+        match result {
+            Ok(_) => self.ack(publish.qos, publish.pkid, PubAckReason::Success, None),
+            Err(e) => {
+                let code = match &e {
+                    IngestError::RateLimited(_) | IngestError::Full { .. } => PubAckReason::QuotaExceeded,
+                    IngestError::Invalid { .. } => PubAckReason::PayloadFormatInvalid,
+                    IngestError::OtherDevice { .. } => PubAckReason::NotAuthorized,
+                    _ => PubAckReason::UnspecifiedError,
+                };
+                let why = format!("publish refused, not acked: {e}");
+                if !self.v5() {
+                    return Err(End::unclean(why));
+                }
+                tracing::info!(peer = %self.who.peer, device_id = self.who.device_id, reason = why, "mqtt publish refused");
+                self.ack(publish.qos, publish.pkid, code, Some(why))
+            }
         }
     }
 
@@ -579,7 +649,7 @@ mod tests {
         i.taken = true;
         assert!(matches!(i.finished(), Some(End::Unclean(_, Some(DisconnectReasonCode::SessionTakenOver)))));
         let mut full = Inbound::new(0);
-        full.fifo.push_back(Box::pin(async { Done::Released(1, Ok(1)) }));
+        full.push(Box::pin(async { Done::Released(1, Ok(1)) }));
         assert!(!full.can_read(1) && full.can_read(2), "the FIFO is bounded by max_inflight");
     }
 }

@@ -150,7 +150,8 @@ async fn fire(deps: &MqttDeps, who: &Identity, will: Will, origin: u64, shutdown
             () = shutdown.cancelled() => {}
         }
     }
-    match deps.ingest.submit_mqtt(&who.principal, &who.tenant, input, facts).await {
+    let answer = deps.ingest.submit_mqtt(&who.principal, &who.tenant, vec![(input, facts)]).await.pop();
+    match answer.unwrap_or(Err(crate::ingest::Error::Unavailable(crate::log::Error::Closed))) {
         Ok(_) => tracing::info!(device_id = who.device_id, topic, retain, "will stored and published"),
         Err(e) => tracing::warn!(error = %e, device_id = who.device_id, "will refused"),
     }
