@@ -4,6 +4,13 @@
 //! (PEM), read at start (a bad file stops the start) and again on SIGHUP.
 //! A reload changes what new handshakes present; open connections keep
 //! theirs. A reload that fails keeps the old certificate and logs why.
+//!
+//! Devices may log in with a client certificate instead of a token or a
+//! secret: with `tls.client_ca_file` set, the listeners ask for one
+//! (optional: devices without one log in as before), verify it against
+//! that CA (webpki; a certificate of another CA fails the handshake), and
+//! its subject's CN names the device as `<tenant>/<device id>`
+//! ([`ClientCert`]). The CA file is read at start.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -22,6 +29,8 @@ pub(crate) struct Certs {
     cert_file: PathBuf,
     key_file: PathBuf,
     current: RwLock<Arc<CertifiedKey>>,
+    /// Client certificates are asked for and verified against this CA.
+    clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 }
 
 impl Certs {
@@ -31,7 +40,13 @@ impl Certs {
             return Err("tls.cert_file and tls.key_file must both be set for a TLS listener".into());
         };
         let key = read(cert_file, key_file)?;
-        Ok(Arc::new(Self { cert_file: cert_file.clone(), key_file: key_file.clone(), current: RwLock::new(key) }))
+        let clients = config.client_ca_file.as_deref().map(client_verifier).transpose()?;
+        Ok(Arc::new(Self {
+            cert_file: cert_file.clone(),
+            key_file: key_file.clone(),
+            current: RwLock::new(key),
+            clients,
+        }))
     }
 
     /// Reads the files again; on error the old certificate stays.
@@ -44,11 +59,14 @@ impl Certs {
     /// A rustls server config presenting the current certificate, offering
     /// `alpn` (e.g. `http/1.1`).
     pub(crate) fn server_config(self: &Arc<Self>, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
-        let mut c = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
-            .expect("ring supports the default TLS versions")
-            .with_no_client_auth()
-            .with_cert_resolver(self.clone());
+            .expect("ring supports the default TLS versions");
+        let builder = match &self.clients {
+            Some(verifier) => builder.with_client_cert_verifier(verifier.clone()),
+            None => builder.with_no_client_auth(),
+        };
+        let mut c = builder.with_cert_resolver(self.clone());
         c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Arc::new(c)
     }
@@ -58,6 +76,68 @@ impl ResolvesServerCert for Certs {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
     }
+}
+
+/// Verifies client certificates against the CA in `ca_file`; a client
+/// without one is let through (it logs in with a token or a secret).
+fn client_verifier(ca_file: &Path) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
+    let named = |e: &dyn std::fmt::Display| format!("tls.client_ca_file {}: {e}", ca_file.display());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| named(&e))? {
+        roots.add(cert.map_err(|e| named(&e))?).map_err(|e| named(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(named(&"no PEM certificate in it"));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| named(&e))
+}
+
+/// The device a verified client certificate names: its subject's CN is
+/// `<tenant>/<device id>` (checked against the registry at login, like
+/// any other).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ClientCert {
+    pub(crate) tenant: String,
+    pub(crate) device_id: String,
+}
+
+impl ClientCert {
+    /// What the TLS session's client certificate says, if it presented one
+    /// (rustls verified it against `tls.client_ca_file`); `Err` names what
+    /// is wrong with a certificate that names no device.
+    pub(crate) fn of(conn: &rustls::ServerConnection) -> Option<Result<Self, String>> {
+        let leaf = conn.peer_certificates()?.first()?;
+        Some(Self::from_der(leaf))
+    }
+
+    fn from_der(der: &[u8]) -> Result<Self, String> {
+        use x509_cert::der::Decode;
+        let cert = x509_cert::Certificate::from_der(der).map_err(|e| format!("client certificate unreadable: {e}"))?;
+        let cn = common_name(&cert.tbs_certificate.subject)
+            .ok_or("client certificate has no subject CN; it must be <tenant>/<device id>")?;
+        let bad = || format!("client certificate CN {cn:?} must be <tenant>/<device id>");
+        let (tenant, device_id) = cn.split_once('/').ok_or_else(bad)?;
+        crate::event::Tenant::parse(tenant).map_err(|_| bad())?;
+        crate::event::validate_device_id(device_id).map_err(|_| bad())?;
+        Ok(Self { tenant: tenant.to_string(), device_id: device_id.to_string() })
+    }
+}
+
+/// The subject's common name (2.5.4.3), as UTF-8, Printable or IA5 text.
+fn common_name(name: &x509_cert::name::Name) -> Option<String> {
+    use x509_cert::der::asn1::{Ia5StringRef, PrintableStringRef, Utf8StringRef};
+    const CN: x509_cert::der::oid::ObjectIdentifier = x509_cert::der::oid::ObjectIdentifier::new_unwrap("2.5.4.3");
+    let value = name.0.iter().flat_map(|rdn| rdn.0.iter()).find(|a| a.oid == CN)?.value.clone();
+    let text = value
+        .decode_as::<Utf8StringRef<'_>>()
+        .map(|s| s.as_str().to_string())
+        .or_else(|_| value.decode_as::<PrintableStringRef<'_>>().map(|s| s.as_str().to_string()))
+        .or_else(|_| value.decode_as::<Ia5StringRef<'_>>().map(|s| s.as_str().to_string()));
+    text.ok()
 }
 
 fn read(cert_file: &Path, key_file: &Path) -> Result<Arc<CertifiedKey>, String> {

@@ -165,7 +165,7 @@ fn https_wss_and_mqtts_with_real_clients_and_a_reload_on_sighup() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    assert!(until(Duration::from_secs(10), || online(&app, &reader)), "the subscriber did not connect");
+    assert!(until(Duration::from_secs(10), || presence_of(&app, &reader, "reader")), "the subscriber did not connect");
 
     // …SIGHUP with the second certificate: new handshakes get it at once.
     std::fs::copy(d.join("two-cert.pem"), d.join("cert.pem")).unwrap();
@@ -213,17 +213,6 @@ fn add_reader(data: &Path) -> String {
     );
     assert!(ok, "{err}");
     out.trim().to_string()
-}
-
-/// Whether the reader device holds an MQTT session (its TLS handshake and
-/// CONNECT are done).
-fn online(app: &Proc, reader: &str) -> bool {
-    let out = Command::new("curl")
-        .args(["-s", "-H", &format!("Authorization: Bearer {reader}")])
-        .arg(format!("{}/api/v1/realtime/acme/presence", app.base()))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).contains(r#""device_id":"reader""#)
 }
 
 /// `systemctl reload` on a box without TLS listeners: the SIGHUP is logged,
@@ -342,4 +331,189 @@ fn https_handshakes_count_against_the_connection_cap_and_refusals_are_never_plai
         let _ = p.wait();
     }
     let _ = token;
+}
+
+/// A client certificate for `cn` (`<tenant>/<device id>`) signed by the CA
+/// of `pki(dir, ca)`, as `<file>-cert.pem` / `<file>-key.pem`.
+fn client_cert(dir: &Path, ca: &str, file: &str, cn: &str) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let (cert, key, csr) = (format!("{file}-cert.pem"), format!("{file}-key.pem"), format!("{file}.csr"));
+    // A "/" inside the CN is escaped: -subj splits on it.
+    let subj = format!("/CN={}", cn.replace('/', "\\/"));
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-subj",
+        &subj,
+        "-keyout",
+        &key,
+        "-out",
+        &csr,
+    ]);
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    let (ca_cert, ca_key) = (format!("{ca}-ca.pem"), format!("{ca}-ca.key"));
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca_cert,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "client.ext",
+        "-out",
+        &cert,
+    ]);
+}
+
+/// mosquitto_pub over TLS with the client certificate `<file>-cert.pem`
+/// and no username or password; true when the publish was acked.
+fn publish_with_cert(dir: &Path, port: u16, file: &str, version: &str, topic: &str) -> (bool, String) {
+    let (cert, key) = (format!("{file}-cert.pem"), format!("{file}-key.pem"));
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "localhost", "-p", &port.to_string(), "--cafile", "one-ca.pem", "--cert", &cert, "--key", &key])
+        .args(["-q", "1", "-V", version, "-i", "d1", "-t", topic, "-m", r#"{"by":"certificate"}"#])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// `tls.client_ca_file`: a device logs in with a certificate of that CA
+/// (its CN names the device) over MQTT (3.1.1 and 5.0, mosquitto) and
+/// HTTPS (curl), with no token or secret; a certificate of another CA is
+/// refused at the handshake, one that names no device or another device
+/// than the username at CONNECT; tokens still work beside certificates; a
+/// revoked device's certificate no longer logs in, and its open session
+/// ends.
+#[test]
+fn devices_log_in_with_a_client_certificate_of_the_configured_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pki(d, "one"); // the server's certificate
+    pki(d, "dev"); // the CA of device certificates
+    pki(d, "rogue"); // another CA
+    client_cert(d, "dev", "d1", "acme/d1");
+    client_cert(d, "dev", "d2", "acme/d2");
+    client_cert(d, "dev", "nameless", "d1");
+    client_cert(d, "rogue", "rogue", "acme/d1");
+    let data = d.join("data");
+    let token = add_device(&data, "acme", "d1");
+    add_device(&data, "acme", "d2");
+    let path = |f: &str| d.join(f).display().to_string();
+    let (cert, key, ca) = (path("one-cert.pem"), path("one-key.pem"), path("dev-ca.pem"));
+    let env = [
+        ("OUTPOST_HTTP__TLS_LISTEN", "127.0.0.1:0"),
+        ("OUTPOST_MQTT__TLS_LISTEN", "127.0.0.1:0"),
+        ("OUTPOST_TLS__CERT_FILE", cert.as_str()),
+        ("OUTPOST_TLS__KEY_FILE", key.as_str()),
+        ("OUTPOST_TLS__CLIENT_CA_FILE", ca.as_str()),
+    ];
+    let app = Proc::start(&data, &env);
+    let https = app.https.expect("https listening").port();
+    let mqtts = app.mqtts.expect("mqtts listening").port();
+    let topic = "acme/devices/d1/events/cert.test";
+
+    for v in ["mqttv311", "mqttv5"] {
+        let (ok, err) = publish_with_cert(d, mqtts, "d1", v, topic);
+        assert!(ok, "{v} with acme/d1's certificate: {err}");
+    }
+    let (ok, _) = publish_with_cert(d, mqtts, "rogue", "mqttv311", topic);
+    assert!(!ok, "a certificate of another CA must be refused");
+    let (ok, err) = publish_with_cert(d, mqtts, "nameless", "mqttv5", topic);
+    assert!(!ok, "a CN without the tenant names no device");
+    assert!(err.to_lowercase().contains("bad user name or password"), "{err}");
+    // Tokens keep working on the same listener, without a certificate.
+    let (ok, err) = mosquitto_pub(d, "one-ca.pem", mqtts, &token, "mqttv311", r#"{"by":"token"}"#);
+    assert!(ok, "a token beside client certificates: {err}");
+    // A username naming another device than the certificate's is refused.
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "localhost", "-p", &mqtts.to_string(), "--cafile", "one-ca.pem"])
+        .args(["--cert", "d1-cert.pem", "--key", "d1-key.pem", "-q", "1", "-V", "mqttv5", "-i", "d2", "-u", "d2"])
+        .args(["-t", "acme/devices/d2/events/cert.test", "-m", "{}"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "d1's certificate logging in as d2");
+
+    // HTTPS: the certificate is the credential; another CA's fails the handshake.
+    let post = |file: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5", "--cacert", "one-ca.pem"])
+            .args(["--cert", &format!("{file}-cert.pem"), "--key", &format!("{file}-key.pem")])
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                r#"{"device_id":"d1","event_type":"cert.http","payload":{}}"#,
+            ])
+            .args(["-w", "%{http_code}", "-o", "/dev/null"])
+            .arg(format!("https://localhost:{https}/api/v1/realtime/acme/event"))
+            .current_dir(d)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    let (ok, code) = post("d1");
+    assert!(ok && code.starts_with("20"), "HTTPS with acme/d1's certificate: {code}");
+    let (ok, _) = post("rogue");
+    assert!(!ok, "HTTPS with another CA's certificate must fail");
+
+    let rows = common::log_rows(&data.join("site-log.sqlite"));
+    assert_eq!(rows.len(), 4, "two MQTT publishes, one with a token, one HTTPS post: {rows:?}");
+
+    // d2 connected with its certificate, then revoked: the session ends
+    // and the certificate logs in no more.
+    let sub = Command::new("mosquitto_sub")
+        .args(["-h", "localhost", "-p", &mqtts.to_string(), "--cafile", "one-ca.pem"])
+        .args(["--cert", "d2-cert.pem", "--key", "d2-key.pem", "-V", "mqttv5", "-i", "d2", "-q", "1"])
+        .args(["-t", "acme/devices/d2/#", "-W", "60"])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sub = Guard(sub);
+    assert!(until(Duration::from_secs(10), || presence_of(&app, &token, "d2")), "d2 did not connect");
+    let (ok, _, err) = common::cli(&data, &["device", "revoke", "d2", "--tenant", "acme"]);
+    assert!(ok, "{err}");
+    let ended = until(Duration::from_secs(5), || sub.0.try_wait().unwrap().is_some());
+    assert!(ended, "the revoked device's certificate session must end");
+    let (ok, _) = publish_with_cert(d, mqtts, "d2", "mqttv311", "acme/devices/d2/events/cert.test");
+    assert!(!ok, "a revoked device's certificate must not log in");
+}
+
+/// Kills the child when dropped (a failed assertion leaves no process).
+struct Guard(std::process::Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether `device` holds an MQTT session (its TLS handshake and CONNECT
+/// are done), as the presence API says.
+fn presence_of(app: &Proc, token: &str, device: &str) -> bool {
+    let out = Command::new("curl")
+        .args(["-s", "-H", &format!("Authorization: Bearer {token}")])
+        .arg(format!("{}/api/v1/realtime/acme/presence", app.base()))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains(&format!(r#""device_id":"{device}""#))
 }

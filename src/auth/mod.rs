@@ -173,6 +173,12 @@ fn split_login(username: &str) -> (Option<&str>, &str) {
     }
 }
 
+/// The "expiry" of a login that has none of its own (a secret, a client
+/// certificate): a century on, as far as session timers go.
+fn no_expiry() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp() + 100 * 365 * 86_400
+}
+
 /// Verifies and issues tokens.
 pub struct Authenticator {
     algorithm: Algorithm,
@@ -357,9 +363,21 @@ impl Authenticator {
             return Err(wrong());
         }
         let perms = secret::parse_perms_field(&login.perms);
-        // No expiry of its own: a century on, as far as session timers go.
-        let exp = time::OffsetDateTime::now_utc().unix_timestamp() + 100 * 365 * 86_400;
-        Ok((Principal::Device { tenant: login.tenant, device_id: login.device_id, perms }, exp))
+        Ok((Principal::Device { tenant: login.tenant, device_id: login.device_id, perms }, no_expiry()))
+    }
+
+    /// The device a verified client certificate names (`tls::ClientCert`):
+    /// it must be registered and not revoked, and gets the default
+    /// permissions. Like a secret's, the session has no expiry of its own;
+    /// revoking the device ends it (`session_end`).
+    pub fn cert_login(&self, tenant: &str, device_id: &str) -> Result<(Principal, i64), Error> {
+        self.registered(tenant, device_id)?;
+        let principal = Principal::Device {
+            tenant: tenant.to_string(),
+            device_id: device_id.to_string(),
+            perms: Perm::DEFAULT.to_vec(),
+        };
+        Ok((principal, no_expiry()))
     }
 
     /// `verify`, then the tenant must match and the permission be held.

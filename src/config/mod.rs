@@ -106,6 +106,10 @@ pub struct TlsConfig {
     pub cert_file: Option<PathBuf>,
     /// Its private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: Option<PathBuf>,
+    /// Devices may log in with a client certificate issued by this CA (PEM):
+    /// its subject's CN names the device, `<tenant>/<device id>`. Unset: no
+    /// client certificates are asked for.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// The MQTT listener for devices (3.1, 3.1.1 and 5.0; also over WebSocket at `/mqtt`).

@@ -39,6 +39,11 @@ impl Config {
                 "tls.cert_file / tls.key_file are set but no TLS listener is (http.tls_listen, mqtt.tls_listen)".into(),
             );
         }
+        if !tls_listeners && self.tls.client_ca_file.is_some() {
+            problems.push(
+                "tls.client_ca_file is set but no TLS listener is (http.tls_listen, mqtt.tls_listen): client certificates come with TLS".into(),
+            );
+        }
         if let Some(id) = &self.site.id
             && !valid_site_id(id)
         {

@@ -14,6 +14,7 @@ use axum::http::request::Parts;
 
 use super::ApiError;
 use super::extract::{basic_secret, bearer};
+use super::serve::PeerCert;
 use crate::auth::{Authenticator, Perm, Principal};
 use crate::event::Tenant;
 
@@ -94,6 +95,16 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let tenant = path_tenant(parts, state).await?;
         let auth = Arc::<Authenticator>::from_ref(state);
+        // A client certificate (HTTPS with tls.client_ca_file), when the
+        // request carries no other credential.
+        if parts.headers.get(axum::http::header::AUTHORIZATION).is_none()
+            && let Some(PeerCert(cert)) = parts.extensions.get::<PeerCert>()
+        {
+            let cert = cert.as_ref().map_err(|why| crate::auth::Error::Invalid(why.clone()))?;
+            let (principal, expires_at) = auth.cert_login(&cert.tenant, &cert.device_id)?;
+            auth.permit(&principal, &tenant, A::PERM)?;
+            return Ok(Self { tenant, principal, expires_at, _access: PhantomData });
+        }
         // A device secret, for firmware that cannot hold a token.
         if let Some((user, secret)) = basic_secret(&parts.headers) {
             let (principal, expires_at) = auth.verify_secret(auth.secret_login(&user)?, &secret).await?;

@@ -94,7 +94,7 @@ async fn json_errors(resp: axum::response::Response) -> axum::response::Response
     out
 }
 
-pub(crate) use serve::{Limits, accept, serve};
+pub(crate) use serve::{Limits, PeerCert, accept, serve};
 
 /// What a WebSocket `event` frame turns into: the ingest stage submits it and
 /// answers the `ack` (or `error`) frame. The stream stage owns the socket and

@@ -105,8 +105,15 @@ pub(crate) async fn serve(
         });
         open.lock().insert(id, conn.clone());
         let (router, state) = (router.clone(), conn.clone());
+        // The device a TLS client certificate names, for every request of
+        // the connection (set once its handshake is done).
+        let cert = Arc::new(std::sync::OnceLock::<PeerCert>::new());
+        let peer_cert = cert.clone();
         let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
+            if let Some(c) = peer_cert.get() {
+                req.extensions_mut().insert(c.clone());
+            }
             state.started.store(true, Ordering::Relaxed);
             state.active.fetch_add(1, Ordering::Relaxed);
             let (mut router, state) = (router.clone(), state.clone());
@@ -136,7 +143,12 @@ pub(crate) async fn serve(
                         _ = shutdown.cancelled() => Err("shutting down".to_string()),
                     };
                     match outcome {
-                        Ok(s) => Either::Right(s),
+                        Ok(s) => {
+                            if let Some(c) = crate::tls::ClientCert::of(s.get_ref().1) {
+                                let _ = cert.set(PeerCert(c));
+                            }
+                            Either::Right(s)
+                        }
                         Err(why) => {
                             tracing::debug!(%peer, why, "https handshake failed");
                             open.lock().remove(&id);
@@ -171,6 +183,11 @@ pub(crate) async fn serve(
     tasks.wait().await;
     Ok(())
 }
+
+/// What the connection's TLS client certificate says (`tls::ClientCert`):
+/// a request extension on every request of a connection that presented one.
+#[derive(Debug, Clone)]
+pub(crate) struct PeerCert(pub(crate) Result<crate::tls::ClientCert, String>);
 
 /// The next connection on `listener`, or `None` once `shutdown` fires. A
 /// failed accept (out of file descriptors and the like) pauses, never ends

@@ -139,13 +139,14 @@ pub(crate) async fn run(
             match tls {
                 None => {
                     let (r, w) = stream.into_split();
-                    session::serve(Box::new(r), Box::new(w), peer, &deps, shutdown).await;
+                    session::serve(Box::new(r), Box::new(w), peer, None, &deps, shutdown).await;
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(deps.config.connect_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => {
+                            let cert = crate::tls::ClientCert::of(s.get_ref().1);
                             let (r, w) = tokio::io::split(s);
-                            session::serve(Box::new(r), Box::new(w), peer, &deps, shutdown).await;
+                            session::serve(Box::new(r), Box::new(w), peer, cert, &deps, shutdown).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "mqtt tls handshake failed"),
                         Err(_) => tracing::debug!(%peer, "mqtt tls handshake timed out (mqtt.connect_timeout)"),
@@ -166,7 +167,7 @@ where
     let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let slot = deps.slot(peer)?;
     let (r, w) = tokio::io::split(stream);
-    session::serve(Box::new(r), Box::new(w), peer, deps, shutdown).await;
+    session::serve(Box::new(r), Box::new(w), peer, None, deps, shutdown).await;
     drop(slot);
     Some(())
 }

@@ -34,6 +34,7 @@ pub(crate) fn routes(deps: MqttDeps, tracker: TaskTracker, shutdown: Cancellatio
 async fn upgrade(
     State(s): State<WsState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    cert: Option<axum::Extension<crate::http::PeerCert>>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let upgrade = match upgrade {
@@ -49,10 +50,15 @@ async fn upgrade(
         .max_message_size(max)
         .max_frame_size(max)
         .max_write_buffer_size(4 * max.max(64 * 1024))
-        .on_upgrade(move |socket| tracker.track_future(session(socket, peer, s)))
+        .on_upgrade(move |socket| tracker.track_future(session(socket, peer, cert.map(|c| c.0.0), s)))
 }
 
-async fn session(mut socket: WebSocket, peer: SocketAddr, s: WsState) {
+async fn session(
+    mut socket: WebSocket,
+    peer: SocketAddr,
+    cert: Option<Result<crate::tls::ClientCert, String>>,
+    s: WsState,
+) {
     let deps = &s.deps;
     let Some(slot) = deps.slot(peer) else {
         let close = CloseFrame { code: 1013, reason: "mqtt.max_connections reached".into() };
@@ -83,7 +89,7 @@ async fn session(mut socket: WebSocket, peer: SocketAddr, s: WsState) {
         }
     };
     let serve = async {
-        super::session::serve(Box::new(session_r), Box::new(session_w), peer, deps, s.shutdown.clone()).await;
+        super::session::serve(Box::new(session_r), Box::new(session_w), peer, cert, deps, s.shutdown.clone()).await;
         served.cancel();
     };
     tokio::join!(pumps, serve);

@@ -24,6 +24,7 @@ use crate::auth::{Perm, Principal};
 use crate::config::MqttConfig;
 use crate::log::MqttOp;
 use crate::mqtt::MqttDeps;
+use crate::tls::ClientCert;
 
 /// A connection the CONNECT let in.
 pub(super) struct Connected {
@@ -69,10 +70,11 @@ fn connack_code(version: Version, code: ConnectReturnCode) -> ConnectReturnCode 
 pub(super) async fn handshake(
     wire: &mut Wire,
     peer: SocketAddr,
+    cert: Option<Result<ClientCert, String>>,
     deps: &MqttDeps,
     shutdown: &CancellationToken,
 ) -> Option<Connected> {
-    let mut h = Handshake { wire, peer, deps };
+    let mut h = Handshake { wire, peer, cert, deps };
     let first = tokio::select! {
         _ = shutdown.cancelled() => return None,
         r = tokio::time::timeout(deps.config.connect_timeout, h.first_packet()) => r,
@@ -99,6 +101,8 @@ pub(super) async fn handshake(
 struct Handshake<'w, 'd> {
     wire: &'w mut Wire,
     peer: SocketAddr,
+    /// The device a TLS client certificate named (`tls.client_ca_file`).
+    cert: Option<Result<ClientCert, String>>,
     deps: &'d MqttDeps,
 }
 
@@ -276,12 +280,27 @@ impl Handshake<'_, '_> {
         Ok((who, will))
     }
 
-    /// The device the password proves, and when its login expires: a token
-    /// (the username must be its device id), or a device secret of at most
-    /// 32 characters (the username names the device: `<tenant>/<id>`, or
-    /// the id alone when one tenant has it).
+    /// The device the login proves, and when its login expires: a client
+    /// certificate (any username must name its device; no password needed),
+    /// a token (the username must be its device id), or a device secret of
+    /// at most 32 characters (the username names the device:
+    /// `<tenant>/<id>`, or the id alone when one tenant has it).
     async fn authenticate(&self, login: Option<(&str, &str)>) -> Result<(Principal, i64, bool), Refusal> {
         let bad = |r: &str| (ConnectReturnCode::BadUserNamePassword, r.to_string());
+        if let Some(cert) = &self.cert {
+            let cert = cert.as_ref().map_err(|why| bad(why))?;
+            let named = login.map_or("", |(username, _)| username);
+            let full = format!("{}/{}", cert.tenant, cert.device_id);
+            if !(named.is_empty() || named == cert.device_id || named == full) {
+                return Err(bad(&format!("username {named:?} is not the client certificate's device {full:?}")));
+            }
+            let (principal, exp) = self
+                .deps
+                .auth
+                .cert_login(&cert.tenant, &cert.device_id)
+                .map_err(|e| (refuse_code(&e), e.to_string()))?;
+            return Ok((principal, exp, false));
+        }
         let (username, password) = login.ok_or_else(|| bad("no username/password"))?;
         if crate::auth::secret::is_secret(password) {
             // The device's connect budget is charged before the hash, so

@@ -31,6 +31,7 @@ use super::{MqttDeps, PROTOCOL};
 use crate::auth::{Perm, Principal, SessionEnd};
 use crate::log::MqttOp;
 use crate::log::mqtt::SessionKey;
+use crate::tls::ClientCert;
 pub(super) use wire::{Reader, Writer};
 
 /// Why a session ended.
@@ -181,11 +182,12 @@ pub(super) async fn serve(
     reader: Reader,
     writer: Writer,
     peer: SocketAddr,
+    cert: Option<Result<ClientCert, String>>,
     deps: &MqttDeps,
     shutdown: CancellationToken,
 ) {
     let mut wire = wire::Wire::new(reader, writer);
-    let Some(c) = connect::handshake(&mut wire, peer, deps, &shutdown).await else { return };
+    let Some(c) = connect::handshake(&mut wire, peer, cert, deps, &shutdown).await else { return };
     let mut s = Session {
         deps,
         wire,
