@@ -137,6 +137,15 @@ pub enum DeviceCommand {
         /// token. It has the --perm permissions and never expires.
         #[arg(long)]
         secret: bool,
+        /// A gateway (a Zigbee or LoRa bridge, a PLC): it may publish for
+        /// its children, registered with --via or by its first publish for
+        /// them (within mqtt.gateway_max_children).
+        #[arg(long, conflicts_with = "via")]
+        gateway: bool,
+        /// A child of this gateway (registered with --gateway): the gateway
+        /// may publish for it; it may also log in itself.
+        #[arg(long, value_name = "GATEWAY")]
+        via: Option<String>,
         #[command(flatten)]
         token: TokenArgs,
     },
@@ -328,13 +337,14 @@ fn set_secret(
 fn device(cmd: DeviceCommand, cfg: &Config) -> anyhow::Result<()> {
     let conn = open_log(cfg)?;
     match cmd {
-        DeviceCommand::Add { tenant, id, name, secret, token } => {
+        DeviceCommand::Add { tenant, id, name, secret, gateway, via, token } => {
             check_tenant_arg(&tenant)?;
             let id = id.unwrap_or_else(crate::event::new_device_id);
             validate_device_id(&id).map_err(|e| anyhow::anyhow!("--id {id:?}: {}", e.message))?;
             let (perms, ttl) = token_options(&token)?;
+            let role = schema::Role { gateway, via };
             if secret {
-                let d = schema::add_device(&conn, &tenant, &id, name.as_deref(), now_us())?;
+                let d = schema::add_device(&conn, &tenant, &id, name.as_deref(), &role, now_us())?;
                 let s = set_secret(&conn, &d.tenant, &d.device_id, None, &perms)?;
                 eprintln!(
                     "registered device {t}/{d} — its secret (shown once; MQTT username {t}/{d}, password the secret):",
@@ -345,7 +355,7 @@ fn device(cmd: DeviceCommand, cfg: &Config) -> anyhow::Result<()> {
                 return Ok(());
             }
             let auth = authenticator(cfg)?;
-            let d = schema::add_device(&conn, &tenant, &id, name.as_deref(), now_us())?;
+            let d = schema::add_device(&conn, &tenant, &id, name.as_deref(), &role, now_us())?;
             let t = auth.issue_device(&tenant, &id, &perms, ttl)?;
             eprintln!("registered device {}/{} — its token (shown once):", d.tenant, d.device_id);
             println!("{t}");
@@ -353,10 +363,18 @@ fn device(cmd: DeviceCommand, cfg: &Config) -> anyhow::Result<()> {
         }
         DeviceCommand::List { tenant } => {
             let devices = schema::devices(&conn, tenant.as_deref())?;
-            println!("{:<16} {:<32} {:<8} {:>10}  {:<25}  name", "tenant", "device", "state", "events", "last seen");
+            println!(
+                "{:<16} {:<32} {:<8} {:>10}  {:<25}  {:<24}  name",
+                "tenant", "device", "state", "events", "last seen", "role"
+            );
             for d in &devices {
+                let role = match (&d.via, d.gateway) {
+                    (Some(gw), _) => format!("via {gw}"),
+                    (None, true) => "gateway".into(),
+                    (None, false) => String::new(),
+                };
                 println!(
-                    "{:<16} {:<32} {:<8} {:>10}  {:<25}  {}",
+                    "{:<16} {:<32} {:<8} {:>10}  {:<25}  {:<24}  {}",
                     d.tenant,
                     d.device_id,
                     if d.revoked_at.is_some() {
@@ -368,6 +386,7 @@ fn device(cmd: DeviceCommand, cfg: &Config) -> anyhow::Result<()> {
                     },
                     d.event_count,
                     d.last_seen.map_or("never".into(), fmt_time),
+                    role,
                     d.name.as_deref().unwrap_or("")
                 );
             }

@@ -98,7 +98,8 @@ pub struct StoredEvent {
     #[serde(with = "time::serde::rfc3339::option")]
     pub forwarded_at: Option<OffsetDateTime>,
     pub origin_site: String,
-    /// MQTT 5.0 content type and user properties, when the device sent any.
+    /// MQTT 5.0 content type and user properties, when the device sent
+    /// any; the gateway that published a child's event.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub properties: Option<Box<RawValue>>,
 }

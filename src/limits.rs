@@ -129,19 +129,46 @@ impl Limiter {
 
     /// Admits `n` events from a device, or says which window refuses them.
     pub fn check(&self, tenant: &str, device_id: &str, n: u32) -> Result<(), Limited> {
-        let rates = self.config.rates_for(tenant, device_id);
-        let limits = [rates.per_second, rates.per_minute, rates.per_hour];
-        let now = Instant::now();
+        let mut state = self.lock();
+        self.probe(&mut state, tenant, device_id, n)?;
+        charge(&mut state, tenant, device_id, n);
+        Ok(())
+    }
+
+    /// Admits `n` events that count for two devices (a gateway's child and
+    /// the gateway), or says which window of which refuses them; neither is
+    /// charged unless both admit them.
+    pub fn check_pair(&self, tenant: &str, a: &str, b: &str, n: u32) -> Result<(), Limited> {
+        let mut state = self.lock();
+        self.probe(&mut state, tenant, a, n)?;
+        self.probe(&mut state, tenant, b, n)?;
+        charge(&mut state, tenant, a, n);
+        charge(&mut state, tenant, b, n);
+        Ok(())
+    }
+
+    /// The state, swept of idle devices every `SWEEP_EVERY` checks.
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         state.checks += 1;
         if state.checks.is_multiple_of(SWEEP_EVERY) {
             // Forget devices idle for over an hour: their counters are all zero.
+            let now = Instant::now();
             let idle = Window::Hour.length() * 2;
             state.devices.retain(|_, t| {
                 t.retain(|_, c| now.saturating_duration_since(c[2].start) < idle);
                 !t.is_empty()
             });
         }
+        state
+    }
+
+    /// Whether `n` more fit every window of the device now (its windows
+    /// rolled to now, nothing charged).
+    fn probe(&self, state: &mut State, tenant: &str, device_id: &str, n: u32) -> Result<(), Limited> {
+        let rates = self.config.rates_for(tenant, device_id);
+        let limits = [rates.per_second, rates.per_minute, rates.per_hour];
+        let now = Instant::now();
         let counters = match state.devices.get_mut(tenant).and_then(|t| t.get_mut(device_id)) {
             Some(c) => c,
             None => state
@@ -163,10 +190,16 @@ impl Limiter {
                 return Err(Limited { window: *window, limit, retry_after: wait });
             }
         }
+        Ok(())
+    }
+}
+
+/// Charges `n` to a device [`Limiter::probe`] admitted them for.
+fn charge(state: &mut State, tenant: &str, device_id: &str, n: u32) {
+    if let Some(counters) = state.devices.get_mut(tenant).and_then(|t| t.get_mut(device_id)) {
         for c in counters.iter_mut() {
             c.slots[c.head] += n;
         }
-        Ok(())
     }
 }
 
@@ -194,6 +227,25 @@ mod tests {
         l.check("acme", "d1", 1).unwrap();
         // Another device has its own buckets.
         l.check("acme", "d2", 10).unwrap();
+    }
+
+    /// A gateway's child's events count for the child and the gateway:
+    /// the first to refuse charges neither.
+    #[tokio::test(start_paused = true)]
+    async fn a_pair_is_charged_only_when_both_admit() {
+        let l = limiter(10, 500, 10_000);
+        for _ in 0..10 {
+            l.check("acme", "gw", 1).unwrap();
+        }
+        assert_eq!(l.check_pair("acme", "child", "gw", 1).unwrap_err().window, Window::Second);
+        // The child was not charged by the refusal: it has its full second.
+        l.check("acme", "child", 10).unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for _ in 0..10 {
+            l.check_pair("acme", "child", "gw", 1).unwrap();
+        }
+        assert!(l.check("acme", "gw", 1).is_err(), "the gateway was charged for its child");
+        assert!(l.check("acme", "child", 1).is_err(), "and the child for itself");
     }
 
     #[tokio::test(start_paused = true)]

@@ -341,3 +341,103 @@ async fn guessing_a_devices_secret_is_charged_to_its_connect_budget_before_any_h
     let (_c, code) = Raw::connect(app.mqtt, "lock-2", "acme/lock-2", &other, 30, None).await;
     assert_eq!(code, 3, "the fourth connect of the minute");
 }
+
+/// A Zigbee2MQTT-style bridge registered as a gateway publishes for its
+/// children over its own connection (mosquitto 3.1.1 and 5.0, a topic map
+/// and the native topic): a child registered with `--via`, two registered
+/// by their first event, a fourth over `mqtt.gateway_max_children`
+/// refused, a plain device and a non-gateway refused; one child revoked
+/// midway is refused (5.0: PUBACK 0x87; 3.1.1: acked, not stored) while
+/// the others go on; a QoS 2 resend for a child is stored once; revoking
+/// the gateway ends its session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_publishes_for_its_children_until_they_or_it_are_revoked() {
+    use common::mqtt_raw::{Raw, v5};
+    use outpost::config::TopicMapRule;
+    let app = TestApp::start_with(|c| {
+        c.mqtt.topic_maps =
+            vec![TopicMapRule { pattern: "zigbee2mqtt/{device}".into(), event_type: Some("state".into()) }];
+        c.mqtt.gateway_max_children = 3;
+    })
+    .await;
+    let cli = |args: &[&str]| {
+        let (ok, out, err) = common::cli(app.dir.path(), args);
+        assert!(ok, "{args:?}: {err}");
+        out.trim().to_string()
+    };
+    let bridge = cli(&["device", "add", "--tenant", "acme", "--id", "bridge", "--gateway"]);
+    cli(&["device", "add", "--tenant", "acme", "--id", "lamp", "--via", "bridge"]);
+    let plain = app.device("acme", "plain").await;
+    let port = app.mqtt.port().to_string();
+    let pub_ = |version: &str, topic: &str, payload: &str| {
+        tokio::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-i", "bridge", "-u", "bridge", "-P", &bridge, "-q", "1"])
+            .args(["-V", version, "-t", topic, "-m", payload])
+            .output()
+    };
+    let ok = |out: std::process::Output| assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ok(pub_("mqttv311", "zigbee2mqtt/lamp", r#"{"state":"ON"}"#).await.unwrap());
+    ok(pub_("mqttv5", "zigbee2mqtt/plug", r#"{"state":"OFF","power":0}"#).await.unwrap());
+    ok(pub_("mqttv311", "acme/devices/sensor/events/temp", "21.5").await.unwrap());
+    let (ok_list, list, _) = common::cli(app.dir.path(), &["device", "list", "--tenant", "acme"]);
+    assert!(ok_list && list.lines().any(|l| l.contains("plug") && l.contains("via bridge")), "{list}");
+
+    // Over the bound, another device, a non-gateway: refused with the reason (5.0).
+    let (mut c, ack) =
+        Raw::connect_v5(app.mqtt, "bridge-raw", "bridge", &bridge, 30, true, &v5::prop_u8(0x17, 1)).await;
+    assert_eq!(ack.body[1], 0);
+    let (code, why) = refused(&mut c, "zigbee2mqtt/extra", 1).await;
+    assert!(code == 0x97 && why.contains("mqtt.gateway_max_children = 3"), "quota exceeded: {code:#x} {why}");
+    let (code, why) = refused(&mut c, "zigbee2mqtt/plain", 2).await;
+    assert!(code == 0x87 && why.contains("not a child of gateway"), "{code:#x} {why}");
+    let (mut p, ack) = Raw::connect_v5(app.mqtt, "plain", "plain", &plain, 30, true, &v5::prop_u8(0x17, 1)).await;
+    assert_eq!(ack.body[1], 0);
+    let (code, why) = refused(&mut p, "zigbee2mqtt/lamp", 3).await;
+    assert!(code == 0x87 && why.contains("mqtt.topic_maps[0]"), "a plain device publishes only as itself: {why}");
+
+    // A QoS 2 publish for a child, sent again before its PUBREL: one event.
+    c.send(&v5::publish_packet("zigbee2mqtt/lamp", br#"{"state":"OFF"}"#, 2, 9, false, &[])).await;
+    assert!(c.read_kind(5, T).await.is_some(), "PUBREC");
+    let mut again = v5::publish_packet("zigbee2mqtt/lamp", br#"{"state":"OFF"}"#, 2, 9, false, &[]);
+    again[0] |= 0x08; // DUP
+    c.send(&again).await;
+    assert!(c.read_kind(5, T).await.is_some(), "PUBREC again");
+    c.send(&[0x62, 0x02, 0x00, 0x09]).await; // PUBREL 9
+    assert!(c.read_kind(7, T).await.is_some(), "PUBCOMP");
+
+    // plug revoked midway: refused (3.1.1 acks without storing), lamp goes on.
+    cli(&["device", "revoke", "plug", "--tenant", "acme"]);
+    let (code, why) = refused(&mut c, "zigbee2mqtt/plug", 4).await;
+    assert!(code == 0x87 && why.contains("revoked"), "{code:#x} {why}");
+    ok(pub_("mqttv311", "zigbee2mqtt/plug", r#"{"state":"ON"}"#).await.unwrap());
+    ok(pub_("mqttv311", "zigbee2mqtt/lamp", r#"{"state":"ON","brightness":80}"#).await.unwrap());
+
+    let rows = app.log_rows();
+    let got: Vec<(&str, &str)> = rows.iter().map(|r| (r.device_id.as_str(), r.event_type.as_str())).collect();
+    assert_eq!(
+        got,
+        [("lamp", "state"), ("plug", "state"), ("sensor", "temp"), ("lamp", "state"), ("lamp", "state")],
+        "one event per accepted publish, none for a refused one"
+    );
+    for r in &rows {
+        let props = r.properties.as_ref().map(|p| p.get().to_string()).unwrap_or_default();
+        assert!(props.contains(r#""gateway":"bridge""#), "the gateway is recorded: {props}");
+    }
+
+    // Revoking the gateway ends its session: its children's traffic stops.
+    cli(&["device", "revoke", "bridge", "--tenant", "acme"]);
+    let disconnect = c.read_kind(14, T).await.expect("DISCONNECT");
+    assert_eq!(disconnect.body[0], 0x87, "not authorized");
+    let out = pub_("mqttv311", "zigbee2mqtt/lamp", "{}").await.unwrap();
+    assert!(!out.status.success(), "a revoked gateway logs in no more");
+    assert_eq!(app.log_rows().len(), 5);
+}
+
+/// A 5.0 QoS 1 publish of `{}` to `topic`: its PUBACK's reason code and string.
+async fn refused(c: &mut common::mqtt_raw::Raw, topic: &str, pkid: u16) -> (u8, String) {
+    use common::mqtt_raw::v5;
+    c.send(&v5::publish_packet(topic, b"{}", 1, pkid, false, &[])).await;
+    let puback = c.read_kind(4, T).await.expect("PUBACK");
+    let why = v5::prop_string(&v5::props(&puback.body, 3), 0x1f).unwrap_or_default();
+    (puback.body[2], why)
+}

@@ -32,6 +32,12 @@ pub(crate) struct RegisterRequest {
     /// the same permissions, returned once as `secret`.
     #[serde(default)]
     pub secret: bool,
+    /// A gateway: it may publish for its children.
+    #[serde(default)]
+    pub gateway: bool,
+    /// A child of this gateway.
+    #[serde(default)]
+    pub via: Option<String>,
 }
 
 /// Answer of `POST …/device/register`: the device and its token (shown once),
@@ -82,8 +88,12 @@ async fn register_device(
         false => None,
     };
     let stored = secret.as_ref().map(|(_, hash, names)| (hash.clone(), names.clone()));
-    let device = state.log.add_device(tenant.to_string(), device_id.clone(), req.name, stored).await?;
-    state.auth.registry().set(&tenant, &device_id, false);
+    let role = crate::log::schema::Role { gateway: req.gateway, via: req.via };
+    if role.gateway && role.via.is_some() {
+        return Err(ApiError::bad_field("via", "a gateway cannot be a child of another (gateway and via together)"));
+    }
+    let device = state.log.add_device(tenant.to_string(), device_id.clone(), req.name, role, stored).await?;
+    state.auth.registry().set(&device);
     let token = state.auth.issue_device(&tenant, &device_id, &perms, ttl)?;
     tracing::info!(%tenant, device_id, secret = secret.is_some(), "device registered");
     Ok((StatusCode::CREATED, Json(Registered { device, token, secret: secret.map(|(s, _, _)| s) })))
@@ -96,7 +106,7 @@ async fn revoke_device(
     Path((_, device_id)): Path<(String, String)>,
 ) -> Result<Json<Device>, ApiError> {
     let device = state.log.revoke_device(tenant.to_string(), device_id.clone()).await?;
-    state.auth.registry().set(&tenant, &device_id, true);
+    state.auth.registry().set(&device);
     tracing::info!(%tenant, device_id, "device revoked");
     Ok(Json(device))
 }

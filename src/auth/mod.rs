@@ -8,7 +8,7 @@ mod crypto;
 mod registry;
 pub mod secret;
 
-pub use registry::{REGISTRY_POLL, Registry, run_registry_refresh};
+pub use registry::{Child, REGISTRY_POLL, Registry, run_registry_refresh};
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -96,6 +96,16 @@ pub struct Claims {
 pub enum Principal {
     Device { tenant: String, device_id: String, perms: Vec<Perm> },
     Admin,
+}
+
+impl Principal {
+    /// The device it speaks for; `None` for an admin.
+    pub fn device_id(&self) -> Option<&str> {
+        match self {
+            Principal::Device { device_id, .. } => Some(device_id),
+            Principal::Admin => None,
+        }
+    }
 }
 
 /// Why a token was refused, or keys could not be loaded.
@@ -499,8 +509,8 @@ mod tests {
         let mut c = Config::default();
         c.site.data_dir = dir.to_path_buf();
         let reg = Arc::new(Registry::default());
-        reg.set("acme", "d1", false);
-        reg.set("acme", "gone", true);
+        reg.set(&crate::log::schema::testing::device("acme", "d1", false));
+        reg.set(&crate::log::schema::testing::device("acme", "gone", true));
         Authenticator::from_config(&c, reg).unwrap().0
     }
 

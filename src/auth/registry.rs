@@ -25,9 +25,37 @@ use crate::log::{self, Readers, schema};
 /// How often a running appliance looks for registry changes made by the CLI.
 pub const REGISTRY_POLL: Duration = Duration::from_millis(250);
 
+/// What the cache keeps of a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    revoked: bool,
+    gateway: bool,
+    /// A child: its gateway.
+    via: Option<String>,
+}
+
+impl Entry {
+    fn of(d: &schema::Device) -> Self {
+        Self { revoked: d.revoked_at.is_some(), gateway: d.gateway, via: d.via.clone() }
+    }
+}
+
+/// What a gateway's publish for another device id finds (see
+/// [`Registry::child`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Child {
+    /// Registered under this gateway, not revoked.
+    Registered,
+    /// Not registered: the gateway's first event for it registers it
+    /// (within `mqtt.gateway_max_children`).
+    Unknown,
+    /// The publish is refused: why.
+    Refused(String),
+}
+
 /// In-memory view of the device registry.
 pub struct Registry {
-    devices: RwLock<HashMap<String, HashMap<String, bool>>>,
+    devices: RwLock<HashMap<String, HashMap<String, Entry>>>,
     version: AtomicI64,
     /// Bumped on every change.
     changed: watch::Sender<u64>,
@@ -49,19 +77,39 @@ impl Registry {
 
     /// `Some(revoked)` for a registered device, `None` for an unknown one.
     pub fn lookup(&self, tenant: &str, device_id: &str) -> Option<bool> {
+        self.entry(tenant, device_id).map(|e| e.revoked)
+    }
+
+    /// Whether the device is a registered, unrevoked gateway.
+    pub fn is_gateway(&self, tenant: &str, device_id: &str) -> bool {
+        self.entry(tenant, device_id).is_some_and(|e| e.gateway && !e.revoked)
+    }
+
+    /// Whether `gateway` may publish for `child` now (the caller checked
+    /// that `gateway` is one).
+    pub fn child(&self, tenant: &str, gateway: &str, child: &str) -> Child {
+        match self.entry(tenant, child) {
+            None => Child::Unknown,
+            Some(e) if e.revoked => Child::Refused(format!("device {tenant}/{child} is revoked")),
+            Some(e) if e.via.as_deref() == Some(gateway) => Child::Registered,
+            Some(_) => Child::Refused(format!("device {tenant}/{child} is not a child of gateway {gateway:?}")),
+        }
+    }
+
+    fn entry(&self, tenant: &str, device_id: &str) -> Option<Entry> {
         let cached = {
             let map = self.devices.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            map.get(tenant).and_then(|t| t.get(device_id)).copied()
+            map.get(tenant).and_then(|t| t.get(device_id)).cloned()
         };
         cached.or_else(|| self.read_through(tenant, device_id))
     }
 
-    /// A device registered by another process since the last refresh.
-    fn read_through(&self, tenant: &str, device_id: &str) -> Option<bool> {
+    /// A device registered by another process (or a gateway's first event
+    /// for a child) since the last refresh.
+    fn read_through(&self, tenant: &str, device_id: &str) -> Option<Entry> {
         let device = self.with_log(|c| schema::device_by_id(c, tenant, device_id).ok().flatten())?;
-        let revoked = device.revoked_at.is_some();
-        self.set(tenant, device_id, revoked);
-        Some(revoked)
+        self.set(&device);
+        Some(Entry::of(&device))
     }
 
     /// `f` on the site log's read connection (opened on first use); `None`
@@ -82,12 +130,13 @@ impl Registry {
         self.with_log(|c| schema::device_secret(c, tenant, device_id).ok().flatten())
     }
 
-    /// Records a change made through this process.
-    pub fn set(&self, tenant: &str, device_id: &str, revoked: bool) {
+    /// Records a change made through this process (the device as stored).
+    pub fn set(&self, device: &schema::Device) {
+        let entry = Entry::of(device);
         let mut map = self.devices.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let old = map.entry(tenant.to_string()).or_default().insert(device_id.to_string(), revoked);
+        let old = map.entry(device.tenant.clone()).or_default().insert(device.device_id.clone(), entry.clone());
         drop(map);
-        if old != Some(revoked) {
+        if old != Some(entry) {
             self.changed.send_modify(|v| *v += 1);
         }
     }
@@ -98,9 +147,10 @@ impl Registry {
         if version == self.version.load(Ordering::Acquire) {
             return Ok(false);
         }
-        let mut fresh: HashMap<String, HashMap<String, bool>> = HashMap::new();
+        let mut fresh: HashMap<String, HashMap<String, Entry>> = HashMap::new();
         for d in schema::devices(conn, None)? {
-            fresh.entry(d.tenant).or_default().insert(d.device_id, d.revoked_at.is_some());
+            let entry = Entry::of(&d);
+            fresh.entry(d.tenant).or_default().insert(d.device_id, entry);
         }
         *self.devices.write().unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
         self.version.store(version, Ordering::Release);

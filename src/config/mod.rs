@@ -138,6 +138,9 @@ pub struct MqttConfig {
     /// Persistent sessions (clean_session = 0) kept per device; one more
     /// evicts the device's oldest.
     pub max_sessions_per_device: usize,
+    /// Children a gateway may register by publishing for them (0: only
+    /// those registered with `device add --via`).
+    pub gateway_max_children: usize,
     /// Persistent sessions kept per tenant (0: none beyond the devices'
     /// own); a CONNECT that would be one more gets CONNACK 0x97.
     pub max_sessions_per_tenant: usize,
@@ -604,6 +607,7 @@ impl Default for MqttConfig {
             connect_timeout: Duration::from_secs(10),
             max_inflight: 256,
             max_sessions_per_device: 4,
+            gateway_max_children: 256,
             max_sessions_per_tenant: 0,
             max_filters: 32,
             max_retained_per_tenant: 1000,

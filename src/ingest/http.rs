@@ -193,6 +193,10 @@ impl From<Error> for ApiError {
             Error::OtherDevice { index, .. } => {
                 ApiError::new(StatusCode::FORBIDDEN, "other_device", message).with_field("device_id").with_index(index)
             }
+            // MQTT gateways only; HTTP has no children.
+            Error::ChildRefused { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "other_device", message).with_field("device_id")
+            }
             Error::BatchTooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large", message),
             Error::EmptyBatch => ApiError::bad_field("events", message),
             Error::RateLimited(l) => ApiError {

@@ -35,6 +35,10 @@ pub enum Error {
     Full { used: u64, budget: u64 },
     #[error("{}id {id} is already used by another device", index.map(|i| format!("event {i}: ")).unwrap_or_default())]
     IdConflict { index: Option<usize>, id: uuid::Uuid },
+    /// A gateway's publish for a device it may not publish for (`quota`:
+    /// one child over `mqtt.gateway_max_children`).
+    #[error("{why}")]
+    ChildRefused { why: String, quota: bool },
     #[error("site log unavailable: {0}")]
     Unavailable(log::Error),
 }
@@ -44,7 +48,7 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Error::Invalid { .. } | Error::BatchTooLarge { .. } | Error::EmptyBatch => "invalid",
-            Error::OtherDevice { .. } => "forbidden",
+            Error::OtherDevice { .. } | Error::ChildRefused { .. } => "forbidden",
             Error::RateLimited(_) => "rate_limited",
             Error::Full { .. } => "log_full",
             Error::IdConflict { .. } => "id_conflict",
@@ -90,6 +94,12 @@ impl IngestHandle {
     /// checks first and, when limited, stops reading instead of refusing).
     pub fn check_rate(&self, tenant: &str, device_id: &str, n: u32) -> Result<(), Limited> {
         self.inner.limiter.check(tenant, device_id, n)
+    }
+
+    /// `check_rate` for events that count for two devices (a gateway's
+    /// child and the gateway): neither is charged unless both admit them.
+    pub fn check_rate_pair(&self, tenant: &str, child: &str, gateway: &str, n: u32) -> Result<(), Limited> {
+        self.inner.limiter.check_pair(tenant, child, gateway, n)
     }
 
     /// The site log, for presence updates and its full flag.
@@ -219,7 +229,16 @@ impl IngestHandle {
                 answers.push(Some(Err(Error::BatchTooLarge { got: 1, max: self.inner.max_batch })));
                 continue;
             }
-            match self.accept(principal, tenant, input, None, now) {
+            // A child's event: the session checked that the login is its
+            // gateway (`Facts::via`), and the writer checks it again.
+            let accepted = match &facts.via {
+                Some(via) if principal.device_id() == Some(via.gateway.as_str()) => {
+                    validate(input, tenant, &self.inner.site_id, self.inner.input_limits, now)
+                        .map_err(|invalid| Error::Invalid { index: None, invalid })
+                }
+                _ => self.accept(principal, tenant, input, None, now),
+            };
+            match accepted {
                 Ok(event) => {
                     events.push((event, facts));
                     answers.push(None);
@@ -274,6 +293,7 @@ fn log_error(e: log::Error, index: impl Fn(usize) -> Option<usize>) -> Error {
     match e {
         log::Error::Full { used, budget } => Error::Full { used, budget },
         log::Error::IdConflict { index: i, id } => Error::IdConflict { index: index(i), id },
+        log::Error::ChildRefused { why, quota } => Error::ChildRefused { why, quota },
         other => Error::Unavailable(other),
     }
 }

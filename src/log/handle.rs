@@ -127,9 +127,10 @@ impl LogHandle {
         tenant: String,
         device_id: String,
         name: Option<String>,
+        role: schema::Role,
         secret: Option<(String, String)>,
     ) -> Result<schema::Device, Error> {
-        self.call(|reply| Command::AddDevice(AddDevice { tenant, device_id, name, secret, reply })).await
+        self.call(|reply| Command::AddDevice(AddDevice { tenant, device_id, name, role, secret, reply })).await
     }
 
     /// Revokes a device.
@@ -167,18 +168,7 @@ mod tests {
             device_flushes: Arc::default(),
         };
         log.unflushed.lock().unwrap().insert(("acme".into(), "d1".into()), (3, 1_000_000));
-        let table = |count| {
-            vec![schema::Device {
-                tenant: "acme".into(),
-                device_id: "d1".into(),
-                name: None,
-                created_at: time::OffsetDateTime::UNIX_EPOCH,
-                revoked_at: None,
-                last_seen: None,
-                online: false,
-                event_count: count,
-            }]
-        };
+        let table = |count| vec![schema::Device { event_count: count, ..schema::testing::device("acme", "d1", false) }];
         // No flush: the table's 2 and the 3 in memory.
         let mut d = table(2);
         assert!(log.overlay_devices(&mut d, log.device_flushes()));

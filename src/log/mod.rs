@@ -128,6 +128,12 @@ pub enum Error {
     DeviceRevoked { tenant: String, device_id: String },
     #[error("device {tenant}/{device_id} not found")]
     DeviceNotFound { tenant: String, device_id: String },
+    #[error("device {tenant}/{device_id} is not a registered gateway (outpost device add --gateway)")]
+    NotAGateway { tenant: String, device_id: String },
+    /// A gateway's publish for a device it may not publish for; `quota`:
+    /// it would be one child more than `mqtt.gateway_max_children`.
+    #[error("{why}")]
+    ChildRefused { why: String, quota: bool },
     #[error("site log writer has stopped")]
     Closed,
     #[error("site log reader task failed: {0}")]

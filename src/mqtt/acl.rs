@@ -3,7 +3,7 @@
 //! subscribe only inside their tenant's stream (`<tenant>/events/…`) and
 //! their own subtree (`<tenant>/devices/<device_id>/…`).
 
-use crate::event::validate_event_type;
+use crate::event::{validate_device_id, validate_event_type};
 
 /// The event type of `<tenant>/devices/<device_id>/events/<event_type>`, if
 /// `topic` is exactly that for this device.
@@ -11,6 +11,16 @@ pub(crate) fn event_topic<'t>(topic: &'t str, tenant: &str, device_id: &str) -> 
     let rest =
         topic.strip_prefix(tenant)?.strip_prefix("/devices/")?.strip_prefix(device_id)?.strip_prefix("/events/")?;
     validate_event_type(rest).ok().map(|()| rest)
+}
+
+/// A native event topic of the tenant that names another device than the
+/// logged-in one (a gateway's child, or a refusal): `(device, event type)`.
+pub(crate) fn other_event_topic<'t>(topic: &'t str, tenant: &str) -> Option<(&'t str, &'t str)> {
+    let rest = topic.strip_prefix(tenant)?.strip_prefix("/devices/")?;
+    let (device, event_type) = rest.split_once("/events/")?;
+    validate_device_id(device).ok()?;
+    validate_event_type(event_type).ok()?;
+    Some((device, event_type))
 }
 
 /// The stream topic events of a device are delivered on:

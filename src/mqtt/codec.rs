@@ -156,11 +156,18 @@ pub(crate) fn publish(qos: u8, dup: bool, retain: bool, pkid: u16, topic: &Bytes
 
 /// The 5.0 properties kept with an event (site log, central, streams):
 /// `{"content_type": …, "user_properties": [[k, v], …]}`, or `None`.
-pub(crate) fn event_properties(content_type: Option<&str>, user: &[(String, String)]) -> Option<String> {
-    if content_type.is_none() && user.is_empty() {
+pub(crate) fn event_properties(
+    content_type: Option<&str>,
+    user: &[(String, String)],
+    gateway: Option<&str>,
+) -> Option<String> {
+    if content_type.is_none() && user.is_empty() && gateway.is_none() {
         return None;
     }
     let mut o = serde_json::Map::new();
+    if let Some(g) = gateway {
+        o.insert("gateway".into(), g.into());
+    }
     if let Some(ct) = content_type {
         o.insert("content_type".into(), ct.into());
     }

@@ -18,7 +18,7 @@
 use std::borrow::Cow;
 
 use crate::config::TopicMapRule;
-use crate::event::validate_event_type;
+use crate::event::{validate_device_id, validate_event_type};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
@@ -49,6 +49,9 @@ pub(crate) struct TopicMaps {
 pub(crate) enum Resolved<'t> {
     /// An event of the logged-in device, of this type.
     Event(Cow<'t, str>),
+    /// An event topic (native, or a rule's) that names another device: a
+    /// gateway's publish for a child, refused (`why`) for any other login.
+    Other { device: &'t str, event_type: Cow<'t, str>, why: String },
     /// No rule (and not the device's native event topic).
     NoMatch,
     /// A rule matched its shape but refuses it: the reason names the rule.
@@ -62,6 +65,7 @@ impl Resolved<'_> {
         match self {
             Resolved::Event(_) if may_write => None,
             Resolved::Event(_) => Some("the login lacks write_events".into()),
+            Resolved::Other { why, .. } => Some(why),
             Resolved::NoMatch => Some(format!(
                 "devices publish to {tenant}/devices/{device_id}/events/<event_type> (or a topic of mqtt.topic_maps)"
             )),
@@ -120,6 +124,12 @@ impl TopicMaps {
         if let Some(t) = super::acl::event_topic(topic, tenant, device_id) {
             return Resolved::Event(Cow::Borrowed(t));
         }
+        if let Some((device, t)) = super::acl::other_event_topic(topic, tenant) {
+            let why = format!(
+                "devices publish to {tenant}/devices/{device_id}/events/<event_type> (or a topic of mqtt.topic_maps); {device:?} is another device"
+            );
+            return Resolved::Other { device, event_type: Cow::Borrowed(t), why };
+        }
         let parts: Vec<&str> = topic.split('/').collect();
         for rule in &self.rules {
             if let Some(r) = rule.apply(&parts, device_id) {
@@ -152,15 +162,16 @@ impl Rule {
         }
         let name = || format!("mqtt.topic_maps[{}] ({:?})", self.index, self.pattern);
         let device = device.unwrap_or_default();
-        if device != device_id {
-            return Some(Resolved::Refused(format!(
-                "{} names device {device:?}, not the logged-in {device_id:?}",
-                name()
-            )));
-        }
         let kind = kind.unwrap_or_else(|| Cow::Owned(self.event_type.clone().unwrap_or_default()));
         if let Err(e) = validate_event_type(&kind) {
             return Some(Resolved::Refused(format!("{} gives event type {kind:?}, which {}", name(), e.message)));
+        }
+        if device != device_id {
+            if validate_device_id(device).is_err() {
+                return Some(Resolved::Refused(format!("{} names {device:?}, which is not a device id", name())));
+            }
+            let why = format!("{} names device {device:?}, not the logged-in {device_id:?}", name());
+            return Some(Resolved::Other { device, event_type: kind, why });
         }
         Some(Resolved::Event(kind))
     }
@@ -202,11 +213,21 @@ mod tests {
             Resolved::Refused(why) => why,
             other => panic!("not refused: {other:?}"),
         };
-        let why = refused(m.resolve("shellies/relay-2/relay/0", "acme", "relay-1"));
+        // Another device's topic: its device and type (a gateway's child),
+        // refused naming the rule for any other login.
+        let other = m.resolve("shellies/relay-2/relay/0", "acme", "relay-1");
+        let Resolved::Other { device, event_type, why } = &other else { panic!("{other:?}") };
+        assert_eq!((*device, event_type.as_ref()), ("relay-2", "relay.0"));
         assert!(
             why.starts_with("mqtt.topic_maps[0] (\"shellies/{device}/{type..}\") names device \"relay-2\""),
             "{why}"
         );
+        let native = m.resolve("acme/devices/relay-2/events/x", "acme", "relay-1");
+        assert!(matches!(native, Resolved::Other { device: "relay-2", .. }), "{native:?}");
+        let why = native.refusal(true, "acme", "relay-1").unwrap();
+        assert!(why.contains("acme/devices/relay-1/events/<event_type>"), "{why}");
+        let why = refused(m.resolve("shellies/a b/relay/0", "acme", "relay-1"));
+        assert!(why.contains("not a device id"), "{why}");
         let why = refused(m.resolve("tele/sensor-1/bad type", "acme", "sensor-1"));
         assert!(why.contains("topic_maps[1]") && why.contains("[A-Za-z0-9_.-]"), "{why}");
         assert_eq!(m.resolve("tele/sensor-1/SENSOR/extra", "acme", "sensor-1"), Resolved::NoMatch);

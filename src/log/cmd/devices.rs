@@ -36,6 +36,7 @@ pub(in crate::log) struct AddDevice {
     pub(in crate::log) tenant: String,
     pub(in crate::log) device_id: String,
     pub(in crate::log) name: Option<String>,
+    pub(in crate::log) role: schema::Role,
     /// A secret's argon2id hash and permissions, set in the same transaction.
     pub(in crate::log) secret: Option<(String, String)>,
     pub(in crate::log) reply: Reply<schema::Device>,
@@ -44,12 +45,14 @@ pub(in crate::log) struct AddDevice {
 impl AddDevice {
     pub(super) fn apply(self, tx: &Connection, cx: &mut Ctx<'_>) -> Result<(), Error> {
         let now = now_us();
-        let r = schema::add_device(tx, &self.tenant, &self.device_id, self.name.as_deref(), now).and_then(|d| {
-            if let Some((hash, perms)) = &self.secret {
-                schema::set_device_secret(tx, &self.tenant, &self.device_id, hash, perms, now)?;
-            }
-            Ok(d)
-        });
+        let r = schema::add_device(tx, &self.tenant, &self.device_id, self.name.as_deref(), &self.role, now).and_then(
+            |d| {
+                if let Some((hash, perms)) = &self.secret {
+                    schema::set_device_secret(tx, &self.tenant, &self.device_id, hash, perms, now)?;
+                }
+                Ok(d)
+            },
+        );
         cx.g.delivers.push(deliver(self.reply, r));
         Ok(())
     }

@@ -46,7 +46,7 @@ pub(in crate::log) fn append(
     last: &mut i64,
 ) -> Result<Result<Appended, Error>, Error> {
     match append_one(tx, e, facts, seen, heads, last) {
-        Err(e) if !matches!(e, Error::IdConflict { .. }) => Err(e),
+        Err(e) if !matches!(e, Error::IdConflict { .. } | Error::ChildRefused { .. }) => Err(e),
         answer => Ok(answer),
     }
 }
@@ -59,6 +59,11 @@ fn append_one(
     heads: &mut MqttHeads,
     last: &mut i64,
 ) -> Result<Appended, Error> {
+    // A gateway's publish for a child: the child is its own (registered
+    // now if new), or the event is refused, writing nothing.
+    if let Some(via) = &facts.via {
+        schema::child_for_event(conn, &e.tenant, &via.gateway, &e.device_id, via.max_children, e.received_at_us)?;
+    }
     // The device's newest event with a packet id, for one that has one.
     let head = facts.redelivery.and_then(|_| heads.get(&e.tenant, &e.device_id));
     if let Some(r) = facts.redelivery.as_ref().filter(|r| r.check)

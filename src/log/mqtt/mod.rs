@@ -60,6 +60,18 @@ pub struct Facts {
     /// How the MQTT fan-out passes it on (publish QoS, RETAIN, origin
     /// session, 5.0 properties); events without it go out like QoS 1.
     pub published: Option<Published>,
+    /// The event is a child's, published by its gateway: checked in the
+    /// event's transaction (and registered under the gateway when the id is
+    /// new, within its bound).
+    pub via: Option<Via>,
+}
+
+/// A gateway publishing for a child (see [`Facts::via`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Via {
+    pub gateway: String,
+    /// `mqtt.gateway_max_children`.
+    pub max_children: usize,
 }
 
 /// What identifies an MQTT QoS 1 publish for redelivery detection.
@@ -78,6 +90,9 @@ pub struct Redelivery {
 /// of an older one's).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Qos2Hold {
+    /// The session's device: the publisher's, or for a child's event the
+    /// gateway's (the event is the child's, the packet id the gateway's).
+    pub device_id: String,
     pub client_id: String,
     pub session_id: u64,
 }
@@ -288,7 +303,7 @@ pub(super) fn held_qos2(
            AND session_id = ?5",
     )?;
     Ok(stmt
-        .query_row(params![e.tenant, e.device_id, hold.client_id, pkid, hold.session_id as i64], |r| {
+        .query_row(params![e.tenant, hold.device_id, hold.client_id, pkid, hold.session_id as i64], |r| {
             let id: [u8; 16] = r.get(1)?;
             Ok((r.get(0)?, Uuid::from_bytes(id)))
         })
@@ -307,7 +322,7 @@ pub(super) fn hold_qos2(conn: &Connection, e: &Event, hold: &Qos2Hold, pkid: u16
     )?;
     stmt.execute(params![
         e.tenant,
-        e.device_id,
+        hold.device_id,
         hold.client_id,
         pkid,
         seq,
@@ -368,7 +383,7 @@ mod tests {
     /// An event of the key's device, held as `pkid` by `session_id`.
     fn hold_in(c: &Connection, k: &SessionKey, session_id: u64, pkid: u16) {
         let e = Event { tenant: k.tenant.clone(), ..event(&k.device_id, "site-a") };
-        let hold = Qos2Hold { client_id: k.client_id.clone(), session_id };
+        let hold = Qos2Hold { device_id: k.device_id.clone(), client_id: k.client_id.clone(), session_id };
         hold_qos2(c, &e, &hold, pkid, 1).unwrap();
     }
 
@@ -450,8 +465,8 @@ mod tests {
         assert!(holds(&c).is_empty(), "nothing held for the new session");
         hold_in(&c, &k, 2, 5);
         let e = |device: &str| event(device, "site-a");
-        let old = Qos2Hold { client_id: "d1".into(), session_id: 1 };
-        let new = Qos2Hold { client_id: "d1".into(), session_id: 2 };
+        let old = Qos2Hold { device_id: "d1".into(), client_id: "d1".into(), session_id: 1 };
+        let new = Qos2Hold { device_id: "d1".into(), client_id: "d1".into(), session_id: 2 };
         assert!(held_qos2(&c, &e("d1"), &old, 5).unwrap().is_none(), "session 1 matches nothing of session 2");
         assert!(held_qos2(&c, &e("d1"), &new, 5).unwrap().is_some());
         MqttOp::Release { key: k.clone(), session_id: 1, pkid: 5 }.apply(&c, 0).unwrap();

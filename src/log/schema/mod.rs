@@ -21,9 +21,9 @@ use super::Error;
 use crate::event::ROW_OVERHEAD;
 
 pub use devices::{
-    Device, add_device, device_by_id, device_secret, devices, online_devices, revoke_device, set_device_secret,
+    Device, Role, add_device, device_by_id, device_secret, devices, online_devices, revoke_device, set_device_secret,
 };
-pub(crate) use devices::{bump_device, set_presence};
+pub(crate) use devices::{bump_device, child_for_event, set_presence};
 #[cfg(any(test, feature = "test-util"))]
 pub use events::all_events;
 pub(crate) use events::{Inserter, run_insert};
@@ -79,6 +79,7 @@ pub fn migrations() -> Migrations<'static> {
         M::up(include_str!("../../../migrations/sqlite/0009_mqtt_sessions.sql")),
         M::up_with_hook(include_str!("../../../migrations/sqlite/0010_seq_floor.sql"), drop_autoincrement),
         M::up(include_str!("../../../migrations/sqlite/0011_device_secrets.sql")),
+        M::up(include_str!("../../../migrations/sqlite/0012_gateways.sql")),
     ])
 }
 
@@ -179,6 +180,22 @@ pub(crate) mod testing {
             received_at_us: 1_000_000,
             origin_site: site.into(),
             properties: None,
+        }
+    }
+
+    /// A registry row of a plain device (`revoked` at 1 s, or not).
+    pub(crate) fn device(tenant: &str, device_id: &str, revoked: bool) -> super::Device {
+        super::Device {
+            tenant: tenant.into(),
+            device_id: device_id.into(),
+            name: None,
+            created_at: time::OffsetDateTime::UNIX_EPOCH,
+            revoked_at: revoked.then(|| crate::event::from_us(1_000_000)),
+            last_seen: None,
+            online: false,
+            event_count: 0,
+            gateway: false,
+            via: None,
         }
     }
 

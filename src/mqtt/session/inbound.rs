@@ -20,16 +20,18 @@ use super::super::codec;
 use super::super::framing::{self, publish_header};
 use super::super::topic_map::Resolved;
 use super::{End, Session};
+use crate::auth::Child;
 use crate::auth::Perm;
 use crate::event::{EventInput, fnv1a64};
 use crate::ingest::Error as IngestError;
-use crate::log::mqtt::{Facts, Published, Qos2Hold, Redelivery};
+use crate::log::mqtt::{Facts, Published, Qos2Hold, Redelivery, Via};
 use crate::log::{Appended, MqttOp};
 
 /// A decoded packet and, for a PUBLISH, its (QoS, DUP, packet id).
 type Decoded = (Packet, Option<(u8, bool, u16)>);
 
-/// A publish read from the device: what it said and when.
+/// A publish read from the device: what it said and when, and (once its
+/// topic is checked) whose event of which type it is.
 pub(super) struct InPublish {
     publish: Publish,
     props: Option<PublishProperties>,
@@ -37,14 +39,17 @@ pub(super) struct InPublish {
     dup: bool,
     pkid: u16,
     read_at: Instant,
+    event_type: String,
+    /// A gateway's publish for this child.
+    child: Option<String>,
 }
 
 /// What a FIFO entry settled to, answered to the device in read order.
 pub(super) enum Done {
     /// Publishes read together, each committed (or refused).
     Events(Vec<(InPublish, Result<Appended, IngestError>)>),
-    /// A zero-byte retained publish cleared its topic (no event).
-    Cleared(InPublish, Result<usize, crate::log::Error>),
+    /// A zero-byte retained publish cleared its (stream) topic (no event).
+    Cleared(InPublish, String, Result<usize, crate::log::Error>),
     /// A 5.0 publish refused before the log: a negative PUBACK/PUBREC.
     Refused(InPublish, PubAckReason, String),
     /// A PUBREL: the QoS 2 packet id was released in the log.
@@ -251,7 +256,16 @@ impl Session<'_> {
                 Packet::Publish(publish, props) => {
                     let (qos, dup, pkid) = header.unwrap_or((0, false, 0));
                     self.inbound.open(qos, pkid, self.v5(), self.deps.config.max_inflight)?;
-                    let publish = InPublish { publish, props, qos, dup, pkid, read_at: Instant::now() };
+                    let publish = InPublish {
+                        publish,
+                        props,
+                        qos,
+                        dup,
+                        pkid,
+                        read_at: Instant::now(),
+                        event_type: String::new(),
+                        child: None,
+                    };
                     self.inbound.held = self.check_publish(publish)?;
                 }
                 p @ (Packet::Subscribe(..) | Packet::Unsubscribe(..)) => {
@@ -283,7 +297,13 @@ impl Session<'_> {
         let wait = if self.deps.ingest.log().is_full() {
             Some(Duration::from_millis(500))
         } else {
-            match self.deps.ingest.check_rate(&self.who.tenant, &self.who.device_id, 1) {
+            // A child's event counts for the child and for its gateway.
+            let (tenant, device) = (&self.who.tenant, &self.who.device_id);
+            let checked = match &publish.child {
+                None => self.deps.ingest.check_rate(tenant, device, 1),
+                Some(child) => self.deps.ingest.check_rate_pair(tenant, child, device, 1),
+            };
+            match checked {
                 Ok(()) => None,
                 Err(l) => {
                     self.deps.metrics.mqtt_throttled.inc();
@@ -350,11 +370,12 @@ impl Session<'_> {
                     &self.who.tenant,
                     &self.who.device_id,
                 ),
-                Resolved::Event(_)
+                Resolved::Event(_) | Resolved::Other { .. }
             )
         {
-            // Only topics this device may publish to are kept: an alias of
-            // anything else is refused with its publish below.
+            // Only event topics are kept (of this device or, for a gateway,
+            // of another): an alias of anything else is refused with its
+            // publish below, and another device's is checked there.
             self.inbound.aliases.insert(alias, Bytes::copy_from_slice(&publish.publish.topic));
         }
         Ok(())
@@ -382,11 +403,26 @@ impl Session<'_> {
         }
         let topic = String::from_utf8_lossy(&publish.publish.topic).into_owned();
         let (tenant, device_id) = (&self.who.tenant, &self.who.device_id);
-        let refusal = self.deps.topics.resolve(&topic, tenant, device_id).refusal(
-            self.who.can(Perm::WriteEvents),
-            tenant,
-            device_id,
-        );
+        let may_write = self.who.can(Perm::WriteEvents);
+        let refusal = match self.deps.topics.resolve(&topic, tenant, device_id) {
+            Resolved::Event(t) if may_write => {
+                publish.event_type = t.into_owned();
+                None
+            }
+            Resolved::Other { device, event_type, why } if may_write => match self.child(device) {
+                Ok(()) => {
+                    publish.event_type = event_type.into_owned();
+                    publish.child = Some(device.to_string());
+                    None
+                }
+                Err(Some(why)) => {
+                    self.deps.ingest.count_rejected(super::PROTOCOL, "forbidden_child");
+                    return self.refuse_child(publish, format!("publish to {topic:?} refused: {why}")).map(|()| None);
+                }
+                Err(None) => Some(why),
+            },
+            other => other.refusal(may_write, tenant, device_id),
+        };
         if let Some(why) = refusal {
             self.deps.ingest.count_rejected(super::PROTOCOL, "forbidden_topic");
             let why = format!("publish to {topic:?} refused: {why}");
@@ -414,22 +450,69 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// The event type of an admitted publish (its topic, native or mapped,
-    /// was checked in `check_publish`).
-    fn event_type_of(&self, publish: &InPublish) -> String {
-        let topic = std::str::from_utf8(&publish.publish.topic).unwrap_or("");
-        match self.deps.topics.resolve(topic, &self.who.tenant, &self.who.device_id) {
-            Resolved::Event(t) => t.into_owned(),
-            _ => String::new(),
+    /// Whether this login may publish for `child`: `Err(None)` when it is
+    /// no gateway (the topic is refused as another device's), `Err(Some)`
+    /// naming why a gateway may not publish for this id.
+    fn child(&self, child: &str) -> Result<(), Option<String>> {
+        let registry = self.deps.auth.registry();
+        let (tenant, gateway) = (&self.who.tenant, &self.who.device_id);
+        if !registry.is_gateway(tenant, gateway) {
+            return Err(None);
         }
+        match registry.child(tenant, gateway, child) {
+            Child::Registered => Ok(()),
+            Child::Unknown if self.deps.config.gateway_max_children > 0 => Ok(()),
+            Child::Unknown => Err(Some(format!(
+                "device {tenant}/{child} is not registered (mqtt.gateway_max_children = 0: register children with outpost device add --via {gateway})"
+            ))),
+            Child::Refused(why) => Err(Some(why)),
+        }
+    }
+
+    /// A gateway's publish for a device it may not publish for: 5.0 gets a
+    /// negative ack; 3.x, which has none, gets its ack without the event
+    /// being stored (as mosquitto does for a publish its ACL denies):
+    /// closing the connection would stop the gateway's other children,
+    /// and it would send the same publish again. Logged and counted.
+    fn refuse_child(&mut self, publish: InPublish, why: String) -> Result<(), End> {
+        if self.v5() {
+            return self.refuse(publish, PubAckReason::NotAuthorized, why);
+        }
+        self.dropped_for_child(&why);
+        if publish.qos > 0 {
+            self.push(Box::pin(async move { Done::Refused(publish, PubAckReason::Success, why) }));
+        }
+        Ok(())
+    }
+
+    /// The answer to a child's publish its transaction refused: a negative
+    /// ack (5.0), or (3.x) the ack of a publish not stored, as
+    /// [`refuse_child`](Self::refuse_child) says.
+    fn answer_child(&mut self, publish: InPublish, code: PubAckReason, why: String) -> Result<(), End> {
+        if self.v5() {
+            tracing::info!(peer = %self.who.peer, gateway = self.who.device_id, reason = why, "mqtt publish refused");
+            return self.ack(publish.qos, publish.pkid, code, Some(why));
+        }
+        self.dropped_for_child(&why);
+        self.ack(publish.qos, publish.pkid, PubAckReason::Success, None)
+    }
+
+    fn dropped_for_child(&self, why: &str) {
+        tracing::warn!(
+            peer = %self.who.peer,
+            gateway = self.who.device_id,
+            reason = why,
+            "gateway publish dropped (MQTT 3.x has no negative ack: acked, not stored)"
+        );
     }
 
     /// Starts the append of one admitted publish; its future joins the FIFO.
     fn submit(&mut self, mut publish: InPublish) {
-        let event_type = self.event_type_of(&publish);
+        let event_type = std::mem::take(&mut publish.event_type);
+        let device_id = publish.child.clone().unwrap_or_else(|| self.who.device_id.clone());
         // The stream topic only for what keeps a retained message: most
         // publishes need none.
-        let topic = || stream_topic(&self.who.tenant, &self.who.device_id, &event_type);
+        let topic = || stream_topic(&self.who.tenant, &device_id, &event_type);
         if publish.publish.payload.is_empty() {
             let topic = topic();
             self.clear_retained(publish, topic);
@@ -456,12 +539,21 @@ impl Session<'_> {
             (qos > 0).then(|| Redelivery { pkid, digest: fnv1a64(payload), check: qos == 1 && publish.dup });
         let mut forwarded = publish.props.clone().unwrap_or_default();
         forwarded.topic_alias = None;
-        let properties = codec::event_properties(forwarded.content_type.as_deref(), &forwarded.user_properties);
+        let gateway = publish.child.as_ref().map(|_| self.who.device_id.as_str());
+        let properties =
+            codec::event_properties(forwarded.content_type.as_deref(), &forwarded.user_properties, gateway);
         let facts = Facts {
             redelivery,
-            qos2: (qos == 2)
-                .then(|| Qos2Hold { client_id: self.who.client_id.clone(), session_id: self.lease.session_id }),
+            qos2: (qos == 2).then(|| Qos2Hold {
+                device_id: self.who.device_id.clone(),
+                client_id: self.who.client_id.clone(),
+                session_id: self.lease.session_id,
+            }),
             retain_topic,
+            via: publish.child.as_ref().map(|_| Via {
+                gateway: self.who.device_id.clone(),
+                max_children: self.deps.config.gateway_max_children,
+            }),
             published: Some(Published {
                 qos,
                 retain,
@@ -470,15 +562,7 @@ impl Session<'_> {
             }),
         };
         let (payload, properties, sent_bytes) = crate::payload::from_device(payload, properties);
-        let input = EventInput {
-            device_id: self.who.device_id.clone(),
-            event_type,
-            payload,
-            id: None,
-            timestamp: None,
-            properties,
-            sent_bytes,
-        };
+        let input = EventInput { device_id, event_type, payload, id: None, timestamp: None, properties, sent_bytes };
         self.inbound.queued += 1;
         self.inbound.batch.push(publish);
         self.inbound.inputs.push((input, Box::new(facts)));
@@ -488,10 +572,10 @@ impl Session<'_> {
     /// the log, then in memory), and subscribers get the empty message.
     fn clear_retained(&mut self, publish: InPublish, topic: String) {
         let log = self.deps.ingest.log().clone();
-        let op = MqttOp::ClearRetained { tenant: self.who.tenant.clone(), topic };
+        let op = MqttOp::ClearRetained { tenant: self.who.tenant.clone(), topic: topic.clone() };
         self.push(Box::pin(async move {
             let r = log.mqtt(op).await;
-            Done::Cleared(publish, r)
+            Done::Cleared(publish, topic, r)
         }));
     }
 
@@ -505,10 +589,10 @@ impl Session<'_> {
                 }
                 Ok(())
             }
-            Done::Cleared(publish, result) => match result {
+            Done::Cleared(publish, topic, result) => match result {
                 Ok(_) => {
                     self.ack(publish.qos, publish.pkid, PubAckReason::Success, None)?;
-                    self.pass_on_clear(&publish);
+                    self.pass_on_clear(&publish, topic);
                     Ok(())
                 }
                 Err(e) => Err(End::unclean(format!("retained message not cleared, not acked: {e}"))),
@@ -534,6 +618,13 @@ impl Session<'_> {
         self.deps.metrics.mqtt_commit_wait.observe(publish.read_at.elapsed().as_secs_f64());
         match result {
             Ok(_) => self.ack(publish.qos, publish.pkid, PubAckReason::Success, None),
+            // A child refused in the event's own transaction (revoked since
+            // its publish was read, or one over the gateway's bound).
+            Err(IngestError::ChildRefused { why, quota }) => {
+                self.deps.ingest.count_rejected(super::PROTOCOL, "forbidden_child");
+                let code = if quota { PubAckReason::QuotaExceeded } else { PubAckReason::NotAuthorized };
+                self.answer_child(publish, code, format!("publish refused: {why}"))
+            }
             Err(e) => {
                 let code = match &e {
                     IngestError::RateLimited(_) | IngestError::Full { .. } => PubAckReason::QuotaExceeded,
@@ -553,9 +644,7 @@ impl Session<'_> {
 
     /// The cleared topic keeps no retained message; subscribers get the
     /// empty publish like any other.
-    fn pass_on_clear(&self, publish: &InPublish) {
-        let event_type = self.event_type_of(publish);
-        let topic = stream_topic(&self.who.tenant, &self.who.device_id, &event_type);
+    fn pass_on_clear(&self, publish: &InPublish, topic: String) {
         let fanout = self.deps.sessions.fanout();
         fanout.set_retained(&self.who.tenant, &topic, None);
         let msg = std::sync::Arc::new(super::super::fanout::Message {

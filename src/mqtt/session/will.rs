@@ -107,7 +107,7 @@ async fn fire(deps: &MqttDeps, who: &Identity, will: Will, origin: u64, shutdown
     };
     let (payload, properties, sent_bytes) = crate::payload::from_device(
         &will.message,
-        codec::event_properties(forwarded.content_type.as_deref(), &forwarded.user_properties),
+        codec::event_properties(forwarded.content_type.as_deref(), &forwarded.user_properties, None),
     );
     let input = EventInput {
         device_id: who.device_id.clone(),
@@ -124,6 +124,7 @@ async fn fire(deps: &MqttDeps, who: &Identity, will: Will, origin: u64, shutdown
         // A retained will is kept in the site log like any retained
         // publish, so it survives a restart.
         retain_topic: retain.then_some(stream),
+        via: None,
         published: Some(Published {
             qos: will.qos as u8,
             retain,
