@@ -441,3 +441,34 @@ async fn refused(c: &mut common::mqtt_raw::Raw, topic: &str, pkid: u16) -> (u8, 
     let why = v5::prop_string(&v5::props(&puback.body, 3), 0x1f).unwrap_or_default();
     (puback.body[2], why)
 }
+
+/// `POST …/device/register` registers gateways and their children; a
+/// child of a device that is no gateway, or a gateway that is a child, is
+/// refused naming `via` and registers nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_register_api_registers_gateways_and_their_children() {
+    let app = TestApp::start().await;
+    let register = |body: serde_json::Value| {
+        app.client.post(app.url("/api/v1/realtime/acme/device/register")).bearer_auth(&app.admin).json(&body).send()
+    };
+    let r = register(serde_json::json!({"device_id": "bridge", "gateway": true})).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!((body["device"]["gateway"].as_bool(), body["device"]["via"].is_null()), (Some(true), true), "{body}");
+    let r = register(serde_json::json!({"device_id": "lamp", "via": "bridge"})).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["device"]["via"], "bridge", "{body}");
+    for bad in [
+        serde_json::json!({"device_id": "plug", "via": "lamp"}),
+        serde_json::json!({"device_id": "plug", "via": "nobody"}),
+        serde_json::json!({"device_id": "plug", "via": "bridge", "gateway": true}),
+    ] {
+        let r = register(bad.clone()).await.unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["field"], "via", "{body}");
+    }
+    let (ok, list, _) = common::cli(app.dir.path(), &["device", "list", "--tenant", "acme"]);
+    assert!(ok && !list.contains("plug"), "nothing registered by a refusal: {list}");
+}

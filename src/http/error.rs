@@ -141,6 +141,7 @@ impl From<log::Error> for ApiError {
             log::Error::DeviceNotFound { .. } => {
                 ApiError::new(StatusCode::NOT_FOUND, "device_not_found", e.to_string())
             }
+            log::Error::NotAGateway { .. } => ApiError::bad_field("via", e.to_string()),
             _ => ApiError::internal("site log error", &e),
         }
     }
