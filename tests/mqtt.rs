@@ -514,3 +514,28 @@ async fn only_sessions_that_subscribe_are_in_the_fan_out_and_take_over_works_for
         "a clean session leaves the fan-out with its connection"
     );
 }
+
+/// A CONNECT is one trip to the site-log writer (issue #29: a connect
+/// storm of 1,000 devices was 2,000): its session and the device's
+/// presence are recorded in one transaction, so the device is online by
+/// the time its CONNACK arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_records_its_session_and_presence_in_one_commit() {
+    let app = TestApp::start().await;
+    let mut tokens = Vec::new();
+    for i in 0..5 {
+        tokens.push(app.device("acme", &format!("d{i}")).await);
+    }
+    let before = app.metric("outpost_commit_duration_seconds_count").await;
+    let mut open = Vec::new();
+    for (i, token) in tokens.iter().enumerate() {
+        let id = format!("d{i}");
+        let (c, code) = Raw::connect(app.mqtt, &id, &id, token, 30, None).await;
+        assert_eq!(code, 0);
+        let online = app.get("/api/v1/realtime/acme/presence", Some(token)).await.text;
+        assert!(online.contains(&format!(r#""device_id":"{id}""#)), "online at its CONNACK: {online}");
+        open.push(c);
+    }
+    let commits = app.metric("outpost_commit_duration_seconds_count").await - before;
+    assert!(commits <= 5, "{commits} commits for 5 CONNECTs one after the other (one each)");
+}

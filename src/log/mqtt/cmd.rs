@@ -58,15 +58,26 @@ fn append_one(
     Ok(result)
 }
 
-/// Applies a change to MQTT session state.
+/// Applies a change to MQTT session state, and the device's presence
+/// with it when the change brings it online (one command per CONNECT).
 pub(in crate::log) struct ApplyOp {
     pub(in crate::log) op: MqttOp,
+    /// (tenant, device): online from this change on.
+    pub(in crate::log) online: Option<(String, String)>,
     pub(in crate::log) reply: Reply<usize>,
 }
 
 impl ApplyOp {
     pub(in crate::log) fn apply(self, tx: &Connection, cx: &mut Ctx<'_>) -> Result<(), Error> {
-        cx.g.delivers.push(deliver(self.reply, self.op.apply(tx, now_us())));
+        let now = now_us();
+        let mut r = self.op.apply(tx, now);
+        if let (Ok(_), Some((tenant, device_id))) = (&r, self.online) {
+            match crate::log::schema::set_presence(tx, &tenant, &device_id, true, now) {
+                Ok(_) => cx.g.presence.push((tenant, device_id, true)),
+                Err(e) => r = Err(e),
+            }
+        }
+        cx.g.delivers.push(deliver(self.reply, r));
         Ok(())
     }
 }
@@ -81,7 +92,13 @@ impl LogHandle {
 
     /// Records MQTT session state; answers after the commit.
     pub async fn mqtt(&self, op: MqttOp) -> Result<usize, Error> {
-        self.call(|reply| Command::Mqtt(ApplyOp { op, reply })).await
+        self.call(|reply| Command::Mqtt(ApplyOp { op, online: None, reply })).await
+    }
+
+    /// [`mqtt`](Self::mqtt), and the device online (MQTT presence) in the
+    /// same transaction: a CONNECT's one trip to the writer.
+    pub async fn mqtt_online(&self, op: MqttOp, tenant: String, device_id: String) -> Result<usize, Error> {
+        self.call(|reply| Command::Mqtt(ApplyOp { op, online: Some((tenant, device_id)), reply })).await
     }
 }
 

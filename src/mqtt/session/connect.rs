@@ -212,8 +212,12 @@ impl Handshake<'_, '_> {
         // The session's state in the site log: a resumed session keeps its
         // held QoS 2 ids, a new one starts with none (a clean start, or a
         // session that ended), so CONNACK's session present is true of it.
-        if let Err(e) = self.open_session(&lease, who, terms.session_expiry).await {
+        // The device's first live connection puts it online in the same
+        // transaction: one trip to the writer per CONNECT.
+        let first = sessions.connected(&who.tenant, &who.device_id);
+        if let Err(e) = self.open_session(&lease, who, terms.session_expiry, first).await {
             tracing::error!(error = %e, "mqtt: cannot record the session in the site log");
+            sessions.disconnected(&who.tenant, &who.device_id);
             sessions.release(&lease, 0);
             sessions.ended(&lease);
             return Err((ConnectReturnCode::ServiceUnavailable, "the site log cannot record the session".into()));
@@ -221,9 +225,16 @@ impl Handshake<'_, '_> {
         Ok(lease)
     }
 
-    /// Records the session in the site log (see `log::mqtt`), and drops the
-    /// device's oldest persistent session when this one took its place.
-    async fn open_session(&self, lease: &Lease, who: &Identity, expiry: u32) -> Result<(), crate::log::Error> {
+    /// Records the session in the site log (see `log::mqtt`), and the
+    /// device online when it is its first live connection (`online`); drops
+    /// the device's oldest persistent session when this one took its place.
+    async fn open_session(
+        &self,
+        lease: &Lease,
+        who: &Identity,
+        expiry: u32,
+        online: bool,
+    ) -> Result<(), crate::log::Error> {
         let log = self.deps.ingest.log();
         if let Some((key, session_id)) = lease.evicted.clone() {
             tracing::info!(
@@ -241,7 +252,11 @@ impl Handshake<'_, '_> {
             expiry: if lease.persistent { expiry } else { 0 },
             resume: lease.present,
         };
-        log.mqtt(op).await.map(|_| ())
+        match online {
+            true => log.mqtt_online(op, who.tenant.clone(), who.device_id.clone()).await,
+            false => log.mqtt(op).await,
+        }
+        .map(|_| ())
     }
 
     /// CONNECT checks; returns who the connection is and its validated

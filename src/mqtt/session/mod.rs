@@ -197,9 +197,6 @@ pub(super) async fn serve(
         terms: c.terms,
         lease: c.lease,
     };
-    if deps.sessions.connected(&s.who.tenant, &s.who.device_id) {
-        s.presence(true).await;
-    }
     let end = s.run(&shutdown).await;
     s.finish(end, c.will, &shutdown).await;
 }
