@@ -472,3 +472,54 @@ async fn the_register_api_registers_gateways_and_their_children() {
     let (ok, list, _) = common::cli(app.dir.path(), &["device", "list", "--tenant", "acme"]);
     assert!(ok && !list.contains("plug"), "nothing registered by a refusal: {list}");
 }
+
+/// paho-mqtt 2.x (3.1.1 and 5.0) as the devices that exist: a relay with a
+/// 24-character secret publishing plain text and raw bytes, and a bridge
+/// publishing for its children on its own topic layout; each publish is
+/// acked and stored as the issue's forms say (text, base64, the child's id
+/// with its gateway).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_devices_log_in_with_a_secret_send_any_payload_and_publish_through_a_gateway() {
+    use outpost::config::TopicMapRule;
+    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv-paho2/bin/python");
+    assert!(python.exists(), "paho-mqtt 2.x venv missing: `make test-deps` installs it");
+    let app = TestApp::start_with(|c| {
+        c.mqtt.topic_maps =
+            vec![TopicMapRule { pattern: "zigbee2mqtt/{device}".into(), event_type: Some("state".into()) }];
+    })
+    .await;
+    let secret = add_with_secret(&app, "relay");
+    let (ok, bridge, err) =
+        common::cli(app.dir.path(), &["device", "add", "--tenant", "acme", "--id", "bridge", "--gateway"]);
+    assert!(ok, "{err}");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/paho_devices.py");
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(python)
+            .arg(script)
+            .args(["127.0.0.1", &app.mqtt.port().to_string(), "acme", "relay", &secret, "bridge", bridge.trim()])
+            .output(),
+    )
+    .await
+    .expect("paho script hung")
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 6, "2 versions × (text, bytes, child)");
+    assert!(lines.iter().all(|l| l["acked"] == true), "{lines:?}");
+    let rows = app.log_rows();
+    let got: Vec<(String, String, String)> =
+        rows.iter().map(|r| (r.device_id.clone(), r.event_type.clone(), r.payload.get().to_string())).collect();
+    let want = |d: &str, t: &str, p: &str| (d.to_string(), t.to_string(), p.to_string());
+    let mut expected = Vec::new();
+    for v in ["311", "50"] {
+        expected.push(want("relay", "state", r#"{"text":"on"}"#));
+        expected.push(want("relay", "frame", r#"{"base64":"AP8QgA=="}"#));
+        expected.push(want(&format!("lamp-{v}"), "state", r#"{"state":"ON"}"#));
+    }
+    assert_eq!(got, expected);
+    let gateway =
+        rows.iter().filter(|r| r.properties.as_ref().is_some_and(|p| p.get().contains(r#""gateway":"bridge""#)));
+    assert_eq!(gateway.count(), 2, "the children's events record their gateway");
+}
