@@ -177,7 +177,8 @@ async fn drive(
             }
             client.disconnect().await;
         });
-        tasks.push(tokio::spawn(tally(conn, publisher, outstanding, cell.qos, deadline)));
+        let early = started + EARLY;
+        tasks.push(tokio::spawn(tally(conn, publisher, outstanding, cell.qos, deadline, early)));
     }
     let mut all = Counts::default();
     for t in tasks {
@@ -310,11 +311,18 @@ fn outgoing(o: rumqttc::Outgoing) -> Step {
     }
 }
 
+/// The start of a run reported on its own: every device connects in it.
+const EARLY: Duration = Duration::from_secs(5);
+
 /// One device's (or, merged, one cell's) acks.
 #[derive(Default, Clone)]
 struct Counts {
     /// µs publish → PUBACK (QoS 1) or → PUBCOMP (QoS 2).
     ack_us: Vec<u32>,
+    /// The same, of publishes sent before `early_until` (the first
+    /// `EARLY` of the run: every device has just connected).
+    early_us: Vec<u32>,
+    early_until: Option<Instant>,
     /// µs publish → PUBREC (QoS 2).
     rec_us: Vec<u32>,
     /// Completed flows (QoS 0: publishes written).
@@ -333,6 +341,9 @@ impl Counts {
         let now = Instant::now();
         if let Some(t) = sent_at {
             self.ack_us.push(micros(now - t));
+            if self.early_until.is_some_and(|e| t < e) {
+                self.early_us.push(micros(now - t));
+            }
         }
         self.acked += 1;
         self.last_ack = Some(now);
@@ -340,6 +351,7 @@ impl Counts {
 
     fn merge(&mut self, other: Counts) {
         self.ack_us.extend(other.ack_us);
+        self.early_us.extend(other.early_us);
         self.rec_us.extend(other.rec_us);
         self.acked += other.acked;
         self.rejected += other.rejected;
@@ -375,9 +387,10 @@ async fn tally(
     outstanding: Arc<AtomicI64>,
     qos: u8,
     deadline: Instant,
+    early_until: Instant,
 ) -> Counts {
     let mut sent: HashMap<u16, Instant> = HashMap::new();
-    let mut c = Counts::default();
+    let mut c = Counts { early_until: Some(early_until), ..Counts::default() };
     let stop = deadline + Duration::from_secs(5);
     // rumqttc's poll is not cancel-safe while it connects: a timeout there
     // drops a connection whose CONNECT the server may take after the retry's,
@@ -453,6 +466,8 @@ struct Outcome {
     client_us: f64,
     /// p50, p99, max (ms) and count: PUBACK/PUBCOMP, PUBREC.
     ack: (f64, f64, f64, usize),
+    /// PUBACK/PUBCOMP of the publishes sent in the first `EARLY`.
+    early: (f64, f64, f64, usize),
     rec: (f64, f64, f64, usize),
 }
 
@@ -469,6 +484,7 @@ impl Outcome {
             rate: c.acked as f64 / elapsed,
             client_us: c.client_cpu.as_secs_f64() * 1e6 / c.acked.max(1) as f64,
             ack: percentiles(c.ack_us),
+            early: percentiles(c.early_us),
             rec: percentiles(c.rec_us),
         }
     }
@@ -499,6 +515,7 @@ impl Outcome {
         }
         if let Some(name) = self.ack_name() {
             print_latency(name, self.ack);
+            print_latency(&format!("{name} (sent in the first {}s, with the connects)", EARLY.as_secs()), self.early);
         }
     }
 }
