@@ -140,10 +140,11 @@ pub enum DeviceCommand {
         /// A gateway (a Zigbee or LoRa bridge, a PLC): it may publish for
         /// its children, registered with --via or by its first publish for
         /// them (within mqtt.gateway_max_children).
-        #[arg(long, conflicts_with = "via")]
+        #[arg(long)]
         gateway: bool,
         /// A child of this gateway (registered with --gateway): the gateway
-        /// may publish for it; it may also log in itself.
+        /// may publish for it; it may also log in itself (and, with
+        /// --gateway too, be a gateway for children of its own).
         #[arg(long, value_name = "GATEWAY")]
         via: Option<String>,
         #[command(flatten)]

@@ -22,6 +22,11 @@ fn add_with_secret(app: &TestApp, id: &str) -> String {
     out.trim().to_string()
 }
 
+/// `POST /api/v1/realtime/acme/device/register` as the admin.
+async fn register(app: &TestApp, body: serde_json::Value) -> reqwest::Result<reqwest::Response> {
+    app.client.post(app.url("/api/v1/realtime/acme/device/register")).bearer_auth(&app.admin).json(&body).send().await
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -204,9 +209,7 @@ async fn a_device_logs_in_with_a_24_character_secret_until_it_is_revoked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_register_api_issues_a_secret_when_asked_and_only_then() {
     let app = TestApp::start().await;
-    let register = |body: serde_json::Value| {
-        app.client.post(app.url("/api/v1/realtime/acme/device/register")).bearer_auth(&app.admin).json(&body).send()
-    };
+    let register = |body| register(&app, body);
     let r = register(serde_json::json!({"device_id": "plc-1", "secret": true})).await.unwrap();
     assert_eq!(r.status(), 201);
     let body: serde_json::Value = r.json().await.unwrap();
@@ -442,15 +445,13 @@ async fn refused(c: &mut common::mqtt_raw::Raw, topic: &str, pkid: u16) -> (u8, 
     (puback.body[2], why)
 }
 
-/// `POST …/device/register` registers gateways and their children; a
-/// child of a device that is no gateway, or a gateway that is a child, is
-/// refused naming `via` and registers nothing.
+/// `POST …/device/register` registers gateways and their children (a
+/// gateway may be another's child); a child of a device that is no
+/// gateway is refused (409) naming `via` and registers nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_register_api_registers_gateways_and_their_children() {
     let app = TestApp::start().await;
-    let register = |body: serde_json::Value| {
-        app.client.post(app.url("/api/v1/realtime/acme/device/register")).bearer_auth(&app.admin).json(&body).send()
-    };
+    let register = |body| register(&app, body);
     let r = register(serde_json::json!({"device_id": "bridge", "gateway": true})).await.unwrap();
     assert_eq!(r.status(), 201);
     let body: serde_json::Value = r.json().await.unwrap();
@@ -462,13 +463,14 @@ async fn the_register_api_registers_gateways_and_their_children() {
     for bad in [
         serde_json::json!({"device_id": "plug", "via": "lamp"}),
         serde_json::json!({"device_id": "plug", "via": "nobody"}),
-        serde_json::json!({"device_id": "plug", "via": "bridge", "gateway": true}),
     ] {
         let r = register(bad.clone()).await.unwrap();
-        assert_eq!(r.status(), 400, "{bad}");
+        assert_eq!(r.status(), 409, "{bad}");
         let body: serde_json::Value = r.json().await.unwrap();
-        assert_eq!(body["field"], "via", "{body}");
+        assert_eq!((body["error"].as_str(), body["field"].as_str()), (Some("not_a_gateway"), Some("via")), "{body}");
     }
+    let r = register(serde_json::json!({"device_id": "hub", "via": "bridge", "gateway": true})).await.unwrap();
+    assert_eq!(r.status(), 201, "a gateway under a gateway");
     let (ok, list, _) = common::cli(app.dir.path(), &["device", "list", "--tenant", "acme"]);
     assert!(ok && !list.contains("plug"), "nothing registered by a refusal: {list}");
 }

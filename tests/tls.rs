@@ -13,63 +13,41 @@ use std::time::{Duration, Instant};
 
 use common::{Proc, add_device};
 
-/// A CA and a server certificate for 127.0.0.1 / localhost it signed.
+/// A CA and a server certificate for 127.0.0.1 / localhost it signed:
+/// `<name>-ca.pem` / `.key`, `<name>-cert.pem` / `<name>-key.pem`.
 fn pki(dir: &Path, name: &str) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    let (ca, ca_key) = (format!("{name}-ca.pem"), format!("{name}-ca.key"));
-    let (cert, key, csr) = (format!("{name}-cert.pem"), format!("{name}-key.pem"), format!("{name}.csr"));
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        &format!("/CN={name} test CA"),
-        "-keyout",
-        &ca_key,
-        "-out",
-        &ca,
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        &key,
-        "-out",
-        &csr,
-    ]);
-    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        &csr,
-        "-CA",
-        &ca,
-        "-CAkey",
-        &ca_key,
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-        "-out",
-        &cert,
-    ]);
+    let (ca, ca_key, subj) = (format!("{name}-ca.pem"), format!("{name}-ca.key"), format!("/CN={name} test CA"));
+    openssl(
+        dir,
+        "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2",
+        &["-subj", &subj, "-keyout", &ca_key, "-out", &ca],
+    );
+    signed(dir, name, name, "/CN=localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1");
+}
+
+/// A key and a certificate for `subj`, signed by the CA of `pki(dir, ca)`
+/// with the extension `ext`: `<file>-cert.pem` / `<file>-key.pem`.
+fn signed(dir: &Path, ca: &str, file: &str, subj: &str, ext: &str) {
+    let (cert, key, csr) = (format!("{file}-cert.pem"), format!("{file}-key.pem"), format!("{file}.csr"));
+    let ext_file = format!("{file}.ext");
+    std::fs::write(dir.join(&ext_file), format!("{ext}\n")).unwrap();
+    openssl(
+        dir,
+        "req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes",
+        &["-subj", subj, "-keyout", &key, "-out", &csr],
+    );
+    let (ca_cert, ca_key) = (format!("{ca}-ca.pem"), format!("{ca}-ca.key"));
+    openssl(
+        dir,
+        "x509 -req -CAcreateserial -days 2",
+        &["-in", &csr, "-CA", &ca_cert, "-CAkey", &ca_key, "-extfile", &ext_file, "-out", &cert],
+    );
+}
+
+/// `openssl` with the words of `fixed`, then `args`, in `dir`.
+fn openssl(dir: &Path, fixed: &str, args: &[&str]) {
+    let out = Command::new("openssl").args(fixed.split_whitespace()).args(args).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "openssl {fixed} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn curl(dir: &Path, ca: &str, url: &str) -> (bool, String) {
@@ -336,46 +314,9 @@ fn https_handshakes_count_against_the_connection_cap_and_refusals_are_never_plai
 /// A client certificate for `cn` (`<tenant>/<device id>`) signed by the CA
 /// of `pki(dir, ca)`, as `<file>-cert.pem` / `<file>-key.pem`.
 fn client_cert(dir: &Path, ca: &str, file: &str, cn: &str) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    let (cert, key, csr) = (format!("{file}-cert.pem"), format!("{file}-key.pem"), format!("{file}.csr"));
     // A "/" inside the CN is escaped: -subj splits on it.
     let subj = format!("/CN={}", cn.replace('/', "\\/"));
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-subj",
-        &subj,
-        "-keyout",
-        &key,
-        "-out",
-        &csr,
-    ]);
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    let (ca_cert, ca_key) = (format!("{ca}-ca.pem"), format!("{ca}-ca.key"));
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        &csr,
-        "-CA",
-        &ca_cert,
-        "-CAkey",
-        &ca_key,
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "client.ext",
-        "-out",
-        &cert,
-    ]);
+    signed(dir, ca, file, &subj, "extendedKeyUsage=clientAuth");
 }
 
 /// mosquitto_pub over TLS with the client certificate `<file>-cert.pem`

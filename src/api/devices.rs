@@ -89,9 +89,6 @@ async fn register_device(
     };
     let stored = secret.as_ref().map(|(_, hash, names)| (hash.clone(), names.clone()));
     let role = crate::log::schema::Role { gateway: req.gateway, via: req.via };
-    if role.gateway && role.via.is_some() {
-        return Err(ApiError::bad_field("via", "a gateway cannot be a child of another (gateway and via together)"));
-    }
     let device = state.log.add_device(tenant.to_string(), device_id.clone(), req.name, role, stored).await?;
     state.auth.registry().set(&device);
     let token = state.auth.issue_device(&tenant, &device_id, &perms, ttl)?;

@@ -141,7 +141,10 @@ impl From<log::Error> for ApiError {
             log::Error::DeviceNotFound { .. } => {
                 ApiError::new(StatusCode::NOT_FOUND, "device_not_found", e.to_string())
             }
-            log::Error::NotAGateway { .. } => ApiError::bad_field("via", e.to_string()),
+            // The request is well-formed; the registry says no.
+            log::Error::NotAGateway { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "not_a_gateway", e.to_string()).with_field("via")
+            }
             _ => ApiError::internal("site log error", &e),
         }
     }
