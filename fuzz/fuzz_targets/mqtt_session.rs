@@ -97,7 +97,7 @@ fn app() -> &'static App {
 
         // Register the device in the site log, the way `outpost device add` does.
         let conn = outpost::log::open_and_migrate(&config.log_path()).expect("site log");
-        outpost::log::schema::add_device(&conn, "acme", "d1", None, outpost::event::now_us()).expect("add device");
+        outpost::log::schema::add_device(&conn, "acme", "d1", None, &Default::default(), outpost::event::now_us()).expect("add device");
         drop(conn);
         let issuer = Authenticator::from_config(&config, std::sync::Arc::new(Registry::default())).expect("keys").0;
         let token = issuer.issue_device("acme", "d1", &[Perm::WriteEvents, Perm::ReadEvents], None).expect("token");

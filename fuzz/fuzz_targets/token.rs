@@ -30,13 +30,30 @@ fn auth() -> &'static Authenticator {
         let mut config = Config::default();
         config.site.data_dir = dir.clone();
         let registry = Arc::new(Registry::default());
-        registry.set("acme", "d1", false);
-        registry.set("acme", "gone", true);
+        registry.set(&device("d1", false));
+        registry.set(&device("gone", true));
         let (auth, created) = Authenticator::from_config(&config, registry).expect("authenticator");
         assert!(!created, "the fixed secret must be used");
         let _ = std::fs::remove_dir_all(&dir);
         auth
     })
+}
+
+/// A registry row of `acme/<id>`, revoked or not.
+fn device(id: &str, revoked: bool) -> outpost::log::schema::Device {
+    let at = time::OffsetDateTime::UNIX_EPOCH;
+    outpost::log::schema::Device {
+        tenant: "acme".into(),
+        device_id: id.into(),
+        name: None,
+        created_at: at,
+        revoked_at: revoked.then_some(at),
+        last_seen: None,
+        online: false,
+        event_count: 0,
+        gateway: false,
+        via: None,
+    }
 }
 
 fn sign(header: &[u8], claims: &[u8]) -> String {
