@@ -59,6 +59,31 @@ pub fn keep(bytes: &[u8]) -> (Box<RawValue>, Format) {
     }
 }
 
+/// The properties kept with an event (site log, central, streams) from
+/// what its sender said: `{"content_type": …, "user_properties": [[k, v],
+/// …], "gateway": …}` (a Content-Type, MQTT 5.0's content type and user
+/// properties, the gateway of a child's event), or `None`.
+pub(crate) fn event_properties(
+    content_type: Option<&str>,
+    user: &[(String, String)],
+    gateway: Option<&str>,
+) -> Option<String> {
+    if content_type.is_none() && user.is_empty() && gateway.is_none() {
+        return None;
+    }
+    let mut o = serde_json::Map::new();
+    if let Some(g) = gateway {
+        o.insert("gateway".into(), g.into());
+    }
+    if let Some(ct) = content_type {
+        o.insert("content_type".into(), ct.into());
+    }
+    if !user.is_empty() {
+        o.insert("user_properties".into(), serde_json::json!(user));
+    }
+    Some(serde_json::Value::Object(o).to_string())
+}
+
 /// A device's payload bytes as an event's: the payload, its properties with
 /// the format recorded, and (when it was wrapped) the size the device sent,
 /// which is what `limits.max_payload_bytes` applies to.

@@ -109,7 +109,7 @@ async fn post_device_event(
     let access = writer(&state, access)?;
     let bytes = read_body(&headers, body, state.max_body.0).await?;
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::trim);
-    let properties = content_type.map(|ct| serde_json::json!({ "content_type": ct }).to_string());
+    let properties = crate::payload::event_properties(content_type, &[], None);
     let (payload, properties, sent_bytes) = crate::payload::from_device(&bytes, properties);
     let input = EventInput { device_id, event_type, payload, id: None, timestamp: None, properties, sent_bytes };
     submit_one(&state, &access, input).await

@@ -154,29 +154,6 @@ pub(crate) fn publish(qos: u8, dup: bool, retain: bool, pkid: u16, topic: &Bytes
     Publish::deserialize(o.freeze())
 }
 
-/// The 5.0 properties kept with an event (site log, central, streams):
-/// `{"content_type": …, "user_properties": [[k, v], …]}`, or `None`.
-pub(crate) fn event_properties(
-    content_type: Option<&str>,
-    user: &[(String, String)],
-    gateway: Option<&str>,
-) -> Option<String> {
-    if content_type.is_none() && user.is_empty() && gateway.is_none() {
-        return None;
-    }
-    let mut o = serde_json::Map::new();
-    if let Some(g) = gateway {
-        o.insert("gateway".into(), g.into());
-    }
-    if let Some(ct) = content_type {
-        o.insert("content_type".into(), ct.into());
-    }
-    if !user.is_empty() {
-        o.insert("user_properties".into(), serde_json::json!(user));
-    }
-    Some(serde_json::Value::Object(o).to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,6 @@ use rumqttd::protocol::{
 };
 
 use super::super::acl::stream_topic;
-use super::super::codec;
 use super::super::framing::{self, publish_header};
 use super::super::topic_map::Resolved;
 use super::{End, Session};
@@ -541,7 +540,7 @@ impl Session<'_> {
         forwarded.topic_alias = None;
         let gateway = publish.child.as_ref().map(|_| self.who.device_id.as_str());
         let properties =
-            codec::event_properties(forwarded.content_type.as_deref(), &forwarded.user_properties, gateway);
+            crate::payload::event_properties(forwarded.content_type.as_deref(), &forwarded.user_properties, gateway);
         let facts = Facts {
             redelivery,
             qos2: (qos == 2).then(|| Qos2Hold {

@@ -16,7 +16,6 @@ use rumqttd::protocol::{LastWill, LastWillProperties, PublishProperties};
 use tokio_util::sync::CancellationToken;
 
 use super::super::acl::stream_topic;
-use super::super::codec;
 use super::super::state::Lease;
 use super::super::topic_map::Resolved;
 use super::Identity;
@@ -107,7 +106,7 @@ async fn fire(deps: &MqttDeps, who: &Identity, will: Will, origin: u64, shutdown
     };
     let (payload, properties, sent_bytes) = crate::payload::from_device(
         &will.message,
-        codec::event_properties(forwarded.content_type.as_deref(), &forwarded.user_properties, None),
+        crate::payload::event_properties(forwarded.content_type.as_deref(), &forwarded.user_properties, None),
     );
     let input = EventInput {
         device_id: who.device_id.clone(),
