@@ -322,14 +322,24 @@ pub(crate) fn future_events(cfg: &Config) -> Finding {
     }
 }
 
-/// The TLS listeners' certificate and key load and belong together, as
-/// the start would check them (None without TLS listeners).
+/// The TLS listeners' certificate and key load and belong together, and
+/// the devices' CA (`tls.client_ca_file`) loads, as the start would check
+/// them (None without TLS listeners).
 fn tls(cfg: &Config) -> Option<Finding> {
     if !cfg.tls_listeners() {
         return None;
     }
+    let loaded = match cfg.tls.client_ca_file {
+        Some(_) => "tls.cert_file and tls.key_file load and match; tls.client_ca_file loads",
+        None => "tls.cert_file and tls.key_file load and match",
+    };
     Some(match crate::tls::Certs::load(&cfg.tls) {
-        Ok(_) => ok("tls", "tls.cert_file and tls.key_file load and match"),
+        Ok(_) => ok("tls", loaded),
+        Err(e) if e.starts_with("tls.client_ca_file") => fail(
+            "tls",
+            e,
+            "point tls.client_ca_file at the PEM certificate(s) of the CA that signs device certificates, readable by the service user",
+        ),
         Err(e) => fail(
             "tls",
             e,

@@ -230,6 +230,14 @@ fn doctor_checks_the_tls_certificate() {
     let (ok, out, _) = common::cli_env(&data, &["doctor"], &env);
     assert!(!ok, "{out}");
     assert!(out.lines().any(|l| l.contains("do not belong together")), "{out}");
+    // The devices' CA: a file with no certificate in it, named with its own fix.
+    std::fs::write(d.join("no-ca.pem"), "not a certificate\n").unwrap();
+    let ca = d.join("no-ca.pem").display().to_string();
+    let env = [env[0], env[1], ("OUTPOST_TLS__KEY_FILE", key.as_str()), ("OUTPOST_TLS__CLIENT_CA_FILE", ca.as_str())];
+    let (ok, out, _) = common::cli_env(&data, &["doctor"], &env);
+    assert!(!ok, "{out}");
+    let line = out.lines().find(|l| l.contains("tls.client_ca_file")).unwrap_or_default();
+    assert!(line.contains("no PEM certificate") && line.contains("fix: point tls.client_ca_file"), "{out}");
 }
 
 /// TLS handshakes are connections: with `http.max_connections = 4`, forty
