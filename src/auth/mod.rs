@@ -8,7 +8,8 @@ mod crypto;
 mod registry;
 pub mod secret;
 
-pub use registry::{Child, REGISTRY_POLL, Registry, run_registry_refresh};
+pub use crate::log::schema::Child;
+pub use registry::{REGISTRY_POLL, Registry, run_registry_refresh};
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};

@@ -40,19 +40,6 @@ impl Entry {
     }
 }
 
-/// What a gateway's publish for another device id finds (see
-/// [`Registry::child`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Child {
-    /// Registered under this gateway, not revoked.
-    Registered,
-    /// Not registered: the gateway's first event for it registers it
-    /// (within `mqtt.gateway_max_children`).
-    Unknown,
-    /// The publish is refused: why.
-    Refused(String),
-}
-
 /// In-memory view of the device registry.
 pub struct Registry {
     devices: RwLock<HashMap<String, HashMap<String, Entry>>>,
@@ -87,13 +74,9 @@ impl Registry {
 
     /// Whether `gateway` may publish for `child` now (the caller checked
     /// that `gateway` is one).
-    pub fn child(&self, tenant: &str, gateway: &str, child: &str) -> Child {
-        match self.entry(tenant, child) {
-            None => Child::Unknown,
-            Some(e) if e.revoked => Child::Refused(format!("device {tenant}/{child} is revoked")),
-            Some(e) if e.via.as_deref() == Some(gateway) => Child::Registered,
-            Some(_) => Child::Refused(format!("device {tenant}/{child} is not a child of gateway {gateway:?}")),
-        }
+    pub fn child(&self, tenant: &str, gateway: &str, child: &str) -> schema::Child {
+        let found = self.entry(tenant, child);
+        schema::child_status(tenant, gateway, child, found.as_ref().map(|e| (e.revoked, e.via.as_deref())))
     }
 
     fn entry(&self, tenant: &str, device_id: &str) -> Option<Entry> {

@@ -118,6 +118,32 @@ pub fn add_device(
         .ok_or_else(|| Error::DeviceNotFound { tenant: tenant.into(), device_id: device_id.into() })
 }
 
+/// What a gateway's publish for another device id finds (see
+/// [`child_status`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Child {
+    /// Registered under this gateway, not revoked.
+    Registered,
+    /// Not registered: the gateway's first event for it registers it
+    /// (within `mqtt.gateway_max_children`).
+    Unknown,
+    /// The publish is refused: why.
+    Refused(String),
+}
+
+/// Whether `gateway` may publish for `child`, given the child's
+/// registration (`found`: revoked, and the gateway it is registered under;
+/// `None`: not registered). The one rule for the session's check (from
+/// the registry's cache) and the event's own transaction.
+pub fn child_status(tenant: &str, gateway: &str, child: &str, found: Option<(bool, Option<&str>)>) -> Child {
+    match found {
+        None => Child::Unknown,
+        Some((true, _)) => Child::Refused(format!("device {tenant}/{child} is revoked")),
+        Some((false, via)) if via == Some(gateway) => Child::Registered,
+        Some(_) => Child::Refused(format!("device {tenant}/{child} is not a child of gateway {gateway:?}")),
+    }
+}
+
 /// A child a gateway publishes for, registered under it with its first
 /// event when it is not registered yet and the gateway has fewer than
 /// `max_children`; `Err` (the event is refused) when the id is another
@@ -130,12 +156,12 @@ pub(crate) fn child_for_event(
     max_children: usize,
     now_us: i64,
 ) -> Result<(), Error> {
-    let refused = |why: String| Err(Error::ChildRefused { why, quota: false });
-    match device_by_id(conn, tenant, child)? {
-        Some(d) if d.revoked_at.is_some() => refused(format!("device {tenant}/{child} is revoked")),
-        Some(d) if d.via.as_deref() == Some(gateway) => Ok(()),
-        Some(_) => refused(format!("device {tenant}/{child} is not a child of gateway {gateway:?}")),
-        None => {
+    let found = device_by_id(conn, tenant, child)?;
+    let found = found.as_ref().map(|d| (d.revoked_at.is_some(), d.via.as_deref()));
+    match child_status(tenant, gateway, child, found) {
+        Child::Registered => Ok(()),
+        Child::Refused(why) => Err(Error::ChildRefused { why, quota: false }),
+        Child::Unknown => {
             let n: i64 = conn
                 .prepare_cached("SELECT count(*) FROM devices WHERE tenant = ?1 AND via = ?2")?
                 .query_row(params![tenant, gateway], |r| r.get(0))?;

@@ -21,7 +21,8 @@ use super::Error;
 use crate::event::ROW_OVERHEAD;
 
 pub use devices::{
-    Device, Role, add_device, device_by_id, device_secret, devices, online_devices, revoke_device, set_device_secret,
+    Child, Device, Role, add_device, child_status, device_by_id, device_secret, devices, online_devices, revoke_device,
+    set_device_secret,
 };
 pub(crate) use devices::{bump_device, child_for_event, set_presence};
 #[cfg(any(test, feature = "test-util"))]
