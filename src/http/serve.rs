@@ -105,30 +105,15 @@ pub(crate) async fn serve(
         });
         open.lock().insert(id, conn.clone());
         let (router, state) = (router.clone(), conn.clone());
-        // The device a TLS client certificate names, for every request of
-        // the connection (set once its handshake is done).
-        let cert = Arc::new(std::sync::OnceLock::<PeerCert>::new());
-        let peer_cert = cert.clone();
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
-            if let Some(c) = peer_cert.get() {
-                req.extensions_mut().insert(c.clone());
-            }
-            state.started.store(true, Ordering::Relaxed);
-            state.active.fetch_add(1, Ordering::Relaxed);
-            let (mut router, state) = (router.clone(), state.clone());
-            async move {
-                let resp = tower_service::Service::call(&mut router, req).await;
-                state.active.fetch_sub(1, Ordering::Relaxed);
-                resp
-            }
-        });
         let (open, shutdown, tls) = (open.clone(), shutdown.clone(), tls.clone());
         tasks.spawn(async move {
             // The TLS handshake, in this connection's task (slow handshakes
             // never hold up accept), is a connection like any other: it
             // counts against http.max_connections and can be closed to make
             // room; it has its own timeout.
+            // The device a TLS client certificate names, for every request
+            // of the connection.
+            let mut cert = None;
             let io = match tls {
                 None => Either::Left(stream),
                 Some(acceptor) => {
@@ -144,9 +129,7 @@ pub(crate) async fn serve(
                     };
                     match outcome {
                         Ok(s) => {
-                            if let Some(c) = crate::tls::ClientCert::of(s.get_ref().1) {
-                                let _ = cert.set(PeerCert(c));
-                            }
+                            cert = crate::tls::ClientCert::of(s.get_ref().1).map(PeerCert);
                             Either::Right(s)
                         }
                         Err(why) => {
@@ -157,6 +140,20 @@ pub(crate) async fn serve(
                     }
                 }
             };
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                if let Some(c) = &cert {
+                    req.extensions_mut().insert(c.clone());
+                }
+                state.started.store(true, Ordering::Relaxed);
+                state.active.fetch_add(1, Ordering::Relaxed);
+                let (mut router, state) = (router.clone(), state.clone());
+                async move {
+                    let resp = tower_service::Service::call(&mut router, req).await;
+                    state.active.fetch_sub(1, Ordering::Relaxed);
+                    resp
+                }
+            });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
