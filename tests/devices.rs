@@ -209,8 +209,7 @@ async fn a_device_logs_in_with_a_24_character_secret_until_it_is_revoked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_register_api_issues_a_secret_when_asked_and_only_then() {
     let app = TestApp::start().await;
-    let register = |body| register(&app, body);
-    let r = register(serde_json::json!({"device_id": "plc-1", "secret": true})).await.unwrap();
+    let r = register(&app, serde_json::json!({"device_id": "plc-1", "secret": true})).await.unwrap();
     assert_eq!(r.status(), 201);
     let body: serde_json::Value = r.json().await.unwrap();
     let secret = body["secret"].as_str().expect("a secret").to_string();
@@ -218,7 +217,7 @@ async fn the_register_api_issues_a_secret_when_asked_and_only_then() {
     assert!(body["token"].is_string(), "the token as well");
     let (_c, code) = common::mqtt_raw::Raw::connect(app.mqtt, "plc-1", "acme/plc-1", &secret, 30, None).await;
     assert_eq!(code, 0, "the secret logs in at once");
-    let r = register(serde_json::json!({"device_id": "plc-2"})).await.unwrap();
+    let r = register(&app, serde_json::json!({"device_id": "plc-2"})).await.unwrap();
     let body: serde_json::Value = r.json().await.unwrap();
     assert!(body.get("secret").is_none(), "no secret unless asked: {body}");
     let (_c, code) = common::mqtt_raw::Raw::connect(app.mqtt, "plc-2", "acme/plc-2", &secret, 30, None).await;
@@ -451,12 +450,11 @@ async fn refused(c: &mut common::mqtt_raw::Raw, topic: &str, pkid: u16) -> (u8, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_register_api_registers_gateways_and_their_children() {
     let app = TestApp::start().await;
-    let register = |body| register(&app, body);
-    let r = register(serde_json::json!({"device_id": "bridge", "gateway": true})).await.unwrap();
+    let r = register(&app, serde_json::json!({"device_id": "bridge", "gateway": true})).await.unwrap();
     assert_eq!(r.status(), 201);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!((body["device"]["gateway"].as_bool(), body["device"]["via"].is_null()), (Some(true), true), "{body}");
-    let r = register(serde_json::json!({"device_id": "lamp", "via": "bridge"})).await.unwrap();
+    let r = register(&app, serde_json::json!({"device_id": "lamp", "via": "bridge"})).await.unwrap();
     assert_eq!(r.status(), 201);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["device"]["via"], "bridge", "{body}");
@@ -464,12 +462,12 @@ async fn the_register_api_registers_gateways_and_their_children() {
         serde_json::json!({"device_id": "plug", "via": "lamp"}),
         serde_json::json!({"device_id": "plug", "via": "nobody"}),
     ] {
-        let r = register(bad.clone()).await.unwrap();
+        let r = register(&app, bad.clone()).await.unwrap();
         assert_eq!(r.status(), 409, "{bad}");
         let body: serde_json::Value = r.json().await.unwrap();
         assert_eq!((body["error"].as_str(), body["field"].as_str()), (Some("not_a_gateway"), Some("via")), "{body}");
     }
-    let r = register(serde_json::json!({"device_id": "hub", "via": "bridge", "gateway": true})).await.unwrap();
+    let r = register(&app, serde_json::json!({"device_id": "hub", "via": "bridge", "gateway": true})).await.unwrap();
     assert_eq!(r.status(), 201, "a gateway under a gateway");
     let (ok, list, _) = common::cli(app.dir.path(), &["device", "list", "--tenant", "acme"]);
     assert!(ok && !list.contains("plug"), "nothing registered by a refusal: {list}");

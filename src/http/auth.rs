@@ -10,6 +10,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use axum::extract::{FromRef, FromRequestParts, Query, RawPathParams};
+use axum::http::header;
 use axum::http::request::Parts;
 
 use super::ApiError;
@@ -95,24 +96,25 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let tenant = path_tenant(parts, state).await?;
         let auth = Arc::<Authenticator>::from_ref(state);
-        // A client certificate (HTTPS with tls.client_ca_file), when the
-        // request carries no other credential.
-        if parts.headers.get(axum::http::header::AUTHORIZATION).is_none()
-            && let Some(PeerCert(cert)) = parts.extensions.get::<PeerCert>()
-        {
+        let cert = parts.extensions.get::<PeerCert>().filter(|_| !parts.headers.contains_key(header::AUTHORIZATION));
+        let login = if let Some(PeerCert(cert)) = cert {
+            // A client certificate (HTTPS with tls.client_ca_file), when the
+            // request carries no other credential.
             let cert = cert.as_ref().map_err(|why| crate::auth::Error::Invalid(why.clone()))?;
-            let (principal, expires_at) = auth.cert_login(&cert.tenant, &cert.device_id)?;
-            auth.permit(&principal, &tenant, A::PERM)?;
-            return Ok(Self { tenant, principal, expires_at, _access: PhantomData });
-        }
-        // A device secret, for firmware that cannot hold a token.
-        if let Some((user, secret)) = basic_secret(&parts.headers) {
-            let (principal, expires_at) = auth.verify_secret(auth.secret_login(&user)?, &secret).await?;
-            auth.permit(&principal, &tenant, A::PERM)?;
-            return Ok(Self { tenant, principal, expires_at, _access: PhantomData });
-        }
-        let (principal, expires_at) =
-            auth.authorize_expiring(token(parts, A::QUERY_TOKEN).as_deref(), &tenant, A::PERM)?;
+            Some(auth.cert_login(&cert.tenant, &cert.device_id)?)
+        } else if let Some((user, secret)) = basic_secret(&parts.headers) {
+            // A device secret, for firmware that cannot hold a token.
+            Some(auth.verify_secret(auth.secret_login(&user)?, &secret).await?)
+        } else {
+            None
+        };
+        let (principal, expires_at) = match login {
+            Some(login) => {
+                auth.permit(&login.0, &tenant, A::PERM)?;
+                login
+            }
+            None => auth.authorize_expiring(token(parts, A::QUERY_TOKEN).as_deref(), &tenant, A::PERM)?,
+        };
         Ok(Self { tenant, principal, expires_at, _access: PhantomData })
     }
 }

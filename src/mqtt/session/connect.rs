@@ -302,6 +302,7 @@ impl Handshake<'_, '_> {
     /// `<tenant>/<id>`, or the id alone when one tenant has it).
     async fn authenticate(&self, login: Option<(&str, &str)>) -> Result<(Principal, i64, bool), Refusal> {
         let bad = |r: &str| (ConnectReturnCode::BadUserNamePassword, r.to_string());
+        let refused = |e: crate::auth::Error| (refuse_code(&e), e.to_string());
         if let Some(cert) = &self.cert {
             let cert = cert.as_ref().map_err(|why| bad(why))?;
             let named = login.map_or("", |(username, _)| username);
@@ -309,18 +310,13 @@ impl Handshake<'_, '_> {
             if !(named.is_empty() || named == cert.device_id || named == full) {
                 return Err(bad(&format!("username {named:?} is not the client certificate's device {full:?}")));
             }
-            let (principal, exp) = self
-                .deps
-                .auth
-                .cert_login(&cert.tenant, &cert.device_id)
-                .map_err(|e| (refuse_code(&e), e.to_string()))?;
+            let (principal, exp) = self.deps.auth.cert_login(&cert.tenant, &cert.device_id).map_err(refused)?;
             return Ok((principal, exp, false));
         }
         let (username, password) = login.ok_or_else(|| bad("no username/password"))?;
         if crate::auth::secret::is_secret(password) {
             // The device's connect budget is charged before the hash, so
             // guessing its secret cannot keep the verifications busy.
-            let refused = |e: crate::auth::Error| (refuse_code(&e), e.to_string());
             let login = self.deps.auth.secret_login(username).map_err(refused)?;
             if !self.deps.sessions.connect_allowed(&login.tenant, &login.device_id) {
                 return Err(self.connect_rate_refusal(&login.device_id));
@@ -328,8 +324,7 @@ impl Handshake<'_, '_> {
             let (principal, exp) = self.deps.auth.verify_secret(login, password).await.map_err(refused)?;
             return Ok((principal, exp, true));
         }
-        let (principal, expires_at) =
-            self.deps.auth.verify_expiring(password).map_err(|e| (refuse_code(&e), e.to_string()))?;
+        let (principal, expires_at) = self.deps.auth.verify_expiring(password).map_err(refused)?;
         let Principal::Device { device_id, .. } = &principal else { return Err(admin_refused()) };
         if username != device_id {
             return Err(bad("username must be the token's device id"));
