@@ -263,17 +263,16 @@ async fn ws_ingest_acks_after_commit_and_bad_frames_get_error_frames() {
     let mut w = ws(&app, "acme", "", &t).await;
     let ev = json!({"type": "event", "event": {"device_id": "d1", "event_type": "ws.in", "payload": {"v": 1}}});
     w.send(Message::Text(ev.to_string().into())).await.unwrap();
-    // The event frame comes back first (we are subscribed), then the ack, or the ack first.
-    let mut ack = None;
-    for _ in 0..2 {
-        let f = next_json(&mut w, T).await.expect("frame");
+    // The event frame comes back (we are subscribed) and the ack, in either
+    // order: both are awaited, so the event frame cannot turn up later in
+    // place of a frame the steps below wait for.
+    let (mut ack, mut echoed) = (None, false);
+    while ack.is_none() || !echoed {
+        let f = next_json(&mut w, T).await.expect("the ack and the event frame");
         match f["type"].as_str() {
-            Some("ack") => ack = Some(f),
-            Some("event") => {}
+            Some("ack") if ack.is_none() => ack = Some(f),
+            Some("event") if !echoed => echoed = true,
             _ => panic!("unexpected frame {f}"),
-        }
-        if ack.is_some() {
-            break;
         }
     }
     let ack = ack.expect("ack frame");
