@@ -162,7 +162,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         status_page: config.stream.max_status_subscribers,
     };
     let hub = Hub::new(config.stream.queue, config.stream.max_subscribers, shares, metrics.clone());
-    let broker = config.mqtt.enabled.then(|| start_broker(&config, &hub, &metrics));
+    let broker = config.mqtt.enabled.then(|| start_broker(&config, &hub, &metrics)).transpose()?;
     let mut observers: Vec<Arc<dyn CommitObserver>> = vec![hub.clone()];
     if let Some(b) = &broker {
         observers.push(b.feed.clone());
@@ -214,11 +214,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 auth: site.auth.clone(),
                 metrics: metrics.clone(),
                 config: config.mqtt.clone(),
+                topics: b.sessions.fanout().topics().clone(),
                 sessions: b.sessions,
-                topics: Arc::new(
-                    mqtt::topic_map::TopicMaps::new(&config.mqtt.topic_maps)
-                        .map_err(|e| anyhow::anyhow!(e.join("; ")))?,
-                ),
                 connections: Default::default(),
                 tasks: stages.tracker.clone(),
             };
@@ -418,11 +415,13 @@ struct Broker {
     fanout_task: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
 }
 
-fn start_broker(config: &Config, hub: &Hub, metrics: &Arc<Metrics>) -> Broker {
-    let fanout = Arc::new(mqtt::fanout::Fanout::new(&config.mqtt, hub.interest.clone(), metrics.clone()));
+fn start_broker(config: &Config, hub: &Hub, metrics: &Arc<Metrics>) -> anyhow::Result<Broker> {
+    let topics = mqtt::topic_map::TopicMaps::new(&config.mqtt.topic_maps).map_err(|e| anyhow::anyhow!(e.join("; ")))?;
+    let fanout =
+        Arc::new(mqtt::fanout::Fanout::new(&config.mqtt, Arc::new(topics), hub.interest.clone(), metrics.clone()));
     let (feed, task) = mqtt::fanout::Feed::new(fanout.clone(), metrics.clone());
     let sessions = Arc::new(mqtt::state::Sessions::new(&config.mqtt, fanout));
-    Broker { sessions, feed, fanout_task: Box::pin(task) }
+    Ok(Broker { sessions, feed, fanout_task: Box::pin(task) })
 }
 
 /// The bound sockets; the TLS ones only when configured.

@@ -523,3 +523,120 @@ async fn paho_devices_log_in_with_a_secret_send_any_payload_and_publish_through_
         rows.iter().filter(|r| r.properties.as_ref().is_some_and(|p| p.get().contains(r#""gateway":"bridge""#)));
     assert_eq!(gateway.count(), 2, "the children's events record their gateway");
 }
+
+/// A Shelly-style relay listens on its own command topic
+/// (`shellies/<id>/relay/0/command`), which a controller (a gateway the
+/// relay is registered under, as Home Assistant would be) publishes to:
+/// the relay gets the command as sent, on its own layout, with mosquitto
+/// 3.1.1; a persistent session keeps that subscription through a restart;
+/// a filter on a rule that cannot write topics is refused naming the rule
+/// (5.0 SUBACK reason string); another tenant's subscriber on the same
+/// layout gets nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_subscribes_to_its_command_topic_on_its_own_layout() {
+    use common::mqtt_raw::{Raw, v5};
+    use outpost::config::TopicMapRule;
+    let mut app = TestApp::start_with(|c| {
+        c.mqtt.topic_maps = vec![
+            TopicMapRule { pattern: "shellies/{device}/{type..}".into(), event_type: None },
+            TopicMapRule { pattern: "stat/{device}/+".into(), event_type: Some("status".into()) },
+        ];
+    })
+    .await;
+    let cli = |args: &[&str]| {
+        let (ok, out, err) = common::cli(app.dir.path(), args);
+        assert!(ok, "{args:?}: {err}");
+        out.trim().to_string()
+    };
+    let hass = cli(&["device", "add", "--tenant", "acme", "--id", "hass", "--gateway"]);
+    let relay = cli(&["device", "add", "--tenant", "acme", "--id", "relay-1", "--via", "hass"]);
+    let other = app.device("globex", "relay-1").await;
+    let port = app.mqtt.port().to_string();
+    let command = "shellies/relay-1/relay/0/command";
+    let hass_pub = |payload: &str| {
+        tokio::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-i", "hass", "-u", "hass", "-P", &hass, "-q", "1", "-V", "mqttv5"])
+            .args(["-t", command, "-m", payload])
+            .output()
+    };
+
+    // The relay (mosquitto_sub, 3.1.1) and globex's relay-1 (raw 3.1.1),
+    // both on the layout; the relay is live once its client saw the SUBACK.
+    // (stdbuf: its debug lines are stdio-buffered into a pipe otherwise.)
+    let mut sub = tokio::process::Command::new("stdbuf")
+        .args(["-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", &port, "-i", "relay-1", "-u", "relay-1"])
+        .args(["-P", &relay, "-q", "1"])
+        .args(["-V", "mqttv311", "-d", "-v", "-C", "1", "-W", "20", "-t", command])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(sub.stdout.take().unwrap()).lines();
+    let mut log = Vec::new();
+    while let Ok(Ok(Some(line))) = tokio::time::timeout(T, lines.next_line()).await {
+        log.push(line);
+        if log.last().unwrap().starts_with("Subscribed") {
+            break;
+        }
+    }
+    assert!(log.last().is_some_and(|l| l.ends_with(": 1")), "granted QoS 1: {log:?}");
+    let (mut g, code) = Raw::connect(app.mqtt, "relay-1", "relay-1", &other, 30, None).await;
+    assert_eq!(code, 0);
+    g.subscribe(1, &["shellies/#"]).await;
+    let ack = g.read_kind(9, T).await.expect("SUBACK");
+    assert_eq!(ack.body[2], 1, "granted: the layout is open to any tenant's devices, each sees its own tenant");
+
+    let out = hass_pub("on").await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut got = None;
+    while let Ok(Ok(Some(line))) = tokio::time::timeout(T, lines.next_line()).await {
+        if !line.starts_with("Client ") {
+            got = Some(line);
+            break;
+        }
+    }
+    assert_eq!(got.as_deref(), Some("shellies/relay-1/relay/0/command on"), "the command as sent, on its layout");
+    let rows = app.log_rows();
+    assert_eq!((rows[0].device_id.as_str(), rows[0].event_type.as_str()), ("relay-1", "relay.0.command"));
+    // globex's subscriber: its own device's publish is the first it gets.
+    let (mut gp, _) = Raw::connect(app.mqtt, "relay-1-p", "relay-1", &other, 30, None).await;
+    gp.publish("shellies/relay-1/relay/0", b"off", 1, 1, false, false).await;
+    assert!(gp.read_kind(4, T).await.is_some(), "PUBACK");
+    let first = g.read_kind(3, T).await.expect("PUBLISH");
+    let topic_len = usize::from(u16::from_be_bytes([first.body[0], first.body[1]]));
+    assert_eq!(&first.body[2..2 + topic_len], b"shellies/relay-1/relay/0", "not acme's command");
+    assert!(first.body.ends_with(b"off"));
+
+    // A persistent session: subscribed, away over a restart, back without
+    // subscribing again: the next command still reaches it on its layout.
+    let (mut r, code, _) = Raw::connect_session(app.mqtt, "relay-1-p", "relay-1", &relay, 30, None, false).await;
+    assert_eq!(code, 0);
+    r.subscribe(1, &[command]).await;
+    assert_eq!(r.read_kind(9, T).await.expect("SUBACK").body[2], 1);
+    r.disconnect().await;
+    app.restart().await;
+    let (mut r, code, present) = Raw::connect_session(app.mqtt, "relay-1-p", "relay-1", &relay, 30, None, false).await;
+    assert!(code == 0 && present, "the session is back");
+    let port = app.mqtt.port().to_string();
+    let out = tokio::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-i", "hass", "-u", "hass", "-P", &hass, "-q", "1"])
+        .args(["-t", command, "-m", "off"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let delivery = r.read_kind(3, T).await.expect("the command after the restart");
+    let topic_len = usize::from(u16::from_be_bytes([delivery.body[0], delivery.body[1]]));
+    assert_eq!(&delivery.body[2..2 + topic_len], command.as_bytes());
+    assert!(delivery.body.ends_with(b"off"));
+
+    // stat/{device}/+ cannot write a topic: refused, naming the rule.
+    let (mut c, ack) = Raw::connect_v5(app.mqtt, "relay-1-x", "relay-1", &relay, 30, true, &[]).await;
+    assert_eq!(ack.body[1], 0);
+    c.send(&v5::subscribe_packet(1, &[("stat/relay-1/POWER", 1), ("shellies/relay-1/#", 1)], &[])).await;
+    let suback = c.read_kind(9, T).await.expect("SUBACK");
+    let why = v5::prop_string(&v5::props(&suback.body, 2), 0x1f).unwrap_or_default();
+    let codes = &suback.body[suback.body.len() - 2..];
+    assert_eq!(codes, [0x87, 1], "{why}");
+    assert!(why.starts_with("stat/relay-1/POWER: mqtt.topic_maps[1] (\"stat/{device}/+\") has a + segment"), "{why}");
+}

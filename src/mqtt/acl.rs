@@ -1,8 +1,10 @@
 //! Who may publish and subscribe where. Devices publish only to their own
 //! event topics, `<tenant>/devices/<device_id>/events/<event_type>`, and
 //! subscribe only inside their tenant's stream (`<tenant>/events/…`) and
-//! their own subtree (`<tenant>/devices/<device_id>/…`).
+//! their own subtree (`<tenant>/devices/<device_id>/…`), or on the devices'
+//! own layouts where `mqtt.topic_maps` can write them.
 
+use super::topic_map::TopicMaps;
 use crate::event::{validate_device_id, validate_event_type};
 
 /// The event type of `<tenant>/devices/<device_id>/events/<event_type>`, if
@@ -36,6 +38,37 @@ pub(crate) fn subscribe_allowed(filter: &str, tenant: &str, device_id: &str) -> 
     (under(format!("{tenant}/events")) || under(format!("{tenant}/devices/{device_id}")))
         && !filter.contains("/#/")
         && filter.matches('#').count() <= 1
+}
+
+/// Where a subscription a device may make is matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Matched {
+    /// On the tenant's stream and the device's own subtree.
+    Stream,
+    /// On the devices' own layouts (`mqtt.topic_maps`), see
+    /// [`TopicMaps::layouts`].
+    Layout,
+}
+
+/// Whether a device with `read_events` may subscribe to `filter`, and where
+/// it is matched; refusals say why (naming the rule for a layout).
+pub(crate) fn subscription(filter: &str, tenant: &str, device_id: &str, topics: &TopicMaps) -> Result<Matched, String> {
+    if subscribe_allowed(filter, tenant, device_id) {
+        return Ok(Matched::Stream);
+    }
+    match topics.subscribable(filter) {
+        Some(Ok(())) => Ok(Matched::Layout),
+        Some(Err(why)) => Err(why),
+        None => Err(format!(
+            "devices subscribe inside {tenant}/events/#, {tenant}/devices/{device_id}/# or a topic of mqtt.topic_maps"
+        )),
+    }
+}
+
+/// The device and event type of a stream topic of `tenant`
+/// (`<tenant>/events/<device_id>/<event_type>`).
+pub(crate) fn stream_parts<'t>(topic: &'t str, tenant: &str) -> Option<(&'t str, &'t str)> {
+    topic.strip_prefix(tenant)?.strip_prefix("/events/")?.split_once('/')
 }
 
 /// The client-id rule: the device id, or `<device id>-<suffix>`, at most

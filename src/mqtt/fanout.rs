@@ -33,7 +33,8 @@ use bytes::Bytes;
 use rumqttd::protocol::PublishProperties;
 use tokio::sync::{Notify, mpsc};
 
-use super::acl::{stream_topic, topic_matches};
+use super::acl::{Matched, stream_parts, stream_topic, subscription, topic_matches};
+use super::topic_map::TopicMaps;
 use crate::config::MqttConfig;
 use crate::event::Event;
 use crate::log::mqtt::{Facts, Published};
@@ -41,10 +42,14 @@ use crate::log::{CommitObserver, Committed};
 use crate::metrics::Metrics;
 use crate::stream::interest::Interest;
 
-/// A message to fan out: a committed event on its stream topic.
+/// A message to fan out: a committed event on its stream topic (or on a
+/// topic of a device's own layout, for layout subscriptions).
 #[derive(Debug)]
 pub(crate) struct Message {
     pub topic: Bytes,
+    /// On a layout topic: the stream topic it is the event of (what the
+    /// delivery ACL checks).
+    pub stream: Option<Bytes>,
     pub payload: Bytes,
     /// The publisher's QoS (events that did not come over MQTT: 1).
     pub qos: u8,
@@ -72,6 +77,34 @@ impl Message {
         let gone = u32::try_from(self.at.elapsed().as_secs()).unwrap_or(u32::MAX);
         Some(interval.saturating_sub(gone))
     }
+
+    /// The topic the delivery ACL checks: the stream topic of the event.
+    pub(crate) fn stream_topic(&self) -> &[u8] {
+        self.stream.as_ref().unwrap_or(&self.topic)
+    }
+
+    /// The same message on each of its event's layout topics (see
+    /// [`TopicMaps::layouts`]).
+    fn on_layouts(&self, tenant: &str, topics: &TopicMaps) -> Vec<Arc<Message>> {
+        let stream = std::str::from_utf8(&self.topic).unwrap_or("");
+        let Some((device, event_type)) = stream_parts(stream, tenant) else { return Vec::new() };
+        topics
+            .layouts(tenant, device, event_type)
+            .into_iter()
+            .map(|topic| {
+                Arc::new(Message {
+                    topic: Bytes::from(topic),
+                    stream: Some(self.topic.clone()),
+                    payload: self.payload.clone(),
+                    qos: self.qos,
+                    retain: self.retain,
+                    props: self.props.clone(),
+                    origin: self.origin,
+                    at: self.at,
+                })
+            })
+            .collect()
+    }
 }
 
 fn props_size(p: &PublishProperties) -> usize {
@@ -91,6 +124,9 @@ pub(crate) struct Subscription {
     pub retain_as_published: bool,
     /// 5.0 subscription identifier.
     pub id: Option<usize>,
+    /// Matched on the devices' own layouts (`mqtt.topic_maps`), not on the
+    /// stream: decided by `acl::subscription`, not stored.
+    pub layout: bool,
     /// The feed's number when the subscription was made (set by
     /// `Fanout::subscribe`): messages fed up to it were published before
     /// it, so are not for it (the retained ones reach it as retained).
@@ -227,25 +263,47 @@ impl Mailbox {
     }
 
     /// Matches `msg`, the feed's message number `fed`, against the
-    /// subscriptions made before it and queues the delivery.
-    fn offer(&self, msg: &Arc<Message>, fed: u64) {
+    /// subscriptions made before it and queues the delivery: one on its
+    /// stream topic for the stream subscriptions that match, and one on
+    /// each of its layout topics (`layouts`, made when first asked) for the
+    /// layout subscriptions that match that.
+    fn offer<'m>(&self, msg: &Arc<Message>, fed: u64, layouts: impl FnOnce() -> &'m [Arc<Message>]) {
         let mut inner = self.lock();
+        let mut queued = false;
+        if let Some(q) = self.decide(&inner.subs, msg, fed, false) {
+            self.push(&mut inner, q);
+            queued = true;
+        }
+        if inner.subs.iter().any(|s| s.layout) {
+            for m in layouts() {
+                if let Some(q) = self.decide(&inner.subs, m, fed, true) {
+                    self.push(&mut inner, q);
+                    queued = true;
+                }
+            }
+        }
+        drop(inner);
+        if queued {
+            self.notify.notify_one();
+        }
+    }
+
+    /// The delivery of `msg` for the subscriptions (stream or `layout`)
+    /// made before `fed` that match its topic, if any.
+    fn decide(&self, subs: &[Subscription], msg: &Arc<Message>, fed: u64, layout: bool) -> Option<Queued> {
         let topic = std::str::from_utf8(&msg.topic).unwrap_or("");
         let matching: Vec<&Subscription> =
-            inner.subs.iter().filter(|s| s.since < fed && topic_matches(topic, &s.filter)).collect();
+            subs.iter().filter(|s| s.layout == layout && s.since < fed && topic_matches(topic, &s.filter)).collect();
         if matching.is_empty() || (msg.origin == self.id && matching.iter().all(|s| s.no_local)) {
-            return;
+            return None;
         }
         let granted = matching.iter().map(|s| s.qos).max().unwrap_or(0);
-        let queued = Queued {
+        Some(Queued {
             msg: msg.clone(),
             qos: msg.qos.min(granted),
             retain: msg.retain && matching.iter().any(|s| s.retain_as_published),
             sub_ids: matching.iter().filter_map(|s| s.id).collect(),
-        };
-        self.push(&mut inner, queued);
-        drop(inner);
-        self.notify.notify_one();
+        })
     }
 
     /// The byte bound of what it holds (queued and in flight).
@@ -308,6 +366,8 @@ pub(crate) struct Fanout {
     limits: MailboxLimits,
     max_retained: usize,
     max_retained_bytes: usize,
+    /// `mqtt.topic_maps`, for layout subscriptions.
+    topics: Arc<TopicMaps>,
     next_id: AtomicU64,
     /// Messages fed so far: each takes the next number, and a subscription
     /// takes the current one (`Subscription::since`).
@@ -317,7 +377,12 @@ pub(crate) struct Fanout {
 }
 
 impl Fanout {
-    pub(crate) fn new(config: &MqttConfig, interest: Arc<Interest>, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(
+        config: &MqttConfig,
+        topics: Arc<TopicMaps>,
+        interest: Arc<Interest>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             tenants: RwLock::default(),
             retained: Mutex::default(),
@@ -328,6 +393,7 @@ impl Fanout {
             },
             max_retained: config.max_retained_per_tenant,
             max_retained_bytes: config.max_retained_bytes_per_tenant,
+            topics,
             next_id: AtomicU64::new(1),
             fed: AtomicU64::new(0),
             interest,
@@ -389,10 +455,30 @@ impl Fanout {
         true
     }
 
-    /// Puts back the subscriptions of a session resumed after a restart.
-    pub(crate) fn restore(&self, mb: &Arc<Mailbox>, subs: Vec<Subscription>) {
+    /// The topic maps layout subscriptions are matched with.
+    pub(crate) fn topics(&self) -> &Arc<TopicMaps> {
+        &self.topics
+    }
+
+    /// Puts back the subscriptions of a session of `device_id` resumed
+    /// after a restart, each checked again (the topic maps may have
+    /// changed since): one no longer allowed is dropped and logged.
+    pub(crate) fn restore(&self, mb: &Arc<Mailbox>, device_id: &str, subs: Vec<Subscription>) {
         for s in subs {
-            self.subscribe(mb, s);
+            match subscription(&s.filter, &mb.tenant, device_id, &self.topics) {
+                Ok(matched) => {
+                    self.subscribe(mb, Subscription { layout: matched == Matched::Layout, ..s });
+                }
+                Err(why) => {
+                    tracing::warn!(
+                        tenant = mb.tenant,
+                        device_id,
+                        filter = s.filter,
+                        why,
+                        "stored subscription no longer allowed; dropped"
+                    );
+                }
+            }
         }
     }
 
@@ -459,8 +545,9 @@ impl Fanout {
             Some(list) => list.clone(),
             None => return,
         };
+        let layouts = std::cell::OnceCell::new();
         for mb in mailboxes {
-            mb.offer(msg, fed);
+            mb.offer(msg, fed, || layouts.get_or_init(|| msg.on_layouts(tenant, &self.topics)));
         }
     }
 
@@ -503,12 +590,17 @@ impl Fanout {
         }
     }
 
-    /// The retained messages of `tenant` that `filter` matches.
-    pub(crate) fn retained_for(&self, tenant: &str, filter: &str) -> Vec<Arc<Message>> {
+    /// The retained messages of `tenant` that `sub` matches (on their
+    /// layout topics for a layout subscription).
+    pub(crate) fn retained_for(&self, tenant: &str, sub: &Subscription) -> Vec<Arc<Message>> {
         let r = self.retained.lock().unwrap_or_else(PoisonError::into_inner);
-        r.get(tenant).map_or_else(Vec::new, |t| {
-            t.topics.iter().filter(|(topic, _)| topic_matches(topic, filter)).map(|(_, m)| m.clone()).collect()
-        })
+        let Some(t) = r.get(tenant) else { return Vec::new() };
+        let matches = |m: &Arc<Message>| topic_matches(std::str::from_utf8(&m.topic).unwrap_or(""), &sub.filter);
+        if sub.layout {
+            t.topics.values().flat_map(|m| m.on_layouts(tenant, &self.topics)).filter(matches).collect()
+        } else {
+            t.topics.values().filter(|m| matches(m)).cloned().collect()
+        }
     }
 }
 
@@ -551,6 +643,7 @@ impl Feed {
         });
         Arc::new(Message {
             topic: Bytes::from(stream_topic(&e.tenant, &e.device_id, &e.event_type)),
+            stream: None,
             // What the device sent, byte for byte (see `crate::payload`).
             payload: Bytes::copy_from_slice(&crate::payload::original(&e.payload, e.properties.as_deref())),
             qos: p.qos,
@@ -597,16 +690,25 @@ mod tests {
             max_retained_bytes_per_tenant: 10,
             ..MqttConfig::default()
         };
-        Fanout::new(&config, Arc::default(), Arc::new(Metrics::new()))
+        Fanout::new(&config, Arc::default(), Arc::default(), Arc::new(Metrics::new()))
     }
 
     fn sub(filter: &str, qos: u8) -> Subscription {
-        Subscription { filter: filter.into(), qos, no_local: false, retain_as_published: false, id: None, since: 0 }
+        Subscription {
+            filter: filter.into(),
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            id: None,
+            layout: false,
+            since: 0,
+        }
     }
 
     fn msg(topic: &str, qos: u8, origin: u64) -> Arc<Message> {
         Arc::new(Message {
             topic: Bytes::from(topic.to_string()),
+            stream: None,
             payload: Bytes::from_static(b"{}"),
             qos,
             retain: false,
@@ -663,6 +765,44 @@ mod tests {
     }
 
     #[test]
+    fn layout_subscriptions_get_the_event_on_its_layout_topic_within_the_tenant() {
+        use crate::config::TopicMapRule;
+        let rules = [TopicMapRule { pattern: "shellies/{device}/{type..}".into(), event_type: None }];
+        let config = MqttConfig { max_retained_per_tenant: 4, ..MqttConfig::default() };
+        let topics = Arc::new(TopicMaps::new(&rules).unwrap());
+        let f = Fanout::new(&config, topics, Arc::default(), Arc::new(Metrics::new()));
+        let mb = f.mailbox("acme");
+        let layout = |filter: &str, id| Subscription { id: Some(id), layout: true, ..sub(filter, 1) };
+        f.subscribe(&mb, layout("shellies/relay-1/relay/0/command", 1));
+        f.subscribe(&mb, layout("shellies/+/relay/#", 2));
+        f.subscribe(&mb, Subscription { id: Some(3), ..sub("acme/events/#", 1) });
+        f.publish("acme", &msg("acme/events/relay-1/relay.0.command", 1, 0), f.number());
+        f.publish("acme", &msg("acme/events/relay-1/temperature", 1, 0), f.number());
+        f.publish("globex", &msg("globex/events/relay-1/relay.0.command", 1, 0), f.number());
+        let got: Vec<(String, Vec<usize>, Option<Bytes>)> = std::iter::from_fn(|| mb.inner().pop())
+            .map(|q| (String::from_utf8_lossy(&q.msg.topic).into_owned(), q.sub_ids, q.msg.stream.clone()))
+            .collect();
+        let stream = |t: &str| Some(Bytes::from(t.to_string()));
+        assert_eq!(
+            got,
+            [
+                ("acme/events/relay-1/relay.0.command".into(), vec![3], None),
+                ("shellies/relay-1/relay/0/command".into(), vec![1, 2], stream("acme/events/relay-1/relay.0.command")),
+                ("acme/events/relay-1/temperature".into(), vec![3], None),
+            ],
+            "one delivery per topic; the layout topic keeps its stream topic for the ACL; globex's never"
+        );
+        // A retained event reaches a later layout subscription on its layout topic.
+        let retained =
+            Arc::new(Message { retain: true, ..Arc::into_inner(msg("acme/events/relay-1/relay.0", 1, 0)).unwrap() });
+        assert!(f.set_retained("acme", "acme/events/relay-1/relay.0", Some(retained)));
+        let topics: Vec<Bytes> =
+            f.retained_for("acme", &layout("shellies/relay-1/#", 4)).iter().map(|m| m.topic.clone()).collect();
+        assert_eq!(topics, [Bytes::from_static(b"shellies/relay-1/relay/0")]);
+        assert!(f.retained_for("globex", &layout("shellies/relay-1/#", 4)).is_empty());
+    }
+
+    #[test]
     fn a_subscription_gets_only_what_was_fed_after_it() {
         let f = fanout(4, 8);
         let mb = f.mailbox("acme");
@@ -697,6 +837,7 @@ mod tests {
         let m = |n: usize| {
             Some(Arc::new(Message {
                 topic: Bytes::new(),
+                stream: None,
                 payload: Bytes::from(vec![b'x'; n]),
                 qos: 1,
                 retain: true,
@@ -714,6 +855,6 @@ mod tests {
         assert!(f.set_retained("acme", "b", None), "a clear");
         assert!(f.set_retained("acme", "c", m(1)));
         assert!(f.set_retained("globex", "a", m(10)), "tenants are bounded apart");
-        assert_eq!(f.retained_for("acme", "#").len(), 2);
+        assert_eq!(f.retained_for("acme", &sub("#", 1)).len(), 2);
     }
 }

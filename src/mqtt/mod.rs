@@ -208,6 +208,7 @@ pub(crate) fn restore_retained(fanout: &fanout::Fanout, retained: Vec<(String, S
     for (tenant, topic, payload) in retained {
         let msg = Arc::new(fanout::Message {
             topic: bytes::Bytes::from(topic.clone()),
+            stream: None,
             payload: bytes::Bytes::from(payload),
             qos: 1,
             retain: true,

@@ -145,6 +145,7 @@ fn decode_subs(encoded: &str) -> Vec<Subscription> {
                 no_local: v.get("nl").and_then(serde_json::Value::as_bool).unwrap_or(false),
                 retain_as_published: v.get("rap").and_then(serde_json::Value::as_bool).unwrap_or(false),
                 id: v.get("id").and_then(serde_json::Value::as_u64).map(|i| i as usize),
+                layout: false,
                 since: 0,
             })
         })
@@ -518,7 +519,7 @@ impl Sessions {
             }
             let d = g.devices.entry((s.key.tenant.clone(), s.key.device_id.clone())).or_default();
             let mailbox = self.fanout.mailbox(&s.key.tenant);
-            self.fanout.restore(&mailbox, decode_subs(&s.subscriptions));
+            self.fanout.restore(&mailbox, &s.key.device_id, decode_subs(&s.subscriptions));
             let waiting = CancellationToken::new();
             d.persistent.push_back(Persistent {
                 client_id: s.key.client_id.clone(),
@@ -585,7 +586,8 @@ mod tests {
             max_connections_per_tenant: 4,
             ..MqttConfig::default()
         };
-        let fanout = Arc::new(Fanout::new(&config, Arc::default(), Arc::new(crate::metrics::Metrics::new())));
+        let fanout =
+            Arc::new(Fanout::new(&config, Arc::default(), Arc::default(), Arc::new(crate::metrics::Metrics::new())));
         Sessions::new(&config, fanout)
     }
 
@@ -692,6 +694,7 @@ mod tests {
                 no_local: true,
                 retain_as_published: false,
                 id: Some(7),
+                layout: false,
                 since: 0,
             },
             Subscription {
@@ -700,6 +703,7 @@ mod tests {
                 no_local: false,
                 retain_as_published: true,
                 id: None,
+                layout: false,
                 since: 0,
             },
         ];

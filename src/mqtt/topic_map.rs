@@ -14,6 +14,15 @@
 //! whose event type is not valid, is refused naming the rule. The event is
 //! then the device's like any other: same ack, DUP and QoS 2 rules, tenant,
 //! retained message and fan-out on `<tenant>/events/<device>/<type>`.
+//!
+//! The map also runs backwards, for subscribers on a device's own layout (a
+//! relay listening on `shellies/<id>/relay/0/command`): an event of
+//! `(device, type)` is on a rule's topic when the rule can write it (no
+//! `+`; a fixed `event_type` only for that type) and that topic maps back
+//! to the same event (no earlier rule of the same shape decides otherwise),
+//! so what a device receives on a layout topic is what a publish there
+//! would have stored. A subscription filter may use a rule's layout when it
+//! keeps the rule's literal segments and can match its topics.
 
 use std::borrow::Cow;
 
@@ -138,11 +147,59 @@ impl TopicMaps {
         }
         Resolved::NoMatch
     }
+
+    /// The topics an event of `device` of type `event_type` of `tenant` is
+    /// on in the devices' own layouts: one per rule that can write it and
+    /// whose topic maps back to this event (not the native topic of the
+    /// tenant, the first rule of its shape this rule, with the same device
+    /// and type).
+    pub(crate) fn layouts(&self, tenant: &str, device: &str, event_type: &str) -> Vec<String> {
+        self.rules
+            .iter()
+            .filter_map(|rule| {
+                let topic = rule.render(device, event_type)?;
+                if super::acl::other_event_topic(&topic, tenant).is_some() {
+                    return None;
+                }
+                let parts: Vec<&str> = topic.split('/').collect();
+                let (first, (d, t)) = self.rules.iter().find_map(|r| Some((r.index, r.locate(&parts)?)))?;
+                (first == rule.index && d == device && t == event_type).then_some(topic)
+            })
+            .collect()
+    }
+
+    /// Whether a subscription `filter` is on the devices' own layouts:
+    /// `None` when it fits no rule; `Some(Err)` naming the rule when the
+    /// rules it fits cannot write events (a `+` segment); `Some(Ok)` when
+    /// a rule's topics can match it. A filter fits a rule when it has the
+    /// rule's literal segments where the rule has them (`+` and `#`
+    /// elsewhere, `#` not first).
+    pub(crate) fn subscribable(&self, filter: &str) -> Option<Result<(), String>> {
+        let levels: Vec<&str> = filter.split('/').collect();
+        let wild = |l: &&str| l.contains(['+', '#']) && *l != "+" && *l != "#";
+        let hash = levels.iter().position(|l| *l == "#");
+        if levels.iter().any(wild) || hash.is_some_and(|at| at == 0 || at + 1 != levels.len()) {
+            return None;
+        }
+        let mut fitting = self.rules.iter().filter(|r| r.fits(&levels)).peekable();
+        let first = fitting.peek().map(|r| r.name())?;
+        if fitting.any(Rule::writes) {
+            return Some(Ok(()));
+        }
+        Some(Err(format!(
+            "{first} has a + segment, so events cannot be delivered on its topics; subscribe to a rule without one"
+        )))
+    }
 }
 
 impl Rule {
-    /// `None` when the topic does not have this rule's shape.
-    fn apply<'t>(&self, parts: &[&'t str], device_id: &str) -> Option<Resolved<'t>> {
+    fn name(&self) -> String {
+        format!("mqtt.topic_maps[{}] ({:?})", self.index, self.pattern)
+    }
+
+    /// The device and event type a topic (split at `/`) of this rule's
+    /// shape names, unchecked; `None` when it does not have the shape.
+    fn locate<'t>(&self, parts: &[&'t str]) -> Option<(&'t str, Cow<'t, str>)> {
         let rest = self.segments.last() == Some(&Segment::TypeRest);
         let fixed = self.segments.len() - usize::from(rest);
         if parts.len() < self.segments.len() || (!rest && parts.len() != self.segments.len()) {
@@ -160,17 +217,63 @@ impl Rule {
         if rest {
             kind = Some(Cow::Owned(parts[fixed..].join(".")));
         }
-        let name = || format!("mqtt.topic_maps[{}] ({:?})", self.index, self.pattern);
-        let device = device.unwrap_or_default();
         let kind = kind.unwrap_or_else(|| Cow::Owned(self.event_type.clone().unwrap_or_default()));
+        Some((device.unwrap_or_default(), kind))
+    }
+
+    /// Whether it can write an event's topic (it has no `+`).
+    fn writes(&self) -> bool {
+        !self.segments.contains(&Segment::Any)
+    }
+
+    /// The topic of an event of `device` and `event_type` in this layout,
+    /// when the rule can write it.
+    fn render(&self, device: &str, event_type: &str) -> Option<String> {
+        if self.event_type.as_deref().is_some_and(|t| t != event_type) {
+            return None;
+        }
+        let mut topic = String::with_capacity(self.pattern.len() + device.len() + event_type.len());
+        for (i, seg) in self.segments.iter().enumerate() {
+            if i > 0 {
+                topic.push('/');
+            }
+            match seg {
+                Segment::Literal(l) => topic.push_str(l),
+                Segment::Device => topic.push_str(device),
+                Segment::Type => topic.push_str(event_type),
+                Segment::TypeRest => topic.push_str(&event_type.replace('.', "/")),
+                Segment::Any => return None,
+            }
+        }
+        Some(topic)
+    }
+
+    /// Whether a subscription filter (split at `/`, wildcards checked) can
+    /// match topics of this shape and keeps its literal segments.
+    fn fits(&self, levels: &[&str]) -> bool {
+        for (i, level) in levels.iter().enumerate() {
+            match (self.segments.get(i), *level) {
+                (_, "#") => return i <= self.segments.len(),
+                (Some(Segment::Literal(l)), level) if l != level => return false,
+                (Some(Segment::TypeRest), _) => return true,
+                (None, _) => return false,
+                _ => {}
+            }
+        }
+        levels.len() == self.segments.len()
+    }
+
+    /// `None` when the topic does not have this rule's shape.
+    fn apply<'t>(&self, parts: &[&'t str], device_id: &str) -> Option<Resolved<'t>> {
+        let (device, kind) = self.locate(parts)?;
         if let Err(e) = validate_event_type(&kind) {
-            return Some(Resolved::Refused(format!("{} gives event type {kind:?}, which {}", name(), e.message)));
+            return Some(Resolved::Refused(format!("{} gives event type {kind:?}, which {}", self.name(), e.message)));
         }
         if device != device_id {
             if validate_device_id(device).is_err() {
-                return Some(Resolved::Refused(format!("{} names {device:?}, which is not a device id", name())));
+                return Some(Resolved::Refused(format!("{} names {device:?}, which is not a device id", self.name())));
             }
-            let why = format!("{} names device {device:?}, not the logged-in {device_id:?}", name());
+            let why = format!("{} names device {device:?}, not the logged-in {device_id:?}", self.name());
             return Some(Resolved::Other { device, event_type: kind, why });
         }
         Some(Resolved::Event(kind))
@@ -247,5 +350,50 @@ mod tests {
         assert!(errors(rule("a/#/{device}/{type}", None)).contains("is not a literal"));
         assert!(errors(rule("a/{device}", Some("bad type"))).contains("event_type"));
         assert!(errors(rule("a//{device}/{type}", None)).contains("empty segment"));
+    }
+
+    #[test]
+    fn an_event_is_on_the_layout_topics_that_map_back_to_it() {
+        let m = maps();
+        assert_eq!(
+            m.layouts("acme", "relay-1", "relay.0.command"),
+            ["shellies/relay-1/relay/0/command", "tele/relay-1/relay.0.command"]
+        );
+        assert_eq!(m.layouts("acme", "sensor-1", "SENSOR"), ["shellies/sensor-1/SENSOR", "tele/sensor-1/SENSOR"]);
+        // stat/{device}/+ cannot write a topic; a fixed type only its own.
+        assert!(m.layouts("acme", "sensor-1", "status").iter().all(|t| !t.starts_with("stat/")));
+        let fixed = TopicMaps::new(&[rule("zigbee2mqtt/{device}", Some("state"))]).unwrap();
+        assert_eq!(fixed.layouts("acme", "lamp", "state"), ["zigbee2mqtt/lamp"]);
+        assert!(fixed.layouts("acme", "lamp", "set").is_empty());
+        // An earlier rule of the same shape would read the topic as another
+        // event: not on it.
+        let shadowed =
+            TopicMaps::new(&[rule("s/{device}/relay/{type}", None), rule("s/{device}/{type..}", None)]).unwrap();
+        assert_eq!(shadowed.layouts("acme", "r", "relay.0"), ["s/r/relay/relay.0"], "not s/r/relay/0: that is type 0");
+        assert_eq!(shadowed.layouts("acme", "r", "0"), ["s/r/relay/0", "s/r/0"]);
+        // Each layout topic a publish there would store as the same event.
+        for t in m.layouts("acme", "relay-1", "relay.0.command") {
+            assert_eq!(m.resolve(&t, "acme", "relay-1"), Resolved::Event(Cow::Borrowed("relay.0.command")));
+        }
+        // A rule whose topic is a native event topic of the tenant is not a layout.
+        let native = TopicMaps::new(&[rule("acme/devices/{device}/events/{type}", None)]).unwrap();
+        assert!(native.layouts("acme", "d", "t").is_empty());
+    }
+
+    #[test]
+    fn subscriptions_fit_a_rule_that_can_write_its_topics_or_are_refused_naming_it() {
+        let m = maps();
+        for ok in
+            ["shellies/relay-1/relay/0/command", "shellies/+/relay/0", "shellies/#", "tele/+/+", "tele/s/SENSOR/#"]
+        {
+            assert_eq!(m.subscribable(ok), Some(Ok(())), "{ok}");
+        }
+        for none in
+            ["#", "+/relay-1/x", "tele/a", "tele/a/b/c", "other/a/b", "shellies/a#", "shellies/#/x", "acme/events/#"]
+        {
+            assert_eq!(m.subscribable(none), None, "{none}");
+        }
+        let why = m.subscribable("stat/sensor-1/POWER").unwrap().unwrap_err();
+        assert!(why.starts_with("mqtt.topic_maps[2] (\"stat/{device}/+\") has a + segment"), "{why}");
     }
 }

@@ -648,6 +648,7 @@ impl Session<'_> {
         fanout.set_retained(&self.who.tenant, &topic, None);
         let msg = std::sync::Arc::new(super::super::fanout::Message {
             topic: Bytes::from(topic),
+            stream: None,
             payload: Bytes::new(),
             qos: publish.qos,
             retain: true,

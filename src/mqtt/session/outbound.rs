@@ -10,11 +10,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use rumqttd::protocol::{
-    DisconnectReasonCode, Packet, PubRel, PubRelReason, PublishProperties, RetainForwardRule, SubAck, Subscribe,
-    SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe, UnsubscribeProperties,
+    DisconnectReasonCode, Packet, PubRel, PubRelReason, PublishProperties, RetainForwardRule, SubAck, SubAckProperties,
+    Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe, UnsubscribeProperties,
 };
 
-use super::super::acl::{delivery_allowed, subscribe_allowed};
+use super::super::acl::{Matched, delivery_allowed, subscription};
 use super::super::codec;
 use super::super::fanout::{Inflight, Mailbox, Queued, Subscribed, Subscription};
 use super::{End, Session};
@@ -109,14 +109,19 @@ impl Session<'_> {
         let fanout = self.deps.sessions.fanout().clone();
         let max_len = self.deps.config.max_topic_length;
         let mut codes = Vec::with_capacity(sub.filters.len());
+        let mut reasons = Vec::new();
         let mut retained = Vec::new();
         let mut changed = false;
         for f in sub.filters {
+            let allowed = subscription(&f.path, &self.who.tenant, &self.who.device_id, fanout.topics());
             let refused = if f.path.len() > max_len {
                 Some(("topic_length", SubscribeReasonCode::TopicFilterInvalid))
             } else if f.path.starts_with("$share/") {
                 Some(("shared_subscription", SubscribeReasonCode::SharedSubscriptionsNotSupported))
-            } else if !(readable && subscribe_allowed(&f.path, &self.who.tenant, &self.who.device_id)) {
+            } else if !readable {
+                Some(("forbidden_subscribe", SubscribeReasonCode::NotAuthorized))
+            } else if let Err(why) = &allowed {
+                reasons.push(format!("{}: {why}", f.path));
                 Some(("forbidden_subscribe", SubscribeReasonCode::NotAuthorized))
             } else {
                 let s = Subscription {
@@ -125,6 +130,7 @@ impl Session<'_> {
                     no_local: f.nolocal,
                     retain_as_published: f.preserve_retain,
                     id: sub_id,
+                    layout: allowed == Ok(Matched::Layout),
                     since: 0,
                 };
                 match fanout.subscribe(&self.outbound.mailbox, s.clone()) {
@@ -145,7 +151,8 @@ impl Session<'_> {
                 }
             };
             if let Some((reason, code)) = refused {
-                tracing::info!(peer = %self.who.peer, device_id = self.who.device_id, filter = f.path, reason,
+                let why = allowed.err().unwrap_or_default();
+                tracing::info!(peer = %self.who.peer, device_id = self.who.device_id, filter = f.path, reason, why,
                     max_filters = self.deps.config.max_filters, "mqtt subscribe refused");
                 self.deps.ingest.count_rejected(super::PROTOCOL, reason);
                 // 3.x has one failure code (0x80).
@@ -155,9 +162,12 @@ impl Session<'_> {
         if changed {
             self.keep_subscriptions().await?;
         }
-        self.send(Packet::SubAck(SubAck { pkid: sub.pkid, return_codes: codes }, None))?;
+        // 5.0: the reason string says why filters were refused.
+        let props = (self.v5() && !reasons.is_empty())
+            .then(|| SubAckProperties { reason_string: Some(reasons.join("; ")), user_properties: Vec::new() });
+        self.send(Packet::SubAck(SubAck { pkid: sub.pkid, return_codes: codes }, props))?;
         for s in retained {
-            self.outbound.mailbox.queue_retained(&s, fanout.retained_for(&self.who.tenant, &s.filter));
+            self.outbound.mailbox.queue_retained(&s, fanout.retained_for(&self.who.tenant, &s));
         }
         self.pull()
     }
@@ -238,8 +248,8 @@ impl Session<'_> {
             if q.msg.expiry_left() == Some(0) {
                 continue; // its Message Expiry passed while it waited
             }
-            if !delivery_allowed(std::str::from_utf8(&q.msg.topic).unwrap_or(""), &self.who.tenant, &self.who.device_id)
-            {
+            let stream = std::str::from_utf8(q.msg.stream_topic()).unwrap_or("");
+            if !delivery_allowed(stream, &self.who.tenant, &self.who.device_id) {
                 tracing::warn!(device_id = self.who.device_id, "delivery outside this connection's ACL; dropped");
                 continue;
             }
@@ -329,7 +339,7 @@ mod tests {
     fn outbound(alias_max: u16, receive_max: usize) -> Outbound {
         let config = crate::config::MqttConfig::default();
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        let fanout = crate::mqtt::fanout::Fanout::new(&config, Arc::default(), metrics);
+        let fanout = crate::mqtt::fanout::Fanout::new(&config, Arc::default(), Arc::default(), metrics);
         let limits = ClientLimits { receive_max, max_packet: usize::MAX, alias_max };
         Outbound::new(fanout.mailbox("acme"), limits, 256)
     }
