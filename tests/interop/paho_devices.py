@@ -3,9 +3,12 @@
 tests/devices.rs: for MQTT 3.1.1 and 5.0, a relay logging in with its
 short secret (username <tenant>/<id>) that publishes plain text and raw
 bytes, and a bridge logging in as a gateway that publishes for a child on
-its own topic layout (zigbee2mqtt/<child>). Prints one JSON line per
-publish: {"case", "acked"}. The Rust test checks the site log; this script
-asserts nothing itself.
+its own topic layout (zigbee2mqtt/<child>), which the relay receives on
+that layout through its subscription to zigbee2mqtt/+. Prints one JSON
+line per publish: {"case", "acked"}, and one per delivery: {"case",
+"topic", "payload"} (none when nothing came within the timeout). The
+Rust test checks the site log and the lines; this script asserts nothing
+itself.
 
 usage: paho_devices.py HOST MQTT_PORT TENANT RELAY_ID RELAY_SECRET BRIDGE_ID BRIDGE_TOKEN
 """
@@ -47,7 +50,20 @@ for name, protocol in (("3.1.1", mqtt.MQTTv311), ("5.0", mqtt.MQTTv5)):
     publish(r, f"bytes {name}", f"{tenant}/devices/{relay}/events/frame", bytes([0x00, 0xFF, 0x10, 0x80]))
     r.disconnect()
     r.loop_stop()
+    # The relay listens on the bridge's layout before the bridge publishes.
+    s = client(f"{relay}-sub-{name}", f"{tenant}/{relay}", secret, protocol)
+    subscribed, received, got = threading.Event(), threading.Event(), []
+    s.on_subscribe = lambda _c, _u, _m, _codes, _p=None: subscribed.set()
+    s.on_message = lambda _c, _u, m: got.append(m) or received.set()
+    s.subscribe("zigbee2mqtt/+", qos=1)
+    if not subscribed.wait(TIMEOUT):
+        raise SystemExit(f"{relay}-sub-{name}: no SUBACK")
     b = client(f"{bridge}-{name}", bridge, token, protocol)
     publish(b, f"child {name}", f"zigbee2mqtt/lamp-{name.replace('.', '')}", b'{"state":"ON"}')
     b.disconnect()
     b.loop_stop()
+    received.wait(TIMEOUT)
+    for m in got:
+        print(json.dumps({"case": f"layout {name}", "topic": m.topic, "payload": m.payload.decode()}), flush=True)
+    s.disconnect()
+    s.loop_stop()
