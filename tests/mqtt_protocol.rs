@@ -370,6 +370,33 @@ async fn mqtt5_a_refused_publish_gets_a_negative_ack_and_the_connection_stays_up
     assert_eq!(rows(dir.path()).len(), 2, "only the valid publishes were stored");
 }
 
+/// MQTT 5.0 3.4.2.2.2 (and the same rule for every answer): a reason
+/// string that would make the packet larger than the client's Maximum
+/// Packet Size is left out; the reason code still says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_answers_stay_within_the_clients_maximum_packet_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::start(dir.path(), &[]);
+    let token = add(dir.path(), "acme", "d1");
+    let max = 64u32;
+    let (mut c, code, _) = connect5(&p, "d1", "d1", &token, &v5::prop_u32(0x27, max)).await;
+    assert_eq!(code, 0);
+    let size = |f: &common::mqtt_raw::Frame| f.body.len() + 2; // one-byte length: under 128
+    c.send(&v5::publish_packet("acme/devices/d2/events/x", b"{}", 1, 3, false, &[])).await;
+    let ack = c.read_kind(4, T).await.expect("PUBACK");
+    assert_eq!(ack.body[2], 0x87, "not authorized");
+    assert!(size(&ack) <= max as usize, "PUBACK of {} bytes over the client's {max}: {ack:?}", size(&ack));
+    c.send(&v5::subscribe_packet(4, &[("globex/events/#", 1)], &[])).await;
+    let suback = c.read_kind(9, T).await.expect("SUBACK");
+    assert_eq!(*suback.body.last().unwrap(), 0x87);
+    assert!(size(&suback) <= max as usize, "SUBACK of {} bytes over {max}: {suback:?}", size(&suback));
+    // A client that allows them still gets the reasons.
+    let (mut c, _, _) = connect5(&p, "d1", "d1", &token, &[]).await;
+    c.send(&v5::publish_packet("acme/devices/d2/events/x", b"{}", 1, 3, false, &[])).await;
+    let ack = c.read_kind(4, T).await.expect("PUBACK");
+    assert!(size(&ack) > max as usize && v5::prop_string(&v5::props(&ack.body, 3), 0x1f).is_some());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt5_server_disconnects_carry_a_reason_code() {
     let dir = tempfile::tempdir().unwrap();

@@ -139,6 +139,9 @@ impl Handshake<'_, '_> {
         login: Option<Login>,
     ) -> Option<Connected> {
         let props = props.unwrap_or_else(no_props);
+        if let Some(max) = props.max_packet_size.filter(|m| *m > 0) {
+            self.wire.max_packet = max as usize;
+        }
         let mut client_id = connect.client_id.clone();
         let login = login.as_ref().map(|l| (l.username.as_str(), l.password.as_str()));
         let authed = self.authenticate(login).await;

@@ -45,6 +45,8 @@ pub(super) struct Wire {
     pub codec: Codec,
     /// Since when written bytes wait without the client taking any.
     pub stalled_since: Option<tokio::time::Instant>,
+    /// The client's 5.0 Maximum Packet Size (none: unbounded).
+    pub max_packet: usize,
 }
 
 impl Wire {
@@ -56,6 +58,7 @@ impl Wire {
             write_buf: BytesMut::with_capacity(SESSION_BUF),
             codec: Codec { version: Version::V311 },
             stalled_since: None,
+            max_packet: usize::MAX,
         }
     }
 
@@ -66,7 +69,18 @@ impl Wire {
     /// Encodes `packet` into the write buffer (written by the session loop).
     pub(super) fn queue(&mut self, packet: Packet) -> Result<(), String> {
         let was_empty = self.write_buf.is_empty();
+        let start = self.write_buf.len();
+        // 5.0: an answer whose reason string or user properties would make
+        // it larger than the client's Maximum Packet Size goes without them
+        // (MQTT 5.0, 3.4.2.2.2 and the like for every answer).
+        let lean = (self.max_packet != usize::MAX).then(|| without_reasons(&packet)).flatten();
         self.codec.write(packet, &mut self.write_buf).map_err(|e| format!("encode: {e}"))?;
+        if self.write_buf.len() - start > self.max_packet
+            && let Some(lean) = lean
+        {
+            self.write_buf.truncate(start);
+            self.codec.write(lean, &mut self.write_buf).map_err(|e| format!("encode: {e}"))?;
+        }
         if was_empty && !self.write_buf.is_empty() {
             self.stalled_since = Some(tokio::time::Instant::now());
         }
@@ -163,6 +177,32 @@ impl Wire {
             }
         }
     }
+}
+
+/// `packet` without the reason string and user properties of its
+/// properties, when it is an answer that has some.
+fn without_reasons(packet: &Packet) -> Option<Packet> {
+    use rumqttd::protocol::{
+        ConnAckProperties, DisconnectProperties, PubAckProperties, PubCompProperties, PubRecProperties,
+        PubRelProperties, SubAckProperties, UnsubAckProperties,
+    };
+    Some(match packet {
+        Packet::PubAck(a, Some(_)) => Packet::PubAck(a.clone(), None::<PubAckProperties>),
+        Packet::PubRec(a, Some(_)) => Packet::PubRec(a.clone(), None::<PubRecProperties>),
+        Packet::PubRel(a, Some(_)) => Packet::PubRel(a.clone(), None::<PubRelProperties>),
+        Packet::PubComp(a, Some(_)) => Packet::PubComp(a.clone(), None::<PubCompProperties>),
+        Packet::SubAck(a, Some(_)) => Packet::SubAck(a.clone(), None::<SubAckProperties>),
+        Packet::UnsubAck(a, Some(_)) => Packet::UnsubAck(a.clone(), None::<UnsubAckProperties>),
+        Packet::ConnAck(a, Some(p)) => Packet::ConnAck(
+            a.clone(),
+            Some(ConnAckProperties { reason_string: None, user_properties: Vec::new(), ..p.clone() }),
+        ),
+        Packet::Disconnect(d, Some(p)) => Packet::Disconnect(
+            d.clone(),
+            Some(DisconnectProperties { reason_string: None, user_properties: Vec::new(), ..p.clone() }),
+        ),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
