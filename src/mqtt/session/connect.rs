@@ -184,7 +184,6 @@ impl Handshake<'_, '_> {
         });
         let client = ClientLimits {
             receive_max: usize::from(props.receive_maximum.unwrap_or(u16::MAX)),
-            max_packet: props.max_packet_size.map_or(usize::MAX, |m| m as usize),
             alias_max: props.topic_alias_max.unwrap_or(0),
         };
         Some(Connected { who, terms, lease, will, client })

@@ -21,13 +21,13 @@ use super::{End, Session};
 use crate::auth::Perm;
 use crate::log::MqttOp;
 
-/// What the client's CONNECT said about deliveries to it (5.0; 3.x: no limits).
+/// What the client's CONNECT said about deliveries to it (5.0; 3.x: no
+/// limits). Its Maximum Packet Size is the wire's (`Wire::max_packet`),
+/// which bounds every packet written to it.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct ClientLimits {
     /// QoS > 0 deliveries it accepts at once (Receive Maximum).
     pub receive_max: usize,
-    /// Largest packet it accepts.
-    pub max_packet: usize,
     /// Topic aliases it accepts (Topic Alias Maximum).
     pub alias_max: u16,
 }
@@ -37,7 +37,6 @@ pub(super) struct Outbound {
     pub mailbox: Arc<Mailbox>,
     /// The client's Receive Maximum, held to `mqtt.max_inflight`.
     receive_max: usize,
-    max_packet: usize,
     alias_max: u16,
     /// 5.0: topic aliases this side set towards the client.
     aliases: HashMap<Bytes, u16>,
@@ -48,7 +47,6 @@ impl Outbound {
         Self {
             mailbox,
             receive_max: client.receive_max.min(max_inflight).max(1),
-            max_packet: client.max_packet,
             alias_max: client.alias_max,
             aliases: HashMap::new(),
         }
@@ -253,10 +251,10 @@ impl Session<'_> {
                 tracing::warn!(device_id = self.who.device_id, "delivery outside this connection's ACL; dropped");
                 continue;
             }
-            if self.delivery_size(&q) > self.outbound.max_packet {
+            if self.delivery_size(&q) > self.wire.max_packet {
                 tracing::info!(
                     device_id = self.who.device_id,
-                    max = self.outbound.max_packet,
+                    max = self.wire.max_packet,
                     "delivery larger than the client's Maximum Packet Size; dropped"
                 );
                 continue;
@@ -340,7 +338,7 @@ mod tests {
         let config = crate::config::MqttConfig::default();
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let fanout = crate::mqtt::fanout::Fanout::new(&config, Arc::default(), Arc::default(), metrics);
-        let limits = ClientLimits { receive_max, max_packet: usize::MAX, alias_max };
+        let limits = ClientLimits { receive_max, alias_max };
         Outbound::new(fanout.mailbox("acme"), limits, 256)
     }
 
