@@ -22,6 +22,14 @@ fn add_with_secret(app: &TestApp, id: &str) -> String {
     out.trim().to_string()
 }
 
+/// `outpost` with `args` on the running app's data dir, which must
+/// succeed: what it printed, trimmed.
+fn cli_ok(app: &TestApp, args: &[&str]) -> String {
+    let (ok, out, err) = common::cli(app.dir.path(), args);
+    assert!(ok, "{args:?}: {err}");
+    out.trim().to_string()
+}
+
 /// `POST /api/v1/realtime/acme/device/register` as the admin.
 async fn register(app: &TestApp, body: serde_json::Value) -> reqwest::Result<reqwest::Response> {
     app.client.post(app.url("/api/v1/realtime/acme/device/register")).bearer_auth(&app.admin).json(&body).send().await
@@ -362,13 +370,8 @@ async fn a_gateway_publishes_for_its_children_until_they_or_it_are_revoked() {
         c.mqtt.gateway_max_children = 3;
     })
     .await;
-    let cli = |args: &[&str]| {
-        let (ok, out, err) = common::cli(app.dir.path(), args);
-        assert!(ok, "{args:?}: {err}");
-        out.trim().to_string()
-    };
-    let bridge = cli(&["device", "add", "--tenant", "acme", "--id", "bridge", "--gateway"]);
-    cli(&["device", "add", "--tenant", "acme", "--id", "lamp", "--via", "bridge"]);
+    let bridge = cli_ok(&app, &["device", "add", "--tenant", "acme", "--id", "bridge", "--gateway"]);
+    cli_ok(&app, &["device", "add", "--tenant", "acme", "--id", "lamp", "--via", "bridge"]);
     let plain = app.device("acme", "plain").await;
     let port = app.mqtt.port().to_string();
     let pub_ = |version: &str, topic: &str, payload: &str| {
@@ -408,7 +411,7 @@ async fn a_gateway_publishes_for_its_children_until_they_or_it_are_revoked() {
     assert!(c.read_kind(7, T).await.is_some(), "PUBCOMP");
 
     // plug revoked midway: refused (3.1.1 acks without storing), lamp goes on.
-    cli(&["device", "revoke", "plug", "--tenant", "acme"]);
+    cli_ok(&app, &["device", "revoke", "plug", "--tenant", "acme"]);
     let (code, why) = refused(&mut c, "zigbee2mqtt/plug", 4).await;
     assert!(code == 0x87 && why.contains("revoked"), "{code:#x} {why}");
     ok(pub_("mqttv311", "zigbee2mqtt/plug", r#"{"state":"ON"}"#).await.unwrap());
@@ -427,7 +430,7 @@ async fn a_gateway_publishes_for_its_children_until_they_or_it_are_revoked() {
     }
 
     // Revoking the gateway ends its session: its children's traffic stops.
-    cli(&["device", "revoke", "bridge", "--tenant", "acme"]);
+    cli_ok(&app, &["device", "revoke", "bridge", "--tenant", "acme"]);
     let disconnect = c.read_kind(14, T).await.expect("DISCONNECT");
     assert_eq!(disconnect.body[0], 0x87, "not authorized");
     let out = pub_("mqttv311", "zigbee2mqtt/lamp", "{}").await.unwrap();
@@ -492,15 +495,13 @@ async fn paho_devices_log_in_with_a_secret_send_any_payload_and_publish_through_
     })
     .await;
     let secret = add_with_secret(&app, "relay");
-    let (ok, bridge, err) =
-        common::cli(app.dir.path(), &["device", "add", "--tenant", "acme", "--id", "bridge", "--gateway"]);
-    assert!(ok, "{err}");
+    let bridge = cli_ok(&app, &["device", "add", "--tenant", "acme", "--id", "bridge", "--gateway"]);
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/paho_devices.py");
     let out = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(python)
             .arg(script)
-            .args(["127.0.0.1", &app.mqtt.port().to_string(), "acme", "relay", &secret, "bridge", bridge.trim()])
+            .args(["127.0.0.1", &app.mqtt.port().to_string(), "acme", "relay", &secret, "bridge", &bridge])
             .output(),
     )
     .await
@@ -551,13 +552,8 @@ async fn a_relay_subscribes_to_its_command_topic_on_its_own_layout() {
         ];
     })
     .await;
-    let cli = |args: &[&str]| {
-        let (ok, out, err) = common::cli(app.dir.path(), args);
-        assert!(ok, "{args:?}: {err}");
-        out.trim().to_string()
-    };
-    let hass = cli(&["device", "add", "--tenant", "acme", "--id", "hass", "--gateway"]);
-    let relay = cli(&["device", "add", "--tenant", "acme", "--id", "relay-1", "--via", "hass"]);
+    let hass = cli_ok(&app, &["device", "add", "--tenant", "acme", "--id", "hass", "--gateway"]);
+    let relay = cli_ok(&app, &["device", "add", "--tenant", "acme", "--id", "relay-1", "--via", "hass"]);
     let other = app.device("globex", "relay-1").await;
     let port = app.mqtt.port().to_string();
     let command = "shellies/relay-1/relay/0/command";
