@@ -106,6 +106,9 @@ pub struct Metrics {
     /// Queries for other sites' events sent to central (only for tenants
     /// someone here subscribes to).
     pub remote_fetches: Counter,
+    /// Notifications the LISTEN connection received (a busy tenant's
+    /// channel is left between fetch rounds, so this stays near the rounds).
+    pub remote_notifications: Counter,
     pub remote_evicted: Counter,
 }
 
@@ -297,6 +300,7 @@ impl Metrics {
         let remote_catchup_rows = Counter::default();
         let remote_events = Counter::default();
         let remote_fetches = Counter::default();
+        let remote_notifications = Counter::default();
         let remote_evicted = Counter::default();
         registry.register("stream_subscribers", "Open stream subscribers by kind", stream_subscribers.clone());
         registry.register("stream_delivered", "Events delivered to stream subscribers", stream_delivered.clone());
@@ -323,6 +327,11 @@ impl Metrics {
             remote_fetches.clone(),
         );
         registry.register(
+            "remote_notifications",
+            "Notifications received from the central database on the LISTEN connection",
+            remote_notifications.clone(),
+        );
+        registry.register(
             "remote_evicted",
             "Remote events evicted to keep them within log.remote_max_bytes (they stay in the central database)",
             remote_evicted.clone(),
@@ -337,6 +346,7 @@ impl Metrics {
             remote_catchup_rows,
             remote_events,
             remote_fetches,
+            remote_notifications,
             remote_evicted,
             mqtt_connections,
             mqtt_subscribed_sessions,

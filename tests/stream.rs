@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use common::mqtt_raw::Raw;
@@ -646,4 +646,80 @@ async fn a_site_reads_other_sites_events_only_for_tenants_someone_there_watches(
     seen.sort();
     assert_eq!(seen, want, "every acme event of A reaches B's new subscriber once");
     assert_eq!(b.log_rows().iter().filter(|r| r.tenant == "acme" && r.origin_site == "site-a").count(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_tenant_does_not_wake_a_listening_site_on_every_commit() {
+    // Every commit that notifies wakes each backend listening in the
+    // database. A site that fetches once per round leaves the channel of a
+    // tenant that announced something before its round was due, and the
+    // round fetches up to what central's `sites` table says, so a busy
+    // fleet costs each listening site about one notification per round,
+    // not one per batch any site commits, and nothing is missed.
+    let pg = Pg::start();
+    let a = TestApp::start_with(|c| {
+        central(c, &pg.url(), "site-a");
+        c.central.batch_wait = Duration::ZERO;
+        c.central.max_batch_wait = Duration::ZERO;
+    })
+    .await;
+    let b = TestApp::start_with(|c| central(c, &pg.url(), "site-b")).await;
+    let devices = ["p0", "p1", "p2", "p3"];
+    let mut tokens = Vec::new();
+    for d in devices {
+        tokens.push(a.device("acme", d).await);
+    }
+    let tb = b.device("acme", "dash-b").await;
+    let mut w = ws(&b, "acme", "", &tb).await;
+    assert!(eventually(T, || async { b.metric("outpost_listen_up").await == 1 }).await);
+    let listening = || async {
+        let sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'outpost-listen'";
+        pg.client().await.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
+    };
+    assert!(eventually(T, || async { listening().await == 1 }).await);
+    // B's catch-up of the new tenant ran before it listens for rounds.
+    let first = post(&a, "acme", &tokens[0], "p0", "warmup", 0).await;
+    assert_eq!(next_event(&mut w).await["event"]["id"], first["id"]);
+
+    let (batches0, notes0) =
+        (a.metric("outpost_forward_batches_total").await, b.metric("outpost_remote_notifications_total").await);
+    // One central commit per event, as fast as A forwards: each event is
+    // posted once the one before is in central (looked at without a pause,
+    // so the commits come far faster than B's rounds).
+    const PER_DEVICE: i64 = 30;
+    let c = pg.client().await;
+    let started = std::time::Instant::now();
+    let mut n = 1;
+    for k in 0..PER_DEVICE {
+        for (d, t) in devices.iter().zip(&tokens) {
+            post(&a, "acme", t, d, "reading", k).await;
+            n += 1;
+            let deadline = std::time::Instant::now() + T;
+            while c.query_one("SELECT count(*) FROM tenant_acme.events", &[]).await.unwrap().get::<_, i64>(0) < n {
+                assert!(std::time::Instant::now() < deadline, "A did not forward {d}'s event {k}");
+            }
+        }
+    }
+    let took = started.elapsed();
+    let mut next_k: HashMap<String, i64> = devices.iter().map(|d| (d.to_string(), 0)).collect();
+    for _ in 0..devices.len() as i64 * PER_DEVICE {
+        let e = next_event(&mut w).await;
+        let device = e["event"]["device_id"].as_str().unwrap().to_string();
+        let k = e["event"]["payload"]["k"].as_i64().unwrap();
+        assert_eq!(k, next_k[&device], "{device}'s events reach B in order, each once");
+        *next_k.get_mut(&device).unwrap() += 1;
+    }
+    assert!(eventually(T, || async { a.pending() == 0 }).await);
+    let batches = a.metric("outpost_forward_batches_total").await - batches0;
+    let notes = b.metric("outpost_remote_notifications_total").await - notes0;
+    assert!(batches >= 100, "A committed only {batches} batches: not a busy tenant");
+    // Forty rounds a second at most fit in B's FETCH_EVERY of 50 ms with a
+    // notification each; a third of A's commit rate is far above that.
+    let rate = batches as f64 / took.as_secs_f64();
+    assert!(rate >= 60.0, "A committed {rate:.0} batches/s: not busy enough to tell");
+    assert!(
+        notes * 3 <= batches,
+        "B received {notes} notifications for A's {batches} commits: it listens through its rounds"
+    );
+    assert!(next_json(&mut w, Duration::from_millis(500)).await.is_none(), "nothing twice");
 }

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::interest::Interest;
 use crate::central::{Backoff, Connector, schema as central_schema};
-use crate::config::CentralConfig;
+use crate::config::{CentralConfig, NotifyMode};
 use crate::event::Event;
 use crate::log::{self, LogHandle, Readers, RemoteEvent};
 use crate::metrics::Metrics;
@@ -170,9 +170,19 @@ impl Listener {
     async fn session(&self, backoff: &mut Backoff) -> Result<Ended, Error> {
         let (client, mut notes) = self.connect().await?;
         let mut listening: HashSet<String> = HashSet::new();
-        // The range fetch of each tenant, prepared once on this connection
-        // (by its text).
-        let mut fetches: HashMap<String, tokio_postgres::Statement> = HashMap::new();
+        // Statements prepared once on this connection (by their text).
+        let mut prepared: HashMap<String, tokio_postgres::Statement> = HashMap::new();
+        // Tenants whose channel this connection left until the next round
+        // (`per_batch` only). Every commit that notifies wakes every
+        // backend listening in the database and sends it the notification:
+        // hundreds a second for each subscribing site at a fleet's central,
+        // for fetches that run once per FETCH_EVERY. So a tenant that
+        // announces something before its round is due is unlistened; the
+        // round listens again first, then fetches from the cursors to what
+        // the tenant's `sites` table says was committed, so nothing is
+        // missed in between.
+        let mut muted: HashSet<String> = HashSet::new();
+        let mute = self.config.notify == NotifyMode::PerBatch;
         let mut last_round: Option<tokio::time::Instant> = None;
         // Pings keep a silent partition from passing for a live connection.
         let mut tick = tokio::time::interval(TENANT_POLL.min(self.config.ping_interval));
@@ -183,7 +193,9 @@ impl Listener {
                 return Ok(Ended::Idle);
             }
             for t in listening.difference(&wanted).cloned().collect::<Vec<_>>() {
-                client.batch_execute(&format!("UNLISTEN {}", central_schema::channel_name(&t)?)).await?;
+                if !muted.remove(&t) {
+                    client.batch_execute(&format!("UNLISTEN {}", central_schema::channel_name(&t)?)).await?;
+                }
                 listening.remove(&t);
                 tracing::debug!(tenant = t, "no local subscriber: stopped listening");
             }
@@ -193,7 +205,7 @@ impl Listener {
             }
             // Catch up after LISTEN: the window between is covered by both.
             for t in new {
-                let n = self.catch_up(&client, &t).await?;
+                let n = self.catch_up(&client, &mut prepared, &t, Via::CatchUp).await?;
                 if n > 0 {
                     tracing::info!(tenant = t, rows = n, "caught up remote events");
                 }
@@ -201,6 +213,7 @@ impl Listener {
             }
             self.metrics.listen_up.set(1);
             backoff.reset();
+            let due = last_round.map(|at| at + FETCH_EVERY);
             let mut burst = Vec::new();
             tokio::select! {
                 n = notes.recv() => match n {
@@ -209,10 +222,13 @@ impl Listener {
                 },
                 _ = tick.tick() => crate::central::connect::ping(&client, self.config.answer_timeout).await?,
                 _ = self.interest.changed() => {}
+                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if !muted.is_empty() => {}
             }
-            // Within FETCH_EVERY of the last round, gather until it is due.
-            if let (Some(at), false) = (last_round, burst.is_empty()) {
-                let due = at + FETCH_EVERY;
+            let early = due.is_some_and(|d| tokio::time::Instant::now() < d);
+            if early && !burst.is_empty() && !mute {
+                // `per_row`: the notifications are all there is to fetch
+                // by, so gather them until the round is due.
+                let due = due.unwrap_or_else(tokio::time::Instant::now);
                 while burst.len() < MAX_BURST {
                     tokio::select! {
                         n = notes.recv() => match n {
@@ -223,15 +239,36 @@ impl Listener {
                     }
                 }
             }
-            // With what queued up meanwhile, as one round of fetches.
+            // With what queued up meanwhile.
             while burst.len() < MAX_BURST
                 && let Ok(note) = notes.try_recv()
             {
                 burst.push(note);
             }
+            self.metrics.remote_notifications.inc_by(burst.len() as u64);
+            if early && mute {
+                for t in tenants_of(&burst) {
+                    if listening.contains(t) && !muted.contains(t) {
+                        client.batch_execute(&format!("UNLISTEN {}", central_schema::channel_name(t)?)).await?;
+                        muted.insert(t.to_string());
+                    }
+                }
+                continue;
+            }
+            if burst.is_empty() && muted.is_empty() {
+                continue;
+            }
+            // One round: the muted tenants listened to again and fetched
+            // from their cursors, the rest by what the notifications name.
+            last_round = Some(tokio::time::Instant::now());
+            let back: Vec<String> = muted.drain().collect();
+            burst.retain(|(channel, _)| tenant_of(channel).is_none_or(|t| !back.iter().any(|b| b == t)));
+            for t in &back {
+                client.batch_execute(&format!("LISTEN {}", central_schema::channel_name(t)?)).await?;
+                self.catch_up(&client, &mut prepared, t, Via::Round).await?;
+            }
             if !burst.is_empty() {
-                last_round = Some(tokio::time::Instant::now());
-                self.on_notifications(&client, &mut fetches, &burst).await?;
+                self.on_notifications(&client, &mut prepared, &burst).await?;
             }
         }
     }
@@ -271,13 +308,13 @@ impl Listener {
     async fn on_notifications(
         &self,
         client: &tokio_postgres::Client,
-        fetches: &mut HashMap<String, tokio_postgres::Statement>,
+        prepared: &mut HashMap<String, tokio_postgres::Statement>,
         notes: &[(String, String)],
     ) -> Result<(), Error> {
         let mut ranges: BTreeMap<(&str, String), Vec<(i64, i64)>> = BTreeMap::new();
         let mut ids: BTreeMap<&str, Vec<uuid::Uuid>> = BTreeMap::new();
         for (channel, payload) in notes {
-            let Some(tenant) = channel.strip_prefix("tenant_").and_then(|c| c.strip_suffix("_events")) else {
+            let Some(tenant) = tenant_of(channel) else {
                 continue;
             };
             let Ok(v) = serde_json::from_str::<serde_json::Value>(payload) else {
@@ -308,22 +345,8 @@ impl Listener {
                 r.lasts.push(last);
             }
         }
-        for (tenant, Ranges { sites, firsts, lasts }) in by_tenant {
-            let schema = central_schema::schema_name(tenant)?;
-            // Each range is an index scan of its own (the LATERAL subquery
-            // is not flattened into a join, which on a young table the
-            // planner makes a full scan).
-            let sql = format!(
-                "SELECT e.* FROM unnest($1::text[], $2::int8[], $3::int8[]) WITH ORDINALITY AS r(site, first_seq, last_seq, n)
-                 CROSS JOIN LATERAL (
-                   SELECT {COLUMNS} FROM {schema}.events
-                   WHERE site_id = r.site AND site_seq BETWEEN r.first_seq AND r.last_seq
-                   ORDER BY site_seq) AS e
-                 ORDER BY r.n, 7"
-            );
-            let statement = crate::central::connect::prepared(client, fetches, &sql, &[]).await?;
-            self.metrics.remote_fetches.inc();
-            let rows = client.query(&statement, &[&sites, &firsts, &lasts]).await?;
+        for (tenant, ranges) in by_tenant {
+            let rows = self.fetch_ranges(client, prepared, tenant, &ranges, i64::MAX).await?;
             events.extend(rows.iter().map(|r| remote(tenant, r)));
         }
         for (tenant, ids) in ids {
@@ -339,24 +362,52 @@ impl Listener {
                 .await?;
             events.extend(rows.iter().map(|r| remote(tenant, r)));
         }
-        events.retain(|r| r.event.origin_site != self.site_id);
-        if !events.is_empty() {
-            let n = self.log.append_remote(events).await?;
-            self.metrics.remote_events.inc_by(n as u64);
-        }
+        self.store(Via::Round, events).await?;
         Ok(())
     }
 
-    /// Copies what other sites committed after our cursors, asking only the
-    /// sites whose last seq is past them.
-    async fn catch_up(&self, client: &tokio_postgres::Client, tenant: &str) -> Result<usize, Error> {
+    /// The rows of `ranges` (each range an index scan of its own, at most
+    /// `limit` rows each), in range order and by seq within each.
+    async fn fetch_ranges(
+        &self,
+        client: &tokio_postgres::Client,
+        prepared: &mut HashMap<String, tokio_postgres::Statement>,
+        tenant: &str,
+        ranges: &Ranges,
+        limit: i64,
+    ) -> Result<Vec<tokio_postgres::Row>, Error> {
+        let schema = central_schema::schema_name(tenant)?;
+        // The LATERAL subquery is not flattened into a join, which on a
+        // young table the planner makes a full scan.
+        let sql = format!(
+            "SELECT e.* FROM unnest($1::text[], $2::int8[], $3::int8[]) WITH ORDINALITY AS r(site, first_seq, last_seq, n)
+             CROSS JOIN LATERAL (
+               SELECT {COLUMNS} FROM {schema}.events
+               WHERE site_id = r.site AND site_seq BETWEEN r.first_seq AND r.last_seq
+               ORDER BY site_seq LIMIT $4) AS e
+             ORDER BY r.n, 7"
+        );
+        let statement = crate::central::connect::prepared(client, prepared, &sql, &[]).await?;
+        self.metrics.remote_fetches.inc();
+        Ok(client.query(&statement, &[&ranges.sites, &ranges.firsts, &ranges.lasts, &limit]).await?)
+    }
+
+    /// Copies what other sites committed after our cursors, up to what the
+    /// tenant's `sites` table says each has committed: one query for the
+    /// sites, one for all their ranges (paged by [`CATCHUP_PAGE`] rows a
+    /// site); a site never seen before only [`FIRST_CATCHUP`] back.
+    async fn catch_up(
+        &self,
+        client: &tokio_postgres::Client,
+        prepared: &mut HashMap<String, tokio_postgres::Statement>,
+        tenant: &str,
+        via: Via,
+    ) -> Result<usize, Error> {
         let schema = central_schema::schema_name(tenant)?;
         self.metrics.remote_fetches.inc();
-        let sites = match client
-            .query(&format!("SELECT site_id, last_seq FROM {schema}.sites WHERE site_id <> $1"), &[&self.site_id])
-            .await
-        {
-            Ok(rows) => rows,
+        let sql = format!("SELECT site_id, last_seq FROM {schema}.sites WHERE site_id <> $1");
+        let sites = match crate::central::connect::prepared(client, prepared, &sql, &[]).await {
+            Ok(statement) => client.query(&statement, &[&self.site_id]).await?,
             // The tenant's schema (or its sites table) does not exist yet:
             // nothing to catch up.
             Err(e) if matches!(e.code().map(|c| c.code()), Some("42P01" | "3F000")) => return Ok(0),
@@ -364,14 +415,43 @@ impl Listener {
         };
         let t = tenant.to_string();
         let cursors = self.readers.with(move |c| log::schema::remote_cursors(c, &t)).await?;
-        let since = time::OffsetDateTime::now_utc() - FIRST_CATCHUP;
-        let mut total = 0;
+        let mut ranges = Ranges::default();
+        let mut unseen = Vec::new();
         for row in sites {
             let (site, last_seq): (String, i64) = (row.get(0), row.get(1));
-            // From the cursor, without a gap; a site never seen before only
-            // FIRST_CATCHUP back.
-            let mut after = cursors.get(&site).copied();
-            while after.is_none_or(|a| a < last_seq) {
+            match cursors.get(&site) {
+                Some(&after) if after < last_seq => {
+                    ranges.sites.push(site);
+                    ranges.firsts.push(after + 1);
+                    ranges.lasts.push(last_seq);
+                }
+                Some(_) => {}
+                None => unseen.push(site),
+            }
+        }
+        let mut total = 0;
+        while !ranges.sites.is_empty() {
+            let rows = self.fetch_ranges(client, prepared, tenant, &ranges, CATCHUP_PAGE).await?;
+            // A site whose page came back full goes on after its last row.
+            let mut next = Ranges::default();
+            for (i, site) in ranges.sites.iter().enumerate() {
+                let mine = rows.iter().filter(|r| r.get::<_, Option<&str>>(5) == Some(site));
+                let (n, last) = mine.fold((0, None), |(n, _), r| (n + 1, r.get::<_, Option<i64>>(6)));
+                if n == CATCHUP_PAGE
+                    && let Some(last) = last
+                {
+                    next.sites.push(site.clone());
+                    next.firsts.push(last + 1);
+                    next.lasts.push(ranges.lasts[i]);
+                }
+            }
+            total += self.store(via, rows.iter().map(|r| remote(tenant, r)).collect()).await?;
+            ranges = next;
+        }
+        let since = time::OffsetDateTime::now_utc() - FIRST_CATCHUP;
+        for site in unseen {
+            let mut after: Option<i64> = None;
+            loop {
                 self.metrics.remote_fetches.inc();
                 let from_seq = after.unwrap_or_default();
                 let (cond, from): (&str, &(dyn tokio_postgres::types::ToSql + Sync)) = match after {
@@ -388,19 +468,49 @@ impl Listener {
                     )
                     .await?;
                 let Some(last) = rows.last() else { break };
-                after = Some(last.get::<_, Option<i64>>(6).unwrap_or(last_seq));
+                after = last.get::<_, Option<i64>>(6);
                 let full = rows.len() as i64 == CATCHUP_PAGE;
-                let events: Vec<RemoteEvent> = rows.iter().map(|r| remote(tenant, r)).collect();
-                let n = self.log.append_remote(events).await?;
-                total += n;
-                self.metrics.remote_catchup_rows.inc_by(n as u64);
-                if !full {
+                total += self.store(via, rows.iter().map(|r| remote(tenant, r)).collect()).await?;
+                if !full || after.is_none() {
                     break;
                 }
             }
         }
         Ok(total)
     }
+
+    /// Stores other sites' rows in the site log; returns how many were new.
+    async fn store(&self, via: Via, mut events: Vec<RemoteEvent>) -> Result<usize, Error> {
+        events.retain(|r| r.event.origin_site != self.site_id);
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let n = self.log.append_remote(events).await?;
+        match via {
+            Via::CatchUp => self.metrics.remote_catchup_rows.inc_by(n as u64),
+            Via::Round => self.metrics.remote_events.inc_by(n as u64),
+        };
+        Ok(n)
+    }
+}
+
+/// How rows were fetched, for the metrics.
+#[derive(Clone, Copy)]
+enum Via {
+    /// After a (re)connect or a new subscriber's tenant.
+    CatchUp,
+    /// A fetch round.
+    Round,
+}
+
+/// The tenant of a notification channel (`tenant_<t>_events`).
+fn tenant_of(channel: &str) -> Option<&str> {
+    channel.strip_prefix("tenant_").and_then(|c| c.strip_suffix("_events"))
+}
+
+/// The tenants a burst of notifications names, each once.
+fn tenants_of(burst: &[(String, String)]) -> std::collections::BTreeSet<&str> {
+    burst.iter().filter_map(|(channel, _)| tenant_of(channel)).collect()
 }
 
 #[cfg(test)]
