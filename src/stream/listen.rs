@@ -182,6 +182,8 @@ impl Listener {
         // the tenant's `sites` table says was committed, so nothing is
         // missed in between.
         let mut muted: HashSet<String> = HashSet::new();
+        // Where the catch-up goes on for sites read once without a cursor.
+        let mut floors: HashMap<(String, String), i64> = HashMap::new();
         let mute = self.config.notify == NotifyMode::PerBatch;
         let mut last_round: Option<tokio::time::Instant> = None;
         // Pings keep a silent partition from passing for a live connection.
@@ -205,7 +207,7 @@ impl Listener {
             }
             // Catch up after LISTEN: the window between is covered by both.
             for t in new {
-                let n = self.catch_up(&client, &mut prepared, &t, Via::CatchUp).await?;
+                let n = self.catch_up(&client, &mut prepared, &mut floors, &t, Via::CatchUp).await?;
                 if n > 0 {
                     tracing::info!(tenant = t, rows = n, "caught up remote events");
                 }
@@ -265,7 +267,7 @@ impl Listener {
             burst.retain(|(channel, _)| tenant_of(channel).is_none_or(|t| !back.iter().any(|b| b == t)));
             for t in &back {
                 client.batch_execute(&format!("LISTEN {}", central_schema::channel_name(t)?)).await?;
-                self.catch_up(&client, &mut prepared, t, Via::Round).await?;
+                self.catch_up(&client, &mut prepared, &mut floors, t, Via::Round).await?;
             }
             if !burst.is_empty() {
                 self.on_notifications(&client, &mut prepared, &burst).await?;
@@ -292,10 +294,18 @@ impl Listener {
                 }
             }
         });
-        // The range fetch is prepared (parsed once) but planned for every
-        // call: a plan cached while a partition was nearly empty (a full
-        // scan per range) would be kept as it grows.
-        client.batch_execute("SET plan_cache_mode = force_custom_plan").await?;
+        // The fetches are prepared, parsed and planned once per
+        // connection: planning them was a third of what a listening site
+        // cost central. Every scan of this connection's statements is a
+        // range of the (site_id, site_seq) index, and without seq scans a
+        // plan made while a partition was nearly empty (a full scan per
+        // range) cannot be the one kept as it grows. A partition added
+        // later invalidates the plan and it is made again. No JIT: these
+        // statements read a few rows, and the penalty that keeps seq scans
+        // out puts their cost past `jit_above_cost` (a 0.3 s compile each).
+        client
+            .batch_execute("SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; SET jit = off")
+            .await?;
         Ok((client, rx))
     }
 
@@ -393,90 +403,119 @@ impl Listener {
     }
 
     /// Copies what other sites committed after our cursors, up to what the
-    /// tenant's `sites` table says each has committed: one query for the
-    /// sites, one for all their ranges (paged by [`CATCHUP_PAGE`] rows a
-    /// site); a site never seen before only [`FIRST_CATCHUP`] back.
+    /// tenant's `sites` table says each has committed: one statement for all
+    /// sites (a range scan each, [`CATCHUP_PAGE`] rows a site at most, again
+    /// while a page comes back full). A site never seen before is read only
+    /// [`FIRST_CATCHUP`] back, once; what that found (or, when it found
+    /// nothing, the site's seq then) is its floor in `floors` until it has
+    /// a cursor in the log.
     async fn catch_up(
         &self,
         client: &tokio_postgres::Client,
         prepared: &mut HashMap<String, tokio_postgres::Statement>,
+        floors: &mut HashMap<(String, String), i64>,
         tenant: &str,
         via: Via,
     ) -> Result<usize, Error> {
         let schema = central_schema::schema_name(tenant)?;
-        self.metrics.remote_fetches.inc();
-        let sql = format!("SELECT site_id, last_seq FROM {schema}.sites WHERE site_id <> $1");
-        let sites = match crate::central::connect::prepared(client, prepared, &sql, &[]).await {
-            Ok(statement) => client.query(&statement, &[&self.site_id]).await?,
+        // Sites with a cursor: their rows past it up to `sites.last_seq`.
+        // Sites without one: a row each, id NULL, with their `last_seq`.
+        let sql = format!(
+            "SELECT e.* FROM {schema}.sites s
+               JOIN unnest($1::text[], $2::int8[]) AS c(site, after) ON c.site = s.site_id
+               CROSS JOIN LATERAL (
+                 SELECT {COLUMNS} FROM {schema}.events
+                 WHERE site_id = s.site_id AND site_seq > c.after AND site_seq <= s.last_seq
+                 ORDER BY site_seq LIMIT $3) AS e
+             WHERE s.last_seq > c.after
+             UNION ALL
+             SELECT NULL::uuid, NULL::varchar, NULL::varchar, NULL::text, NULL::timestamptz, s.site_id, s.last_seq,
+                    NULL::timestamptz, NULL::text
+             FROM {schema}.sites s WHERE s.site_id <> $4 AND s.site_id <> ALL($1)
+             ORDER BY 6, 7"
+        );
+        let statement = match crate::central::connect::prepared(client, prepared, &sql, &[]).await {
+            Ok(statement) => statement,
             // The tenant's schema (or its sites table) does not exist yet:
             // nothing to catch up.
             Err(e) if matches!(e.code().map(|c| c.code()), Some("42P01" | "3F000")) => return Ok(0),
             Err(e) => return Err(e.into()),
         };
-        let t = tenant.to_string();
-        let cursors = self.readers.with(move |c| log::schema::remote_cursors(c, &t)).await?;
-        let mut ranges = Ranges::default();
-        let mut unseen = Vec::new();
-        for row in sites {
-            let (site, last_seq): (String, i64) = (row.get(0), row.get(1));
-            match cursors.get(&site) {
-                Some(&after) if after < last_seq => {
-                    ranges.sites.push(site);
-                    ranges.firsts.push(after + 1);
-                    ranges.lasts.push(last_seq);
-                }
-                Some(_) => {}
-                None => unseen.push(site),
-            }
-        }
         let mut total = 0;
-        while !ranges.sites.is_empty() {
-            let rows = self.fetch_ranges(client, prepared, tenant, &ranges, CATCHUP_PAGE).await?;
-            // A site whose page came back full goes on after its last row.
-            let mut next = Ranges::default();
-            for (i, site) in ranges.sites.iter().enumerate() {
-                let mine = rows.iter().filter(|r| r.get::<_, Option<&str>>(5) == Some(site));
-                let (n, last) = mine.fold((0, None), |(n, _), r| (n + 1, r.get::<_, Option<i64>>(6)));
-                if n == CATCHUP_PAGE
-                    && let Some(last) = last
-                {
-                    next.sites.push(site.clone());
-                    next.firsts.push(last + 1);
-                    next.lasts.push(ranges.lasts[i]);
+        loop {
+            let t = tenant.to_string();
+            let mut cursors = self.readers.with(move |c| log::schema::remote_cursors(c, &t)).await?;
+            for ((t, site), floor) in floors.iter() {
+                if t == tenant {
+                    let at = cursors.entry(site.clone()).or_insert(*floor);
+                    *at = (*at).max(*floor);
                 }
             }
-            total += self.store(via, rows.iter().map(|r| remote(tenant, r)).collect()).await?;
-            ranges = next;
+            let (sites, afters): (Vec<String>, Vec<i64>) = cursors.into_iter().unzip();
+            self.metrics.remote_fetches.inc();
+            let rows = client.query(&statement, &[&sites, &afters, &CATCHUP_PAGE, &self.site_id]).await?;
+            let mut per_site: HashMap<&str, i64> = HashMap::new();
+            let mut unseen = Vec::new();
+            let mut events = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let site: &str = row.get(5);
+                if row.get::<_, Option<uuid::Uuid>>(0).is_none() {
+                    unseen.push((site.to_string(), row.get::<_, i64>(6)));
+                } else {
+                    *per_site.entry(site).or_default() += 1;
+                    events.push(remote(tenant, row));
+                }
+            }
+            total += self.store(via, events).await?;
+            for (site, last_seq) in unseen {
+                let (n, last) = self.first_catch_up(client, tenant, &site, via).await?;
+                total += n;
+                floors.insert((tenant.to_string(), site), last.unwrap_or(last_seq).max(last_seq));
+            }
+            // A site whose page came back full goes on from its new cursor.
+            if !per_site.values().any(|&n| n == CATCHUP_PAGE) {
+                return Ok(total);
+            }
         }
+    }
+
+    /// A site never seen before: its rows of the last [`FIRST_CATCHUP`],
+    /// paged; returns how many were new and the last seq read.
+    async fn first_catch_up(
+        &self,
+        client: &tokio_postgres::Client,
+        tenant: &str,
+        site: &str,
+        via: Via,
+    ) -> Result<(usize, Option<i64>), Error> {
+        let schema = central_schema::schema_name(tenant)?;
         let since = time::OffsetDateTime::now_utc() - FIRST_CATCHUP;
-        for site in unseen {
-            let mut after: Option<i64> = None;
-            loop {
-                self.metrics.remote_fetches.inc();
-                let from_seq = after.unwrap_or_default();
-                let (cond, from): (&str, &(dyn tokio_postgres::types::ToSql + Sync)) = match after {
-                    Some(_) => ("site_seq > $2", &from_seq),
-                    None => ("received_at > $2", &since),
-                };
-                let rows = client
-                    .query(
-                        &format!(
-                            "SELECT {COLUMNS} FROM {schema}.events
-                             WHERE site_id = $1 AND {cond} ORDER BY site_seq LIMIT $3"
-                        ),
-                        &[&site, from, &CATCHUP_PAGE],
-                    )
-                    .await?;
-                let Some(last) = rows.last() else { break };
-                after = last.get::<_, Option<i64>>(6);
-                let full = rows.len() as i64 == CATCHUP_PAGE;
-                total += self.store(via, rows.iter().map(|r| remote(tenant, r)).collect()).await?;
-                if !full || after.is_none() {
-                    break;
-                }
+        let (mut total, mut after) = (0, None);
+        loop {
+            self.metrics.remote_fetches.inc();
+            let from_seq = after.unwrap_or_default();
+            let (cond, from): (&str, &(dyn tokio_postgres::types::ToSql + Sync)) = match after {
+                Some(_) => ("site_seq > $2", &from_seq),
+                None => ("received_at > $2", &since),
+            };
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT {COLUMNS} FROM {schema}.events
+                         WHERE site_id = $1 AND {cond} ORDER BY site_seq LIMIT $3"
+                    ),
+                    &[&site, from, &CATCHUP_PAGE],
+                )
+                .await?;
+            let Some(last) = rows.last() else { return Ok((total, after)) };
+            let Some(seq) = last.get::<_, Option<i64>>(6) else { return Ok((total, after)) };
+            after = Some(seq);
+            let full = rows.len() as i64 == CATCHUP_PAGE;
+            total += self.store(via, rows.iter().map(|r| remote(tenant, r)).collect()).await?;
+            if !full {
+                return Ok((total, after));
             }
         }
-        Ok(total)
     }
 
     /// Stores other sites' rows in the site log; returns how many were new.
