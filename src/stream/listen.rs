@@ -172,15 +172,15 @@ impl Listener {
         let mut listening: HashSet<String> = HashSet::new();
         // Statements prepared once on this connection (by their text).
         let mut prepared: HashMap<String, tokio_postgres::Statement> = HashMap::new();
-        // Tenants whose channel this connection left until the next round
-        // (`per_batch` only). Every commit that notifies wakes every
-        // backend listening in the database and sends it the notification:
-        // hundreds a second for each subscribing site at a fleet's central,
-        // for fetches that run once per FETCH_EVERY. So a tenant that
-        // announces something before its round is due is unlistened; the
-        // round listens again first, then fetches from the cursors to what
-        // the tenant's `sites` table says was committed, so nothing is
-        // missed in between.
+        // Tenants whose channel this connection left (`per_batch` only).
+        // Every commit that notifies wakes every backend listening in the
+        // database and sends it the notification: hundreds a second for
+        // each subscribing site at a fleet's central, for fetches that run
+        // once per FETCH_EVERY. So a tenant that announces something before
+        // its round is due is unlistened, and read every FETCH_EVERY from
+        // the cursors to what its `sites` table says was committed, for as
+        // long as there is news; then it is listened to again, and read
+        // once more for what came between, so nothing is missed.
         let mut muted: HashSet<String> = HashSet::new();
         // Where the catch-up goes on for sites read once without a cursor.
         let mut floors: HashMap<(String, String), i64> = HashMap::new();
@@ -260,14 +260,21 @@ impl Listener {
             if burst.is_empty() && muted.is_empty() {
                 continue;
             }
-            // One round: the muted tenants listened to again and fetched
-            // from their cursors, the rest by what the notifications name.
+            // One round: the muted tenants fetched from their cursors, the
+            // rest by what the notifications name. A muted tenant that had
+            // news stays muted (its next round comes FETCH_EVERY later, as
+            // it would have); one that had none is listened to again, then
+            // read once more for what came between.
             last_round = Some(tokio::time::Instant::now());
-            let back: Vec<String> = muted.drain().collect();
-            burst.retain(|(channel, _)| tenant_of(channel).is_none_or(|t| !back.iter().any(|b| b == t)));
-            for t in &back {
-                client.batch_execute(&format!("LISTEN {}", central_schema::channel_name(t)?)).await?;
-                self.catch_up(&client, &mut prepared, &mut floors, t, Via::Round).await?;
+            let due_now: Vec<String> = muted.drain().collect();
+            burst.retain(|(channel, _)| tenant_of(channel).is_none_or(|t| !due_now.iter().any(|b| b == t)));
+            for t in due_now {
+                if self.catch_up(&client, &mut prepared, &mut floors, &t, Via::Round).await? > 0 {
+                    muted.insert(t);
+                    continue;
+                }
+                client.batch_execute(&format!("LISTEN {}", central_schema::channel_name(&t)?)).await?;
+                self.catch_up(&client, &mut prepared, &mut floors, &t, Via::Round).await?;
             }
             if !burst.is_empty() {
                 self.on_notifications(&client, &mut prepared, &burst).await?;

@@ -185,6 +185,7 @@ def in_process(args, work):
           f"central CPU {(cpu1 - cpu0) * 1e6 / max(1, rows1 - rows0):6.0f} ms/1000 ev "
           f"({(cpu1 - cpu0) / dt * 100:4.0f}% of a core)  A->B p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms "
           f"({r['samples']} samples, {r['lagged']} lagged)  remote fetches {r['fetches_per_s']:.0f}/s  "
+          f"notifications received {r.get('notifications_per_s', float('nan')):.0f}/s  "
           f"kept up: {kept}", flush=True)
 
 

@@ -128,12 +128,13 @@ pub async fn run(args: FleetArgs, base: Config) -> anyhow::Result<()> {
         }));
     }
     let counters = |sites: &[app::Running]| {
-        sites.iter().fold((0u64, 0u64), |(b, f), s| {
-            (b + s.metrics().forward_batches.get(), f + s.metrics().remote_fetches.get())
+        sites.iter().fold((0u64, 0u64, 0u64), |(b, f, n), s| {
+            let m = s.metrics();
+            (b + m.forward_batches.get(), f + m.remote_fetches.get(), n + m.remote_notifications.get())
         })
     };
     tokio::time::sleep(args.warmup).await;
-    let (batches0, fetches0) = counters(&sites);
+    let (batches0, fetches0, notes0) = counters(&sites);
     let sent0 = sent.load(Ordering::Relaxed);
     measuring.store(true, Ordering::Relaxed);
     println!("measuring");
@@ -141,7 +142,7 @@ pub async fn run(args: FleetArgs, base: Config) -> anyhow::Result<()> {
     tokio::time::sleep(args.seconds).await;
     measuring.store(false, Ordering::Relaxed);
     let dt = t0.elapsed().as_secs_f64();
-    let (batches1, fetches1) = counters(&sites);
+    let (batches1, fetches1, notes1) = counters(&sites);
     let sent1 = sent.load(Ordering::Relaxed);
     println!("measured");
     stop.cancel();
@@ -164,6 +165,7 @@ pub async fn run(args: FleetArgs, base: Config) -> anyhow::Result<()> {
         "sent": sent1,
         "batches_per_s": (batches1 - batches0) as f64 / dt,
         "fetches_per_s": (fetches1 - fetches0) as f64 / dt,
+        "notifications_per_s": (notes1 - notes0) as f64 / dt,
         "p50_ms": p50 * 10.0,
         "p99_ms": p99 * 10.0,
         "max_ms": max * 10.0,
