@@ -20,6 +20,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("../../migrations/postgres/0002_event_properties.sql")),
     (3, include_str!("../../migrations/postgres/0003_partitions.sql")),
     (4, include_str!("../../migrations/postgres/0004_sites.sql")),
+    (5, include_str!("../../migrations/postgres/0005_notify_batch_one_query.sql")),
 ];
 
 /// Converts an unpartitioned `events` into a partitioned one, keeping its rows.
