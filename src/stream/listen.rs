@@ -427,18 +427,22 @@ impl Listener {
         let schema = central_schema::schema_name(tenant)?;
         // Sites with a cursor: their rows past it up to `sites.last_seq`.
         // Sites without one: a row each, id NULL, with their `last_seq`.
+        // `sites` is read once (one scan, hashed against the cursors),
+        // not probed by index per cursor.
         let sql = format!(
-            "SELECT e.* FROM {schema}.sites s
-               JOIN unnest($1::text[], $2::int8[]) AS c(site, after) ON c.site = s.site_id
-               CROSS JOIN LATERAL (
+            "WITH k AS MATERIALIZED (
+               SELECT s.site_id, s.last_seq, c.after FROM {schema}.sites s
+               LEFT JOIN unnest($1::text[], $2::int8[]) AS c(site, after) ON c.site = s.site_id
+               WHERE s.site_id <> $4)
+             SELECT e.* FROM k CROSS JOIN LATERAL (
                  SELECT {COLUMNS} FROM {schema}.events
-                 WHERE site_id = s.site_id AND site_seq > c.after AND site_seq <= s.last_seq
+                 WHERE site_id = k.site_id AND site_seq > k.after AND site_seq <= k.last_seq
                  ORDER BY site_seq LIMIT $3) AS e
-             WHERE s.last_seq > c.after
+             WHERE k.last_seq > k.after
              UNION ALL
-             SELECT NULL::uuid, NULL::varchar, NULL::varchar, NULL::text, NULL::timestamptz, s.site_id, s.last_seq,
+             SELECT NULL::uuid, NULL::varchar, NULL::varchar, NULL::text, NULL::timestamptz, k.site_id, k.last_seq,
                     NULL::timestamptz, NULL::text
-             FROM {schema}.sites s WHERE s.site_id <> $4 AND s.site_id <> ALL($1)
+             FROM k WHERE k.after IS NULL
              ORDER BY 6, 7"
         );
         let statement = match crate::central::connect::prepared(client, prepared, &sql, &[]).await {
