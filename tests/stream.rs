@@ -723,4 +723,11 @@ async fn a_busy_tenant_does_not_wake_a_listening_site_on_every_commit() {
         "B received {notes} notifications for A's {batches} commits: it listens through its rounds"
     );
     assert!(next_json(&mut w, Duration::from_millis(500)).await.is_none(), "nothing twice");
+
+    // Quiet again: B listens again (a round found nothing), so the next
+    // event comes by notification, not by B reading every 50 ms.
+    let later = post(&a, "acme", &tokens[0], "p0", "later", 0).await;
+    assert_eq!(next_event(&mut w).await["event"]["id"], later["id"]);
+    let after = b.metric("outpost_remote_notifications_total").await - notes0;
+    assert!(after > notes, "B is listening to acme again: {after} notifications, {notes} before the last event");
 }
