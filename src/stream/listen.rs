@@ -169,23 +169,8 @@ impl Listener {
     /// had no subscriber for [`LISTEN_LINGER`].
     async fn session(&self, backoff: &mut Backoff) -> Result<Ended, Error> {
         let (client, mut notes) = self.connect().await?;
-        let mut listening: HashSet<String> = HashSet::new();
-        // Statements prepared once on this connection (by their text).
-        let mut prepared: HashMap<String, tokio_postgres::Statement> = HashMap::new();
-        // Tenants whose channel this connection left (`per_batch` only).
-        // Every commit that notifies wakes every backend listening in the
-        // database and sends it the notification: hundreds a second for
-        // each subscribing site at a fleet's central, for fetches that run
-        // once per FETCH_EVERY. So a tenant that announces something before
-        // its round is due is unlistened, and read every FETCH_EVERY from
-        // the cursors to what its `sites` table says was committed, for as
-        // long as there is news; then it is listened to again, and read
-        // once more for what came between, so nothing is missed.
-        let mut muted: HashSet<String> = HashSet::new();
-        // Where the catch-up goes on for sites read once without a cursor.
-        let mut floors: HashMap<(String, String), i64> = HashMap::new();
+        let mut conn = Conn::default();
         let mute = self.config.notify == NotifyMode::PerBatch;
-        let mut last_round: Option<tokio::time::Instant> = None;
         // Pings keep a silent partition from passing for a live connection.
         let mut tick = tokio::time::interval(TENANT_POLL.min(self.config.ping_interval));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -194,28 +179,28 @@ impl Listener {
             if wanted.is_empty() {
                 return Ok(Ended::Idle);
             }
-            for t in listening.difference(&wanted).cloned().collect::<Vec<_>>() {
-                if !muted.remove(&t) {
+            for t in conn.listening.difference(&wanted).cloned().collect::<Vec<_>>() {
+                if !conn.muted.remove(&t) {
                     client.batch_execute(&format!("UNLISTEN {}", central_schema::channel_name(&t)?)).await?;
                 }
-                listening.remove(&t);
+                conn.listening.remove(&t);
                 tracing::debug!(tenant = t, "no local subscriber: stopped listening");
             }
-            let new: Vec<String> = wanted.into_iter().filter(|t| !listening.contains(t)).collect();
+            let new: Vec<String> = wanted.into_iter().filter(|t| !conn.listening.contains(t)).collect();
             for t in &new {
                 client.batch_execute(&format!("LISTEN {}", central_schema::channel_name(t)?)).await?;
             }
             // Catch up after LISTEN: the window between is covered by both.
             for t in new {
-                let n = self.catch_up(&client, &mut prepared, &mut floors, &t, Via::CatchUp).await?;
+                let n = self.catch_up(&client, &mut conn, &t, Via::CatchUp).await?;
                 if n > 0 {
                     tracing::info!(tenant = t, rows = n, "caught up remote events");
                 }
-                listening.insert(t);
+                conn.listening.insert(t);
             }
             self.metrics.listen_up.set(1);
             backoff.reset();
-            let due = last_round.map(|at| at + FETCH_EVERY);
+            let due = conn.last_round.map(|at| at + FETCH_EVERY);
             let mut burst = Vec::new();
             tokio::select! {
                 n = notes.recv() => match n {
@@ -224,7 +209,7 @@ impl Listener {
                 },
                 _ = tick.tick() => crate::central::connect::ping(&client, self.config.answer_timeout).await?,
                 _ = self.interest.changed() => {}
-                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if !muted.is_empty() => {}
+                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if !conn.muted.is_empty() => {}
             }
             let early = due.is_some_and(|d| tokio::time::Instant::now() < d);
             if early && !burst.is_empty() && !mute {
@@ -250,36 +235,45 @@ impl Listener {
             self.metrics.remote_notifications.inc_by(burst.len() as u64);
             if early && mute {
                 for t in tenants_of(&burst) {
-                    if listening.contains(t) && !muted.contains(t) {
+                    if conn.listening.contains(t) && !conn.muted.contains(t) {
                         client.batch_execute(&format!("UNLISTEN {}", central_schema::channel_name(t)?)).await?;
-                        muted.insert(t.to_string());
+                        conn.muted.insert(t.to_string());
                     }
                 }
                 continue;
             }
-            if burst.is_empty() && muted.is_empty() {
-                continue;
-            }
-            // One round: the muted tenants fetched from their cursors, the
-            // rest by what the notifications name. A muted tenant that had
-            // news stays muted (its next round comes FETCH_EVERY later, as
-            // it would have); one that had none is listened to again, then
-            // read once more for what came between.
-            last_round = Some(tokio::time::Instant::now());
-            let due_now: Vec<String> = muted.drain().collect();
-            burst.retain(|(channel, _)| tenant_of(channel).is_none_or(|t| !due_now.iter().any(|b| b == t)));
-            for t in due_now {
-                if self.catch_up(&client, &mut prepared, &mut floors, &t, Via::Round).await? > 0 {
-                    muted.insert(t);
-                    continue;
-                }
-                client.batch_execute(&format!("LISTEN {}", central_schema::channel_name(&t)?)).await?;
-                self.catch_up(&client, &mut prepared, &mut floors, &t, Via::Round).await?;
-            }
-            if !burst.is_empty() {
-                self.on_notifications(&client, &mut prepared, &burst).await?;
+            if !burst.is_empty() || !conn.muted.is_empty() {
+                self.round(&client, &mut conn, burst).await?;
             }
         }
+    }
+
+    /// One round: the muted tenants fetched from their cursors, the rest by
+    /// what the notifications name. A muted tenant that had news stays
+    /// muted (its next round comes FETCH_EVERY later, as it would have);
+    /// one that had none is listened to again, then read once more for
+    /// what came between.
+    async fn round(
+        &self,
+        client: &tokio_postgres::Client,
+        conn: &mut Conn,
+        mut burst: Vec<(String, String)>,
+    ) -> Result<(), Error> {
+        conn.last_round = Some(tokio::time::Instant::now());
+        let due_now: Vec<String> = conn.muted.drain().collect();
+        burst.retain(|(channel, _)| tenant_of(channel).is_none_or(|t| !due_now.iter().any(|b| b == t)));
+        for t in due_now {
+            if self.catch_up(client, conn, &t, Via::Round).await? > 0 {
+                conn.muted.insert(t);
+                continue;
+            }
+            client.batch_execute(&format!("LISTEN {}", central_schema::channel_name(&t)?)).await?;
+            self.catch_up(client, conn, &t, Via::Round).await?;
+        }
+        if !burst.is_empty() {
+            self.on_notifications(client, &mut conn.prepared, &burst).await?;
+        }
+        Ok(())
     }
 
     async fn connect(&self) -> Result<(tokio_postgres::Client, mpsc::UnboundedReceiver<(String, String)>), Error> {
@@ -414,13 +408,12 @@ impl Listener {
     /// sites (a range scan each, [`CATCHUP_PAGE`] rows a site at most, again
     /// while a page comes back full). A site never seen before is read only
     /// [`FIRST_CATCHUP`] back, once; what that found (or, when it found
-    /// nothing, the site's seq then) is its floor in `floors` until it has
-    /// a cursor in the log.
+    /// nothing, the site's seq then) is its floor in [`Conn::floors`] until
+    /// it has a cursor in the log.
     async fn catch_up(
         &self,
         client: &tokio_postgres::Client,
-        prepared: &mut HashMap<String, tokio_postgres::Statement>,
-        floors: &mut HashMap<(String, String), i64>,
+        conn: &mut Conn,
         tenant: &str,
         via: Via,
     ) -> Result<usize, Error> {
@@ -445,7 +438,7 @@ impl Listener {
              FROM k WHERE k.after IS NULL
              ORDER BY 6, 7"
         );
-        let statement = match crate::central::connect::prepared(client, prepared, &sql, &[]).await {
+        let statement = match crate::central::connect::prepared(client, &mut conn.prepared, &sql, &[]).await {
             Ok(statement) => statement,
             // The tenant's schema (or its sites table) does not exist yet:
             // nothing to catch up.
@@ -456,7 +449,7 @@ impl Listener {
         loop {
             let t = tenant.to_string();
             let mut cursors = self.readers.with(move |c| log::schema::remote_cursors(c, &t)).await?;
-            for ((t, site), floor) in floors.iter() {
+            for ((t, site), floor) in &conn.floors {
                 if t == tenant {
                     let at = cursors.entry(site.clone()).or_insert(*floor);
                     *at = (*at).max(*floor);
@@ -481,7 +474,7 @@ impl Listener {
             for (site, last_seq) in unseen {
                 let (n, last) = self.first_catch_up(client, tenant, &site, via).await?;
                 total += n;
-                floors.insert((tenant.to_string(), site), last.unwrap_or(last_seq).max(last_seq));
+                conn.floors.insert((tenant.to_string(), site), last.unwrap_or(last_seq).max(last_seq));
             }
             // A site whose page came back full goes on from its new cursor.
             if !per_site.values().any(|&n| n == CATCHUP_PAGE) {
@@ -542,6 +535,30 @@ impl Listener {
         };
         Ok(n)
     }
+}
+
+/// What one LISTEN connection keeps besides its client.
+#[derive(Default)]
+struct Conn {
+    /// Tenants listened to (or muted) on this connection.
+    listening: HashSet<String>,
+    /// Tenants whose channel this connection left (`per_batch` only).
+    /// Every commit that notifies wakes every backend listening in the
+    /// database and sends it the notification: hundreds a second for each
+    /// subscribing site at a fleet's central, for fetches that run once per
+    /// FETCH_EVERY. So a tenant that announces something before its round
+    /// is due is unlistened, and read every FETCH_EVERY from the cursors to
+    /// what its `sites` table says was committed, for as long as there is
+    /// news; then it is listened to again, and read once more for what
+    /// came between, so nothing is missed.
+    muted: HashSet<String>,
+    /// Where the catch-up goes on for sites read once without a cursor:
+    /// (tenant, site) → seq.
+    floors: HashMap<(String, String), i64>,
+    /// Statements prepared on this connection, by their text.
+    prepared: HashMap<String, tokio_postgres::Statement>,
+    /// When the last round of fetches ran.
+    last_round: Option<tokio::time::Instant>,
 }
 
 /// How rows were fetched, for the metrics.
