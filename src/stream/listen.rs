@@ -35,6 +35,12 @@ const MAX_BURST: usize = 4096;
 /// subscribing site and tenant every `FETCH_EVERY`, not one per batch any
 /// site commits.
 const FETCH_EVERY: Duration = Duration::from_millis(50);
+/// A muted tenant is listened to again after this many rounds in a row
+/// found nothing. One would do for correctness, but LISTEN registers the
+/// backend for every commit that notifies in the database, any tenant's:
+/// a tenant with a few events per round would go back and forth, and be
+/// woken by the whole fleet's commits in between.
+const QUIET_ROUNDS: u32 = 3;
 /// Rows fetched per catch-up query.
 const CATCHUP_PAGE: i64 = 5000;
 /// A (tenant, site) never seen before is caught up only this far back (by
@@ -184,6 +190,7 @@ impl Listener {
                     client.batch_execute(&format!("UNLISTEN {}", central_schema::channel_name(&t)?)).await?;
                 }
                 conn.listening.remove(&t);
+                conn.quiet_rounds.remove(&t);
                 tracing::debug!(tenant = t, "no local subscriber: stopped listening");
             }
             let new: Vec<String> = wanted.into_iter().filter(|t| !conn.listening.contains(t)).collect();
@@ -249,10 +256,10 @@ impl Listener {
     }
 
     /// One round: the muted tenants fetched from their cursors, the rest by
-    /// what the notifications name. A muted tenant that had news stays
-    /// muted (its next round comes FETCH_EVERY later, as it would have);
-    /// one that had none is listened to again, then read once more for
-    /// what came between.
+    /// what the notifications name. A muted tenant stays muted (its next
+    /// round comes FETCH_EVERY later, as it would have) until
+    /// [`QUIET_ROUNDS`] rounds in a row found nothing; then it is listened
+    /// to again, and read once more for what came between.
     async fn round(
         &self,
         client: &tokio_postgres::Client,
@@ -263,10 +270,17 @@ impl Listener {
         let due_now: Vec<String> = conn.muted.drain().collect();
         burst.retain(|(channel, _)| tenant_of(channel).is_none_or(|t| !due_now.iter().any(|b| b == t)));
         for t in due_now {
-            if self.catch_up(client, conn, &t, Via::Round).await? > 0 {
+            let quiet = if self.catch_up(client, conn, &t, Via::Round).await? > 0 {
+                0
+            } else {
+                conn.quiet_rounds.get(&t).map_or(1, |n| n + 1)
+            };
+            if quiet < QUIET_ROUNDS {
+                conn.quiet_rounds.insert(t.clone(), quiet);
                 conn.muted.insert(t);
                 continue;
             }
+            conn.quiet_rounds.remove(&t);
             client.batch_execute(&format!("LISTEN {}", central_schema::channel_name(&t)?)).await?;
             self.catch_up(client, conn, &t, Via::Round).await?;
         }
@@ -548,9 +562,9 @@ struct Conn {
     /// subscribing site at a fleet's central, for fetches that run once per
     /// FETCH_EVERY. So a tenant that announces something before its round
     /// is due is unlistened, and read every FETCH_EVERY from the cursors to
-    /// what its `sites` table says was committed, for as long as there is
-    /// news; then it is listened to again, and read once more for what
-    /// came between, so nothing is missed.
+    /// what its `sites` table says was committed, until [`QUIET_ROUNDS`]
+    /// rounds in a row found no news; then it is listened to again, and
+    /// read once more for what came between, so nothing is missed.
     muted: HashSet<String>,
     /// Where the catch-up goes on for sites read once without a cursor:
     /// (tenant, site) → seq.
@@ -559,6 +573,8 @@ struct Conn {
     prepared: HashMap<String, tokio_postgres::Statement>,
     /// When the last round of fetches ran.
     last_round: Option<tokio::time::Instant>,
+    /// Muted tenants' rounds in a row that found nothing.
+    quiet_rounds: HashMap<String, u32>,
 }
 
 /// How rows were fetched, for the metrics.
