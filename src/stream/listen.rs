@@ -266,7 +266,6 @@ impl Listener {
         conn: &mut Conn,
         mut burst: Vec<(String, String)>,
     ) -> Result<(), Error> {
-        conn.last_round = Some(tokio::time::Instant::now());
         let due_now: Vec<String> = conn.muted.drain().collect();
         burst.retain(|(channel, _)| tenant_of(channel).is_none_or(|t| !due_now.iter().any(|b| b == t)));
         for t in due_now {
@@ -287,6 +286,10 @@ impl Listener {
         if !burst.is_empty() {
             self.on_notifications(client, &mut conn.prepared, &burst).await?;
         }
+        // The next round is due FETCH_EVERY after this one ended: what was
+        // announced while it ran (a slow round on a busy site) is early, so
+        // it mutes its tenant instead of starting a round per notification.
+        conn.last_round = Some(tokio::time::Instant::now());
         Ok(())
     }
 
