@@ -207,7 +207,7 @@ impl Listener {
             }
             self.metrics.listen_up.set(1);
             backoff.reset();
-            let due = conn.last_round.map(|at| at + FETCH_EVERY);
+            let due = conn.next_round;
             let mut burst = Vec::new();
             tokio::select! {
                 n = notes.recv() => match n {
@@ -266,6 +266,7 @@ impl Listener {
         conn: &mut Conn,
         mut burst: Vec<(String, String)>,
     ) -> Result<(), Error> {
+        let started = tokio::time::Instant::now();
         let due_now: Vec<String> = conn.muted.drain().collect();
         burst.retain(|(channel, _)| tenant_of(channel).is_none_or(|t| !due_now.iter().any(|b| b == t)));
         for t in due_now {
@@ -286,10 +287,13 @@ impl Listener {
         if !burst.is_empty() {
             self.on_notifications(client, &mut conn.prepared, &burst).await?;
         }
-        // The next round is due FETCH_EVERY after this one ended: what was
-        // announced while it ran (a slow round on a busy site) is early, so
-        // it mutes its tenant instead of starting a round per notification.
-        conn.last_round = Some(tokio::time::Instant::now());
+        // The next round is due FETCH_EVERY after this one began, and at
+        // least half of it after this one ended: what was announced while
+        // a slow round ran (a busy site) is early, so it mutes its tenant
+        // instead of starting a round per notification, and a site that
+        // cannot keep up does not read central back to back.
+        let now = tokio::time::Instant::now();
+        conn.next_round = Some((started + FETCH_EVERY).max(now + FETCH_EVERY / 2));
         Ok(())
     }
 
@@ -574,8 +578,8 @@ struct Conn {
     floors: HashMap<(String, String), i64>,
     /// Statements prepared on this connection, by their text.
     prepared: HashMap<String, tokio_postgres::Statement>,
-    /// When the last round of fetches ran.
-    last_round: Option<tokio::time::Instant>,
+    /// When the next round of fetches may run (none yet: at once).
+    next_round: Option<tokio::time::Instant>,
     /// Muted tenants' rounds in a row that found nothing.
     quiet_rounds: HashMap<String, u32>,
 }
