@@ -186,11 +186,10 @@ impl Listener {
                 return Ok(Ended::Idle);
             }
             for t in conn.listening.difference(&wanted).cloned().collect::<Vec<_>>() {
-                if !conn.muted.remove(&t) {
+                if conn.muted.remove(&t).is_none() {
                     client.batch_execute(&format!("UNLISTEN {}", central_schema::channel_name(&t)?)).await?;
                 }
                 conn.listening.remove(&t);
-                conn.quiet_rounds.remove(&t);
                 tracing::debug!(tenant = t, "no local subscriber: stopped listening");
             }
             let new: Vec<String> = wanted.into_iter().filter(|t| !conn.listening.contains(t)).collect();
@@ -242,9 +241,9 @@ impl Listener {
             self.metrics.remote_notifications.inc_by(burst.len() as u64);
             if early && mute {
                 for t in tenants_of(&burst) {
-                    if conn.listening.contains(t) && !conn.muted.contains(t) {
+                    if conn.listening.contains(t) && !conn.muted.contains_key(t) {
                         client.batch_execute(&format!("UNLISTEN {}", central_schema::channel_name(t)?)).await?;
-                        conn.muted.insert(t.to_string());
+                        conn.muted.insert(t.to_string(), 0);
                     }
                 }
                 continue;
@@ -267,20 +266,14 @@ impl Listener {
         mut burst: Vec<(String, String)>,
     ) -> Result<(), Error> {
         let started = tokio::time::Instant::now();
-        let due_now: Vec<String> = conn.muted.drain().collect();
-        burst.retain(|(channel, _)| tenant_of(channel).is_none_or(|t| !due_now.iter().any(|b| b == t)));
-        for t in due_now {
-            let quiet = if self.catch_up(client, conn, &t, Via::Round).await? > 0 {
-                0
-            } else {
-                conn.quiet_rounds.get(&t).map_or(1, |n| n + 1)
-            };
+        let due_now: Vec<(String, u32)> = conn.muted.drain().collect();
+        burst.retain(|(channel, _)| tenant_of(channel).is_none_or(|t| !due_now.iter().any(|(b, _)| b == t)));
+        for (t, quiet) in due_now {
+            let quiet = if self.catch_up(client, conn, &t, Via::Round).await? > 0 { 0 } else { quiet + 1 };
             if quiet < QUIET_ROUNDS {
-                conn.quiet_rounds.insert(t.clone(), quiet);
-                conn.muted.insert(t);
+                conn.muted.insert(t, quiet);
                 continue;
             }
-            conn.quiet_rounds.remove(&t);
             client.batch_execute(&format!("LISTEN {}", central_schema::channel_name(&t)?)).await?;
             self.catch_up(client, conn, &t, Via::Round).await?;
         }
@@ -571,8 +564,9 @@ struct Conn {
     /// is due is unlistened, and read every FETCH_EVERY from the cursors to
     /// what its `sites` table says was committed, until [`QUIET_ROUNDS`]
     /// rounds in a row found no news; then it is listened to again, and
-    /// read once more for what came between, so nothing is missed.
-    muted: HashSet<String>,
+    /// read once more for what came between, so nothing is missed. The
+    /// value is how many rounds in a row found nothing.
+    muted: HashMap<String, u32>,
     /// Where the catch-up goes on for sites read once without a cursor:
     /// (tenant, site) → seq.
     floors: HashMap<(String, String), i64>,
@@ -580,8 +574,6 @@ struct Conn {
     prepared: HashMap<String, tokio_postgres::Statement>,
     /// When the next round of fetches may run (none yet: at once).
     next_round: Option<tokio::time::Instant>,
-    /// Muted tenants' rounds in a row that found nothing.
-    quiet_rounds: HashMap<String, u32>,
 }
 
 /// How rows were fetched, for the metrics.
