@@ -4,7 +4,10 @@
 //! nobody here watches is not listened to and nothing of it is fetched.
 //!
 //! On a notification it fetches the new rows (by site id + seq range for
-//! `per_batch`, by id for `per_row`), skips this site's own, and stores the
+//! `per_batch`, by id for `per_row`), at most one round per
+//! [`FETCH_EVERY`]; a `per_batch` tenant busier than that is unlistened and
+//! read from the cursors each round instead (see [`Conn::muted`]). It skips
+//! this site's own rows, and stores the
 //! rest in the site log as remote events (already forwarded, so never sent
 //! back up; duplicates by id are skipped). The writer then hands them to the
 //! hub, and the hub to MQTT subscribers. Each (tenant, site) has a cursor in
