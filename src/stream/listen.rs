@@ -373,8 +373,22 @@ impl Listener {
                 r.lasts.push(last);
             }
         }
-        for (tenant, ranges) in by_tenant {
-            let rows = self.fetch_ranges(client, prepared, tenant, &ranges, i64::MAX).await?;
+        for (tenant, Ranges { sites, firsts, lasts }) in by_tenant {
+            let schema = central_schema::schema_name(tenant)?;
+            // Each range is an index scan of its own (the LATERAL subquery
+            // is not flattened into a join, which on a young table the
+            // planner makes a full scan).
+            let sql = format!(
+                "SELECT e.* FROM unnest($1::text[], $2::int8[], $3::int8[]) WITH ORDINALITY AS r(site, first_seq, last_seq, n)
+                 CROSS JOIN LATERAL (
+                   SELECT {COLUMNS} FROM {schema}.events
+                   WHERE site_id = r.site AND site_seq BETWEEN r.first_seq AND r.last_seq
+                   ORDER BY site_seq) AS e
+                 ORDER BY r.n, 7"
+            );
+            let statement = crate::central::connect::prepared(client, prepared, &sql, &[]).await?;
+            self.metrics.remote_fetches.inc();
+            let rows = client.query(&statement, &[&sites, &firsts, &lasts]).await?;
             events.extend(rows.iter().map(|r| remote(tenant, r)));
         }
         for (tenant, ids) in ids {
@@ -392,32 +406,6 @@ impl Listener {
         }
         self.store(Via::Round, events).await?;
         Ok(())
-    }
-
-    /// The rows of `ranges` (each range an index scan of its own, at most
-    /// `limit` rows each), in range order and by seq within each.
-    async fn fetch_ranges(
-        &self,
-        client: &tokio_postgres::Client,
-        prepared: &mut HashMap<String, tokio_postgres::Statement>,
-        tenant: &str,
-        ranges: &Ranges,
-        limit: i64,
-    ) -> Result<Vec<tokio_postgres::Row>, Error> {
-        let schema = central_schema::schema_name(tenant)?;
-        // The LATERAL subquery is not flattened into a join, which on a
-        // young table the planner makes a full scan.
-        let sql = format!(
-            "SELECT e.* FROM unnest($1::text[], $2::int8[], $3::int8[]) WITH ORDINALITY AS r(site, first_seq, last_seq, n)
-             CROSS JOIN LATERAL (
-               SELECT {COLUMNS} FROM {schema}.events
-               WHERE site_id = r.site AND site_seq BETWEEN r.first_seq AND r.last_seq
-               ORDER BY site_seq LIMIT $4) AS e
-             ORDER BY r.n, 7"
-        );
-        let statement = crate::central::connect::prepared(client, prepared, &sql, &[]).await?;
-        self.metrics.remote_fetches.inc();
-        Ok(client.query(&statement, &[&ranges.sites, &ranges.firsts, &ranges.lasts, &limit]).await?)
     }
 
     /// Copies what other sites committed after our cursors, up to what the
