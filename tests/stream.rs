@@ -79,6 +79,12 @@ async fn post(app: &TestApp, tenant: &str, token: &str, device: &str, event_type
     r.body
 }
 
+/// The sites' LISTEN connections open at central.
+async fn listen_connections(pg: &Pg) -> i64 {
+    let sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'outpost-listen'";
+    pg.client().await.query_one(sql, &[]).await.unwrap().get(0)
+}
+
 /// Reads SSE `data:` lines of `event` events until `n` arrived.
 async fn sse_events(resp: &mut reqwest::Response, n: usize) -> Vec<(i64, Value)> {
     let mut buf = String::new();
@@ -598,17 +604,16 @@ async fn a_site_reads_other_sites_events_only_for_tenants_someone_there_watches(
         assert!(eventually(T, || async { s.metric("outpost_listen_up").await == 1 }).await);
     }
     assert_eq!(b.metric("outpost_remote_fetches_total").await, 0, "nobody at B subscribes: no fetch at all");
-    let listeners = || async {
-        let sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'outpost-listen'";
-        pg.client().await.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
-    };
-    assert_eq!(listeners().await, 0, "and no LISTEN connection from either site");
+    assert_eq!(listen_connections(&pg).await, 0, "and no LISTEN connection from either site");
 
     // B watches globex only. A sends acme events, then a globex one: once
     // B has the globex one, B would have had the acme ones had it listened
     // (notifications arrive in commit order).
     let mut globex_at_b = ws(&b, "globex", "", &b_globex).await;
-    assert!(eventually(T, || async { listeners().await == 1 }).await, "B listens once someone there subscribes");
+    assert!(
+        eventually(T, || async { listen_connections(&pg).await == 1 }).await,
+        "B listens once someone there subscribes"
+    );
     let mut early = Vec::new();
     for k in 0..5 {
         early.push(post(&a, "acme", &a_acme, "a1", "reading", k).await["id"].as_str().unwrap().to_string());
@@ -672,11 +677,7 @@ async fn a_busy_tenant_does_not_wake_a_listening_site_on_every_commit() {
     let tb = b.device("acme", "dash-b").await;
     let mut w = ws(&b, "acme", "", &tb).await;
     assert!(eventually(T, || async { b.metric("outpost_listen_up").await == 1 }).await);
-    let listening = || async {
-        let sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'outpost-listen'";
-        pg.client().await.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
-    };
-    assert!(eventually(T, || async { listening().await == 1 }).await);
+    assert!(eventually(T, || async { listen_connections(&pg).await == 1 }).await);
     // B's catch-up of the new tenant ran before it listens for rounds.
     let first = post(&a, "acme", &tokens[0], "p0", "warmup", 0).await;
     assert_eq!(next_event(&mut w).await["event"]["id"], first["id"]);
