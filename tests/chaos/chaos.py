@@ -80,9 +80,11 @@ class Pg:
         return out.stdout
 
     def options(self):
-        """The server's settings: durability off (the proofs cut the appliance, not the server)."""
+        """The server's settings: durability off (the proofs cut the appliance, not the server);
+        CENTRAL_PG_OPTIONS adds more (benches: e.g. pg_stat_statements)."""
         return (f"-p {self.port} -k {self.dir} -c listen_addresses={self.listen} -c fsync=off "
-                f"-c full_page_writes=off -c max_connections={self.max_connections}")
+                f"-c full_page_writes=off -c max_connections={self.max_connections} "
+                + os.environ.get("CENTRAL_PG_OPTIONS", ""))
 
     def up(self):
         self.run("pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "server.log"), "-o", self.options(), "-w",
