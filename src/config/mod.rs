@@ -215,7 +215,10 @@ pub struct CentralConfig {
     pub tenants: Vec<String>,
     /// NOTIFY style installed by migrations: `per_batch` or `per_row`.
     pub notify: NotifyMode,
-    /// Forward at most this many rows / bytes per transaction.
+    /// Forward at most this many rows / bytes per transaction. A batch (and
+    /// the next, read ahead) is held in memory while it is sent: more rows
+    /// drain a backlog a little faster (5,000: about a tenth) for a higher
+    /// peak RSS (3-5 MB at 1,000 MQTT devices).
     pub batch_rows: usize,
     pub batch_bytes: usize,
     /// Let a trickle coalesce this long before forwarding a small batch.
@@ -375,7 +378,7 @@ impl Default for CentralConfig {
             migrate: true,
             tenants: Vec::new(),
             notify: NotifyMode::PerBatch,
-            batch_rows: 5000,
+            batch_rows: 1000,
             batch_bytes: 8 * 1024 * 1024,
             batch_wait: Duration::from_millis(100),
             max_batch_wait: Duration::from_millis(500),
