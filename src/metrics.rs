@@ -109,6 +109,8 @@ pub struct Metrics {
     /// Notifications the LISTEN connection received (a busy tenant's
     /// channel is left between fetch rounds, so this stays near the rounds).
     pub remote_notifications: Counter,
+    /// Busy tenants read by fetch rounds instead of listened to.
+    pub remote_muted_tenants: Gauge,
     pub remote_evicted: Counter,
 }
 
@@ -301,6 +303,7 @@ impl Metrics {
         let remote_events = Counter::default();
         let remote_fetches = Counter::default();
         let remote_notifications = Counter::default();
+        let remote_muted_tenants = Gauge::default();
         let remote_evicted = Counter::default();
         registry.register("stream_subscribers", "Open stream subscribers by kind", stream_subscribers.clone());
         registry.register("stream_delivered", "Events delivered to stream subscribers", stream_delivered.clone());
@@ -332,6 +335,11 @@ impl Metrics {
             remote_notifications.clone(),
         );
         registry.register(
+            "remote_muted_tenants",
+            "Busy tenants read every fetch round instead of listened to (per_batch); 0 when every tenant is listened to",
+            remote_muted_tenants.clone(),
+        );
+        registry.register(
             "remote_evicted",
             "Remote events evicted to keep them within log.remote_max_bytes (they stay in the central database)",
             remote_evicted.clone(),
@@ -347,6 +355,7 @@ impl Metrics {
             remote_events,
             remote_fetches,
             remote_notifications,
+            remote_muted_tenants,
             remote_evicted,
             mqtt_connections,
             mqtt_subscribed_sessions,

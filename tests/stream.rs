@@ -725,8 +725,12 @@ async fn a_busy_tenant_does_not_wake_a_listening_site_on_every_commit() {
     );
     assert!(next_json(&mut w, Duration::from_millis(500)).await.is_none(), "nothing twice");
 
-    // Quiet again: B listens again (a round found nothing), so the next
-    // event comes by notification, not by B reading every 50 ms.
+    // Quiet again: once its rounds find nothing B listens to acme again,
+    // so the next event comes by notification, not by B reading every 50 ms.
+    assert!(
+        eventually(T, || async { b.metric("outpost_remote_muted_tenants").await == 0 }).await,
+        "B still reads acme by rounds after A went quiet"
+    );
     let later = post(&a, "acme", &tokens[0], "p0", "later", 0).await;
     assert_eq!(next_event(&mut w).await["event"]["id"], later["id"]);
     let after = b.metric("outpost_remote_notifications_total").await - notes0;

@@ -143,6 +143,7 @@ impl Listener {
                 _ = shutdown.cancelled() => return Ok(()),
                 r = self.session(&mut backoff) => r,
             };
+            self.metrics.remote_muted_tenants.set(0);
             if matches!(result, Ok(Ended::Idle)) {
                 tracing::debug!("no local subscriber left: LISTEN connection closed");
                 continue;
@@ -184,20 +185,21 @@ impl Listener {
         let mut tick = tokio::time::interval(TENANT_POLL.min(self.config.ping_interval));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.metrics.remote_muted_tenants.set(conn.muted.len() as i64);
             let wanted = self.wanted();
             if wanted.is_empty() {
                 return Ok(Ended::Idle);
             }
             for t in conn.listening.difference(&wanted).cloned().collect::<Vec<_>>() {
                 if conn.muted.remove(&t).is_none() {
-                    client.batch_execute(&format!("UNLISTEN {}", central_schema::channel_name(&t)?)).await?;
+                    set_listening(&client, &t, false).await?;
                 }
                 conn.listening.remove(&t);
                 tracing::debug!(tenant = t, "no local subscriber: stopped listening");
             }
             let new: Vec<String> = wanted.into_iter().filter(|t| !conn.listening.contains(t)).collect();
             for t in &new {
-                client.batch_execute(&format!("LISTEN {}", central_schema::channel_name(t)?)).await?;
+                set_listening(&client, t, true).await?;
             }
             // Catch up after LISTEN: the window between is covered by both.
             for t in new {
@@ -245,7 +247,7 @@ impl Listener {
             if early && mute {
                 for t in tenants_of(&burst) {
                     if conn.listening.contains(t) && !conn.muted.contains_key(t) {
-                        client.batch_execute(&format!("UNLISTEN {}", central_schema::channel_name(t)?)).await?;
+                        set_listening(&client, t, false).await?;
                         conn.muted.insert(t.to_string(), 0);
                     }
                 }
@@ -277,7 +279,7 @@ impl Listener {
                 conn.muted.insert(t, quiet);
                 continue;
             }
-            client.batch_execute(&format!("LISTEN {}", central_schema::channel_name(&t)?)).await?;
+            set_listening(client, &t, true).await?;
             self.catch_up(client, conn, &t, Via::Round).await?;
         }
         if !burst.is_empty() {
@@ -574,6 +576,13 @@ enum Via {
     CatchUp,
     /// A fetch round.
     Round,
+}
+
+/// `LISTEN` on the tenant's channel, or `UNLISTEN` when `on` is false.
+async fn set_listening(client: &tokio_postgres::Client, tenant: &str, on: bool) -> Result<(), Error> {
+    let verb = if on { "LISTEN" } else { "UNLISTEN" };
+    client.batch_execute(&format!("{verb} {}", central_schema::channel_name(tenant)?)).await?;
+    Ok(())
 }
 
 /// The tenant of a notification channel (`tenant_<t>_events`).
