@@ -43,6 +43,9 @@ POWERCUT_PKGS := qemu-system-x86 nbdkit busybox-static linux-image-cloud-amd64 c
 CHAOS_PKGS := postgresql python3-paho-mqtt python3-websockets
 NETWORK_PKGS := postgresql python3-paho-mqtt python3-websockets iproute2 nftables
 CROSS_PKGS := rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static
+# True when package $$p is installed. `dpkg -s` also succeeds for a package
+# removed with its configuration left (state "rc"), whose programs are gone.
+INSTALLED = [ "$$(dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null)" = "install ok installed" ]
 
 .PHONY: debug-bin run build release test test-deps paho2 schemathesis-deps test-api cross-deps unit-tests verify-unit aarch64 cross-build smoke-aarch64 install bench bench-fleet bench-fleet-sim clean
 .PHONY: deb deb-deps test-deb test-powercut test-chaos test-soak test-network test-failover powercut-deps chaos-deps network-deps test-browser fuzz
@@ -88,7 +91,7 @@ unit-tests:
 # Installs only what is missing, so a prepared machine runs no apt at all.
 test-deps:
 	@missing=""; \
-	for p in $(TEST_PKGS); do dpkg -s "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	for p in $(TEST_PKGS); do $(INSTALLED) || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing test dependencies:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
@@ -116,7 +119,7 @@ test-api: debug-bin schemathesis-deps
 cross-deps:
 	@if command -v cross >/dev/null && { docker info >/dev/null 2>&1 || podman info >/dev/null 2>&1; }; then exit 0; fi; \
 	missing=""; \
-	for p in $(CROSS_PKGS); do dpkg -s "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	for p in $(CROSS_PKGS); do $(INSTALLED) || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing the aarch64 cross toolchain:$$missing"; \
 	  dpkg --print-foreign-architectures | grep -qx arm64 || $(SUDO) dpkg --add-architecture arm64; \
@@ -126,7 +129,7 @@ cross-deps:
 # Installs only what is missing (same pattern as test-deps).
 powercut-deps chaos-deps network-deps:
 	@pkgs="$(if $(filter powercut-deps,$@),$(POWERCUT_PKGS),$(if $(filter network-deps,$@),$(NETWORK_PKGS),$(CHAOS_PKGS)))"; missing=""; \
-	for p in $$pkgs; do dpkg -s "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	for p in $$pkgs; do $(INSTALLED) || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
@@ -213,7 +216,7 @@ BROWSER_PKGS := chromium mosquitto-clients python3-websockets
 
 test-browser: debug-bin
 	@missing=""; \
-	for p in $(BROWSER_PKGS); do dpkg -s "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	for p in $(BROWSER_PKGS); do $(INSTALLED) || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing browser test dependencies:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
@@ -227,7 +230,7 @@ DEB_PKGS := dpkg-dev help2man binutils lintian qemu-user-static systemd util-lin
 
 deb-deps:
 	@missing=""; \
-	for p in $(DEB_PKGS); do dpkg -s "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	for p in $(DEB_PKGS); do $(INSTALLED) || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing packaging tools:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
