@@ -72,11 +72,13 @@ release:
 # and the tests: it takes only the CPU they leave idle (on a fresh 2-core
 # machine the two builds one after the other were 8 of make test's 15.5
 # minutes). Its output is in $(SMOKE_LOG), shown if it fails; a failed test
-# stops it.
+# stops it (it runs in its own process group). Not setsid: a new session is
+# a new scheduler autogroup, which shares the CPU evenly whatever the nice
+# (the native build took 8.5 minutes instead of 3.7 that way).
 SMOKE_LOG := $(CROSS_TARGET_DIR)/smoke-build.log
 test: test-deps
 	@mkdir -p $(CROSS_TARGET_DIR); \
-	setsid nice -n 19 $(MAKE) --no-print-directory cross-build PROFILE=smoke >$(SMOKE_LOG) 2>&1 & smoke=$$!; \
+	perl -e 'setpgrp; exec @ARGV' nice -n 19 $(MAKE) --no-print-directory cross-build PROFILE=smoke >$(SMOKE_LOG) 2>&1 & smoke=$$!; \
 	trap 'kill -- -$$smoke $$smoke 2>/dev/null || true' EXIT; \
 	echo "aarch64 smoke build started in the background at nice 19 (log: $(SMOKE_LOG))"; \
 	$(MAKE) --no-print-directory unit-tests verify-unit test-api test-browser; \
