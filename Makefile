@@ -43,9 +43,17 @@ POWERCUT_PKGS := qemu-system-x86 nbdkit busybox-static linux-image-cloud-amd64 c
 CHAOS_PKGS := postgresql python3-paho-mqtt python3-websockets
 NETWORK_PKGS := postgresql python3-paho-mqtt python3-websockets iproute2 nftables
 CROSS_PKGS := rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static
-# True when package $$p is installed. `dpkg -s` also succeeds for a package
-# removed with its configuration left (state "rc"), whose programs are gone.
-INSTALLED = [ "$$(dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null)" = "install ok installed" ]
+# $(call apt_install,PACKAGES,WHAT[,BEFORE]): installs those of PACKAGES not
+# installed, saying "WHAT: <them>", running BEFORE first (only then). A
+# package removed with its configuration left (dpkg state "rc", which
+# `dpkg -s` accepts) counts as missing: its programs are gone.
+apt_install = missing=""; \
+	for p in $(1); do [ "$$(dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null)" = "install ok installed" ] || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "$(2):$$missing"; \
+	  $(3) \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 .PHONY: debug-bin run build release test test-deps paho2 schemathesis-deps test-api cross-deps unit-tests verify-unit aarch64 cross-build smoke-aarch64 install bench bench-fleet bench-fleet-sim clean
 .PHONY: deb deb-deps test-deb test-powercut test-chaos test-soak test-network test-failover powercut-deps chaos-deps network-deps test-browser fuzz
@@ -92,12 +100,7 @@ unit-tests:
 
 # Installs only what is missing, so a prepared machine runs no apt at all.
 test-deps:
-	@missing=""; \
-	for p in $(TEST_PKGS); do $(INSTALLED) || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing test dependencies:$$missing"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
-	fi
+	@$(call apt_install,$(TEST_PKGS),installing test dependencies)
 	@$(MAKE) --no-print-directory cross-deps paho2 schemathesis-deps
 
 paho2:
@@ -120,22 +123,11 @@ test-api: debug-bin schemathesis-deps
 
 cross-deps:
 	@if command -v cross >/dev/null && { docker info >/dev/null 2>&1 || podman info >/dev/null 2>&1; }; then exit 0; fi; \
-	missing=""; \
-	for p in $(CROSS_PKGS); do $(INSTALLED) || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing the aarch64 cross toolchain:$$missing"; \
-	  dpkg --print-foreign-architectures | grep -qx arm64 || $(SUDO) dpkg --add-architecture arm64; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
-	fi
+	$(call apt_install,$(CROSS_PKGS),installing the aarch64 cross toolchain,dpkg --print-foreign-architectures | grep -qx arm64 || $(SUDO) dpkg --add-architecture arm64;)
 
-# Installs only what is missing (same pattern as test-deps).
+# Installs only what is missing (same as test-deps).
 powercut-deps chaos-deps network-deps:
-	@pkgs="$(if $(filter powercut-deps,$@),$(POWERCUT_PKGS),$(if $(filter network-deps,$@),$(NETWORK_PKGS),$(CHAOS_PKGS)))"; missing=""; \
-	for p in $$pkgs; do $(INSTALLED) || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
-	fi
+	@$(call apt_install,$(if $(filter powercut-deps,$@),$(POWERCUT_PKGS),$(if $(filter network-deps,$@),$(NETWORK_PKGS),$(CHAOS_PKGS))),installing)
 
 # Power cuts of a VM running the appliance; the site log on a virtual disk
 # that loses unflushed writes. Self-test first. CUTS=K sets the count.
@@ -217,12 +209,7 @@ install: release
 BROWSER_PKGS := chromium mosquitto-clients python3-websockets
 
 test-browser: debug-bin
-	@missing=""; \
-	for p in $(BROWSER_PKGS); do $(INSTALLED) || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing browser test dependencies:$$missing"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
-	fi
+	@$(call apt_install,$(BROWSER_PKGS),installing browser test dependencies)
 	/usr/bin/python3 tests/browser/status_page.py target/debug/outpost
 
 # Debian packages, built with dpkg-deb from a staged tree (pkg/deb/build-deb.sh).
@@ -231,12 +218,7 @@ DEB_DIR := target/debian
 DEB_PKGS := dpkg-dev help2man binutils lintian qemu-user-static systemd util-linux
 
 deb-deps:
-	@missing=""; \
-	for p in $(DEB_PKGS); do $(INSTALLED) || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing packaging tools:$$missing"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
-	fi
+	@$(call apt_install,$(DEB_PKGS),installing packaging tools)
 
 deb: deb-deps release aarch64
 	bash pkg/deb/build-deb.sh amd64 target/release/outpost $(DEB_DIR)
